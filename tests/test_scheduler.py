@@ -1,0 +1,133 @@
+"""Scheduler behaviour with exact block ids, budgets and preemption order (no model involved)."""
+
+from __future__ import annotations
+
+from tokenmill.request import Request, RequestStatus
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.scheduler.kv_cache_manager import KVCacheManager
+from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
+
+
+def make_scheduler(num_blocks: int = 16, block_size: int = 4, **cfg: int | bool) -> Scheduler:
+    config = SchedulerConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 16, "max_model_len": 64, **cfg})
+    return Scheduler(config, KVCacheManager(num_blocks, block_size))
+
+
+def req(rid: str, prompt_len: int) -> Request:
+    return Request(rid, list(range(100, 100 + prompt_len)), SamplingParams(max_tokens=100))
+
+
+def run_step(sched: Scheduler) -> dict[str, int]:
+    """Schedule, mark computed, and append a dummy token to every request that caught up."""
+    plan = sched.schedule()
+    sampled = [s.request for s in plan.scheduled if s.samples]
+    sched.update_computed(plan)
+    for r in sampled:
+        r.output_token_ids.append(7)
+    return {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
+
+
+def test_prefill_then_decode_with_one_budget() -> None:
+    sched = make_scheduler()
+    a, b = req("a", 6), req("b", 5)
+    sched.add_request(a)
+    sched.add_request(b)
+    assert run_step(sched) == {"a": 6, "b": 5}
+    assert sched.kv_cache.block_table("a") == [0, 1]
+    assert sched.kv_cache.block_table("b") == [2, 3]
+    assert a.output_token_ids == [7] and b.output_token_ids == [7]
+    assert run_step(sched) == {"a": 1, "b": 1}
+    assert a.num_computed_tokens == 7 and a.num_tokens == 8
+
+
+def test_long_prompt_is_chunked_and_rides_along_with_decodes() -> None:
+    sched = make_scheduler(max_num_batched_tokens=8)
+    a = req("a", 3)
+    sched.add_request(a)
+    assert run_step(sched) == {"a": 3}
+    b = req("b", 20)
+    sched.add_request(b)
+    # decode of a (1 token) + the first 7-token chunk of b
+    assert run_step(sched) == {"a": 1, "b": 7}
+    assert b.output_token_ids == []  # not caught up: no token sampled
+    assert run_step(sched) == {"a": 1, "b": 7}
+    assert run_step(sched) == {"a": 1, "b": 6}
+    assert b.output_token_ids == [7]  # caught up in the step that computed its last prompt token
+    assert run_step(sched) == {"a": 1, "b": 1}
+
+
+def test_without_chunking_a_prompt_waits_for_a_whole_budget() -> None:
+    sched = make_scheduler(max_num_batched_tokens=64, enable_chunked_prefill=False)
+    a = req("a", 3)
+    sched.add_request(a)
+    run_step(sched)
+    sched.add_request(req("b", 63))
+    assert run_step(sched) == {"a": 1}  # 63 tokens do not fit beside the decode
+    assert sched.waiting[0].request_id == "b"
+
+
+def test_max_num_seqs_limits_admission() -> None:
+    sched = make_scheduler(max_num_seqs=2)
+    for rid in "abc":
+        sched.add_request(req(rid, 2))
+    assert run_step(sched) == {"a": 2, "b": 2}
+    assert [r.request_id for r in sched.waiting] == ["c"]
+
+
+def test_admission_waits_for_free_blocks() -> None:
+    sched = make_scheduler(num_blocks=3, block_size=4)
+    sched.add_request(req("a", 8))  # 2 blocks
+    sched.add_request(req("b", 8))  # 2 blocks: does not fit
+    assert run_step(sched) == {"a": 8}
+    assert sched.kv_cache.num_free_blocks == 1
+    sched.finish("a", RequestStatus.FINISHED_STOPPED)
+    assert sched.kv_cache.num_free_blocks == 3
+    assert run_step(sched) == {"b": 8}
+    # the freed blocks come back tail first: a's [0, 1] were returned as 1 then 0 behind the never-used 2
+    assert sched.kv_cache.block_table("b") == [2, 1]
+
+
+def test_preemption_recomputes_the_latest_arrival() -> None:
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    a, b = req("a", 8), req("b", 8)
+    sched.add_request(a)
+    sched.add_request(b)
+    assert run_step(sched) == {"a": 8, "b": 8}
+    assert sched.kv_cache.num_free_blocks == 0
+    # a's 9th token needs a third block: b (the later arrival) is preempted and its blocks freed
+    plan = sched.schedule()
+    assert [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled] == [("a", 1)]
+    assert plan.preempted == ["b"]
+    assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0 and b.num_preemptions == 1
+    assert sched.kv_cache.block_table("a") == [0, 1, 3]
+    assert list(sched.waiting) == [b]
+    sched.update_computed(plan)
+    # b comes back when a finishes, and recomputes prompt + its generated token
+    sched.finish("a", RequestStatus.FINISHED_LENGTH)
+    assert sched.kv_cache.num_free_blocks == 4
+    assert run_step(sched) == {"b": 9}
+    assert b.output_token_ids == [7, 7]
+
+
+def test_request_preempting_itself_when_alone_in_front() -> None:
+    sched = make_scheduler(num_blocks=2, block_size=4)
+    a, b = req("a", 4), req("b", 4)
+    sched.add_request(a)
+    sched.add_request(b)
+    run_step(sched)
+    # both need a second block, only none is free: b goes, then a gets b's block
+    plan = sched.schedule()
+    assert plan.preempted == ["b"]
+    assert [s.request.request_id for s in plan.scheduled] == ["a"]
+
+
+def test_abort_waiting_and_running_frees_everything() -> None:
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    sched.add_request(req("a", 8))
+    sched.add_request(req("b", 12))
+    run_step(sched)
+    assert sched.finish("b", RequestStatus.FINISHED_ABORTED) is not None
+    assert sched.finish("a", RequestStatus.FINISHED_ABORTED) is not None
+    assert sched.finish("zzz", RequestStatus.FINISHED_ABORTED) is None
+    assert sched.kv_cache.num_free_blocks == 4
+    assert not sched.has_unfinished

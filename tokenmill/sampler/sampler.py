@@ -1,0 +1,192 @@
+"""One step's logits to tokens: penalties, greedy or random selection, top-k/top-p/min-p, seeded draws, logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.sampling_params import SamplingParams
+
+# Added to the exponential noise so a (vanishingly rare) zero draw cannot turn 0/0 into a NaN that argmax would pick.
+_NOISE_FLOOR = 1e-20
+
+
+@dataclass
+class SamplingRow:
+    """One sequence that gets a token this step."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None  # set when params.seed is not None; advanced only by this request's draws
+    blocked_token_ids: Sequence[int] = ()  # e.g. EOS while min_tokens is not reached
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token_id, logprob), highest first, length params.logprobs
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # None where params.logprobs is None
+
+
+def _has_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
+def _needs_filter(params: SamplingParams) -> bool:
+    return params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
+
+
+def _token_counts(token_lists: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(token_lists), vocab] float counts of each token per list, built with one scatter."""
+    counts = torch.zeros(len(token_lists), vocab, dtype=torch.float32, device=device)
+    flat = [row * vocab + t for row, tokens in enumerate(token_lists) for t in tokens]
+    if flat:
+        index = torch.tensor(flat, dtype=torch.long, device=device)
+        counts.view(-1).scatter_add_(0, index, torch.ones(len(flat), dtype=torch.float32, device=device))
+    return counts
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+
+def _penalise(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Penalties for rows that all have some penalty; logits is float32 [len(rows), V] and is modified in place."""
+    vocab, device = logits.shape[1], logits.device
+    output_counts = _token_counts([r.output_token_ids for r in rows], vocab, device)
+    rep = [r.params.repetition_penalty for r in rows]
+    if any(p != 1.0 for p in rep):
+        seen = (output_counts > 0) | (_token_counts([r.prompt_token_ids for r in rows], vocab, device) > 0)
+        rep_col = _column(rep, device)
+        penalised = torch.where(logits > 0, logits / rep_col, logits * rep_col)
+        logits = torch.where(seen, penalised, logits)
+    presence = _column([r.params.presence_penalty for r in rows], device)
+    frequency = _column([r.params.frequency_penalty for r in rows], device)
+    return logits - presence * (output_counts > 0).float() - frequency * output_counts
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Repetition/presence/frequency penalties; returns a new float32 tensor, the input is left untouched."""
+    out = logits.float().clone()
+    idx = [i for i, r in enumerate(rows) if _has_penalties(r.params)]
+    if not idx:
+        return out
+    # Only penalised rows pay for building count tensors; long prompts make that the costly part.
+    index = torch.tensor(idx, dtype=torch.long, device=out.device)
+    out[index] = _penalise(out[index], [rows[i] for i in idx])
+    return out
+
+
+def apply_blocked(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Sets each row's blocked tokens to -inf, in place, with one indexed write."""
+    pairs = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids]
+    if not pairs:
+        return
+    index = torch.tensor(pairs, dtype=torch.long, device=logits.device)
+    logits[index[:, 0], index[:, 1]] = float("-inf")
+
+
+def _filter_mask(sorted_logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Keep-mask over descending-sorted, temperature-scaled logits: top-k, then top-p, then min-p."""
+    n, vocab = sorted_logits.shape
+    device = sorted_logits.device
+    positions = torch.arange(vocab, device=device).unsqueeze(0)
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device)
+    keep = positions < top_k.unsqueeze(1)
+    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+    # top_p == 1 must keep everything; float rounding in the cumsum could otherwise drop tiny-probability tails.
+    top_p = _column([r.params.top_p if r.params.top_p < 1.0 else 2.0 for r in rows], device)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    keep &= mass_before < top_p
+    # min-p compares against the max prob; that ratio is unchanged by renormalisation, so the top-k probs serve.
+    min_p = _column([r.params.min_p for r in rows], device)
+    keep &= probs >= min_p * probs[:, :1]
+    keep[:, 0] = True  # the most likely token always survives
+    return keep
+
+
+def _random_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Sampling distribution in vocab order for random rows (temperature applied, filters applied)."""
+    scaled = logits / _column([r.params.temperature for r in rows], logits.device)
+    if not any(_needs_filter(r.params) for r in rows):
+        return torch.softmax(scaled, dim=-1)
+    sorted_logits, sorted_idx = torch.sort(scaled, dim=-1, descending=True)
+    keep = _filter_mask(sorted_logits, rows)
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+    # Back to vocab order so a seeded row's noise lines up with token ids, not with sort tie-breaking.
+    return torch.zeros_like(sorted_probs).scatter_(1, sorted_idx, sorted_probs)
+
+
+def _draw(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Exponential race argmax(p / q), q ~ Exp(1): a categorical draw needing no host sync or cumsum.
+
+    Rows with a generator take their noise from it alone, so their tokens do not depend on batch composition.
+    """
+    noise = torch.empty_like(probs).exponential_()
+    for i, row in enumerate(rows):
+        if row.generator is not None:
+            own = torch.empty(probs.shape[1], device=row.generator.device).exponential_(generator=row.generator)
+            noise[i] = own.to(probs.device)
+    return (probs / (noise + _NOISE_FLOOR)).argmax(dim=-1)
+
+
+def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow]) -> list[TokenLogprobs | None]:
+    """Chosen-token and top-k logprobs from the raw logits, for the rows that asked."""
+    out: list[TokenLogprobs | None] = [None] * len(rows)
+    idx = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if not idx:
+        return out
+    index = torch.tensor(idx, dtype=torch.long, device=raw.device)
+    logprobs = torch.log_softmax(raw[index].float(), dim=-1)
+    chosen = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
+    max_k = max(rows[i].params.logprobs or 0 for i in idx)
+    top_vals, top_ids = torch.topk(logprobs, max_k, dim=-1)
+    top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
+    token_list = tokens[index].tolist()
+    for j, i in enumerate(idx):
+        k = rows[i].params.logprobs or 0
+        top = list(zip(top_ids_l[j][:k], top_vals_l[j][:k], strict=True))
+        out[i] = TokenLogprobs(token_id=token_list[j], logprob=chosen[j], top=top)
+    return out
+
+
+def _is_plain_greedy(row: SamplingRow) -> bool:
+    p = row.params
+    return p.greedy and not _has_penalties(p) and not row.blocked_token_ids and p.logprobs is None
+
+
+class Sampler:
+    """Picks one token per row from `logits` [len(rows), vocab]."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        if logits.shape[0] != len(rows):
+            raise ValueError(f"logits has {logits.shape[0]} rows but {len(rows)} sampling rows were given")
+        if all(_is_plain_greedy(r) for r in rows):
+            # The common benchmark path: no float copy, no penalties, one argmax and one host transfer.
+            return SamplerOutput(token_ids=logits.argmax(dim=-1).tolist(), logprobs=[None] * len(rows))
+        tokens = self._select(logits, rows)
+        return SamplerOutput(token_ids=tokens.tolist(), logprobs=_logprobs(logits, tokens, rows))
+
+    def _select(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        adjusted = apply_penalties(logits, rows)
+        apply_blocked(adjusted, rows)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        random = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if greedy:
+            index = torch.tensor(greedy, dtype=torch.long, device=logits.device)
+            tokens[index] = adjusted[index].argmax(dim=-1)
+        if random:
+            index = torch.tensor(random, dtype=torch.long, device=logits.device)
+            random_rows = [rows[i] for i in random]
+            tokens[index] = _draw(_random_probs(adjusted[index], random_rows), random_rows)
+        return tokens

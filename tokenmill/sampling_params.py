@@ -1,0 +1,89 @@
+"""Per-request sampling parameters, validated when the request is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidRequestError(ValueError):
+    """A request parameter is invalid; `field` names it so servers can report it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request. `temperature == 0` means greedy.
+
+    Penalties follow the OpenAI/vLLM conventions: `repetition_penalty` divides positive logits (multiplies negative
+    ones) of tokens seen in the prompt or output; `presence_penalty` subtracts once per seen output token;
+    `frequency_penalty` subtracts per occurrence in the output.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token's logprob plus the top-k
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        self._validate()
+
+    def _validate(self) -> None:
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise InvalidRequestError(name, message)
+
+        def is_number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        check(is_int(self.n) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
+        check(is_number(self.temperature) and self.temperature >= 0, "temperature",
+              f"must be a number >= 0, got {self.temperature!r}")
+        check(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        check(is_int(self.top_k) and self.top_k >= -1, "top_k",
+              f"must be an integer, -1 or 0 to disable, got {self.top_k!r}")
+        check(is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        check(is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+              f"must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            check(is_number(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
+        check(self.seed is None or is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
+        check(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+              f"must be an integer >= 1, got {self.max_tokens!r}")
+        check(is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+              f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
+              f"must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+        check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+              "stop_token_ids", f"must be a list of non-negative integers, got {self.stop_token_ids!r}")
+        check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+        check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
+              f"must be an integer in [0, 20], got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
