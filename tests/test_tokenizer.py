@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import re
 import importlib.metadata
+import re
 from pathlib import Path
 from typing import Any
 
@@ -202,13 +202,14 @@ def _tiny_metadata(pre: str) -> dict[str, Any]:
     # A byte-level vocabulary of all 256 byte symbols, a few merges and one control token.
     from tokenmill.tokenizer import _byte_alphabet
 
-    tokens = [_byte_alphabet()[b] for b in range(256)] + ["Ġw", "or", "ld", "Ġwor", "Ġworld", "<|endoftext|>"]
+    merges = ["Ġ w", "o r", "l d", "Ġw or", "Ġwor ld", "' L", "'L L", "1 2"]
+    tokens = [_byte_alphabet()[b] for b in range(256)] + [m.replace(" ", "") for m in merges] + ["<|endoftext|>"]
     return {
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": pre,
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": [1] * (len(tokens) - 1) + [3],
-        "tokenizer.ggml.merges": ["Ġ w", "o r", "l d", "Ġw or", "Ġwor ld"],
+        "tokenizer.ggml.merges": merges,
         "tokenizer.ggml.eos_token_id": len(tokens) - 1,
     }
 
@@ -226,14 +227,20 @@ def test_synthetic_pre_tokenizers(pre: str) -> None:
     assert tok.decode(ids, skip_special_tokens=True) == text.replace("<|endoftext|>", "")
 
 
-def test_qwen2_split_differs_from_gpt2() -> None:
-    # Qwen2 keeps one number per digit and glues a leading non-letter onto words; GPT-2 keeps digit runs.
-    qwen = Tokenizer.from_gguf_metadata(_tiny_metadata("qwen2"))
-    gpt2 = Tokenizer.from_gguf_metadata(_tiny_metadata("gpt2"))
-    text = "x\n\nworld 12"
-    assert qwen.decode(qwen.encode(text)) == gpt2.decode(gpt2.encode(text)) == text
-    assert qwen._backend.pre_tokenizer.pre_tokenize_str("'LL 12") != gpt2._backend.pre_tokenizer.pre_tokenize_str(
-        "'LL 12")
+@pytest.mark.parametrize(("pre", "merged", "unmerged"), [
+    ("gpt2", ["12"], ["'LL"]),  # digit runs stay together; contractions are lower-case only
+    ("smollm", [], ["'LL", "12"]),  # digits isolated one by one
+    ("qwen2", ["'LL"], ["12"]),  # case-insensitive contractions, single digits
+])
+def test_pre_tokenizer_split_rules(pre: str, merged: list[str], unmerged: list[str]) -> None:
+    meta = _tiny_metadata(pre)
+    tok = Tokenizer.from_gguf_metadata(meta)
+    ids = tok.encode("I'LL 12")
+    for token in merged:
+        assert meta["tokenizer.ggml.tokens"].index(token) in ids
+    for token in unmerged:
+        assert meta["tokenizer.ggml.tokens"].index(token) not in ids
+    assert tok.decode(ids) == "I'LL 12"
 
 
 def _installed_qwen2_gguf() -> Path | None:
@@ -307,6 +314,17 @@ def test_detokenizer_flush_emits_trailing_partial(tokenizer: Tokenizer) -> None:
     streamed = "".join(detok.add_tokens([i]) for i in ids)
     assert "\ufffd" not in streamed
     assert streamed + detok.flush() == tokenizer.decode(ids)
+
+
+def test_detokenizer_real_replacement_character_and_invalid_bytes(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("a\ufffd")
+    detok = IncrementalDetokenizer(tokenizer, [], False)
+    streamed = "".join(detok.add_tokens([i]) for i in ids)
+    assert streamed + detok.flush() == "a\ufffd"
+    # A long run of lone continuation bytes is garbage, not a pending character: it must not be buffered forever.
+    lone = tokenizer.encode("é")[-1]
+    detok = IncrementalDetokenizer(tokenizer, [], False)
+    assert "".join(detok.add_tokens([lone]) for _ in range(40)) != ""
 
 
 def test_detokenizer_multi_token_batches(tokenizer: Tokenizer) -> None:

@@ -119,12 +119,19 @@ def _build_backend(tokens: Sequence[str], merges: Sequence[str], token_types: Se
     backend.decoder = decoders.ByteLevel()
     # Control tokens spelled outside the byte alphabet are llama.cpp mislabels; adding them would grow the
     # vocabulary past the model's embedding size, so they stay plain vocabulary entries.
-    control = [t for t, k in zip(tokens, token_types) if k == TOKEN_TYPE_CONTROL and _is_byte_level_spelled(t)]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    control = _added_tokens(tokens, token_types, TOKEN_TYPE_CONTROL, special=True)
+    backend.add_special_tokens(control)
     # User-defined tokens (e.g. `<think>`) are matched whole in text, like llama.cpp, but are real output text.
-    user = [t for t, k in zip(tokens, token_types) if k == TOKEN_TYPE_USER_DEFINED and _is_byte_level_spelled(t)]
-    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    backend.add_tokens(_added_tokens(tokens, token_types, TOKEN_TYPE_USER_DEFINED, special=False))
     return backend
+
+
+def _added_tokens(tokens: Sequence[str], token_types: Sequence[int], kind: int, special: bool) -> list[AddedToken]:
+    return [
+        AddedToken(token, special=special, normalized=False)
+        for token, token_kind in zip(tokens, token_types, strict=True)
+        if token_kind == kind and _is_byte_level_spelled(token)
+    ]
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False) -> str:
@@ -190,7 +197,8 @@ class Tokenizer:
         model = metadata.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise ModelLoadError(
-                f"unsupported tokenizer model 'tokenizer.ggml.model' = {model!r}; only byte-level BPE ('gpt2') is supported"
+                f"unsupported tokenizer model 'tokenizer.ggml.model' = {model!r}; "
+                "only byte-level BPE ('gpt2') is supported"
             )
         tokens: list[str] = list(metadata.get("tokenizer.ggml.tokens") or [])
         if not tokens:
@@ -206,7 +214,7 @@ class Tokenizer:
             eos_token_id=_optional_id(metadata, "tokenizer.ggml.eos_token_id", len(tokens)),
             add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
             chat_template=metadata.get("tokenizer.chat_template"),
-            extra_stop_ids=[i for k in _STOP_TOKEN_ID_KEYS if (i := _optional_id(metadata, k, len(tokens))) is not None],
+            extra_stop_ids=_stop_ids_from_metadata(metadata, len(tokens)),
         )
 
     def _find_stop_ids(self, extra: Iterable[int]) -> set[int]:
@@ -273,6 +281,11 @@ class Tokenizer:
 
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else self._tokens[token_id]
+
+
+def _stop_ids_from_metadata(metadata: Mapping[str, Any], vocab_size: int) -> list[int]:
+    ids = (_optional_id(metadata, key, vocab_size) for key in _STOP_TOKEN_ID_KEYS)
+    return [i for i in ids if i is not None]
 
 
 def _optional_id(metadata: Mapping[str, Any], key: str, vocab_size: int) -> int | None:

@@ -1,9 +1,13 @@
 """Attention over a paged KV cache for one flat batch of tokens from many sequences.
 
-The runner orders the batch as: all decode tokens (one per sequence) first, then the prefill chunks. Each of the two
-groups is attended in one batched `scaled_dot_product_attention` call: queries are laid out padded per sequence and
-each sequence's keys/values are gathered from its own blocks through precomputed slot indices. Keeping decodes apart
-from prefill chunks avoids padding every decode query up to the longest chunk.
+The cache of a layer is laid out head-major, [kv_heads, num_blocks * block_size, head_dim], so that gathering a
+sequence's blocks yields whole contiguous blocks and the batched matmuls below need no transposing copies.
+
+The runner orders the batch as: all decode tokens (one per sequence) first, then the prefill chunks. Each group is
+attended with two batched matmuls: queries laid out padded per sequence, keys/values gathered block-wise from the
+sequence's own block table, a mask for causality and padding. Keeping decodes apart from prefill chunks avoids padding
+every decode query up to the longest chunk. (Measured on the 2-core dev CPU, this beats torch's
+`scaled_dot_product_attention` for decode: 0.36 ms vs 5.3 ms in bf16, 0.78 vs 0.80 ms in fp32, 64 seqs × 256 keys.)
 """
 
 from __future__ import annotations
@@ -11,20 +15,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
 class AttentionGroup:
-    """Sequences attended together: S sequences, queries padded to `max_q`, keys padded to `max_kv`."""
+    """Sequences attended together: S sequences, queries padded to `max_q`, keys padded to whole blocks."""
 
     token_start: int  # first flat token of the group
     num_tokens: int
     num_seqs: int
     max_q: int
     query_scatter: torch.Tensor | None  # [num_tokens] position of each token in the [S * max_q] padded layout
-    kv_slots: torch.Tensor  # [S, max_kv] cache slot of each key position (padding points at slot 0, masked)
-    mask: torch.Tensor  # [S, 1, max_q, max_kv] bool, True = attend
+    block_tables: torch.Tensor  # [S, max_blocks] (padding points at block 0 and is masked)
+    mask: torch.Tensor  # [S, max_q, max_blocks * block_size] bool, True = attend
 
 
 @dataclass
@@ -43,20 +46,17 @@ def build_group(
 ) -> AttentionGroup:
     """Index tensors for one group. `context_lens[i]` counts the keys of sequence i including its new tokens."""
     num_seqs = len(query_lens)
-    max_q, max_kv = max(query_lens), max(context_lens)
-    max_blocks = max(len(t) for t in block_tables)
+    max_q = max(query_lens)
+    max_blocks = max(-(-c // block_size) for c in context_lens)
     table = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
     for i, blocks in enumerate(block_tables):
-        table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        used = blocks[:max_blocks]
+        table[i, : len(used)] = torch.tensor(used, dtype=torch.long)
     q_lens = torch.tensor(query_lens, dtype=torch.long)
     ctx_lens = torch.tensor(context_lens, dtype=torch.long)
 
-    kv_pos = torch.arange(max_kv, dtype=torch.long)
-    block_idx = (kv_pos // block_size).clamp(max=max_blocks - 1)
-    kv_slots = table[:, block_idx] * block_size + kv_pos % block_size
+    kv_pos = torch.arange(max_blocks * block_size, dtype=torch.long)
     kv_valid = kv_pos[None, :] < ctx_lens[:, None]
-    kv_slots = torch.where(kv_valid, kv_slots, torch.zeros_like(kv_slots))
-
     # Query j of sequence i sits at absolute position ctx - q_len + j and sees keys up to that position.
     q_idx = torch.arange(max_q, dtype=torch.long)
     q_pos = (ctx_lens - q_lens)[:, None] + q_idx[None, :]
@@ -67,29 +67,55 @@ def build_group(
 
     query_scatter = None
     if max_q > 1:
-        query_scatter = (torch.arange(num_seqs)[:, None] * max_q + q_idx[None, :])[q_valid]
-    return AttentionGroup(
-        token_start=token_start,
-        num_tokens=int(q_lens.sum()),
-        num_seqs=num_seqs,
-        max_q=max_q,
-        query_scatter=None if query_scatter is None else query_scatter.to(device),
-        kv_slots=kv_slots.to(device),
-        mask=mask[:, None].to(device),
-    )
+        query_scatter = (torch.arange(num_seqs)[:, None] * max_q + q_idx[None, :])[q_valid].to(device)
+    return AttentionGroup(token_start, int(q_lens.sum()), num_seqs, max_q, query_scatter, table.to(device),
+                          mask.to(device))
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values ([T, kv_heads, D]) at their slots of the head-major cache."""
+    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[kv_heads, S, max_blocks * block_size, D]: each sequence's keys (or values) in position order."""
+    kv_heads, num_slots, head_dim = cache.shape
+    # index_select copies whole blocks; advanced indexing with a leading slice was ~3x slower here.
+    blocks = cache.view(kv_heads, num_slots // block_size, block_size * head_dim)
+    blocks = blocks.index_select(1, block_tables.flatten())
+    return blocks.view(kv_heads, block_tables.shape[0], -1, head_dim)
+
+
+def attend_group(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [S, Lq, H, D], keys/values [Hkv, S, L, D], mask [S, Lq, L] → [S, Lq, H, D].
+
+    The G = H / Hkv query heads sharing a KV head ride in the matmul's row dimension (GQA without repeating K/V).
+    """
+    num_seqs, q_len, num_heads, head_dim = q.shape
+    kv_heads, _, kv_len, _ = keys.shape
+    group = num_heads // kv_heads
+    q = q.view(num_seqs, q_len, kv_heads, group, head_dim).permute(2, 0, 3, 1, 4)
+    q = q.reshape(kv_heads, num_seqs, group * q_len, head_dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).view(kv_heads, num_seqs, group, q_len, kv_len)
+    scores = scores.float().mul_(head_dim**-0.5).masked_fill_(~mask[None, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(kv_heads, num_seqs, group * q_len, kv_len)
+    out = torch.matmul(probs, values).view(kv_heads, num_seqs, group, q_len, head_dim)
+    return out.permute(1, 3, 0, 2, 4).reshape(num_seqs, q_len, num_heads, head_dim)
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, Hkv, D]
     v: torch.Tensor,
-    k_cache: torch.Tensor,  # [num_slots, Hkv, D] for this layer
+    k_cache: torch.Tensor,  # [Hkv, num_slots, D] for this layer
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
+    block_size: int,
 ) -> torch.Tensor:
     # New K/V go into the cache first so that every group simply reads its keys from the cache.
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty_like(q)
     for group in meta.groups:
@@ -100,12 +126,10 @@ def paged_attention(
             q_pad = q.new_zeros(group.num_seqs * group.max_q, num_heads, head_dim)
             q_pad[group.query_scatter] = q_group
             q_pad = q_pad.view(group.num_seqs, group.max_q, num_heads, head_dim)
-        keys = k_cache[group.kv_slots].transpose(1, 2)  # [S, Hkv, max_kv, D]
-        values = v_cache[group.kv_slots].transpose(1, 2)
-        attn = F.scaled_dot_product_attention(
-            q_pad.transpose(1, 2), keys, values, attn_mask=group.mask, enable_gqa=True
-        )  # [S, H, max_q, D]
-        attn = attn.transpose(1, 2).reshape(group.num_seqs * group.max_q, num_heads, head_dim)
+        keys = gather_blocks(k_cache, group.block_tables, block_size)
+        values = gather_blocks(v_cache, group.block_tables, block_size)
+        attn = attend_group(q_pad, keys, values, group.mask)
+        attn = attn.reshape(group.num_seqs * group.max_q, num_heads, head_dim)
         if group.query_scatter is not None:
             attn = attn[group.query_scatter]
         out[group.token_start : group.token_start + group.num_tokens] = attn

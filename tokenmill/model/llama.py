@@ -11,11 +11,11 @@ from tokenmill.model.config import ModelConfig
 
 
 class KVCache:
-    """K and V for every layer, addressed by slot = block_id * block_size + offset."""
+    """K and V for every layer, head-major, addressed by slot = block_id * block_size + offset."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
-        shape = (cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
@@ -68,7 +68,7 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
         cfg = self.cfg
         h = rms_norm(x, self.attn_norm, cfg.rms_norm_eps)
         qkv = F.linear(h, self.qkv_weight, self.qkv_bias)
@@ -78,7 +78,7 @@ class DecoderLayer(nn.Module):
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        attn = paged_attention(q, k, v.contiguous(), k_cache, v_cache, meta)
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, block_size)
         x = x + F.linear(attn.reshape(-1, self.q_size), self.o_weight)
         h = rms_norm(x, self.ffn_norm, cfg.rms_norm_eps)
         gate, up = F.linear(h, self.gate_up_weight).chunk(2, dim=-1)
@@ -105,7 +105,7 @@ class LlamaModel(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache.k[i], kv_cache.v[i], meta)
+            x = layer(x, cos, sin, kv_cache.k[i], kv_cache.v[i], meta, kv_cache.block_size)
         return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
 
     @property

@@ -68,20 +68,24 @@ class IncrementalDetokenizer:
 
     def _add_token(self, token_id: int) -> str:
         self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        full_text = self._decode(self._ids[self._prefix_offset:])
+        delta = self._pending_text()
         pending = len(self._ids) - self._read_offset
-        if full_text.endswith(_REPLACEMENT) and pending <= _MAX_PENDING_TOKENS:
+        if delta.endswith(_REPLACEMENT) and pending <= _MAX_PENDING_TOKENS:
             return ""
-        return self._emit(full_text[len(prefix_text):])
+        return self._emit(delta)
 
     def flush(self) -> str:
         """Emit whatever is still held back (e.g. a trailing partial character) and return it."""
         if self._read_offset == len(self._ids):
             return ""
+        return self._emit(self._pending_text())
+
+    def _pending_text(self) -> str:
+        # Decoding the context window with and without the pending tokens and taking the difference gives the
+        # pending tokens' text exactly as a full decode would render it.
         prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full_text = self._decode(self._ids[self._prefix_offset:])
-        return self._emit(full_text[len(prefix_text):])
+        return full_text[len(prefix_text):]
 
     def _emit(self, delta: str) -> str:
         self._prefix_offset = self._read_offset
