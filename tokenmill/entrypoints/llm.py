@@ -53,7 +53,8 @@ class LLM:
         try:
             for prompt, params in zip(prompts, params_list, strict=True):
                 base = f"gen-{next(self._ids)}"
-                groups.append([self.engine.add_request(prompt, p, f"{base}-{i}") for i, p in enumerate(fan_out(params))])
+                groups.append([self.engine.add_request(prompt, p, f"{base}-{i}")
+                               for i, p in enumerate(fan_out(params))])
         except Exception:
             for ids in groups:
                 for request_id in ids:

@@ -139,11 +139,8 @@ class Scheduler:
             return None
         if request in self.running:
             self.running.remove(request)
-        else:
-            try:
-                self.waiting.remove(request)
-            except ValueError:
-                pass
+        elif request in self.waiting:
+            self.waiting.remove(request)
         self.kv_cache.free(request)
         request.status = status
         return request
