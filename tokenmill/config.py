@@ -27,6 +27,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU threads for torch; default: all cores
     seed: int = 0
 

@@ -5,6 +5,7 @@ Single-threaded by design; a server drives it from one background thread.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -21,7 +22,7 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams
-from tokenmill.scheduler.kv_cache_manager import KVCacheManager
+from tokenmill.scheduler.kv_cache_manager import KVCacheManager, PrefixCacheStats
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 from tokenmill.tokenizer import Tokenizer
 
@@ -36,6 +37,7 @@ class EngineStats:
     num_free_blocks: int
     num_total_blocks: int
     num_preemptions: int
+    prefix_cache: PrefixCacheStats
     prompt_tokens: int
     generation_tokens: int
     steps: int
@@ -62,7 +64,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.enable_chunked_prefill),
-            KVCacheManager(num_blocks, block_size),
+            KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
+                           cache_salt=f"{self.model_path.name}|{self.dtype}"),
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
@@ -84,8 +87,12 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Validate and queue a request. Raises InvalidRequestError naming the bad field; nothing is queued then."""
+                    request_id: str | None = None, fork_of: str | None = None) -> str:
+        """Validate and queue a request. Raises InvalidRequestError naming the bad field; nothing is queued then.
+
+        `fork_of` names an earlier request with the same prompt (a sibling of an n > 1 request): once that one has
+        computed the prompt, this one shares its KV blocks instead of recomputing them.
+        """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(params).__name__}")
@@ -97,7 +104,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._states:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
-        request = Request(request_id, prompt_ids, params, self.eos_token_ids)
+        request = Request(request_id, prompt_ids, params, self.eos_token_ids, fork_of=fork_of)
         self._states[request_id] = RequestState(request, prompt_text, self.tokenizer, self.max_model_len)
         self.scheduler.add_request(request)
         return request_id
@@ -142,6 +149,7 @@ class LLMEngine:
         outputs = []
         for token in sampled:
             state = self._states[token.request_id]
+            state.output.num_cached_tokens = state.request.num_cached_tokens
             status = state.append_token(token.token_id, token.logprobs)
             self._generation_tokens += 1
             if state.request.num_output_tokens == 1:  # counted once its prefill completes, as vLLM does
@@ -161,6 +169,7 @@ class LLMEngine:
             num_free_blocks=kv.num_free_blocks,
             num_total_blocks=kv.pool.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache=dataclasses.replace(kv.stats),
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
             steps=self._steps,

@@ -42,6 +42,8 @@ class Request:
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache or a fork at admission
+    fork_of: str | None = None  # a sibling (n > 1) whose prompt KV this request may share
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:

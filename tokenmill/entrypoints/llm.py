@@ -53,8 +53,11 @@ class LLM:
         try:
             for prompt, params in zip(prompts, params_list, strict=True):
                 base = f"gen-{next(self._ids)}"
-                groups.append([self.engine.add_request(prompt, p, f"{base}-{i}")
-                               for i, p in enumerate(fan_out(params))])
+                sibling_ids: list[str] = []
+                groups.append(sibling_ids)
+                for i, sample_params in enumerate(fan_out(params)):
+                    sibling_ids.append(self.engine.add_request(prompt, sample_params, f"{base}-{i}",
+                                                               fork_of=sibling_ids[0] if sibling_ids else None))
         except Exception:
             for ids in groups:
                 for request_id in ids:

@@ -21,6 +21,16 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (src → dst) in every layer: copy-on-write for forked sequences."""
+        if not copies:
+            return
+        slots = torch.arange(self.block_size, device=self.k.device)
+        src = torch.cat([s * self.block_size + slots for s, _ in copies])
+        dst = torch.cat([d * self.block_size + slots for _, d in copies])
+        for cache in (self.k, self.v):
+            cache[:, :, dst] = cache[:, :, src]
+
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()

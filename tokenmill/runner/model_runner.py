@@ -79,6 +79,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> list[SampledToken]:
+        self.kv_cache.copy_blocks(step.block_copies)
         inputs = self.prepare(step)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention, self.kv_cache)
         if not inputs.sampled:

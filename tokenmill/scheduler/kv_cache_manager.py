@@ -1,18 +1,49 @@
-"""Maps each request to its KV blocks (its block table) and grows the table as tokens are scheduled."""
+"""Maps each request to its KV blocks (its block table): growth, prefix-cache lookups, forks.
+
+Prefix caching: every full block of a request is identified by a hash chained over (parent block's hash, the block's
+token ids); the chain starts from a salt naming anything else that changes the KV (model, dtype, KV format), so
+blocks are only ever shared between requests whose whole prefix, and whose KV format, match.
+"""
 
 from __future__ import annotations
+
+import hashlib
+from array import array
+from dataclasses import dataclass
 
 from tokenmill.request import Request
 from tokenmill.scheduler.block_pool import BlockPool
 
 
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up (vLLM: prefix_cache_queries)
+    hits: int = 0  # of those, tokens whose KV was reused (vLLM: prefix_cache_hits)
+    requests: int = 0
+    requests_hit: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
+    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 cache_salt: str = "") -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.stats = PrefixCacheStats()
+        self._root = hashlib.sha256(cache_salt.encode()).digest()
         self._tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[bytes]] = {}  # per request: chain hashes of its full blocks so far
+        self._num_registered: dict[str, int] = {}  # per request: leading table blocks already registered
 
     @property
     def num_free_blocks(self) -> int:
@@ -28,20 +59,103 @@ class KVCacheManager:
     def block_table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Make room for `num_new_tokens` more computed tokens. False (and nothing allocated) if blocks are short."""
-        table = self._tables.setdefault(request.request_id, [])
-        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(table)
-        if needed <= 0:
-            return True
-        if needed > self.pool.num_free_blocks:
-            if not table:
-                del self._tables[request.request_id]
+    # ---- prefix cache ----
+
+    def block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+        """The request's first `num_blocks` chain hashes, extending its memoised chain as needed."""
+        hashes = self._hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            hashes.append(chain_hash(hashes[-1] if hashes else self._root, request.token_ids(i * bs, (i + 1) * bs)))
+        return hashes[:num_blocks]
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Blocks holding the longest cached prefix of the request's tokens.
+
+        At least the last token is always left to compute (its logits are needed), so a full hit stops one block
+        short when the tokens end exactly on a block boundary.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        for block_hash in self.block_hashes(request, (request.num_tokens - 1) // self.block_size):
+            block = self.pool.cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        self.stats.queries += request.num_tokens
+        self.stats.hits += len(hits) * self.block_size
+        self.stats.requests += 1
+        self.stats.requests_hit += bool(hits)
+        return hits
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's blocks that are now fully computed, so later requests can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        table = self._tables.get(request.request_id, [])
+        num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        start = self._num_registered.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self.block_hashes(request, num_full)
+        for i in range(start, num_full):
+            self.pool.register(table[i], hashes[i])
+        self._num_registered[request.request_id] = num_full
+
+    # ---- allocation ----
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
+        """Make room for `num_new_tokens` more computed tokens after `cached_blocks` (a prefix hit, on admission).
+
+        Returns False, with nothing allocated or shared, when free blocks are short.
+        """
+        cached_blocks = cached_blocks or []
+        table = self._tables.get(request.request_id, [])
+        computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
+        needed = self.blocks_needed(computed + num_new_tokens) - len(table) - len(cached_blocks)
+        # Cached blocks that sit in the free queue stop being free once shared.
+        reclaimed = sum(1 for b in cached_blocks if self.pool.ref_count(b) == 0)
+        if needed > self.pool.num_free_blocks - reclaimed:
             return False
-        table.extend(self.pool.allocate(needed))
+        for block in cached_blocks:
+            self.pool.share(block)
+        table = self._tables.setdefault(request.request_id, table)
+        table.extend(cached_blocks)
+        if needed > 0:
+            table.extend(self.pool.allocate(needed))
         return True
 
+    def fork(self, parent: Request, child: Request, num_tokens: int) -> list[tuple[int, int]] | None:
+        """Give `child` the parent's KV for its first `num_tokens` tokens (which the two share).
+
+        Blocks wholly before position `num_tokens` are shared by reference; the block holding that position (the
+        child's first write) is copied, since a shared block is never written. Returns the (source, destination)
+        block copies the model runner must make before the child's next forward, or None if no block is free.
+        """
+        parent_table = self._tables[parent.request_id]
+        num_shared = num_tokens // self.block_size
+        copy_partial = num_tokens % self.block_size != 0
+        if copy_partial and self.pool.num_free_blocks < 1:
+            return None
+        for block in parent_table[:num_shared]:
+            self.pool.share(block)
+        table = list(parent_table[:num_shared])
+        copies = []
+        if copy_partial:
+            [new_block] = self.pool.allocate(1)
+            copies.append((parent_table[num_shared], new_block))
+            table.append(new_block)
+        self._tables[child.request_id] = table
+        return copies
+
     def free(self, request: Request) -> None:
+        self._num_registered.pop(request.request_id, None)
         table = self._tables.pop(request.request_id, None)
         if table:
             self.pool.free(table)
+
+    def forget(self, request: Request) -> None:
+        """Drop a finished request's memoised hashes (its blocks stay cached in the pool)."""
+        self._hashes.pop(request.request_id, None)

@@ -45,6 +45,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst): copy-on-write of forks
 
     @property
     def num_tokens(self) -> int:
@@ -115,22 +116,62 @@ class Scheduler:
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            remaining = request.num_tokens - request.num_computed_tokens
-            if not self.config.enable_chunked_prefill and remaining > budget:
-                break
-            num_new = min(remaining, budget)
-            if not self.kv_cache.allocate_slots(request, num_new):
-                break
+            parent = self._fork_parent(request)
+            if parent is not None:
+                num_new = self._admit_fork(request, parent, out)
+                if num_new is None:
+                    break
+            else:
+                num_new = self._admit(request, budget)
+                if num_new is None:
+                    break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new, self.kv_cache.block_table(request.request_id)))
             budget -= num_new
 
+    def _admit(self, request: Request, budget: int) -> int | None:
+        """Allocate for a waiting request after reusing its longest cached prefix; None if it must wait."""
+        cached = self.kv_cache.find_cached_prefix(request)
+        num_cached = len(cached) * self.kv_cache.block_size
+        remaining = request.num_tokens - request.num_computed_tokens - num_cached
+        if not self.config.enable_chunked_prefill and remaining > budget:
+            return None
+        num_new = min(remaining, budget)
+        if not self.kv_cache.allocate_slots(request, num_new, cached):
+            return None
+        request.num_computed_tokens += num_cached
+        request.num_cached_tokens = num_cached
+        return num_new
+
+    def _fork_parent(self, request: Request) -> Request | None:
+        """The running sibling to fork from, if the request has one; a sibling still prefilling means wait."""
+        parent = self.requests.get(request.fork_of) if request.fork_of else None
+        return parent if parent is not None and parent.status is RequestStatus.RUNNING else None
+
+    def _admit_fork(self, request: Request, parent: Request, out: SchedulerOutput) -> int | None:
+        # The child recomputes only its last prompt token (its logits are needed); the KV before it is the parent's.
+        shared = request.num_prompt_tokens - 1
+        if parent.num_computed_tokens < shared:
+            return None  # FCFS: wait at the head until the sibling's prompt is in the cache
+        copies = self.kv_cache.fork(parent, request, shared)
+        if copies is None:
+            return None
+        request.num_computed_tokens = shared
+        if not self.kv_cache.allocate_slots(request, 1):
+            self.kv_cache.free(request)
+            request.num_computed_tokens = 0
+            return None
+        out.block_copies.extend(copies)
+        request.num_cached_tokens = shared
+        return 1
+
     def update_computed(self, out: SchedulerOutput) -> None:
         """Called after the model ran the step: the scheduled tokens now have KV in the cache."""
         for item in out.scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
+            self.kv_cache.cache_full_blocks(item.request)
 
     def finish(self, request_id: str, status: RequestStatus) -> Request | None:
         """Remove a request (finished or aborted) and free its blocks. Unknown ids are ignored."""
@@ -142,5 +183,6 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.kv_cache.free(request)
+        self.kv_cache.forget(request)
         request.status = status
         return request
