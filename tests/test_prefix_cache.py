@@ -262,3 +262,14 @@ def test_n_samples_via_generate_match_separate_seeded_requests(llm_fp32) -> None
         single = SamplingParams(temperature=0.8, seed=11 + i, max_tokens=12, ignore_eos=True)
         assert completion.token_ids == llm_fp32.generate("Tell me about the moon.", single,
                                                          use_tqdm=False)[0].token_ids
+
+
+def test_reset_cache_refused_while_blocks_in_use() -> None:
+    sched = make_scheduler()
+    sched.add_request(req("a", PROMPT))
+    step(sched)
+    assert not sched.kv_cache.pool.reset_cache()
+    sched.finish("a", RequestStatus.FINISHED_STOPPED)
+    assert sched.kv_cache.pool.reset_cache()
+    sched.add_request(req("b", PROMPT))
+    assert step(sched) == {"b": 10}  # nothing cached any more

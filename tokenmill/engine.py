@@ -133,6 +133,10 @@ class LLMEngine:
         self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
         return state.take_output(RequestStatus.FINISHED_ABORTED.value)
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop all cached KV blocks (e.g. between benchmark runs); False while requests hold blocks."""
+        return self.scheduler.kv_cache.pool.reset_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
 

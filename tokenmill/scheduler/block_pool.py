@@ -71,6 +71,14 @@ class BlockPool:
 
     # ---- prefix cache index ----
 
+    def reset_cache(self) -> bool:
+        """Forget every cached block; refused (False) while any block is in use."""
+        if any(self._ref_counts):
+            return False
+        self._cached.clear()
+        self._block_hash = [None] * self.num_blocks
+        return True
+
     def cached_block(self, block_hash: bytes) -> int | None:
         return self._cached.get(block_hash)
 
