@@ -96,11 +96,14 @@ def attend_group(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask
     num_seqs, q_len, num_heads, head_dim = q.shape
     kv_heads, _, kv_len, _ = keys.shape
     group = num_heads // kv_heads
-    q = q.view(num_seqs, q_len, kv_heads, group, head_dim).permute(2, 0, 3, 1, 4)
+    # Scaling q (S·Lq·H·D values) is cheaper than scaling the scores (S·Lq·H·L).
+    q = (q * head_dim**-0.5).view(num_seqs, q_len, kv_heads, group, head_dim).permute(2, 0, 3, 1, 4)
     q = q.reshape(kv_heads, num_seqs, group * q_len, head_dim)
     scores = torch.matmul(q, keys.transpose(-1, -2)).view(kv_heads, num_seqs, group, q_len, kv_len)
-    scores = scores.float().mul_(head_dim**-0.5).masked_fill_(~mask[None, :, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(kv_heads, num_seqs, group * q_len, kv_len)
+    scores.masked_fill_(~mask[None, :, None], float("-inf"))
+    # Softmax accumulates in fp32 whatever the model dtype.
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = probs.view(kv_heads, num_seqs, group * q_len, kv_len)
     out = torch.matmul(probs, values).view(kv_heads, num_seqs, group, q_len, head_dim)
     return out.permute(1, 3, 0, 2, 4).reshape(num_seqs, q_len, num_heads, head_dim)
 
