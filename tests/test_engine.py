@@ -171,3 +171,20 @@ def test_batch_with_a_bad_prompt_adds_nothing(llm_fp32) -> None:
     with pytest.raises(InvalidRequestError):
         llm_fp32.generate(["fine", ""], GREEDY, use_tqdm=False)
     assert_no_leak(llm_fp32)
+
+
+def test_out_of_vocab_stop_token_rejected(llm_fp32) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        llm_fp32.engine.add_request("hi", SamplingParams(stop_token_ids=[10**6], min_tokens=1, max_tokens=2))
+    assert info.value.field == "stop_token_ids"
+    assert_no_leak(llm_fp32)
+
+
+def test_tiny_temperature_is_greedy_and_huge_top_k_is_no_top_k(llm_fp32) -> None:
+    greedy = llm_fp32.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    tiny = llm_fp32.generate("The quick brown fox", SamplingParams(temperature=1e-300, max_tokens=8), use_tqdm=False)
+    assert tiny[0].token_ids == greedy[0].token_ids
+    wide = SamplingParams(temperature=1.0, top_k=2**70, max_tokens=4, seed=5)
+    plain = SamplingParams(temperature=1.0, max_tokens=4, seed=5)
+    assert (llm_fp32.generate("Hello", wide, use_tqdm=False)[0].token_ids
+            == llm_fp32.generate("Hello", plain, use_tqdm=False)[0].token_ids)

@@ -96,6 +96,9 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(params).__name__}")
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids", f"token ids must be < the vocabulary size {vocab}")
         prompt_text, prompt_ids = self._tokenize(prompt)
         if len(prompt_ids) + 1 > self.max_model_len:
             raise InvalidRequestError(

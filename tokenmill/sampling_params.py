@@ -15,7 +15,7 @@ class InvalidRequestError(ValueError):
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens for one request. `temperature == 0` means greedy.
+    """How to pick tokens for one request. `temperature == 0` (anything below 1e-5) means greedy.
 
     Penalties follow the OpenAI/vLLM conventions: `repetition_penalty` divides positive logits (multiplies negative
     ones) of tokens seen in the prompt or output; `presence_penalty` subtracts once per seen output token;
@@ -86,4 +86,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Dividing logits by a temperature this small overflows; it means "greedy" in practice (vLLM does the same).
+        return self.temperature < 1e-5

@@ -65,6 +65,11 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 @lru_cache(maxsize=1)
+def _alphabet_bytes() -> dict[str, int]:
+    return {ch: b for b, ch in _byte_alphabet().items()}
+
+
+@lru_cache(maxsize=1)
 def _byte_alphabet_chars() -> frozenset[str]:
     return frozenset(_byte_alphabet().values())
 
@@ -239,6 +244,14 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return self._tokens[token_id]
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The exact bytes a byte-level token stands for (None if it is not spelled in the byte alphabet)."""
+        spelled = self.id_to_token(token_id)
+        byte_of = _alphabet_bytes()
+        if not all(ch in byte_of for ch in spelled):
+            return None
+        return bytes(byte_of[ch] for ch in spelled)
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids

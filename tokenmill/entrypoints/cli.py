@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from tokenmill.config import EngineConfig
+from tokenmill.model.gguf_file import ModelLoadError
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams
 
 
@@ -23,6 +24,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached KV blocks")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
@@ -31,7 +33,8 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         model=model or args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gib=args.kv_cache_memory_gib, max_model_len=args.max_model_len,
-        enable_chunked_prefill=not args.no_chunked_prefill, num_threads=args.threads,
+        enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
+        num_threads=args.threads,
     )
 
 
@@ -145,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat, max_tokens=256)
     chat.set_defaults(func=cmd_chat)
+
+    from tokenmill.server.cli import add_serve_args, cmd_serve
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, models, metrics)")
+    add_serve_args(serve)
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
-    except (InvalidRequestError, ValueError) as exc:
+    except (InvalidRequestError, ModelLoadError, ValueError) as exc:
         print(f"tokenmill: error: {exc}", file=sys.stderr)
         return 2
 

@@ -100,7 +100,7 @@ def _filter_mask(sorted_logits: torch.Tensor, rows: Sequence[SamplingRow]) -> to
     n, vocab = sorted_logits.shape
     device = sorted_logits.device
     positions = torch.arange(vocab, device=device).unsqueeze(0)
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device)
+    top_k = torch.tensor([min(r.params.top_k, vocab) if r.params.top_k > 0 else vocab for r in rows], device=device)
     keep = positions < top_k.unsqueeze(1)
     probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
     # top_p == 1 must keep everything; float rounding in the cumsum could otherwise drop tiny-probability tails.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -123,6 +124,9 @@ class _Add:
 @dataclass
 class _Abort:
     request_ids: list[str]
+
+
+_Deliveries = dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, RequestOutput | BaseException]]]
 
 
 class AsyncEngine:
@@ -233,20 +237,13 @@ class AsyncEngine:
                         self._cond.wait(idle_wait)
                 commands, self._commands = self._commands, []
                 stopping = self._stopping
-            deliveries: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, RequestOutput | BaseException]]]
-            deliveries = defaultdict(list)
-            for command in commands:
-                if isinstance(command, _Add):
-                    self._add(command)
-                else:
-                    for request_id in command.request_ids:
-                        self._abort(request_id, deliveries)
+            deliveries: _Deliveries = defaultdict(list)
             steps_before = self._stats.steps
-            if stopping:
-                for request_id in list(self._routes):
-                    self._abort(request_id, deliveries)
-            elif self.engine.has_unfinished_requests():
-                self._step(deliveries)
+            try:
+                self._iteration(commands, stopping, deliveries)
+            except Exception as exc:  # a bug, not bad input: fail what is in flight, keep serving
+                logger.exception("engine loop failed; aborting %d requests", len(self._routes))
+                self._fail_all(exc, deliveries)
             self._has_work = self.engine.has_unfinished_requests()
             self._stats = self.engine.stats()
             # Requests pending but nothing scheduled (should not happen): back off briefly instead of spinning.
@@ -254,6 +251,37 @@ class AsyncEngine:
             self._deliver(deliveries)
             if stopping:
                 return
+
+    def _iteration(self, commands: list[_Add | _Abort], stopping: bool, deliveries: _Deliveries) -> None:
+        for command in commands:
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                for request_id in command.request_ids:
+                    self._abort(request_id, deliveries)
+        if stopping:
+            for request_id in list(self._routes):
+                self._abort(request_id, deliveries)
+        elif self.engine.has_unfinished_requests():
+            outputs = self.engine.step()
+            for out in outputs:
+                route = self._routes.get(out.request_id)
+                if route is None:
+                    continue
+                if out.finished:
+                    del self._routes[out.request_id]
+                self._observe(route, out)
+                deliveries[route.loop].append((route.stream, out))
+
+    def _fail_all(self, exc: Exception, deliveries: _Deliveries) -> None:
+        error = EngineStepError(f"the engine failed while generating: {type(exc).__name__}: {exc}")
+        for request_id, route in list(self._routes.items()):
+            del self._routes[request_id]
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # the engine may be inconsistent after a failure; free what can be freed
+                logger.exception("abort of %s failed", request_id)
+            deliveries[route.loop].append((route.stream, error))
 
     def _add(self, command: _Add) -> None:
         added: list[str] = []
@@ -274,7 +302,7 @@ class AsyncEngine:
             self._routes[request_id] = _Route(command.stream, command.loop, command.arrival)
         command.future.set_result(None)
 
-    def _abort(self, request_id: str, deliveries: dict) -> None:
+    def _abort(self, request_id: str, deliveries: _Deliveries) -> None:
         route = self._routes.pop(request_id, None)
         if route is None:
             return
@@ -283,33 +311,16 @@ class AsyncEngine:
             self._observe(route, out)
             deliveries[route.loop].append((route.stream, out))
 
-    def _step(self, deliveries: dict) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:
-            logger.exception("engine step failed; aborting %d requests", len(self._routes))
-            error = EngineStepError(f"the engine failed while generating: {type(exc).__name__}: {exc}")
-            for request_id, route in list(self._routes.items()):
-                del self._routes[request_id]
-                try:
-                    self.engine.abort(request_id)
-                except Exception:  # the engine may be inconsistent after a failure; keep going
-                    logger.exception("abort of %s failed", request_id)
-                deliveries[route.loop].append((route.stream, error))
-            return
-        for out in outputs:
-            route = self._routes.get(out.request_id)
-            if route is None:
-                continue
-            self._observe(route, out)
-            if out.finished:
-                del self._routes[out.request_id]
-            deliveries[route.loop].append((route.stream, out))
-
     def _observe(self, route: _Route, out: RequestOutput) -> None:
-        if not self._observers:
-            return
         now = time.monotonic()
+        try:
+            self._notify(route, out, now)
+        except Exception:  # metrics must never take generation down
+            logger.exception("engine observer failed")
+        if out.delta_token_ids:
+            route.last_token = now
+
+    def _notify(self, route: _Route, out: RequestOutput, now: float) -> None:
         for observer in self._observers:
             if out.delta_token_ids:
                 if route.last_token is None:
@@ -319,16 +330,12 @@ class AsyncEngine:
             if out.finished:
                 observer.on_finished(out.finish_reason or "abort", now - route.arrival, len(out.prompt_token_ids),
                                      len(out.token_ids))
-        if out.delta_token_ids:
-            route.last_token = now
 
     @staticmethod
-    def _deliver(deliveries: dict) -> None:
+    def _deliver(deliveries: _Deliveries) -> None:
         for loop, items in deliveries.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that event loop is closed: nobody is listening any more
-                pass
 
 
 def _put_all(items: list[tuple[OutputStream, RequestOutput | BaseException]]) -> None:

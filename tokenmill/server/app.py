@@ -1,0 +1,254 @@
+"""The FastAPI app: routes, API-key check, body-size limit, OpenAI-shaped errors, disconnects, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from tokenmill.config import EngineConfig
+from tokenmill.server.async_engine import AsyncEngine
+from tokenmill.server.errors import APIError, bad_request, default_type, error_body
+from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from tokenmill.server.serving import OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "TOKENMILL_API_KEY"
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+DEFAULT_MAX_WAITING_REQUESTS = 256
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
+
+
+def create_app(engine: AsyncEngine | EngineConfig | None = None, *, api_key: str | None = None,
+               served_model_name: str | None = None, max_waiting_requests: int | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S) -> FastAPI:
+    """An OpenAI-compatible app. Given a config (or None: the default model) the app loads and owns its engine and
+    stops it on shutdown; given an AsyncEngine it only starts it, and the caller shuts it down."""
+    owns_engine = not isinstance(engine, AsyncEngine)
+    if isinstance(engine, AsyncEngine):
+        async_engine = engine
+        if max_waiting_requests is not None:
+            async_engine.max_waiting_requests = max_waiting_requests
+    else:
+        async_engine = AsyncEngine.from_config(engine, max_waiting_requests)
+    serving = OpenAIServing(async_engine, served_model_name)
+    metrics = ServerMetrics(async_engine, serving.model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        try:
+            yield
+        finally:
+            if not await serving.drain(drain_timeout):
+                logger.warning("drain timeout: %d requests still in flight are aborted", serving.inflight)
+            if owns_engine:
+                await asyncio.to_thread(async_engine.shutdown)
+
+    app = FastAPI(title="tokenmill", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = async_engine
+    app.state.serving = serving
+    app.state.metrics = metrics
+    _install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_engine.is_running:
+            raise APIError(503, "the engine is not running", code="engine_not_running")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
+
+    @v1.get("/models")
+    async def list_models() -> Response:
+        return JSONResponse({"object": "list", "data": [_model_card(serving)]})
+
+    @v1.get("/models/{model:path}")
+    async def retrieve_model(model: str) -> Response:
+        serving.check_model(model)
+        return JSONResponse(_model_card(serving))
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_request(CompletionRequest, await read_json(request, max_request_bytes))
+        return await _generate(request, serving, serving.completions(req), bool(req.stream))
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_request(ChatCompletionRequest, await read_json(request, max_request_bytes))
+        return await _generate(request, serving, serving.chat(req), bool(req.stream))
+
+    app.include_router(v1)
+    return app
+
+
+def _model_card(serving: OpenAIServing) -> dict[str, Any]:
+    return {"id": serving.model_name, "object": "model", "created": serving.created, "owned_by": "tokenmill",
+            "max_model_len": serving.engine.max_model_len}
+
+
+async def _generate(request: Request, serving: OpenAIServing, work: Awaitable[tuple[Any, list[str]]],
+                    stream: bool) -> Response:
+    """Run a completion; the request counts as in flight (for the drain) until its reply is fully sent."""
+    serving.inflight += 1
+    if not stream:
+        try:
+            reply, _ = await _unless_disconnected(request, work)
+        finally:
+            serving.inflight -= 1
+        return JSONResponse(reply)
+    try:
+        chunks, request_ids = await work
+    except BaseException:
+        serving.inflight -= 1
+        raise
+    closed = False
+
+    def on_close() -> None:
+        nonlocal closed
+        serving.engine.abort(request_ids)  # a no-op for finished requests; frees the KV of abandoned ones
+        if not closed:
+            closed = True
+            serving.inflight -= 1
+
+    return EventStreamResponse(chunks, on_close)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (which aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise _ClientGone()
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events. Always watches for the client going away (whatever the ASGI spec version) and cancels
+    the stream then; `on_close` runs however the response ends, even if the stream never started."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                async def stream() -> None:
+                    await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            self._on_close()
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The decoded JSON body; 413 beyond `limit` bytes (checked before and while reading), 400 if not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise bad_request("invalid Content-Length header")
+        if int(declared) > limit:
+            raise _too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    if not body:
+        raise bad_request("the request body is empty; expected a JSON object")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than the limit of {limit} bytes", code="request_too_large")
+
+
+def _api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
+    expected = api_key.encode() if api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'",
+                           type="invalid_request_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request: Request, exc: _ClientGone) -> Response:
+        return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(part) for part in first.get("loc", ())[1:]]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return JSONResponse(error_body(str(exc.detail), default_type(exc.status_code)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal server error ({type(exc).__name__})", "server_error"),
+                            status_code=500)

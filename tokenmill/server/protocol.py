@@ -1,0 +1,247 @@
+"""OpenAI request bodies as pydantic models, and their translation into SamplingParams.
+
+Unknown fields are ignored (clients send vendor extras); known fields are type-checked, and every problem becomes a
+400 whose `param` names the offending field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tokenmill.sampling_params import InvalidRequestError, SamplingParams
+from tokenmill.server.errors import APIError, bad_request
+
+MAX_N = 128  # choices per request: each is a separate engine request
+MAX_LOGPROBS = 20
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM's name: usage in every chunk
+
+
+class _GenerationRequest(BaseModel):
+    """Fields shared by completions and chat completions (OpenAI's, plus vLLM's sampling extras)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = False
+    min_tokens: int | None = 0
+    skip_special_tokens: bool | None = True
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def check_common(self) -> None:
+        n = self.n if self.n is not None else 1
+        if not 1 <= n <= MAX_N:
+            raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", "n")
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias")
+        if self.seed is not None and not _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]:
+            raise bad_request(f"seed must be a 64-bit integer, got {self.seed}", "seed")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int,
+                        renames: dict[str, str] | None = None) -> SamplingParams:
+        """SamplingParams for one choice (n is handled by fanning out); a bad value becomes a 400 naming it.
+
+        Values the engine would accept but fail on mid-batch (taking other requests down) are caught here:
+        stop token ids outside the vocabulary; a top_k beyond the vocabulary is the same as no top_k.
+        """
+        stop_token_ids = list(self.stop_token_ids or [])
+        if any(t >= vocab_size for t in stop_token_ids):
+            raise bad_request(f"stop_token_ids: token ids must be below the vocabulary size {vocab_size}",
+                              "stop_token_ids")
+        top_k = _default(self.top_k, 0)
+        try:
+            return SamplingParams(
+                n=1,
+                temperature=_default(self.temperature, 1.0),
+                top_p=_default(self.top_p, 1.0),
+                top_k=0 if top_k >= vocab_size else top_k,
+                min_p=_default(self.min_p, 0.0),
+                presence_penalty=_default(self.presence_penalty, 0.0),
+                frequency_penalty=_default(self.frequency_penalty, 0.0),
+                repetition_penalty=_default(self.repetition_penalty, 1.0),
+                seed=self.seed,
+                max_tokens=max_tokens,
+                min_tokens=_default(self.min_tokens, 0),
+                stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+                stop_token_ids=stop_token_ids,
+                ignore_eos=bool(self.ignore_eos),
+                logprobs=logprobs,
+                skip_special_tokens=_default(self.skip_special_tokens, True),
+            )
+        except InvalidRequestError as exc:
+            param = (renames or {}).get(exc.field, exc.field)
+            raise bad_request(f"{param}: {str(exc).split(': ', 1)[-1]}", param) from None
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise bad_request("best_of other than n is not supported", "best_of")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}", "logprobs")
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of a (possibly batched) completion request."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if not self.messages:
+            raise bad_request("messages must be a non-empty list", "messages")
+        if self.tools:
+            raise bad_request("tools are not supported", "tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise bad_request(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}",
+                                  "top_logprobs")
+            if not self.logprobs:
+                raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def conversation(self) -> list[dict[str, str]]:
+        """Messages as the chat template expects them: `{"role": str, "content": str}`, text parts joined."""
+        conversation = []
+        for i, message in enumerate(self.messages):
+            if message.role not in CHAT_ROLES:
+                raise bad_request(f"messages[{i}].role must be one of {sorted(CHAT_ROLES)}, got {message.role!r}",
+                                  f"messages[{i}].role")
+            content = message.content
+            if content is None:
+                if message.role != "assistant":
+                    raise bad_request(f"messages[{i}].content is required", f"messages[{i}].content")
+                content = ""
+            elif isinstance(content, list):
+                texts = []
+                for j, part in enumerate(content):
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise bad_request(f"messages[{i}].content[{j}]: only text content parts are supported",
+                                          f"messages[{i}].content")
+                    texts.append(part["text"])
+                content = "\n".join(texts)
+            role = "system" if message.role == "developer" else message.role
+            conversation.append({"role": role, "content": content})
+        return conversation
+
+
+RequestT = TypeVar("RequestT", bound=_GenerationRequest)
+
+
+def parse_request(model: type[RequestT], data: Any) -> RequestT:
+    """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
+    if not isinstance(data, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        request = model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    request.check()  # type: ignore[attr-defined]
+    return request
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    first = exc.errors()[0]
+    param = _param_name(first.get("loc", ()))
+    got = first.get("input")
+    detail = first.get("msg", "invalid value")
+    if first.get("type") != "missing" and not isinstance(got, dict | list):
+        detail += f", got {got!r}"
+    return bad_request(f"{param}: {detail}" if param else detail, param or None)
+
+
+def _param_name(loc: tuple[Any, ...]) -> str:
+    """`('messages', 0, 'content', 'str')` -> `messages[0].content` (pydantic's union-member tags dropped)."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS:
+            name += f".{part}" if name else part
+    return name
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"})
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value

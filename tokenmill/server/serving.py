@@ -1,0 +1,284 @@
+"""The OpenAI completions and chat completions endpoints, independent of the web framework.
+
+A request with P prompts and `n` choices becomes P*n engine requests (siblings share their prompt's KV through
+`fork_of`); choice `p*n + i` is sample `i` of prompt `p`. Replies are plain dicts, streams are SSE strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenmill.entrypoints.llm import fan_out
+from tokenmill.model.gguf_file import ModelLoadError, default_model_path
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import InvalidRequestError, SamplingParams
+from tokenmill.server.async_engine import (
+    AsyncEngine,
+    EngineOverloadedError,
+    EngineRequest,
+    EngineStepError,
+    EngineStoppedError,
+    OutputStream,
+)
+from tokenmill.server.errors import APIError, bad_request, error_body
+from tokenmill.server.formatting import SSE_DONE, TokenTexts, sse, usage
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+def model_names(engine: AsyncEngine, served_model_name: str | None) -> tuple[str, set[str]]:
+    """The name /v1/models reports, and every name a request may use for it (served name, GGUF file name/path)."""
+    path = Path(engine.engine.model_path)
+    configured = engine.engine.config.model
+    default = DEFAULT_MODEL_NAME if _is_default_model(path) else path.stem
+    name = served_model_name or default
+    aliases = {name, default, path.name, path.stem, str(path)}
+    if configured:
+        aliases.add(str(configured))
+    return name, aliases
+
+
+def _is_default_model(path: Path) -> bool:
+    try:
+        return path.resolve() == default_model_path().resolve()
+    except ModelLoadError:
+        return False
+
+
+@dataclass
+class _Prepared:
+    """A validated request, ready to submit."""
+
+    request_id: str
+    prompt_ids: list[list[int]]
+    requests: list[EngineRequest]
+    n: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(ids) for ids in self.prompt_ids)
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, served_model_name: str | None = None) -> None:
+        self.engine = engine
+        self.model_name, self.model_aliases = model_names(engine, served_model_name)
+        self.texts = TokenTexts(engine.tokenizer)
+        self.created = int(time.time())
+        self.inflight = 0  # HTTP requests being generated; the app counts them (event loop thread only)
+        self.draining = False
+
+    # ---- shared steps -----------------------------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_aliases:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
+                           param="model", code="model_not_found")
+
+    def _check_accepting(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="server_shutting_down",
+                           headers={"Retry-After": "1"})
+
+    def _max_tokens(self, prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:
+        limit = self.engine.max_model_len
+        if prompt_len >= limit:
+            raise bad_request(f"{prompt_param}: the prompt has {prompt_len} tokens but the context length is {limit} "
+                              f"(at most {limit - 1} prompt tokens, so that one token can be generated)",
+                              prompt_param, "context_length_exceeded")
+        remaining = limit - prompt_len
+        if requested is None:
+            return remaining
+        if requested > remaining:
+            raise bad_request(f"{param}: {requested} is too large: the prompt has {prompt_len} tokens and the context "
+                              f"length is {limit}, so at most {remaining} tokens can be generated", param)
+        return requested
+
+    def _encode(self, prompt: str | list[int], param: str) -> list[int]:
+        ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise bad_request(f"{param}: the prompt is empty", param)
+        return ids
+
+    def _prepare(self, prefix: str, prompt_ids: list[list[int]], params: list[SamplingParams], n: int) -> _Prepared:
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        requests = []
+        for p, (ids, prompt_params) in enumerate(zip(prompt_ids, params, strict=True)):
+            siblings = fan_out(dataclasses.replace(prompt_params, n=n))
+            for i, sample_params in enumerate(siblings):
+                fork_of = f"{request_id}-{p}-0" if i else None
+                requests.append(EngineRequest(f"{request_id}-{p}-{i}", ids, sample_params, fork_of))
+        return _Prepared(request_id, prompt_ids, requests, n)
+
+    async def _submit(self, prepared: _Prepared, prompt_param: str) -> OutputStream:
+        try:
+            return await self.engine.submit(prepared.requests)
+        except InvalidRequestError as exc:
+            param = prompt_param if exc.field == "prompt" else exc.field
+            raise bad_request(f"{param}: {str(exc).split(': ', 1)[-1]}", param) from None
+        except EngineOverloadedError as exc:
+            raise APIError(503, str(exc), code="server_overloaded", headers={"Retry-After": "1"}) from None
+        except EngineStoppedError as exc:
+            raise APIError(503, str(exc), code="server_shutting_down", headers={"Retry-After": "1"}) from None
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests, then wait (at most `timeout` seconds) for those in flight; True if all finished."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.inflight == 0
+
+    async def _collect(self, stream: OutputStream) -> list[RequestOutput]:
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async for index, out in stream:
+                if out.finished:
+                    finals[index] = out
+        except EngineStepError as exc:
+            raise APIError(500, str(exc)) from None
+        finally:
+            if not stream.finished:  # cancelled (client gone) or failed: free the KV blocks now
+                self.engine.abort(stream.request_ids)
+        return [finals[i] for i in range(len(finals))]
+
+    async def _sse(self, stream: OutputStream, chunks: Callable[[OutputStream], AsyncIterator[str]]
+                   ) -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks(stream):
+                yield chunk
+        except EngineStepError as exc:
+            yield sse(error_body(str(exc), "server_error"))
+        finally:
+            if not stream.finished:  # cancelled (client gone) or failed: free the KV blocks now
+                self.engine.abort(stream.request_ids)
+        yield SSE_DONE
+
+    # ---- /v1/completions --------------------------------------------------------------------------------------
+
+    async def completions(self, req: CompletionRequest) -> tuple[dict[str, Any] | AsyncIterator[str], list[str]]:
+        """The reply (a dict, or SSE strings when streaming) and the engine request ids it owns."""
+        self._check_accepting()
+        self.check_model(req.model)
+        prompts = req.prompts()
+        vocab = self.engine.vocab_size
+        req.sampling_params(1, req.logprobs, vocab)  # reject bad sampling values before tokenizing
+        prompt_ids = await asyncio.to_thread(lambda: [self._encode(p, "prompt") for p in prompts])
+        params = [req.sampling_params(self._max_tokens(len(ids), req.max_tokens, "max_tokens", "prompt"),
+                                      req.logprobs, vocab) for ids in prompt_ids]
+        prepared = self._prepare("cmpl", prompt_ids, params, req.n or 1)
+        echo = [self.engine.tokenizer.decode(ids) if not isinstance(p, str) else p for p, ids in
+                zip(prompts, prompt_ids, strict=True)] if req.echo else None
+        stream = await self._submit(prepared, "prompt")
+        if req.stream:
+            return self._sse(stream, lambda s: self._completion_chunks(s, req, prepared, echo)), stream.request_ids
+        finals = await self._collect(stream)
+        choices = []
+        for index, out in enumerate(finals):
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs, _ = self.texts.completion_logprobs(out.logprobs or [], 0)
+            text = (echo[index // prepared.n] if echo else "") + out.text
+            choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
+                            "stop_reason": out.stop_reason})
+        completion_tokens = sum(len(out.token_ids) for out in finals)
+        return {"id": prepared.request_id, "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices,
+                "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream.request_ids
+
+    async def _completion_chunks(self, stream: OutputStream, req: CompletionRequest, prepared: _Prepared,
+                                 echo: list[str] | None) -> AsyncIterator[str]:
+        count = len(prepared.requests)
+        generated, offsets, echoed = [0] * count, [0] * count, [False] * count
+        created = int(time.time())
+
+        def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+            body = {"id": prepared.request_id, "object": "text_completion", "created": created,
+                    "model": self.model_name, "choices": choices}
+            if req.continuous_usage or (req.include_usage and not choices):
+                body["usage"] = usage(prepared.prompt_tokens, sum(generated))
+            return body
+
+        async for index, out in stream:
+            generated[index] = len(out.token_ids)
+            text = out.delta_text
+            if echo and not echoed[index]:
+                text, echoed[index] = echo[index // prepared.n] + text, True
+            new_logprobs = (out.logprobs or [])[-len(out.delta_token_ids):] if out.delta_token_ids else []
+            if not (text or out.finished or new_logprobs or req.continuous_usage):
+                continue
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs, offsets[index] = self.texts.completion_logprobs(new_logprobs, offsets[index])
+            yield sse(chunk([{"index": index, "text": text, "logprobs": logprobs,
+                              "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]))
+        if req.include_usage:
+            yield sse(chunk([]))
+
+    # ---- /v1/chat/completions ---------------------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest) -> tuple[dict[str, Any] | AsyncIterator[str], list[str]]:
+        self._check_accepting()
+        self.check_model(req.model)
+        renames = {"max_tokens": req.max_tokens_param, "logprobs": "top_logprobs"}
+        vocab = self.engine.vocab_size
+        req.sampling_params(1, req.engine_logprobs, vocab, renames)
+        conversation = req.conversation()
+        ids = await asyncio.to_thread(self._render_chat, conversation)
+        max_tokens = self._max_tokens(len(ids), req.requested_max_tokens, req.max_tokens_param, "messages")
+        params = req.sampling_params(max_tokens, req.engine_logprobs, vocab, renames)
+        prepared = self._prepare("chatcmpl", [ids], [params], req.n or 1)
+        stream = await self._submit(prepared, "messages")
+        if req.stream:
+            return self._sse(stream, lambda s: self._chat_chunks(s, req, prepared)), stream.request_ids
+        finals = await self._collect(stream)
+        choices = [{"index": index, "message": {"role": "assistant", "content": out.text},
+                    "logprobs": self.texts.chat_logprobs(out.logprobs or []) if req.logprobs else None,
+                    "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+                   for index, out in enumerate(finals)]
+        completion_tokens = sum(len(out.token_ids) for out in finals)
+        return {"id": prepared.request_id, "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices,
+                "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream.request_ids
+
+    def _render_chat(self, conversation: list[dict[str, str]]) -> list[int]:
+        try:
+            prompt = self.engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+        except ValueError as exc:
+            raise bad_request(f"messages: {exc}", "messages") from None
+        return self._encode(prompt, "messages")
+
+    async def _chat_chunks(self, stream: OutputStream, req: ChatCompletionRequest, prepared: _Prepared
+                           ) -> AsyncIterator[str]:
+        count = len(prepared.requests)
+        generated = [0] * count
+        created = int(time.time())
+
+        def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+            body = {"id": prepared.request_id, "object": "chat.completion.chunk", "created": created,
+                    "model": self.model_name, "choices": choices}
+            if req.continuous_usage or (req.include_usage and not choices):
+                body["usage"] = usage(prepared.prompt_tokens, sum(generated))
+            return body
+
+        for index in range(count):
+            yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]))
+        async for index, out in stream:
+            generated[index] = len(out.token_ids)
+            new_logprobs = (out.logprobs or [])[-len(out.delta_token_ids):] if out.delta_token_ids else []
+            if not (out.delta_text or out.finished or new_logprobs or req.continuous_usage):
+                continue
+            yield sse(chunk([{"index": index, "delta": {"content": out.delta_text} if out.delta_text else {},
+                              "logprobs": self.texts.chat_logprobs(new_logprobs) if req.logprobs else None,
+                              "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]))
+        if req.include_usage:
+            yield sse(chunk([]))
