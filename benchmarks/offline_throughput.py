@@ -15,9 +15,7 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.bench.machine import busy_warning, load_average, machine_description, measure_ceilings
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
 from tokenmill.tokenizer import Tokenizer
@@ -320,58 +319,9 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
 # ---- machine ----------------------------------------------------------------------------------------------------
 
 
-def cpu_info() -> tuple[str, list[str]]:
-    """CPU model name and the SIMD/matrix flags that matter for inference kernels."""
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    model, flags = "", []
-    for line in lines:
-        key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "model name" and not model:
-            model = value
-        elif key == "flags" and not flags:
-            flags = [f for f in value.split() if f in wanted]
-    return model or platform.processor() or platform.machine(), flags
-
-
-def git_revision() -> str | None:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def machine_description(args: argparse.Namespace, load_average: list[float]) -> dict[str, Any]:
-    model, flags = cpu_info()
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
-    return {"cpu": model, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "dtype": args.dtype, "load_average_at_start": load_average, "platform": platform.platform(),
-            "versions": versions, "tokenmill_git": git_revision()}
-
-
-def best_time(fn: Any, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def measure_ceilings(dtype: torch.dtype) -> dict[str, float]:
-    """Quick ceilings on this machine: large-array read bandwidth and large matmul GFLOP/s at the run dtype."""
-    array = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, far beyond the caches
-    read_s = best_time(lambda: array.sum(), 5)
-    n = 2048
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    matmul_s = best_time(lambda: a @ b, 5)
-    return {"read_gb_per_s": array.numel() * 4 / read_s / 1e9, "matmul_gflop_per_s": 2 * n**3 / matmul_s / 1e9}
+def describe_machine(args: argparse.Namespace, load: list[float]) -> dict[str, Any]:
+    return machine_description() | {"torch_threads": torch.get_num_threads(), "dtype": args.dtype,
+                                    "load_average_at_start": load}
 
 
 # ---- running and reporting ------------------------------------------------------------------------------------
@@ -451,30 +401,24 @@ def write_json(report: dict[str, Any], output: str) -> None:
     print(f"wrote {path}")
 
 
-def warn_if_busy(threads: int) -> list[float]:
-    """The 1-minute load average before loading anything: other work on the cores skews every number."""
-    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
-    if load and load[0] > 0.5:
-        print(f"warning: load average {load[0]:.2f} before starting; with {threads} torch threads on "
-              f"{os.cpu_count()} cores, other processes slow every parallel op (quote only numbers from a quiet run)")
-    return load
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    load_average = warn_if_busy(args.threads)
+    load = load_average()
+    warning = busy_warning()
+    if warning:
+        print(f"warning: {warning}")
     torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
     facts, tokenizer = load_model_facts(path, args.dtype)
     workload = make_workload(args, tokenizer, facts.config["vocab_size"])
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     backends = make_backends(args, path, workload, pad_id)
-    ceilings = None if args.no_ceilings else measure_ceilings(DTYPES[args.dtype])
+    ceilings = None if args.no_ceilings else measure_ceilings(args.dtype)
     runs, outputs = run_interleaved(backends, workload, facts, args.repeats)
     names = list(outputs)
     report = {
         "benchmark": "offline_throughput", "args": {k: v for k, v in vars(args).items()},
-        "machine": machine_description(args, load_average), "ceilings": ceilings,
+        "machine": describe_machine(args, load), "ceilings": ceilings,
         "backends": {b.name: b.description for b in backends},
         "model": asdict(facts) | {"weight_bytes_per_step": facts.weight_bytes_per_step},
         "workload": workload.summary(),

@@ -240,6 +240,9 @@ def test_synthetic_prompts_have_exact_token_counts(tokenizer) -> None:
         assert len(tokenizer.encode(r.prompt)) == r.prompt_len
     lengths = [s.turns[0].prompt_len for s in wl.synthetic(tokenizer, 3, (17, 17), (1, 1)).sessions]
     assert lengths == [17, 17, 17]
+    longer = wl.synthetic(tokenizer, 9, (5, 40), (3, 9), seed=3)  # the first requests do not depend on the count
+    assert [(s.turns[0].prompt, s.turns[0].output_len) for s in longer.sessions[:6]] == [
+        (s.turns[0].prompt, s.turns[0].output_len) for s in w.sessions]
 
 
 def test_sharegpt_filter_and_formats(tokenizer, tmp_path) -> None:

@@ -154,16 +154,29 @@ def notes(report: dict[str, Any], runs: list[RunResult]) -> list[str]:
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
+    """Strict JSON: infinite rates become "inf", other non-finite numbers null, numeric keys strings."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    path.write_text(json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n")
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isinf(value):
-        return None
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_key(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value == math.inf else None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
     if hasattr(value, "to_json"):
-        return value.to_json()
+        return _jsonable(value.to_json())
     return str(value)
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, float):
+        return "inf" if math.isinf(key) else repr(key)
+    return str(key)
 
 
 # ---- plots --------------------------------------------------------------------------------------------------------

@@ -136,9 +136,9 @@ def synthetic(tokenizer: Tokenizer, num_requests: int, input_len: LengthRange, o
     """Random-text prompts; input and output lengths fixed or uniform in [low, high] (use with ignore_eos)."""
     rng = np.random.default_rng(seed)
     sampler = sampler or TextSampler(tokenizer)
-    ins, outs = draw_lengths(rng, input_len, num_requests), draw_lengths(rng, output_len, num_requests)
     sessions = []
-    for n_in, n_out in zip(ins, outs, strict=True):
+    for _ in range(num_requests):  # request by request: the first k requests do not depend on num_requests
+        n_in, n_out = draw_lengths(rng, input_len, 1)[0], draw_lengths(rng, output_len, 1)[0]
         text = sampler.text(rng, n_in)
         sessions.append(Session([BenchRequest(text, count_tokens(tokenizer, text), n_out)]))
     return Workload("synthetic", sessions, {"num_requests": num_requests, "input_len": list(input_len),
@@ -238,9 +238,9 @@ def shared_prefix(tokenizer: Tokenizer, num_requests: int, prefix_len: int, inpu
     rng = np.random.default_rng(seed)
     sampler = sampler or TextSampler(tokenizer)
     prefixes = [sampler.text(rng, prefix_len) for _ in range(num_prefixes)]
-    ins, outs = draw_lengths(rng, input_len, num_requests), draw_lengths(rng, output_len, num_requests)
     sessions = []
-    for i, (n_in, n_out) in enumerate(zip(ins, outs, strict=True)):
+    for i in range(num_requests):
+        n_in, n_out = draw_lengths(rng, input_len, 1)[0], draw_lengths(rng, output_len, 1)[0]
         text = prefixes[i % num_prefixes] + sampler.text(rng, n_in, bos=False)
         sessions.append(Session([BenchRequest(text, count_tokens(tokenizer, text), n_out)]))
     return Workload("shared-prefix", sessions, {"num_requests": num_requests, "prefix_len": prefix_len,

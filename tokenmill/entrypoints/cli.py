@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    from tokenmill.bench.cli import add_bench_args, cmd_bench
+
+    bench = sub.add_parser("bench", help="benchmark scenarios (offline, serve, latency, concurrency) and peers")
+    add_bench_args(bench)  # includes the engine options
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
