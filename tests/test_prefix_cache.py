@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.test_scheduler import run_step as step
 from tokenmill import LLM, SamplingParams
 from tokenmill.entrypoints.llm import fan_out
 from tokenmill.request import Request, RequestStatus
@@ -21,15 +22,6 @@ def make_scheduler(num_blocks: int = 16, caching: bool = True, budget: int = 64)
 
 def req(rid: str, tokens: list[int], fork_of: str | None = None) -> Request:
     return Request(rid, list(tokens), SamplingParams(max_tokens=50), fork_of=fork_of)
-
-
-def step(sched: Scheduler) -> dict[str, int]:
-    plan = sched.schedule()
-    sampled = [s.request for s in plan.scheduled if s.samples]
-    sched.update_computed(plan)
-    for r in sampled:
-        r.output_token_ids.append(99)
-    return {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
 
 
 PROMPT = list(range(10, 20))  # 10 tokens: blocks [10..13], [14..17], and a partial [18, 19]
