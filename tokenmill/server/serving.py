@@ -194,18 +194,26 @@ class OpenAIServing:
                 "model": self.model_name, "choices": choices,
                 "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream.request_ids
 
-    async def _completion_chunks(self, stream: OutputStream, req: CompletionRequest, prepared: _Prepared,
-                                 echo: list[str] | None) -> AsyncIterator[str]:
-        count = len(prepared.requests)
-        generated, offsets, echoed = [0] * count, [0] * count, [False] * count
+    def _chunk_builder(self, object_name: str, req: CompletionRequest | ChatCompletionRequest, prepared: _Prepared,
+                       generated: list[int]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """Builds the SSE chunks of one stream; `generated` (per-choice token counts) is read at each call, so
+        per-chunk usage is always current. The final chunk (no choices) carries usage when asked for."""
         created = int(time.time())
 
         def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-            body = {"id": prepared.request_id, "object": "text_completion", "created": created,
+            body = {"id": prepared.request_id, "object": object_name, "created": created,
                     "model": self.model_name, "choices": choices}
             if req.continuous_usage or (req.include_usage and not choices):
                 body["usage"] = usage(prepared.prompt_tokens, sum(generated))
             return body
+
+        return chunk
+
+    async def _completion_chunks(self, stream: OutputStream, req: CompletionRequest, prepared: _Prepared,
+                                 echo: list[str] | None) -> AsyncIterator[str]:
+        count = len(prepared.requests)
+        generated, offsets, echoed = [0] * count, [0] * count, [False] * count
+        chunk = self._chunk_builder("text_completion", req, prepared, generated)
 
         async for index, out in stream:
             generated[index] = len(out.token_ids)
@@ -260,14 +268,7 @@ class OpenAIServing:
                            ) -> AsyncIterator[str]:
         count = len(prepared.requests)
         generated = [0] * count
-        created = int(time.time())
-
-        def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-            body = {"id": prepared.request_id, "object": "chat.completion.chunk", "created": created,
-                    "model": self.model_name, "choices": choices}
-            if req.continuous_usage or (req.include_usage and not choices):
-                body["usage"] = usage(prepared.prompt_tokens, sum(generated))
-            return body
+        chunk = self._chunk_builder("chat.completion.chunk", req, prepared, generated)
 
         for index in range(count):
             yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
