@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.model.linear import INT4_GROUP_SIZES, WEIGHT_FORMATS
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -29,6 +31,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU threads for torch; default: all cores
+    weight_format: str = "float"  # float | int8 | int4 | gguf (see tokenmill/model/linear.py)
+    int4_group_size: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -47,6 +51,10 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {self.weight_format!r}")
+        if self.int4_group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4_group_size must be one of {INT4_GROUP_SIZES}, got {self.int4_group_size}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
@@ -59,7 +67,8 @@ class EngineConfig:
         if self.dtype != "auto":
             return _DTYPES[self.dtype]
         device = self.torch_device()
-        if device.type == "cuda" or _cpu_has_native_bf16():
+        # The CPU weight-only int8/int4 kernels are vectorized for bf16 activations only.
+        if device.type == "cuda" or self.weight_format != "float" or _cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
 

@@ -54,7 +54,7 @@ class LLMEngine:
         started = time.perf_counter()
         gguf_file = GGUFFile(self.model_path)
         self.tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
-        self.model = load_model(gguf_file, self.dtype, self.device)
+        self.model = load_model(gguf_file, self.dtype, self.device, config.weight_format, config.int4_group_size)
         self.model_config = self.model.cfg
         num_blocks = self._num_kv_blocks()
         block_size = config.block_size
@@ -65,7 +65,7 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.enable_chunked_prefill),
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
-                           cache_salt=f"{self.model_path.name}|{self.dtype}"),
+                           cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}"),
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
@@ -74,9 +74,14 @@ class LLMEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._steps = 0
-        logger.info("loaded %s (%s, %s) in %.1fs: %d KV blocks of %d tokens, max_model_len %d",
-                    self.model_path.name, self.dtype, self.device, time.perf_counter() - started,
+        logger.info("loaded %s (%s, %s weights, %s) in %.1fs: %d KV blocks of %d tokens, max_model_len %d",
+                    self.model_path.name, self.dtype, self._weight_format_name(), self.device,
+                    time.perf_counter() - started,
                     num_blocks, block_size, self.max_model_len)
+
+    def _weight_format_name(self) -> str:
+        fmt = self.config.weight_format
+        return f"int4-g{self.config.int4_group_size}" if fmt == "int4" else fmt
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:

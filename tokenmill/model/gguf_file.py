@@ -99,13 +99,25 @@ class GGUFFile:
     def has_tensor(self, name: str) -> bool:
         return name in self._tensors
 
+    def tensor_type(self, name: str) -> str:
+        return self._get(name).type_name
+
+    def raw_tensor(self, name: str) -> tuple[np.ndarray, str, tuple[int, ...]]:
+        """The stored bytes (memory-mapped), type name and (rows, cols) shape, for formats that keep the file's
+        own quantization."""
+        t = self._get(name)
+        return t.raw, t.type_name, t.shape
+
+    def _get(self, name: str) -> GGUFTensor:
+        if name not in self._tensors:
+            raise ModelLoadError(f"tensor '{name}' missing from {self.path}")
+        return self._tensors[name]
+
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantize one tensor to `dtype` with its logical (rows, cols) shape."""
         import gguf
 
-        if name not in self._tensors:
-            raise ModelLoadError(f"tensor '{name}' missing from {self.path}")
-        t = self._tensors[name]
+        t = self._get(name)
         if t.type_name not in _SUPPORTED_QUANT_TYPES:
             raise ModelLoadError(
                 f"tensor '{name}' in {self.path} has unsupported type {t.type_name}; "

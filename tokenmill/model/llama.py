@@ -8,6 +8,7 @@ from torch import nn
 
 from tokenmill.model.attention import AttentionMetadata, paged_attention
 from tokenmill.model.config import ModelConfig
+from tokenmill.model.linear import Linear
 
 
 class KVCache:
@@ -59,29 +60,22 @@ def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> t
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """One transformer block. q, k and v share one matmul, gate and up another: fewer, larger GEMMs per step."""
+
+    def __init__(self, cfg: ModelConfig, qkv: Linear, o: Linear, gate_up: Linear, down: Linear,
+                 attn_norm: torch.Tensor, ffn_norm: torch.Tensor) -> None:
         super().__init__()
         self.cfg = cfg
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_size, self.kv_size = q_size, kv_size
-        # q, k and v share one matmul, gate and up another: fewer, larger GEMMs per step.
-        self.qkv_weight = nn.Parameter(torch.empty(q_size + 2 * kv_size, cfg.hidden_size, dtype=dtype),
-                                       requires_grad=False)
-        self.qkv_bias = (nn.Parameter(torch.empty(q_size + 2 * kv_size, dtype=dtype), requires_grad=False)
-                         if cfg.attention_bias else None)
-        self.o_weight = nn.Parameter(torch.empty(cfg.hidden_size, q_size, dtype=dtype), requires_grad=False)
-        self.gate_up_weight = nn.Parameter(torch.empty(2 * cfg.intermediate_size, cfg.hidden_size, dtype=dtype),
-                                           requires_grad=False)
-        self.down_weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size, dtype=dtype),
-                                        requires_grad=False)
-        self.attn_norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
-        self.ffn_norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+        self.register_buffer("attn_norm", attn_norm)
+        self.register_buffer("ffn_norm", ffn_norm)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
         cfg = self.cfg
         h = rms_norm(x, self.attn_norm, cfg.rms_norm_eps)
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)
+        qkv = self.qkv(h)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -89,29 +83,31 @@ class DecoderLayer(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, block_size)
-        x = x + F.linear(attn.reshape(-1, self.q_size), self.o_weight)
+        x = x + self.o(attn.reshape(-1, self.q_size))
         h = rms_norm(x, self.ffn_norm, cfg.rms_norm_eps)
-        gate, up = F.linear(h, self.gate_up_weight).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_weight)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """`embed` is the embedding table as a linear layer: with tied embeddings it is the LM head as well."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, embed: Linear, layers: list[DecoderLayer],
+                 final_norm: torch.Tensor, output: Linear | None) -> None:
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
-        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
-        self.final_norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
-        self.output = (None if cfg.tie_word_embeddings else
-                       nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False))
-        self.rope_cos, self.rope_sin = rope_tables(cfg, dtype, torch.device("cpu"))
+        self.embed = embed
+        self.layers = nn.ModuleList(layers)
+        self.register_buffer("final_norm", final_norm)
+        self.output = output
+        self.rope_cos, self.rope_sin = rope_tables(cfg, dtype, final_norm.device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
         """Hidden states after the final norm for every token of the flat batch: [T, hidden]."""
-        x = self.embed[input_ids]
+        x = self.embed.rows(input_ids)
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
@@ -119,10 +115,14 @@ class LlamaModel(nn.Module):
         return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
 
     @property
-    def lm_head(self) -> torch.Tensor:
-        # Resolved on use: a tied head registered as a second parameter would be untied by `to_empty`.
+    def lm_head(self) -> Linear:
         return self.embed if self.output is None else self.output
+
+    def weight_bytes(self) -> int:
+        """Bytes one decode step reads: every decoder weight and the LM head (the embedding only by row)."""
+        return sum(m.weight_bytes() for m in self.modules() if isinstance(m, Linear) and m is not self.embed) + (
+            self.embed.weight_bytes() if self.output is None else 0)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()

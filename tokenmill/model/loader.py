@@ -1,4 +1,4 @@
-"""Build a `LlamaModel` from a GGUF file, dequantizing each tensor to the requested dtype."""
+"""Build a `LlamaModel` from a GGUF file in the requested dtype and weight format (see `linear.py`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import torch
 
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile
-from tokenmill.model.llama import LlamaModel, rope_tables
+from tokenmill.model.linear import FloatLinear, Int4Linear, Int8Linear, Linear, check_weight_format, gguf_q4_codes
+from tokenmill.model.llama import DecoderLayer, LlamaModel
 
 
 def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -20,35 +21,77 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, head_dim // 2, 2, *cols).transpose(1, 2).reshape(rows, *cols)
 
 
-def load_model(gguf_file: GGUFFile, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+class _LayerBuilder:
+    """Makes each linear layer of the model in the requested weight format from the file's tensors."""
+
+    def __init__(self, gguf_file: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 weight_format: str, int4_group_size: int) -> None:
+        self.file, self.cfg, self.dtype, self.device = gguf_file, cfg, dtype, device
+        self.weight_format, self.int4_group_size = weight_format, int4_group_size
+
+    def float_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.file.tensor(name, torch.float32).to(dtype or self.dtype)
+
+    def _rows(self, name: str) -> torch.Tensor:
+        """fp32 weight with llama's q/k rows back in half-split rotary order."""
+        weight = self.file.tensor(name, torch.float32)
+        return self._unpermute(name, weight)
+
+    def _unpermute(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        if self.cfg.architecture != "llama":
+            return rows
+        if name.endswith("attn_q.weight"):
+            return unpermute_rope_rows(rows, self.cfg.num_heads)
+        if name.endswith("attn_k.weight"):
+            return unpermute_rope_rows(rows, self.cfg.num_kv_heads)
+        return rows
+
+    def _file_codes(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The file's own 4-bit codes of tensors stacked by rows, when all of them are Q4_0/Q4_1."""
+        if any(self.file.tensor_type(n) not in ("Q4_0", "Q4_1") for n in names):
+            return None
+        parts = [gguf_q4_codes(*self.file.raw_tensor(n)) for n in names]
+        return tuple(torch.cat([self._unpermute(n, p[i]) for n, p in zip(names, parts, strict=True)])
+                     for i in range(3))  # type: ignore[return-value]
+
+    def linear(self, names: list[str], bias_names: list[str] | None = None, head: bool = False) -> Linear:
+        """One linear layer whose weight is the named tensors stacked by rows (fused qkv, gate_up)."""
+        bias = torch.cat([self.float_tensor(n) for n in bias_names]).to(self.device) if bias_names else None
+        fmt = self.weight_format
+        if fmt == "gguf" and not head and (codes := self._file_codes(names)) is not None:
+            return Int4Linear(*codes, group_size=32, dtype=self.dtype, bias=bias).to(self.device)
+        weight = torch.cat([self._rows(n) for n in names])
+        if fmt == "float":
+            return FloatLinear(weight.to(self.dtype), bias).to(self.device)
+        if fmt == "int4" and not head:
+            return Int4Linear.quantize(weight, self.int4_group_size, self.dtype, bias).to(self.device)
+        return Int8Linear.quantize(weight, self.dtype, bias).to(self.device)
+
+
+def load_model(gguf_file: GGUFFile, dtype: torch.dtype, device: torch.device, weight_format: str = "float",
+               int4_group_size: int = 32) -> LlamaModel:
+    check_weight_format(weight_format, dtype, device)
     cfg = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
-    with torch.device("meta"):
-        model = LlamaModel(cfg, dtype)
-    model = model.to_empty(device=device)
-    model.rope_cos, model.rope_sin = rope_tables(cfg, dtype, device)
-
-    def get(name: str) -> torch.Tensor:
-        return gguf_file.tensor(name, dtype)
-
-    def maybe_unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
-        return unpermute_rope_rows(weight, heads) if cfg.architecture == "llama" else weight
-
-    with torch.no_grad():
-        model.embed.copy_(get("token_embd.weight"))
-        model.final_norm.copy_(get("output_norm.weight"))
-        if not cfg.tie_word_embeddings:
-            model.output.copy_(get("output.weight"))
-        for i, layer in enumerate(model.layers):
-            p = f"blk.{i}."
-            q = maybe_unpermute(get(p + "attn_q.weight"), cfg.num_heads)
-            k = maybe_unpermute(get(p + "attn_k.weight"), cfg.num_kv_heads)
-            layer.qkv_weight.copy_(torch.cat([q, k, get(p + "attn_v.weight")]))
-            if layer.qkv_bias is not None:
-                layer.qkv_bias.copy_(torch.cat([get(p + "attn_q.bias"), get(p + "attn_k.bias"),
-                                                get(p + "attn_v.bias")]))
-            layer.o_weight.copy_(get(p + "attn_output.weight"))
-            layer.gate_up_weight.copy_(torch.cat([get(p + "ffn_gate.weight"), get(p + "ffn_up.weight")]))
-            layer.down_weight.copy_(get(p + "ffn_down.weight"))
-            layer.attn_norm.copy_(get(p + "attn_norm.weight"))
-            layer.ffn_norm.copy_(get(p + "ffn_norm.weight"))
-    return model.eval()
+    build = _LayerBuilder(gguf_file, cfg, dtype, device, weight_format, int4_group_size)
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"blk.{i}."
+        layers.append(DecoderLayer(
+            cfg,
+            qkv=build.linear([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
+                             [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"] if cfg.attention_bias
+                             else None),
+            o=build.linear([p + "attn_output.weight"]),
+            gate_up=build.linear([p + "ffn_gate.weight", p + "ffn_up.weight"]),
+            down=build.linear([p + "ffn_down.weight"]),
+            attn_norm=build.float_tensor(p + "attn_norm.weight").to(device),
+            ffn_norm=build.float_tensor(p + "ffn_norm.weight").to(device),
+        ))
+    # The embedding is read a row per token; as the tied LM head it is read whole, so it takes the head's format.
+    if cfg.tie_word_embeddings:
+        embed, output = build.linear(["token_embd.weight"], head=True), None
+    else:
+        embed = FloatLinear(build.float_tensor("token_embd.weight").to(device))
+        output = build.linear(["output.weight"], head=True)
+    final_norm = build.float_tensor("output_norm.weight").to(device)
+    return LlamaModel(cfg, dtype, embed, layers, final_norm, output).eval()
