@@ -188,12 +188,14 @@ def _run_dtype(args: argparse.Namespace) -> str:
 def _server_engine_args(args: argparse.Namespace, model_path: Path) -> list[str]:
     out = ["--model", str(model_path), "--dtype", args.dtype, "--device", args.device,
            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--kv-cache-memory-gib", str(args.kv_cache_memory_gib)]
+           "--kv-cache-memory-gib", str(args.kv_cache_memory_gib), "--weight-format", args.weight_format,
+           "--int4-group-size", str(args.int4_group_size)]
     for flag, value in (("--num-kv-blocks", args.num_kv_blocks), ("--max-model-len", args.max_model_len),
                         ("--threads", args.threads)):
         if value is not None:
             out += [flag, str(value)]
-    return out + (["--no-chunked-prefill"] if args.no_chunked_prefill else [])
+    return (out + (["--no-chunked-prefill"] if args.no_chunked_prefill else [])
+            + (["--no-prefix-caching"] if args.no_prefix_caching else []))
 
 
 def build_backends(args: argparse.Namespace, model_path: Path, tokenizer: Any,

@@ -26,6 +26,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", action="store_true")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached KV blocks")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--weight-format", default="float", choices=["float", "int8", "int4", "gguf"],
+                   help="float: dequantized to --dtype; int8/int4: weight-only quantized; gguf: the file's own Q4 "
+                        "codes (quantized formats run bf16 on CPU)")
+    g.add_argument("--int4-group-size", type=int, default=32)
 
 
 def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
@@ -34,7 +38,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gib=args.kv_cache_memory_gib, max_model_len=args.max_model_len,
         enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
-        num_threads=args.threads,
+        num_threads=args.threads, weight_format=args.weight_format, int4_group_size=args.int4_group_size,
     )
 
 

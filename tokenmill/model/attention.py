@@ -27,7 +27,9 @@ class AttentionGroup:
     max_q: int
     query_scatter: torch.Tensor | None  # [num_tokens] position of each token in the [S * max_q] padded layout
     block_tables: torch.Tensor  # [S, max_blocks] (padding points at block 0 and is masked)
-    mask: torch.Tensor  # [S, max_q, max_blocks * block_size] bool, True = attend
+    # True = attend. Prefill chunks: [S, max_q, max_blocks * block_size]. Decodes (max_q = 1, no query_scatter):
+    # [S, max_blocks * block_size] over the keys before the new token, which `decode_attention` adds itself.
+    mask: torch.Tensor
 
 
 @dataclass
@@ -56,6 +58,10 @@ def build_group(
     ctx_lens = torch.tensor(context_lens, dtype=torch.long)
 
     kv_pos = torch.arange(max_blocks * block_size, dtype=torch.long)
+    if max_q == 1:
+        # Decodes score their own new key apart (see `decode_attention`): the mask covers the keys before it.
+        mask = kv_pos[None, :] < (ctx_lens - 1)[:, None]
+        return AttentionGroup(token_start, num_seqs, num_seqs, 1, None, table.to(device), mask.to(device))
     kv_valid = kv_pos[None, :] < ctx_lens[:, None]
     # Query j of sequence i sits at absolute position ctx - q_len + j and sees keys up to that position.
     q_idx = torch.arange(max_q, dtype=torch.long)
@@ -65,9 +71,7 @@ def build_group(
     # Padded query rows attend to key 0 only so softmax stays finite; their outputs are dropped.
     mask = torch.where(q_valid[:, :, None], mask, kv_pos[None, None, :] == 0)
 
-    query_scatter = None
-    if max_q > 1:
-        query_scatter = (torch.arange(num_seqs)[:, None] * max_q + q_idx[None, :])[q_valid].to(device)
+    query_scatter = (torch.arange(num_seqs)[:, None] * max_q + q_idx[None, :])[q_valid].to(device)
     return AttentionGroup(token_start, int(q_lens.sum()), num_seqs, max_q, query_scatter, table.to(device),
                           mask.to(device))
 
@@ -108,6 +112,35 @@ def attend_group(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask
     return out.permute(1, 3, 0, 2, 4).reshape(num_seqs, q_len, num_heads, head_dim)
 
 
+def decode_attention(
+    q: torch.Tensor,  # [B, H, D] one new token per sequence
+    k: torch.Tensor,  # [B, Hkv, D]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [Hkv, num_slots, D] for this layer
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    cached_mask: torch.Tensor,  # [B, max_blocks * block_size] True for the cached keys before the new token
+    block_size: int,
+) -> torch.Tensor:
+    """Attention of each new token over its cached keys and itself, reading the cache but never writing it.
+
+    The new token's own key is scored apart and joined before the softmax, so the step stays free of side effects
+    and can be compiled as one graph; the runner writes all layers' new K/V afterwards.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = num_heads // kv_heads
+    keys = gather_blocks(k_cache, block_tables, block_size)  # [Hkv, B, L, D]
+    values = gather_blocks(v_cache, block_tables, block_size)
+    q = (q * head_dim**-0.5).view(num_seqs, kv_heads, group, head_dim).transpose(0, 1)  # [Hkv, B, G, D]
+    own_k, own_v = k.transpose(0, 1).unsqueeze(2), v.transpose(0, 1).unsqueeze(2)  # [Hkv, B, 1, D]
+    cached_scores = torch.matmul(q, keys.transpose(-1, -2)).masked_fill(~cached_mask[None, :, None], float("-inf"))
+    own_score = (q * own_k).sum(-1, keepdim=True)
+    probs = torch.softmax(torch.cat([cached_scores, own_score], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs[..., :-1], values) + probs[..., -1:] * own_v  # [Hkv, B, G, D]
+    return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, Hkv, D]
@@ -122,18 +155,16 @@ def paged_attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty_like(q)
     for group in meta.groups:
-        q_group = q[group.token_start : group.token_start + group.num_tokens]
+        tokens = slice(group.token_start, group.token_start + group.num_tokens)
         if group.query_scatter is None:
-            q_pad = q_group.unsqueeze(1)
-        else:
-            q_pad = q.new_zeros(group.num_seqs * group.max_q, num_heads, head_dim)
-            q_pad[group.query_scatter] = q_group
-            q_pad = q_pad.view(group.num_seqs, group.max_q, num_heads, head_dim)
+            out[tokens] = decode_attention(q[tokens], k[tokens], v[tokens], k_cache, v_cache, group.block_tables,
+                                           group.mask, block_size)
+            continue
+        q_pad = q.new_zeros(group.num_seqs * group.max_q, num_heads, head_dim)
+        q_pad[group.query_scatter] = q[tokens]
+        q_pad = q_pad.view(group.num_seqs, group.max_q, num_heads, head_dim)
         keys = gather_blocks(k_cache, group.block_tables, block_size)
         values = gather_blocks(v_cache, group.block_tables, block_size)
         attn = attend_group(q_pad, keys, values, group.mask)
-        attn = attn.reshape(group.num_seqs * group.max_q, num_heads, head_dim)
-        if group.query_scatter is not None:
-            attn = attn[group.query_scatter]
-        out[group.token_start : group.token_start + group.num_tokens] = attn
+        out[tokens] = attn.reshape(group.num_seqs * group.max_q, num_heads, head_dim)[group.query_scatter]
     return out

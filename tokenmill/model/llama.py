@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.model.attention import AttentionMetadata, paged_attention
+from tokenmill.model.attention import AttentionMetadata, decode_attention, paged_attention
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.linear import Linear
 
@@ -32,6 +32,11 @@ class KVCache:
         for cache in (self.k, self.v):
             cache[:, :, dst] = cache[:, :, src]
 
+    def write(self, slot_mapping: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store one new token per sequence in every layer at once: keys/values [layers, B, kv_heads, head_dim]."""
+        self.k.index_copy_(2, slot_mapping, keys.transpose(1, 2))
+        self.v.index_copy_(2, slot_mapping, values.transpose(1, 2))
+
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
@@ -39,24 +44,22 @@ class KVCache:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in fp32 whatever the model dtype, as the reference implementation does.
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    # Normalise in fp32 whatever the model dtype, as the reference implementation does; one fused op rather than
+    # five, which matters at decode where each op costs more in dispatch than in arithmetic.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotary embedding: x·cos + rotate_half(x)·sin, with rotate_half(x)·sin = roll(x)·[-sin, sin]."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for every position in the half-split layout: [max_position, head_dim]."""
+    """cos and signed sin ([-sin, sin], see `apply_rope`) for every position: [max_position, head_dim]."""
     exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta**exponents)
     angles = torch.outer(torch.arange(cfg.max_position, dtype=torch.float32, device=device), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((-angles, angles), dim=-1).sin().to(dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -71,22 +74,31 @@ class DecoderLayer(nn.Module):
         self.register_buffer("attn_norm", attn_norm)
         self.register_buffer("ffn_norm", ffn_norm)
 
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cfg = self.cfg
+        qkv = self.qkv(rms_norm(x, self.attn_norm, cfg.rms_norm_eps))
+        # q and k rotate together: one set of ops for both.
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim),
+                        cos, sin)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, cfg.num_kv_heads, cfg.head_dim)
+        return qk[:, : cfg.num_heads], qk[:, cfg.num_heads :], v
+
+    def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        x = x + self.o(attn.reshape(-1, self.q_size))
+        gate, up = self.gate_up(rms_norm(x, self.ffn_norm, self.cfg.rms_norm_eps)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
-        cfg = self.cfg
-        h = rms_norm(x, self.attn_norm, cfg.rms_norm_eps)
-        qkv = self.qkv(h)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        attn = paged_attention(q, k, v, k_cache, v_cache, meta, block_size)
-        x = x + self.o(attn.reshape(-1, self.q_size))
-        h = rms_norm(x, self.ffn_norm, cfg.rms_norm_eps)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        q, k, v = self._qkv(x, cos, sin)
+        return self._finish(x, paged_attention(q, k, v, k_cache, v_cache, meta, block_size))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, block_tables: torch.Tensor, cached_mask: torch.Tensor,
+               block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self._qkv(x, cos, sin)
+        attn = decode_attention(q, k, v, k_cache, v_cache, block_tables, cached_mask, block_size)
+        return self._finish(x, attn), k, v
 
 
 class LlamaModel(nn.Module):
@@ -113,6 +125,26 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_cache.k[i], kv_cache.v[i], meta, kv_cache.block_size)
         return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+               context_lens: torch.Tensor, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new token per sequence (a decode-only step), without writing the cache.
+
+        Free of side effects so that it can be compiled as one graph: returns the final hidden states [B, hidden]
+        and the new keys and values [layers, B, kv_heads, head_dim], which `KVCache.write` then stores.
+        """
+        x = self.embed.rows(input_ids)
+        cos = self.rope_cos[positions].unsqueeze(1)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        block_size = kv_cache.block_size
+        cached_positions = torch.arange(block_tables.shape[1] * block_size, device=input_ids.device)
+        cached_mask = cached_positions[None, :] < (context_lens - 1)[:, None]
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer.decode(x, cos, sin, kv_cache.k[i], kv_cache.v[i], block_tables, cached_mask, block_size)
+            keys.append(k)
+            values.append(v)
+        return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps), torch.stack(keys), torch.stack(values)
 
     @property
     def lm_head(self) -> Linear:

@@ -1,0 +1,266 @@
+"""CPU fast path A/B: single-stream decode, prefill and offline throughput for each weight format next to
+llama.cpp (llama-cpp-python, in process) on the same prompt tokens; achieved GB/s and percent of the speed of light
+(weight bytes per token over measured read bandwidth); perplexity and greedy agreement for each lossy format.
+Prints a table, writes JSON.
+
+    .venv/bin/python benchmarks/cpu_decode.py                       # all settings + llama.cpp if installed
+    .venv/bin/python benchmarks/cpu_decode.py --settings float,int4 --no-quality --profile int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill import SamplingParams
+from tokenmill.bench.machine import machine_description, measure_ceilings
+from tokenmill.bench.quality import greedy_agreement, perplexity
+from tokenmill.config import EngineConfig
+from tokenmill.engine import LLMEngine
+from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
+
+TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare_first_half.txt"
+FORMATS = ("float", "int8", "int4", "gguf")
+
+
+@dataclass
+class Setting:
+    name: str
+    weight_format: str
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        if text not in FORMATS:
+            raise argparse.ArgumentTypeError(f"setting {text!r}: expected one of {FORMATS}")
+        return cls(text, text)
+
+
+@dataclass
+class Result:
+    name: str
+    bytes_per_token: int
+    startup_s: float = 0.0
+    prefill_tok_s: float = 0.0
+    decode_tok_s: float = 0.0
+    offline_tok_s: float = 0.0
+    decode_gb_s: float = 0.0
+    percent_of_light: float = 0.0
+    quality: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--settings", default="float,int8,int4,gguf", help="comma-separated weight formats")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--prefill-len", type=int, default=256, help="prompt tokens for the prefill measurement")
+    p.add_argument("--decode-prompt-len", type=int, default=32)
+    p.add_argument("--decode-len", type=int, default=128, help="tokens generated in the single-stream run")
+    p.add_argument("--offline-requests", type=int, default=32)
+    p.add_argument("--offline-len", type=int, default=128, help="prompt and output tokens of each offline request")
+    p.add_argument("--repeats", type=int, default=3, help="single-stream runs per setting (median reported)")
+    p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--profile", default=None, help="setting whose decode step is profiled (top ops by time)")
+    p.add_argument("--bandwidth-gb-s", type=float, default=31.0,
+                   help="read bandwidth for the speed of light (default: 29-33 GB/s on 2 threads, "
+                        "../shared/benchmarking.md); the quick probe's figure is recorded beside it")
+    p.add_argument("--output", default="benchmarks/results/cpu_decode.json")
+    return p.parse_args(argv)
+
+
+def prompt_tokens(engine: LLMEngine, count: int, length: int) -> list[list[int]]:
+    """`count` prompts of exactly `length` tokens cut from consecutive stretches of the text."""
+    ids = engine.tokenizer.encode(TEXT.read_text())
+    if len(ids) < count * length:
+        raise ValueError(f"text has {len(ids)} tokens, need {count * length}")
+    return [ids[i * length : (i + 1) * length] for i in range(count)]
+
+
+def run_to_end(engine: LLMEngine, prompts: list[list[int]],
+               max_tokens: int) -> tuple[dict[str, list[int]], list[float]]:
+    """Generate greedily for all prompts at once; returns token ids per request and the time of each step."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    outputs: dict[str, list[int]] = {}
+    times = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.token_ids)
+        times.append(time.perf_counter())
+    return {i: outputs[i] for i in ids}, times
+
+
+def measure_tokenmill(setting: Setting, args: argparse.Namespace) -> tuple[Result, LLMEngine]:
+    started = time.perf_counter()
+    engine = LLMEngine(EngineConfig(model=args.model, weight_format=setting.weight_format,
+                                    num_threads=args.threads,
+                                    enable_prefix_caching=False, max_num_batched_tokens=1024,
+                                    kv_cache_memory_gib=1.0))
+    result = Result(setting.name, engine.model.weight_bytes(), startup_s=time.perf_counter() - started)
+    prefill_prompt = prompt_tokens(engine, 1, args.prefill_len)
+    decode_prompt = prompt_tokens(engine, 1, args.decode_prompt_len)
+    run_to_end(engine, decode_prompt, 8)  # warm-up
+    prefill, decode = [], []
+    for _ in range(args.repeats):
+        begin = time.perf_counter()
+        run_to_end(engine, prefill_prompt, 1)
+        prefill.append(args.prefill_len / (time.perf_counter() - begin))
+        _, times = run_to_end(engine, decode_prompt, args.decode_len)
+        decode.append((len(times) - 1) / (times[-1] - times[0]))
+    result.prefill_tok_s, result.decode_tok_s = statistics.median(prefill), statistics.median(decode)
+    requests = prompt_tokens(engine, args.offline_requests, args.offline_len)
+    begin = time.perf_counter()
+    outputs, _ = run_to_end(engine, requests, args.offline_len)
+    result.offline_tok_s = sum(len(o) for o in outputs.values()) / (time.perf_counter() - begin)
+    return result, engine
+
+
+def profile_decode(engine: LLMEngine, args: argparse.Namespace, steps: int = 20) -> list[dict[str, Any]]:
+    """Top operators of single-stream decode steps, milliseconds per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(max_tokens=steps + 10, temperature=0, ignore_eos=True)
+    engine.add_request(prompt_tokens(engine, 1, args.decode_prompt_len)[0], params)
+    for _ in range(5):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        begin = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall_ms = (time.perf_counter() - begin) / steps * 1e3
+    while engine.has_unfinished_requests():
+        engine.step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    rows = [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
+            for e in events]
+    return [{"op": "(wall time of one step, profiler on)", "ms_per_step": wall_ms, "calls_per_step": 1}, *rows]
+
+
+def measure_llama_cpp(model_path: Path, prompts: dict[str, list[list[int]]], args: argparse.Namespace) -> Result | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp peer skipped: pip install llama-cpp-python", file=sys.stderr)
+        return None
+    gguf_file = GGUFFile(model_path)
+    file_bytes = sum(int(gguf_file.raw_tensor(n)[0].nbytes) for n in gguf_file.tensor_names())
+    started = time.perf_counter()
+    llm = Llama(model_path=str(model_path), n_ctx=2048, n_batch=512, n_threads=args.threads,
+                n_threads_batch=args.threads, verbose=False)
+    result = Result("llama.cpp (Q4_1/Q8_0 file)", file_bytes, startup_s=time.perf_counter() - started)
+
+    def generate(prompt: list[int], count: int) -> list[float]:
+        times = []
+        for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == count:
+                break
+        return times
+
+    generate(prompts["decode"][0], 8)  # warm-up
+    prefill, decode = [], []
+    for _ in range(args.repeats):
+        llm.reset()
+        begin = time.perf_counter()
+        llm.eval(prompts["prefill"][0])
+        prefill.append(len(prompts["prefill"][0]) / (time.perf_counter() - begin))
+        times = generate(prompts["decode"][0], args.decode_len)
+        decode.append((len(times) - 1) / (times[-1] - times[0]))
+    result.prefill_tok_s, result.decode_tok_s = statistics.median(prefill), statistics.median(decode)
+    begin = time.perf_counter()
+    generated = sum(len(generate(p, args.offline_len)) for p in prompts["offline"])  # one sequence at a time
+    result.offline_tok_s = generated / (time.perf_counter() - begin)
+    return result
+
+
+def quality(engine: LLMEngine, reference: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    ppl = perplexity(engine, TEXT.read_text()[200_000:], window=512, max_windows=4)
+    outputs, _ = run_to_end(engine, reference["prompts"], 32)
+    agreement = greedy_agreement(list(outputs.values()), reference["outputs"])
+    return {"perplexity": round(ppl.perplexity, 3), "scored_tokens": ppl.tokens, **agreement}
+
+
+def exact_reference(args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy outputs of the exact path (fp32, float weights = the file's values) for the agreement measure."""
+    engine = LLMEngine(EngineConfig(model=args.model, dtype="float32", num_threads=args.threads,
+                                    enable_prefix_caching=False))
+    prompts = prompt_tokens(engine, 16, 64)
+    outputs, _ = run_to_end(engine, prompts, 32)
+    ppl = perplexity(engine, TEXT.read_text()[200_000:], window=512, max_windows=4)
+    return {"prompts": prompts, "outputs": list(outputs.values()), "perplexity": round(ppl.perplexity, 3)}
+
+
+def print_table(results: list[Result], read_gb_s: float) -> None:
+    print(f"\nread bandwidth {read_gb_s:.1f} GB/s (speed of light = bandwidth / weight bytes per token)")
+    head = (f"{'setting':28s} {'MB/tok':>7s} {'start s':>8s} {'prefill t/s':>12s} {'decode t/s':>11s} "
+            f"{'GB/s':>6s} {'%light':>7s} {'offline t/s':>12s} {'ppl':>7s} {'agree':>6s}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        ppl = r.quality.get("perplexity")
+        agree = r.quality.get("prefix_agreement")
+        print(f"{r.name:28s} {r.bytes_per_token / 1e6:7.1f} {r.startup_s:8.1f} {r.prefill_tok_s:12.1f} "
+              f"{r.decode_tok_s:11.1f} {r.decode_gb_s:6.1f} {r.percent_of_light:6.1f}% {r.offline_tok_s:12.1f} "
+              f"{'' if ppl is None else f'{ppl:.2f}':>7s} {'' if agree is None else f'{agree:.2f}':>6s}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = [Setting.parse(s) for s in args.settings.split(",") if s]
+    torch.set_num_threads(args.threads)
+    ceilings = measure_ceilings("bfloat16", args.threads)
+    read_gb_s = args.bandwidth_gb_s
+    reference = None if args.no_quality else exact_reference(args)
+    results: list[Result] = []
+    profiles: dict[str, Any] = {}
+    prompts: dict[str, list[list[int]]] = {}
+    for setting in settings:
+        result, engine = measure_tokenmill(setting, args)
+        if not prompts:
+            prompts = {"prefill": prompt_tokens(engine, 1, args.prefill_len),
+                       "decode": prompt_tokens(engine, 1, args.decode_prompt_len),
+                       "offline": prompt_tokens(engine, args.offline_requests, args.offline_len)}
+        if reference is not None:
+            result.quality = quality(engine, reference, args)
+        if setting.name == args.profile:
+            profiles[setting.name] = profile_decode(engine, args)
+        results.append(result)
+        print(f"{setting.name}: decode {result.decode_tok_s:.1f} tok/s, prefill {result.prefill_tok_s:.1f} tok/s, "
+              f"offline {result.offline_tok_s:.1f} tok/s", flush=True)
+        del engine
+    if not args.no_llama_cpp and prompts:
+        peer = measure_llama_cpp(resolve_model_path(args.model), prompts, args)
+        if peer is not None:
+            results.append(peer)
+    for r in results:
+        r.decode_gb_s = r.bytes_per_token * r.decode_tok_s / 1e9
+        r.percent_of_light = 100 * r.decode_gb_s / read_gb_s
+    print_table(results, read_gb_s)
+    if reference is not None:
+        print(f"exact path (fp32, float weights): perplexity {reference['perplexity']:.2f}")
+    for name, rows in profiles.items():
+        print(f"\nprofile of one single-stream decode step, {name}:")
+        for row in rows:
+            print(f"  {row['ms_per_step']:7.3f} ms  {row['calls_per_step']:6.1f}x  {row['op']}")
+    report = {"machine": machine_description(), "ceilings": ceilings, "args": vars(args),
+              "exact_perplexity": None if reference is None else reference["perplexity"],
+              "results": [asdict(r) for r in results], "profiles": profiles}
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
