@@ -360,6 +360,7 @@ BAD_REQUESTS = [
     ("completions", {"prompt": PROMPT, "logprobs": 99}, 400, "logprobs", None),
     ("completions", {"prompt": PROMPT, "stop": [""]}, 400, "stop", None),
     ("completions", {"prompt": PROMPT, "seed": 2**70}, 400, "seed", None),
+    ("completions", {"prompt": PROMPT, "seed": 2**64 - 1, "n": 2}, 400, "seed", None),  # seed + 1 overflows
     ("completions", {"prompt": ""}, 400, "prompt", None),
     ("completions", {"prompt": PROMPT, "stop_token_ids": [10**6], "min_tokens": 1}, 400, "stop_token_ids", None),
     ("completions", {"prompt": [1, 10**9]}, 400, "prompt", None),

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
 
 class InvalidRequestError(ValueError):
-    """A request parameter is invalid; `field` names it so servers can report it."""
+    """A request parameter is invalid; `field` names it so servers can report it, `message` says what is wrong."""
 
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.message = message
 
 
 @dataclass
@@ -71,7 +74,10 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             check(is_number(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
-        check(self.seed is None or is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
+        # n > 1 fans out to seeds seed .. seed + n - 1, all of which torch.Generator.manual_seed must accept.
+        check(self.seed is None or (is_int(self.seed) and is_int(self.n) and self.seed >= _SEED_MIN
+                                    and self.seed + self.n - 1 <= _SEED_MAX), "seed",
+              f"must be a 64-bit integer (seed + n - 1 included), got {self.seed!r}")
         check(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
               f"must be an integer >= 1, got {self.max_tokens!r}")
         check(is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",

@@ -13,25 +13,20 @@ from typing import Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from tokenmill.config import EngineConfig
-from tokenmill.server.async_engine import AsyncEngine
+from tokenmill.server.async_engine import AsyncEngine, OutputStream
+from tokenmill.server.cli import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 from tokenmill.server.errors import APIError, bad_request, default_type, error_body
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from tokenmill.server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
-
-API_KEY_ENV = "TOKENMILL_API_KEY"
-DEFAULT_MAX_REQUEST_BYTES = 1 << 20
-DEFAULT_MAX_WAITING_REQUESTS = 256
-DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
 
@@ -109,7 +104,7 @@ def _model_card(serving: OpenAIServing) -> dict[str, Any]:
             "max_model_len": serving.engine.max_model_len}
 
 
-async def _generate(request: Request, serving: OpenAIServing, work: Awaitable[tuple[Any, list[str]]],
+async def _generate(request: Request, serving: OpenAIServing, work: Awaitable[tuple[Any, OutputStream]],
                     stream: bool) -> Response:
     """Run a completion; the request counts as in flight (for the drain) until its reply is fully sent."""
     serving.inflight += 1
@@ -120,7 +115,7 @@ async def _generate(request: Request, serving: OpenAIServing, work: Awaitable[tu
             serving.inflight -= 1
         return JSONResponse(reply)
     try:
-        chunks, request_ids = await work
+        chunks, engine_stream = await work
     except BaseException:
         serving.inflight -= 1
         raise
@@ -128,7 +123,8 @@ async def _generate(request: Request, serving: OpenAIServing, work: Awaitable[tu
 
     def on_close() -> None:
         nonlocal closed
-        serving.engine.abort(request_ids)  # a no-op for finished requests; frees the KV of abandoned ones
+        if not engine_stream.finished:  # abandoned or failed: free its KV blocks now
+            serving.engine.abort(engine_stream.request_ids)
         if not closed:
             closed = True
             serving.inflight -= 1
@@ -233,14 +229,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(_ClientGone)
     async def client_gone(request: Request, exc: _ClientGone) -> Response:
         return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(part) for part in first.get("loc", ())[1:]]
-        param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -160,10 +160,6 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    @property
-    def vocab_size(self) -> int:
-        return self.engine.model_config.vocab_size
-
     def stats(self) -> EngineStats:
         """The engine's stats as of the end of its latest loop iteration."""
         return self._stats

@@ -13,6 +13,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "TOKENMILL_API_KEY"
+DEFAULT_MAX_WAITING_REQUESTS = 256
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -25,10 +28,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV} if set)")
     g.add_argument("--served-model-name", default=None,
                    help="model name in the API (default: smollm2-135m-instruct, or the GGUF file's stem)")
-    g.add_argument("--max-waiting-requests", type=int, default=256,
+    g.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
                    help="answer 503 when this many requests are already waiting (0: no limit)")
-    g.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest accepted request body")
-    g.add_argument("--drain-timeout", type=float, default=30.0,
+    g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="largest accepted request body")
+    g.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
                    help="on SIGTERM/SIGINT, seconds to let running requests finish before aborting them")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
@@ -55,8 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def run_server(engine: Any = None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               served_model_name: str | None = None, max_waiting_requests: int | None = 256,
-               max_request_bytes: int = 1 << 20, drain_timeout: float = 30.0, log_level: str = "info",
+               served_model_name: str | None = None, max_waiting_requests: int | None = DEFAULT_MAX_WAITING_REQUESTS,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
+               log_level: str = "info",
                access_log: bool = True) -> None:
     """Load the model (an EngineConfig, an AsyncEngine or None for the default) and serve until SIGTERM/SIGINT,
     then stop accepting, let running requests finish (at most `drain_timeout` s) and stop the engine."""

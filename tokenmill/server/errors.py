@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenmill.sampling_params import InvalidRequestError
+
 
 class APIError(Exception):
     """An error reply for the client; raised anywhere in request handling, rendered by the app."""
@@ -34,3 +36,9 @@ def default_type(status_code: int) -> str:
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def invalid_request(exc: InvalidRequestError, param: str | None = None) -> APIError:
+    """The 400 for an engine-side validation error, under the API's name for the field (default: the engine's)."""
+    param = param or exc.field
+    return bad_request(f"{param}: {exc.message}", param)

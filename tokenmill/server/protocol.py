@@ -11,12 +11,11 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams
-from tokenmill.server.errors import APIError, bad_request
+from tokenmill.server.errors import APIError, bad_request, invalid_request
 
 MAX_N = 128  # choices per request: each is a separate engine request
 MAX_LOGPROBS = 20
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 class StreamOptions(BaseModel):
@@ -66,27 +65,17 @@ class _GenerationRequest(BaseModel):
             raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", "n")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
-        if self.seed is not None and not _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]:
-            raise bad_request(f"seed must be a 64-bit integer, got {self.seed}", "seed")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int,
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
                         renames: dict[str, str] | None = None) -> SamplingParams:
-        """SamplingParams for one choice (n is handled by fanning out); a bad value becomes a 400 naming it.
-
-        Values the engine would accept but fail on mid-batch (taking other requests down) are caught here:
-        stop token ids outside the vocabulary; a top_k beyond the vocabulary is the same as no top_k.
-        """
-        stop_token_ids = list(self.stop_token_ids or [])
-        if any(t >= vocab_size for t in stop_token_ids):
-            raise bad_request(f"stop_token_ids: token ids must be below the vocabulary size {vocab_size}",
-                              "stop_token_ids")
-        top_k = _default(self.top_k, 0)
+        """SamplingParams of the request (n included); a bad value becomes a 400 naming it. Stop token ids outside
+        the vocabulary are the engine's to reject; a top_k beyond it means no top_k, as in the sampler."""
         try:
             return SamplingParams(
-                n=1,
+                n=self.n or 1,
                 temperature=_default(self.temperature, 1.0),
                 top_p=_default(self.top_p, 1.0),
-                top_k=0 if top_k >= vocab_size else top_k,
+                top_k=_default(self.top_k, 0),
                 min_p=_default(self.min_p, 0.0),
                 presence_penalty=_default(self.presence_penalty, 0.0),
                 frequency_penalty=_default(self.frequency_penalty, 0.0),
@@ -95,14 +84,13 @@ class _GenerationRequest(BaseModel):
                 max_tokens=max_tokens,
                 min_tokens=_default(self.min_tokens, 0),
                 stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-                stop_token_ids=stop_token_ids,
+                stop_token_ids=list(self.stop_token_ids or []),
                 ignore_eos=bool(self.ignore_eos),
                 logprobs=logprobs,
                 skip_special_tokens=_default(self.skip_special_tokens, True),
             )
         except InvalidRequestError as exc:
-            param = (renames or {}).get(exc.field, exc.field)
-            raise bad_request(f"{param}: {str(exc).split(': ', 1)[-1]}", param) from None
+            raise invalid_request(exc, (renames or {}).get(exc.field)) from None
 
 
 class CompletionRequest(_GenerationRequest):

@@ -7,7 +7,6 @@ A request with P prompts and `n` choices becomes P*n engine requests (siblings s
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +26,7 @@ from tokenmill.server.async_engine import (
     EngineStoppedError,
     OutputStream,
 )
-from tokenmill.server.errors import APIError, bad_request, error_body
+from tokenmill.server.errors import APIError, bad_request, error_body, invalid_request
 from tokenmill.server.formatting import SSE_DONE, TokenTexts, sse, usage
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -112,7 +111,7 @@ class OpenAIServing:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         requests = []
         for p, (ids, prompt_params) in enumerate(zip(prompt_ids, params, strict=True)):
-            siblings = fan_out(dataclasses.replace(prompt_params, n=n))
+            siblings = fan_out(prompt_params)
             for i, sample_params in enumerate(siblings):
                 fork_of = f"{request_id}-{p}-0" if i else None
                 requests.append(EngineRequest(f"{request_id}-{p}-{i}", ids, sample_params, fork_of))
@@ -122,8 +121,7 @@ class OpenAIServing:
         try:
             return await self.engine.submit(prepared.requests)
         except InvalidRequestError as exc:
-            param = prompt_param if exc.field == "prompt" else exc.field
-            raise bad_request(f"{param}: {str(exc).split(': ', 1)[-1]}", param) from None
+            raise invalid_request(exc, prompt_param if exc.field == "prompt" else None) from None
         except EngineOverloadedError as exc:
             raise APIError(503, str(exc), code="server_overloaded", headers={"Retry-After": "1"}) from None
         except EngineStoppedError as exc:
@@ -157,29 +155,27 @@ class OpenAIServing:
                 yield chunk
         except EngineStepError as exc:
             yield sse(error_body(str(exc), "server_error"))
-        finally:
-            if not stream.finished:  # cancelled (client gone) or failed: free the KV blocks now
-                self.engine.abort(stream.request_ids)
+        # An abandoned or failed stream's requests are aborted by the response's on_close, which also runs when
+        # this generator never started.
         yield SSE_DONE
 
     # ---- /v1/completions --------------------------------------------------------------------------------------
 
-    async def completions(self, req: CompletionRequest) -> tuple[dict[str, Any] | AsyncIterator[str], list[str]]:
-        """The reply (a dict, or SSE strings when streaming) and the engine request ids it owns."""
+    async def completions(self, req: CompletionRequest) -> tuple[dict[str, Any] | AsyncIterator[str], OutputStream]:
+        """The reply (a dict, or SSE strings when streaming) and the stream of the engine requests it owns."""
         self._check_accepting()
         self.check_model(req.model)
         prompts = req.prompts()
-        vocab = self.engine.vocab_size
-        req.sampling_params(1, req.logprobs, vocab)  # reject bad sampling values before tokenizing
+        req.sampling_params(1, req.logprobs)  # reject bad sampling values before tokenizing
         prompt_ids = await asyncio.to_thread(lambda: [self._encode(p, "prompt") for p in prompts])
         params = [req.sampling_params(self._max_tokens(len(ids), req.max_tokens, "max_tokens", "prompt"),
-                                      req.logprobs, vocab) for ids in prompt_ids]
+                                      req.logprobs) for ids in prompt_ids]
         prepared = self._prepare("cmpl", prompt_ids, params, req.n or 1)
         echo = [self.engine.tokenizer.decode(ids) if not isinstance(p, str) else p for p, ids in
                 zip(prompts, prompt_ids, strict=True)] if req.echo else None
         stream = await self._submit(prepared, "prompt")
         if req.stream:
-            return self._sse(stream, lambda s: self._completion_chunks(s, req, prepared, echo)), stream.request_ids
+            return self._sse(stream, lambda s: self._completion_chunks(s, req, prepared, echo)), stream
         finals = await self._collect(stream)
         choices = []
         for index, out in enumerate(finals):
@@ -192,7 +188,7 @@ class OpenAIServing:
         completion_tokens = sum(len(out.token_ids) for out in finals)
         return {"id": prepared.request_id, "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
-                "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream.request_ids
+                "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream
 
     def _chunk_builder(self, object_name: str, req: CompletionRequest | ChatCompletionRequest, prepared: _Prepared,
                        generated: list[int]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
@@ -233,20 +229,19 @@ class OpenAIServing:
 
     # ---- /v1/chat/completions ---------------------------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest) -> tuple[dict[str, Any] | AsyncIterator[str], list[str]]:
+    async def chat(self, req: ChatCompletionRequest) -> tuple[dict[str, Any] | AsyncIterator[str], OutputStream]:
         self._check_accepting()
         self.check_model(req.model)
         renames = {"max_tokens": req.max_tokens_param, "logprobs": "top_logprobs"}
-        vocab = self.engine.vocab_size
-        req.sampling_params(1, req.engine_logprobs, vocab, renames)
+        req.sampling_params(1, req.engine_logprobs, renames)
         conversation = req.conversation()
         ids = await asyncio.to_thread(self._render_chat, conversation)
         max_tokens = self._max_tokens(len(ids), req.requested_max_tokens, req.max_tokens_param, "messages")
-        params = req.sampling_params(max_tokens, req.engine_logprobs, vocab, renames)
+        params = req.sampling_params(max_tokens, req.engine_logprobs, renames)
         prepared = self._prepare("chatcmpl", [ids], [params], req.n or 1)
         stream = await self._submit(prepared, "messages")
         if req.stream:
-            return self._sse(stream, lambda s: self._chat_chunks(s, req, prepared)), stream.request_ids
+            return self._sse(stream, lambda s: self._chat_chunks(s, req, prepared)), stream
         finals = await self._collect(stream)
         choices = [{"index": index, "message": {"role": "assistant", "content": out.text},
                     "logprobs": self.texts.chat_logprobs(out.logprobs or []) if req.logprobs else None,
@@ -255,7 +250,7 @@ class OpenAIServing:
         completion_tokens = sum(len(out.token_ids) for out in finals)
         return {"id": prepared.request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
-                "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream.request_ids
+                "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream
 
     def _render_chat(self, conversation: list[dict[str, str]]) -> list[int]:
         try:
