@@ -10,7 +10,7 @@ Prints a table, writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import statistics
 import sys
@@ -24,24 +24,15 @@ import torch
 from tokenmill import SamplingParams
 from tokenmill.bench.machine import machine_description, measure_ceilings
 from tokenmill.bench.quality import greedy_agreement, perplexity
+from tokenmill.bench.report import write_json
+from tokenmill.bench.roofline import gguf_file, gguf_memory_model
 from tokenmill.config import EngineConfig
 from tokenmill.engine import LLMEngine
-from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
+from tokenmill.model.gguf_file import resolve_model_path
+from tokenmill.tokenizer import Tokenizer
 
 TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare_first_half.txt"
 FORMATS = ("float", "int8", "int4", "gguf")
-
-
-@dataclass
-class Setting:
-    name: str
-    weight_format: str
-
-    @classmethod
-    def parse(cls, text: str) -> Setting:
-        if text not in FORMATS:
-            raise argparse.ArgumentTypeError(f"setting {text!r}: expected one of {FORMATS}")
-        return cls(text, text)
 
 
 @dataclass
@@ -78,12 +69,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prompt_tokens(engine: LLMEngine, count: int, length: int) -> list[list[int]]:
-    """`count` prompts of exactly `length` tokens cut from consecutive stretches of the text."""
-    ids = engine.tokenizer.encode(TEXT.read_text())
-    if len(ids) < count * length:
-        raise ValueError(f"text has {len(ids)} tokens, need {count * length}")
-    return [ids[i * length : (i + 1) * length] for i in range(count)]
+@functools.cache
+def text() -> str:
+    return TEXT.read_text()
+
+
+def build_prompts(model_path: Path, args: argparse.Namespace) -> dict[str, list[list[int]]]:
+    """Every prompt set of the run, tokenized once: consecutive stretches of the text, exactly as long as asked."""
+    ids = Tokenizer.from_gguf_metadata(gguf_file(str(model_path)).metadata).encode(text())
+
+    def cut(count: int, length: int) -> list[list[int]]:
+        if len(ids) < count * length:
+            raise ValueError(f"text has {len(ids)} tokens, need {count * length}")
+        return [ids[i * length : (i + 1) * length] for i in range(count)]
+
+    return {"prefill": cut(1, args.prefill_len), "decode": cut(1, args.decode_prompt_len),
+            "offline": cut(args.offline_requests, args.offline_len), "quality": cut(16, 64)}
 
 
 def run_to_end(engine: LLMEngine, prompts: list[list[int]],
@@ -101,15 +102,15 @@ def run_to_end(engine: LLMEngine, prompts: list[list[int]],
     return {i: outputs[i] for i in ids}, times
 
 
-def measure_tokenmill(setting: Setting, args: argparse.Namespace) -> tuple[Result, LLMEngine]:
+def measure_tokenmill(weight_format: str, prompts: dict[str, list[list[int]]],
+                      args: argparse.Namespace) -> tuple[Result, LLMEngine]:
     started = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=args.model, weight_format=setting.weight_format,
+    engine = LLMEngine(EngineConfig(model=args.model, weight_format=weight_format,
                                     num_threads=args.threads,
                                     enable_prefix_caching=False, max_num_batched_tokens=1024,
                                     kv_cache_memory_gib=1.0))
-    result = Result(setting.name, engine.model.weight_bytes(), startup_s=time.perf_counter() - started)
-    prefill_prompt = prompt_tokens(engine, 1, args.prefill_len)
-    decode_prompt = prompt_tokens(engine, 1, args.decode_prompt_len)
+    result = Result(weight_format, engine.model.weight_bytes(), startup_s=time.perf_counter() - started)
+    prefill_prompt, decode_prompt = prompts["prefill"], prompts["decode"]
     run_to_end(engine, decode_prompt, 8)  # warm-up
     prefill, decode = [], []
     for _ in range(args.repeats):
@@ -119,19 +120,18 @@ def measure_tokenmill(setting: Setting, args: argparse.Namespace) -> tuple[Resul
         _, times = run_to_end(engine, decode_prompt, args.decode_len)
         decode.append((len(times) - 1) / (times[-1] - times[0]))
     result.prefill_tok_s, result.decode_tok_s = statistics.median(prefill), statistics.median(decode)
-    requests = prompt_tokens(engine, args.offline_requests, args.offline_len)
     begin = time.perf_counter()
-    outputs, _ = run_to_end(engine, requests, args.offline_len)
+    outputs, _ = run_to_end(engine, prompts["offline"], args.offline_len)
     result.offline_tok_s = sum(len(o) for o in outputs.values()) / (time.perf_counter() - begin)
     return result, engine
 
 
-def profile_decode(engine: LLMEngine, args: argparse.Namespace, steps: int = 20) -> list[dict[str, Any]]:
+def profile_decode(engine: LLMEngine, prompt: list[int], steps: int = 20) -> list[dict[str, Any]]:
     """Top operators of single-stream decode steps, milliseconds per step."""
     from torch.profiler import ProfilerActivity, profile
 
     params = SamplingParams(max_tokens=steps + 10, temperature=0, ignore_eos=True)
-    engine.add_request(prompt_tokens(engine, 1, args.decode_prompt_len)[0], params)
+    engine.add_request(prompt, params)
     for _ in range(5):
         engine.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -153,8 +153,7 @@ def measure_llama_cpp(model_path: Path, prompts: dict[str, list[list[int]]], arg
     except ImportError:
         print("llama.cpp peer skipped: pip install llama-cpp-python", file=sys.stderr)
         return None
-    gguf_file = GGUFFile(model_path)
-    file_bytes = sum(int(gguf_file.raw_tensor(n)[0].nbytes) for n in gguf_file.tensor_names())
+    file_bytes = gguf_memory_model(model_path).weight_bytes
     started = time.perf_counter()
     llm = Llama(model_path=str(model_path), n_ctx=2048, n_batch=512, n_threads=args.threads,
                 n_threads_batch=args.threads, verbose=False)
@@ -184,20 +183,19 @@ def measure_llama_cpp(model_path: Path, prompts: dict[str, list[list[int]]], arg
     return result
 
 
-def quality(engine: LLMEngine, reference: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    ppl = perplexity(engine, TEXT.read_text()[200_000:], window=512, max_windows=4)
+def quality(engine: LLMEngine, reference: dict[str, Any]) -> dict[str, Any]:
+    ppl = perplexity(engine, text()[200_000:], window=512, max_windows=4)
     outputs, _ = run_to_end(engine, reference["prompts"], 32)
     agreement = greedy_agreement(list(outputs.values()), reference["outputs"])
     return {"perplexity": round(ppl.perplexity, 3), "scored_tokens": ppl.tokens, **agreement}
 
 
-def exact_reference(args: argparse.Namespace) -> dict[str, Any]:
+def exact_reference(prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
     """Greedy outputs of the exact path (fp32, float weights = the file's values) for the agreement measure."""
     engine = LLMEngine(EngineConfig(model=args.model, dtype="float32", num_threads=args.threads,
                                     enable_prefix_caching=False))
-    prompts = prompt_tokens(engine, 16, 64)
     outputs, _ = run_to_end(engine, prompts, 32)
-    ppl = perplexity(engine, TEXT.read_text()[200_000:], window=512, max_windows=4)
+    ppl = perplexity(engine, text()[200_000:], window=512, max_windows=4)
     return {"prompts": prompts, "outputs": list(outputs.values()), "perplexity": round(ppl.perplexity, 3)}
 
 
@@ -217,30 +215,29 @@ def print_table(results: list[Result], read_gb_s: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    settings = [Setting.parse(s) for s in args.settings.split(",") if s]
+    settings = [s for s in args.settings.split(",") if s]
+    if unknown := [s for s in settings if s not in FORMATS]:
+        raise SystemExit(f"unknown settings {unknown}: expected weight formats from {FORMATS}")
     torch.set_num_threads(args.threads)
     ceilings = measure_ceilings("bfloat16", args.threads)
     read_gb_s = args.bandwidth_gb_s
-    reference = None if args.no_quality else exact_reference(args)
+    model_path = resolve_model_path(args.model)
+    prompts = build_prompts(model_path, args)
+    reference = None if args.no_quality else exact_reference(prompts["quality"], args)
     results: list[Result] = []
     profiles: dict[str, Any] = {}
-    prompts: dict[str, list[list[int]]] = {}
     for setting in settings:
-        result, engine = measure_tokenmill(setting, args)
-        if not prompts:
-            prompts = {"prefill": prompt_tokens(engine, 1, args.prefill_len),
-                       "decode": prompt_tokens(engine, 1, args.decode_prompt_len),
-                       "offline": prompt_tokens(engine, args.offline_requests, args.offline_len)}
+        result, engine = measure_tokenmill(setting, prompts, args)
         if reference is not None:
-            result.quality = quality(engine, reference, args)
-        if setting.name == args.profile:
-            profiles[setting.name] = profile_decode(engine, args)
+            result.quality = quality(engine, reference)
+        if setting == args.profile:
+            profiles[setting] = profile_decode(engine, prompts["decode"][0])
         results.append(result)
-        print(f"{setting.name}: decode {result.decode_tok_s:.1f} tok/s, prefill {result.prefill_tok_s:.1f} tok/s, "
+        print(f"{setting}: decode {result.decode_tok_s:.1f} tok/s, prefill {result.prefill_tok_s:.1f} tok/s, "
               f"offline {result.offline_tok_s:.1f} tok/s", flush=True)
         del engine
-    if not args.no_llama_cpp and prompts:
-        peer = measure_llama_cpp(resolve_model_path(args.model), prompts, args)
+    if not args.no_llama_cpp:
+        peer = measure_llama_cpp(model_path, prompts, args)
         if peer is not None:
             results.append(peer)
     for r in results:
@@ -256,10 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {"machine": machine_description(), "ceilings": ceilings, "args": vars(args),
               "exact_perplexity": None if reference is None else reference["perplexity"],
               "results": [asdict(r) for r in results], "profiles": profiles}
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    write_json(report, Path(args.output))
+    print(f"\nwrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import statistics
@@ -26,11 +25,13 @@ import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.machine import busy_warning, load_average, machine_description, measure_ceilings
-from tokenmill.model.config import ModelConfig
-from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
+from tokenmill.bench.quality import greedy_agreement
+from tokenmill.bench.report import write_json
+from tokenmill.bench.roofline import count_params, gguf_file, model_config
+from tokenmill.config import DTYPES
+from tokenmill.model.gguf_file import resolve_model_path
 from tokenmill.tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BLOCK_SIZE = 16  # tokenmill's default KV block size
 SHORT_PRESET = {"num_requests": 64, "input_len_range": (16, 64), "output_len_range": (16, 64)}
 Run = dict[str, Any]
@@ -88,7 +89,6 @@ class ModelFacts:
     config: dict[str, Any]
     non_embedding_params: int  # every matmul weight, bias and norm run for every token
     lm_head_params: int  # vocab × hidden, run only for sampled positions (tied or not)
-    embedding_params: int
     bytes_per_element: int
 
     @property
@@ -97,24 +97,12 @@ class ModelFacts:
         return (self.non_embedding_params + self.lm_head_params) * self.bytes_per_element
 
 
-def count_params(cfg: ModelConfig) -> tuple[int, int, int]:
-    h, d = cfg.hidden_size, cfg.head_dim
-    qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
-    per_layer = h * qkv_out + cfg.num_heads * d * h + 3 * h * cfg.intermediate_size + 2 * h
-    if cfg.attention_bias:
-        per_layer += qkv_out
-    non_embedding = cfg.num_layers * per_layer + h  # + final norm
-    lm_head = cfg.vocab_size * h
-    return non_embedding, lm_head, lm_head  # embedding table has the LM head's shape
-
-
 def load_model_facts(path: Path, dtype: str) -> tuple[ModelFacts, Tokenizer]:
-    gguf = GGUFFile(path)
-    cfg = ModelConfig.from_gguf_metadata(gguf.metadata, gguf.tensor_names())
-    non_embedding, lm_head, embedding = count_params(cfg)
+    cfg = model_config(path)
+    non_embedding, lm_head = count_params(cfg)
     element = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    facts = ModelFacts(str(path), asdict(cfg), non_embedding, lm_head, embedding, element)
-    return facts, Tokenizer.from_gguf_metadata(gguf.metadata)
+    facts = ModelFacts(str(path), asdict(cfg), non_embedding, lm_head, element)
+    return facts, Tokenizer.from_gguf_metadata(gguf_file(str(path)).metadata)
 
 
 @dataclass
@@ -306,16 +294,6 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, float]]:
     return {k: spread([float(r[k]) for r in runs]) for k in keys}
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
-    """Greedy agreement: identical requests, and the mean fraction of each output before the first difference."""
-    prefix = []
-    for x, y in zip(a, b, strict=True):
-        same = next((i for i, (s, t) in enumerate(zip(x, y, strict=False)) if s != t), min(len(x), len(y)))
-        prefix.append(same / max(len(x), 1))
-    return {"identical_requests": sum(x == y for x, y in zip(a, b, strict=True)), "num_requests": len(a),
-            "mean_prefix_fraction": statistics.fmean(prefix)}
-
-
 # ---- machine ----------------------------------------------------------------------------------------------------
 
 
@@ -384,21 +362,14 @@ def print_notes(report: dict[str, Any]) -> None:
               f"({run['computed_gflop_per_s']:.1f} GFLOP/s counting padding)")
     if report["greedy_agreement"]:
         a = report["greedy_agreement"]
-        print(f"greedy agreement: {a['identical_requests']}/{a['num_requests']} requests identical, "
-              f"{100 * a['mean_prefix_fraction']:.0f}% of tokens before the first difference")
+        print(f"greedy agreement: {100 * a['identical_sequences']:.0f}% of requests identical, "
+              f"{100 * a['prefix_agreement']:.0f}% of tokens before the first difference")
     ceilings = report["ceilings"]
     limits = (f"measured here: read {ceilings['read_gb_per_s']:.1f} GB/s, {machine['dtype']} matmul "
               f"{ceilings['matmul_gflop_per_s']:.0f} GFLOP/s" if ceilings else "ceilings not measured")
     print(f"roofline: weights GB/s = {report['model']['weight_bytes_per_step'] / 1e6:.0f} MB of weights per forward "
           f"step × steps/s (KV reads excluded); GFLOP/s = matmul FLOPs of useful tokens (attention excluded). "
           f"Batched decode is compute-bound, so compare GFLOP/s with the matmul ceiling; {limits}.")
-
-
-def write_json(report: dict[str, Any], output: str) -> None:
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -425,11 +396,12 @@ def main(argv: list[str] | None = None) -> None:
         "results": {name: {"summary": summarize(r), "runs": r} for name, r in runs.items()},
         "ratio_output_tok_per_s": paired_ratios(runs, "output_tok_per_s"),
         "ratio_total_tok_per_s": paired_ratios(runs, "total_tok_per_s"),
-        "greedy_agreement": agreement(outputs[names[0]], outputs[names[1]]) if len(names) == 2 else None,
+        "greedy_agreement": greedy_agreement(outputs[names[0]], outputs[names[1]]) if len(names) == 2 else None,
     }
     print_table({name: report["results"][name]["summary"] for name in names}, args.repeats)
     print_notes(report)
-    write_json(report, args.output)
+    write_json(report, Path(args.output))
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +18,8 @@ from pathlib import Path
 import torch
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.bench.machine import machine_description
+from tokenmill.bench.report import write_json
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FALLBACK_QUESTIONS = ["What is this about?", "Who is mentioned?", "Summarize it in one line.", "What happens next?",
@@ -117,7 +117,8 @@ def main() -> None:
             # multi-turn: the first turn was served earlier (its KV cached), then the follow-up arrives
             ttft_sequential(llm, first_turns, params)
             results[mode]["multi_turn_ttft"] += ttft_sequential(llm, second_turns, params)
-            outputs[mode] = [r.token_ids for r in llm.generate(shared[:4], params, use_tqdm=False)]
+    for mode, llm in engines.items():  # greedy outputs for the on/off comparison, once (they do not vary by repeat)
+        outputs[mode] = [r.token_ids for r in llm.generate(shared[:4], params, use_tqdm=False)]
     identical_fp32 = exactness_check(shared[:4] + second_turns[:4], params)
     report(args, engines, results, outputs, len(tok.encode(shared[0])), len(tok.encode(second_turns[0])),
            identical_fp32)
@@ -162,12 +163,10 @@ def report(args, engines, results, outputs, shared_len: int, turn_len: int, iden
     identical = outputs["on"] == outputs["off"]
     print(f"greedy outputs identical on/off: fp32 {identical_fp32}, {args.dtype} {identical}; "
           f"hit rate (on): {on['prefix_cache']['hits']}/{on['prefix_cache']['queries']} tokens")
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "threads": torch.get_num_threads(), "torch": torch.__version__}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"args": vars(args), "machine": machine, "shared_prompt_tokens": shared_len,
-                                             "outputs_identical": {"float32": identical_fp32, args.dtype: identical},
-                                             "results": rows}, indent=2))
+    machine = machine_description() | {"threads": torch.get_num_threads()}
+    write_json({"args": vars(args), "machine": machine, "shared_prompt_tokens": shared_len,
+                "outputs_identical": {"float32": identical_fp32, args.dtype: identical}, "results": rows},
+               Path(args.output))
     print(f"wrote {args.output}")
 
 

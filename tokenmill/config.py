@@ -8,7 +8,8 @@ import torch
 
 from tokenmill.model.linear import INT4_GROUP_SIZES, WEIGHT_FORMATS
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+# Names accepted for a dtype wherever one is configured (engine, benchmarks).
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
 
@@ -36,8 +37,8 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -65,7 +66,7 @@ class EngineConfig:
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
-            return _DTYPES[self.dtype]
+            return DTYPES[self.dtype]
         device = self.torch_device()
         # The CPU weight-only int8/int4 kernels are vectorized for bf16 activations only.
         if device.type == "cuda" or self.weight_format != "float" or _cpu_has_native_bf16():

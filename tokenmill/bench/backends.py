@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.bench.metrics import RequestRecord
-from tokenmill.bench.roofline import MemoryModel
+from tokenmill.bench.roofline import MemoryModel, engine_memory_model
 from tokenmill.bench.workloads import BenchRequest
 
 WARM_UP = BenchRequest("The quick brown fox jumps over the lazy dog.", 10, 4)
@@ -48,11 +48,11 @@ class Backend(abc.ABC):
         return None
 
 
-# ---- tokenmill in-process -----------------------------------------------------------------------------------------
+# ---- a worker thread behind an async interface ---------------------------------------------------------------------
 
 
 @dataclass
-class _Pending:
+class PendingRequest:
     request_id: str
     request: BenchRequest
     ignore_eos: bool
@@ -60,47 +60,80 @@ class _Pending:
     future: asyncio.Future[RequestRecord]
 
 
-class InProcessBackend(Backend):
-    """An `LLMEngine` stepped by one background thread; the token timestamps are taken on that thread right after
-    the `step()` that produced them. Requests are handed over through a condition variable (as a server would)."""
+class WorkerThreadBackend(Backend):
+    """Requests run on one worker thread (`_run`): `generate` hands each over through a condition variable, as a
+    server would, and awaits the record that the worker resolves with `_resolve`."""
 
-    def __init__(self, config: Any = None, name: str = "tokenmill", engine: Any = None) -> None:
-        self.name = name
-        self.config = config
-        self.engine = engine
+    token_counting = "engine"  # how the worker counts output tokens (RequestRecord.token_counting)
+    join_timeout_s = 60.0
+
+    def __init__(self) -> None:
         self._cv = threading.Condition()
-        self._incoming: list[_Pending] = []
-        self._active: dict[str, _Pending] = {}
+        self._incoming: list[PendingRequest] = []
         self._ids = itertools.count()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self) -> None:
-        from tokenmill.bench.roofline import dense_memory_model
-        from tokenmill.engine import LLMEngine
+    @abc.abstractmethod
+    def _run(self) -> None:
+        """The worker loop: take `_incoming` under `_cv`, run it, `_resolve` each request; leave on `_stopping`."""
 
-        self._loop = asyncio.get_running_loop()
-        if self.engine is None:
-            self.engine = await asyncio.to_thread(LLMEngine, self.config)
-        self.memory = dense_memory_model(self.engine.model_config, self.engine.dtype)
-        self._thread = threading.Thread(target=self._run, name="bench-engine", daemon=True)
+    async def _start_worker(self, thread_name: str) -> None:
+        """Start the worker and send the unmeasured warm-up request."""
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
         self._thread.start()
         await self.generate(WARM_UP, ignore_eos=True)
 
     async def generate(self, request: BenchRequest, ignore_eos: bool) -> RequestRecord:
         assert self._loop is not None, "start() first"
         record = RequestRecord(send_time=time.perf_counter(), prompt_tokens=request.prompt_len,
-                               expected_output_tokens=request.output_len, token_counting="engine")
-        pending = _Pending(f"bench-{next(self._ids)}", request, ignore_eos, record, self._loop.create_future())
+                               expected_output_tokens=request.output_len, token_counting=self.token_counting)
+        pending = PendingRequest(f"bench-{next(self._ids)}", request, ignore_eos, record, self._loop.create_future())
         with self._cv:
             self._incoming.append(pending)
             self._cv.notify()
         return await pending.future
 
-    def _resolve(self, pending: _Pending) -> None:
+    def _resolve(self, pending: PendingRequest) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_set_result, pending.future, pending.record)
+
+    async def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, self.join_timeout_s)
+
+
+def _set_result(future: asyncio.Future[RequestRecord], record: RequestRecord) -> None:
+    if not future.done():
+        future.set_result(record)
+
+
+# ---- tokenmill in-process -----------------------------------------------------------------------------------------
+
+
+class InProcessBackend(WorkerThreadBackend):
+    """An `LLMEngine` stepped by the worker thread; the token timestamps are taken on that thread right after the
+    `step()` that produced them."""
+
+    def __init__(self, config: Any = None, name: str = "tokenmill", engine: Any = None) -> None:
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.engine = engine
+        self._active: dict[str, PendingRequest] = {}
+
+    async def start(self) -> None:
+        from tokenmill.engine import LLMEngine
+
+        self._loop = asyncio.get_running_loop()
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(LLMEngine, self.config)
+        self.memory = engine_memory_model(self.engine)
+        await self._start_worker("bench-engine")
 
     def _run(self) -> None:
         from tokenmill.sampling_params import SamplingParams
@@ -149,13 +182,6 @@ class InProcessBackend(Backend):
                     del self._active[out.request_id]
                     self._resolve(p)
 
-    async def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 60)
-
     def describe(self) -> dict[str, Any]:
         engine = self.engine
         if engine is None:
@@ -180,11 +206,6 @@ class InProcessBackend(Backend):
     def reset_prefix_cache(self) -> bool:
         with self._cv:
             return bool(self.engine.reset_prefix_cache()) if self.engine is not None else False
-
-
-def _set_result(future: asyncio.Future[RequestRecord], record: RequestRecord) -> None:
-    if not future.done():
-        future.set_result(record)
 
 
 # ---- OpenAI-compatible HTTP ---------------------------------------------------------------------------------------

@@ -143,11 +143,15 @@ def _slo(args: argparse.Namespace) -> SLO | None:
     return None if slo.empty else slo
 
 
+def serve_spec(args: argparse.Namespace, rate: float) -> RunSpec:
+    return RunSpec("serve", request_rate=rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
+                   ignore_eos=args.ignore_eos, seed=args.seed)
+
+
 def run_specs(args: argparse.Namespace) -> list[RunSpec]:
     common = {"ignore_eos": args.ignore_eos, "seed": args.seed}
     if args.scenario == "serve":
-        return [RunSpec("serve", request_rate=rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
-                        **common) for rate in args.request_rate]
+        return [serve_spec(args, rate) for rate in args.request_rate]
     if args.scenario == "concurrency":
         return [RunSpec("concurrency", concurrency=n, **common) for n in args.concurrency]
     return [RunSpec(args.scenario, max_concurrency=args.max_concurrency, **common)]
@@ -215,8 +219,10 @@ def build_backends(args: argparse.Namespace, model_path: Path, tokenizer: Any,
             server = peers.tokenmill_server(_server_engine_args(args, model_path),
                                             log_path=out_dir / "logs" / "tokenmill-server.log")
             servers.append(server.start())
-            backends.append(OpenAIHTTPBackend(server.url, "tokenmill-server", eos_mode="ignore_eos",
-                                              memory=dense_memory_model(model_config(model_path), _run_dtype(args))))
+            # Quantized formats' bytes are only known from the loaded model, which lives in the server process.
+            memory = (dense_memory_model(model_config(model_path), _run_dtype(args))
+                      if args.weight_format == "float" else None)
+            backends.append(OpenAIHTTPBackend(server.url, "tokenmill-server", eos_mode="ignore_eos", memory=memory))
         elif spec in ("llama.cpp", "llama-cpp", "llamacpp"):
             server = peers.llama_cpp_server(model_path, threads=args.llama_cpp_threads or threads,
                                             n_ctx=args.llama_cpp_n_ctx,
@@ -274,9 +280,7 @@ async def run_all(args: argparse.Namespace, backends: list[Backend], workload: w
                      for r in runs if r.backend == backend.name and r.repeat == 0}
 
             async def passes(rate: float, backend: Backend = backend) -> bool:
-                spec = RunSpec("serve", request_rate=rate, burstiness=args.burstiness,
-                               max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos, seed=args.seed)
-                return passes_slo((await run(backend, spec, 0)).metrics, args.slo_attainment)
+                return passes_slo((await run(backend, serve_spec(args, rate), 0)).metrics, args.slo_attainment)
 
             report["search"][backend.name] = await search_max_rate(passes, known, args.search_iterations)
     return runs
@@ -293,10 +297,11 @@ async def _main(args: argparse.Namespace) -> int:
     model_path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model_path)
     workload = build_workload(args, tokenizer)
+    slo = _slo(args)
     report: dict[str, Any] = {"benchmark": "tokenmill bench", "scenario": args.scenario,
                               "machine": machine.machine_description(), "model": str(model_path),
                               "args": {k: v for k, v in vars(args).items() if k != "func"},
-                              "workload": workload.summary(), "slo": _slo(args).to_json() if _slo(args) else None,
+                              "workload": workload.summary(), "slo": slo.to_json() if slo else None,
                               "slo_attainment": args.slo_attainment}
     if not args.no_ceilings:
         report["ceilings"] = machine.measure_ceilings(_run_dtype(args), args.threads)

@@ -86,6 +86,8 @@ def measure_ceilings(dtype: str = "bfloat16", threads: int | None = None) -> dic
     """Large-array read bandwidth (GB/s) and a 2048² matmul's GFLOP/s at `dtype`, best of 5, on `threads`."""
     import torch
 
+    from tokenmill.config import DTYPES
+
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -93,8 +95,7 @@ def measure_ceilings(dtype: str = "bfloat16", threads: int | None = None) -> dic
         array = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, far beyond the caches
         read_s = _best_time(lambda: array.sum(), 5)
         n = 2048
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            dtype, torch.float32)
+        torch_dtype = DTYPES.get(dtype, torch.float32)
         a, b = torch.randn(n, n).to(torch_dtype), torch.randn(n, n).to(torch_dtype)
         matmul_s = _best_time(lambda: a @ b, 5)
     finally:

@@ -86,11 +86,9 @@ def inter_token_latencies(r: RequestRecord) -> list[float]:
     """Per-token gaps (s): a k-token chunk after a gap g gives [g, 0, ..., 0] (see the module docstring)."""
     gaps: list[float] = []
     for i, (when, count) in enumerate(zip(r.chunk_times, r.chunk_tokens, strict=True)):
-        if i == 0:
-            gaps.extend([0.0] * (count - 1))
-        else:
+        if i:
             gaps.append(when - r.chunk_times[i - 1])
-            gaps.extend([0.0] * (count - 1))
+        gaps.extend([0.0] * (count - 1))
     return gaps
 
 

@@ -16,16 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenmill.bench.backends import WARM_UP, Backend
-from tokenmill.bench.metrics import RequestRecord
+from tokenmill.bench.backends import PendingRequest, WorkerThreadBackend
 from tokenmill.bench.roofline import dense_memory_model, model_config
-from tokenmill.bench.workloads import BenchRequest
 
 LLAMA_CPP_INSTALL = "pip install 'llama-cpp-python[server]'  (or: pip install -e '.[peers]'; builds llama.cpp)"
 
@@ -128,15 +124,7 @@ def tokenmill_server(engine_args: list[str], port: int | None = None,
 # ---- transformers -------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Job:
-    request: BenchRequest
-    ignore_eos: bool
-    record: RequestRecord
-    future: asyncio.Future[RequestRecord]
-
-
-class TransformersBackend(Backend):
+class TransformersBackend(WorkerThreadBackend):
     """Hugging Face `generate` (greedy) on the same GGUF, dequantized to dense `dtype` weights.
 
     Static batching, as `generate` works: a worker thread takes up to `batch_size` waiting requests, left-pads
@@ -146,9 +134,12 @@ class TransformersBackend(Backend):
     """
 
     scenarios = ("offline", "latency", "concurrency", "serve")
+    token_counting = "streamer"
+    join_timeout_s = 120.0
 
     def __init__(self, model_path: str | Path, dtype: str = "bfloat16", batch_size: int = 64,
                  threads: int | None = None, name: str = "transformers", model: Any = None) -> None:
+        super().__init__()
         self.name = name
         self.model_path = Path(model_path)
         self.dtype = dtype
@@ -156,31 +147,25 @@ class TransformersBackend(Backend):
         self.threads = threads
         self.model: Any = model  # an already loaded model of this GGUF at `dtype` (tests), else loaded in start()
         self.tokenizer: Any = None
-        self._cv = threading.Condition()
-        self._jobs: list[_Job] = []
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._load)
         self.memory = dense_memory_model(model_config(self.model_path), self.dtype)
-        self._thread = threading.Thread(target=self._run, name="bench-transformers", daemon=True)
-        self._thread.start()
-        await self.generate(WARM_UP, ignore_eos=True)
+        await self._start_worker("bench-transformers")
 
     def _load(self) -> None:
         import torch
         import transformers
 
         from tokenmill.bench.roofline import gguf_file
+        from tokenmill.config import DTYPES
         from tokenmill.tokenizer import Tokenizer
 
         if self.threads:
             torch.set_num_threads(self.threads)
         transformers.utils.logging.disable_progress_bar()
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+        dtype = DTYPES[self.dtype]
         # Dense weights at the run dtype, as tokenmill runs; newer transformers would otherwise keep the GGUF blocks
         # packed whenever the `kernels` package is installed.
         options = {"quantization_config": transformers.GgufConfig(dequantize=True)} if hasattr(
@@ -192,24 +177,14 @@ class TransformersBackend(Backend):
         self.versions = {"transformers": transformers.__version__,
                          "attn_implementation": self.model.config._attn_implementation}
 
-    async def generate(self, request: BenchRequest, ignore_eos: bool) -> RequestRecord:
-        assert self._loop is not None, "start() first"
-        record = RequestRecord(send_time=time.perf_counter(), prompt_tokens=request.prompt_len,
-                               expected_output_tokens=request.output_len, token_counting="streamer")
-        job = _Job(request, ignore_eos, record, self._loop.create_future())
-        with self._cv:
-            self._jobs.append(job)
-            self._cv.notify()
-        return await job.future
-
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._jobs or self._stopping):
+                while not (self._incoming or self._stopping):
                     self._cv.wait()
                 if self._stopping:
                     break
-                batch, self._jobs = self._jobs[:self.batch_size], self._jobs[self.batch_size:]
+                batch, self._incoming = self._incoming[:self.batch_size], self._incoming[self.batch_size:]
             try:
                 self._generate(batch)
             except Exception as exc:
@@ -217,9 +192,9 @@ class TransformersBackend(Backend):
                     job.record.success, job.record.error = False, repr(exc)
                     job.record.end_time = time.perf_counter()
             for job in batch:
-                self._loop.call_soon_threadsafe(_set_result, job.future, job.record)  # type: ignore[union-attr]
+                self._resolve(job)
 
-    def _generate(self, batch: list[_Job]) -> None:
+    def _generate(self, batch: list[PendingRequest]) -> None:
         import torch
         from transformers.generation.streamers import BaseStreamer
 
@@ -265,19 +240,7 @@ class TransformersBackend(Backend):
             job.record.generated_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             job.record.end_time = done
 
-    async def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 120)
-
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"model": str(self.model_path), "dtype": self.dtype,
                                      "batch_size": self.batch_size, "threads": self.threads,
                                      **getattr(self, "versions", {})}
-
-
-def _set_result(future: asyncio.Future[RequestRecord], record: RequestRecord) -> None:
-    if not future.done():
-        future.set_result(record)

@@ -47,9 +47,10 @@ def kv_bytes_per_token(cfg: Any, element_size: int) -> int:
 def _element_size(dtype: Any) -> int:
     import torch
 
+    from tokenmill.config import DTYPES
+
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        dtype = DTYPES[dtype]
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -58,6 +59,13 @@ def dense_memory_model(cfg: Any, dtype: Any) -> MemoryModel:
     size = _element_size(dtype)
     non_embedding, lm_head = count_params(cfg)
     return MemoryModel((non_embedding + lm_head) * size, kv_bytes_per_token(cfg, size), f"dense {dtype}")
+
+
+def engine_memory_model(engine: Any) -> MemoryModel:
+    """What a loaded tokenmill engine reads per step, in its own weight format (float, int8, int4, gguf)."""
+    size = _element_size(engine.dtype)
+    return MemoryModel(engine.model.weight_bytes(), kv_bytes_per_token(engine.model_config, size),
+                       f"tokenmill {engine.config.weight_format} weights, {engine.dtype}")
 
 
 def gguf_memory_model(path: str | Path, kv_element_size: int = 2) -> MemoryModel:

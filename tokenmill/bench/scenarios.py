@@ -13,6 +13,7 @@ A multi-turn session sends its next turn as soon as its previous turn finished (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -120,10 +121,7 @@ async def _run_session(backend: Backend, session: Session, index: int, spec: Run
     replies: list[str] = []
     for turn in range(session.num_turns):
         request = session.request(turn, replies)
-        if limit is not None:
-            async with limit:
-                record = await backend.generate(request, spec.ignore_eos)
-        else:
+        async with limit or contextlib.nullcontext():
             record = await backend.generate(request, spec.ignore_eos)
         record.session, record.turn = index, turn
         record.scheduled_time = released if turn == 0 else record.send_time
