@@ -45,10 +45,8 @@ def test_decode_step_matches_general_forward_and_writes_the_same_cache(model) ->
     general = model(torch.tensor(new_tokens), torch.tensor(positions), AttentionMetadata(slots, [group]),
                     general_cache)
 
-    max_blocks = max(p // BLOCK + 1 for p in positions)
-    padded = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables])
-    hidden, keys, values = model.decode(torch.tensor(new_tokens), torch.tensor(positions), padded,
-                                        torch.tensor(positions) + 1, decode_cache)
+    hidden, keys, values = model.decode(torch.tensor(new_tokens), torch.tensor(positions), group.block_tables,
+                                        group.mask, decode_cache)
     decode_cache.write(slots, keys, values)
     # Same arithmetic in the same order: identical in fp32.
     assert torch.equal(hidden, general)
@@ -61,5 +59,6 @@ def test_decode_step_leaves_the_cache_untouched(model) -> None:
     cache = KVCache(model.cfg, 4, BLOCK, torch.float32, torch.device("cpu"))
     prefill(model, cache, [[1, 2, 3, 4, 5]], [[2]])
     before = cache.k.clone(), cache.v.clone()
-    model.decode(torch.tensor([6]), torch.tensor([5]), torch.tensor([[2]]), torch.tensor([6]), cache)
+    group = build_group(0, [1], [6], [[2]], BLOCK, torch.device("cpu"))
+    model.decode(torch.tensor([6]), torch.tensor([5]), group.block_tables, group.mask, cache)
     assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])

@@ -57,6 +57,21 @@ def test_finished_request_blocks_are_reused_exactly() -> None:
     assert (stats.queries, stats.hits, stats.requests, stats.requests_hit) == (22, 8, 2, 1)
 
 
+def test_a_request_waiting_for_blocks_is_counted_once_when_admitted() -> None:
+    sched = make_scheduler(num_blocks=4)
+    a = req("a", PROMPT)  # 3 blocks of 4
+    sched.add_request(a)
+    assert step(sched) == {"a": 10}
+    b = req("b", list(range(40, 50)))  # needs 3 blocks, only 1 is free: waits
+    sched.add_request(b)
+    assert "b" not in step(sched) and "b" not in step(sched)
+    stats = sched.kv_cache.stats
+    assert (stats.requests, stats.queries) == (1, 10)
+    sched.finish("a", RequestStatus.FINISHED_STOPPED)
+    assert step(sched) == {"b": 10}
+    assert (stats.requests, stats.queries) == (2, 20)
+
+
 def test_running_requests_share_blocks_by_reference() -> None:
     sched = make_scheduler()
     sched.add_request(req("a", PROMPT))

@@ -10,6 +10,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.model.gguf_file import ModelLoadError
+from tokenmill.model.linear import INT4_GROUP_SIZES, WEIGHT_FORMATS
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams
 
 
@@ -26,10 +27,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", action="store_true")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached KV blocks")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    g.add_argument("--weight-format", default="float", choices=["float", "int8", "int4", "gguf"],
+    g.add_argument("--weight-format", default="float", choices=WEIGHT_FORMATS,
                    help="float: dequantized to --dtype; int8/int4: weight-only quantized; gguf: the file's own Q4 "
                         "codes (quantized formats run bf16 on CPU)")
-    g.add_argument("--int4-group-size", type=int, default=32)
+    g.add_argument("--int4-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
 
 
 def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineConfig:

@@ -50,10 +50,9 @@ def build_group(
     num_seqs = len(query_lens)
     max_q = max(query_lens)
     max_blocks = max(-(-c // block_size) for c in context_lens)
-    table = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
-    for i, blocks in enumerate(block_tables):
-        used = blocks[:max_blocks]
-        table[i, : len(used)] = torch.tensor(used, dtype=torch.long)
+    # One tensor built from padded lists: a per-sequence torch.tensor call costs more than the whole step's math.
+    used = [blocks[:max_blocks] for blocks in block_tables]
+    table = torch.tensor([u + [0] * (max_blocks - len(u)) for u in used], dtype=torch.long)
     q_lens = torch.tensor(query_lens, dtype=torch.long)
     ctx_lens = torch.tensor(context_lens, dtype=torch.long)
 

@@ -94,9 +94,7 @@ class Int4Linear(Linear):
                  dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        if self.in_features % group_size:
-            raise ValueError(f"int4 group size {group_size} does not divide the layer's input size "
-                             f"{self.in_features}; pick one of {INT4_GROUP_SIZES} that does")
+        _check_group_size(self.in_features, group_size)
         self.group_size = group_size
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
         scales, minimums = scales.float(), minimums.float()
@@ -109,9 +107,7 @@ class Int4Linear(Linear):
     def quantize(cls, weight: torch.Tensor, group_size: int, dtype: torch.dtype,
                  bias: torch.Tensor | None = None) -> Int4Linear:
         rows, cols = weight.shape
-        if cols % group_size:
-            raise ValueError(f"int4 group size {group_size} does not divide the layer's input size {cols}; "
-                             f"pick one of {INT4_GROUP_SIZES} that does")
+        _check_group_size(cols, group_size)
         groups = weight.float().reshape(rows, cols // group_size, group_size)
         minimums = groups.amin(dim=-1)
         scales = ((groups.amax(dim=-1) - minimums) / 15.0).clamp(min=torch.finfo(torch.float32).tiny)
@@ -121,6 +117,12 @@ class Int4Linear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
         return self._add_bias(y)
+
+
+def _check_group_size(in_features: int, group_size: int) -> None:
+    if in_features % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide the layer's input size {in_features}; "
+                         f"pick one of {INT4_GROUP_SIZES} that does")
 
 
 def gguf_q4_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
@@ -137,9 +139,9 @@ def gguf_q4_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tu
     stored_min = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0] if header == 4 else None
     minimums = -8.0 * d if stored_min is None else stored_min
     rows, cols = shape
-    return (torch.from_numpy(codes.astype(np.int32)).reshape(rows, cols),
-            torch.from_numpy(d).reshape(rows, cols // 32),
-            torch.from_numpy(minimums.astype(np.float32)).reshape(rows, cols // 32))
+    # uint8 codes: Int4Linear widens them to the int32 its packing op wants.
+    return (torch.from_numpy(codes).reshape(rows, cols), torch.from_numpy(d).reshape(rows, cols // 32),
+            torch.from_numpy(minimums).reshape(rows, cols // 32))
 
 
 def check_weight_format(weight_format: str, dtype: torch.dtype, device: torch.device) -> None:

@@ -127,8 +127,9 @@ class LlamaModel(nn.Module):
         return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-               context_lens: torch.Tensor, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One new token per sequence (a decode-only step), without writing the cache.
+               cached_mask: torch.Tensor, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new token per sequence (a decode-only step; tables and mask of its `build_group` decode group),
+        without writing the cache.
 
         Free of side effects so that it can be compiled as one graph: returns the final hidden states [B, hidden]
         and the new keys and values [layers, B, kv_heads, head_dim], which `KVCache.write` then stores.
@@ -137,8 +138,6 @@ class LlamaModel(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         block_size = kv_cache.block_size
-        cached_positions = torch.arange(block_tables.shape[1] * block_size, device=input_ids.device)
-        cached_mask = cached_positions[None, :] < (context_lens - 1)[:, None]
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             x, k, v = layer.decode(x, cos, sin, kv_cache.k[i], kv_cache.v[i], block_tables, cached_mask, block_size)

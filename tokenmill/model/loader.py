@@ -29,15 +29,11 @@ class _LayerBuilder:
         self.file, self.cfg, self.dtype, self.device = gguf_file, cfg, dtype, device
         self.weight_format, self.int4_group_size = weight_format, int4_group_size
 
-    def float_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.file.tensor(name, torch.float32).to(dtype or self.dtype)
-
-    def _rows(self, name: str) -> torch.Tensor:
-        """fp32 weight with llama's q/k rows back in half-split rotary order."""
-        weight = self.file.tensor(name, torch.float32)
-        return self._unpermute(name, weight)
+    def float_tensor(self, name: str) -> torch.Tensor:
+        return self.file.tensor(name, self.dtype)
 
     def _unpermute(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """llama's q/k rows (weights, or per-row codes and scales) back in half-split rotary order."""
         if self.cfg.architecture != "llama":
             return rows
         if name.endswith("attn_q.weight"):
@@ -60,7 +56,7 @@ class _LayerBuilder:
         fmt = self.weight_format
         if fmt == "gguf" and not head and (codes := self._file_codes(names)) is not None:
             return Int4Linear(*codes, group_size=32, dtype=self.dtype, bias=bias).to(self.device)
-        weight = torch.cat([self._rows(n) for n in names])
+        weight = torch.cat([self._unpermute(n, self.file.tensor(n, torch.float32)) for n in names])
         if fmt == "float":
             return FloatLinear(weight.to(self.dtype), bias).to(self.device)
         if fmt == "int4" and not head:

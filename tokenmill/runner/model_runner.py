@@ -28,18 +28,9 @@ class ModelInputs:
     sampled: list[ScheduledRequest]  # the requests those indices belong to, in order
 
 
-@dataclass
-class DecodeInputs:
-    input_ids: torch.Tensor  # [B]
-    positions: torch.Tensor  # [B]
-    slot_mapping: torch.Tensor  # [B]
-    block_tables: torch.Tensor  # [B, max_blocks]
-    context_lens: torch.Tensor  # [B] keys of each sequence including the new token
-
-
 class ModelRunner:
     """Runs one scheduler step. Decode-only steps (one new token per sequence, the steady state of generation) take
-    `LlamaModel.decode`, a side-effect-free forward with fewer ops per layer; other steps run the general
+    `LlamaModel.decode`, a side-effect-free forward (what a compiled step needs); other steps run the general
     flat-batch forward. Both give a decode token the same attention arithmetic (`decode_attention`)."""
 
     def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device) -> None:
@@ -48,22 +39,6 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.device = device
         self.sampler = Sampler()
-
-    def prepare_decode(self, step: SchedulerOutput) -> DecodeInputs:
-        block_size = self.block_size
-        positions = [item.request.num_computed_tokens for item in step.scheduled]
-        max_blocks = max(p // block_size + 1 for p in positions)
-        tables = [item.block_table[:max_blocks] + [0] * (max_blocks - min(max_blocks, len(item.block_table)))
-                  for item in step.scheduled]
-        slots = [item.block_table[p // block_size] * block_size + p % block_size
-                 for item, p in zip(step.scheduled, positions, strict=True)]
-        input_ids = [item.request.token_ids(p, p + 1)[0] for item, p in zip(step.scheduled, positions, strict=True)]
-
-        def tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=self.device)
-
-        return DecodeInputs(tensor(input_ids), tensor(positions), tensor(slots), tensor(tables),
-                            tensor([p + 1 for p in positions]))
 
     def prepare(self, step: SchedulerOutput) -> ModelInputs:
         # Decodes first so they form one contiguous group attended without query padding.
@@ -109,16 +84,16 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> list[SampledToken]:
         self.kv_cache.copy_blocks(step.block_copies)
-        if step.scheduled and all(s.num_new_tokens == 1 and s.samples for s in step.scheduled):
-            decode = self.prepare_decode(step)
-            hidden, keys, values = self.model.decode(decode.input_ids, decode.positions, decode.block_tables,
-                                                     decode.context_lens, self.kv_cache)
-            self.kv_cache.write(decode.slot_mapping, keys, values)
-            sampled = step.scheduled
+        inputs = self.prepare(step)
+        sampled, groups = inputs.sampled, inputs.attention.groups
+        if len(groups) == 1 and groups[0].query_scatter is None and len(sampled) == groups[0].num_seqs:
+            # Decode-only step: one new token per sequence, every one sampled, in batch order.
+            hidden, keys, values = self.model.decode(inputs.input_ids, inputs.positions, groups[0].block_tables,
+                                                     groups[0].mask, self.kv_cache)
+            self.kv_cache.write(inputs.attention.slot_mapping, keys, values)
         else:
-            inputs = self.prepare(step)
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention, self.kv_cache)
-            hidden, sampled = hidden[inputs.sample_indices], inputs.sampled
+            hidden = hidden[inputs.sample_indices]
         if not sampled:
             return []
         logits = self.model.compute_logits(hidden)

@@ -84,11 +84,16 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.stats.queries += request.num_tokens
-        self.stats.hits += len(hits) * self.block_size
-        self.stats.requests += 1
-        self.stats.requests_hit += bool(hits)
         return hits
+
+    def record_lookup(self, request: Request, cached_blocks: list[int]) -> None:
+        """Count an admitted request's prefix lookup (not every retry of one that had to wait)."""
+        if not self.enable_prefix_caching:
+            return
+        self.stats.queries += request.num_tokens
+        self.stats.hits += len(cached_blocks) * self.block_size
+        self.stats.requests += 1
+        self.stats.requests_hit += bool(cached_blocks)
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's blocks that are now fully computed, so later requests can reuse them."""

@@ -117,14 +117,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             parent = self._fork_parent(request)
-            if parent is not None:
-                num_new = self._admit_fork(request, parent, out)
-                if num_new is None:
-                    break
-            else:
-                num_new = self._admit(request, budget)
-                if num_new is None:
-                    break
+            num_new = self._admit_fork(request, parent, out) if parent is not None else self._admit(request, budget)
+            if num_new is None:
+                break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -141,6 +136,7 @@ class Scheduler:
         num_new = min(remaining, budget)
         if not self.kv_cache.allocate_slots(request, num_new, cached):
             return None
+        self.kv_cache.record_lookup(request, cached)
         request.num_computed_tokens += num_cached
         request.num_cached_tokens = num_cached
         return num_new
