@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.config import EngineConfig
+from tokenmill.kernels import cpu_decode_kernels
+from tokenmill.model.fused_decode import FUSED_DTYPES, FusedDecodeStep
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
 from tokenmill.model.llama import KVCache
 from tokenmill.model.loader import load_model
@@ -67,7 +69,7 @@ class LLMEngine:
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
                            cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}"),
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, self._fused_decode())
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
         self._states: dict[str, RequestState] = {}
         self._ids = itertools.count()
@@ -78,6 +80,19 @@ class LLMEngine:
                     self.model_path.name, self.dtype, self._weight_format_name(), self.device,
                     time.perf_counter() - started,
                     num_blocks, block_size, self.max_model_len)
+
+    def _fused_decode(self) -> FusedDecodeStep | None:
+        """The compiled decode step unless `enforce_eager`; None (eager steps) off CPU, for other dtypes, or when the
+        kernels cannot be built here — then with a warning saying why."""
+        if self.config.enforce_eager or self.device.type != "cpu" or self.dtype not in FUSED_DTYPES:
+            return None
+        build = cpu_decode_kernels()
+        if build.module is None:
+            logger.warning("fused CPU decode step unavailable, running eager steps: %s", build.error)
+            return None
+        logger.info("fused CPU decode step ready in %.1fs (compiled on first use, then loaded from the cache)",
+                    build.seconds)
+        return FusedDecodeStep(build.module, self.model)
 
     def _weight_format_name(self) -> str:
         fmt = self.config.weight_format

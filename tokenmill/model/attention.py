@@ -30,6 +30,7 @@ class AttentionGroup:
     # True = attend. Prefill chunks: [S, max_q, max_blocks * block_size]. Decodes (max_q = 1, no query_scatter):
     # [S, max_blocks * block_size] over the keys before the new token, which `decode_attention` adds itself.
     mask: torch.Tensor
+    context_lens: torch.Tensor  # [S] keys of each sequence, its new tokens included
 
 
 @dataclass
@@ -60,7 +61,8 @@ def build_group(
     if max_q == 1:
         # Decodes score their own new key apart (see `decode_attention`): the mask covers the keys before it.
         mask = kv_pos[None, :] < (ctx_lens - 1)[:, None]
-        return AttentionGroup(token_start, num_seqs, num_seqs, 1, None, table.to(device), mask.to(device))
+        return AttentionGroup(token_start, num_seqs, num_seqs, 1, None, table.to(device), mask.to(device),
+                              ctx_lens.to(device))
     kv_valid = kv_pos[None, :] < ctx_lens[:, None]
     # Query j of sequence i sits at absolute position ctx - q_len + j and sees keys up to that position.
     q_idx = torch.arange(max_q, dtype=torch.long)
@@ -72,7 +74,7 @@ def build_group(
 
     query_scatter = (torch.arange(num_seqs)[:, None] * max_q + q_idx[None, :])[q_valid].to(device)
     return AttentionGroup(token_start, int(q_lens.sum()), num_seqs, max_q, query_scatter, table.to(device),
-                          mask.to(device))
+                          mask.to(device), ctx_lens.to(device))
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.model.attention import AttentionMetadata, build_group
+from tokenmill.model.fused_decode import FusedDecodeStep
 from tokenmill.model.llama import KVCache, LlamaModel
 from tokenmill.sampler.sampler import Sampler, SamplingRow, TokenLogprobs
 from tokenmill.scheduler.scheduler import ScheduledRequest, SchedulerOutput
@@ -30,11 +31,13 @@ class ModelInputs:
 
 class ModelRunner:
     """Runs one scheduler step. Decode-only steps (one new token per sequence, the steady state of generation) take
-    `LlamaModel.decode`, a side-effect-free forward (what a compiled step needs); other steps run the general
-    flat-batch forward. Both give a decode token the same attention arithmetic (`decode_attention`)."""
+    the fused C++ step when one is given (`fused_decode`), else `LlamaModel.decode`; other steps run the general
+    flat-batch forward. The eager paths give a decode token the same attention arithmetic (`decode_attention`)."""
 
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device,
+                 fused_decode: FusedDecodeStep | None = None) -> None:
         self.model = model
+        self.fused_decode = fused_decode
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
@@ -88,9 +91,7 @@ class ModelRunner:
         sampled, groups = inputs.sampled, inputs.attention.groups
         if len(groups) == 1 and groups[0].query_scatter is None and len(sampled) == groups[0].num_seqs:
             # Decode-only step: one new token per sequence, every one sampled, in batch order.
-            hidden, keys, values = self.model.decode(inputs.input_ids, inputs.positions, groups[0].block_tables,
-                                                     groups[0].mask, self.kv_cache)
-            self.kv_cache.write(inputs.attention.slot_mapping, keys, values)
+            hidden = self._decode(inputs)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention, self.kv_cache)
             hidden = hidden[inputs.sample_indices]
@@ -103,6 +104,16 @@ class ModelRunner:
             SampledToken(item.request.request_id, token, logprobs)
             for item, token, logprobs in zip(sampled, result.token_ids, result.logprobs, strict=True)
         ]
+
+    def _decode(self, inputs: ModelInputs) -> torch.Tensor:
+        group = inputs.attention.groups[0]
+        if self.fused_decode is not None:
+            return self.fused_decode(inputs.input_ids, inputs.positions, inputs.attention.slot_mapping,
+                                     group.block_tables, group.context_lens, self.kv_cache)
+        hidden, keys, values = self.model.decode(inputs.input_ids, inputs.positions, group.block_tables, group.mask,
+                                                 self.kv_cache)
+        self.kv_cache.write(inputs.attention.slot_mapping, keys, values)
+        return hidden
 
     @staticmethod
     def _sampling_row(item: ScheduledRequest) -> SamplingRow:

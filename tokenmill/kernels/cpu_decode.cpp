@@ -1,0 +1,449 @@
+// One decode step of a Llama-family model (one new token per sequence) as a single C++ call.
+//
+// Why: a single-stream decode step of the 135M default model does ~2 ms of weight-bound matmuls but, driven op by op
+// from Python, spent ~5 ms more in ~2,500 small operators (norms, RoPE, KV writes, gathers, softmax, SwiGLU) and their
+// dispatch. Here the layer loop runs in C++: the matmuls stay PyTorch's own kernels (dense, int8 and int4 weight-only),
+// and the small operators are fused loops — RMSNorm, RoPE rotating q and k in place, the KV write, attention reading
+// each sequence's blocks where they lie (no gather copy), SwiGLU, residual adds.
+//
+// Rounding follows the eager path (tokenmill/model/llama.py, attention.py) at every point where it rounds to the
+// model dtype: RMSNorm normalises in fp32 and rounds before the weight multiply, RoPE rounds each product and the sum,
+// attention rounds the scaled query, scores, probabilities and the two parts of its output (cached keys, own key),
+// SwiGLU rounds silu before the multiply. Sums still accumulate in another order than PyTorch's kernels, so bf16
+// results can differ in the last bit; fp32 ones differ by float rounding only.
+// Built with -ffp-contract=off so that fp32 products and sums are not fused into FMAs the eager path does not use.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+enum class WeightKind : int64_t { Float = 0, Int8 = 1, Int4 = 2 };
+
+// A linear layer in one of the weight formats of tokenmill/model/linear.py.
+struct LinearWeights {
+  WeightKind kind;
+  at::Tensor weight;        // Float: [N, K]; Int8: qweight [N, K]; Int4: the int4pack-packed codes
+  at::Tensor scales;        // Int8: [N]; Int4: scales_and_zeros [K / group, N, 2]; Float: unused
+  std::optional<at::Tensor> bias;
+  int64_t group_size;
+
+  at::Tensor apply(const at::Tensor& x) const {
+    at::Tensor y;
+    switch (kind) {
+      case WeightKind::Float:
+        return at::linear(x, weight, bias);
+      case WeightKind::Int8:
+        y = at::_weight_int8pack_mm(x, weight, scales);
+        break;
+      case WeightKind::Int4:
+        y = at::_weight_int4pack_mm_for_cpu(x, weight, group_size, scales);
+        break;
+    }
+    return bias ? y + *bias : y;
+  }
+};
+
+struct LayerWeights {
+  LinearWeights qkv, o, gate_up, down;
+  at::Tensor attn_norm, ffn_norm;
+};
+
+// Conversions between the model dtype T and fp32 arithmetic, spelled out on bf16's bits (bf16 is the high half of an
+// fp32) because the compiler does not vectorize c10::BFloat16's own conversions, which branch on NaN.
+inline float to_f(float v) { return v; }
+
+inline float to_f(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// Round to nearest even at bf16's precision; exact for every finite value and infinities (inputs here are finite).
+inline uint16_t bf16_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// store<T>(v): v rounded into the model dtype; rounded<T>(v): the same value back as fp32 (what the eager path
+// computes with after an operator's output is rounded to the model dtype).
+template <typename T>
+inline T store(float v);
+
+template <>
+inline float store<float>(float v) { return v; }
+
+template <>
+inline c10::BFloat16 store<c10::BFloat16>(float v) { return c10::BFloat16(bf16_bits(v), c10::BFloat16::from_bits()); }
+
+template <typename T>
+inline float rounded(float v) { return to_f(store<T>(v)); }
+
+// A row of the cache widened to fp32.
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i]);
+}
+
+// exp(x) for x <= 88.7 by range reduction and a degree-6 polynomial (Cephes' coefficients; ~1 ulp): unlike std::exp
+// it has no branches or errno, so loops over it vectorize. Underflows to ~1e-38 rather than 0 below -87.3.
+inline float exp_approx(float x) {
+  x = std::max(x, -87.3f);
+  const float scaled = x * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(scaled + (scaled >= 0.f ? 0.5f : -0.5f));
+  const float nf = static_cast<float>(n);
+  float r = x - nf * 0.693359375f;
+  r = r + nf * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Reductions keep 16 independent lanes, which the compiler turns into SIMD (it may not reorder a single chain of
+// float adds), and fold them pairwise at the end.
+constexpr int kLanes = 16;
+
+inline float fold(float* lanes) {
+  for (int width = kLanes / 2; width >= 1; width /= 2)
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  return lanes[0];
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float lanes[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
+  float sum = fold(lanes);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+inline float sum(const float* a, int64_t n) {
+  float lanes[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j];
+  float total = fold(lanes);
+  for (; i < n; ++i) total += a[i];
+  return total;
+}
+
+inline float max_of(const float* a, int64_t n) {
+  float lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] = std::max(lanes[j], a[i + j]);
+  float top = lanes[0];
+  for (int j = 1; j < kLanes; ++j) top = std::max(top, lanes[j]);
+  for (; i < n; ++i) top = std::max(top, a[i]);
+  return top;
+}
+
+// Runs fn(begin, end) over [0, n) on torch's thread pool when the work is large enough to repay waking it.
+template <typename F>
+void parallel_rows(int64_t n, int64_t work_per_row, const F& fn) {
+  constexpr int64_t kSerialWork = 1 << 16;
+  if (n * work_per_row < kSerialWork) {
+    fn(0, n);
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(1, work_per_row));
+  at::parallel_for(0, n, grain, fn);
+}
+
+// weight * rms_norm(x in fp32) rounded to the model dtype, as llama.py's rms_norm.
+template <typename T>
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t rows = x.size(0), dim = x.size(1);
+  at::Tensor out = at::empty_like(x);
+  const T* xs = x.data_ptr<T>();
+  const T* w = weight.data_ptr<T>();
+  T* ys = out.data_ptr<T>();
+  parallel_rows(rows, dim, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xs + r * dim;
+      T* yr = ys + r * dim;
+      // Independent partial sums vectorize without reassociating one long chain.
+      float partial[16] = {0.f};
+      int64_t i = 0;
+      for (; i + 16 <= dim; i += 16)
+        for (int j = 0; j < 16; ++j) partial[j] += to_f(xr[i + j]) * to_f(xr[i + j]);
+      float sum = 0.f;
+      for (int j = 0; j < 16; ++j) sum += partial[j];
+      for (; i < dim; ++i) sum += to_f(xr[i]) * to_f(xr[i]);
+      const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + static_cast<float>(eps));
+      for (int64_t k = 0; k < dim; ++k) {
+        const float normed = rounded<T>(to_f(xr[k]) * inv);
+        yr[k] = store<T>(to_f(w[k]) * normed);
+      }
+    }
+  });
+  return out;
+}
+
+// Half-split RoPE on the first `heads` heads of each row of qkv, in place: x·cos + roll(x, D/2)·[-sin, sin].
+template <typename T>
+void rope_inplace(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& signed_sin,
+                  int64_t heads, int64_t head_dim) {
+  const int64_t rows = qkv.size(0), stride = qkv.size(1), half = head_dim / 2;
+  T* data = qkv.data_ptr<T>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const T* cos_table = cos.data_ptr<T>();
+  const T* sin_table = signed_sin.data_ptr<T>();
+  std::vector<T> rotated(head_dim);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* c = cos_table + pos[r] * head_dim;
+    const T* s = sin_table + pos[r] * head_dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      T* x = data + r * stride + h * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const int64_t partner = d < half ? d + half : d - half;
+        const T straight = store<T>(to_f(x[d]) * to_f(c[d]));
+        const T swapped = store<T>(to_f(x[partner]) * to_f(s[d]));
+        rotated[d] = store<T>(to_f(straight) + to_f(swapped));
+      }
+      std::copy(rotated.begin(), rotated.end(), x);
+    }
+  }
+}
+
+// Stores each row's new key and value heads at its slot of this layer's head-major cache [kv_heads, slots, D].
+template <typename T>
+void write_kv(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
+              int64_t q_size, int64_t kv_heads, int64_t head_dim) {
+  const int64_t rows = qkv.size(0), stride = qkv.size(1), num_slots = k_cache.size(1);
+  const T* data = qkv.data_ptr<T>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* k = data + r * stride + q_size;
+    const T* v = k + kv_heads * head_dim;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t at_slot = (h * num_slots + slot[r]) * head_dim;
+      std::copy(k + h * head_dim, k + (h + 1) * head_dim, kc + at_slot);
+      std::copy(v + h * head_dim, v + (h + 1) * head_dim, vc + at_slot);
+    }
+  }
+}
+
+// Visits keys (or values) 0..count-1 of one KV head of one sequence in position order, block by block as its block
+// table names them: fn(position, fp32 row). One division-free walk per pass over the keys.
+template <typename T, typename F>
+void for_each_cached_row(const T* head_cache, const int64_t* table, int64_t block_size, int64_t head_dim,
+                         int64_t count, float* row, const F& fn) {
+  for (int64_t start = 0, b = 0; start < count; start += block_size, ++b) {
+    const T* block = head_cache + table[b] * block_size * head_dim;
+    const int64_t in_block = std::min(block_size, count - start);
+    for (int64_t o = 0; o < in_block; ++o) {
+      widen(block + o * head_dim, row, head_dim);
+      fn(start + o, row);
+    }
+  }
+}
+
+// One sequence, one KV head and the `group` query heads sharing it: q [group, D] already scaled; `cached` keys before
+// the new one, whose key/value rows are own_k/own_v. Writes out [group, D].
+template <typename T>
+void attend_kv_head(const float* q, const T* k_head, const T* v_head, const int64_t* table, int64_t block_size,
+                    int64_t head_dim, int64_t group, int64_t cached, const float* own_k, const float* own_v,
+                    float* scores, float* acc, float* row, T* out) {
+  const int64_t len = cached + 1;
+  for_each_cached_row(k_head, table, block_size, head_dim, cached, row, [&](int64_t t, const float* k) {
+    for (int64_t g = 0; g < group; ++g) scores[g * len + t] = rounded<T>(dot(q + g * head_dim, k, head_dim));
+  });
+  // The new token's own key, scored as the eager step does: an elementwise product, then a sum.
+  for (int64_t g = 0; g < group; ++g) {
+    float own = 0.f;
+    for (int64_t d = 0; d < head_dim; ++d) own += rounded<T>(q[g * head_dim + d] * own_k[d]);
+    scores[g * len + cached] = rounded<T>(own);
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * len;
+    const float top = max_of(s, len);
+    for (int64_t t = 0; t < len; ++t) s[t] = exp_approx(s[t] - top);
+    const float inv = 1.f / sum(s, len);
+    for (int64_t t = 0; t < len; ++t) s[t] = rounded<T>(s[t] * inv);
+  }
+  std::fill(acc, acc + group * head_dim, 0.f);
+  for_each_cached_row(v_head, table, block_size, head_dim, cached, row, [&](int64_t t, const float* v) {
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * len + t];
+      float* __restrict__ a = acc + g * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) a[d] += p * v[d];
+    }
+  });
+  for (int64_t g = 0; g < group; ++g) {
+    const float p = scores[g * len + cached];
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const float own = rounded<T>(p * own_v[d]);
+      out[g * head_dim + d] = store<T>(rounded<T>((acc[g * head_dim + d])) + own);
+    }
+  }
+}
+
+// Attention of each row's new token over its sequence's cached keys and itself, reading the blocks its block table
+// names where they lie (no gather copy). GQA: the query heads sharing a KV head are scored in one pass over the keys.
+template <typename T>
+at::Tensor paged_decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
+                                  int64_t num_heads, int64_t kv_heads, int64_t head_dim) {
+  const int64_t rows = qkv.size(0), stride = qkv.size(1), num_slots = k_cache.size(1);
+  const int64_t group = num_heads / kv_heads, max_blocks = block_tables.size(1), q_size = num_heads * head_dim;
+  at::Tensor out = at::empty({rows, q_size}, qkv.options());
+  const T* q_all = qkv.data_ptr<T>();
+  const T* kc = k_cache.data_ptr<T>();
+  const T* vc = v_cache.data_ptr<T>();
+  const int64_t* ctx = context_lens.data_ptr<int64_t>();
+  T* out_all = out.data_ptr<T>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+  const int64_t longest = *std::max_element(ctx, ctx + rows);
+
+  parallel_rows(rows * kv_heads, longest * head_dim * group, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(group * head_dim), scores(group * longest), acc(group * head_dim), row(head_dim),
+        own_k(head_dim), own_v(head_dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / kv_heads, h = task % kv_heads;
+      const T* token = q_all + r * stride;
+      for (int64_t i = 0; i < group * head_dim; ++i)
+        q[i] = rounded<T>(to_f(token[h * group * head_dim + i]) * scale);
+      widen(token + q_size + h * head_dim, own_k.data(), head_dim);
+      widen(token + q_size + (kv_heads + h) * head_dim, own_v.data(), head_dim);
+      attend_kv_head<T>(q.data(), kc + h * num_slots * head_dim, vc + h * num_slots * head_dim,
+                        block_tables.data_ptr<int64_t>() + r * max_blocks, block_size, head_dim, group, ctx[r] - 1,
+                        own_k.data(), own_v.data(), scores.data(), acc.data(), row.data(),
+                        out_all + r * q_size + h * group * head_dim);
+    }
+  });
+  return out;
+}
+
+// silu(gate) · up for gate_up = [gate | up] per row; silu rounded to the model dtype first, as F.silu would.
+template <typename T>
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({rows, width}, gate_up.options());
+  const T* gu = gate_up.data_ptr<T>();
+  T* ys = out.data_ptr<T>();
+  parallel_rows(rows, width, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = gu + r * 2 * width;
+      const T* up = gate + width;
+      for (int64_t i = 0; i < width; ++i) {
+        const float g = to_f(gate[i]);
+        const T act = store<T>(g / (1.f + exp_approx(-g)));
+        ys[r * width + i] = store<T>(to_f(act) * to_f(up[i]));
+      }
+    }
+  });
+  return out;
+}
+
+// x += y, rounding to the model dtype as `x + y` would.
+template <typename T>
+void add_inplace(at::Tensor& x, const at::Tensor& y) {
+  T* xs = x.data_ptr<T>();
+  const T* ys = y.data_ptr<T>();
+  const int64_t n = x.numel();
+  for (int64_t i = 0; i < n; ++i) xs[i] = store<T>(to_f(xs[i]) + to_f(ys[i]));
+}
+
+class DecodeStep {
+ public:
+  DecodeStep(std::vector<LayerWeights> layers, at::Tensor final_norm, at::Tensor rope_cos, at::Tensor rope_signed_sin,
+             double eps, int64_t num_heads, int64_t kv_heads, int64_t head_dim)
+      : layers_(std::move(layers)), final_norm_(std::move(final_norm)), cos_(std::move(rope_cos)),
+        sin_(std::move(rope_signed_sin)), eps_(eps), num_heads_(num_heads), kv_heads_(kv_heads),
+        head_dim_(head_dim) {
+    TORCH_CHECK(num_heads % kv_heads == 0, "num_heads must be a multiple of kv_heads");
+    TORCH_CHECK(head_dim % 2 == 0, "head_dim must be even for RoPE");
+  }
+
+  // x: [B, hidden] embeddings of the new tokens. k_cache/v_cache: [layers, kv_heads, slots, D], written at `slots`.
+  // context_lens counts each sequence's keys including the new token. Returns the final-norm hidden states.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& slots,
+                     const at::Tensor& block_tables, const at::Tensor& context_lens, at::Tensor k_cache,
+                     at::Tensor v_cache, int64_t block_size) const {
+    TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a [tokens, hidden] CPU tensor");
+    TORCH_CHECK(k_cache.size(0) == static_cast<int64_t>(layers_.size()), "cache has the wrong number of layers");
+    for (const at::Tensor* t : {&positions, &slots, &block_tables, &context_lens})
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
+    if (x.scalar_type() == at::kFloat)
+      return run<float>(x, positions, slots, block_tables, context_lens, k_cache, v_cache, block_size);
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "the fused decode step supports float32 and bfloat16");
+    return run<c10::BFloat16>(x, positions, slots, block_tables, context_lens, k_cache, v_cache, block_size);
+  }
+
+ private:
+  template <typename T>
+  at::Tensor run(const at::Tensor& embeddings, const at::Tensor& positions, const at::Tensor& slots,
+                 const at::Tensor& block_tables, const at::Tensor& context_lens, at::Tensor& k_cache,
+                 at::Tensor& v_cache, int64_t block_size) const {
+    at::Tensor x = embeddings.contiguous().clone();  // the residual stream, updated in place
+    const int64_t q_size = num_heads_ * head_dim_;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const LayerWeights& layer = layers_[i];
+      at::Tensor k_layer = k_cache.select(0, i), v_layer = v_cache.select(0, i);
+      at::Tensor qkv = layer.qkv.apply(rms_norm<T>(x, layer.attn_norm, eps_)).contiguous();
+      rope_inplace<T>(qkv, positions, cos_, sin_, num_heads_ + kv_heads_, head_dim_);
+      write_kv<T>(qkv, k_layer, v_layer, slots, q_size, kv_heads_, head_dim_);
+      at::Tensor attn = paged_decode_attention<T>(qkv, k_layer, v_layer, block_tables, context_lens, block_size,
+                                                  num_heads_, kv_heads_, head_dim_);
+      add_inplace<T>(x, layer.o.apply(attn).contiguous());
+      at::Tensor gate_up = layer.gate_up.apply(rms_norm<T>(x, layer.ffn_norm, eps_)).contiguous();
+      add_inplace<T>(x, layer.down.apply(silu_mul<T>(gate_up)).contiguous());
+    }
+    return rms_norm<T>(x, final_norm_, eps_);
+  }
+
+  std::vector<LayerWeights> layers_;
+  at::Tensor final_norm_, cos_, sin_;
+  double eps_;
+  int64_t num_heads_, kv_heads_, head_dim_;
+};
+
+LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, std::optional<at::Tensor> bias,
+                          int64_t group_size) {
+  TORCH_CHECK(kind >= 0 && kind <= 2, "unknown weight kind ", kind);
+  return LinearWeights{static_cast<WeightKind>(kind), std::move(weight), std::move(scales), std::move(bias),
+                       group_size};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tokenmill's fused CPU decode step";
+  py::class_<LinearWeights>(m, "LinearWeights");
+  m.def("make_linear", &make_linear, py::arg("kind"), py::arg("weight"), py::arg("scales"), py::arg("bias"),
+        py::arg("group_size"));
+  py::class_<LayerWeights>(m, "LayerWeights")
+      .def(py::init<LinearWeights, LinearWeights, LinearWeights, LinearWeights, at::Tensor, at::Tensor>(),
+           py::arg("qkv"), py::arg("o"), py::arg("gate_up"), py::arg("down"), py::arg("attn_norm"),
+           py::arg("ffn_norm"));
+  py::class_<DecodeStep>(m, "DecodeStep")
+      .def(py::init<std::vector<LayerWeights>, at::Tensor, at::Tensor, at::Tensor, double, int64_t, int64_t,
+                    int64_t>())
+      .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>());
+}

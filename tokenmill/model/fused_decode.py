@@ -1,0 +1,49 @@
+"""The decode step as one C++ call (tokenmill/kernels/cpu_decode.cpp): the layer loop, fused small operators and
+attention over the paged cache in place, with PyTorch's own matmul kernels for every weight format."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from tokenmill.model.linear import FloatLinear, Int4Linear, Int8Linear, Linear
+from tokenmill.model.llama import KVCache, LlamaModel
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _linear(kernels: ModuleType, layer: Linear) -> Any:
+    if isinstance(layer, FloatLinear):
+        return kernels.make_linear(0, layer.weight, torch.empty(0), layer.bias, 0)
+    if isinstance(layer, Int8Linear):
+        return kernels.make_linear(1, layer.qweight, layer.scales, layer.bias, 0)
+    if isinstance(layer, Int4Linear):
+        return kernels.make_linear(2, layer.packed, layer.scales_zeros, layer.bias, layer.group_size)
+    raise TypeError(f"no fused decode support for {type(layer).__name__}")
+
+
+class FusedDecodeStep:
+    """Same contract as `LlamaModel.decode` followed by `KVCache.write`: final hidden states of one new token per
+    sequence, with the new keys and values stored at their slots."""
+
+    def __init__(self, kernels: ModuleType, model: LlamaModel) -> None:
+        if model.dtype not in FUSED_DTYPES:
+            raise ValueError(f"the fused decode step supports {FUSED_DTYPES}, not {model.dtype}")
+        cfg = model.cfg
+        self.model = model
+        layers = [kernels.LayerWeights(_linear(kernels, layer.qkv), _linear(kernels, layer.o),
+                                       _linear(kernels, layer.gate_up), _linear(kernels, layer.down),
+                                       layer.attn_norm, layer.ffn_norm)
+                  for layer in model.layers]
+        self.step = kernels.DecodeStep(layers, model.final_norm, model.rope_cos.contiguous(),
+                                       model.rope_sin.contiguous(), cfg.rms_norm_eps, cfg.num_heads,
+                                       cfg.num_kv_heads, cfg.head_dim)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        x = self.model.embed.rows(input_ids)
+        return self.step.forward(x, positions, slot_mapping, block_tables, context_lens, kv_cache.k, kv_cache.v,
+                                 kv_cache.block_size)
