@@ -4,7 +4,10 @@ llama.cpp (llama-cpp-python, in process) on the same prompt tokens; achieved GB/
 Prints a table, writes JSON.
 
     .venv/bin/python benchmarks/cpu_decode.py                       # all settings + llama.cpp if installed
-    .venv/bin/python benchmarks/cpu_decode.py --settings float,int4 --no-quality --profile int4
+    .venv/bin/python benchmarks/cpu_decode.py --settings gguf,gguf:eager --no-quality --profile gguf
+
+A setting is FORMAT[@GROUP][:eager]: a weight format, the int4 group size, and `:eager` for the plain PyTorch
+operators instead of the fused C++ decode step (the A/B of that optimization).
 """
 
 from __future__ import annotations
@@ -29,10 +32,32 @@ from tokenmill.bench.roofline import gguf_file, gguf_memory_model
 from tokenmill.config import EngineConfig
 from tokenmill.engine import LLMEngine
 from tokenmill.model.gguf_file import resolve_model_path
+from tokenmill.model.linear import WEIGHT_FORMATS
 from tokenmill.tokenizer import Tokenizer
 
 TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare_first_half.txt"
-FORMATS = ("float", "int8", "int4", "gguf")
+DEFAULT_SETTINGS = "float,float:eager,int8,int4,int4@64,gguf,gguf:eager"  # 128 does not divide 576
+
+
+@dataclass(frozen=True)
+class Setting:
+    weight_format: str
+    group_size: int = 32
+    eager: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        body, _, mode = text.partition(":")
+        fmt, _, group = body.partition("@")
+        if fmt not in WEIGHT_FORMATS or mode not in ("", "eager") or (group and fmt != "int4"):
+            raise ValueError(f"bad setting {text!r}: expected FORMAT[@GROUP][:eager], FORMAT in {WEIGHT_FORMATS}, "
+                             "a group only for int4")
+        return cls(fmt, int(group) if group else 32, mode == "eager")
+
+    @property
+    def name(self) -> str:
+        group = f"@{self.group_size}" if self.weight_format == "int4" and self.group_size != 32 else ""
+        return f"{self.weight_format}{group}{':eager' if self.eager else ''}"
 
 
 @dataclass
@@ -51,7 +76,8 @@ class Result:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
-    p.add_argument("--settings", default="float,int8,int4,gguf", help="comma-separated weight formats")
+    p.add_argument("--settings", default=DEFAULT_SETTINGS,
+                   help="comma-separated FORMAT[@GROUP][:eager] (see the module docstring)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prefill-len", type=int, default=256, help="prompt tokens for the prefill measurement")
     p.add_argument("--decode-prompt-len", type=int, default=32)
@@ -61,6 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="single-stream runs per setting (median reported)")
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--agreement-prompts", type=int, default=64,
+                   help="64-token prompts whose 32 greedy tokens are compared with the exact path")
     p.add_argument("--profile", default=None, help="setting whose decode step is profiled (top ops by time)")
     p.add_argument("--bandwidth-gb-s", type=float, default=31.0,
                    help="read bandwidth for the speed of light (default: 29-33 GB/s on 2 threads, "
@@ -84,7 +112,7 @@ def build_prompts(model_path: Path, args: argparse.Namespace) -> dict[str, list[
         return [ids[i * length : (i + 1) * length] for i in range(count)]
 
     return {"prefill": cut(1, args.prefill_len), "decode": cut(1, args.decode_prompt_len),
-            "offline": cut(args.offline_requests, args.offline_len), "quality": cut(16, 64)}
+            "offline": cut(args.offline_requests, args.offline_len), "quality": cut(args.agreement_prompts, 64)}
 
 
 def run_to_end(engine: LLMEngine, prompts: list[list[int]],
@@ -102,14 +130,17 @@ def run_to_end(engine: LLMEngine, prompts: list[list[int]],
     return {i: outputs[i] for i in ids}, times
 
 
-def measure_tokenmill(weight_format: str, prompts: dict[str, list[list[int]]],
+def measure_tokenmill(setting: Setting, prompts: dict[str, list[list[int]]],
                       args: argparse.Namespace) -> tuple[Result, LLMEngine]:
     started = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=args.model, weight_format=weight_format,
+    engine = LLMEngine(EngineConfig(model=args.model, weight_format=setting.weight_format,
+                                    int4_group_size=setting.group_size, enforce_eager=setting.eager,
                                     num_threads=args.threads,
                                     enable_prefix_caching=False, max_num_batched_tokens=1024,
                                     kv_cache_memory_gib=1.0))
-    result = Result(weight_format, engine.model.weight_bytes(), startup_s=time.perf_counter() - started)
+    if not setting.eager and engine.runner.fused_decode is None:
+        raise SystemExit(f"{setting.name}: the fused decode step is unavailable here (see the warning above)")
+    result = Result(setting.name, engine.model.weight_bytes(), startup_s=time.perf_counter() - started)
     prefill_prompt, decode_prompt = prompts["prefill"], prompts["decode"]
     run_to_end(engine, decode_prompt, 8)  # warm-up
     prefill, decode = [], []
@@ -141,10 +172,15 @@ def profile_decode(engine: LLMEngine, prompt: list[int], steps: int = 20) -> lis
         wall_ms = (time.perf_counter() - begin) / steps * 1e3
     while engine.has_unfinished_requests():
         engine.step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    in_ops_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
     rows = [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
-            for e in events]
-    return [{"op": "(wall time of one step, profiler on)", "ms_per_step": wall_ms, "calls_per_step": 1}, *rows]
+            for e in events[:12]]
+    # The fused step's own loops (norms, RoPE, attention, SwiGLU) are not PyTorch operators: they show up here.
+    outside = {"op": "(outside PyTorch operators: fused C++ loops, Python)", "ms_per_step": wall_ms - in_ops_ms,
+               "calls_per_step": 1}
+    return [{"op": "(wall time of one step, profiler on)", "ms_per_step": wall_ms, "calls_per_step": 1}, *rows,
+            outside]
 
 
 def measure_llama_cpp(model_path: Path, prompts: dict[str, list[list[int]]], args: argparse.Namespace) -> Result | None:
@@ -193,7 +229,7 @@ def quality(engine: LLMEngine, reference: dict[str, Any]) -> dict[str, Any]:
 def exact_reference(prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
     """Greedy outputs of the exact path (fp32, float weights = the file's values) for the agreement measure."""
     engine = LLMEngine(EngineConfig(model=args.model, dtype="float32", num_threads=args.threads,
-                                    enable_prefix_caching=False))
+                                    enable_prefix_caching=False, enforce_eager=True))
     outputs, _ = run_to_end(engine, prompts, 32)
     ppl = perplexity(engine, text()[200_000:], window=512, max_windows=4)
     return {"prompts": prompts, "outputs": list(outputs.values()), "perplexity": round(ppl.perplexity, 3)}
@@ -215,9 +251,10 @@ def print_table(results: list[Result], read_gb_s: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    settings = [s for s in args.settings.split(",") if s]
-    if unknown := [s for s in settings if s not in FORMATS]:
-        raise SystemExit(f"unknown settings {unknown}: expected weight formats from {FORMATS}")
+    try:
+        settings = [Setting.parse(s) for s in args.settings.split(",") if s]
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     torch.set_num_threads(args.threads)
     ceilings = measure_ceilings("bfloat16", args.threads)
     read_gb_s = args.bandwidth_gb_s
@@ -230,10 +267,10 @@ def main(argv: list[str] | None = None) -> None:
         result, engine = measure_tokenmill(setting, prompts, args)
         if reference is not None:
             result.quality = quality(engine, reference)
-        if setting == args.profile:
-            profiles[setting] = profile_decode(engine, prompts["decode"][0])
+        if setting.name == args.profile:
+            profiles[setting.name] = profile_decode(engine, prompts["decode"][0])
         results.append(result)
-        print(f"{setting}: decode {result.decode_tok_s:.1f} tok/s, prefill {result.prefill_tok_s:.1f} tok/s, "
+        print(f"{setting.name}: decode {result.decode_tok_s:.1f} tok/s, prefill {result.prefill_tok_s:.1f} tok/s, "
               f"offline {result.offline_tok_s:.1f} tok/s", flush=True)
         del engine
     if not args.no_llama_cpp:

@@ -269,6 +269,14 @@ def flops(facts: ModelFacts, tokens: int, sampled: int) -> float:
     return 2.0 * facts.non_embedding_params * tokens + 2.0 * facts.lm_head_params * sampled
 
 
+def compute_bound_rate(workload: Workload, facts: ModelFacts, ceilings: dict[str, Any] | None) -> float | None:
+    """Output tokens/s if every useful matmul FLOP ran at the measured peak: what no backend can exceed here."""
+    if not ceilings:
+        return None
+    n_in, n_out = sum(workload.input_lens), sum(workload.output_lens)
+    return ceilings["matmul_gflop_per_s"] * 1e9 * n_out / flops(facts, n_in + n_out, n_out)
+
+
 def derive(run: Run, workload: Workload, facts: ModelFacts) -> Run:
     wall, steps = run["wall_s"], run["forward_steps"]
     n_in, n_out = sum(workload.input_lens), sum(workload.output_lens)
@@ -370,6 +378,12 @@ def print_notes(report: dict[str, Any]) -> None:
     print(f"roofline: weights GB/s = {report['model']['weight_bytes_per_step'] / 1e6:.0f} MB of weights per forward "
           f"step × steps/s (KV reads excluded); GFLOP/s = matmul FLOPs of useful tokens (attention excluded). "
           f"Batched decode is compute-bound, so compare GFLOP/s with the matmul ceiling; {limits}.")
+    if report["compute_bound_output_tok_per_s"]:
+        ceiling = report["compute_bound_output_tok_per_s"]
+        hf_rate = hf["summary"]["output_tok_per_s"]["median"] if hf else None
+        versus = f" = {ceiling / hf_rate:.2f}× transformers' rate here" if hf_rate else ""
+        print(f"compute-bound ceiling of this workload: {ceiling:.0f} output tok/s (every prompt and output token's "
+              f"matmul FLOPs at the measured matmul peak, attention and sampling free){versus}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -397,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_output_tok_per_s": paired_ratios(runs, "output_tok_per_s"),
         "ratio_total_tok_per_s": paired_ratios(runs, "total_tok_per_s"),
         "greedy_agreement": greedy_agreement(outputs[names[0]], outputs[names[1]]) if len(names) == 2 else None,
+        "compute_bound_output_tok_per_s": compute_bound_rate(workload, facts, ceilings),
     }
     print_table({name: report["results"][name]["summary"] for name in names}, args.repeats)
     print_notes(report)

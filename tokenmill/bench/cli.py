@@ -199,7 +199,8 @@ def _server_engine_args(args: argparse.Namespace, model_path: Path) -> list[str]
         if value is not None:
             out += [flag, str(value)]
     return (out + (["--no-chunked-prefill"] if args.no_chunked_prefill else [])
-            + (["--no-prefix-caching"] if args.no_prefix_caching else []))
+            + (["--no-prefix-caching"] if args.no_prefix_caching else [])
+            + (["--enforce-eager"] if args.enforce_eager else []))
 
 
 def build_backends(args: argparse.Namespace, model_path: Path, tokenizer: Any,

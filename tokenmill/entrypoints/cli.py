@@ -31,6 +31,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="float: dequantized to --dtype; int8/int4: weight-only quantized; gguf: the file's own Q4 "
                         "codes (quantized formats run bf16 on CPU)")
     g.add_argument("--int4-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps with PyTorch operators instead of the fused C++ decode step (CPU)")
 
 
 def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
@@ -40,6 +42,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         kv_cache_memory_gib=args.kv_cache_memory_gib, max_model_len=args.max_model_len,
         enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads, weight_format=args.weight_format, int4_group_size=args.int4_group_size,
+        enforce_eager=args.enforce_eager,
     )
 
 
@@ -172,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    # Start-up lines (model loaded, fused decode step compiled or loaded from its cache, and how long each took).
+    logging.getLogger("tokenmill.engine").setLevel(logging.INFO)
     try:
         return args.func(args)
     except (InvalidRequestError, ModelLoadError, ValueError) as exc:
