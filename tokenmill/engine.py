@@ -15,7 +15,8 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.kernels import cpu_decode_kernels
-from tokenmill.model.fused_decode import FUSED_DTYPES, FusedDecodeStep
+from tokenmill.model.fused_decode import FusedDecodeStep
+from tokenmill.model.fused_decode import supports as fused_decode_supports
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
 from tokenmill.model.llama import KVCache
 from tokenmill.model.loader import load_model
@@ -82,9 +83,9 @@ class LLMEngine:
                     num_blocks, block_size, self.max_model_len)
 
     def _fused_decode(self) -> FusedDecodeStep | None:
-        """The compiled decode step unless `enforce_eager`; None (eager steps) off CPU, for other dtypes, or when the
-        kernels cannot be built here — then with a warning saying why."""
-        if self.config.enforce_eager or self.device.type != "cpu" or self.dtype not in FUSED_DTYPES:
+        """The compiled decode step unless `enforce_eager`; None (eager steps) off CPU, for dtypes or head sizes it
+        is not built for, or when the kernels cannot be built here — then with a warning saying why."""
+        if self.config.enforce_eager or self.device.type != "cpu" or not fused_decode_supports(self.model):
             return None
         build = cpu_decode_kernels()
         if build.module is None:
@@ -92,6 +93,7 @@ class LLMEngine:
             return None
         logger.info("fused CPU decode step ready in %.1fs (compiled on first use, then loaded from the cache)",
                     build.seconds)
+        self.model.kernels = build.module  # mixed steps' decode tokens get the same in-place attention
         return FusedDecodeStep(build.module, self.model)
 
     def _weight_format_name(self) -> str:

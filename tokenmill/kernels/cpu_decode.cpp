@@ -23,6 +23,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -248,71 +249,139 @@ void write_kv(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache, c
   }
 }
 
-// Visits keys (or values) 0..count-1 of one KV head of one sequence in position order, block by block as its block
-// table names them: fn(position, fp32 row). One division-free walk per pass over the keys.
+// 16 fp32 lanes as a GCC/Clang vector type: one AVX-512 register here, two AVX2 or four SSE registers elsewhere.
+// The attention loops below are written on it because the compiler would not vectorize their short dot products
+// (64-element rows followed by a horizontal sum) well on its own.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline f32x16 load16(const c10::BFloat16* p) {
+  u16x16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const u32x16 wide = __builtin_convertvector(raw, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+inline float hsum(f32x16 v) {
+  f32x8 low, high;
+  std::memcpy(&low, &v, sizeof(low));
+  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
+  const f32x8 half = low + high;
+  return ((half[0] + half[4]) + (half[2] + half[6])) + ((half[1] + half[5]) + (half[3] + half[7]));
+}
+
+// Calls fn(position, row) for the first `count` rows of one KV head of one sequence, block by block as its block
+// table names them (no per-position division).
+// Blocks lie anywhere in the cache, so the hardware prefetcher cannot guess the next one: each block's rows are
+// requested while the previous block is being used (measured: attention was stalled on these loads otherwise).
 template <typename T, typename F>
-void for_each_cached_row(const T* head_cache, const int64_t* table, int64_t block_size, int64_t head_dim,
-                         int64_t count, float* row, const F& fn) {
+inline void for_each_cached_row(const T* head_cache, const int64_t* table, int64_t block_size, int64_t head_dim,
+                                int64_t count, const F& fn) {
+  const int64_t block_bytes = block_size * head_dim * static_cast<int64_t>(sizeof(T));
   for (int64_t start = 0, b = 0; start < count; start += block_size, ++b) {
     const T* block = head_cache + table[b] * block_size * head_dim;
-    const int64_t in_block = std::min(block_size, count - start);
-    for (int64_t o = 0; o < in_block; ++o) {
-      widen(block + o * head_dim, row, head_dim);
-      fn(start + o, row);
+    if (start + block_size < count) {
+      const char* next = reinterpret_cast<const char*>(head_cache + table[b + 1] * block_size * head_dim);
+      for (int64_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(next + line);
     }
+    const int64_t in_block = std::min(block_size, count - start);
+    for (int64_t o = 0; o < in_block; ++o) fn(start + o, block + o * head_dim);
   }
 }
 
-// One sequence, one KV head and the `group` query heads sharing it: q [group, D] already scaled; `cached` keys before
-// the new one, whose key/value rows are own_k/own_v. Writes out [group, D].
+// exp_approx on 16 lanes, operation for operation (so both give the same result for the same input).
+inline f32x16 exp16(f32x16 x) {
+  const f32x16 zero = {};
+  x = x < zero - 87.3f ? zero - 87.3f : x;
+  const f32x16 scaled = x * 1.44269504088896341f;
+  const i32x16 n = __builtin_convertvector(scaled + (scaled >= zero ? zero + 0.5f : zero - 0.5f), i32x16);
+  const f32x16 nf = __builtin_convertvector(n, f32x16);
+  f32x16 r = x - nf * 0.693359375f;
+  r = r + nf * 2.12194440e-4f;
+  f32x16 p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const i32x16 bits = (n + 127) << 23;
+  f32x16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Scores → probabilities in place, rounded to the model dtype as the eager path's softmax output is.
 template <typename T>
+inline void softmax_inplace(float* s, int64_t len) {
+  const float top = max_of(s, len);
+  int64_t t = 0;
+  for (; t + 16 <= len; t += 16) {
+    const f32x16 e = exp16(load16(s + t) - top);
+    std::memcpy(s + t, &e, sizeof(e));
+  }
+  for (; t < len; ++t) s[t] = exp_approx(s[t] - top);
+  const float inv = 1.f / sum(s, len);
+  for (t = 0; t < len; ++t) s[t] = rounded<T>(s[t] * inv);
+}
+
+// One sequence, one KV head and the `group` query heads sharing it, for head size D: q [group, D] already scaled;
+// `cached` keys before the new one, whose rows are own_k/own_v. Writes out [group, D].
+template <typename T, int D>
 void attend_kv_head(const float* q, const T* k_head, const T* v_head, const int64_t* table, int64_t block_size,
-                    int64_t head_dim, int64_t group, int64_t cached, const float* own_k, const float* own_v,
-                    float* scores, float* acc, float* row, T* out) {
+                    int64_t group, int64_t cached, const float* own_k, const float* own_v, float* scores, T* out) {
+  constexpr int kChunks = D / 16;
   const int64_t len = cached + 1;
-  for_each_cached_row(k_head, table, block_size, head_dim, cached, row, [&](int64_t t, const float* k) {
-    for (int64_t g = 0; g < group; ++g) scores[g * len + t] = rounded<T>(dot(q + g * head_dim, k, head_dim));
+  for_each_cached_row(k_head, table, block_size, D, cached, [&](int64_t t, const T* k) {
+    f32x16 key[kChunks];
+    for (int c = 0; c < kChunks; ++c) key[c] = load16(k + 16 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      f32x16 acc = load16(q + g * D) * key[0];
+      for (int c = 1; c < kChunks; ++c) acc += load16(q + g * D + 16 * c) * key[c];
+      scores[g * len + t] = rounded<T>(hsum(acc));
+    }
   });
   // The new token's own key, scored as the eager step does: an elementwise product, then a sum.
   for (int64_t g = 0; g < group; ++g) {
     float own = 0.f;
-    for (int64_t d = 0; d < head_dim; ++d) own += rounded<T>(q[g * head_dim + d] * own_k[d]);
+    for (int d = 0; d < D; ++d) own += rounded<T>(q[g * D + d] * own_k[d]);
     scores[g * len + cached] = rounded<T>(own);
   }
+  for (int64_t g = 0; g < group; ++g) softmax_inplace<T>(scores + g * len, len);
   for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * len;
-    const float top = max_of(s, len);
-    for (int64_t t = 0; t < len; ++t) s[t] = exp_approx(s[t] - top);
-    const float inv = 1.f / sum(s, len);
-    for (int64_t t = 0; t < len; ++t) s[t] = rounded<T>(s[t] * inv);
-  }
-  std::fill(acc, acc + group * head_dim, 0.f);
-  for_each_cached_row(v_head, table, block_size, head_dim, cached, row, [&](int64_t t, const float* v) {
-    for (int64_t g = 0; g < group; ++g) {
-      const float p = scores[g * len + t];
-      float* __restrict__ a = acc + g * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) a[d] += p * v[d];
-    }
-  });
-  for (int64_t g = 0; g < group; ++g) {
-    const float p = scores[g * len + cached];
-    for (int64_t d = 0; d < head_dim; ++d) {
-      const float own = rounded<T>(p * own_v[d]);
-      out[g * head_dim + d] = store<T>(rounded<T>((acc[g * head_dim + d])) + own);
-    }
+    const float* p = scores + g * len;
+    f32x16 acc[kChunks] = {};
+    for_each_cached_row(v_head, table, block_size, D, cached, [&](int64_t t, const T* v) {
+      for (int c = 0; c < kChunks; ++c) acc[c] += p[t] * load16(v + 16 * c);
+    });
+    float total[D];
+    for (int c = 0; c < kChunks; ++c) std::memcpy(total + 16 * c, &acc[c], sizeof(acc[c]));
+    for (int d = 0; d < D; ++d)
+      out[g * D + d] = store<T>(rounded<T>(total[d]) + rounded<T>(p[cached] * own_v[d]));
   }
 }
 
 // Attention of each row's new token over its sequence's cached keys and itself, reading the blocks its block table
 // names where they lie (no gather copy). GQA: the query heads sharing a KV head are scored in one pass over the keys.
+// q [B, H, D], k/v [B, Hkv, D] (the new token's own; rows may be strided, heads contiguous); caches [Hkv, slots, D].
 template <typename T>
-at::Tensor paged_decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
-                                  int64_t num_heads, int64_t kv_heads, int64_t head_dim) {
-  const int64_t rows = qkv.size(0), stride = qkv.size(1), num_slots = k_cache.size(1);
-  const int64_t group = num_heads / kv_heads, max_blocks = block_tables.size(1), q_size = num_heads * head_dim;
-  at::Tensor out = at::empty({rows, q_size}, qkv.options());
-  const T* q_all = qkv.data_ptr<T>();
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size) {
+  const int64_t rows = q.size(0), num_heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
+  const int64_t group = num_heads / kv_heads, max_blocks = block_tables.size(1), num_slots = k_cache.size(1);
+  at::Tensor out = at::empty({rows, num_heads, head_dim}, q.options());
   const T* kc = k_cache.data_ptr<T>();
   const T* vc = v_cache.data_ptr<T>();
   const int64_t* ctx = context_lens.data_ptr<int64_t>();
@@ -320,23 +389,55 @@ at::Tensor paged_decode_attention(const at::Tensor& qkv, const at::Tensor& k_cac
   const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
   const int64_t longest = *std::max_element(ctx, ctx + rows);
 
-  parallel_rows(rows * kv_heads, longest * head_dim * group, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(group * head_dim), scores(group * longest), acc(group * head_dim), row(head_dim),
-        own_k(head_dim), own_v(head_dim);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / kv_heads, h = task % kv_heads;
-      const T* token = q_all + r * stride;
-      for (int64_t i = 0; i < group * head_dim; ++i)
-        q[i] = rounded<T>(to_f(token[h * group * head_dim + i]) * scale);
-      widen(token + q_size + h * head_dim, own_k.data(), head_dim);
-      widen(token + q_size + (kv_heads + h) * head_dim, own_v.data(), head_dim);
-      attend_kv_head<T>(q.data(), kc + h * num_slots * head_dim, vc + h * num_slots * head_dim,
-                        block_tables.data_ptr<int64_t>() + r * max_blocks, block_size, head_dim, group, ctx[r] - 1,
-                        own_k.data(), own_v.data(), scores.data(), acc.data(), row.data(),
-                        out_all + r * q_size + h * group * head_dim);
-    }
-  });
+  auto run = [&](auto head_size) {
+    constexpr int D = decltype(head_size)::value;
+    parallel_rows(rows * kv_heads, longest * D * group, [&](int64_t begin, int64_t end) {
+      std::vector<float> query(group * D), scores(group * longest), own_k(D), own_v(D);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t r = task / kv_heads, h = task % kv_heads;
+        const T* q_heads = q.data_ptr<T>() + r * q.stride(0) + h * group * D;
+        for (int64_t i = 0; i < group * D; ++i) query[i] = rounded<T>(to_f(q_heads[i]) * scale);
+        widen(k.data_ptr<T>() + r * k.stride(0) + h * D, own_k.data(), D);
+        widen(v.data_ptr<T>() + r * v.stride(0) + h * D, own_v.data(), D);
+        attend_kv_head<T, D>(query.data(), kc + h * num_slots * D, vc + h * num_slots * D,
+                             block_tables.data_ptr<int64_t>() + r * max_blocks, block_size, group, ctx[r] - 1,
+                             own_k.data(), own_v.data(), scores.data(), out_all + (r * num_heads + h * group) * D);
+      }
+    });
+  };
+  if (head_dim == 64)
+    run(std::integral_constant<int, 64>());
+  else
+    run(std::integral_constant<int, 128>());
   return out;
+}
+
+void check_decode_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& context_lens) {
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2),
+                "q, k and v must be [tokens, heads, head_dim] with contiguous heads");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "decode attention is built for head sizes 64 and 128");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "caches must be contiguous [kv_heads, slots, head_dim]");
+  for (const at::Tensor* t : {&k_cache, &v_cache, &k, &v})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and the caches must share one dtype");
+  for (const at::Tensor* t : {&block_tables, &context_lens})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
+  TORCH_CHECK(block_tables.size(0) == q.size(0) && context_lens.size(0) == q.size(0), "one table per token");
+}
+
+// The attention alone, for the general forward's decode group (its new K/V already written to the cache).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, int64_t block_size) {
+  check_decode_attention_inputs(q, k, v, k_cache, v_cache, block_tables, context_lens);
+  if (q.scalar_type() == at::kFloat)
+    return paged_decode_attention<float>(q, k, v, k_cache, v_cache, block_tables, context_lens, block_size);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "decode attention supports float32 and bfloat16");
+  return paged_decode_attention<c10::BFloat16>(q, k, v, k_cache, v_cache, block_tables, context_lens, block_size);
 }
 
 // silu(gate) · up for gate_up = [gate | up] per row; silu rounded to the model dtype first, as F.silu would.
@@ -377,7 +478,7 @@ class DecodeStep {
         sin_(std::move(rope_signed_sin)), eps_(eps), num_heads_(num_heads), kv_heads_(kv_heads),
         head_dim_(head_dim) {
     TORCH_CHECK(num_heads % kv_heads == 0, "num_heads must be a multiple of kv_heads");
-    TORCH_CHECK(head_dim % 2 == 0, "head_dim must be even for RoPE");
+    TORCH_CHECK(head_dim == 64 || head_dim == 128, "the fused decode step is built for head sizes 64 and 128");
   }
 
   // x: [B, hidden] embeddings of the new tokens. k_cache/v_cache: [layers, kv_heads, slots, D], written at `slots`.
@@ -409,9 +510,13 @@ class DecodeStep {
       at::Tensor qkv = layer.qkv.apply(rms_norm<T>(x, layer.attn_norm, eps_)).contiguous();
       rope_inplace<T>(qkv, positions, cos_, sin_, num_heads_ + kv_heads_, head_dim_);
       write_kv<T>(qkv, k_layer, v_layer, slots, q_size, kv_heads_, head_dim_);
-      at::Tensor attn = paged_decode_attention<T>(qkv, k_layer, v_layer, block_tables, context_lens, block_size,
-                                                  num_heads_, kv_heads_, head_dim_);
-      add_inplace<T>(x, layer.o.apply(attn).contiguous());
+      const int64_t rows = qkv.size(0), kv_size = kv_heads_ * head_dim_;
+      at::Tensor attn = paged_decode_attention<T>(
+          qkv.narrow(1, 0, q_size).view({rows, num_heads_, head_dim_}),
+          qkv.narrow(1, q_size, kv_size).view({rows, kv_heads_, head_dim_}),
+          qkv.narrow(1, q_size + kv_size, kv_size).view({rows, kv_heads_, head_dim_}), k_layer, v_layer,
+          block_tables, context_lens, block_size);
+      add_inplace<T>(x, layer.o.apply(attn.view({rows, q_size})).contiguous());
       at::Tensor gate_up = layer.gate_up.apply(rms_norm<T>(x, layer.ffn_norm, eps_)).contiguous();
       add_inplace<T>(x, layer.down.apply(silu_mul<T>(gate_up)).contiguous());
     }
@@ -436,6 +541,9 @@ LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, st
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tokenmill's fused CPU decode step";
   py::class_<LinearWeights>(m, "LinearWeights");
+  m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("block_size"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("make_linear", &make_linear, py::arg("kind"), py::arg("weight"), py::arg("scales"), py::arg("bias"),
         py::arg("group_size"));
   py::class_<LayerWeights>(m, "LayerWeights")

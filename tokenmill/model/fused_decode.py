@@ -12,6 +12,11 @@ from tokenmill.model.linear import FloatLinear, Int4Linear, Int8Linear, Linear
 from tokenmill.model.llama import KVCache, LlamaModel
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
+FUSED_HEAD_DIMS = (64, 128)  # the attention loops are unrolled for these head sizes
+
+
+def supports(model: LlamaModel) -> bool:
+    return model.dtype in FUSED_DTYPES and model.cfg.head_dim in FUSED_HEAD_DIMS
 
 
 def _linear(kernels: ModuleType, layer: Linear) -> Any:
@@ -29,8 +34,9 @@ class FusedDecodeStep:
     sequence, with the new keys and values stored at their slots."""
 
     def __init__(self, kernels: ModuleType, model: LlamaModel) -> None:
-        if model.dtype not in FUSED_DTYPES:
-            raise ValueError(f"the fused decode step supports {FUSED_DTYPES}, not {model.dtype}")
+        if not supports(model):
+            raise ValueError(f"the fused decode step supports dtypes {FUSED_DTYPES} and head sizes {FUSED_HEAD_DIMS}, "
+                             f"not {model.dtype} and {model.cfg.head_dim}")
         cfg = model.cfg
         self.model = model
         layers = [kernels.LayerWeights(_linear(kernels, layer.qkv), _linear(kernels, layer.o),
