@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per backend, interleaved A,B,A,B")
-    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="tokenmill KV blocks (default: enough for max-num-seqs of the longest request)")

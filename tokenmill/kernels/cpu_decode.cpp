@@ -97,6 +97,66 @@ inline void widen(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i]);
 }
 
+// 16 fp32 lanes as a GCC/Clang vector type: one AVX-512 register here, two AVX2 or four SSE registers elsewhere.
+// The attention loops below are written on it because the compiler would not vectorize their short dot products
+// (64-element rows followed by a horizontal sum) well on its own.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline f32x16 load16(const c10::BFloat16* p) {
+  u16x16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const u32x16 wide = __builtin_convertvector(raw, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+inline float hsum(f32x16 v) {
+  f32x8 low, high;
+  std::memcpy(&low, &v, sizeof(low));
+  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
+  const f32x8 half = low + high;
+  return ((half[0] + half[4]) + (half[2] + half[6])) + ((half[1] + half[5]) + (half[3] + half[7]));
+}
+
+// Round-to-nearest-even at the model dtype's precision on 16 lanes, bit for bit what rounded<T> does per lane.
+template <typename T>
+inline f32x16 round16(f32x16 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    u32x16 bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    f32x16 out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
+  }
+}
+
+// 16 lanes rounded into the model dtype and stored, as store<T> per lane.
+template <typename T>
+inline void store16(T* dst, f32x16 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, &v, sizeof(v));
+  } else {
+    u32x16 bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const u16x16 high = __builtin_convertvector((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16, u16x16);
+    std::memcpy(dst, &high, sizeof(high));
+  }
+}
+
 // exp(x) for x <= 88.7 by range reduction and a degree-6 polynomial (Cephes' coefficients; ~1 ulp): unlike std::exp
 // it has no branches or errno, so loops over it vectorize. Underflows to ~1e-38 rather than 0 below -87.3.
 inline float exp_approx(float x) {
@@ -185,25 +245,27 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = xs + r * dim;
       T* yr = ys + r * dim;
-      // Independent partial sums vectorize without reassociating one long chain.
-      float partial[16] = {0.f};
+      // 16 independent partial sums, added up lane by lane at the end.
+      f32x16 partial = {};
       int64_t i = 0;
-      for (; i + 16 <= dim; i += 16)
-        for (int j = 0; j < 16; ++j) partial[j] += to_f(xr[i + j]) * to_f(xr[i + j]);
+      for (; i + 16 <= dim; i += 16) {
+        const f32x16 v = load16(xr + i);
+        partial += v * v;
+      }
       float sum = 0.f;
       for (int j = 0; j < 16; ++j) sum += partial[j];
       for (; i < dim; ++i) sum += to_f(xr[i]) * to_f(xr[i]);
       const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + static_cast<float>(eps));
-      for (int64_t k = 0; k < dim; ++k) {
-        const float normed = rounded<T>(to_f(xr[k]) * inv);
-        yr[k] = store<T>(to_f(w[k]) * normed);
-      }
+      int64_t k = 0;
+      for (; k + 16 <= dim; k += 16) store16(yr + k, load16(w + k) * round16<T>(load16(xr + k) * inv));
+      for (; k < dim; ++k) yr[k] = store<T>(to_f(w[k]) * rounded<T>(to_f(xr[k]) * inv));
     }
   });
   return out;
 }
 
-// Half-split RoPE on the first `heads` heads of each row of qkv, in place: x·cos + roll(x, D/2)·[-sin, sin].
+// Half-split RoPE on the first `heads` heads of each row of qkv, in place: x·cos + roll(x, D/2)·[-sin, sin], each
+// product and the sum rounded. head_dim is a multiple of 32 (DecodeStep checks), so each half is whole 16-lane chunks.
 template <typename T>
 void rope_inplace(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& signed_sin,
                   int64_t heads, int64_t head_dim) {
@@ -212,19 +274,18 @@ void rope_inplace(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor
   const int64_t* pos = positions.data_ptr<int64_t>();
   const T* cos_table = cos.data_ptr<T>();
   const T* sin_table = signed_sin.data_ptr<T>();
-  std::vector<T> rotated(head_dim);
   for (int64_t r = 0; r < rows; ++r) {
     const T* c = cos_table + pos[r] * head_dim;
     const T* s = sin_table + pos[r] * head_dim;
     for (int64_t h = 0; h < heads; ++h) {
       T* x = data + r * stride + h * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) {
-        const int64_t partner = d < half ? d + half : d - half;
-        const T straight = store<T>(to_f(x[d]) * to_f(c[d]));
-        const T swapped = store<T>(to_f(x[partner]) * to_f(s[d]));
-        rotated[d] = store<T>(to_f(straight) + to_f(swapped));
+      for (int64_t d = 0; d < half; d += 16) {
+        const f32x16 low = load16(x + d), high = load16(x + half + d);
+        const f32x16 new_low = round16<T>(low * load16(c + d)) + round16<T>(high * load16(s + d));
+        const f32x16 new_high = round16<T>(high * load16(c + half + d)) + round16<T>(low * load16(s + half + d));
+        store16(x + d, new_low);
+        store16(x + half + d, new_high);
       }
-      std::copy(rotated.begin(), rotated.end(), x);
     }
   }
 }
@@ -249,53 +310,31 @@ void write_kv(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache, c
   }
 }
 
-// 16 fp32 lanes as a GCC/Clang vector type: one AVX-512 register here, two AVX2 or four SSE registers elsewhere.
-// The attention loops below are written on it because the compiler would not vectorize their short dot products
-// (64-element rows followed by a horizontal sum) well on its own.
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline f32x16 load16(const c10::BFloat16* p) {
-  u16x16 raw;
-  std::memcpy(&raw, p, sizeof(raw));
-  const u32x16 wide = __builtin_convertvector(raw, u32x16) << 16;
-  f32x16 v;
-  std::memcpy(&v, &wide, sizeof(v));
-  return v;
-}
-
-inline float hsum(f32x16 v) {
-  f32x8 low, high;
-  std::memcpy(&low, &v, sizeof(low));
-  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
-  const f32x8 half = low + high;
-  return ((half[0] + half[4]) + (half[2] + half[6])) + ((half[1] + half[5]) + (half[3] + half[7]));
-}
-
 // Calls fn(position, row) for the first `count` rows of one KV head of one sequence, block by block as its block
 // table names them (no per-position division).
-// Blocks lie anywhere in the cache, so the hardware prefetcher cannot guess the next one: each block's rows are
-// requested while the previous block is being used (measured: attention was stalled on these loads otherwise).
+// Blocks lie anywhere in the cache, so the hardware prefetcher cannot guess the next one, and one block (2-4 KiB) is
+// used in less time than a DRAM round trip: rows are requested kPrefetchBlocks blocks ahead of their use (measured:
+// attention was stalled on these loads with no or one block of look-ahead).
+constexpr int64_t kPrefetchBlocks = 4;
+
+template <typename T>
+inline void prefetch_block(const T* head_cache, const int64_t* table, int64_t b, int64_t block_size,
+                           int64_t head_dim) {
+  const char* rows = reinterpret_cast<const char*>(head_cache + table[b] * block_size * head_dim);
+  const int64_t bytes = block_size * head_dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(rows + line);
+}
+
 template <typename T, typename F>
 inline void for_each_cached_row(const T* head_cache, const int64_t* table, int64_t block_size, int64_t head_dim,
                                 int64_t count, const F& fn) {
-  const int64_t block_bytes = block_size * head_dim * static_cast<int64_t>(sizeof(T));
-  for (int64_t start = 0, b = 0; start < count; start += block_size, ++b) {
+  const int64_t blocks = (count + block_size - 1) / block_size;
+  for (int64_t b = 1; b < std::min(blocks, kPrefetchBlocks); ++b)
+    prefetch_block(head_cache, table, b, block_size, head_dim);
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (b + kPrefetchBlocks < blocks) prefetch_block(head_cache, table, b + kPrefetchBlocks, block_size, head_dim);
     const T* block = head_cache + table[b] * block_size * head_dim;
-    if (start + block_size < count) {
-      const char* next = reinterpret_cast<const char*>(head_cache + table[b + 1] * block_size * head_dim);
-      for (int64_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(next + line);
-    }
-    const int64_t in_block = std::min(block_size, count - start);
+    const int64_t start = b * block_size, in_block = std::min(block_size, count - start);
     for (int64_t o = 0; o < in_block; ++o) fn(start + o, block + o * head_dim);
   }
 }
@@ -333,7 +372,11 @@ inline void softmax_inplace(float* s, int64_t len) {
   }
   for (; t < len; ++t) s[t] = exp_approx(s[t] - top);
   const float inv = 1.f / sum(s, len);
-  for (t = 0; t < len; ++t) s[t] = rounded<T>(s[t] * inv);
+  for (t = 0; t < len - len % 16; t += 16) {
+    const f32x16 p = round16<T>(load16(s + t) * inv);
+    std::memcpy(s + t, &p, sizeof(p));
+  }
+  for (; t < len; ++t) s[t] = rounded<T>(s[t] * inv);
 }
 
 // One sequence, one KV head and the `group` query heads sharing it, for head size D: q [group, D] already scaled;
@@ -343,6 +386,9 @@ void attend_kv_head(const float* q, const T* k_head, const T* v_head, const int6
                     int64_t group, int64_t cached, const float* own_k, const float* own_v, float* scores, T* out) {
   constexpr int kChunks = D / 16;
   const int64_t len = cached + 1;
+  // The value rows are needed right after the key pass: start fetching their first blocks now.
+  for (int64_t b = 0; b < std::min((cached + block_size - 1) / block_size, kPrefetchBlocks); ++b)
+    prefetch_block(v_head, table, b, block_size, D);
   for_each_cached_row(k_head, table, block_size, D, cached, [&](int64_t t, const T* k) {
     f32x16 key[kChunks];
     for (int c = 0; c < kChunks; ++c) key[c] = load16(k + 16 * c);
@@ -365,10 +411,8 @@ void attend_kv_head(const float* q, const T* k_head, const T* v_head, const int6
     for_each_cached_row(v_head, table, block_size, D, cached, [&](int64_t t, const T* v) {
       for (int c = 0; c < kChunks; ++c) acc[c] += p[t] * load16(v + 16 * c);
     });
-    float total[D];
-    for (int c = 0; c < kChunks; ++c) std::memcpy(total + 16 * c, &acc[c], sizeof(acc[c]));
-    for (int d = 0; d < D; ++d)
-      out[g * D + d] = store<T>(rounded<T>(total[d]) + rounded<T>(p[cached] * own_v[d]));
+    for (int c = 0; c < kChunks; ++c)
+      store16(out + g * D + 16 * c, round16<T>(acc[c]) + round16<T>(p[cached] * load16(own_v + 16 * c)));
   }
 }
 
@@ -396,7 +440,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
       for (int64_t task = begin; task < end; ++task) {
         const int64_t r = task / kv_heads, h = task % kv_heads;
         const T* q_heads = q.data_ptr<T>() + r * q.stride(0) + h * group * D;
-        for (int64_t i = 0; i < group * D; ++i) query[i] = rounded<T>(to_f(q_heads[i]) * scale);
+        for (int64_t i = 0; i < group * D; i += 16) {
+          const f32x16 scaled = round16<T>(load16(q_heads + i) * scale);
+          std::memcpy(query.data() + i, &scaled, sizeof(scaled));
+        }
         widen(k.data_ptr<T>() + r * k.stride(0) + h * D, own_k.data(), D);
         widen(v.data_ptr<T>() + r * v.stride(0) + h * D, own_v.data(), D);
         attend_kv_head<T, D>(query.data(), kc + h * num_slots * D, vc + h * num_slots * D,
@@ -451,10 +498,15 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = gu + r * 2 * width;
       const T* up = gate + width;
-      for (int64_t i = 0; i < width; ++i) {
+      T* y = ys + r * width;
+      int64_t i = 0;
+      for (; i + 16 <= width; i += 16) {
+        const f32x16 g = load16(gate + i);
+        store16(y + i, round16<T>(g / (1.f + exp16(-g))) * load16(up + i));
+      }
+      for (; i < width; ++i) {
         const float g = to_f(gate[i]);
-        const T act = store<T>(g / (1.f + exp_approx(-g)));
-        ys[r * width + i] = store<T>(to_f(act) * to_f(up[i]));
+        y[i] = store<T>(rounded<T>(g / (1.f + exp_approx(-g))) * to_f(up[i]));
       }
     }
   });
@@ -467,7 +519,9 @@ void add_inplace(at::Tensor& x, const at::Tensor& y) {
   T* xs = x.data_ptr<T>();
   const T* ys = y.data_ptr<T>();
   const int64_t n = x.numel();
-  for (int64_t i = 0; i < n; ++i) xs[i] = store<T>(to_f(xs[i]) + to_f(ys[i]));
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(xs + i, load16(xs + i) + load16(ys + i));
+  for (; i < n; ++i) xs[i] = store<T>(to_f(xs[i]) + to_f(ys[i]));
 }
 
 class DecodeStep {

@@ -97,7 +97,7 @@ class ModelRunner:
             hidden = hidden[inputs.sample_indices]
         if not sampled:
             return []
-        logits = self.model.compute_logits(hidden)
+        logits = self.model.lm_head(hidden)  # model dtype: the sampler widens it only when it needs to
         rows = [self._sampling_row(item) for item in sampled]
         result = self.sampler(logits, rows)
         return [
