@@ -327,6 +327,17 @@ def test_in_process_offline_and_closed_loop(in_process, tokenizer) -> None:
     assert single.metrics["decode_gb_per_s"]["median"] > 0
 
 
+def test_in_process_pause_ends_the_worker_and_resume_serves_again(in_process, tokenizer) -> None:
+    backend, loop = in_process
+    engine, before = backend.engine, backend._thread
+    loop.run_until_complete(backend.pause())
+    assert backend._thread is None and before is not None and not before.is_alive()
+    loop.run_until_complete(backend.resume())
+    assert backend._thread is not None and backend._thread.is_alive() and backend.engine is engine  # not reloaded
+    workload = wl.synthetic(tokenizer, 2, (16, 16), (4, 4))
+    _check_run(loop.run_until_complete(run_once(backend, workload, RunSpec("offline"), progress=False)), 2, 4)
+
+
 def test_in_process_multi_turn_sends_follow_ups_after_replies(in_process, tokenizer) -> None:
     backend, loop = in_process
     workload = wl.multi_turn(tokenizer, 2, 2, (6, 6), (4, 4), seed=1)

@@ -47,6 +47,17 @@ def test_greedy_bf16_and_slow_path_agree() -> None:
     assert slow[:3] == fast[:3] == logits.float().argmax(dim=-1).tolist()[:3]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_ties_pick_the_first_maximum(dtype: torch.dtype) -> None:
+    # Few distinct values: most rows hold several maxima, and greedy must name the first, as argmax does.
+    torch.manual_seed(0)
+    logits = torch.randint(0, 4, (64, 49152)).to(dtype)
+    logits[0, 100] = logits[0, 40000] = 9.0
+    out = Sampler()(logits, [row(temperature=0.0) for _ in range(64)]).token_ids
+    assert out == logits.float().argmax(dim=-1).tolist()
+    assert out[0] == 100
+
+
 def test_greedy_independent_of_batch() -> None:
     torch.manual_seed(0)
     logits = torch.randn(6, 40)

@@ -25,6 +25,7 @@ import uvicorn
 
 from tokenmill import SamplingParams
 from tokenmill.config import EngineConfig
+from tokenmill.model.gguf_file import ModelLoadError
 from tokenmill.server.app import create_app
 from tokenmill.server.async_engine import AsyncEngine
 
@@ -107,6 +108,38 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 
 # ---- OpenAI SDK: completions and chat ------------------------------------------------------------------------
+
+
+def test_engine_is_built_and_stepped_on_one_thread(engine, server, client) -> None:
+    # OpenMP pools on two threads made every decode step ~2x slower (AsyncEngine.from_config).
+    steppers: set[threading.Thread] = set()
+    step = engine.engine.step
+
+    def recording_step():  # type: ignore[no-untyped-def]
+        steppers.add(threading.current_thread())
+        return step()
+
+    engine.engine.step = recording_step  # type: ignore[method-assign]
+    try:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
+    finally:
+        del engine.engine.step
+    assert steppers == {engine._home_thread}
+    assert engine._home_thread is not threading.main_thread()
+
+
+def test_from_config_raises_the_load_error_in_the_caller(tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match="model file not found"):
+        AsyncEngine.from_config(EngineConfig(model=str(tmp_path / "missing.gguf")))
+
+
+def test_shutdown_before_start_ends_the_engine_thread(model_path) -> None:
+    async_engine = AsyncEngine.from_config(EngineConfig(model=str(model_path), dtype="float32", num_kv_blocks=16))
+    home = async_engine._home_thread
+    assert home is not None and home.is_alive() and not async_engine.is_running
+    async_engine.shutdown()
+    home.join(10)
+    assert not home.is_alive()
 
 
 def test_health_and_models(server, client) -> None:

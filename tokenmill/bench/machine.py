@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -83,7 +84,21 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def measure_ceilings(dtype: str = "bfloat16", threads: int | None = None) -> dict[str, float]:
-    """Large-array read bandwidth (GB/s) and a 2048² matmul's GFLOP/s at `dtype`, best of 5, on `threads`."""
+    """Large-array read bandwidth (GB/s) and a 2048² matmul's GFLOP/s at `dtype`, best of 5, on `threads`.
+
+    Measured on a thread of its own that then exits: OpenMP keeps a worker pool per thread that ran parallel work,
+    and a pool left on the caller's thread would slow down an engine stepped on another thread (see
+    `AsyncEngine.from_config`)."""
+    result: dict[str, float] = {}
+    worker = threading.Thread(target=lambda: result.update(_measure_ceilings(dtype, threads)), name="ceilings")
+    worker.start()
+    worker.join()
+    if not result:
+        raise RuntimeError("measuring the machine's ceilings failed (see the traceback above)")
+    return result
+
+
+def _measure_ceilings(dtype: str, threads: int | None) -> dict[str, float]:
     import torch
 
     from tokenmill.config import DTYPES

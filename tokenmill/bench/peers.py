@@ -150,9 +150,8 @@ class TransformersBackend(WorkerThreadBackend):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self._load)
-        self.memory = dense_memory_model(model_config(self.model_path), self.dtype)
         await self._start_worker("bench-transformers")
+        self.memory = dense_memory_model(model_config(self.model_path), self.dtype)
 
     def _load(self) -> None:
         import torch
@@ -176,6 +175,14 @@ class TransformersBackend(WorkerThreadBackend):
         self.tokenizer = Tokenizer.from_gguf_metadata(gguf_file(str(self.model_path)).metadata)
         self.versions = {"transformers": transformers.__version__,
                          "attn_implementation": self.model.config._attn_implementation}
+
+    def _prepare(self) -> None:
+        import torch
+
+        if self.tokenizer is None:
+            self._load()
+        elif self.threads:
+            torch.set_num_threads(self.threads)
 
     def _run(self) -> None:
         while True:

@@ -171,9 +171,11 @@ class Sampler:
         if logits.shape[0] != len(rows):
             raise ValueError(f"logits has {logits.shape[0]} rows but {len(rows)} sampling rows were given")
         if all(_is_plain_greedy(r) for r in rows):
-            # The common benchmark path: no penalties, one argmax and one host transfer, and no fp32 copy (widening is
-            # exact, so the argmax is the same; at 256 rows that copy is 50 MB, fresh pages every step).
-            return SamplerOutput(token_ids=logits.argmax(dim=-1).tolist(), logprobs=[None] * len(rows))
+            # The common benchmark path: no penalties, one reduction and one host transfer, and no fp32 copy (widening
+            # is exact, so the choice is the same; at 256 rows that copy is 50 MB, fresh pages every step). `max`
+            # returns the first maximal index as argmax does, but is vectorized for bf16 where argmax is not (measured
+            # over 49,152 logits: 0.03 vs 0.15 ms at 1 row, 3.5 vs 19 ms at 256).
+            return SamplerOutput(token_ids=logits.max(dim=-1).indices.tolist(), logprobs=[None] * len(rows))
         logits = logits.float()
         tokens = self._select(logits, rows)
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=_logprobs(logits, tokens, rows))
