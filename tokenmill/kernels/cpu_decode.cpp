@@ -98,8 +98,8 @@ inline void widen(const T* src, float* dst, int64_t n) {
 }
 
 // 16 fp32 lanes as a GCC/Clang vector type: one AVX-512 register here, two AVX2 or four SSE registers elsewhere.
-// The attention loops below are written on it because the compiler would not vectorize their short dot products
-// (64-element rows followed by a horizontal sum) well on its own.
+// The loops below are written on it because the compiler vectorized neither the bf16 rounding nor attention's short
+// dot products (64-element rows followed by a horizontal sum) on its own: they ran as scalar code.
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
@@ -187,16 +187,6 @@ inline float fold(float* lanes) {
   for (int width = kLanes / 2; width >= 1; width /= 2)
     for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
   return lanes[0];
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float lanes[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
-  float sum = fold(lanes);
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
 }
 
 inline float sum(const float* a, int64_t n) {
