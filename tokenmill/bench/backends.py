@@ -41,6 +41,15 @@ class Backend(abc.ABC):
     async def stop(self) -> None:
         """Release what `start` acquired."""
 
+    async def pause(self) -> None:
+        """Between this backend's runs: release what it need not hold while others are measured (see
+        WorkerThreadBackend); `resume` takes it back. Nothing, by default."""
+        return
+
+    async def resume(self) -> None:
+        """Before each of this backend's runs, after `start` or `pause`. Nothing, by default."""
+        return
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": type(self).__name__}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.bench import workloads as wl
-from tokenmill.bench.backends import EOS_MODES, Backend, InProcessBackend, OpenAIHTTPBackend, WorkerThreadBackend
+from tokenmill.bench.backends import EOS_MODES, Backend, InProcessBackend, OpenAIHTTPBackend
 from tokenmill.bench.metrics import SLO, passes_slo
 from tokenmill.bench.scenarios import SCENARIOS, RunResult, RunSpec, run_once, search_max_rate
 
@@ -259,13 +259,11 @@ async def run_all(args: argparse.Namespace, backends: list[Backend], workload: w
     async def run(backend: Backend, spec: RunSpec, repeat: int) -> RunResult:
         if isinstance(backend, InProcessBackend) and not args.keep_prefix_cache:
             backend.reset_prefix_cache()
-        if isinstance(backend, WorkerThreadBackend):
-            await backend.resume()
+        await backend.resume()
         try:
             result = await run_once(backend, workload, spec, progress, slo, repeat)
         finally:
-            if isinstance(backend, WorkerThreadBackend):
-                await backend.pause()
+            await backend.pause()
         runs.append(result)
         m = result.metrics
         print(f"{backend.name} · {spec.label} · repeat {repeat + 1}: {m['completed']}/{m['num_requests']} ok, "
@@ -320,8 +318,7 @@ async def _main(args: argparse.Namespace) -> int:
         for backend in backends:
             began = time.perf_counter()
             await backend.start()
-            if isinstance(backend, WorkerThreadBackend):
-                await backend.pause()  # one in-process backend's threads at a time (WorkerThreadBackend)
+            await backend.pause()  # one in-process backend's threads at a time (WorkerThreadBackend)
             print(f"{backend.name}: ready in {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
         report["backends"] = {b.name: b.describe() | {"memory": b.memory.to_json() if b.memory else None}
                               for b in backends}

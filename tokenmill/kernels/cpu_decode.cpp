@@ -157,27 +157,31 @@ inline void store16(T* dst, f32x16 v) {
   }
 }
 
-// exp(x) for x <= 88.7 by range reduction and a degree-6 polynomial (Cephes' coefficients; ~1 ulp): unlike std::exp
-// it has no branches or errno, so loops over it vectorize. Underflows to ~1e-38 rather than 0 below -87.3.
-inline float exp_approx(float x) {
-  x = std::max(x, -87.3f);
-  const float scaled = x * 1.44269504088896341f;
-  const int32_t n = static_cast<int32_t>(scaled + (scaled >= 0.f ? 0.5f : -0.5f));
-  const float nf = static_cast<float>(n);
-  float r = x - nf * 0.693359375f;
+// exp(x) for x <= 88.7 on 16 lanes by range reduction and a degree-6 polynomial (Cephes' coefficients; ~1 ulp):
+// unlike std::exp it has no branches or errno. Underflows to ~1e-38 rather than 0 below -87.3.
+inline f32x16 exp16(f32x16 x) {
+  const f32x16 zero = {};
+  x = x < zero - 87.3f ? zero - 87.3f : x;
+  const f32x16 scaled = x * 1.44269504088896341f;
+  const i32x16 n = __builtin_convertvector(scaled + (scaled >= zero ? zero + 0.5f : zero - 0.5f), i32x16);
+  const f32x16 nf = __builtin_convertvector(n, f32x16);
+  f32x16 r = x - nf * 0.693359375f;
   r = r + nf * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  f32x16 p = zero + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const int32_t bits = (n + 127) << 23;
-  float scale;
+  const i32x16 bits = (n + 127) << 23;
+  f32x16 scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
+
+// The same exp for one value (loop tails), so that a value gets the same result whichever loop it falls in.
+inline float exp_approx(float x) { return exp16(f32x16{} + x)[0]; }
 
 // Reductions keep 16 independent lanes, which the compiler turns into SIMD (it may not reorder a single chain of
 // float adds), and fold them pairwise at the end.
@@ -327,28 +331,6 @@ inline void for_each_cached_row(const T* head_cache, const int64_t* table, int64
     const int64_t start = b * block_size, in_block = std::min(block_size, count - start);
     for (int64_t o = 0; o < in_block; ++o) fn(start + o, block + o * head_dim);
   }
-}
-
-// exp_approx on 16 lanes, operation for operation (so both give the same result for the same input).
-inline f32x16 exp16(f32x16 x) {
-  const f32x16 zero = {};
-  x = x < zero - 87.3f ? zero - 87.3f : x;
-  const f32x16 scaled = x * 1.44269504088896341f;
-  const i32x16 n = __builtin_convertvector(scaled + (scaled >= zero ? zero + 0.5f : zero - 0.5f), i32x16);
-  const f32x16 nf = __builtin_convertvector(n, f32x16);
-  f32x16 r = x - nf * 0.693359375f;
-  r = r + nf * 2.12194440e-4f;
-  f32x16 p = zero + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const i32x16 bits = (n + 127) << 23;
-  f32x16 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
 }
 
 // Scores → probabilities in place, rounded to the model dtype as the eager path's softmax output is.

@@ -161,13 +161,13 @@ def paged_attention(
     out = torch.empty_like(q)
     for group in meta.groups:
         tokens = slice(group.token_start, group.token_start + group.num_tokens)
-        if group.query_scatter is None and kernels is not None:
-            out[tokens] = kernels.decode_attention(q[tokens], k[tokens], v[tokens], k_cache, v_cache,
-                                                   group.block_tables, group.context_lens, block_size)
-            continue
         if group.query_scatter is None:
-            out[tokens] = decode_attention(q[tokens], k[tokens], v[tokens], k_cache, v_cache, group.block_tables,
-                                           group.mask, block_size)
+            if kernels is not None:
+                out[tokens] = kernels.decode_attention(q[tokens], k[tokens], v[tokens], k_cache, v_cache,
+                                                       group.block_tables, group.context_lens, block_size)
+            else:
+                out[tokens] = decode_attention(q[tokens], k[tokens], v[tokens], k_cache, v_cache,
+                                               group.block_tables, group.mask, block_size)
             continue
         q_pad = q.new_zeros(group.num_seqs * group.max_q, num_heads, head_dim)
         q_pad[group.query_scatter] = q[tokens]
