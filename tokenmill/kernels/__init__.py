@@ -14,7 +14,7 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+_SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_decode.cpp", "gguf_matmul.cpp")]
 # -ffp-contract=off: no FMA contraction, so fp32 rounding matches the eager operators (see the source's header).
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 
@@ -49,7 +49,7 @@ def _compile() -> KernelBuild:
     try:
         from torch.utils.cpp_extension import load
 
-        module = load(name="tokenmill_cpu_decode", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+        module = load(name="tokenmill_cpu_decode", sources=_SOURCES, extra_cflags=_CFLAGS,
                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # a missing compiler or ninja: the engine falls back to the eager step
         return KernelBuild(None, time.perf_counter() - started, f"{type(exc).__name__}: {exc}")

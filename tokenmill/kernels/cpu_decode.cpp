@@ -15,6 +15,8 @@
 
 #include <torch/extension.h>
 
+#include "gguf_matmul.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -28,15 +30,18 @@
 
 namespace {
 
-enum class WeightKind : int64_t { Float = 0, Int8 = 1, Int4 = 2 };
+enum class WeightKind : int64_t { Float = 0, Int8 = 1, Int4 = 2, GgufQ4 = 3, GgufQ8 = 4 };
 
 // A linear layer in one of the weight formats of tokenmill/model/linear.py.
 struct LinearWeights {
   WeightKind kind;
-  at::Tensor weight;        // Float: [N, K]; Int8: qweight [N, K]; Int4: the int4pack-packed codes
-  at::Tensor scales;        // Int8: [N]; Int4: scales_and_zeros [K / group, N, 2]; Float: unused
+  at::Tensor weight;        // Float: [N, K]; Int8: qweight [N, K]; Int4: the int4pack-packed codes; GgufQ4: nibbles;
+                            // GgufQ8: codes [N, K]
+  at::Tensor scales;        // Int8: [N]; Int4: scales_and_zeros [K / group, N, 2]; Gguf: d [N, K / 32]; Float: unused
+  at::Tensor minimums;      // GgufQ4: m [N, K / 32]; others: unused
   std::optional<at::Tensor> bias;
   int64_t group_size;
+  int64_t out_features;
 
   at::Tensor apply(const at::Tensor& x) const {
     at::Tensor y;
@@ -48,6 +53,12 @@ struct LinearWeights {
         break;
       case WeightKind::Int4:
         y = at::_weight_int4pack_mm_for_cpu(x, weight, group_size, scales);
+        break;
+      case WeightKind::GgufQ4:
+        y = tokenmill::q4_matmul(x, weight, scales, minimums, out_features, false);
+        break;
+      case WeightKind::GgufQ8:
+        y = tokenmill::q8_matmul(x, weight, scales, out_features, false);
         break;
     }
     return bias ? y + *bias : y;
@@ -555,11 +566,11 @@ class DecodeStep {
   int64_t num_heads_, kv_heads_, head_dim_;
 };
 
-LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, std::optional<at::Tensor> bias,
-                          int64_t group_size) {
-  TORCH_CHECK(kind >= 0 && kind <= 2, "unknown weight kind ", kind);
-  return LinearWeights{static_cast<WeightKind>(kind), std::move(weight), std::move(scales), std::move(bias),
-                       group_size};
+LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, at::Tensor minimums,
+                          std::optional<at::Tensor> bias, int64_t group_size, int64_t out_features) {
+  TORCH_CHECK(kind >= 0 && kind <= 4, "unknown weight kind ", kind);
+  return LinearWeights{static_cast<WeightKind>(kind), std::move(weight), std::move(scales), std::move(minimums),
+                       std::move(bias), group_size, out_features};
 }
 
 }  // namespace
@@ -570,8 +581,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("block_size"),
         py::call_guard<py::gil_scoped_release>());
-  m.def("make_linear", &make_linear, py::arg("kind"), py::arg("weight"), py::arg("scales"), py::arg("bias"),
-        py::arg("group_size"));
+  m.def("make_linear", &make_linear, py::arg("kind"), py::arg("weight"), py::arg("scales"), py::arg("minimums"),
+        py::arg("bias"), py::arg("group_size"), py::arg("out_features"));
+  m.def("q4_matmul", &tokenmill::q4_matmul, py::arg("x"), py::arg("packed"), py::arg("d"), py::arg("m"),
+        py::arg("out_features"), py::arg("fp32_output") = false, py::call_guard<py::gil_scoped_release>());
+  m.def("q8_matmul", &tokenmill::q8_matmul, py::arg("x"), py::arg("packed"), py::arg("d"), py::arg("out_features"),
+        py::arg("fp32_output") = false, py::call_guard<py::gil_scoped_release>());
   py::class_<LayerWeights>(m, "LayerWeights")
       .def(py::init<LinearWeights, LinearWeights, LinearWeights, LinearWeights, at::Tensor, at::Tensor>(),
            py::arg("qkv"), py::arg("o"), py::arg("gate_up"), py::arg("down"), py::arg("attn_norm"),

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.model.linear import FloatLinear, Int4Linear, Int8Linear, Linear
+from tokenmill.model.linear import FloatLinear, GgufQ4Linear, GgufQ8Linear, Int4Linear, Int8Linear, Linear
 from tokenmill.model.llama import KVCache, LlamaModel
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
@@ -20,12 +20,18 @@ def supports(model: LlamaModel) -> bool:
 
 
 def _linear(kernels: ModuleType, layer: Linear) -> Any:
+    unused = torch.empty(0)
     if isinstance(layer, FloatLinear):
-        return kernels.make_linear(0, layer.weight, torch.empty(0), layer.bias, 0)
+        return kernels.make_linear(0, layer.weight, unused, unused, layer.bias, 0, layer.out_features)
     if isinstance(layer, Int8Linear):
-        return kernels.make_linear(1, layer.qweight, layer.scales, layer.bias, 0)
+        return kernels.make_linear(1, layer.qweight, layer.scales, unused, layer.bias, 0, layer.out_features)
     if isinstance(layer, Int4Linear):
-        return kernels.make_linear(2, layer.packed, layer.scales_zeros, layer.bias, layer.group_size)
+        return kernels.make_linear(2, layer.packed, layer.scales_zeros, unused, layer.bias, layer.group_size,
+                                   layer.out_features)
+    if isinstance(layer, GgufQ4Linear):
+        return kernels.make_linear(3, layer.packed, layer.scales, layer.minimums, layer.bias, 32, layer.out_features)
+    if isinstance(layer, GgufQ8Linear):
+        return kernels.make_linear(4, layer.packed, layer.scales, unused, layer.bias, 32, layer.out_features)
     raise TypeError(f"no fused decode support for {type(layer).__name__}")
 
 

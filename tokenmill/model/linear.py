@@ -1,21 +1,25 @@
-"""Linear layers in four weight formats: float, int8 and int4 weight-only, and the GGUF file's own 4-bit codes.
+"""Linear layers in four weight formats: float, int8 and int4 weight-only, and the GGUF file's own blocks.
 
 A single-stream decode step reads every weight once, so its time is the weight bytes over memory bandwidth. The
-quantized formats stay packed in memory and multiply with PyTorch's CPU weight-only kernels
-(`_weight_int8pack_mm`: 1 byte per weight, `_weight_int4pack_mm_for_cpu`: half a byte plus a bf16 scale and zero per
-group) instead of dequantizing the model to float. Those kernels have a vectorized path only for bfloat16
-activations — with fp32 or fp16 inputs they were ~50x slower on the dev CPU — so quantized formats require bf16.
+quantized formats stay packed in memory instead of being dequantized to float. int8 and int4 multiply with PyTorch's
+CPU weight-only kernels (`_weight_int8pack_mm`: 1 byte per weight, `_weight_int4pack_mm_for_cpu`: half a byte plus a
+bf16 scale and zero per group); the GGUF formats with tokenmill's own kernel (tokenmill/kernels/gguf_matmul.cpp),
+because PyTorch's kernels would round the file's f16 block scales to bf16 and have no per-block int8 scales. All of
+them have a vectorized path only for bfloat16 activations — PyTorch's were ~50x slower with fp32 or fp16 inputs on
+the dev CPU — so quantized formats require bf16.
 
 Formats:
 - ``float``: every weight dequantized to the model dtype (the exact path in fp32).
 - ``int8``: per-output-channel symmetric int8, the embedding/LM head included.
 - ``int4``: grouped asymmetric int4 (round to nearest) for the decoder layers; the LM head in int8, as 4-bit GGUF
   files themselves keep it at 8 bits.
-- ``gguf``: the file's own Q4_0/Q4_1 codes, groups, scales and minimums used as they are (no re-quantization; the
-  kernel keeps scale and zero in bf16); other tensor types as in ``int8``.
+- ``gguf``: the file's Q4_0/Q4_1 and Q8_0 blocks as stored — codes, f16 scales and minimums — so every weight is
+  exactly the file's value; other tensor types as in ``int8``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +43,10 @@ class Linear(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes a matmul reads from this layer's weights (what bounds a memory-bound decode step)."""
         return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """As the LM head: the output in the model dtype, or in fp32 where the kernel has it before rounding."""
+        return self(x)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of W as activations, for an embedding table tied to the LM head."""
@@ -123,6 +131,140 @@ def _check_group_size(in_features: int, group_size: int) -> None:
     if in_features % group_size:
         raise ValueError(f"int4 group size {group_size} does not divide the layer's input size {in_features}; "
                          f"pick one of {INT4_GROUP_SIZES} that does")
+
+
+TILE_ROWS = 16  # the GGUF kernels' row tile: one fp32 lane per output row
+
+
+class GgufQ4Linear(Linear):
+    """The file's Q4_0/Q4_1 blocks of 32: W[n, 32b + j] = d[n, b] · q + m[n, b] with d, m the stored f16 values.
+
+    Stored repacked for tokenmill/kernels/gguf_matmul.cpp (its header describes the layout): rows in tiles of 16
+    (the last tile padded with zero rows) and, per tile and block, the 16 rows' codes of each k-pair side by side.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        _check_blocks(self.in_features)
+        # [tiles, rows, blocks, half, pair c, element e] -> per tile and block: chunk c, then row, then e.
+        tiles = _row_tiles(codes.to(torch.uint8)).reshape(-1, TILE_ROWS, self.in_features // 32, 2, 8, 2)
+        tiles = tiles.permute(0, 2, 3, 4, 1, 5)
+        packed = tiles[:, :, 0] | (tiles[:, :, 1] << 4)  # k = 2c + e in the low nibble, 16 + 2c + e in the high
+        self.register_buffer("packed", packed.reshape(packed.shape[0], -1).contiguous())
+        self.register_buffer("scales", _tiled_scales(scales, "scales"))
+        self.register_buffer("minimums", _tiled_scales(minimums, "minimums"))
+        self.register_buffer("bias", bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """The file's weights in fp32 (exact: an f16 scale times a 4-bit code plus an f16 minimum fits fp32)."""
+        blocks = self.in_features // 32
+        packed = self.packed.reshape(-1, blocks, 8, TILE_ROWS, 2)
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=2)  # [tiles, blocks, half, c, row, e]
+        codes = codes.permute(0, 4, 1, 2, 3, 5).reshape(-1, blocks, 32)[:self.out_features].float()
+        return (codes * _untiled(self.scales, self.out_features)[..., None]
+                + _untiled(self.minimums, self.out_features)[..., None]).reshape(self.out_features, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, fp32_output=False)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, fp32_output=True)
+
+    def _matmul(self, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
+        kernels = _gguf_kernels()
+        if kernels is None:
+            y = F.linear(x.float(), self.dequantized())
+            return self._add_bias(y if fp32_output else y.to(x.dtype))
+        return self._add_bias(kernels.q4_matmul(x.contiguous(), self.packed, self.scales, self.minimums,
+                                                self.out_features, fp32_output))
+
+
+class GgufQ8Linear(Linear):
+    """The file's Q8_0 blocks of 32: W[n, 32b + j] = d[n, b] · q[n, 32b + j] with d the stored f16 value; stored in
+    row tiles of 16 like `GgufQ4Linear`, each k-pair's 16 rows side by side."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        _check_blocks(self.in_features)
+        tiles = _row_tiles(codes.to(torch.int8)).reshape(-1, TILE_ROWS, self.in_features // 32, 16, 2)
+        packed = tiles.permute(0, 2, 3, 1, 4)  # [tiles, blocks, pair j, row, element e]
+        self.register_buffer("packed", packed.reshape(packed.shape[0], -1).contiguous())
+        self.register_buffer("scales", _tiled_scales(scales, "scales"))
+        self.register_buffer("bias", bias)
+
+    def dequantized(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `ids` (all by default) of the file's weights in fp32."""
+        ids = torch.arange(self.out_features) if ids is None else ids
+        blocks = self.in_features // 32
+        tiles = self.packed.reshape(-1, blocks, 16, TILE_ROWS, 2)
+        codes = tiles[ids // TILE_ROWS, :, :, ids % TILE_ROWS, :].reshape(-1, blocks, 32).float()
+        scales = self.scales[ids // TILE_ROWS, :, ids % TILE_ROWS].float()
+        return (codes * scales[..., None]).reshape(-1, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, fp32_output=False)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, fp32_output=True)
+
+    def _matmul(self, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
+        kernels = _gguf_kernels()
+        if kernels is None:
+            y = F.linear(x.float(), self.dequantized())
+            return self._add_bias(y if fp32_output else y.to(x.dtype))
+        return self._add_bias(kernels.q8_matmul(x.contiguous(), self.packed, self.scales, self.out_features,
+                                                fp32_output))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.dequantized(ids).to(torch.bfloat16)
+
+
+def _check_blocks(in_features: int) -> None:
+    if in_features % 32:
+        raise ValueError(f"GGUF blocks hold 32 weights; the layer's input size {in_features} is not a multiple")
+
+
+def _row_tiles(rows: torch.Tensor) -> torch.Tensor:
+    """rows padded with zero rows to a multiple of TILE_ROWS."""
+    return F.pad(rows, (0, 0, 0, -rows.shape[0] % TILE_ROWS))
+
+
+def _tiled_scales(values: torch.Tensor, what: str) -> torch.Tensor:
+    """[N, blocks] f16 values as [tiles, blocks, 16]: one vector per tile and block."""
+    half = _row_tiles(_exact_half(values, what))
+    return half.reshape(-1, TILE_ROWS, half.shape[1]).transpose(1, 2).contiguous()
+
+
+def _untiled(values: torch.Tensor, rows: int) -> torch.Tensor:
+    return values.transpose(1, 2).reshape(-1, values.shape[1])[:rows].float()
+
+
+def _exact_half(values: torch.Tensor, what: str) -> torch.Tensor:
+    half = values.to(torch.float16)
+    if not torch.equal(half.float(), values.float()):
+        raise ValueError(f"GGUF block {what} must be float16 values, as the file stores them")
+    return half
+
+
+def _gguf_kernels() -> Any:
+    """The C++ kernels, or None where they cannot be built (then the GGUF formats fall back to an fp32 matmul)."""
+    from tokenmill.kernels import cpu_decode_kernels
+
+    return cpu_decode_kernels().module
+
+
+def gguf_q8_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [rows, cols] int8 and f16 scales [rows, cols / 32] of a Q8_0 tensor: blocks of an f16 d and 32 int8."""
+    if type_name != "Q8_0":
+        raise ValueError(f"expected a Q8_0 tensor, got {type_name}")
+    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, 34)
+    d = blocks[:, 0:2].copy().view(np.float16)[:, 0]
+    codes = blocks[:, 2:].copy().view(np.int8)
+    rows, cols = shape
+    return torch.from_numpy(codes).reshape(rows, cols), torch.from_numpy(d).reshape(rows, cols // 32)
 
 
 def gguf_q4_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:

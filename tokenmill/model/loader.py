@@ -6,7 +6,17 @@ import torch
 
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile
-from tokenmill.model.linear import FloatLinear, Int4Linear, Int8Linear, Linear, check_weight_format, gguf_q4_codes
+from tokenmill.model.linear import (
+    FloatLinear,
+    GgufQ4Linear,
+    GgufQ8Linear,
+    Int4Linear,
+    Int8Linear,
+    Linear,
+    check_weight_format,
+    gguf_q4_codes,
+    gguf_q8_codes,
+)
 from tokenmill.model.llama import DecoderLayer, LlamaModel
 
 
@@ -42,20 +52,28 @@ class _LayerBuilder:
             return unpermute_rope_rows(rows, self.cfg.num_kv_heads)
         return rows
 
-    def _file_codes(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The file's own 4-bit codes of tensors stacked by rows, when all of them are Q4_0/Q4_1."""
-        if any(self.file.tensor_type(n) not in ("Q4_0", "Q4_1") for n in names):
-            return None
-        parts = [gguf_q4_codes(*self.file.raw_tensor(n)) for n in names]
-        return tuple(torch.cat([self._unpermute(n, p[i]) for n, p in zip(names, parts, strict=True)])
-                     for i in range(3))  # type: ignore[return-value]
+    def _file_blocks(self, names: list[str], bias: torch.Tensor | None) -> Linear | None:
+        """The file's own blocks of tensors stacked by rows, when all of them are Q4_0/Q4_1 or all Q8_0."""
+        types = {self.file.tensor_type(n) for n in names}
+        if types <= {"Q4_0", "Q4_1"}:
+            parts = [gguf_q4_codes(*self.file.raw_tensor(n)) for n in names]
+            return GgufQ4Linear(*self._stack(names, parts), bias=bias)
+        if types == {"Q8_0"}:
+            parts = [gguf_q8_codes(*self.file.raw_tensor(n)) for n in names]
+            return GgufQ8Linear(*self._stack(names, parts), bias=bias)
+        return None
+
+    def _stack(self, names: list[str], parts: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+        """Per-row tensors (codes, scales, ...) of several GGUF tensors stacked, q/k rows in rotary order."""
+        return [torch.cat([self._unpermute(n, p[i]) for n, p in zip(names, parts, strict=True)])
+                for i in range(len(parts[0]))]
 
     def linear(self, names: list[str], bias_names: list[str] | None = None, head: bool = False) -> Linear:
         """One linear layer whose weight is the named tensors stacked by rows (fused qkv, gate_up)."""
         bias = torch.cat([self.float_tensor(n) for n in bias_names]).to(self.device) if bias_names else None
         fmt = self.weight_format
-        if fmt == "gguf" and not head and (codes := self._file_codes(names)) is not None:
-            return Int4Linear(*codes, group_size=32, dtype=self.dtype, bias=bias).to(self.device)
+        if fmt == "gguf" and (blocks := self._file_blocks(names, bias)) is not None:
+            return blocks.to(self.device)
         weight = torch.cat([self._unpermute(n, self.file.tensor(n, torch.float32)) for n in names])
         if fmt == "float":
             return FloatLinear(weight.to(self.dtype), bias).to(self.device)

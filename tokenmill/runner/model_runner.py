@@ -97,7 +97,7 @@ class ModelRunner:
             hidden = hidden[inputs.sample_indices]
         if not sampled:
             return []
-        logits = self.model.lm_head(hidden)  # model dtype: the sampler widens it only when it needs to
+        logits = self.model.lm_head.logits(hidden)  # model dtype or fp32: the sampler widens only when it must
         rows = [self._sampling_row(item) for item in sampled]
         result = self.sampler(logits, rows)
         return [

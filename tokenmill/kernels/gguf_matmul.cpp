@@ -1,0 +1,306 @@
+// Matmuls over the GGUF file's own Q4_0/Q4_1 and Q8_0 blocks, with the file's exact weights.
+//
+// Why our own kernel: PyTorch's int4 weight-only kernel takes bf16 scales and zeros, so running the file's Q4_1 codes
+// through it rounds every block's f16 scale and minimum to 8 significant bits, and its int8 kernel has one scale per
+// row where Q8_0 has one per 32 weights. Here each weight is the file's d · q + m with d and m the stored f16 values.
+//
+// Arithmetic: activations are bf16 and the codes are small integers, which bf16 holds exactly, so AVX512-BF16 dot
+// products give exact x · q products summed in fp32. Each 32-weight block's sum is scaled by its d in fp32 and a Q4
+// block adds m · Σx. Every output element goes through the same sequence of operations whatever the batch size or
+// the thread count, so results are batch invariant.
+//
+// Layout (made by tokenmill/model/linear.py): weight rows in tiles of 16, and within a tile and a block, the codes of
+// the 16 rows for k-pairs (2j, 2j + 1) side by side, so one dot-product instruction advances 16 output rows by two
+// inputs and the accumulator lanes are the outputs themselves (no horizontal sums, one vector store per 16 outputs).
+// A Q4 tile-block is 8 chunks of 32 bytes: byte 2r + e of chunk c holds row r's code for k = 2c + e in its low nibble
+// and for k = 16 + 2c + e in its high one; the nibbles index a 16-entry bf16 table (vpermw). A Q8 tile-block is 16
+// chunks of 32 int8 codes, byte 2r + e of chunk j for k = 2j + e. Scales (and Q4 minimums) are [tiles, blocks, 16].
+//
+// Speed: one decode token reads each weight once, so with one activation row the unpacking has to keep up with
+// memory; with many rows each unpacked chunk is reused by up to kActTile of them, and a group of kTileGroup row tiles
+// stays in cache while all activation tiles pass over it.
+
+#include "gguf_matmul.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace tokenmill {
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kRows = 16;              // weight rows per tile: one fp32 lane each
+constexpr int64_t kTileGroup = 4;          // row tiles kept in cache while every activation tile passes over them
+constexpr int kActTile = 6;                // activation rows sharing one unpacked chunk (registers: 2 chains each)
+constexpr int64_t kSerialWork = 1 << 18;   // multiply-adds below which waking the thread pool costs more than it saves
+constexpr int64_t kQ4TileBlockBytes = kRows * kBlock / 2;
+constexpr int64_t kQ8TileBlockBytes = kRows * kBlock;
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float v;
+  std::memcpy(&v, &wide, sizeof v);
+  return v;
+}
+
+// Runs fn(first_tile, end_tile) over row tiles, split across torch's thread pool when the matmul is large enough.
+template <typename F>
+void over_row_tiles(int64_t tiles, int64_t work, const F& fn) {
+  if (work < kSerialWork) {
+    fn(0, tiles);
+    return;
+  }
+  at::parallel_for(0, tiles, 1, fn);
+}
+
+// y[:, rows of tiles [begin, end)]: tile_kernel(tile, i0, act_rows, out) fills out[act_rows][16] in fp32.
+template <typename Out, typename TileKernel>
+void tiled(int64_t M, int64_t N, int64_t begin, int64_t end, Out* y, const TileKernel& tile_kernel) {
+  float out[kActTile * kRows];
+  for (int64_t g = begin; g < end; g += kTileGroup) {
+    const int64_t g_end = std::min(end, g + kTileGroup);
+    for (int64_t i0 = 0; i0 < M; i0 += kActTile) {
+      const int act_rows = static_cast<int>(std::min<int64_t>(kActTile, M - i0));
+      for (int64_t t = g; t < g_end; ++t) {
+        tile_kernel(t, i0, act_rows, out);
+        const int64_t n0 = t * kRows, valid = std::min(kRows, N - n0);
+        for (int i = 0; i < act_rows; ++i)
+          for (int64_t r = 0; r < valid; ++r) y[(i0 + i) * N + n0 + r] = Out(out[i * kRows + r]);
+      }
+    }
+  }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+
+// bf16 bit patterns of 0..15, indexed by a word's low 5 bits (16..31 repeat them).
+inline __m512i code_table() {
+  alignas(64) uint16_t bits[32];
+  for (int i = 0; i < 32; ++i) {
+    const float value = static_cast<float>(i % 16);
+    uint32_t wide;
+    std::memcpy(&wide, &value, sizeof wide);
+    bits[i] = static_cast<uint16_t>(wide >> 16);  // exact: at most 4 significant bits
+  }
+  return _mm512_load_si512(bits);
+}
+
+inline __m512bh pair_of(const uint16_t* x, int64_t k) {
+  int32_t both;
+  std::memcpy(&both, x + k, sizeof both);
+  return (__m512bh)_mm512_set1_epi32(both);
+}
+
+inline __m512 widen_scales(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// One Q4 row tile against Tile activation rows (x: stride K; sums: each block's Σx, stride blocks).
+template <int Tile>
+void q4_tile(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const uint16_t* x, int64_t K,
+             const float* sums, float* out) {
+  const __m512i table = code_table(), low_nibble = _mm512_set1_epi16(0x0F);
+  __m512 acc[Tile];
+  for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    // Two dot-product chains per activation row (low and high nibbles) halve the latency each block waits on.
+    __m512 low[Tile], high[Tile];
+    for (int i = 0; i < Tile; ++i) low[i] = high[i] = _mm512_setzero_ps();
+    const uint8_t* chunk = w + b * kQ4TileBlockBytes;
+    for (int64_t c = 0; c < 8; ++c) {
+      const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * c)));
+      const __m512bh w_low = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(codes, low_nibble), table);
+      const __m512bh w_high = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table);
+      for (int i = 0; i < Tile; ++i) {
+        const uint16_t* xb = x + i * K + b * kBlock;
+        low[i] = _mm512_dpbf16_ps(low[i], pair_of(xb, 2 * c), w_low);
+        high[i] = _mm512_dpbf16_ps(high[i], pair_of(xb, 16 + 2 * c), w_high);
+      }
+    }
+    const __m512 scale = widen_scales(d + b * kRows), minimum = widen_scales(m + b * kRows);
+    for (int i = 0; i < Tile; ++i) {
+      acc[i] = _mm512_fmadd_ps(_mm512_add_ps(low[i], high[i]), scale, acc[i]);
+      acc[i] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(sums[i * blocks + b]), acc[i]);
+    }
+  }
+  for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
+}
+
+// One Q8_0 row tile against Tile activation rows. Codes widen to fp32 and pack to bf16 (exact for -128..127).
+template <int Tile>
+void q8_tile(const int8_t* w, const at::Half* d, int64_t blocks, const uint16_t* x, int64_t K, float* out) {
+  __m512 acc[Tile];
+  for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512 even[Tile], odd[Tile];
+    for (int i = 0; i < Tile; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+    const int8_t* chunk = w + b * kQ8TileBlockBytes;
+    for (int64_t j = 0; j < 16; ++j) {
+      const __m128i* p = reinterpret_cast<const __m128i*>(chunk + 32 * j);
+      const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
+      const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)));
+      const __m512bh codes = _mm512_cvtne2ps_pbh(second, first);
+      for (int i = 0; i < Tile; ++i) {
+        __m512& chain = (j % 2 == 0) ? even[i] : odd[i];
+        chain = _mm512_dpbf16_ps(chain, pair_of(x + i * K + b * kBlock, 2 * j), codes);
+      }
+    }
+    const __m512 scale = widen_scales(d + b * kRows);
+    for (int i = 0; i < Tile; ++i) acc[i] = _mm512_fmadd_ps(_mm512_add_ps(even[i], odd[i]), scale, acc[i]);
+  }
+  for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
+}
+
+// Calls kernel(std::integral_constant<int, tile>) so the tile size is a compile-time constant.
+template <typename Kernel>
+void with_tile(int tile, const Kernel& kernel) {
+  static_assert(kActTile == 6, "with_tile lists every tile size up to kActTile");
+  switch (tile) {
+    case 1: kernel(std::integral_constant<int, 1>{}); break;
+    case 2: kernel(std::integral_constant<int, 2>{}); break;
+    case 3: kernel(std::integral_constant<int, 3>{}); break;
+    case 4: kernel(std::integral_constant<int, 4>{}); break;
+    case 5: kernel(std::integral_constant<int, 5>{}); break;
+    default: kernel(std::integral_constant<int, 6>{}); break;
+  }
+}
+
+#else
+
+// Portable fallback with the same arithmetic (per-block fp32 sums scaled by d), without the vector instructions.
+void q4_tile_scalar(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const uint16_t* x,
+                    int64_t K, const float* sums, int act_rows, float* out) {
+  for (int i = 0; i < act_rows; ++i)
+    for (int64_t r = 0; r < kRows; ++r) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        float dot = 0.0f;
+        for (int64_t c = 0; c < 8; ++c)
+          for (int64_t e = 0; e < 2; ++e) {
+            const uint8_t byte = w[b * kQ4TileBlockBytes + 32 * c + 2 * r + e];
+            dot += bf16_to_float(x[i * K + b * kBlock + 2 * c + e]) * static_cast<float>(byte & 0x0F);
+            dot += bf16_to_float(x[i * K + b * kBlock + 16 + 2 * c + e]) * static_cast<float>(byte >> 4);
+          }
+        acc += dot * static_cast<float>(d[b * kRows + r]) + static_cast<float>(m[b * kRows + r]) * sums[i * blocks + b];
+      }
+      out[i * kRows + r] = acc;
+    }
+}
+
+void q8_tile_scalar(const int8_t* w, const at::Half* d, int64_t blocks, const uint16_t* x, int64_t K, int act_rows,
+                    float* out) {
+  for (int i = 0; i < act_rows; ++i)
+    for (int64_t r = 0; r < kRows; ++r) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        float dot = 0.0f;
+        for (int64_t k = 0; k < kBlock; ++k)
+          dot += bf16_to_float(x[i * K + b * kBlock + k]) *
+                 static_cast<float>(w[b * kQ8TileBlockBytes + 32 * (k / 2) + 2 * r + k % 2]);
+        acc += dot * static_cast<float>(d[b * kRows + r]);
+      }
+      out[i * kRows + r] = acc;
+    }
+}
+
+#endif
+
+const uint16_t* activations(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "GGUF block matmuls take contiguous [tokens, in_features] bf16 CPU activations");
+  TORCH_CHECK(x.size(1) == K, "activations have ", x.size(1), " features, the weight ", K);
+  return reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+}
+
+void check_scales(const at::Tensor& s, int64_t tiles, int64_t blocks, const char* what) {
+  TORCH_CHECK(s.scalar_type() == at::kHalf && s.is_contiguous() && s.dim() == 3 && s.size(0) == tiles &&
+                  s.size(1) == blocks && s.size(2) == kRows,
+              what, " must be contiguous float16 [tiles, blocks, 16]");
+}
+
+// Fills y [M, N] (bf16 or fp32) tile by tile, on torch's thread pool when the matmul is large enough.
+template <typename TileKernel>
+void write_tiles(at::Tensor& y, int64_t tiles, int64_t work, const TileKernel& tile_kernel) {
+  const int64_t M = y.size(0), N = y.size(1);
+  const bool fp32 = y.scalar_type() == at::kFloat;
+  over_row_tiles(tiles, work, [&](int64_t begin, int64_t end) {
+    if (fp32)
+      tiled(M, N, begin, end, y.data_ptr<float>(), tile_kernel);
+    else
+      tiled(M, N, begin, end, y.data_ptr<c10::BFloat16>(), tile_kernel);
+  });
+}
+
+}  // namespace
+
+at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,
+                     int64_t N, bool fp32_output) {
+  RECORD_FUNCTION("tokenmill::q4_matmul", std::vector<c10::IValue>());  // named in torch profiler tables
+  const int64_t tiles = packed.size(0), blocks = d.size(1), K = blocks * kBlock;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2 &&
+                  packed.size(1) == blocks * kQ4TileBlockBytes && N > (tiles - 1) * kRows && N <= tiles * kRows,
+              "Q4 codes must be contiguous uint8 [ceil(N / 16), blocks * 256]");
+  check_scales(d, tiles, blocks, "Q4 scales");
+  check_scales(m, tiles, blocks, "Q4 minimums");
+  const at::Tensor x = x_in.contiguous();
+  const uint16_t* xs = activations(x, K);
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(fp32_output ? at::kFloat : at::kBFloat16));
+  if (M == 0) return y;
+  at::Tensor sums = x.view({M, blocks, kBlock}).sum(-1, /*keepdim=*/false, at::kFloat).contiguous();
+  const float* sum_data = sums.data_ptr<float>();
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const at::Half* ds = d.data_ptr<at::Half>();
+  const at::Half* ms = m.data_ptr<at::Half>();
+  const auto tile_kernel = [&](int64_t t, int64_t i0, int act_rows, float* out) {
+      const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
+      const at::Half *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+      with_tile(act_rows, [&](auto tile) {
+        q4_tile<decltype(tile)::value>(wt, dt, mt, blocks, xs + i0 * K, K, sum_data + i0 * blocks, out);
+      });
+#else
+      q4_tile_scalar(wt, dt, mt, blocks, xs + i0 * K, K, sum_data + i0 * blocks, act_rows, out);
+#endif
+  };
+  write_tiles(y, tiles, M * N * K, tile_kernel);
+  return y;
+}
+
+at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, int64_t N,
+                     bool fp32_output) {
+  RECORD_FUNCTION("tokenmill::q8_matmul", std::vector<c10::IValue>());
+  const int64_t tiles = packed.size(0), blocks = d.size(1), K = blocks * kBlock;
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 2 &&
+                  packed.size(1) == blocks * kQ8TileBlockBytes && N > (tiles - 1) * kRows && N <= tiles * kRows,
+              "Q8_0 codes must be contiguous int8 [ceil(N / 16), blocks * 512]");
+  check_scales(d, tiles, blocks, "Q8_0 scales");
+  const at::Tensor x = x_in.contiguous();
+  const uint16_t* xs = activations(x, K);
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(fp32_output ? at::kFloat : at::kBFloat16));
+  if (M == 0) return y;
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const at::Half* ds = d.data_ptr<at::Half>();
+  const auto tile_kernel = [&](int64_t t, int64_t i0, int act_rows, float* out) {
+      const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
+      const at::Half* dt = ds + t * blocks * kRows;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+      with_tile(act_rows, [&](auto tile) { q8_tile<decltype(tile)::value>(wt, dt, blocks, xs + i0 * K, K, out); });
+#else
+      q8_tile_scalar(wt, dt, blocks, xs + i0 * K, K, act_rows, out);
+#endif
+  };
+  write_tiles(y, tiles, M * N * K, tile_kernel);
+  return y;
+}
+
+}  // namespace tokenmill
