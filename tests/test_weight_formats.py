@@ -207,3 +207,20 @@ def test_quantized_greedy_output_is_batch_invariant(quantized_llms, fmt) -> None
     batched = [r.token_ids for r in llm.generate(RAW_PROMPTS[:8], params, use_tqdm=False)]
     alone = [llm.generate(p, params, use_tqdm=False)[0].token_ids for p in RAW_PROMPTS[:8]]
     assert batched == alone
+
+
+def test_gguf_layers_fall_back_to_an_fp32_matmul_without_the_kernels(model_path, monkeypatch) -> None:
+    import tokenmill.model.linear as linear
+
+    layers = file_layers(model_path)
+    gen = torch.Generator().manual_seed(7)
+    inputs = {kind: torch.randn(3, layer.in_features, generator=gen).to(BF16) for kind, layer in layers.items()}
+    with_kernels = {kind: layer.logits(inputs[kind]) for kind, layer in layers.items()}
+    monkeypatch.setattr(linear, "_gguf_kernels", lambda: None)
+    for kind, layer in layers.items():
+        x = inputs[kind]
+        want = x.double() @ layer.dequantized().double().T
+        assert within_output_rounding(layer(x), want)
+        assert layer.logits(x).dtype == torch.float32
+        # Kernel and fallback differ by fp32 summation order only.
+        assert float((layer.logits(x) - with_kernels[kind]).abs().max() / want.abs().max()) < 1e-5

@@ -2,8 +2,8 @@
 //
 // Why: a single-stream decode step of the 135M default model does ~2 ms of weight-bound matmuls but, driven op by op
 // from Python, spent ~5 ms more in ~2,500 small operators (norms, RoPE, KV writes, gathers, softmax, SwiGLU) and their
-// dispatch. Here the layer loop runs in C++: the matmuls stay PyTorch's own kernels (dense, int8 and int4 weight-only),
-// and the small operators are fused loops — RMSNorm, RoPE rotating q and k in place, the KV write, attention reading
+// dispatch. Here the layer loop runs in C++: the matmuls are PyTorch's own kernels (dense, int8 and int4 weight-only)
+// or the GGUF block kernel (gguf_matmul.cpp), and the small operators are fused loops — RMSNorm, RoPE rotating q and k in place, the KV write, attention reading
 // each sequence's blocks where they lie (no gather copy), SwiGLU, residual adds.
 //
 // Rounding follows the eager path (tokenmill/model/llama.py, attention.py) at every point where it rounds to the

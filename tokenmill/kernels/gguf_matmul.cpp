@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace tokenmill {
 namespace {
@@ -220,6 +221,15 @@ const uint16_t* activations(const at::Tensor& x, int64_t K) {
   return reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
 }
 
+// Σx over each block of 32 activations, in fp32 (for the Q4 minimums).
+void block_sums(const uint16_t* x, int64_t blocks, float* sums) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    float total = 0.0f;
+    for (int64_t k = 0; k < kBlock; ++k) total += bf16_to_float(x[b * kBlock + k]);
+    sums[b] = total;
+  }
+}
+
 void check_scales(const at::Tensor& s, int64_t tiles, int64_t blocks, const char* what) {
   TORCH_CHECK(s.scalar_type() == at::kHalf && s.is_contiguous() && s.dim() == 3 && s.size(0) == tiles &&
                   s.size(1) == blocks && s.size(2) == kRows,
@@ -255,8 +265,9 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options().dtype(fp32_output ? at::kFloat : at::kBFloat16));
   if (M == 0) return y;
-  at::Tensor sums = x.view({M, blocks, kBlock}).sum(-1, /*keepdim=*/false, at::kFloat).contiguous();
-  const float* sum_data = sums.data_ptr<float>();
+  std::vector<float> sums(M * blocks);
+  block_sums(xs, M * blocks, sums.data());
+  const float* sum_data = sums.data();
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const at::Half* ds = d.data_ptr<at::Half>();
   const at::Half* ms = m.data_ptr<at::Half>();

@@ -1,5 +1,5 @@
 """The decode step as one C++ call (tokenmill/kernels/cpu_decode.cpp): the layer loop, fused small operators and
-attention over the paged cache in place, with PyTorch's own matmul kernels for every weight format."""
+attention over the paged cache in place, with PyTorch's matmul kernels or the GGUF block kernel per weight format."""
 
 from __future__ import annotations
 
