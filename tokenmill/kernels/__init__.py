@@ -34,6 +34,8 @@ def cpu_decode_kernels() -> KernelBuild:
     """The compiled `cpu_decode` extension, built once per source version (torch caches the build on disk, under
     $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions); `module` is None with the reason when it cannot be built."""
     global _build
+    if _build is not None:  # the GGUF layers ask on every forward: no lock once built
+        return _build
     with _lock:
         if _build is None:
             _build = _compile()

@@ -230,23 +230,32 @@ void block_sums(const uint16_t* x, int64_t blocks, float* sums) {
   }
 }
 
+void check_codes(const at::Tensor& packed, at::ScalarType type, int64_t tile_block_bytes, int64_t blocks, int64_t N,
+                 const char* what) {
+  const int64_t tiles = packed.size(0);
+  TORCH_CHECK(packed.scalar_type() == type && packed.is_contiguous() && packed.dim() == 2 &&
+                  packed.size(1) == blocks * tile_block_bytes && N > (tiles - 1) * kRows && N <= tiles * kRows,
+              what, " must be contiguous [ceil(N / 16), blocks * ", tile_block_bytes, "] of ", type);
+}
+
 void check_scales(const at::Tensor& s, int64_t tiles, int64_t blocks, const char* what) {
   TORCH_CHECK(s.scalar_type() == at::kHalf && s.is_contiguous() && s.dim() == 3 && s.size(0) == tiles &&
                   s.size(1) == blocks && s.size(2) == kRows,
               what, " must be contiguous float16 [tiles, blocks, 16]");
 }
 
-// Fills y [M, N] (bf16 or fp32) tile by tile, on torch's thread pool when the matmul is large enough.
+// y = x Wᵀ [M, N] in bf16 or fp32, filled tile by tile (on torch's thread pool when the matmul is large enough).
 template <typename TileKernel>
-void write_tiles(at::Tensor& y, int64_t tiles, int64_t work, const TileKernel& tile_kernel) {
-  const int64_t M = y.size(0), N = y.size(1);
-  const bool fp32 = y.scalar_type() == at::kFloat;
-  over_row_tiles(tiles, work, [&](int64_t begin, int64_t end) {
+at::Tensor write_tiles(const at::Tensor& x, int64_t N, int64_t tiles, bool fp32, const TileKernel& tile_kernel) {
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
+  over_row_tiles(tiles, M * N * x.size(1), [&](int64_t begin, int64_t end) {
     if (fp32)
       tiled(M, N, begin, end, y.data_ptr<float>(), tile_kernel);
     else
       tiled(M, N, begin, end, y.data_ptr<c10::BFloat16>(), tile_kernel);
   });
+  return y;
 }
 
 }  // namespace
@@ -255,63 +264,47 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
                      int64_t N, bool fp32_output) {
   RECORD_FUNCTION("tokenmill::q4_matmul", std::vector<c10::IValue>());  // named in torch profiler tables
   const int64_t tiles = packed.size(0), blocks = d.size(1), K = blocks * kBlock;
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2 &&
-                  packed.size(1) == blocks * kQ4TileBlockBytes && N > (tiles - 1) * kRows && N <= tiles * kRows,
-              "Q4 codes must be contiguous uint8 [ceil(N / 16), blocks * 256]");
+  check_codes(packed, at::kByte, kQ4TileBlockBytes, blocks, N, "Q4 codes");
   check_scales(d, tiles, blocks, "Q4 scales");
   check_scales(m, tiles, blocks, "Q4 minimums");
   const at::Tensor x = x_in.contiguous();
   const uint16_t* xs = activations(x, K);
-  const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options().dtype(fp32_output ? at::kFloat : at::kBFloat16));
-  if (M == 0) return y;
-  std::vector<float> sums(M * blocks);
-  block_sums(xs, M * blocks, sums.data());
-  const float* sum_data = sums.data();
+  std::vector<float> sums(x.size(0) * blocks);
+  block_sums(xs, x.size(0) * blocks, sums.data());
   const uint8_t* w = packed.data_ptr<uint8_t>();
-  const at::Half* ds = d.data_ptr<at::Half>();
-  const at::Half* ms = m.data_ptr<at::Half>();
-  const auto tile_kernel = [&](int64_t t, int64_t i0, int act_rows, float* out) {
-      const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
-      const at::Half *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
+  const at::Half *ds = d.data_ptr<at::Half>(), *ms = m.data_ptr<at::Half>();
+  return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
+    const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
+    const at::Half *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-      with_tile(act_rows, [&](auto tile) {
-        q4_tile<decltype(tile)::value>(wt, dt, mt, blocks, xs + i0 * K, K, sum_data + i0 * blocks, out);
-      });
+    with_tile(act_rows, [&](auto tile) {
+      q4_tile<decltype(tile)::value>(wt, dt, mt, blocks, xs + i0 * K, K, sums.data() + i0 * blocks, out);
+    });
 #else
-      q4_tile_scalar(wt, dt, mt, blocks, xs + i0 * K, K, sum_data + i0 * blocks, act_rows, out);
+    q4_tile_scalar(wt, dt, mt, blocks, xs + i0 * K, K, sums.data() + i0 * blocks, act_rows, out);
 #endif
-  };
-  write_tiles(y, tiles, M * N * K, tile_kernel);
-  return y;
+  });
 }
 
 at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, int64_t N,
                      bool fp32_output) {
   RECORD_FUNCTION("tokenmill::q8_matmul", std::vector<c10::IValue>());
   const int64_t tiles = packed.size(0), blocks = d.size(1), K = blocks * kBlock;
-  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 2 &&
-                  packed.size(1) == blocks * kQ8TileBlockBytes && N > (tiles - 1) * kRows && N <= tiles * kRows,
-              "Q8_0 codes must be contiguous int8 [ceil(N / 16), blocks * 512]");
+  check_codes(packed, at::kChar, kQ8TileBlockBytes, blocks, N, "Q8_0 codes");
   check_scales(d, tiles, blocks, "Q8_0 scales");
   const at::Tensor x = x_in.contiguous();
   const uint16_t* xs = activations(x, K);
-  const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options().dtype(fp32_output ? at::kFloat : at::kBFloat16));
-  if (M == 0) return y;
   const int8_t* w = packed.data_ptr<int8_t>();
   const at::Half* ds = d.data_ptr<at::Half>();
-  const auto tile_kernel = [&](int64_t t, int64_t i0, int act_rows, float* out) {
-      const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
-      const at::Half* dt = ds + t * blocks * kRows;
+  return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
+    const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
+    const at::Half* dt = ds + t * blocks * kRows;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-      with_tile(act_rows, [&](auto tile) { q8_tile<decltype(tile)::value>(wt, dt, blocks, xs + i0 * K, K, out); });
+    with_tile(act_rows, [&](auto tile) { q8_tile<decltype(tile)::value>(wt, dt, blocks, xs + i0 * K, K, out); });
 #else
-      q8_tile_scalar(wt, dt, blocks, xs + i0 * K, K, act_rows, out);
+    q8_tile_scalar(wt, dt, blocks, xs + i0 * K, K, act_rows, out);
 #endif
-  };
-  write_tiles(y, tiles, M * N * K, tile_kernel);
-  return y;
+  });
 }
 
 }  // namespace tokenmill

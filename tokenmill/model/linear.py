@@ -136,7 +136,31 @@ def _check_group_size(in_features: int, group_size: int) -> None:
 TILE_ROWS = 16  # the GGUF kernels' row tile: one fp32 lane per output row
 
 
-class GgufQ4Linear(Linear):
+class _GgufBlockLinear(Linear):
+    """Shared by the GGUF block formats: the C++ block kernel, or an fp32 matmul of the dequantized weights where the
+    kernels cannot be built; bf16 outputs as a layer, fp32 ones as an LM head."""
+
+    def dequantized(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _kernel(self, kernels: Any, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, fp32_output=False)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, fp32_output=True)
+
+    def _matmul(self, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
+        kernels = _gguf_kernels()
+        if kernels is None:
+            y = F.linear(x.float(), self.dequantized())
+            return self._add_bias(y if fp32_output else y.to(x.dtype))
+        return self._add_bias(self._kernel(kernels, x, fp32_output))
+
+
+class GgufQ4Linear(_GgufBlockLinear):
     """The file's Q4_0/Q4_1 blocks of 32: W[n, 32b + j] = d[n, b] · q + m[n, b] with d, m the stored f16 values.
 
     Stored repacked for tokenmill/kernels/gguf_matmul.cpp (its header describes the layout): rows in tiles of 16
@@ -166,22 +190,11 @@ class GgufQ4Linear(Linear):
         return (codes * _untiled(self.scales, self.out_features)[..., None]
                 + _untiled(self.minimums, self.out_features)[..., None]).reshape(self.out_features, -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, fp32_output=False)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, fp32_output=True)
-
-    def _matmul(self, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
-        kernels = _gguf_kernels()
-        if kernels is None:
-            y = F.linear(x.float(), self.dequantized())
-            return self._add_bias(y if fp32_output else y.to(x.dtype))
-        return self._add_bias(kernels.q4_matmul(x.contiguous(), self.packed, self.scales, self.minimums,
-                                                self.out_features, fp32_output))
+    def _kernel(self, kernels: Any, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
+        return kernels.q4_matmul(x, self.packed, self.scales, self.minimums, self.out_features, fp32_output)
 
 
-class GgufQ8Linear(Linear):
+class GgufQ8Linear(_GgufBlockLinear):
     """The file's Q8_0 blocks of 32: W[n, 32b + j] = d[n, b] · q[n, 32b + j] with d the stored f16 value; stored in
     row tiles of 16 like `GgufQ4Linear`, each k-pair's 16 rows side by side."""
 
@@ -204,19 +217,8 @@ class GgufQ8Linear(Linear):
         scales = self.scales[ids // TILE_ROWS, :, ids % TILE_ROWS].float()
         return (codes * scales[..., None]).reshape(-1, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, fp32_output=False)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, fp32_output=True)
-
-    def _matmul(self, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
-        kernels = _gguf_kernels()
-        if kernels is None:
-            y = F.linear(x.float(), self.dequantized())
-            return self._add_bias(y if fp32_output else y.to(x.dtype))
-        return self._add_bias(kernels.q8_matmul(x.contiguous(), self.packed, self.scales, self.out_features,
-                                                fp32_output))
+    def _kernel(self, kernels: Any, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
+        return kernels.q8_matmul(x, self.packed, self.scales, self.out_features, fp32_output)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.dequantized(ids).to(torch.bfloat16)
