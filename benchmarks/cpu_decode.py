@@ -138,7 +138,7 @@ def measure_tokenmill(setting: Setting, prompts: dict[str, list[list[int]]],
                                     num_threads=args.threads,
                                     enable_prefix_caching=False, max_num_batched_tokens=1024,
                                     kv_cache_memory_gib=1.0))
-    if not setting.eager and engine.runner.fused_decode is None:
+    if not setting.eager and engine.runner.fused_step is None:
         raise SystemExit(f"{setting.name}: the fused decode step is unavailable here (see the warning above)")
     result = Result(setting.name, engine.model.weight_bytes(), startup_s=time.perf_counter() - started)
     prefill_prompt, decode_prompt = prompts["prefill"], prompts["decode"]

@@ -15,8 +15,8 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.kernels import cpu_decode_kernels
-from tokenmill.model.fused_decode import FusedDecodeStep
-from tokenmill.model.fused_decode import supports as fused_decode_supports
+from tokenmill.model.fused_step import FusedStep
+from tokenmill.model.fused_step import supports as fused_step_supports
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
 from tokenmill.model.llama import KVCache
 from tokenmill.model.loader import load_model
@@ -70,7 +70,7 @@ class LLMEngine:
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
                            cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}"),
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, self._fused_decode())
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, self._fused_step())
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
         self._states: dict[str, RequestState] = {}
         self._ids = itertools.count()
@@ -82,19 +82,18 @@ class LLMEngine:
                     time.perf_counter() - started,
                     num_blocks, block_size, self.max_model_len)
 
-    def _fused_decode(self) -> FusedDecodeStep | None:
-        """The compiled decode step unless `enforce_eager`; None (eager steps) off CPU, for dtypes or head sizes it
-        is not built for, or when the kernels cannot be built here — then with a warning saying why."""
-        if self.config.enforce_eager or self.device.type != "cpu" or not fused_decode_supports(self.model):
+    def _fused_step(self) -> FusedStep | None:
+        """The compiled model step unless `enforce_eager`; None (eager steps) off CPU, for dtypes or head sizes it is
+        not built for, or when the kernels cannot be built here — then with a warning saying why."""
+        if self.config.enforce_eager or self.device.type != "cpu" or not fused_step_supports(self.model):
             return None
         build = cpu_decode_kernels()
         if build.module is None:
-            logger.warning("fused CPU decode step unavailable, running eager steps: %s", build.error)
+            logger.warning("fused CPU step unavailable, running eager steps: %s", build.error)
             return None
-        logger.info("fused CPU decode step ready in %.1fs (compiled on first use, then loaded from the cache)",
+        logger.info("fused CPU step ready in %.1fs (compiled on first use, then loaded from the cache)",
                     build.seconds)
-        self.model.kernels = build.module  # mixed steps' decode tokens get the same in-place attention
-        return FusedDecodeStep(build.module, self.model)
+        return FusedStep(build.module, self.model)
 
     def _weight_format_name(self) -> str:
         fmt = self.config.weight_format

@@ -14,7 +14,7 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_decode.cpp", "gguf_matmul.cpp")]
+_SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_decode.cpp", "attention.cpp", "gguf_matmul.cpp")]
 # -ffp-contract=off: no FMA contraction, so fp32 rounding matches the eager operators (see the source's header).
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 

@@ -13,7 +13,6 @@ every decode query up to the longest chunk. (Measured on the 2-core dev CPU, thi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
@@ -151,10 +150,7 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     block_size: int,
-    kernels: ModuleType | None = None,
 ) -> torch.Tensor:
-    """`kernels`: the compiled CPU kernels (tokenmill/kernels), whose decode attention reads each sequence's blocks in
-    place; prefill chunks keep the batched matmuls, which their many queries per key keep compute-bound."""
     # New K/V go into the cache first so that every group simply reads its keys from the cache.
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -162,12 +158,8 @@ def paged_attention(
     for group in meta.groups:
         tokens = slice(group.token_start, group.token_start + group.num_tokens)
         if group.query_scatter is None:
-            if kernels is not None:
-                out[tokens] = kernels.decode_attention(q[tokens], k[tokens], v[tokens], k_cache, v_cache,
-                                                       group.block_tables, group.context_lens, block_size)
-            else:
-                out[tokens] = decode_attention(q[tokens], k[tokens], v[tokens], k_cache, v_cache,
-                                               group.block_tables, group.mask, block_size)
+            out[tokens] = decode_attention(q[tokens], k[tokens], v[tokens], k_cache, v_cache, group.block_tables,
+                                           group.mask, block_size)
             continue
         q_pad = q.new_zeros(group.num_seqs * group.max_q, num_heads, head_dim)
         q_pad[group.query_scatter] = q[tokens]

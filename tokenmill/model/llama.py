@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,10 +89,9 @@ class DecoderLayer(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, block_size: int,
-                kernels: ModuleType | None = None) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
         q, k, v = self._qkv(x, cos, sin)
-        return self._finish(x, paged_attention(q, k, v, k_cache, v_cache, meta, block_size, kernels))
+        return self._finish(x, paged_attention(q, k, v, k_cache, v_cache, meta, block_size))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, block_tables: torch.Tensor, cached_mask: torch.Tensor,
@@ -117,9 +114,6 @@ class LlamaModel(nn.Module):
         self.register_buffer("final_norm", final_norm)
         self.output = output
         self.rope_cos, self.rope_sin = rope_tables(cfg, dtype, final_norm.device)
-        # The compiled CPU kernels (tokenmill/kernels) when the engine uses them: the general forward then attends
-        # its decode group with their in-place paged decode attention.
-        self.kernels: ModuleType | None = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -129,7 +123,7 @@ class LlamaModel(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache.k[i], kv_cache.v[i], meta, kv_cache.block_size, self.kernels)
+            x = layer(x, cos, sin, kv_cache.k[i], kv_cache.v[i], meta, kv_cache.block_size)
         return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,

@@ -1,5 +1,6 @@
-"""The decode step as one C++ call (tokenmill/kernels/cpu_decode.cpp): the layer loop, fused small operators and
-attention over the paged cache in place, with PyTorch's matmul kernels or the GGUF block kernel per weight format."""
+"""A model step as one C++ call (tokenmill/kernels/cpu_decode.cpp) for any flat batch the scheduler hands out —
+decodes, prefill chunks or both: the layer loop, fused small operators and attention over the paged cache in place,
+with PyTorch's matmul kernels or the GGUF block kernel per weight format."""
 
 from __future__ import annotations
 
@@ -32,16 +33,18 @@ def _linear(kernels: ModuleType, layer: Linear) -> Any:
         return kernels.make_linear(3, layer.packed, layer.scales, layer.minimums, layer.bias, 32, layer.out_features)
     if isinstance(layer, GgufQ8Linear):
         return kernels.make_linear(4, layer.packed, layer.scales, unused, layer.bias, 32, layer.out_features)
-    raise TypeError(f"no fused decode support for {type(layer).__name__}")
+    raise TypeError(f"no fused step support for {type(layer).__name__}")
 
 
-class FusedDecodeStep:
-    """Same contract as `LlamaModel.decode` followed by `KVCache.write`: final hidden states of one new token per
-    sequence, with the new keys and values stored at their slots."""
+class FusedStep:
+    """Same contract as `LlamaModel.forward` over the same batch: final hidden states of every new token, with their
+    keys and values stored at their slots. The batch is grouped by sequence: sequence s owns token rows
+    [query_starts[s], query_starts[s + 1]), the last of its `context_lens[s]` positions, read through
+    `block_tables[s]`."""
 
     def __init__(self, kernels: ModuleType, model: LlamaModel) -> None:
         if not supports(model):
-            raise ValueError(f"the fused decode step supports dtypes {FUSED_DTYPES} and head sizes {FUSED_HEAD_DIMS}, "
+            raise ValueError(f"the fused step supports dtypes {FUSED_DTYPES} and head sizes {FUSED_HEAD_DIMS}, "
                              f"not {model.dtype} and {model.cfg.head_dim}")
         cfg = model.cfg
         self.model = model
@@ -49,13 +52,14 @@ class FusedDecodeStep:
                                        _linear(kernels, layer.gate_up), _linear(kernels, layer.down),
                                        layer.attn_norm, layer.ffn_norm)
                   for layer in model.layers]
-        self.step = kernels.DecodeStep(layers, model.final_norm, model.rope_cos.contiguous(),
-                                       model.rope_sin.contiguous(), cfg.rms_norm_eps, cfg.num_heads,
-                                       cfg.num_kv_heads, cfg.head_dim)
+        self.step = kernels.FusedStep(layers, model.final_norm, model.rope_cos.contiguous(),
+                                      model.rope_sin.contiguous(), cfg.rms_norm_eps, cfg.num_heads,
+                                      cfg.num_kv_heads, cfg.head_dim)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                 block_tables: torch.Tensor, context_lens: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+                 query_starts: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 kv_cache: KVCache) -> torch.Tensor:
         x = self.model.embed.rows(input_ids)
-        return self.step.forward(x, positions, slot_mapping, block_tables, context_lens, kv_cache.k, kv_cache.v,
-                                 kv_cache.block_size)
+        return self.step.forward(x, positions, slot_mapping, query_starts, block_tables, context_lens, kv_cache.k,
+                                 kv_cache.v, kv_cache.block_size)

@@ -1,0 +1,487 @@
+// Attention over the paged KV cache for one step's flat batch (declared in attention.h).
+//
+// Decodes (one new token per sequence) are bound by reading the cache: each sequence's keys and values are read once
+// per KV head, in place, with the query heads sharing that KV head scored in the same pass.
+// Prefill chunks (many new tokens per sequence) are bound by arithmetic instead: every key is used by every later
+// query. Their kernel widens the sequence's keys once into 16-key column blocks (key index across the 16 fp32 lanes),
+// so a query scores 16 keys with one multiply and one add per head dimension and no horizontal sums, and keeps many
+// independent accumulators in flight (8 query rows per pass over a key block; 24 output vectors per pass over the
+// values). Measured on the 2-core dev CPU at 1,024 prefill tokens per step: 3.8 ms per layer with the decode kernel
+// token by token, against the figure in docs/architecture.md for this one.
+//
+// Rounding follows the eager path (tokenmill/model/attention.py): the scaled query, the scores, the probabilities
+// and the output are rounded to the model dtype; sums accumulate in fp32.
+
+#include "attention.h"
+
+#include "simd.h"
+
+#include <ATen/record_function.h>
+#include <immintrin.h>
+
+#include <atomic>
+#include <numeric>
+#include <vector>
+
+namespace tokenmill {
+namespace {
+
+// Calls fn(position, row) for the first `count` rows of one KV head of one sequence, block by block as its block
+// table names them (no per-position division).
+// Blocks lie anywhere in the cache, so the hardware prefetcher cannot guess the next one, and one block (2-4 KiB) is
+// used in less time than a DRAM round trip: rows are requested kPrefetchBlocks blocks ahead of their use (measured:
+// attention was stalled on these loads with no or one block of look-ahead).
+constexpr int64_t kPrefetchBlocks = 4;
+
+template <typename T>
+inline void prefetch_block(const T* head_cache, const int64_t* table, int64_t b, int64_t block_size,
+                           int64_t head_dim) {
+  const char* rows = reinterpret_cast<const char*>(head_cache + table[b] * block_size * head_dim);
+  const int64_t bytes = block_size * head_dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(rows + line);
+}
+
+template <typename T, typename F>
+inline void for_each_cached_row(const T* head_cache, const int64_t* table, int64_t block_size, int64_t head_dim,
+                                int64_t count, const F& fn) {
+  const int64_t blocks = (count + block_size - 1) / block_size;
+  for (int64_t b = 1; b < std::min(blocks, kPrefetchBlocks); ++b)
+    prefetch_block(head_cache, table, b, block_size, head_dim);
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (b + kPrefetchBlocks < blocks) prefetch_block(head_cache, table, b + kPrefetchBlocks, block_size, head_dim);
+    const T* block = head_cache + table[b] * block_size * head_dim;
+    const int64_t start = b * block_size, in_block = std::min(block_size, count - start);
+    for (int64_t o = 0; o < in_block; ++o) fn(start + o, block + o * head_dim);
+  }
+}
+
+// Scores → probabilities in place, rounded to the model dtype as the eager path's softmax output is.
+template <typename T>
+inline void softmax_inplace(float* s, int64_t len) {
+  const float top = max_of(s, len);
+  int64_t t = 0;
+  for (; t + 16 <= len; t += 16) {
+    const f32x16 e = exp16(load16(s + t) - top);
+    std::memcpy(s + t, &e, sizeof(e));
+  }
+  for (; t < len; ++t) s[t] = exp_approx(s[t] - top);
+  const float inv = 1.f / sum(s, len);
+  for (t = 0; t < len - len % 16; t += 16) {
+    const f32x16 p = round16<T>(load16(s + t) * inv);
+    std::memcpy(s + t, &p, sizeof(p));
+  }
+  for (; t < len; ++t) s[t] = rounded<T>(s[t] * inv);
+}
+
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head (paged_attention checks)
+
+// Scores of the group's queries (q [group, D], scaled) against the first `cached` keys of one KV head:
+// scores[g * len + t], rounded to the model dtype.
+template <typename T, int D>
+void score_keys(const float* q, const T* k_head, const int64_t* table, int64_t block_size, int64_t group,
+                int64_t cached, int64_t len, float* scores) {
+  constexpr int kChunks = D / 16;
+  for_each_cached_row(k_head, table, block_size, D, cached, [&](int64_t t, const T* k) {
+    f32x16 key[kChunks];
+    for (int c = 0; c < kChunks; ++c) key[c] = load16(k + 16 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      f32x16 acc = load16(q + g * D) * key[0];
+      for (int c = 1; c < kChunks; ++c) acc += load16(q + g * D + 16 * c) * key[c];
+      scores[g * len + t] = rounded<T>(hsum(acc));
+    }
+  });
+}
+
+// acc[g * D / 16 + c] += Σ_t probs[g * len + t] · value row t, chunk c, over the first `cached` values.
+template <typename T, int D>
+void weigh_values(const float* probs, const T* v_head, const int64_t* table, int64_t block_size, int64_t group,
+                  int64_t cached, int64_t len, f32x16* acc) {
+  constexpr int kChunks = D / 16;
+  for_each_cached_row(v_head, table, block_size, D, cached, [&](int64_t t, const T* v) {
+    f32x16 value[kChunks];
+    for (int c = 0; c < kChunks; ++c) value[c] = load16(v + 16 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = probs[g * len + t];
+      for (int c = 0; c < kChunks; ++c) acc[g * kChunks + c] += p * value[c];
+    }
+  });
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+constexpr bool kHaveDotBf16 = true;
+
+// bf16 on CPUs with AVX512-BF16: `vdpbf16ps` multiplies bf16 pairs exactly and adds them into fp32 lanes, so keys and
+// values are used as stored (no widening) and one instruction covers 32 products. The query and the probabilities
+// are bf16 values already (rounded as the eager path rounds them), so their conversion is exact.
+
+// v[i] → lane i of the result holds the sum of v[i]'s 16 lanes: a halving tree of two-source shuffles (45
+// instructions for 16 sums, where 16 separate horizontal sums take over 100).
+inline f32x16 row_sums(f32x16* v) {
+  for (int i = 0; i < 8; ++i)
+    v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
+  for (int i = 0; i < 4; ++i)
+    v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+template <int D>
+void score_keys_bf16(const float* q, const c10::BFloat16* k_head, const int64_t* table, int64_t block_size,
+                     int64_t group, int64_t cached, int64_t len, float* scores) {
+  constexpr int kParts = D / 32;  // 32 bf16 per 512-bit load
+  __m512bh query[kMaxGroup][kParts];
+  for (int64_t g = 0; g < group; ++g)
+    for (int m = 0; m < kParts; ++m)
+      query[g][m] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + g * D + 32 * m + 16), _mm512_loadu_ps(q + g * D + 32 * m));
+  // Each key's 16 partial sums per query head wait here until 16 keys can be summed together.
+  f32x16 partial[kMaxGroup][16];
+  auto flush = [&](int64_t first, int64_t count) {
+    for (int64_t g = 0; g < group; ++g) {
+      for (int64_t i = count; i < 16; ++i) partial[g][i] = f32x16{};
+      const f32x16 sums = round16<c10::BFloat16>(row_sums(partial[g]));
+      std::memcpy(scores + g * len + first, &sums, count * sizeof(float));
+    }
+  };
+  for_each_cached_row(k_head, table, block_size, D, cached, [&](int64_t t, const c10::BFloat16* k) {
+    __m512i key[kParts];
+    for (int m = 0; m < kParts; ++m) key[m] = _mm512_loadu_si512(k + 32 * m);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), query[g][0], (__m512bh)key[0]);
+      for (int m = 1; m < kParts; ++m) acc = _mm512_dpbf16_ps(acc, query[g][m], (__m512bh)key[m]);
+      partial[g][t & 15] = (f32x16)acc;
+    }
+    if ((t & 15) == 15) flush(t - 15, 16);
+  });
+  if (cached & 15) flush(cached & ~int64_t{15}, cached & 15);
+}
+
+inline uint32_t bf16_of(float exact) {  // the bits of a value that is a bf16 already
+  uint32_t bits;
+  std::memcpy(&bits, &exact, sizeof(bits));
+  return bits >> 16;
+}
+
+template <int D>
+void weigh_values_bf16(const float* probs, const c10::BFloat16* v_head, const int64_t* table, int64_t block_size,
+                       int64_t group, int64_t cached, int64_t len, f32x16* acc_out) {
+  constexpr int kChunks = D / 16;
+  // Value rows t and t + 1 interleaved, (v_t[d], v_t+1[d]) per lane, so that one instruction adds p_t·v_t[d] +
+  // p_t+1·v_t+1[d] for 16 dimensions.
+  alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
+  __m512 acc[kMaxGroup * kChunks];
+  for (int64_t i = 0; i < group * kChunks; ++i) acc[i] = _mm512_setzero_ps();
+  auto add_pair = [&](int64_t t, const c10::BFloat16* first, const c10::BFloat16* second) {
+    __m512i pairs[kChunks];
+    for (int m = 0; m < kChunks / 2; ++m) {
+      const __m512i a = _mm512_loadu_si512(first + 32 * m);
+      const __m512i b = second ? _mm512_loadu_si512(second + 32 * m) : _mm512_setzero_si512();
+      pairs[2 * m] = _mm512_permutex2var_epi16(a, low, b);
+      pairs[2 * m + 1] = _mm512_permutex2var_epi16(a, high, b);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      const float* p = probs + g * len;
+      const uint32_t both = bf16_of(p[t]) | (second ? bf16_of(p[t + 1]) << 16 : 0u);
+      const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(both));
+      for (int c = 0; c < kChunks; ++c)
+        acc[g * kChunks + c] = _mm512_dpbf16_ps(acc[g * kChunks + c], (__m512bh)pairs[c], weights);
+    }
+  };
+  const c10::BFloat16* waiting = nullptr;
+  for_each_cached_row(v_head, table, block_size, D, cached, [&](int64_t t, const c10::BFloat16* v) {
+    if (waiting == nullptr) {
+      waiting = v;
+    } else {
+      add_pair(t - 1, waiting, v);
+      waiting = nullptr;
+    }
+  });
+  if (waiting != nullptr) add_pair(cached - 1, waiting, nullptr);
+  for (int64_t i = 0; i < group * kChunks; ++i) acc_out[i] = (f32x16)acc[i];
+}
+#else
+constexpr bool kHaveDotBf16 = false;
+
+// Declared only: without AVX512-BF16 the generic loops above run instead and these are never instantiated.
+template <int D>
+void score_keys_bf16(const float* q, const c10::BFloat16* k_head, const int64_t* table, int64_t block_size,
+                     int64_t group, int64_t cached, int64_t len, float* scores);
+template <int D>
+void weigh_values_bf16(const float* probs, const c10::BFloat16* v_head, const int64_t* table, int64_t block_size,
+                       int64_t group, int64_t cached, int64_t len, f32x16* acc_out);
+#endif
+
+// One sequence, one KV head and the `group` query heads sharing it, for head size D: q [group, D] already scaled;
+// `cached` keys before the new one, whose rows are own_k/own_v. Writes out [group, D].
+template <typename T, int D>
+void attend_kv_head(const float* q, const T* k_head, const T* v_head, const int64_t* table, int64_t block_size,
+                    int64_t group, int64_t cached, const float* own_k, const float* own_v, float* scores, T* out) {
+  constexpr int kChunks = D / 16;
+  constexpr bool kDotBf16 = kHaveDotBf16 && std::is_same_v<T, c10::BFloat16>;
+  const int64_t len = cached + 1;
+  // The value rows are needed right after the key pass: start fetching their first blocks now.
+  for (int64_t b = 0; b < std::min((cached + block_size - 1) / block_size, kPrefetchBlocks); ++b)
+    prefetch_block(v_head, table, b, block_size, D);
+  if constexpr (kDotBf16)
+    score_keys_bf16<D>(q, k_head, table, block_size, group, cached, len, scores);
+  else
+    score_keys<T, D>(q, k_head, table, block_size, group, cached, len, scores);
+  // The new token's own key, scored as the eager step does: an elementwise product, then a sum.
+  for (int64_t g = 0; g < group; ++g) {
+    float own = 0.f;
+    for (int d = 0; d < D; ++d) own += rounded<T>(q[g * D + d] * own_k[d]);
+    scores[g * len + cached] = rounded<T>(own);
+  }
+  for (int64_t g = 0; g < group; ++g) softmax_inplace<T>(scores + g * len, len);
+  f32x16 acc[kMaxGroup * kChunks] = {};
+  if constexpr (kDotBf16)
+    weigh_values_bf16<D>(scores, v_head, table, block_size, group, cached, len, acc);
+  else
+    weigh_values<T, D>(scores, v_head, table, block_size, group, cached, len, acc);
+  for (int64_t g = 0; g < group; ++g) {
+    const float p_own = scores[g * len + cached];
+    for (int c = 0; c < kChunks; ++c)
+      store16(out + g * D + 16 * c, round16<T>(acc[g * kChunks + c]) + round16<T>(p_own * load16(own_v + 16 * c)));
+  }
+}
+
+// Per-thread working memory, grown on demand and reused across tasks.
+struct Scratch {
+  std::vector<float> query, scores, own_k, own_v, keys_t, values;
+};
+
+template <typename T>
+T* grow(std::vector<T>& buffer, size_t size) {
+  if (buffer.size() < size) buffer.resize(size);
+  return buffer.data();
+}
+
+// Everything the kernels read, as raw pointers and strides.
+template <typename T>
+struct Batch {
+  const T* q;
+  const T* k;
+  const T* v;
+  int64_t q_stride, k_stride, v_stride;
+  const T* k_cache;
+  const T* v_cache;
+  int64_t num_slots;
+  const int64_t* query_starts;
+  const int64_t* block_tables;
+  int64_t max_blocks;
+  const int64_t* context_lens;
+  int64_t block_size, num_heads, kv_heads, group;
+  float scale;
+  T* out;
+};
+
+// One decode (sequence s has a single new token, row r) for KV head h.
+template <typename T, int D>
+void attend_decode(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
+  const int64_t r = b.query_starts[s], group = b.group, ctx = b.context_lens[s];
+  float* query = grow(scratch.query, group * D);
+  const T* q_heads = b.q + r * b.q_stride + h * group * D;
+  for (int64_t i = 0; i < group * D; i += 16) {
+    const f32x16 scaled = round16<T>(load16(q_heads + i) * b.scale);
+    std::memcpy(query + i, &scaled, sizeof(scaled));
+  }
+  float* own_k = grow(scratch.own_k, D);
+  float* own_v = grow(scratch.own_v, D);
+  widen(b.k + r * b.k_stride + h * D, own_k, D);
+  widen(b.v + r * b.v_stride + h * D, own_v, D);
+  attend_kv_head<T, D>(query, b.k_cache + h * b.num_slots * D, b.v_cache + h * b.num_slots * D,
+                       b.block_tables + s * b.max_blocks, b.block_size, group, ctx - 1, own_k, own_v,
+                       grow(scratch.scores, group * ctx), b.out + (r * b.num_heads + h * group) * D);
+}
+
+constexpr int64_t kTileTokens = 16;  // queries of one chunk scored together against each key block
+constexpr int64_t kScoreRows = 8;    // query rows per pass over a key block (8 accumulators)
+constexpr int64_t kRowPad = 24;      // query rows padded to a multiple of 8 and of the value pass's 6 or 3 rows
+
+// One prefill chunk (sequence s, q_len > 1 new tokens) for KV head h: causal attention of its queries over the keys
+// up to each one's position.
+template <typename T, int D>
+void attend_chunk(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
+  constexpr int kChunks = D / 16;
+  constexpr int64_t kValueRows = 24 / kChunks;  // rows per pass over the values: 24 accumulators
+  const int64_t row0 = b.query_starts[s], q_len = b.query_starts[s + 1] - row0, ctx = b.context_lens[s];
+  const int64_t first_pos = ctx - q_len, group = b.group;
+  const int64_t key_blocks = (ctx + 15) / 16, padded_keys = key_blocks * 16;
+  const int64_t* table = b.block_tables + s * b.max_blocks;
+
+  // Keys transposed into [block of 16][D][16] and values widened to [ctx][D], fp32, once for all the chunk's tiles.
+  float* keys_t = grow(scratch.keys_t, padded_keys * D);
+  float* values = grow(scratch.values, ctx * D);
+  std::fill(keys_t + (key_blocks - 1) * 16 * D, keys_t + key_blocks * 16 * D, 0.f);
+  for_each_cached_row(b.k_cache + h * b.num_slots * D, table, b.block_size, D, ctx, [&](int64_t t, const T* key) {
+    float* column = keys_t + (t / 16) * 16 * D + t % 16;
+    for (int d = 0; d < D; ++d) column[d * 16] = to_f(key[d]);
+  });
+  for_each_cached_row(b.v_cache + h * b.num_slots * D, table, b.block_size, D, ctx,
+                      [&](int64_t t, const T* value) { widen(value, values + t * D, D); });
+
+  const int64_t max_rows = (kTileTokens * group + kRowPad - 1) / kRowPad * kRowPad;
+  float* query = grow(scratch.query, max_rows * D);
+  float* scores = grow(scratch.scores, max_rows * padded_keys);
+  for (int64_t j0 = 0; j0 < q_len; j0 += kTileTokens) {
+    const int64_t tokens = std::min(kTileTokens, q_len - j0), rows = tokens * group;
+    const int64_t padded_rows = (rows + kRowPad - 1) / kRowPad * kRowPad;
+    const int64_t tile_keys = first_pos + j0 + tokens;  // keys the tile's last query sees
+    const int64_t tile_blocks = (tile_keys + 15) / 16;
+    // Row jj * group + g: token j0 + jj, query head h * group + g; scaled and rounded as the eager path does.
+    for (int64_t jj = 0; jj < tokens; ++jj) {
+      const T* q_heads = b.q + (row0 + j0 + jj) * b.q_stride + h * group * D;
+      for (int64_t i = 0; i < group * D; i += 16) {
+        const f32x16 scaled = round16<T>(load16(q_heads + i) * b.scale);
+        std::memcpy(query + jj * group * D + i, &scaled, sizeof(scaled));
+      }
+    }
+    std::fill(query + rows * D, query + padded_rows * D, 0.f);
+
+    for (int64_t r0 = 0; r0 < padded_rows; r0 += kScoreRows) {
+      for (int64_t kb = 0; kb < tile_blocks; ++kb) {
+        const float* column = keys_t + kb * 16 * D;
+        f32x16 acc[kScoreRows] = {};
+        for (int d = 0; d < D; ++d) {
+          const f32x16 key = load16(column + d * 16);
+          for (int64_t i = 0; i < kScoreRows; ++i) acc[i] += query[(r0 + i) * D + d] * key;
+        }
+        for (int64_t i = 0; i < kScoreRows; ++i) {
+          const f32x16 rounded_scores = round16<T>(acc[i]);
+          std::memcpy(scores + (r0 + i) * padded_keys + kb * 16, &rounded_scores, sizeof(rounded_scores));
+        }
+      }
+    }
+    // Causal softmax per row; keys past a row's position (and padded rows) get probability 0 for the value pass.
+    for (int64_t r = 0; r < padded_rows; ++r) {
+      float* row = scores + r * padded_keys;
+      const int64_t len = r < rows ? first_pos + j0 + r / group + 1 : 0;
+      if (len > 0) softmax_inplace<T>(row, len);
+      std::fill(row + len, row + tile_blocks * 16, 0.f);
+    }
+
+    for (int64_t r0 = 0; r0 < padded_rows; r0 += kValueRows) {
+      if (r0 >= rows) break;
+      const int64_t last_row = std::min(r0 + kValueRows, rows) - 1;
+      const int64_t keys = first_pos + j0 + last_row / group + 1;
+      f32x16 acc[kValueRows][kChunks] = {};
+      for (int64_t t = 0; t < keys; ++t) {
+        f32x16 value[kChunks];
+        for (int c = 0; c < kChunks; ++c) value[c] = load16(values + t * D + 16 * c);
+        for (int64_t i = 0; i < kValueRows; ++i) {
+          const float p = scores[(r0 + i) * padded_keys + t];
+          for (int c = 0; c < kChunks; ++c) acc[i][c] += p * value[c];
+        }
+      }
+      for (int64_t i = 0; i < kValueRows && r0 + i < rows; ++i) {
+        const int64_t token = j0 + (r0 + i) / group, head = h * group + (r0 + i) % group;
+        T* out = b.out + ((row0 + token) * b.num_heads + head) * D;
+        for (int c = 0; c < kChunks; ++c) store16(out + 16 * c, acc[i][c]);
+      }
+    }
+  }
+}
+
+// Runs fn(task, scratch) for every task on torch's threads, each thread taking the next unstarted one (largest
+// first): chunk tasks differ in cost by orders of magnitude, which a static split would leave unbalanced.
+template <typename F>
+void run_tasks(const std::vector<int64_t>& cost, const F& fn) {
+  const int64_t n = static_cast<int64_t>(cost.size());
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return cost[a] > cost[c]; });
+  const int64_t total = std::accumulate(cost.begin(), cost.end(), int64_t{0});
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  constexpr int64_t kSerialWork = 1 << 16;  // below this, waking the pool costs more than it saves
+  if (threads <= 1 || total < kSerialWork) {
+    Scratch scratch;
+    for (int64_t i : order) fn(i, scratch);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    Scratch scratch;
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(order[i], scratch);
+  });
+}
+
+template <typename T, int D>
+void attend_batch(const Batch<T>& b, int64_t num_seqs) {
+  std::vector<int64_t> cost(num_seqs * b.kv_heads);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t q_len = b.query_starts[s + 1] - b.query_starts[s];
+    for (int64_t h = 0; h < b.kv_heads; ++h) cost[s * b.kv_heads + h] = q_len * b.context_lens[s] * b.group * D;
+  }
+  run_tasks(cost, [&](int64_t task, Scratch& scratch) {
+    const int64_t s = task / b.kv_heads, h = task % b.kv_heads;
+    if (b.query_starts[s + 1] - b.query_starts[s] == 1)
+      attend_decode<T, D>(b, s, h, scratch);
+    else
+      attend_chunk<T, D>(b, s, h, scratch);
+  });
+}
+
+template <typename T>
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                  const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
+                  const at::Tensor& context_lens, int64_t block_size) {
+  const int64_t num_heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
+  at::Tensor out = at::empty({q.size(0), num_heads, head_dim}, q.options());
+  const Batch<T> batch{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), q.stride(0), k.stride(0), v.stride(0),
+                       k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), k_cache.size(1),
+                       query_starts.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(), block_tables.size(1),
+                       context_lens.data_ptr<int64_t>(), block_size, num_heads, kv_heads, num_heads / kv_heads,
+                       1.f / std::sqrt(static_cast<float>(head_dim)), out.data_ptr<T>()};
+  if (head_dim == 64)
+    attend_batch<T, 64>(batch, block_tables.size(0));
+  else
+    attend_batch<T, 128>(batch, block_tables.size(0));
+  return out;
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
+                           const at::Tensor& context_lens, int64_t block_size) {
+  RECORD_FUNCTION("tokenmill::paged_attention", std::vector<c10::IValue>());  // named in torch profiler tables
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2) && t->size(0) == q.size(0),
+                "q, k and v must be [tokens, heads, head_dim] with contiguous heads");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= kMaxGroup,
+              "query heads must be a multiple of KV heads, at most ", kMaxGroup, " per KV head");
+  TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "paged attention is built for head sizes 64 and 128");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "caches must be contiguous [kv_heads, slots, head_dim]");
+  for (const at::Tensor* t : {&k_cache, &v_cache, &k, &v})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and the caches must share one dtype");
+  for (const at::Tensor* t : {&query_starts, &block_tables, &context_lens})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
+  const int64_t num_seqs = block_tables.size(0);
+  TORCH_CHECK(block_tables.dim() == 2 && context_lens.size(0) == num_seqs && query_starts.size(0) == num_seqs + 1,
+              "one block table and context length per sequence, query_starts one longer");
+  const int64_t* starts = query_starts.data_ptr<int64_t>();
+  const int64_t* ctx = context_lens.data_ptr<int64_t>();
+  TORCH_CHECK(starts[0] == 0 && starts[num_seqs] == q.size(0), "query_starts must span the batch's rows");
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t q_len = starts[s + 1] - starts[s];
+    TORCH_CHECK(q_len >= 1 && q_len <= ctx[s], "sequence ", s, " has ", q_len, " new tokens for ", ctx[s], " keys");
+    TORCH_CHECK((ctx[s] + block_size - 1) / block_size <= block_tables.size(1), "sequence ", s,
+                "'s block table is too short for its keys");
+  }
+  if (q.scalar_type() == at::kFloat)
+    return attend<float>(q, k, v, k_cache, v_cache, query_starts, block_tables, context_lens, block_size);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged attention supports float32 and bfloat16");
+  return attend<c10::BFloat16>(q, k, v, k_cache, v_cache, query_starts, block_tables, context_lens, block_size);
+}
+
+}  // namespace tokenmill

@@ -1,0 +1,19 @@
+// Attention over the paged KV cache, reading each sequence's blocks where they lie (attention.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+namespace tokenmill {
+
+// Attention of one step's flat batch of tokens, S sequences each owning a run of rows: sequence s's new tokens are
+// rows [query_starts[s], query_starts[s + 1]) at positions context_lens[s] - (their count) onwards, and each attends
+// causally over its sequence's keys (block_tables[s], context_lens[s] keys including the new ones, whose K/V are
+// already in the cache). A one-token sequence (a decode) takes the decode kernel, which scores its own key from k/v
+// rather than the cache as the eager decode step does; longer runs (prefill chunks) the tiled chunk kernel.
+// q [T, H, D], k/v [T, Hkv, D] (rows may be strided, heads contiguous); caches [Hkv, slots, D]; query_starts [S + 1],
+// block_tables [S, max_blocks], context_lens [S] int64. Returns [T, H, D] in q's dtype (fp32 or bf16).
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
+                           const at::Tensor& context_lens, int64_t block_size);
+
+}  // namespace tokenmill

@@ -1,0 +1,184 @@
+// Small fp32 SIMD helpers shared by the CPU kernels: conversions and rounding between the model dtype (fp32 or bf16)
+// and fp32 arithmetic, 16-lane vector loads and stores, exp, reductions and the thread-pool helper.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace tokenmill {
+
+// Conversions between the model dtype T and fp32 arithmetic, spelled out on bf16's bits (bf16 is the high half of an
+// fp32) because the compiler does not vectorize c10::BFloat16's own conversions, which branch on NaN.
+inline float to_f(float v) { return v; }
+
+inline float to_f(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// Round to nearest even at bf16's precision; exact for every finite value and infinities (inputs here are finite).
+inline uint16_t bf16_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// store<T>(v): v rounded into the model dtype; rounded<T>(v): the same value back as fp32 (what the eager path
+// computes with after an operator's output is rounded to the model dtype).
+template <typename T>
+inline T store(float v);
+
+template <>
+inline float store<float>(float v) { return v; }
+
+template <>
+inline c10::BFloat16 store<c10::BFloat16>(float v) { return c10::BFloat16(bf16_bits(v), c10::BFloat16::from_bits()); }
+
+template <typename T>
+inline float rounded(float v) { return to_f(store<T>(v)); }
+
+// A row of the cache widened to fp32.
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i]);
+}
+
+// 16 fp32 lanes as a GCC/Clang vector type: one AVX-512 register here, two AVX2 or four SSE registers elsewhere.
+// The loops below are written on it because the compiler vectorized neither the bf16 rounding nor attention's short
+// dot products (64-element rows followed by a horizontal sum) on its own: they ran as scalar code.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline f32x16 load16(const c10::BFloat16* p) {
+  u16x16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const u32x16 wide = __builtin_convertvector(raw, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+inline float hsum(f32x16 v) {
+  f32x8 low, high;
+  std::memcpy(&low, &v, sizeof(low));
+  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
+  const f32x8 half = low + high;
+  return ((half[0] + half[4]) + (half[2] + half[6])) + ((half[1] + half[5]) + (half[3] + half[7]));
+}
+
+// Round-to-nearest-even at the model dtype's precision on 16 lanes, bit for bit what rounded<T> does per lane.
+template <typename T>
+inline f32x16 round16(f32x16 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    u32x16 bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    f32x16 out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
+  }
+}
+
+// 16 lanes rounded into the model dtype and stored, as store<T> per lane.
+template <typename T>
+inline void store16(T* dst, f32x16 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, &v, sizeof(v));
+  } else {
+    u32x16 bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const u16x16 high = __builtin_convertvector((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16, u16x16);
+    std::memcpy(dst, &high, sizeof(high));
+  }
+}
+
+// exp(x) for x <= 88.7 on 16 lanes by range reduction and a degree-6 polynomial (Cephes' coefficients; ~1 ulp):
+// unlike std::exp it has no branches or errno. Underflows to ~1e-38 rather than 0 below -87.3.
+inline f32x16 exp16(f32x16 x) {
+  const f32x16 zero = {};
+  x = x < zero - 87.3f ? zero - 87.3f : x;
+  const f32x16 scaled = x * 1.44269504088896341f;
+  const i32x16 n = __builtin_convertvector(scaled + (scaled >= zero ? zero + 0.5f : zero - 0.5f), i32x16);
+  const f32x16 nf = __builtin_convertvector(n, f32x16);
+  f32x16 r = x - nf * 0.693359375f;
+  r = r + nf * 2.12194440e-4f;
+  f32x16 p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const i32x16 bits = (n + 127) << 23;
+  f32x16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// The same exp for one value (loop tails), so that a value gets the same result whichever loop it falls in.
+inline float exp_approx(float x) { return exp16(f32x16{} + x)[0]; }
+
+// Reductions keep 16 independent lanes, which the compiler turns into SIMD (it may not reorder a single chain of
+// float adds), and fold them pairwise at the end.
+constexpr int kLanes = 16;
+
+inline float fold(float* lanes) {
+  for (int width = kLanes / 2; width >= 1; width /= 2)
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  return lanes[0];
+}
+
+inline float sum(const float* a, int64_t n) {
+  float lanes[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j];
+  float total = fold(lanes);
+  for (; i < n; ++i) total += a[i];
+  return total;
+}
+
+inline float max_of(const float* a, int64_t n) {
+  float lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] = std::max(lanes[j], a[i + j]);
+  float top = lanes[0];
+  for (int j = 1; j < kLanes; ++j) top = std::max(top, lanes[j]);
+  for (; i < n; ++i) top = std::max(top, a[i]);
+  return top;
+}
+
+// Runs fn(begin, end) over [0, n) on torch's thread pool when the work is large enough to repay waking it.
+template <typename F>
+void parallel_rows(int64_t n, int64_t work_per_row, const F& fn) {
+  constexpr int64_t kSerialWork = 1 << 16;
+  if (n * work_per_row < kSerialWork) {
+    fn(0, n);
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(1, work_per_row));
+  at::parallel_for(0, n, grain, fn);
+}
+}  // namespace tokenmill
