@@ -33,11 +33,12 @@ namespace {
 // attention was stalled on these loads with no or one block of look-ahead).
 constexpr int64_t kPrefetchBlocks = 4;
 
+// Block b's rows among the first `count` of the sequence: a partly filled last block is fetched only as far as used.
 template <typename T>
 inline void prefetch_block(const T* head_cache, const int64_t* table, int64_t b, int64_t block_size,
-                           int64_t head_dim) {
+                           int64_t head_dim, int64_t count) {
   const char* rows = reinterpret_cast<const char*>(head_cache + table[b] * block_size * head_dim);
-  const int64_t bytes = block_size * head_dim * static_cast<int64_t>(sizeof(T));
+  const int64_t bytes = std::min(block_size, count - b * block_size) * head_dim * static_cast<int64_t>(sizeof(T));
   for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(rows + line);
 }
 
@@ -46,9 +47,10 @@ inline void for_each_cached_row(const T* head_cache, const int64_t* table, int64
                                 int64_t count, const F& fn) {
   const int64_t blocks = (count + block_size - 1) / block_size;
   for (int64_t b = 1; b < std::min(blocks, kPrefetchBlocks); ++b)
-    prefetch_block(head_cache, table, b, block_size, head_dim);
+    prefetch_block(head_cache, table, b, block_size, head_dim, count);
   for (int64_t b = 0; b < blocks; ++b) {
-    if (b + kPrefetchBlocks < blocks) prefetch_block(head_cache, table, b + kPrefetchBlocks, block_size, head_dim);
+    if (b + kPrefetchBlocks < blocks)
+      prefetch_block(head_cache, table, b + kPrefetchBlocks, block_size, head_dim, count);
     const T* block = head_cache + table[b] * block_size * head_dim;
     const int64_t start = b * block_size, in_block = std::min(block_size, count - start);
     for (int64_t o = 0; o < in_block; ++o) fn(start + o, block + o * head_dim);
@@ -230,7 +232,7 @@ void attend_kv_head(const float* q, const T* k_head, const T* v_head, const int6
   const int64_t len = cached + 1;
   // The value rows are needed right after the key pass: start fetching their first blocks now.
   for (int64_t b = 0; b < std::min((cached + block_size - 1) / block_size, kPrefetchBlocks); ++b)
-    prefetch_block(v_head, table, b, block_size, D);
+    prefetch_block(v_head, table, b, block_size, D, cached);
   if constexpr (kDotBf16)
     score_keys_bf16<D>(q, k_head, table, block_size, group, cached, len, scores);
   else
@@ -392,9 +394,11 @@ void attend_chunk(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
 }
 
 // Runs fn(task, scratch) for every task on torch's threads, each thread taking the next unstarted one (largest
-// first): chunk tasks differ in cost by orders of magnitude, which a static split would leave unbalanced.
-template <typename F>
-void run_tasks(const std::vector<int64_t>& cost, const F& fn) {
+// first): chunk tasks differ in cost by orders of magnitude, which a static split would leave unbalanced. A thread
+// claims its next task before running the current one and calls warm(next) first, so that the next task's first
+// cache blocks are on their way while this one runs.
+template <typename F, typename W>
+void run_tasks(const std::vector<int64_t>& cost, const F& fn, const W& warm) {
   const int64_t n = static_cast<int64_t>(cost.size());
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
@@ -402,16 +406,20 @@ void run_tasks(const std::vector<int64_t>& cost, const F& fn) {
   const int64_t total = std::accumulate(cost.begin(), cost.end(), int64_t{0});
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   constexpr int64_t kSerialWork = 1 << 16;  // below this, waking the pool costs more than it saves
-  if (threads <= 1 || total < kSerialWork) {
-    Scratch scratch;
-    for (int64_t i : order) fn(i, scratch);
-    return;
-  }
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  auto work = [&](int64_t, int64_t) {
     Scratch scratch;
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(order[i], scratch);
-  });
+    for (int64_t i = next.fetch_add(1); i < n;) {
+      const int64_t following = next.fetch_add(1);
+      if (following < n) warm(order[following]);
+      fn(order[i], scratch);
+      i = following;
+    }
+  };
+  if (threads <= 1 || total < kSerialWork)
+    work(0, n);
+  else
+    at::parallel_for(0, threads, 1, work);
 }
 
 template <typename T, int D>
@@ -421,13 +429,22 @@ void attend_batch(const Batch<T>& b, int64_t num_seqs) {
     const int64_t q_len = b.query_starts[s + 1] - b.query_starts[s];
     for (int64_t h = 0; h < b.kv_heads; ++h) cost[s * b.kv_heads + h] = q_len * b.context_lens[s] * b.group * D;
   }
-  run_tasks(cost, [&](int64_t task, Scratch& scratch) {
-    const int64_t s = task / b.kv_heads, h = task % b.kv_heads;
-    if (b.query_starts[s + 1] - b.query_starts[s] == 1)
-      attend_decode<T, D>(b, s, h, scratch);
-    else
-      attend_chunk<T, D>(b, s, h, scratch);
-  });
+  run_tasks(
+      cost,
+      [&](int64_t task, Scratch& scratch) {
+        const int64_t s = task / b.kv_heads, h = task % b.kv_heads;
+        if (b.query_starts[s + 1] - b.query_starts[s] == 1)
+          attend_decode<T, D>(b, s, h, scratch);
+        else
+          attend_chunk<T, D>(b, s, h, scratch);
+      },
+      [&](int64_t task) {
+        const int64_t s = task / b.kv_heads, h = task % b.kv_heads;
+        const int64_t blocks = (b.context_lens[s] + b.block_size - 1) / b.block_size;
+        for (int64_t i = 0; i < std::min(blocks, kPrefetchBlocks); ++i)
+          prefetch_block(b.k_cache + h * b.num_slots * D, b.block_tables + s * b.max_blocks, i, b.block_size, D,
+                         b.context_lens[s]);
+      });
 }
 
 template <typename T>
