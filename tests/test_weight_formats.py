@@ -9,6 +9,7 @@ from tokenmill import SamplingParams
 from tokenmill.config import EngineConfig
 from tokenmill.model.gguf_file import GGUFFile
 from tokenmill.model.linear import (
+    FloatLinear,
     GgufQ4Linear,
     GgufQ8Linear,
     Int4Linear,
@@ -224,3 +225,42 @@ def test_gguf_layers_fall_back_to_an_fp32_matmul_without_the_kernels(model_path,
         assert layer.logits(x).dtype == torch.float32
         # Kernel and fallback differ by fp32 summation order only.
         assert float((layer.logits(x) - with_kernels[kind]).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_prepacked_float_weights_give_bit_identical_results_at_every_batch_size(with_bias) -> None:
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(960, 576, generator=gen).to(BF16)
+    bias = torch.randn(960, generator=gen).to(BF16) if with_bias else None
+    x = torch.randn(300, 576, generator=gen).to(BF16)
+    plain = FloatLinear(weight, bias)
+    packed = FloatLinear(weight, bias)
+    assert packed.prepack(keep_weight=False) and packed.weight is None and packed.packed is not None
+    assert packed.weight_bytes() == plain.weight_bytes()
+    whole = packed(x)
+    assert torch.equal(whole, plain(x))
+    for rows in (1, 7, 64, 256):  # and each row the same alone as in a batch
+        assert torch.equal(packed(x[:rows].contiguous()), whole[:rows])
+    with pytest.raises(RuntimeError, match="dropped"):
+        packed.rows(torch.tensor([0]))
+
+
+def test_prepack_leaves_other_dtypes_and_devices_alone() -> None:
+    layer = FloatLinear(torch.randn(8, 16))  # fp32: F.linear's own kernel stays the reference there
+    assert not layer.prepack(keep_weight=False) and layer.packed is None and layer.weight is not None
+
+
+def test_engine_greedy_output_is_identical_with_and_without_prepacked_weights(model_path) -> None:
+    from conftest import RAW_PROMPTS
+
+    from tokenmill import LLM
+
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    outputs = []
+    for prepack in (True, False):
+        llm = LLM(str(model_path), dtype="bfloat16", device="cpu", num_kv_blocks=256, prepack_weights=prepack)
+        packed_layers = [m for m in llm.engine.model.modules() if isinstance(m, FloatLinear) and m.packed is not None]
+        assert len(packed_layers) == (121 if prepack else 0)  # 4 per layer and the tied embedding/LM head
+        assert llm.engine.model.embed.weight is not None  # the embedding keeps its rows
+        outputs.append([r.token_ids for r in llm.generate(RAW_PROMPTS, params, use_tqdm=False)])
+    assert outputs[0] == outputs[1]  # bf16, fused step, mixed prefill and decode steps

@@ -34,9 +34,11 @@ class EngineConfig:
     num_threads: int | None = None  # CPU threads for torch; default: all cores
     weight_format: str = "float"  # float | int8 | int4 | gguf (see tokenmill/model/linear.py)
     int4_group_size: int = 32
-    # False: decode-only steps on CPU run the fused C++ step (tokenmill/kernels), built on first use and cached;
+    # False: steps on CPU run the fused C++ step (tokenmill/kernels), built on first use and cached;
     # True: every step runs the eager PyTorch operators (the reference path, and the fallback without a compiler).
     enforce_eager: bool = False
+    # CPU bf16 float weights kept in oneDNN's blocked layout (FloatLinear.prepack): same results, faster matmuls.
+    prepack_weights: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

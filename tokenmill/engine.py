@@ -58,6 +58,7 @@ class LLMEngine:
         gguf_file = GGUFFile(self.model_path)
         self.tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
         self.model = load_model(gguf_file, self.dtype, self.device, config.weight_format, config.int4_group_size)
+        packed = self.model.prepack_weights() if config.prepack_weights else 0
         self.model_config = self.model.cfg
         num_blocks = self._num_kv_blocks()
         block_size = config.block_size
@@ -77,10 +78,10 @@ class LLMEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._steps = 0
-        logger.info("loaded %s (%s, %s weights, %s) in %.1fs: %d KV blocks of %d tokens, max_model_len %d",
+        logger.info("loaded %s (%s, %s weights, %s) in %.1fs: %d KV blocks of %d tokens, max_model_len %d, "
+                    "%d layers' weights prepacked for oneDNN",
                     self.model_path.name, self.dtype, self._weight_format_name(), self.device,
-                    time.perf_counter() - started,
-                    num_blocks, block_size, self.max_model_len)
+                    time.perf_counter() - started, num_blocks, block_size, self.max_model_len, packed)
 
     def _fused_step(self) -> FusedStep | None:
         """The compiled model step unless `enforce_eager`; None (eager steps) off CPU, for dtypes or head sizes it is

@@ -32,7 +32,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "codes (quantized formats run bf16 on CPU)")
     g.add_argument("--int4-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
     g.add_argument("--enforce-eager", action="store_true",
-                   help="run decode steps with PyTorch operators instead of the fused C++ decode step (CPU)")
+                   help="run every step with PyTorch operators instead of the fused C++ step (CPU)")
+    g.add_argument("--no-prepack-weights", action="store_true",
+                   help="keep float weights in their plain layout instead of oneDNN's blocked one (CPU bf16)")
 
 
 def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
@@ -42,7 +44,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         kv_cache_memory_gib=args.kv_cache_memory_gib, max_model_len=args.max_model_len,
         enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads, weight_format=args.weight_format, int4_group_size=args.int4_group_size,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights,
     )
 
 

@@ -21,19 +21,22 @@
 #include "gguf_matmul.h"
 #include "simd.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
 #include <optional>
 #include <vector>
 
 namespace tokenmill {
 namespace {
 
-enum class WeightKind : int64_t { Float = 0, Int8 = 1, Int4 = 2, GgufQ4 = 3, GgufQ8 = 4 };
+enum class WeightKind : int64_t { Float = 0, Int8 = 1, Int4 = 2, GgufQ4 = 3, GgufQ8 = 4, FloatPacked = 5 };
 
 // A linear layer in one of the weight formats of tokenmill/model/linear.py.
 struct LinearWeights {
   WeightKind kind;
-  at::Tensor weight;        // Float: [N, K]; Int8: qweight [N, K]; Int4: the int4pack-packed codes; GgufQ4: nibbles;
-                            // GgufQ8: codes [N, K]
+  at::Tensor weight;        // Float: [N, K]; FloatPacked: oneDNN's blocked copy (FloatLinear.prepack); Int8: qweight
+                            // [N, K]; Int4: the int4pack-packed codes; GgufQ4: nibbles; GgufQ8: codes [N, K]
   at::Tensor scales;        // Int8: [N]; Int4: scales_and_zeros [K / group, N, 2]; Gguf: d [N, K / 32]; Float: unused
   at::Tensor minimums;      // GgufQ4: m [N, K / 32]; others: unused
   std::optional<at::Tensor> bias;
@@ -45,6 +48,8 @@ struct LinearWeights {
     switch (kind) {
       case WeightKind::Float:
         return at::linear(x, weight, bias);
+      case WeightKind::FloatPacked:
+        return packed_linear(x);
       case WeightKind::Int8:
         y = at::_weight_int8pack_mm(x, weight, scales);
         break;
@@ -59,6 +64,16 @@ struct LinearWeights {
         break;
     }
     return bias ? y + *bias : y;
+  }
+
+  // PyTorch's oneDNN linear on a prepacked weight, through the dispatcher: the op has no C++ API of its own.
+  at::Tensor packed_linear(const at::Tensor& x) const {
+    static const c10::OperatorHandle op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    torch::jit::Stack stack{x, weight, bias ? c10::IValue(*bias) : c10::IValue(), c10::IValue("none"),
+                            c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue("")};
+    op.callBoxed(&stack);
+    return stack[0].toTensor();
   }
 };
 
@@ -254,7 +269,7 @@ class FusedStep {
 
 LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, at::Tensor minimums,
                           std::optional<at::Tensor> bias, int64_t group_size, int64_t out_features) {
-  TORCH_CHECK(kind >= 0 && kind <= 4, "unknown weight kind ", kind);
+  TORCH_CHECK(kind >= 0 && kind <= 5, "unknown weight kind ", kind);
   return LinearWeights{static_cast<WeightKind>(kind), std::move(weight), std::move(scales), std::move(minimums),
                        std::move(bias), group_size, out_features};
 }

@@ -8,7 +8,7 @@ from torch import nn
 
 from tokenmill.model.attention import AttentionMetadata, decode_attention, paged_attention
 from tokenmill.model.config import ModelConfig
-from tokenmill.model.linear import Linear
+from tokenmill.model.linear import FloatLinear, Linear
 
 
 class KVCache:
@@ -144,6 +144,15 @@ class LlamaModel(nn.Module):
             keys.append(k)
             values.append(v)
         return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps), torch.stack(keys), torch.stack(values)
+
+    def prepack_weights(self) -> int:
+        """Float layers' weights in oneDNN's blocked layout (`FloatLinear.prepack`; CPU bf16 only), the plain copy
+        dropped except for the embedding table. Returns how many layers were packed."""
+        packed = 0
+        for module in self.modules():
+            if isinstance(module, FloatLinear):
+                packed += module.prepack(keep_weight=module is self.embed)
+        return packed
 
     @property
     def lm_head(self) -> Linear:
