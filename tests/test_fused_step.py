@@ -204,3 +204,18 @@ def test_engine_runs_eager_steps_with_a_warning_when_the_kernels_cannot_build(mo
 def test_float16_runs_eager_steps(model_path) -> None:
     llm = LLM(str(model_path), dtype="float16", device="cpu", num_kv_blocks=64)
     assert llm.engine.runner.fused_step is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("vocab", [49152, 49157, 7])
+def test_greedy_kernel_picks_torch_max_index(kernels, dtype, vocab) -> None:
+    logits = torch.randn(64, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    logits[5] = logits[5].max()  # all equal: the first index
+    logits[6, 3] = logits[6, vocab - 1] = logits[6].max() + 1  # a tie between a vector lane and the tail
+    logits[7] = float("-inf")
+    assert torch.equal(kernels.greedy(logits), logits.max(dim=-1).indices)
+
+
+def test_engine_greedy_sampling_uses_the_kernel(eager_and_fused) -> None:
+    eager, fused = eager_and_fused
+    assert eager.engine.runner.sampler.greedy is None and fused.engine.runner.sampler.greedy is not None

@@ -199,6 +199,48 @@ void add_inplace(at::Tensor& x, const at::Tensor& y) {
   for (; i < n; ++i) xs[i] = store<T>(to_f(xs[i]) + to_f(ys[i]));
 }
 
+// Index of each row's largest value (the first one among equals, as torch's max and argmax pick): greedy sampling
+// straight from bf16 logits, which torch reduces at ~7 GB/s here (3.4 ms for 256 rows × 49,152) where this reads at
+// memory speed. NaNs are never picked (torch's max would pick one).
+template <typename T>
+at::Tensor greedy_tokens(const at::Tensor& logits) {
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  const T* data = logits.data_ptr<T>();
+  int64_t* tokens = out.data_ptr<int64_t>();
+  parallel_rows(rows, vocab, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = data + r * vocab;
+      f32x16 best = f32x16{} - std::numeric_limits<float>::infinity();
+      i32x16 where = i32x16{} - 1;
+      const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+      int64_t i = 0;
+      for (; i + 16 <= vocab; i += 16) {
+        const f32x16 v = load16(row + i);
+        const i32x16 higher = v > best;  // strict: an equal later value keeps the earlier index
+        best = higher ? v : best;
+        where = higher ? lane + static_cast<int32_t>(i) : where;
+      }
+      float top = -std::numeric_limits<float>::infinity();
+      int64_t token = 0;
+      for (int j = 0; j < 16; ++j)
+        if (where[j] >= 0 && (best[j] > top || (best[j] == top && where[j] < token))) top = best[j], token = where[j];
+      for (; i < vocab; ++i)
+        if (to_f(row[i]) > top) top = to_f(row[i]), token = i;
+      tokens[r] = token;
+    }
+  });
+  return out;
+}
+
+at::Tensor greedy(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0 && logits.size(1) < (1LL << 31),
+              "logits must be a contiguous [rows, vocab] tensor");
+  if (logits.scalar_type() == at::kFloat) return greedy_tokens<float>(logits);
+  TORCH_CHECK(logits.scalar_type() == at::kBFloat16, "greedy supports float32 and bfloat16 logits");
+  return greedy_tokens<c10::BFloat16>(logits);
+}
+
 class FusedStep {
  public:
   FusedStep(std::vector<LayerWeights> layers, at::Tensor final_norm, at::Tensor rope_cos, at::Tensor rope_signed_sin,
@@ -283,6 +325,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &tokenmill::paged_attention, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("query_starts"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("block_size"), py::call_guard<py::gil_scoped_release>());
+  m.def("greedy", &tokenmill::greedy, py::arg("logits"), py::call_guard<py::gil_scoped_release>());
   m.def("make_linear", &tokenmill::make_linear, py::arg("kind"), py::arg("weight"), py::arg("scales"),
         py::arg("minimums"), py::arg("bias"), py::arg("group_size"), py::arg("out_features"));
   m.def("q4_matmul", &tokenmill::q4_matmul, py::arg("x"), py::arg("packed"), py::arg("d"), py::arg("m"),

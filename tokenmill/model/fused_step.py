@@ -54,6 +54,7 @@ class FusedStep:
                                        _linear(kernels, layer.gate_up), _linear(kernels, layer.down),
                                        layer.attn_norm, layer.ffn_norm)
                   for layer in model.layers]
+        self.greedy = kernels.greedy  # the kernels' greedy sampling, for the runner's sampler
         self.step = kernels.FusedStep(layers, model.final_norm, model.rope_cos.contiguous(),
                                       model.rope_sin.contiguous(), cfg.rms_norm_eps, cfg.num_heads,
                                       cfg.num_kv_heads, cfg.head_dim)

@@ -52,7 +52,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
-        self.sampler = Sampler()
+        self.sampler = Sampler(fused_step.greedy if fused_step is not None else None)
 
     def prepare(self, step: SchedulerOutput) -> ModelInputs:
         # Decodes first: the eager model attends them as one group without query padding.
