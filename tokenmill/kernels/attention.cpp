@@ -6,8 +6,7 @@
 // query. Their kernel widens the sequence's keys once into 16-key column blocks (key index across the 16 fp32 lanes),
 // so a query scores 16 keys with one multiply and one add per head dimension and no horizontal sums, and keeps many
 // independent accumulators in flight (8 query rows per pass over a key block; 24 output vectors per pass over the
-// values). Measured on the 2-core dev CPU at 1,024 prefill tokens per step: 3.8 ms per layer with the decode kernel
-// token by token, against the figure in docs/architecture.md for this one.
+// values). benchmarks/attention.py measures both kernels against the eager path and each other (docs/benchmarks.md).
 //
 // Rounding follows the eager path (tokenmill/model/attention.py): the scaled query, the scores, the probabilities
 // and the output are rounded to the model dtype; sums accumulate in fp32.
