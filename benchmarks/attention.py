@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tokenmill.bench.machine import median_ms  # noqa: E402
 from tokenmill.kernels import cpu_decode_kernels  # noqa: E402
 from tokenmill.model.attention import AttentionMetadata, build_group, paged_attention  # noqa: E402
 
@@ -102,18 +101,7 @@ class Case:
         return 4.0 * pairs * heads * head_dim  # q·k and p·v, a multiply and an add each
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times)
-
-
+@torch.inference_mode()
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:

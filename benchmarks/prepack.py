@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tokenmill.bench.machine import median_ms  # noqa: E402
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path  # noqa: E402
 from tokenmill.model.linear import FloatLinear  # noqa: E402
 from tokenmill.model.loader import load_model  # noqa: E402
@@ -36,16 +34,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None, help="JSON results")
     return parser.parse_args(argv)
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times)
 
 
 @torch.inference_mode()

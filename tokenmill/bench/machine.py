@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -71,6 +72,18 @@ def busy_warning(threshold: float = 0.5) -> str | None:
         return (f"load average {load[0]:.2f} before starting on {os.cpu_count()} cores: other processes skew every "
                 f"number; quote only results from a quiet machine")
     return None
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
+    """Median wall time of `fn` in ms over `repeats` calls, after `warmup` untimed ones (kernel micro-benchmarks)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> float:

@@ -285,16 +285,23 @@ struct Batch {
   T* out;
 };
 
+// Row r's query heads that share KV head h, scaled by 1/sqrt(D) and rounded to the model dtype as the eager path
+// does: [group, D] fp32 into dst.
+template <typename T, int D>
+void scaled_queries(const Batch<T>& b, int64_t r, int64_t h, float* dst) {
+  const T* q_heads = b.q + r * b.q_stride + h * b.group * D;
+  for (int64_t i = 0; i < b.group * D; i += 16) {
+    const f32x16 scaled = round16<T>(load16(q_heads + i) * b.scale);
+    std::memcpy(dst + i, &scaled, sizeof(scaled));
+  }
+}
+
 // One decode (sequence s has a single new token, row r) for KV head h.
 template <typename T, int D>
 void attend_decode(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
   const int64_t r = b.query_starts[s], group = b.group, ctx = b.context_lens[s];
   float* query = grow(scratch.query, group * D);
-  const T* q_heads = b.q + r * b.q_stride + h * group * D;
-  for (int64_t i = 0; i < group * D; i += 16) {
-    const f32x16 scaled = round16<T>(load16(q_heads + i) * b.scale);
-    std::memcpy(query + i, &scaled, sizeof(scaled));
-  }
+  scaled_queries<T, D>(b, r, h, query);
   float* own_k = grow(scratch.own_k, D);
   float* own_v = grow(scratch.own_v, D);
   widen(b.k + r * b.k_stride + h * D, own_k, D);
@@ -338,14 +345,8 @@ void attend_chunk(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
     const int64_t padded_rows = (rows + kRowPad - 1) / kRowPad * kRowPad;
     const int64_t tile_keys = first_pos + j0 + tokens;  // keys the tile's last query sees
     const int64_t tile_blocks = (tile_keys + 15) / 16;
-    // Row jj * group + g: token j0 + jj, query head h * group + g; scaled and rounded as the eager path does.
-    for (int64_t jj = 0; jj < tokens; ++jj) {
-      const T* q_heads = b.q + (row0 + j0 + jj) * b.q_stride + h * group * D;
-      for (int64_t i = 0; i < group * D; i += 16) {
-        const f32x16 scaled = round16<T>(load16(q_heads + i) * b.scale);
-        std::memcpy(query + jj * group * D + i, &scaled, sizeof(scaled));
-      }
-    }
+    // Row jj * group + g: token j0 + jj, query head h * group + g.
+    for (int64_t jj = 0; jj < tokens; ++jj) scaled_queries<T, D>(b, row0 + j0 + jj, h, query + jj * group * D);
     std::fill(query + rows * D, query + padded_rows * D, 0.f);
 
     for (int64_t r0 = 0; r0 < padded_rows; r0 += kScoreRows) {
