@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    # Start-up lines (model loaded, fused decode step compiled or loaded from its cache, and how long each took).
+    # Start-up lines (model loaded, fused CPU step compiled or loaded from its cache, and how long each took).
     logging.getLogger("tokenmill.engine").setLevel(logging.INFO)
     try:
         return args.func(args)
