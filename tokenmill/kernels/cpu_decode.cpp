@@ -83,18 +83,26 @@ struct LayerWeights {
 };
 
 
-// weight * rms_norm(x in fp32) rounded to the model dtype, as llama.py's rms_norm.
+// weight * rms_norm(x in fp32) rounded to the model dtype, as llama.py's rms_norm; with a `residual`, x += residual
+// (rounded as `x + residual` would be) first, in the same pass over the rows, which the norm then reads from cache.
 template <typename T>
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+at::Tensor rms_norm(at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor* residual = nullptr) {
   const int64_t rows = x.size(0), dim = x.size(1);
   at::Tensor out = at::empty_like(x);
-  const T* xs = x.data_ptr<T>();
+  T* xs = x.data_ptr<T>();
+  const T* adds = residual ? residual->data_ptr<T>() : nullptr;
   const T* w = weight.data_ptr<T>();
   T* ys = out.data_ptr<T>();
   parallel_rows(rows, dim, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* xr = xs + r * dim;
+      T* xr = xs + r * dim;
       T* yr = ys + r * dim;
+      if (adds) {
+        const T* ar = adds + r * dim;
+        int64_t i = 0;
+        for (; i + 16 <= dim; i += 16) store16(xr + i, load16(xr + i) + load16(ar + i));
+        for (; i < dim; ++i) xr[i] = store<T>(to_f(xr[i]) + to_f(ar[i]));
+      }
       // 16 independent partial sums, added up lane by lane at the end.
       f32x16 partial = {};
       int64_t i = 0;
@@ -114,21 +122,27 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
-// Half-split RoPE on the first `heads` heads of each row of qkv, in place: x·cos + roll(x, D/2)·[-sin, sin], each
-// product and the sum rounded. head_dim is a multiple of 32 (FusedStep checks), so each half is whole 16-lane chunks.
+// Half-split RoPE on the query and key heads of each row of qkv [rows, (heads + 2 · kv_heads) · D], in place:
+// x·cos + roll(x, D/2)·[-sin, sin], each product and the sum rounded. Then the row's rotated key heads and its value
+// heads are stored at its slot of this layer's head-major cache [kv_heads, slots, D], while the row is in cache.
+// head_dim is a multiple of 32 (FusedStep checks), so each half is whole 16-lane chunks.
 template <typename T>
-void rope_inplace(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& signed_sin,
-                  int64_t heads, int64_t head_dim) {
-  const int64_t rows = qkv.size(0), stride = qkv.size(1), half = head_dim / 2;
+void rope_and_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                       const at::Tensor& signed_sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
+                       int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  const int64_t rows = qkv.size(0), stride = qkv.size(1), half = head_dim / 2, num_slots = k_cache.size(1);
   T* data = qkv.data_ptr<T>();
   const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
   const T* cos_table = cos.data_ptr<T>();
   const T* sin_table = signed_sin.data_ptr<T>();
-  parallel_rows(rows, heads * head_dim, [&](int64_t begin, int64_t end) {
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  parallel_rows(rows, stride, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* c = cos_table + pos[r] * head_dim;
       const T* s = sin_table + pos[r] * head_dim;
-      for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t h = 0; h < heads + kv_heads; ++h) {
         T* x = data + r * stride + h * head_dim;
         for (int64_t d = 0; d < half; d += 16) {
           const f32x16 low = load16(x + d), high = load16(x + half + d);
@@ -138,28 +152,15 @@ void rope_inplace(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor
           store16(x + half + d, new_high);
         }
       }
+      const T* k = data + r * stride + heads * head_dim;
+      const T* v = k + kv_heads * head_dim;
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t at_slot = (h * num_slots + slot[r]) * head_dim;
+        std::copy(k + h * head_dim, k + (h + 1) * head_dim, kc + at_slot);
+        std::copy(v + h * head_dim, v + (h + 1) * head_dim, vc + at_slot);
+      }
     }
   });
-}
-
-// Stores each row's new key and value heads at its slot of this layer's head-major cache [kv_heads, slots, D].
-template <typename T>
-void write_kv(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
-              int64_t q_size, int64_t kv_heads, int64_t head_dim) {
-  const int64_t rows = qkv.size(0), stride = qkv.size(1), num_slots = k_cache.size(1);
-  const T* data = qkv.data_ptr<T>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  T* kc = k_cache.data_ptr<T>();
-  T* vc = v_cache.data_ptr<T>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* k = data + r * stride + q_size;
-    const T* v = k + kv_heads * head_dim;
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      const int64_t at_slot = (h * num_slots + slot[r]) * head_dim;
-      std::copy(k + h * head_dim, k + (h + 1) * head_dim, kc + at_slot);
-      std::copy(v + h * head_dim, v + (h + 1) * head_dim, vc + at_slot);
-    }
-  }
 }
 
 // silu(gate) · up for gate_up = [gate | up] per row; silu rounded to the model dtype first, as F.silu would.
@@ -177,26 +178,15 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
       int64_t i = 0;
       for (; i + 16 <= width; i += 16) {
         const f32x16 g = load16(gate + i);
-        store16(y + i, round16<T>(g / (1.f + exp16(-g))) * load16(up + i));
+        store16(y + i, round16<T>(g * reciprocal16(1.f + exp16(-g))) * load16(up + i));
       }
       for (; i < width; ++i) {
         const float g = to_f(gate[i]);
-        y[i] = store<T>(rounded<T>(g / (1.f + exp_approx(-g))) * to_f(up[i]));
+        y[i] = store<T>(rounded<T>(g * reciprocal_approx(1.f + exp_approx(-g))) * to_f(up[i]));
       }
     }
   });
   return out;
-}
-
-// x += y, rounding to the model dtype as `x + y` would.
-template <typename T>
-void add_inplace(at::Tensor& x, const at::Tensor& y) {
-  T* xs = x.data_ptr<T>();
-  const T* ys = y.data_ptr<T>();
-  const int64_t n = x.numel();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) store16(xs + i, load16(xs + i) + load16(ys + i));
-  for (; i < n; ++i) xs[i] = store<T>(to_f(xs[i]) + to_f(ys[i]));
 }
 
 // Index of each row's largest value (the first one among equals, as torch's max and argmax pick): greedy sampling
@@ -283,24 +273,27 @@ class FusedStep {
   at::Tensor run(const at::Tensor& embeddings, const at::Tensor& positions, const at::Tensor& slots,
                  const Sequences& seqs, at::Tensor& k_cache, at::Tensor& v_cache) const {
     at::Tensor x = embeddings.contiguous().clone();  // the residual stream, updated in place
-    const int64_t q_size = num_heads_ * head_dim_;
+    const int64_t q_size = num_heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
+    at::Tensor normed = rms_norm<T>(x, layers_[0].attn_norm, eps_);
     for (size_t i = 0; i < layers_.size(); ++i) {
       const LayerWeights& layer = layers_[i];
       at::Tensor k_layer = k_cache.select(0, i), v_layer = v_cache.select(0, i);
-      at::Tensor qkv = layer.qkv.apply(rms_norm<T>(x, layer.attn_norm, eps_)).contiguous();
-      rope_inplace<T>(qkv, positions, cos_, sin_, num_heads_ + kv_heads_, head_dim_);
-      write_kv<T>(qkv, k_layer, v_layer, slots, q_size, kv_heads_, head_dim_);
-      const int64_t rows = qkv.size(0), kv_size = kv_heads_ * head_dim_;
+      at::Tensor qkv = layer.qkv.apply(normed).contiguous();
+      rope_and_store_kv<T>(qkv, positions, cos_, sin_, k_layer, v_layer, slots, num_heads_, kv_heads_, head_dim_);
+      const int64_t rows = qkv.size(0);
       at::Tensor attn = paged_attention(
           qkv.narrow(1, 0, q_size).view({rows, num_heads_, head_dim_}),
           qkv.narrow(1, q_size, kv_size).view({rows, kv_heads_, head_dim_}),
           qkv.narrow(1, q_size + kv_size, kv_size).view({rows, kv_heads_, head_dim_}), k_layer, v_layer,
           seqs.query_starts, seqs.block_tables, seqs.context_lens, seqs.block_size);
-      add_inplace<T>(x, layer.o.apply(attn.view({rows, q_size})).contiguous());
-      at::Tensor gate_up = layer.gate_up.apply(rms_norm<T>(x, layer.ffn_norm, eps_)).contiguous();
-      add_inplace<T>(x, layer.down.apply(silu_mul<T>(gate_up)).contiguous());
+      const at::Tensor attn_out = layer.o.apply(attn.view({rows, q_size})).contiguous();
+      normed = rms_norm<T>(x, layer.ffn_norm, eps_, &attn_out);
+      const at::Tensor gate_up = layer.gate_up.apply(normed).contiguous();
+      const at::Tensor mlp_out = layer.down.apply(silu_mul<T>(gate_up)).contiguous();
+      // The residual add closing this layer, fused with the norm opening the next one (or the final norm).
+      normed = rms_norm<T>(x, i + 1 < layers_.size() ? layers_[i + 1].attn_norm : final_norm_, eps_, &mlp_out);
     }
-    return rms_norm<T>(x, final_norm_, eps_);
+    return normed;
   }
 
   std::vector<LayerWeights> layers_;
