@@ -39,6 +39,8 @@ class EngineConfig:
     enforce_eager: bool = False
     # CPU bf16 float weights kept in oneDNN's blocked layout (FloatLinear.prepack): same results, faster matmuls.
     prepack_weights: bool = True
+    # CPU KV cache on 2 MiB transparent huge pages where Linux grants them (tokenmill/model/huge_pages.py).
+    kv_huge_pages: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

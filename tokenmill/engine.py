@@ -64,7 +64,8 @@ class LLMEngine:
         block_size = config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position,
                                  self.model_config.max_position, num_blocks * block_size)
-        self.kv_cache = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device)
+        self.kv_cache = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device,
+                                config.kv_huge_pages)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.enable_chunked_prefill),

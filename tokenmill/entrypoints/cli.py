@@ -35,6 +35,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="run every step with PyTorch operators instead of the fused C++ step (CPU)")
     g.add_argument("--no-prepack-weights", action="store_true",
                    help="keep float weights in their plain layout instead of oneDNN's blocked one (CPU bf16)")
+    g.add_argument("--no-kv-huge-pages", action="store_true",
+                   help="keep the CPU KV cache on ordinary 4 KiB pages instead of 2 MiB transparent huge pages")
 
 
 def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
@@ -45,6 +47,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads, weight_format=args.weight_format, int4_group_size=args.int4_group_size,
         enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights,
+        kv_huge_pages=not args.no_kv_huge_pages,
     )
 
 

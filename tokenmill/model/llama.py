@@ -8,6 +8,7 @@ from torch import nn
 
 from tokenmill.model.attention import AttentionMetadata, decode_attention, paged_attention
 from tokenmill.model.config import ModelConfig
+from tokenmill.model.huge_pages import zeros as huge_pages_zeros
 from tokenmill.model.linear import FloatLinear, Linear
 
 
@@ -15,10 +16,10 @@ class KVCache:
     """K and V for every layer, head-major, addressed by slot = block_id * block_size + offset."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, huge_pages: bool = False) -> None:
         shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = huge_pages_zeros(shape, dtype, device, huge_pages)
+        self.v = huge_pages_zeros(shape, dtype, device, huge_pages)
         self.num_blocks = num_blocks
         self.block_size = block_size
 
