@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="tokenmill KV blocks (default: enough for max-num-seqs of the longest request)")
+    p.add_argument("--no-kv-huge-pages", action="store_true", help="tokenmill's KV cache on 4 KiB pages (A/B)")
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring memory bandwidth / matmul ceilings")
     p.add_argument("--no-tqdm", action="store_true")
@@ -155,10 +156,11 @@ class TokenmillBackend:
             longest / BLOCK_SIZE) + 1
         self.llm = LLM(model=str(path), dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=blocks,
-                       block_size=BLOCK_SIZE, num_threads=args.threads)
+                       block_size=BLOCK_SIZE, num_threads=args.threads, kv_huge_pages=not args.no_kv_huge_pages)
         self.use_tqdm = not args.no_tqdm
         engine = self.llm.engine
         self.description = {"dtype": str(engine.dtype), "num_kv_blocks": blocks, "block_size": BLOCK_SIZE,
+                            "kv_huge_pages": not args.no_kv_huge_pages,
                             "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                             "max_model_len": engine.max_model_len}
 

@@ -6,8 +6,8 @@ with a page walk. With 2 MiB pages a few hundred TLB entries cover the cache. Py
 (THP_MEM_ALLOC_ENABLE) must be set before its first allocation and covers every tensor; this covers just the cache.
 
 The memory is a fresh anonymous mapping advised before its first write: huge pages are only handed out at first touch
-(memory a tensor allocator reuses from its heap was touched already), and the kernel zeroes it, so nothing needs to
-be written at start-up.
+(memory a tensor allocator reuses from its heap was touched already). It is written once at creation, so that the
+page faults (and any compaction the kernel does to find free 2 MiB pages) happen at start-up, not in the first steps.
 """
 
 from __future__ import annotations
@@ -38,4 +38,4 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, huge
         region.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive as long as any view of it
     start = -raw.data_ptr() % HUGE_PAGE
-    return raw[start:start + nbytes].view(dtype).view(shape)
+    return raw[start:start + nbytes].view(dtype).view(shape).zero_()
