@@ -137,11 +137,12 @@ inline f32x16 fma16(f32x16 a, f32x16 b, f32x16 c) {
 }
 
 // exp(x) on 16 lanes by range reduction and a degree-6 polynomial (Cephes' coefficients; ~1 ulp): unlike std::exp it
-// has no branches or errno. x is clamped to [-87.3, 88.7], so it never overflows and underflows to ~1e-38, not 0.
+// has no branches or errno. x is clamped to [-87.3, 88.3] (2^±126 scales stay normal), so it never overflows (the
+// largest result is ~2e38) and underflows to ~1e-38, not 0.
 inline f32x16 exp16(f32x16 x) {
   const f32x16 zero = {};
   x = x < zero - 87.3f ? zero - 87.3f : x;
-  x = x > zero + 88.7f ? zero + 88.7f : x;
+  x = x > zero + 88.3f ? zero + 88.3f : x;
   const f32x16 scaled = x * 1.44269504088896341f;
   const i32x16 n = __builtin_convertvector(scaled + (scaled >= zero ? zero + 0.5f : zero - 0.5f), i32x16);
   const f32x16 nf = __builtin_convertvector(n, f32x16);
