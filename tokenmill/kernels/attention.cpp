@@ -66,7 +66,7 @@ inline void for_each_cached_row(const T* head_cache, const int64_t* table, int64
 template <typename T>
 inline void softmax_inplace(float* s, int64_t len) {
   const float top = max_of(s, len);
-  // exp and its sum in one pass, the sum in 16 lanes folded pairwise as simd.h's sum() adds.
+  // exp and its sum in one pass: 16 lane sums folded pairwise, then the tail.
   f32x16 lanes = {};
   int64_t t = 0;
   for (; t + 16 <= len; t += 16) {

@@ -188,16 +188,6 @@ inline float fold(float* lanes) {
   return lanes[0];
 }
 
-inline float sum(const float* a, int64_t n) {
-  float lanes[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j];
-  float total = fold(lanes);
-  for (; i < n; ++i) total += a[i];
-  return total;
-}
-
 inline float max_of(const float* a, int64_t n) {
   float lanes[kLanes];
   std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::infinity());

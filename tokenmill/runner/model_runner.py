@@ -68,9 +68,7 @@ class ModelRunner:
             end = start + item.num_new_tokens
             input_ids.extend(item.request.token_ids(start, end))
             positions.extend(range(start, end))
-            table = item.block_table
-            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
-                         for p in range(start, end))
+            slots.extend(self._slots(item.block_table, start, end))
             if item.samples:
                 sample_indices.append(len(input_ids) - 1)
                 sampled.append(item)
@@ -89,6 +87,15 @@ class ModelRunner:
             sequences=sequences,
             attention=attention,
         )
+
+    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
+        """Cache slots of positions [start, end): one range per block rather than a computation per token."""
+        bs = self.block_size
+        slots: list[int] = []
+        for b in range(start // bs, (end - 1) // bs + 1):
+            base = table[b] * bs
+            slots.extend(range(base + max(start - b * bs, 0), base + min(end - b * bs, bs)))
+        return slots
 
     def _sequence_batch(self, items: list[ScheduledRequest]) -> SequenceBatch:
         context_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in items]
