@@ -123,9 +123,12 @@ def reference_attention(q, k_cache, v_cache, starts, tables, context_lens) -> to
 # are each rounded to bf16 as the eager path does (measured 3.2e-3).
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_paged_attention_matches_a_float64_reference(kernels, dtype, tolerance, head_dim) -> None:
+# Query heads per KV head: 3 (the default model), 1, 4 and 8 take decode kernels compiled for their group size, 5 the
+# kernel for any size.
+@pytest.mark.parametrize(("num_heads", "kv_heads"), [(9, 3), (4, 4), (8, 2), (10, 2), (16, 2)])
+def test_paged_attention_matches_a_float64_reference(kernels, dtype, tolerance, head_dim, num_heads,
+                                                     kv_heads) -> None:
     generator = torch.Generator().manual_seed(0)
-    num_heads, kv_heads = 9, 3
     # (keys, new tokens): decodes, whole prompts, chunks after cached keys, tiles of 16 queries with a remainder.
     sequences = [(1, 1), (37, 1), (100, 1), (40, 40), (33, 17), (300, 50), (17, 2), (64, 16)]
     num_blocks = sum(-(-ctx // BLOCK) for ctx, _ in sequences) + 3
