@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tokenmill.attention.eager import AttentionMetadata, build_group, paged_attention  # noqa: E402
 from tokenmill.bench.machine import median_ms  # noqa: E402
-from tokenmill.kernels import cpu_decode_kernels  # noqa: E402
-from tokenmill.model import huge_pages  # noqa: E402
-from tokenmill.model.attention import AttentionMetadata, build_group, paged_attention  # noqa: E402
+from tokenmill.kernels import cpu_kernels  # noqa: E402
+from tokenmill.kv import huge_pages  # noqa: E402
 
 BLOCK = 16
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    build = cpu_decode_kernels()
+    build = cpu_kernels()
     if build.module is None:
         raise SystemExit(f"the CPU kernels did not build: {build.error}")
     prefill = [int(n) for n in args.prefill_lens.split(",")]

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from tokenmill import SamplingParams
+from tokenmill.attention.fused_cpu import FusedCPUBackend
 from tokenmill.bench.machine import machine_description, measure_ceilings
 from tokenmill.bench.quality import greedy_agreement, perplexity
 from tokenmill.bench.report import write_json
@@ -138,7 +139,7 @@ def measure_tokenmill(setting: Setting, prompts: dict[str, list[list[int]]],
                                     num_threads=args.threads,
                                     enable_prefix_caching=False, max_num_batched_tokens=1024,
                                     kv_cache_memory_gib=1.0))
-    if not setting.eager and engine.runner.fused_step is None:
+    if not setting.eager and not isinstance(engine.runner.backend, FusedCPUBackend):
         raise SystemExit(f"{setting.name}: the fused decode step is unavailable here (see the warning above)")
     result = Result(setting.name, engine.model.weight_bytes(), startup_s=time.perf_counter() - started)
     prefill_prompt, decode_prompt = prompts["prefill"], prompts["decode"]

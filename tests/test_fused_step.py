@@ -8,13 +8,15 @@ import logging
 import pytest
 import torch
 
+from tests import plans
 from tests.conftest import RAW_PROMPTS
+from tests.plans import make_plan
 from tokenmill import LLM, SamplingParams
-from tokenmill.kernels import KernelBuild, cpu_decode_kernels
-from tokenmill.model.attention import AttentionMetadata, build_group
-from tokenmill.model.fused_step import FusedStep
+from tokenmill.attention.eager import EagerBackend
+from tokenmill.attention.fused_cpu import FusedCPUBackend
+from tokenmill.kernels import KernelBuild, cpu_kernels
+from tokenmill.kv.cache import KVCache
 from tokenmill.model.gguf_file import GGUFFile
-from tokenmill.model.llama import KVCache
 from tokenmill.model.loader import load_model
 
 BLOCK = 16
@@ -23,23 +25,24 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def kernels():
-    build = cpu_decode_kernels()
+    build = cpu_kernels()
     assert build.module is not None, f"the CPU kernels did not build: {build.error}"
     return build.module
 
 
 def slots_of(table: list[int], start: int, end: int) -> list[int]:
-    return [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, end)]
+    return plans.slots_of(table, start, end, BLOCK)
+
+
+def run_backend(backend, plan) -> torch.Tensor:
+    return backend.forward(torch.tensor(plan.token_ids), torch.tensor(plan.positions), backend.build_metadata(plan))
 
 
 def filled_cache(model, prompts: list[list[int]], tables: list[list[int]], num_blocks: int) -> KVCache:
     """A cache holding each prompt's keys and values at its (scattered) blocks, from the eager forward."""
     cache = KVCache(model.cfg, num_blocks, BLOCK, model.dtype, CPU)
     for ids, table in zip(prompts, tables, strict=True):
-        n = len(ids)
-        slots = torch.tensor(slots_of(table, 0, n))
-        model(torch.tensor(ids), torch.arange(n), AttentionMetadata(slots, [build_group(0, [n], [n], [table], BLOCK,
-                                                                                      CPU)]), cache)
+        run_backend(EagerBackend(model, cache), make_plan([0], [ids], [table], BLOCK))
     return cache
 
 
@@ -80,19 +83,12 @@ def test_fused_step_matches_the_eager_forward_on_a_mixed_batch(kernels, model_pa
     tables.append([14, 5])
     cached = [20, 3, 33, 12, 0]
     new = [[42], [1000], [7], list(range(3000, 3021)), list(range(5000, 5018))]
-    ids = torch.tensor([t for tokens in new for t in tokens])
-    positions = torch.tensor([p for c, tokens in zip(cached, new, strict=True) for p in range(c, c + len(tokens))])
-    slots = torch.tensor([s for t, c, tokens in zip(tables, cached, new, strict=True)
-                          for s in slots_of(t, c, c + len(tokens))])
-    context = [c + len(tokens) for c, tokens in zip(cached, new, strict=True)]
-    groups = [build_group(0, [1, 1, 1], context[:3], tables[:3], BLOCK, CPU),
-              build_group(3, [21, 18], context[3:], tables[3:], BLOCK, CPU)]
-    want = model(ids, positions, AttentionMetadata(slots, groups), eager_cache)
-
-    width = max(len(t) for t in tables)
-    got = FusedStep(kernels, model)(ids, positions, slots, torch.tensor([0, 1, 2, 3, 24, 42]),
-                                    torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-                                    torch.tensor(context), fused_cache)
+    plan = make_plan(cached, new, tables, BLOCK)
+    slots = torch.tensor(plan.slot_mapping)
+    want = run_backend(EagerBackend(model, eager_cache), plan)
+    fused = FusedCPUBackend(kernels, model, fused_cache)
+    assert fused.build_metadata(plan).query_starts.tolist() == [0, 1, 2, 3, 24, 42]
+    got = run_backend(fused, plan)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert max_error_over_scale(got, want) <= tolerance
     # The new keys and values landed at their slots, and nothing else in the cache moved.
@@ -174,7 +170,8 @@ def eager_and_fused(model_path):
 
 def test_fused_engine_greedy_output_is_identical_to_the_eager_engine(eager_and_fused) -> None:
     eager, fused = eager_and_fused
-    assert eager.engine.runner.fused_step is None and fused.engine.runner.fused_step is not None
+    assert isinstance(eager.engine.runner.backend, EagerBackend)
+    assert isinstance(fused.engine.runner.backend, FusedCPUBackend)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     # One batch of mixed lengths: prefill steps, then decode-only steps of many sequences with their own block tables.
     want = [o.token_ids for o in eager.generate(RAW_PROMPTS, params, use_tqdm=False)]
@@ -186,7 +183,7 @@ def test_fused_engine_with_chunked_prefill_matches_the_eager_engine(model_path, 
     eager, _ = eager_and_fused
     # A 24-token budget: prompts split into chunks that start after cached keys, mixed with other requests' decodes.
     chunked = LLM(str(model_path), dtype="float32", device="cpu", num_kv_blocks=256, max_num_batched_tokens=24)
-    assert chunked.engine.runner.fused_step is not None
+    assert isinstance(chunked.engine.runner.backend, FusedCPUBackend)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     want = [o.token_ids for o in eager.generate(RAW_PROMPTS, params, use_tqdm=False)]
     got = [o.token_ids for o in chunked.generate(RAW_PROMPTS, params, use_tqdm=False)]
@@ -195,10 +192,10 @@ def test_fused_engine_with_chunked_prefill_matches_the_eager_engine(model_path, 
 
 def test_engine_runs_eager_steps_with_a_warning_when_the_kernels_cannot_build(model_path, monkeypatch,
                                                                                caplog) -> None:
-    monkeypatch.setattr("tokenmill.engine.cpu_decode_kernels", lambda: KernelBuild(None, 0.0, "no C++ compiler"))
+    monkeypatch.setattr("tokenmill.engine.cpu_kernels", lambda: KernelBuild(None, 0.0, "no C++ compiler"))
     with caplog.at_level(logging.WARNING, logger="tokenmill.engine"):
         llm = LLM(str(model_path), dtype="float32", device="cpu", num_kv_blocks=64)
-    assert llm.engine.runner.fused_step is None
+    assert isinstance(llm.engine.runner.backend, EagerBackend)
     assert "no C++ compiler" in caplog.text
     out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     assert len(out[0].token_ids) == 4
@@ -206,7 +203,7 @@ def test_engine_runs_eager_steps_with_a_warning_when_the_kernels_cannot_build(mo
 
 def test_float16_runs_eager_steps(model_path) -> None:
     llm = LLM(str(model_path), dtype="float16", device="cpu", num_kv_blocks=64)
-    assert llm.engine.runner.fused_step is None
+    assert isinstance(llm.engine.runner.backend, EagerBackend)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmill.model import huge_pages
+from tokenmill.kv import huge_pages
+from tokenmill.kv.cache import KVCache
 from tokenmill.model.config import ModelConfig
-from tokenmill.model.llama import KVCache
 
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from tests.conftest import CHAT_QUESTIONS, RAW_PROMPTS, chat_prompt
+from tests.plans import make_plan
 from tokenmill import SamplingParams
-from tokenmill.model.attention import AttentionMetadata, build_group
-from tokenmill.model.llama import KVCache
+from tokenmill.attention.eager import EagerBackend
+from tokenmill.kv.cache import KVCache
 
 LOGITS_ATOL = 1e-3  # fp32 both sides; the same dequantized weights, so only summation order differs
 
@@ -19,9 +20,9 @@ def prefill_logits(model, token_ids: list[int], block_size: int = 16) -> torch.T
     cache = KVCache(model.cfg, num_blocks, block_size, model.dtype, torch.device("cpu"))
     # a scrambled block table so that the test also exercises non-contiguous blocks
     table = list(reversed(range(num_blocks)))
-    slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(n)])
-    meta = AttentionMetadata(slots, [build_group(0, [n], [n], [table], block_size, torch.device("cpu"))])
-    hidden = model(torch.tensor(token_ids), torch.arange(n), meta, cache)
+    backend = EagerBackend(model, cache)
+    plan = make_plan([0], [token_ids], [table], block_size)
+    hidden = backend.forward(torch.tensor(token_ids), torch.arange(n), backend.build_metadata(plan))
     return model.compute_logits(hidden)
 
 

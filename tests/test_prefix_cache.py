@@ -6,10 +6,10 @@ import pytest
 
 from tests.test_scheduler import run_step as step
 from tokenmill import LLM, SamplingParams
-from tokenmill.entrypoints.llm import fan_out
+from tokenmill.kv.block_pool import BlockPool
+from tokenmill.kv.manager import KVCacheManager, chain_hash
 from tokenmill.request import Request, RequestStatus
-from tokenmill.scheduler.block_pool import BlockPool
-from tokenmill.scheduler.kv_cache_manager import KVCacheManager, chain_hash
+from tokenmill.sampling_params import fan_out
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 
 BS = 4
@@ -141,10 +141,10 @@ def test_preempted_request_hits_its_own_blocks_on_resume() -> None:
         step(sched)
     assert sched.kv_cache.num_free_blocks == 0 and b.num_tokens == 13
     plan = sched.schedule()  # a needs a 4th block: b is preempted, its full blocks stay cached
-    assert plan.preempted == ["b"]
+    assert plan.preempted_request_ids == ("b",)
     # a's 4th block was b's tail block (freed tail first, so evicted first): 8 of b's 13 tokens are still cached
     assert sched.kv_cache.block_table("a") == [0, 1, 4, 5]
-    sched.update_computed(plan)
+    sched.update(plan)
     sched.finish("a", RequestStatus.FINISHED_STOPPED)
     assert step(sched) == {"b": 5}
     assert b.num_cached_tokens == 8
@@ -158,12 +158,12 @@ def test_fork_shares_full_blocks_and_copies_the_partial_one() -> None:
     assert step(sched) == {"p": 10}  # the child waits for its sibling's prompt
     plan = sched.schedule()
     # child shares blocks 0, 1 (tokens 0-7); block 2 (tokens 8, 9) is copied to a fresh block
-    assert [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled] == [("p", 1), ("c", 1)]
-    assert plan.block_copies == [(2, 3)]
+    assert [(s.request_id, s.num_tokens) for s in plan.seqs] == [("p", 1), ("c", 1)]
+    assert plan.block_copies == ((2, 3),)
     assert sched.kv_cache.block_table("c") == [0, 1, 3]
     assert [sched.kv_cache.pool.ref_count(b) for b in (0, 1, 2, 3)] == [2, 2, 1, 1]
     assert child.num_computed_tokens == 9 and child.num_cached_tokens == 9
-    sched.update_computed(plan)
+    sched.update(plan)
     for rid in ("p", "c"):
         sched.finish(rid, RequestStatus.FINISHED_STOPPED)
     assert sched.kv_cache.num_free_blocks == 16

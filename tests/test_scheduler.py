@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from tokenmill.kv.manager import KVCacheManager
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.scheduler.kv_cache_manager import KVCacheManager
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 
 
@@ -20,11 +20,11 @@ def req(rid: str, prompt_len: int) -> Request:
 def run_step(sched: Scheduler) -> dict[str, int]:
     """Schedule, mark computed, and append a dummy token to every request that caught up."""
     plan = sched.schedule()
-    sampled = [s.request for s in plan.scheduled if s.samples]
-    sched.update_computed(plan)
-    for r in sampled:
-        r.output_token_ids.append(7)
-    return {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
+    sched.update(plan)
+    for s in plan.seqs:
+        if s.num_samples:
+            sched.get(s.request_id).output_token_ids.append(7)
+    return {s.request_id: s.num_tokens for s in plan.seqs}
 
 
 def test_prefill_then_decode_with_one_budget() -> None:
@@ -96,12 +96,12 @@ def test_preemption_recomputes_the_latest_arrival() -> None:
     assert sched.kv_cache.num_free_blocks == 0
     # a's 9th token needs a third block: b (the later arrival) is preempted and its blocks freed
     plan = sched.schedule()
-    assert [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled] == [("a", 1)]
-    assert plan.preempted == ["b"]
+    assert [(s.request_id, s.num_tokens) for s in plan.seqs] == [("a", 1)]
+    assert plan.preempted_request_ids == ("b",)
     assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0 and b.num_preemptions == 1
     assert sched.kv_cache.block_table("a") == [0, 1, 3]
     assert list(sched.waiting) == [b]
-    sched.update_computed(plan)
+    sched.update(plan)
     # b comes back when a finishes, and recomputes prompt + its generated token
     sched.finish("a", RequestStatus.FINISHED_LENGTH)
     assert sched.kv_cache.num_free_blocks == 4
@@ -117,8 +117,8 @@ def test_request_preempting_itself_when_alone_in_front() -> None:
     run_step(sched)
     # both need a second block, only none is free: b goes, then a gets b's block
     plan = sched.schedule()
-    assert plan.preempted == ["b"]
-    assert [s.request.request_id for s in plan.scheduled] == ["a"]
+    assert plan.preempted_request_ids == ("b",)
+    assert [s.request_id for s in plan.seqs] == ["a"]
 
 
 def test_abort_waiting_and_running_frees_everything() -> None:

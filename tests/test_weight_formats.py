@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tokenmill.model.linear as linear_module
 from tokenmill import SamplingParams
 from tokenmill.config import EngineConfig
 from tokenmill.model.gguf_file import GGUFFile
@@ -227,6 +228,12 @@ def test_gguf_layers_fall_back_to_an_fp32_matmul_without_the_kernels(model_path,
         assert float((layer.logits(x) - with_kernels[kind]).abs().max() / want.abs().max()) < 1e-5
 
 
+# oneDNN packs bf16 weights only on CPUs with its bf16 path (AVX-512 BW/VL/DQ or AVX-NE-CONVERT).
+needs_onednn_bf16 = pytest.mark.skipif(not linear_module._has_onednn(),
+                                       reason="this CPU has no oneDNN bf16 path: weights are never prepacked here")
+
+
+@needs_onednn_bf16
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_prepacked_float_weights_give_bit_identical_results_at_every_batch_size(with_bias) -> None:
     gen = torch.Generator().manual_seed(3)
@@ -250,6 +257,16 @@ def test_prepack_leaves_other_dtypes_and_devices_alone() -> None:
     assert not layer.prepack(keep_weight=False) and layer.packed is None and layer.weight is not None
 
 
+def test_prepack_declines_on_a_cpu_without_onednn_bf16(monkeypatch) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    weight = torch.randn(8, 16).to(BF16)
+    layer = FloatLinear(weight)
+    assert not layer.prepack(keep_weight=False) and layer.packed is None
+    x = torch.randn(3, 16).to(BF16)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, weight))
+
+
+@needs_onednn_bf16
 def test_engine_greedy_output_is_identical_with_and_without_prepacked_weights(model_path) -> None:
     from conftest import RAW_PROMPTS
 

@@ -13,9 +13,9 @@ _EXPORTS = {
     "SamplingParams": "tokenmill.sampling_params",
     "InvalidRequestError": "tokenmill.sampling_params",
     "ModelLoadError": "tokenmill.model.gguf_file",
-    "CompletionOutput": "tokenmill.outputs",
-    "GenerationResult": "tokenmill.outputs",
-    "RequestOutput": "tokenmill.outputs",
+    "CompletionOutput": "tokenmill.output.types",
+    "GenerationResult": "tokenmill.output.types",
+    "RequestOutput": "tokenmill.output.types",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

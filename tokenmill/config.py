@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.model.linear import INT4_GROUP_SIZES, WEIGHT_FORMATS
+# Defined here rather than next to the kernels in tokenmill/model/linear.py so that validating a configuration
+# (the CLI, the server) does not depend on the model code.
+WEIGHT_FORMATS = ("float", "int8", "int4", "gguf")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 # Names accepted for a dtype wherever one is configured (engine, benchmarks).
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -72,13 +75,20 @@ class EngineConfig:
         return torch.device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
+        return self.resolve_dtype()[0]
+
+    def resolve_dtype(self) -> tuple[torch.dtype, str]:
+        """The run dtype and why (for the start-up log): `auto` picks bf16 only where it is fast."""
         if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        device = self.torch_device()
-        # The CPU weight-only int8/int4 kernels are vectorized for bf16 activations only.
-        if device.type == "cuda" or self.weight_format != "float" or _cpu_has_native_bf16():
-            return torch.bfloat16
-        return torch.float32
+            return DTYPES[self.dtype], "as configured"
+        if self.torch_device().type == "cuda":
+            return torch.bfloat16, "auto on CUDA"
+        # The CPU weight-only int8/int4 and GGUF kernels are vectorized for bf16 activations only.
+        if self.weight_format != "float":
+            return torch.bfloat16, f"auto: {self.weight_format} weights run with bf16 activations"
+        if _cpu_has_native_bf16():
+            return torch.bfloat16, "auto: the CPU has native bf16 matmul"
+        return torch.float32, "auto: the CPU has no native bf16 matmul, where fp32 is faster"
 
 
 def _cpu_has_native_bf16() -> bool:

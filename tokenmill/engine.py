@@ -1,4 +1,4 @@
-"""The engine loop: add_request → step (schedule → run model → sample → outputs) → abort.
+"""The engine loop: add_request → step (plan = schedule → result = run the plan → update → outputs) → abort.
 
 Single-threaded by design; a server drives it from one background thread.
 """
@@ -9,23 +9,27 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from tokenmill.attention.backend import AttentionBackend
+from tokenmill.attention.eager import EagerBackend
+from tokenmill.attention.fused_cpu import FusedCPUBackend
+from tokenmill.attention.fused_cpu import supports as fused_step_supports
 from tokenmill.config import EngineConfig
-from tokenmill.kernels import cpu_decode_kernels
-from tokenmill.model.fused_step import FusedStep
-from tokenmill.model.fused_step import supports as fused_step_supports
+from tokenmill.kernels import cpu_kernels
+from tokenmill.kv.cache import KVCache
+from tokenmill.kv.manager import KVCacheManager, PrefixCacheStats
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
-from tokenmill.model.llama import KVCache
 from tokenmill.model.loader import load_model
 from tokenmill.output.processor import RequestState
-from tokenmill.outputs import RequestOutput
+from tokenmill.output.types import RequestOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams
-from tokenmill.scheduler.kv_cache_manager import KVCacheManager, PrefixCacheStats
+from tokenmill.scheduler.plan import SeqSamples
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 from tokenmill.tokenizer import Tokenizer
 
@@ -52,7 +56,8 @@ class LLMEngine:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.device = config.torch_device()
-        self.dtype = config.torch_dtype()
+        self.dtype, dtype_reason = config.resolve_dtype()
+        logger.info("dtype %s (%s)", str(self.dtype).removeprefix("torch."), dtype_reason)
         self.model_path = resolve_model_path(config.model)
         started = time.perf_counter()
         gguf_file = GGUFFile(self.model_path)
@@ -72,9 +77,9 @@ class LLMEngine:
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
                            cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}"),
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, self._fused_step())
+        backend, greedy = self._backend()
+        self.runner = ModelRunner(backend, self.model.lm_head, self.kv_cache, self.device, greedy, config.seed)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
-        self._states: dict[str, RequestState] = {}
         self._ids = itertools.count()
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -84,18 +89,19 @@ class LLMEngine:
                     self.model_path.name, self.dtype, self._weight_format_name(), self.device,
                     time.perf_counter() - started, num_blocks, block_size, self.max_model_len, packed)
 
-    def _fused_step(self) -> FusedStep | None:
-        """The compiled model step unless `enforce_eager`; None (eager steps) off CPU, for dtypes or head sizes it is
-        not built for, or when the kernels cannot be built here — then with a warning saying why."""
+    def _backend(self) -> tuple[AttentionBackend, Callable[[torch.Tensor], torch.Tensor] | None]:
+        """The fused CPU step (and the kernels' greedy argmax) unless `enforce_eager`; the eager backend off CPU, for
+        dtypes or head sizes the kernels are not built for, or when they cannot be built here (with a warning)."""
+        eager = EagerBackend(self.model, self.kv_cache)
         if self.config.enforce_eager or self.device.type != "cpu" or not fused_step_supports(self.model):
-            return None
-        build = cpu_decode_kernels()
+            return eager, None
+        build = cpu_kernels()
         if build.module is None:
             logger.warning("fused CPU step unavailable, running eager steps: %s", build.error)
-            return None
+            return eager, None
         logger.info("fused CPU step ready in %.1fs (compiled on first use, then loaded from the cache)",
                     build.seconds)
-        return FusedStep(build.module, self.model)
+        return FusedCPUBackend(build.module, self.model, self.kv_cache), build.module.greedy
 
     def _weight_format_name(self) -> str:
         fmt = self.config.weight_format
@@ -119,6 +125,10 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(params).__name__}")
+        if params.n != 1:
+            # One engine request is one sequence; LLM.generate and the server add the n samples as n requests.
+            raise InvalidRequestError("n", f"the engine takes one sample per request, got n={params.n}: add n "
+                                      "requests (tokenmill.sampling_params.fan_out) or use LLM.generate")
         vocab = self.model_config.vocab_size
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", f"token ids must be < the vocabulary size {vocab}")
@@ -128,10 +138,10 @@ class LLMEngine:
                 "prompt", f"prompt has {len(prompt_ids)} tokens; the context allows at most "
                 f"{self.max_model_len - 1} so that one token can be generated")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._states:
+        if self.scheduler.get(request_id) is not None:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
         request = Request(request_id, prompt_ids, params, self.eos_token_ids, fork_of=fork_of)
-        self._states[request_id] = RequestState(request, prompt_text, self.tokenizer, self.max_model_len)
+        request.output_state = RequestState(request, prompt_text, self.tokenizer, self.max_model_len)
         self.scheduler.add_request(request)
         return request_id
 
@@ -153,11 +163,10 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; returns its final output, or None for an unknown id."""
-        state = self._states.pop(request_id, None)
-        if state is None:
+        request = self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
+        if request is None:
             return None
-        self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
-        return state.take_output(RequestStatus.FINISHED_ABORTED.value)
+        return request.output_state.take_output(RequestStatus.FINISHED_ABORTED.value)
 
     def reset_prefix_cache(self) -> bool:
         """Drop all cached KV blocks (e.g. between benchmark runs); False while requests hold blocks."""
@@ -171,24 +180,29 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return an output for every request that got a token or finished."""
         plan = self.scheduler.schedule()
+        result = self.runner.execute(plan)  # also when empty: it carries the finished ids the runner lets go of
         if plan.is_empty:
             return []
-        sampled = self.runner.execute(plan)
-        self.scheduler.update_computed(plan)
+        self.scheduler.update(plan)
         self._steps += 1
-        outputs = []
-        for token in sampled:
-            state = self._states[token.request_id]
-            state.output.num_cached_tokens = state.request.num_cached_tokens
-            status = state.append_token(token.token_id, token.logprobs)
+        return [self._apply(samples) for samples in result.samples]
+
+    def _apply(self, samples: SeqSamples) -> RequestOutput:
+        """Append a sequence's new tokens in order, up to the first that finishes it."""
+        request = self.scheduler.get(samples.request_id)
+        assert request is not None, "the scheduler keeps every request it plans until it is finished"
+        state: RequestState = request.output_state
+        state.output.num_cached_tokens = request.num_cached_tokens
+        status = None
+        for token_id, logprobs in zip(samples.token_ids, samples.logprobs, strict=True):
+            status = state.append_token(token_id, logprobs)
             self._generation_tokens += 1
-            if state.request.num_output_tokens == 1:  # counted once its prefill completes, as vLLM does
-                self._prompt_tokens += state.request.num_prompt_tokens
+            if request.num_output_tokens == 1:  # counted once its prefill completes, as vLLM does
+                self._prompt_tokens += request.num_prompt_tokens
             if status is not None:
-                self.scheduler.finish(token.request_id, status)
-                del self._states[token.request_id]
-            outputs.append(state.take_output(status.value if status is not None else None))
-        return outputs
+                self.scheduler.finish(request.request_id, status)
+                break
+        return state.take_output(status.value if status is not None else None)
 
     def stats(self) -> EngineStats:
         kv = self.scheduler.kv_cache

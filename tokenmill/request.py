@@ -5,8 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-
-import torch
+from typing import Any
 
 from tokenmill.sampling_params import SamplingParams
 
@@ -44,11 +43,9 @@ class Request:
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache or a fork at admission
     fork_of: str | None = None  # a sibling (n > 1) whose prompt KV this request may share
-    generator: torch.Generator | None = None
-
-    def __post_init__(self) -> None:
-        if self.params.seed is not None and self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+    # The output side's bookkeeping (tokenmill.output.processor.RequestState: stop checks, text so far), kept on the
+    # request so that the scheduler's registry is the one table of live requests.
+    output_state: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
@@ -94,3 +95,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         # Dividing logits by a temperature this small overflows; it means "greedy" in practice (vLLM does the same).
         return self.temperature < 1e-5
+
+
+def fan_out(params: SamplingParams) -> list[SamplingParams]:
+    """The n single-sample requests of an n>1 request; seeded ones get distinct, reproducible seeds."""
+    if params.n == 1:
+        return [params]
+    return [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            for i in range(params.n)]

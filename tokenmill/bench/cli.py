@@ -21,6 +21,7 @@ from tokenmill.bench import workloads as wl
 from tokenmill.bench.backends import EOS_MODES, Backend, InProcessBackend, OpenAIHTTPBackend
 from tokenmill.bench.metrics import SLO, passes_slo
 from tokenmill.bench.scenarios import SCENARIOS, RunResult, RunSpec, run_once, search_max_rate
+from tokenmill.entrypoints.args import add_engine_args, engine_config
 
 BACKEND_HELP = ("tokenmill (in-process engine), tokenmill-server (starts `tokenmill serve` on loopback), llama.cpp "
                 "(starts llama-cpp-python's server), transformers (HF generate), or an OpenAI-compatible endpoint "
@@ -56,8 +57,6 @@ def _length(text: str) -> wl.LengthRange:
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     """Benchmark arguments plus the engine arguments (`--model`, `--dtype`, `--threads`, ...) of `tokenmill`."""
-    from tokenmill.entrypoints.cli import add_engine_args
-
     g = parser.add_argument_group("scenario")
     g.add_argument("--scenario", choices=SCENARIOS, default="offline",
                    help="offline: all requests at t=0; serve: Poisson/gamma arrivals; latency: one at a time; "
@@ -184,8 +183,6 @@ def build_workload(args: argparse.Namespace, tokenizer: Any) -> wl.Workload:
 
 
 def _run_dtype(args: argparse.Namespace) -> str:
-    from tokenmill.entrypoints.cli import engine_config
-
     return str(engine_config(args).torch_dtype()).removeprefix("torch.")
 
 
@@ -208,7 +205,6 @@ def build_backends(args: argparse.Namespace, model_path: Path, tokenizer: Any,
     """Backends for the --backend specs; peer servers are started here and appended to `servers`."""
     from tokenmill.bench import peers
     from tokenmill.bench.roofline import dense_memory_model, gguf_memory_model, model_config
-    from tokenmill.entrypoints.cli import engine_config
 
     out_dir = Path(args.output_dir)
     threads = args.threads or os.cpu_count() or 1

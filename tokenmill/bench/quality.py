@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill.attention.eager import EagerBackend
 from tokenmill.engine import LLMEngine
-from tokenmill.model.attention import AttentionMetadata, build_group
+from tokenmill.scheduler.plan import ScheduledSeq, StepPlan
 
 
 @dataclass
@@ -36,10 +37,12 @@ def window_nll(engine: LLMEngine, token_ids: Sequence[int]) -> torch.Tensor:
         raise ValueError(f"a window of {n} tokens needs {num_blocks} KV blocks, the cache has "
                          f"{engine.kv_cache.num_blocks}")
     device = engine.device
-    group = build_group(0, [n], [n], [list(range(num_blocks))], block_size, device)
-    meta = AttentionMetadata(torch.arange(n, device=device), [group])
+    # One sequence over the cache's first blocks, run by the eager backend: the reference path for every setting.
+    plan = StepPlan((ScheduledSeq("window", 0, n, n, tuple(range(num_blocks))),), tuple(token_ids), tuple(range(n)),
+                    tuple(range(n)))
+    backend = EagerBackend(engine.model, engine.kv_cache)
     ids = torch.tensor(list(token_ids), dtype=torch.long, device=device)
-    hidden = engine.model(ids, torch.arange(n, device=device), meta, engine.kv_cache)
+    hidden = backend.forward(ids, torch.arange(n, device=device), backend.build_metadata(plan))
     logits = engine.model.compute_logits(hidden[:-1])
     return F.cross_entropy(logits, ids[1:], reduction="none")
 

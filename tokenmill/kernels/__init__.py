@@ -14,7 +14,7 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_decode.cpp", "attention.cpp", "gguf_matmul.cpp")]
+_SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_step.cpp", "attention.cpp", "gguf_matmul.cpp")]
 # -ffp-contract=off: no FMA contraction, so fp32 rounding matches the eager operators (see the source's header).
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 
@@ -30,9 +30,10 @@ _lock = threading.Lock()
 _build: KernelBuild | None = None
 
 
-def cpu_decode_kernels() -> KernelBuild:
-    """The compiled `cpu_decode` extension, built once per source version (torch caches the build on disk, under
-    $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions); `module` is None with the reason when it cannot be built."""
+def cpu_kernels() -> KernelBuild:
+    """The compiled CPU kernels (the fused model step, attention, GGUF block matmuls, greedy sampling), built once
+    per source version (torch caches the build on disk, under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions);
+    `module` is None with the reason when it cannot be built."""
     global _build
     if _build is not None:  # the GGUF layers ask on every forward: no lock once built
         return _build
@@ -51,7 +52,7 @@ def _compile() -> KernelBuild:
     try:
         from torch.utils.cpp_extension import load
 
-        module = load(name="tokenmill_cpu_decode", sources=_SOURCES, extra_cflags=_CFLAGS,
+        module = load(name="tokenmill_cpu", sources=_SOURCES, extra_cflags=_CFLAGS,
                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # a missing compiler or ninja: the engine falls back to the eager step
         return KernelBuild(None, time.perf_counter() - started, f"{type(exc).__name__}: {exc}")

@@ -8,7 +8,7 @@
 // independent accumulators in flight (8 query rows per pass over a key block; 24 output vectors per pass over the
 // values). benchmarks/attention.py measures both kernels against the eager path and each other (docs/benchmarks.md).
 //
-// Rounding follows the eager path (tokenmill/model/attention.py): the scaled query, the scores, the probabilities
+// Rounding follows the eager path (tokenmill/attention/eager.py): the scaled query, the scores, the probabilities
 // and the output are rounded to the model dtype; sums accumulate in fp32.
 
 #include "attention.h"

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHT_FORMATS = ("float", "int8", "int4", "gguf")
-INT4_GROUP_SIZES = (32, 64, 128, 256)
+from tokenmill.config import INT4_GROUP_SIZES, WEIGHT_FORMATS
 
 
 class Linear(nn.Module):
@@ -65,7 +64,7 @@ class FloatLinear(Linear):
         """Keep the weight in oneDNN's blocked layout for CPU bf16 matmuls, as PyTorch's own CPU compiler does when
         freezing a model: `F.linear` re-lays the plain weight out on every call. Results are bit-identical to
         `F.linear` at every batch size (tested). `keep_weight=False` drops the plain copy (then no `rows`). Returns
-        whether it packed: only CPU bf16 weights, where PyTorch has oneDNN."""
+        whether it packed: only CPU bf16 weights, where PyTorch has oneDNN and the CPU its bf16 path."""
         weight = self.weight
         if weight is None or weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not _has_onednn():
             return False
@@ -93,7 +92,9 @@ class FloatLinear(Linear):
 
 
 def _has_onednn() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """oneDNN with bf16 weight packing: it needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere the reorder raises."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Int8Linear(Linear):
@@ -282,9 +283,9 @@ def _exact_half(values: torch.Tensor, what: str) -> torch.Tensor:
 
 def _gguf_kernels() -> Any:
     """The C++ kernels, or None where they cannot be built (then the GGUF formats fall back to an fp32 matmul)."""
-    from tokenmill.kernels import cpu_decode_kernels
+    from tokenmill.kernels import cpu_kernels
 
-    return cpu_decode_kernels().module
+    return cpu_kernels().module
 
 
 def gguf_q8_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

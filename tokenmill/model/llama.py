@@ -1,47 +1,20 @@
-"""Llama-family decoder (llama, qwen2) over a flat token batch with a paged KV cache."""
+"""Llama-family decoder (llama, qwen2) over a flat token batch; attention, and the KV cache with it, is the
+backend's."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.model.attention import AttentionMetadata, decode_attention, paged_attention
 from tokenmill.model.config import ModelConfig
-from tokenmill.model.huge_pages import zeros as huge_pages_zeros
 from tokenmill.model.linear import FloatLinear, Linear
 
-
-class KVCache:
-    """K and V for every layer, head-major, addressed by slot = block_id * block_size + offset."""
-
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, huge_pages: bool = False) -> None:
-        shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
-        self.k = huge_pages_zeros(shape, dtype, device, huge_pages)
-        self.v = huge_pages_zeros(shape, dtype, device, huge_pages)
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy whole blocks (src → dst) in every layer: copy-on-write for forked sequences."""
-        if not copies:
-            return
-        slots = torch.arange(self.block_size, device=self.k.device)
-        src = torch.cat([s * self.block_size + slots for s, _ in copies])
-        dst = torch.cat([d * self.block_size + slots for _, d in copies])
-        for cache in (self.k, self.v):
-            cache[:, :, dst] = cache[:, :, src]
-
-    def write(self, slot_mapping: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store one new token per sequence in every layer at once: keys/values [layers, B, kv_heads, head_dim]."""
-        self.k.index_copy_(2, slot_mapping, keys.transpose(1, 2))
-        self.v.index_copy_(2, slot_mapping, values.transpose(1, 2))
-
-    @staticmethod
-    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        element = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * element
+# Attention of one layer: (layer index, q [T, H, D], k and v [T, Hkv, D]) -> [T, H, D]. The attention backend
+# supplies it, and with it the KV cache: the model itself knows nothing of blocks or slots.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,17 +62,10 @@ class DecoderLayer(nn.Module):
         gate, up = self.gate_up(rms_norm(x, self.ffn_norm, self.cfg.rms_norm_eps)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+                index: int) -> torch.Tensor:
         q, k, v = self._qkv(x, cos, sin)
-        return self._finish(x, paged_attention(q, k, v, k_cache, v_cache, meta, block_size))
-
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, block_tables: torch.Tensor, cached_mask: torch.Tensor,
-               block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self._qkv(x, cos, sin)
-        attn = decode_attention(q, k, v, k_cache, v_cache, block_tables, cached_mask, block_size)
-        return self._finish(x, attn), k, v
+        return self._finish(x, attend(index, q, k, v))
 
 
 class LlamaModel(nn.Module):
@@ -117,34 +83,14 @@ class LlamaModel(nn.Module):
         self.rope_cos, self.rope_sin = rope_tables(cfg, dtype, final_norm.device)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """Hidden states after the final norm for every token of the flat batch: [T, hidden]."""
         x = self.embed.rows(input_ids)
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache.k[i], kv_cache.v[i], meta, kv_cache.block_size)
+            x = layer(x, cos, sin, attend, i)
         return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
-
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-               cached_mask: torch.Tensor, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One new token per sequence (a decode-only step; tables and mask of its `build_group` decode group),
-        without writing the cache.
-
-        Free of side effects so that it can be compiled as one graph: returns the final hidden states [B, hidden]
-        and the new keys and values [layers, B, kv_heads, head_dim], which `KVCache.write` then stores.
-        """
-        x = self.embed.rows(input_ids)
-        cos = self.rope_cos[positions].unsqueeze(1)
-        sin = self.rope_sin[positions].unsqueeze(1)
-        block_size = kv_cache.block_size
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            x, k, v = layer.decode(x, cos, sin, kv_cache.k[i], kv_cache.v[i], block_tables, cached_mask, block_size)
-            keys.append(k)
-            values.append(v)
-        return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps), torch.stack(keys), torch.stack(values)
 
     def prepack_weights(self) -> int:
         """Float layers' weights in oneDNN's blocked layout (`FloatLinear.prepack`; CPU bf16 only), the plain copy

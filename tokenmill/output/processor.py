@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tokenmill.output.detokenizer import IncrementalDetokenizer
-from tokenmill.outputs import RequestOutput
+from tokenmill.output.types import RequestOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampler.sampler import TokenLogprobs
 from tokenmill.tokenizer import Tokenizer

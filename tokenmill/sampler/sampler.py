@@ -37,7 +37,7 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # None where params.logprobs is None
 
 
-def _has_penalties(params: SamplingParams) -> bool:
+def has_penalties(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
@@ -77,7 +77,7 @@ def _penalise(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Repetition/presence/frequency penalties; returns a new float32 tensor, the input is left untouched."""
     out = logits.float().clone()
-    idx = [i for i, r in enumerate(rows) if _has_penalties(r.params)]
+    idx = [i for i, r in enumerate(rows) if has_penalties(r.params)]
     if not idx:
         return out
     # Only penalised rows pay for building count tensors; long prompts make that the costly part.
@@ -126,12 +126,12 @@ def _random_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Te
     return torch.zeros_like(sorted_probs).scatter_(1, sorted_idx, sorted_probs)
 
 
-def _draw(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+def _draw(probs: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None) -> torch.Tensor:
     """Exponential race argmax(p / q), q ~ Exp(1): a categorical draw needing no host sync or cumsum.
 
     Rows with a generator take their noise from it alone, so their tokens do not depend on batch composition.
     """
-    noise = torch.empty_like(probs).exponential_()
+    noise = torch.empty_like(probs).exponential_(generator=generator)
     for i, row in enumerate(rows):
         if row.generator is not None:
             own = torch.empty(probs.shape[1], device=row.generator.device).exponential_(generator=row.generator)
@@ -161,17 +161,20 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRo
 
 def _is_plain_greedy(row: SamplingRow) -> bool:
     p = row.params
-    return p.greedy and not _has_penalties(p) and not row.blocked_token_ids and p.logprobs is None
+    return p.greedy and not has_penalties(p) and not row.blocked_token_ids and p.logprobs is None
 
 
 class Sampler:
     """Picks one token per row from `logits` [len(rows), vocab], in the model's dtype (computed in fp32).
 
     `greedy`: optionally a faster `logits → first maximal index per row` for contiguous CPU fp32/bf16 logits (the
-    compiled CPU kernels' `greedy`), used when every row is plain greedy."""
+    compiled CPU kernels' `greedy`), used when every row is plain greedy. `generator`: the source of randomness for
+    rows without a generator of their own (None: torch's global one)."""
 
-    def __init__(self, greedy: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, greedy: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 generator: torch.Generator | None = None) -> None:
         self.greedy = greedy
+        self.generator = generator
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         if logits.shape[0] != len(rows):
@@ -201,5 +204,5 @@ class Sampler:
         if random:
             index = torch.tensor(random, dtype=torch.long, device=logits.device)
             random_rows = [rows[i] for i in random]
-            tokens[index] = _draw(_random_probs(adjusted[index], random_rows), random_rows)
+            tokens[index] = _draw(_random_probs(adjusted[index], random_rows), random_rows, self.generator)
         return tokens

@@ -2,15 +2,21 @@
 
 Every request only asks for `num_tokens - num_computed_tokens` more tokens of compute, capped by what is left of the
 step's budget. Prefill, chunked prefill, decode and recompute after preemption are all that one rule.
+
+The scheduler is also the request registry: requests enter through `add_request` and leave through `finish` (done
+or aborted); preemption sends them back to the waiting queue. It hands the runner a `StepPlan` and takes the step's
+outcome back through `update`.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from tokenmill.kv.manager import KVCacheManager
 from tokenmill.request import Request, RequestStatus
-from tokenmill.scheduler.kv_cache_manager import KVCacheManager
+from tokenmill.sampler.sampler import has_penalties
+from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, StepPlan
 
 
 @dataclass(frozen=True)
@@ -29,45 +35,22 @@ class SchedulerConfig:
                              f"({self.max_num_batched_tokens} < {self.max_model_len})")
 
 
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-    block_table: list[int]
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step brings the request up to date, so its last position yields a new token."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[str] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst): copy-on-write of forks
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
         self.kv_cache = kv_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # every live request, waiting or running
         self.num_preemptions = 0
+        self._finished_ids: list[str] = []  # finished since the last plan
 
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def get(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -75,31 +58,34 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+    # ---- planning ----
+
+    def schedule(self) -> StepPlan:
+        batch: list[tuple[Request, int]] = []  # (request, tokens to compute this step)
+        copies: list[tuple[int, int]] = []
+        preempted: list[str] = []
         budget = self.config.max_num_batched_tokens
-        scheduled_ids: set[str] = set()
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, out):
+            if not self._allocate_or_preempt(request, num_new, preempted):
                 break  # the request preempted itself: everything after it is gone too
-            out.scheduled.append(ScheduledRequest(request, num_new, self.kv_cache.block_table(request.request_id)))
-            scheduled_ids.add(request.request_id)
+            batch.append((request, num_new))
             budget -= num_new
             index += 1
         # Admitting new work in a step that had to preempt would only thrash the cache.
-        if not out.preempted:
-            self._admit_waiting(budget, out)
-        return out
+        if not preempted:
+            self._admit_waiting(budget, batch, copies)
+        return self._plan(batch, copies, preempted)
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
+        # The victim is always the last running request, which is not in this step's batch yet (the loop over
+        # running requests has not reached it), so nothing scheduled needs taking back.
         while not self.kv_cache.allocate_slots(request, num_new):
             victim = self.running[-1]  # FCFS: the latest arrival yields first
             self._preempt(victim)
-            out.preempted.append(victim.request_id)
-            out.scheduled = [s for s in out.scheduled if s.request is not victim]
+            preempted.append(victim.request_id)
             if victim is request:
                 return False
         return True
@@ -113,17 +99,17 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+    def _admit_waiting(self, budget: int, batch: list[tuple[Request, int]], copies: list[tuple[int, int]]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             parent = self._fork_parent(request)
-            num_new = self._admit_fork(request, parent, out) if parent is not None else self._admit(request, budget)
+            num_new = self._admit_fork(request, parent, copies) if parent is not None else self._admit(request, budget)
             if num_new is None:
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new, self.kv_cache.block_table(request.request_id)))
+            batch.append((request, num_new))
             budget -= num_new
 
     def _admit(self, request: Request, budget: int) -> int | None:
@@ -146,28 +132,52 @@ class Scheduler:
         parent = self.requests.get(request.fork_of) if request.fork_of else None
         return parent if parent is not None and parent.status is RequestStatus.RUNNING else None
 
-    def _admit_fork(self, request: Request, parent: Request, out: SchedulerOutput) -> int | None:
+    def _admit_fork(self, request: Request, parent: Request, copies: list[tuple[int, int]]) -> int | None:
         # The child recomputes only its last prompt token (its logits are needed); the KV before it is the parent's.
         shared = request.num_prompt_tokens - 1
         if parent.num_computed_tokens < shared:
             return None  # FCFS: wait at the head until the sibling's prompt is in the cache
-        copies = self.kv_cache.fork(parent, request, shared)
-        if copies is None:
+        block_copies = self.kv_cache.fork(parent, request, shared)
+        if block_copies is None:
             return None
-        request.num_computed_tokens = shared
         if not self.kv_cache.allocate_slots(request, 1):
             self.kv_cache.free(request)
-            request.num_computed_tokens = 0
             return None
-        out.block_copies.extend(copies)
+        request.num_computed_tokens = shared
+        copies.extend(block_copies)
         request.num_cached_tokens = shared
         return 1
 
-    def update_computed(self, out: SchedulerOutput) -> None:
-        """Called after the model ran the step: the scheduled tokens now have KV in the cache."""
-        for item in out.scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
-            self.kv_cache.cache_full_blocks(item.request)
+    def _plan(self, batch: list[tuple[Request, int]], copies: list[tuple[int, int]],
+              preempted: list[str]) -> StepPlan:
+        seqs: list[ScheduledSeq] = []
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        # Single-token sequences first (a stable partition keeps FCFS order within each part).
+        for request, num_new in sorted(batch, key=lambda item: item[1] != 1):
+            start = request.num_computed_tokens
+            entries = self.kv_cache.num_entries(request.request_id)
+            samples = int(start + num_new == request.num_tokens)
+            seqs.append(ScheduledSeq(request.request_id, len(token_ids), num_new, entries + num_new,
+                                     tuple(self.kv_cache.block_table(request.request_id)), samples,
+                                     _sampling_inputs(request) if samples else None))
+            token_ids.extend(request.token_ids(start, start + num_new))
+            positions.extend(range(start, start + num_new))
+            slot_mapping.extend(self.kv_cache.slots(request.request_id, entries, entries + num_new))
+        finished, self._finished_ids = self._finished_ids, []
+        return StepPlan(tuple(seqs), tuple(token_ids), tuple(positions), tuple(slot_mapping), tuple(copies),
+                        tuple(finished), tuple(preempted))
+
+    # ---- outcome ----
+
+    def update(self, plan: StepPlan) -> None:
+        """Called after the model ran the plan: its tokens now have KV in the cache."""
+        for seq in plan.seqs:
+            request = self.requests[seq.request_id]
+            request.num_computed_tokens += seq.num_tokens
+            self.kv_cache.commit(request, seq.num_tokens)
+            self.kv_cache.cache_full_blocks(request)
 
     def finish(self, request_id: str, status: RequestStatus) -> Request | None:
         """Remove a request (finished or aborted) and free its blocks. Unknown ids are ignored."""
@@ -181,4 +191,17 @@ class Scheduler:
         self.kv_cache.free(request)
         self.kv_cache.forget(request)
         request.status = status
+        self._finished_ids.append(request_id)
         return request
+
+
+def _sampling_inputs(request: Request) -> SamplingInputs:
+    params = request.params
+    blocked: tuple[int, ...] = ()
+    if request.num_output_tokens < params.min_tokens:
+        blocked = (*params.stop_token_ids, *(() if params.ignore_eos else sorted(request.eos_token_ids)))
+    if not has_penalties(params):
+        return SamplingInputs(params, blocked_token_ids=blocked)
+    # Only the output matters to presence/frequency penalties; repetition also reads the prompt.
+    prompt = tuple(request.prompt_token_ids) if params.repetition_penalty != 1.0 else ()
+    return SamplingInputs(params, prompt, tuple(request.output_token_ids), blocked)

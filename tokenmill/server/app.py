@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from tokenmill.config import EngineConfig
 from tokenmill.server.async_engine import AsyncEngine, OutputStream
-from tokenmill.server.cli import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
+from tokenmill.server.defaults import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 from tokenmill.server.errors import APIError, bad_request, default_type, error_body
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine import EngineStats, LLMEngine
-from tokenmill.outputs import RequestOutput
+from tokenmill.output.types import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.tokenizer import Tokenizer
 

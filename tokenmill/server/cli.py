@@ -10,12 +10,11 @@ import sys
 from types import FrameType
 from typing import Any
 
+from tokenmill.server.defaults import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING_REQUESTS
+
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "TOKENMILL_API_KEY"
-DEFAULT_MAX_WAITING_REQUESTS = 256
-DEFAULT_MAX_REQUEST_BYTES = 1 << 20
-DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +38,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tokenmill.entrypoints.cli import engine_config
+    from tokenmill.entrypoints.args import engine_config
     from tokenmill.model.gguf_file import ModelLoadError
 
     if args.model_path and args.model and args.model_path != args.model:

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenmill.entrypoints.llm import fan_out
 from tokenmill.model.gguf_file import ModelLoadError, default_model_path
-from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import InvalidRequestError, SamplingParams
+from tokenmill.output.types import RequestOutput
+from tokenmill.sampling_params import InvalidRequestError, SamplingParams, fan_out
 from tokenmill.server.async_engine import (
     AsyncEngine,
     EngineOverloadedError,

@@ -1,9 +1,10 @@
-"""Attention over a paged KV cache for one flat batch of tokens from many sequences.
+"""The eager attention backend: PyTorch operators over the paged KV cache, for one flat batch of tokens from many
+sequences. The reference path, and the one that runs off CPU.
 
 The cache of a layer is laid out head-major, [kv_heads, num_blocks * block_size, head_dim], so that gathering a
 sequence's blocks yields whole contiguous blocks and the batched matmuls below need no transposing copies.
 
-The runner orders the batch as: all decode tokens (one per sequence) first, then the prefill chunks. Each group is
+A plan orders the batch as: all single-token sequences (decodes) first, then the prefill chunks. Each group is
 attended with two batched matmuls: queries laid out padded per sequence, keys/values gathered block-wise from the
 sequence's own block table, a mask for causality and padding. Keeping decodes apart from prefill chunks avoids padding
 every decode query up to the longest chunk. (Measured on the 2-core dev CPU, this beats torch's
@@ -15,6 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from tokenmill.attention.backend import AttentionBackend
+from tokenmill.kv.cache import KVCache
+from tokenmill.model.llama import LlamaModel
+from tokenmill.scheduler.plan import ScheduledSeq, StepPlan
 
 
 @dataclass
@@ -169,3 +175,31 @@ def paged_attention(
         attn = attend_group(q_pad, keys, values, group.mask)
         out[tokens] = attn.reshape(group.num_seqs * group.max_q, num_heads, head_dim)[group.query_scatter]
     return out
+
+
+class EagerBackend(AttentionBackend):
+    """`paged_attention` inside the model's own layer loop: decodes as one group, prefill chunks as another."""
+
+    def __init__(self, model: LlamaModel, kv_cache: KVCache) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = kv_cache.k.device
+
+    def build_metadata(self, plan: StepPlan) -> AttentionMetadata:
+        decodes = [s for s in plan.seqs if s.num_tokens == 1]
+        chunks = [s for s in plan.seqs if s.num_tokens > 1]
+        groups = [self._group(group) for group in (decodes, chunks) if group]
+        slots = torch.tensor(plan.slot_mapping, dtype=torch.long, device=self.device)
+        return AttentionMetadata(slots, groups)
+
+    def _group(self, seqs: list[ScheduledSeq]) -> AttentionGroup:
+        return build_group(seqs[0].query_start, [s.num_tokens for s in seqs], [s.context_len for s in seqs],
+                           [list(s.block_table) for s in seqs], self.kv_cache.block_size, self.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        kv = self.kv_cache
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return paged_attention(q, k, v, kv.k[layer], kv.v[layer], metadata, kv.block_size)
+
+        return self.model(input_ids, positions, attend)

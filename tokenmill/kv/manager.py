@@ -1,8 +1,14 @@
-"""Maps each request to its KV blocks (its block table): growth, prefix-cache lookups, forks.
+"""The scheduler's facade over the KV cache: per request, its block table and how many KV entries it holds; the slots
+its next entries go to; growth, truncation, prefix-cache lookups and forks. The one place that knows the block size.
+
+A request's KV entries are counted apart from its token positions (`Request.num_computed_tokens`): today entry i
+holds the token at position i, but a cache that drops or sinks entries (StreamingLLM, H2O) keeps positions growing
+while entries do not, so slots and context lengths come from here and positions from the request.
 
 Prefix caching: every full block of a request is identified by a hash chained over (parent block's hash, the block's
 token ids); the chain starts from a salt naming anything else that changes the KV (model, dtype, KV format), so
-blocks are only ever shared between requests whose whole prefix, and whose KV format, match.
+blocks are only ever shared between requests whose whole prefix, and whose KV format, match. Hashes are indexed by
+block, so they assume entry i is position i (a cache that evicts entries turns prefix caching off).
 """
 
 from __future__ import annotations
@@ -11,8 +17,8 @@ import hashlib
 from array import array
 from dataclasses import dataclass
 
+from tokenmill.kv.block_pool import BlockPool
 from tokenmill.request import Request
-from tokenmill.scheduler.block_pool import BlockPool
 
 
 @dataclass
@@ -44,6 +50,7 @@ class KVCacheManager:
         self._tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # per request: chain hashes of its full blocks so far
         self._num_registered: dict[str, int] = {}  # per request: leading table blocks already registered
+        self._num_entries: dict[str, int] = {}  # per request: KV entries written (or shared) so far
 
     @property
     def num_free_blocks(self) -> int:
@@ -57,7 +64,30 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def block_table(self, request_id: str) -> list[int]:
-        return self._tables.get(request_id, [])
+        """A copy of the request's block table (plans hold copies, never the manager's own list)."""
+        return list(self._tables.get(request_id, ()))
+
+    def num_entries(self, request_id: str) -> int:
+        """KV entries the request holds: what its next query attends to before this step's own entries."""
+        return self._num_entries.get(request_id, 0)
+
+    def slots(self, request_id: str, start: int, end: int) -> list[int]:
+        """Cache slots of the request's KV entries [start, end), which must be allocated: one range per block."""
+        table, bs = self._tables[request_id], self.block_size
+        if not 0 <= start <= end <= len(table) * bs:
+            raise ValueError(f"entries [{start}, {end}) outside the {len(table) * bs} allocated to {request_id!r}")
+        slots: list[int] = []
+        for b in range(start // bs, -(-end // bs)):
+            base = table[b] * bs
+            slots.extend(range(base + max(start - b * bs, 0), base + min(end - b * bs, bs)))
+        return slots
+
+    def commit(self, request: Request, num_new: int) -> None:
+        """The model wrote `num_new` more entries of the request (into slots allocated before)."""
+        total = self.num_entries(request.request_id) + num_new
+        if total > len(self._tables.get(request.request_id, ())) * self.block_size:
+            raise ValueError(f"{request.request_id!r} commits {total} KV entries beyond its allocated blocks")
+        self._num_entries[request.request_id] = total
 
     # ---- prefix cache ----
 
@@ -100,7 +130,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         table = self._tables.get(request.request_id, [])
-        num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        num_full = min(self.num_entries(request.request_id) // self.block_size, len(table))
         start = self._num_registered.get(request.request_id, 0)
         if num_full <= start:
             return
@@ -112,13 +142,14 @@ class KVCacheManager:
     # ---- allocation ----
 
     def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
-        """Make room for `num_new_tokens` more computed tokens after `cached_blocks` (a prefix hit, on admission).
+        """Make room for `num_new_tokens` more entries after `cached_blocks` (a prefix hit, on admission), whose
+        entries the request then holds.
 
         Returns False, with nothing allocated or shared, when free blocks are short.
         """
         cached_blocks = cached_blocks or []
         table = self._tables.get(request.request_id, [])
-        computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
+        computed = self.num_entries(request.request_id) + len(cached_blocks) * self.block_size
         needed = self.blocks_needed(computed + num_new_tokens) - len(table) - len(cached_blocks)
         # Cached blocks that sit in the free queue stop being free once shared.
         reclaimed = sum(1 for b in cached_blocks if self.pool.ref_count(b) == 0)
@@ -130,6 +161,7 @@ class KVCacheManager:
         table.extend(cached_blocks)
         if needed > 0:
             table.extend(self.pool.allocate(needed))
+        self._num_entries[request.request_id] = computed
         return True
 
     def fork(self, parent: Request, child: Request, num_tokens: int) -> list[tuple[int, int]] | None:
@@ -153,10 +185,41 @@ class KVCacheManager:
             copies.append((parent_table[num_shared], new_block))
             table.append(new_block)
         self._tables[child.request_id] = table
+        self._num_entries[child.request_id] = num_tokens
         return copies
+
+    def truncate(self, request: Request, num_entries: int) -> list[int]:
+        """Keep the request's first `num_entries` KV entries (roll back the rest, e.g. rejected speculative tokens)
+        and release the blocks that no longer hold any. Returns the released block ids, table order.
+
+        The block kept in part is written again from the cut onwards, so it must be the request's alone; its prefix
+        cache entry, if it had one, is dropped (its content no longer matches the hash).
+        """
+        rid, bs = request.request_id, self.block_size
+        held = self.num_entries(rid)
+        if not 0 <= num_entries <= held:
+            raise ValueError(f"cannot keep {num_entries} of the {held} KV entries of {rid!r}")
+        table = self._tables.get(rid, [])
+        keep = self.blocks_needed(num_entries)
+        if num_entries % bs:
+            partial = table[keep - 1]
+            if self.pool.ref_count(partial) > 1:
+                raise ValueError(f"block {partial} is shared: truncating {rid!r} into it would overwrite another's KV")
+            self.pool.unregister(partial)
+        released = table[keep:]
+        del table[keep:]
+        if released:
+            self.pool.free(released)
+        self._num_entries[rid] = num_entries
+        if rid in self._num_registered:
+            self._num_registered[rid] = min(self._num_registered[rid], num_entries // bs)
+        if rid in self._hashes:
+            del self._hashes[rid][num_entries // bs:]
+        return released
 
     def free(self, request: Request) -> None:
         self._num_registered.pop(request.request_id, None)
+        self._num_entries.pop(request.request_id, None)
         table = self._tables.pop(request.request_id, None)
         if table:
             self.pool.free(table)

@@ -46,10 +46,8 @@ class BlockPool:
         return blocks
 
     def _evict(self, block: int) -> None:
-        block_hash = self._block_hash[block]
-        if block_hash is not None:
-            del self._cached[block_hash]
-            self._block_hash[block] = None
+        if self._block_hash[block] is not None:
+            self.unregister(block)
             self.num_evictions += 1
 
     def share(self, block_id: int) -> None:
@@ -84,6 +82,13 @@ class BlockPool:
 
     def block_hash(self, block_id: int) -> bytes | None:
         return self._block_hash[block_id]
+
+    def unregister(self, block_id: int) -> None:
+        """Forget the block's cached content (about to be overwritten); no-op for a block without one."""
+        block_hash = self._block_hash[block_id]
+        if block_hash is not None:
+            del self._cached[block_hash]
+            self._block_hash[block_id] = None
 
     def register(self, block_id: int, block_hash: bytes) -> None:
         """Record that a full, in-use block holds the KV identified by `block_hash` (first holder wins)."""

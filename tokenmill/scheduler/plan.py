@@ -1,0 +1,89 @@
+"""What crosses from the scheduler to the model runner and back: plain, picklable data, no live objects.
+
+A `StepPlan` says which tokens to compute, where their K/V go and which positions yield tokens; the runner answers
+with a `StepResult`. Neither holds a `Request` or a list owned by the scheduler or the KV manager, so a plan can be
+sent to another process (tensor-parallel workers, replicas) and reasoned about on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.sampler.sampler import TokenLogprobs
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingInputs:
+    """What the sampler needs of one request. The token history is filled in only when a penalty reads it."""
+
+    params: SamplingParams
+    prompt_token_ids: tuple[int, ...] = ()
+    output_token_ids: tuple[int, ...] = ()
+    blocked_token_ids: tuple[int, ...] = ()  # e.g. EOS and stop tokens while min_tokens is not reached
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One request's share of a step: flat rows [query_start, query_start + num_tokens) of the plan's token arrays.
+
+    Its queries attend to its first `context_len` KV entries (this step's included), read through `block_table`:
+    query j sits at entry context_len - num_tokens + j and sees the entries up to it. The last `num_samples` rows
+    yield a token each (0: a prefill chunk that has not caught up; 1 + k where k drafted tokens are verified).
+    """
+
+    request_id: str
+    query_start: int
+    num_tokens: int
+    context_len: int
+    block_table: tuple[int, ...]
+    num_samples: int = 0
+    sampling: SamplingInputs | None = None  # set when num_samples > 0
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step. Sequences with a single new token come first (the eager backend attends them as one group).
+
+    `positions` are token positions (RoPE); `slot_mapping` the cache slots the new K/V go to: the two are kept apart,
+    since a cache that evicts entries keeps positions growing while slots are reused.
+    """
+
+    seqs: tuple[ScheduledSeq, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    positions: tuple[int, ...] = ()
+    slot_mapping: tuple[int, ...] = ()
+    block_copies: tuple[tuple[int, int], ...] = ()  # (src, dst) whole-block copies before the step (fork writes)
+    finished_request_ids: tuple[str, ...] = ()  # since the previous plan: the runner drops their per-request state
+    preempted_request_ids: tuple[str, ...] = ()
+    return_logits: bool = False  # StepResult.logits wanted (a verifier's target distribution)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    def sample_indices(self) -> list[int]:
+        """Flat rows whose logits yield tokens, sequence by sequence."""
+        return [i for s in self.seqs
+                for i in range(s.query_start + s.num_tokens - s.num_samples, s.query_start + s.num_tokens)]
+
+
+@dataclass
+class SeqSamples:
+    """The tokens drawn for one sequence, one per sample row, in row order."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+@dataclass
+class StepResult:
+    samples: list[SeqSamples] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # [sample rows, vocab] fp32, when the plan asked for them
