@@ -324,6 +324,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("minimums"), py::arg("bias"), py::arg("group_size"), py::arg("out_features"));
   m.def("q4_matmul", &tokenmill::q4_matmul, py::arg("x"), py::arg("packed"), py::arg("d"), py::arg("m"),
         py::arg("out_features"), py::arg("fp32_output") = false, py::call_guard<py::gil_scoped_release>());
+  m.def("gguf_isa", &tokenmill::gguf_isa);
   m.def("q8_matmul", &tokenmill::q8_matmul, py::arg("x"), py::arg("packed"), py::arg("d"), py::arg("out_features"),
         py::arg("fp32_output") = false, py::call_guard<py::gil_scoped_release>());
   py::class_<tokenmill::LayerWeights>(m, "LayerWeights")

@@ -5,9 +5,11 @@
 // row where Q8_0 has one per 32 weights. Here each weight is the file's d · q + m with d and m the stored f16 values.
 //
 // Arithmetic: activations are bf16 and the codes are small integers, which bf16 holds exactly, so AVX512-BF16 dot
-// products give exact x · q products summed in fp32. Each 32-weight block's sum is scaled by its d in fp32 and a Q4
-// block adds m · Σx. Every output element goes through the same sequence of operations whatever the batch size or
-// the thread count, so results are batch invariant.
+// products give exact x · q products summed in fp32. Without AVX512-BF16, AVX2 + FMA widens codes and activations to
+// fp32 (the products are still exact) and sums with FMAs; other CPUs run a portable loop with the same arithmetic.
+// The three paths sum in different orders, so they agree to fp32 rounding, not bit for bit. Each 32-weight block's
+// sum is scaled by its d in fp32 and a Q4 block adds m · Σx. Within a path every output element goes through the same
+// sequence of operations whatever the batch size or the thread count, so results are batch invariant.
 //
 // Layout (made by tokenmill/model/linear.py): weight rows in tiles of 16, and within a tile and a block, the codes of
 // the 16 rows for k-pairs (2j, 2j + 1) side by side, so one dot-product instruction advances 16 output rows by two
@@ -33,6 +35,13 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+// The instruction set the tiles below are built for: AVX512-BF16 dot products, AVX2 + FMA, or portable C++.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define TOKENMILL_GGUF_AVX512BF16 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TOKENMILL_GGUF_AVX2 1
+#endif
 
 namespace tokenmill {
 namespace {
@@ -80,7 +89,7 @@ void tiled(int64_t M, int64_t N, int64_t begin, int64_t end, Out* y, const TileK
   }
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(TOKENMILL_GGUF_AVX512BF16)
 
 // bf16 bit patterns of 0..15, indexed by a word's low 5 bits (16..31 repeat them).
 inline __m512i code_table() {
@@ -174,6 +183,114 @@ void with_tile(int tile, const Kernel& kernel) {
   }
 }
 
+#elif defined(TOKENMILL_GGUF_AVX2)
+
+// AVX2 + FMA: no bf16 dot products, so codes widen to fp32 (exact) and multiply the activations widened to fp32
+// (exact products: at most 8 + 8 significant bits), summed in fp32 with FMAs. A row tile is two 8-lane vectors.
+// Sixteen vector registers hold the sums of up to kAvx2Tile activation rows beside the unpacked codes.
+constexpr int kAvx2Tile = 3;
+
+// Bytes of a chunk are (row r, e) at 2r + e: this puts each 128-bit lane's 8 rows of e = 0 before its 8 of e = 1.
+inline __m256i split_pairs(__m256i bytes) {
+  const __m256i order = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  return _mm256_shuffle_epi8(bytes, order);
+}
+
+// w[e][h]: rows 8h..8h+7 of the codes for k-offset e, from split_pairs output; Signed picks int8 or unsigned codes.
+template <bool Signed>
+inline void widen_split(__m256i split, __m256 w[2][2]) {
+  const __m128i lanes[2] = {_mm256_castsi256_si128(split), _mm256_extracti128_si256(split, 1)};
+  for (int h = 0; h < 2; ++h)
+    for (int e = 0; e < 2; ++e) {
+      const __m128i eight = e == 0 ? lanes[h] : _mm_srli_si128(lanes[h], 8);
+      w[e][h] = _mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight));
+    }
+}
+
+// dot[i][h] += w[e][h] · x_i[k + e] for both e.
+template <int Tile>
+inline void fma_pair(const __m256 w[2][2], const float* x, int64_t K, int64_t k, __m256 dot[][2]) {
+  for (int e = 0; e < 2; ++e)
+    for (int i = 0; i < Tile; ++i) {
+      const __m256 xs = _mm256_broadcast_ss(x + i * K + k + e);
+      dot[i][0] = _mm256_fmadd_ps(w[e][0], xs, dot[i][0]);
+      dot[i][1] = _mm256_fmadd_ps(w[e][1], xs, dot[i][1]);
+    }
+}
+
+inline __m256 widen_scales8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// One Q4 row tile against Tile activation rows (x: fp32, stride K; sums: each block's Σx, stride blocks).
+template <int Tile>
+void q4_tile_avx2(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const float* x, int64_t K,
+                  const float* sums, float* out) {
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  __m256 acc[Tile][2];
+  for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256 dot[Tile][2];
+    for (int i = 0; i < Tile; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_ps();
+    const uint8_t* chunk = w + b * kQ4TileBlockBytes;
+    const float* xb = x + b * kBlock;
+    for (int64_t c = 0; c < 8; ++c) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * c));
+      __m256 wk[2][2];
+      widen_split<false>(split_pairs(_mm256_and_si256(bytes, low_nibble)), wk);
+      fma_pair<Tile>(wk, xb, K, 2 * c, dot);
+      widen_split<false>(split_pairs(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble)), wk);
+      fma_pair<Tile>(wk, xb, K, 16 + 2 * c, dot);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 scale = widen_scales8(d + b * kRows + 8 * h), minimum = widen_scales8(m + b * kRows + 8 * h);
+      for (int i = 0; i < Tile; ++i) {
+        acc[i][h] = _mm256_fmadd_ps(dot[i][h], scale, acc[i][h]);
+        acc[i][h] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(sums[i * blocks + b]), acc[i][h]);
+      }
+    }
+  }
+  for (int i = 0; i < Tile; ++i)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + i * kRows + 8 * h, acc[i][h]);
+}
+
+// One Q8_0 row tile against Tile activation rows.
+template <int Tile>
+void q8_tile_avx2(const int8_t* w, const at::Half* d, int64_t blocks, const float* x, int64_t K, float* out) {
+  __m256 acc[Tile][2];
+  for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256 dot[Tile][2];
+    for (int i = 0; i < Tile; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_ps();
+    const int8_t* chunk = w + b * kQ8TileBlockBytes;
+    for (int64_t j = 0; j < 16; ++j) {
+      __m256 wk[2][2];
+      widen_split<true>(split_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * j))), wk);
+      fma_pair<Tile>(wk, x + b * kBlock, K, 2 * j, dot);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 scale = widen_scales8(d + b * kRows + 8 * h);
+      for (int i = 0; i < Tile; ++i) acc[i][h] = _mm256_fmadd_ps(dot[i][h], scale, acc[i][h]);
+    }
+  }
+  for (int i = 0; i < Tile; ++i)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + i * kRows + 8 * h, acc[i][h]);
+}
+
+// Runs kernel(integral_constant<int, n>, first_row) over act_rows in groups of at most kAvx2Tile.
+template <typename Kernel>
+void in_avx2_tiles(int act_rows, const Kernel& kernel) {
+  static_assert(kAvx2Tile == 3, "in_avx2_tiles lists every group size up to kAvx2Tile");
+  for (int i = 0; i < act_rows; i += kAvx2Tile) {
+    switch (std::min(kAvx2Tile, act_rows - i)) {
+      case 1: kernel(std::integral_constant<int, 1>{}, i); break;
+      case 2: kernel(std::integral_constant<int, 2>{}, i); break;
+      default: kernel(std::integral_constant<int, 3>{}, i); break;
+    }
+  }
+}
+
 #else
 
 // Portable fallback with the same arithmetic (per-block fp32 sums scaled by d), without the vector instructions.
@@ -221,6 +338,19 @@ const uint16_t* activations(const at::Tensor& x, int64_t K) {
   return reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
 }
 
+// The activations widened to fp32, for the AVX2 tiles (empty where they are not used).
+std::vector<float> widened(const uint16_t* x, int64_t n) {
+#if defined(TOKENMILL_GGUF_AVX2)
+  std::vector<float> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(x[i]);
+  return out;
+#else
+  (void)x;
+  (void)n;
+  return {};
+#endif
+}
+
 // Σx over each block of 32 activations, in fp32 (for the Q4 minimums).
 void block_sums(const uint16_t* x, int64_t blocks, float* sums) {
   for (int64_t b = 0; b < blocks; ++b) {
@@ -260,6 +390,16 @@ at::Tensor write_tiles(const at::Tensor& x, int64_t N, int64_t tiles, bool fp32,
 
 }  // namespace
 
+const char* gguf_isa() {
+#if defined(TOKENMILL_GGUF_AVX512BF16)
+  return "avx512bf16";
+#elif defined(TOKENMILL_GGUF_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,
                      int64_t N, bool fp32_output) {
   RECORD_FUNCTION("tokenmill::q4_matmul", std::vector<c10::IValue>());  // named in torch profiler tables
@@ -271,14 +411,20 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
   const uint16_t* xs = activations(x, K);
   std::vector<float> sums(x.size(0) * blocks);
   block_sums(xs, x.size(0) * blocks, sums.data());
+  const std::vector<float> xf = widened(xs, x.numel());
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const at::Half *ds = d.data_ptr<at::Half>(), *ms = m.data_ptr<at::Half>();
   return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
     const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
     const at::Half *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(TOKENMILL_GGUF_AVX512BF16)
     with_tile(act_rows, [&](auto tile) {
       q4_tile<decltype(tile)::value>(wt, dt, mt, blocks, xs + i0 * K, K, sums.data() + i0 * blocks, out);
+    });
+#elif defined(TOKENMILL_GGUF_AVX2)
+    in_avx2_tiles(act_rows, [&](auto tile, int i) {
+      q4_tile_avx2<decltype(tile)::value>(wt, dt, mt, blocks, xf.data() + (i0 + i) * K, K,
+                                          sums.data() + (i0 + i) * blocks, out + i * kRows);
     });
 #else
     q4_tile_scalar(wt, dt, mt, blocks, xs + i0 * K, K, sums.data() + i0 * blocks, act_rows, out);
@@ -294,13 +440,18 @@ at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
   check_scales(d, tiles, blocks, "Q8_0 scales");
   const at::Tensor x = x_in.contiguous();
   const uint16_t* xs = activations(x, K);
+  const std::vector<float> xf = widened(xs, x.numel());
   const int8_t* w = packed.data_ptr<int8_t>();
   const at::Half* ds = d.data_ptr<at::Half>();
   return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
     const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
     const at::Half* dt = ds + t * blocks * kRows;
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(TOKENMILL_GGUF_AVX512BF16)
     with_tile(act_rows, [&](auto tile) { q8_tile<decltype(tile)::value>(wt, dt, blocks, xs + i0 * K, K, out); });
+#elif defined(TOKENMILL_GGUF_AVX2)
+    in_avx2_tiles(act_rows, [&](auto tile, int i) {
+      q8_tile_avx2<decltype(tile)::value>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows);
+    });
 #else
     q8_tile_scalar(wt, dt, blocks, xs + i0 * K, K, act_rows, out);
 #endif

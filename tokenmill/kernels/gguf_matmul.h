@@ -5,6 +5,9 @@
 
 namespace tokenmill {
 
+// The instruction set the block tiles were compiled for: "avx512bf16", "avx2" or "scalar".
+const char* gguf_isa();
+
 // y = x Wᵀ for x [M, K] bf16 and W [N, K] in the file's Q4_0/Q4_1 blocks of 32, W[n, 32b + j] = d · q + m with the
 // block's f16 d and m, repacked by row tiles (layout in gguf_matmul.cpp): packed [ceil(N / 16), K / 32 · 256] uint8,
 // d and m [ceil(N / 16), K / 32, 16] float16. Returns [M, N] in bf16, or fp32 (the sums before rounding) when asked.
