@@ -14,19 +14,26 @@ from tests.plans import make_plan
 from tokenmill import LLM, SamplingParams
 from tokenmill.attention.eager import EagerBackend
 from tokenmill.attention.fused_cpu import FusedCPUBackend
-from tokenmill.kernels import KernelBuild, cpu_kernels
+from tokenmill.kernels import KernelBuild, cpu_kernels, isa
 from tokenmill.kv.cache import KVCache
 from tokenmill.model.gguf_file import GGUFFile
+from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear
 from tokenmill.model.loader import load_model
 
 BLOCK = 16
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    build = cpu_kernels()
-    assert build.module is not None, f"the CPU kernels did not build: {build.error}"
+# Every ISA level this CPU can run (TOKENMILL_CPU_ISA forces one for the engine; here each gets its own build).
+LEVELS = isa.supported_levels(isa.cpu_flags())
+GGUF_TILES = {"avx512bf16": "avx512bf16", "avx512": "avx2", "avx2": "avx2", "scalar": "scalar", isa.GENERIC: None}
+
+
+@pytest.fixture(scope="module", params=LEVELS)
+def kernels(request):
+    build = cpu_kernels(request.param)
+    assert build.module is not None, f"the CPU kernels did not build for {request.param}: {build.error}"
+    assert build.isa == request.param
     return build.module
 
 
@@ -150,6 +157,29 @@ def test_paged_attention_matches_a_float64_reference(kernels, dtype, tolerance, 
     want = reference_attention(q, k_cache, v_cache, starts, tables, context_lens)
     assert got.dtype == dtype
     assert float((got.double() - want).abs().max() / want.abs().max()) <= tolerance
+
+
+def test_gguf_block_matmuls_match_a_float64_reference_on_every_level(kernels) -> None:
+    level = next(level for level in LEVELS if cpu_kernels(level).module is kernels)
+    if GGUF_TILES[level] is not None:
+        assert kernels.gguf_isa() == GGUF_TILES[level]
+    gen = torch.Generator().manual_seed(5)
+    out_features, in_features, blocks = 40, 96, (40, 3)
+    q4 = GgufQ4Linear(torch.randint(0, 16, (out_features, in_features), generator=gen),
+                      (torch.rand(blocks, generator=gen) * 0.01).half().float(),
+                      (-torch.rand(blocks, generator=gen) * 0.08).half().float())
+    q8 = GgufQ8Linear(torch.randint(-128, 128, (out_features, in_features), generator=gen),
+                      (torch.rand(blocks, generator=gen) * 0.01).half())
+    x = torch.randn(8, in_features, generator=gen).to(torch.bfloat16)
+    for got, layer in ((kernels.q4_matmul(x, q4.packed, q4.scales, q4.minimums, out_features, True), q4),
+                       (kernels.q8_matmul(x, q8.packed, q8.scales, out_features, True), q8)):
+        want = x.double() @ layer.dequantized().double().T
+        # fp32 sums of exact products: within fp32 rounding of the float64 result.
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+        alone = torch.cat([kernels.q8_matmul(x[i:i + 1], q8.packed, q8.scales, out_features, True) if layer is q8
+                           else kernels.q4_matmul(x[i:i + 1], q4.packed, q4.scales, q4.minimums, out_features, True)
+                           for i in range(8)])
+        assert torch.equal(alone, got)  # batch invariant on every path
 
 
 def test_paged_attention_rejects_inconsistent_sequences(kernels) -> None:

@@ -99,8 +99,8 @@ class LLMEngine:
         if build.module is None:
             logger.warning("fused CPU step unavailable, running eager steps: %s", build.error)
             return eager, None
-        logger.info("fused CPU step ready in %.1fs (compiled on first use, then loaded from the cache); GGUF block "
-                    "tiles built for %s", build.seconds, build.module.gguf_isa())
+        logger.info("fused CPU step ready in %.1fs (compiled on first use, then loaded from the cache): ISA level %s, "
+                    "GGUF block tiles for %s", build.seconds, build.isa, build.module.gguf_isa())
         return FusedCPUBackend(build.module, self.model, self.kv_cache), build.module.greedy
 
     def _weight_format_name(self) -> str:

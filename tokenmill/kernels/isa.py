@@ -1,0 +1,70 @@
+"""Which instruction-set level the CPU kernels are built for: detected once from the CPU, lowered on request.
+
+Each level is compiled with explicit target flags instead of -march=native and cached under a name that carries the
+level, so a build cached on one machine (a shared home directory, an image baked elsewhere) only ever loads on a CPU
+that has its instructions; a CPU without them picks a lower level and its own build.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "TOKENMILL_CPU_ISA"
+# Highest first. The flags name everything the kernels test for (__AVX512BF16__, __AVX512BW__, __AVX512F__,
+# __AVX2__, __FMA__, __F16C__): x86-64-v3 is AVX2 + FMA + F16C (+ BMI), x86-64-v4 adds AVX-512 F/BW/DQ/VL/CD.
+X86_LEVELS: dict[str, tuple[frozenset[str], list[str]]] = {
+    "avx512bf16": (frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx2", "fma", "f16c"}),
+                   ["-march=x86-64-v4", "-mavx512bf16"]),
+    "avx512": (frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"}),
+               ["-march=x86-64-v4"]),
+    "avx2": (frozenset({"avx2", "fma", "f16c"}), ["-march=x86-64-v3"]),
+    "scalar": (frozenset(), ["-march=x86-64"]),
+}
+GENERIC = "generic"  # other architectures: the compiler's default target
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def supported_levels(flags: frozenset[str], machine: str | None = None) -> list[str]:
+    """Every level this CPU can run, highest first."""
+    machine = machine or platform.machine()
+    if machine not in ("x86_64", "AMD64"):
+        return [GENERIC]
+    return [level for level, (needs, _) in X86_LEVELS.items() if needs <= flags]
+
+
+def choose_level(flags: frozenset[str], requested: str | None, machine: str | None = None) -> str:
+    """The highest supported level, or `requested` (TOKENMILL_CPU_ISA) where the CPU supports it; a level the CPU
+    lacks falls back to the highest it has, with a warning, rather than crash on an illegal instruction."""
+    levels = supported_levels(flags, machine)
+    if not requested:
+        return levels[0]
+    if requested in levels:
+        return requested
+    logger.warning("%s=%s is not available on this CPU (it supports %s); using %s", ENV_VAR, requested,
+                   ", ".join(levels), levels[0])
+    return levels[0]
+
+
+def build_flags(level: str) -> list[str]:
+    return [] if level == GENERIC else list(X86_LEVELS[level][1])
+
+
+def current_level() -> str:
+    return choose_level(cpu_flags(), os.environ.get(ENV_VAR))
