@@ -132,24 +132,6 @@ def test_gguf_matmul_is_the_files_weights_up_to_output_rounding(model_path, kind
     assert float((logits.double() - want).abs().max() / want.abs().max()) < 1e-5
 
 
-def test_gguf_tiles_are_built_for_the_best_instruction_set_of_this_cpu(monkeypatch) -> None:
-    from tokenmill.kernels import cpu_kernels
-
-    monkeypatch.delenv("TOKENMILL_CPU_ISA", raising=False)
-    with open("/proc/cpuinfo") as fh:
-        flags = set(next(line for line in fh if line.startswith("flags")).split(":", 1)[1].split())
-    if {"avx512_bf16", "avx512bw"} <= flags:
-        want = "avx512bf16"
-    elif {"avx2", "fma", "f16c"} <= flags:
-        want = "avx2"
-    else:
-        want = "scalar"
-    build = cpu_kernels(want if want != "avx2" or "avx512bw" not in flags else "avx512")
-    if build.module is None:
-        pytest.skip(f"the CPU kernels did not build: {build.error}")
-    assert build.module.gguf_isa() == want
-
-
 @pytest.mark.parametrize("out_features", [16, 40, 200])
 @pytest.mark.parametrize("in_features", [32, 96, 576])
 def test_gguf_matmuls_handle_partial_row_tiles_and_are_batch_invariant(out_features, in_features) -> None:

@@ -3,6 +3,7 @@ per instruction-set level (`isa.py`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -51,14 +52,9 @@ def cpu_kernels(level: str | None = None) -> KernelBuild:
         return _builds[level]
 
 
-_default: str | None = None
-
-
+@functools.cache
 def _default_level() -> str:
-    global _default
-    if _default is None:
-        _default = isa.current_level()
-    return _default
+    return isa.current_level()
 
 
 def _compile(level: str) -> KernelBuild:
