@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +80,79 @@ CHAT_QUESTIONS = [
 
 def chat_prompt(tokenizer, question: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+
+
+def tiny_gguf_tensors(arch: str, layers: int, hidden: int, heads: int, kv_heads: int, ff: int, vocab: int,
+                      tied: bool) -> dict[str, tuple[int, ...]]:
+    """Tensor names and (rows, cols) shapes of a llama/qwen2 model (qwen2 with q/k/v biases)."""
+    head_dim = hidden // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+    if not tied:
+        shapes["output.weight"] = (vocab, hidden)
+    for i in range(layers):
+        p = f"blk.{i}."
+        shapes |= {p + "attn_norm.weight": (hidden,), p + "attn_q.weight": (q, hidden),
+                   p + "attn_k.weight": (kv, hidden), p + "attn_v.weight": (kv, hidden),
+                   p + "attn_output.weight": (hidden, q), p + "ffn_norm.weight": (hidden,),
+                   p + "ffn_gate.weight": (ff, hidden), p + "ffn_up.weight": (ff, hidden),
+                   p + "ffn_down.weight": (hidden, ff)}
+        if arch == "qwen2":
+            shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)}
+    return shapes
+
+
+def _add_kv(writer: Any, key: str, value: Any) -> None:
+    """One metadata entry, typed from its Python value (ints as u32 when they fit, else u64/i64)."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        if 0 <= value < 2**32:
+            writer.add_uint32(key, value)
+        else:
+            (writer.add_uint64 if value >= 0 else writer.add_int64)(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        writer.add_array(key, value)
+
+
+def write_tiny_gguf(path: Path, *, arch: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4,
+                    kv_heads: int = 2, ff: int = 128, vocab: int = 300, context: int = 256, tensor_type: str = "F32",
+                    tied: bool = True, metadata: dict[str, Any] | None = None,
+                    shapes: dict[str, tuple[int, ...]] | None = None) -> Path:
+    """A small random model in GGUF, loadable by `load_model`. `metadata` adds or replaces entries (None drops
+    one; keys without a dot get the architecture prefix), `shapes` replaces tensor shapes: both for building
+    files that disagree with themselves. Matrices are stored as `tensor_type` (F32, F16, Q8_0, Q4_0...), vectors
+    as F32."""
+    import gguf
+
+    meta: dict[str, Any] = {
+        "block_count": layers, "context_length": context, "embedding_length": hidden, "feed_forward_length": ff,
+        "attention.head_count": heads, "attention.head_count_kv": kv_heads, "attention.layer_norm_rms_epsilon": 1e-5,
+        "rope.freq_base": 10000.0, "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(vocab)],
+    }
+    meta |= metadata or {}
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in meta.items():
+        if value is not None:
+            _add_kv(writer, key if key.startswith(("general.", "tokenizer.")) else f"{arch}.{key}", value)
+    rng = np.random.default_rng(0)
+    all_shapes = tiny_gguf_tensors(arch, layers, hidden, heads, kv_heads, ff, vocab, tied) | (shapes or {})
+    for name, shape in all_shapes.items():
+        data = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        if len(shape) == 1 or tensor_type == "F32":
+            writer.add_tensor(name, data)
+        elif tensor_type == "F16":
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            qtype = gguf.GGMLQuantizationType[tensor_type]
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

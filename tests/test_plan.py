@@ -90,7 +90,7 @@ def test_runner_samples_every_sample_row_of_a_sequence_in_row_order() -> None:
     greedy = SamplingInputs(SamplingParams(temperature=0, max_tokens=8))
     plan = StepPlan(
         seqs=(ScheduledSeq("one", 0, 1, 5, (0, 1), 1, greedy),
-              ScheduledSeq("verify", 1, 4, 9, (2, 3), 3, greedy),  # 1 + 2 drafted tokens checked in one step
+              ScheduledSeq("verify", 1, 4, 8, (2, 3), 3, greedy),  # 1 + 2 drafted tokens checked in one step
               ScheduledSeq("chunk", 5, 2, 2, (1,), 0)),  # mid-prefill: no token
         token_ids=(7, 11, 12, 13, 14, 20, 21), positions=(4, 5, 6, 7, 8, 0, 1), slot_mapping=(4, 9, 10, 11, 12, 4, 5),
         return_logits=True)

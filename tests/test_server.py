@@ -339,7 +339,7 @@ def test_disconnect_while_waiting_for_non_streaming_reply(server, engine) -> Non
 
 
 def test_waiting_limit_returns_503(server, engine) -> None:
-    engine.max_waiting_requests = 1
+    engine.max_waiting_requests = 32
     long = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True, "stream": True}
     try:
         with httpx.Client(timeout=60) as http, \
@@ -352,6 +352,7 @@ def test_waiting_limit_returns_503(server, engine) -> None:
                 while engine.stats().num_waiting < 1:
                     assert time.monotonic() < deadline
                     time.sleep(0.01)
+                engine.max_waiting_requests = 1
                 rejected = http.post(server.url + "/v1/completions", json={**long, "stream": False})
     finally:
         engine.max_waiting_requests = None

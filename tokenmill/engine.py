@@ -78,7 +78,8 @@ class LLMEngine:
                            cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}"),
         )
         backend, greedy = self._backend()
-        self.runner = ModelRunner(backend, self.model.lm_head, self.kv_cache, self.device, greedy, config.seed)
+        self.runner = ModelRunner(backend, self.model.lm_head, self.kv_cache, self.device, greedy, config.seed,
+                                  max_positions=self.model.rope_cos.shape[0], vocab_size=self.model.embed.out_features)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
         self._ids = itertools.count()
         self._prompt_tokens = 0
@@ -116,11 +117,12 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, fork_of: str | None = None) -> str:
+                    request_id: str | None = None, fork_of: str | None = None, cache_salt: str | None = None) -> str:
         """Validate and queue a request. Raises InvalidRequestError naming the bad field; nothing is queued then.
 
         `fork_of` names an earlier request with the same prompt (a sibling of an n > 1 request): once that one has
-        computed the prompt, this one shares its KV blocks instead of recomputing them.
+        computed the prompt, this one shares its KV blocks instead of recomputing them. `cache_salt` partitions the
+        prefix cache: only requests with the same salt (a tenant) share cached blocks.
         """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -140,7 +142,9 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if self.scheduler.get(request_id) is not None:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
-        request = Request(request_id, prompt_ids, params, self.eos_token_ids, fork_of=fork_of)
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise InvalidRequestError("cache_salt", f"must be a string, got {type(cache_salt).__name__}")
+        request = Request(request_id, prompt_ids, params, self.eos_token_ids, fork_of=fork_of, cache_salt=cache_salt)
         request.output_state = RequestState(request, prompt_text, self.tokenizer, self.max_model_len)
         self.scheduler.add_request(request)
         return request_id
@@ -163,10 +167,19 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; returns its final output, or None for an unknown id."""
-        request = self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
+        return self._finish(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def _finish(self, request_id: str, status: RequestStatus) -> RequestOutput | None:
+        request = self.scheduler.finish(request_id, status)
         if request is None:
             return None
-        return request.output_state.take_output(RequestStatus.FINISHED_ABORTED.value)
+        state: RequestState = request.output_state
+        try:
+            return state.take_output(status.value)
+        except Exception:  # the request's own output state is broken: report the end without its last text
+            logger.exception("final output of %s failed", request_id)
+            return RequestOutput(request_id, state.prompt, request.prompt_token_ids, finish_reason=status.value,
+                                 num_output_tokens=request.num_output_tokens)
 
     def reset_prefix_cache(self) -> bool:
         """Drop all cached KV blocks (e.g. between benchmark runs); False while requests hold blocks."""
@@ -178,21 +191,41 @@ class LLMEngine:
     # ---- the loop ---------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return an output for every request that got a token or finished."""
+        """Run one scheduler step; return an output for every request that got a token or finished.
+
+        A failure is kept to the request it belongs to: one whose output handling raises finishes with "error"
+        alone; when running the batch raises, its requests are run one at a time until the one that fails alone is
+        found, and only that one finishes with "error"."""
         plan = self.scheduler.schedule()
-        result = self.runner.execute(plan)  # also when empty: it carries the finished ids the runner lets go of
+        try:
+            result = self.runner.execute(plan)  # also when empty: it carries the finished ids the runner lets go of
+        except Exception:
+            logger.exception("a step of %d sequences failed", len(plan.seqs))
+            self.scheduler.step_failed(plan)
+            if len(plan.seqs) != 1:
+                return []
+            failed = self._finish(plan.seqs[0].request_id, RequestStatus.FINISHED_ERROR)
+            return [failed] if failed is not None else []
         if plan.is_empty:
             return []
         self.scheduler.update(plan)
         self._steps += 1
-        return [self._apply(samples) for samples in result.samples]
+        outputs = []
+        for samples in result.samples:
+            try:
+                outputs.append(self._apply(samples))
+            except Exception:
+                logger.exception("output handling of %s failed", samples.request_id)
+                failed = self._finish(samples.request_id, RequestStatus.FINISHED_ERROR)
+                if failed is not None:
+                    outputs.append(failed)
+        return outputs
 
     def _apply(self, samples: SeqSamples) -> RequestOutput:
         """Append a sequence's new tokens in order, up to the first that finishes it."""
         request = self.scheduler.get(samples.request_id)
         assert request is not None, "the scheduler keeps every request it plans until it is finished"
         state: RequestState = request.output_state
-        state.output.num_cached_tokens = request.num_cached_tokens
         status = None
         for token_id, logprobs in zip(samples.token_ids, samples.logprobs, strict=True):
             status = state.append_token(token_id, logprobs)

@@ -17,13 +17,15 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # failed on its own (a step that ran it alone raised); other requests go on
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED,
+                        RequestStatus.FINISHED_ERROR)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queues find and drop requests by object, never by comparing their token lists
 class Request:
     """`num_tokens` grows as tokens are sampled; `num_computed_tokens` catches up step by step.
 
@@ -43,6 +45,7 @@ class Request:
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache or a fork at admission
     fork_of: str | None = None  # a sibling (n > 1) whose prompt KV this request may share
+    cache_salt: str | None = None  # prefix-cache partition: only requests with the same salt share cached blocks
     # The output side's bookkeeping (tokenmill.output.processor.RequestState: stop checks, text so far), kept on the
     # request so that the scheduler's registry is the one table of live requests.
     output_state: Any = None

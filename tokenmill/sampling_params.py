@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+# Stop strings are searched at every token of the request, on the engine thread that serves everyone: bounded.
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+OUTPUT_KINDS = ("cumulative", "delta")
 
 
 class InvalidRequestError(ValueError):
@@ -42,6 +48,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token's logprob plus the top-k
     skip_special_tokens: bool = True
+    # "cumulative": every output holds all text, tokens and logprobs so far; "delta": only what is new since the
+    # previous output (what a stream sends: O(1) per token instead of O(length)).
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,8 +66,8 @@ class SamplingParams:
             if not ok:
                 raise InvalidRequestError(name, message)
 
-        def is_number(value: object) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        def is_number(value: object) -> bool:  # finite: inf or nan would turn whole logit rows into nan
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
         def is_int(value: object) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
@@ -84,17 +93,31 @@ class SamplingParams:
         check(is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
               f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
         check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
-              f"must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+              f"must be a non-empty string or a list of non-empty strings, got {_short(self.stop)}")
+        check(len(self.stop) <= MAX_STOP_STRINGS, "stop",
+              f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        check(all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop), "stop",
+              f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters long")
         check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
-              "stop_token_ids", f"must be a list of non-negative integers, got {self.stop_token_ids!r}")
+              "stop_token_ids", f"must be a list of non-negative integers, got {_short(self.stop_token_ids)}")
+        check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+              f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(self.stop_token_ids)}")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
               f"must be an integer in [0, 20], got {self.logprobs!r}")
+        check(self.output_kind in OUTPUT_KINDS, "output_kind",
+              f"must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:
         # Dividing logits by a temperature this small overflows; it means "greedy" in practice (vLLM does the same).
         return self.temperature < 1e-5
+
+
+def _short(value: object) -> str:
+    """A repr for an error message that stays short whatever the client sent."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def fan_out(params: SamplingParams) -> list[SamplingParams]:

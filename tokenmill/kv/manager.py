@@ -7,7 +7,9 @@ while entries do not, so slots and context lengths come from here and positions 
 
 Prefix caching: every full block of a request is identified by a hash chained over (parent block's hash, the block's
 token ids); the chain starts from a salt naming anything else that changes the KV (model, dtype, KV format), so
-blocks are only ever shared between requests whose whole prefix, and whose KV format, match. Hashes are indexed by
+blocks are only ever shared between requests whose whole prefix, and whose KV format, match. A request's own
+`cache_salt` (a tenant) starts its chain elsewhere again: tenants never share blocks, so the time to first token
+cannot tell one tenant what another has asked. Hashes are indexed by
 block, so they assume entry i is position i (a cache that evicts entries turns prefix caching off).
 """
 
@@ -97,8 +99,15 @@ class KVCacheManager:
         bs = self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
-            hashes.append(chain_hash(hashes[-1] if hashes else self._root, request.token_ids(i * bs, (i + 1) * bs)))
+            parent = hashes[-1] if hashes else self._request_root(request)
+            hashes.append(chain_hash(parent, request.token_ids(i * bs, (i + 1) * bs)))
         return hashes[:num_blocks]
+
+    def _request_root(self, request: Request) -> bytes:
+        """The chain's start: the engine's salt, and the request's own (a tenant's partition) when it has one."""
+        if request.cache_salt is None:
+            return self._root
+        return hashlib.sha256(self._root + b"|salt|" + request.cache_salt.encode()).digest()
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Blocks holding the longest cached prefix of the request's tokens.

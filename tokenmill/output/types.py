@@ -9,6 +9,9 @@ from tokenmill.sampler.sampler import TokenLogprobs
 
 @dataclass
 class RequestOutput:
+    """With `output_kind="cumulative"` (the default) `text`, `token_ids` and `logprobs` hold everything so far;
+    with "delta" they hold only what is new since the previous output, like the `delta_*` fields always do."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -20,6 +23,8 @@ class RequestOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
+    num_output_tokens: int = 0  # generated so far, whatever the output kind
+    delta_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:

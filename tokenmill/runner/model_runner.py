@@ -10,17 +10,22 @@ import torch
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.kv.cache import KVCache
 from tokenmill.model.linear import Linear
+from tokenmill.runner.checks import check_plan
 from tokenmill.sampler.sampler import Sampler, SamplingRow
 from tokenmill.scheduler.plan import SamplingInputs, SeqSamples, StepPlan, StepResult
 
 
 class ModelRunner:
     """`greedy`: optionally a faster argmax for the sampler (the CPU kernels'); `seed` seeds the draws of requests
-    without a seed of their own, so a run is reproducible as a whole."""
+    without a seed of their own, so a run is reproducible as a whole. Every plan is checked against the cache's and
+    the model's bounds (`max_positions`, `vocab_size`) before it runs."""
 
     def __init__(self, backend: AttentionBackend, lm_head: Linear, kv_cache: KVCache, device: torch.device,
-                 greedy: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> None:
+                 greedy: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+                 max_positions: int | None = None, vocab_size: int | None = None) -> None:
         self.backend = backend
+        self.max_positions = max_positions
+        self.vocab_size = vocab_size
         self.lm_head = lm_head
         self.kv_cache = kv_cache
         self.device = device
@@ -33,6 +38,7 @@ class ModelRunner:
             self._generators.pop(request_id, None)
         if plan.is_empty:
             return StepResult()
+        check_plan(plan, self.kv_cache.num_blocks, self.kv_cache.block_size, self.max_positions, self.vocab_size)
         self.kv_cache.copy_blocks(list(plan.block_copies))
         input_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(plan.positions, dtype=torch.long, device=self.device)

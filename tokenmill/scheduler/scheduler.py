@@ -5,18 +5,19 @@ step's budget. Prefill, chunked prefill, decode and recompute after preemption a
 
 The scheduler is also the request registry: requests enter through `add_request` and leave through `finish` (done
 or aborted); preemption sends them back to the waiting queue. It hands the runner a `StepPlan` and takes the step's
-outcome back through `update`.
+outcome back through `update`, or through `step_failed` when running the plan raised: then the plan's requests run
+one per step until each has passed or failed alone, so a request that breaks a step fails by itself.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 from tokenmill.kv.manager import KVCacheManager
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampler.sampler import has_penalties
 from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, StepPlan
+from tokenmill.scheduler.queue import WaitingQueue
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,13 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
         self.kv_cache = kv_cache
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every live request, waiting or running
         self.num_preemptions = 0
         self._finished_ids: list[str] = []  # finished since the last plan
+        self._pending_copies: list[tuple[int, int]] = []  # block copies of a failed plan, not yet made
+        self._suspects: list[str] = []  # requests of a failed plan, each to be run alone
 
     @property
     def has_unfinished(self) -> bool:
@@ -62,9 +65,15 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         batch: list[tuple[Request, int]] = []  # (request, tokens to compute this step)
-        copies: list[tuple[int, int]] = []
+        copies, self._pending_copies = self._pending_copies, []
         preempted: list[str] = []
         budget = self.config.max_num_batched_tokens
+        suspect = self._next_suspect()
+        if suspect is not None:
+            num_new = min(suspect.num_tokens - suspect.num_computed_tokens, budget)
+            if self._allocate_or_preempt(suspect, num_new, preempted):
+                batch.append((suspect, num_new))
+            return self._plan(batch, copies, preempted)
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -99,9 +108,20 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
+    def _next_suspect(self) -> Request | None:
+        """The next request of a failed plan still to run alone; suspects that finished or were preempted since are
+        dropped (a preempted one runs batched again, and is isolated again if it breaks another step)."""
+        while self._suspects:
+            request = self.requests.get(self._suspects[0])
+            if request is not None and request.status is RequestStatus.RUNNING:
+                return request
+            self._suspects.pop(0)
+        return None
+
     def _admit_waiting(self, budget: int, batch: list[tuple[Request, int]], copies: list[tuple[int, int]]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting.head()
+            assert request is not None
             parent = self._fork_parent(request)
             num_new = self._admit_fork(request, parent, copies) if parent is not None else self._admit(request, budget)
             if num_new is None:
@@ -173,20 +193,31 @@ class Scheduler:
 
     def update(self, plan: StepPlan) -> None:
         """Called after the model ran the plan: its tokens now have KV in the cache."""
+        if len(plan.seqs) == 1 and self._suspects and self._suspects[0] == plan.seqs[0].request_id:
+            self._suspects.pop(0)  # it ran alone and passed
         for seq in plan.seqs:
             request = self.requests[seq.request_id]
             request.num_computed_tokens += seq.num_tokens
             self.kv_cache.commit(request, seq.num_tokens)
             self.kv_cache.cache_full_blocks(request)
 
+    def step_failed(self, plan: StepPlan) -> None:
+        """Running `plan` raised before `update`: nothing of it counts. Its block copies and finished ids go into the
+        next plan again, and each of its requests runs alone next (the model's KV writes are idempotent, so running
+        the same tokens again is safe)."""
+        self._pending_copies[:0] = plan.block_copies
+        self._finished_ids[:0] = plan.finished_request_ids
+        if len(plan.seqs) > 1:
+            self._suspects.extend(seq.request_id for seq in plan.seqs)
+
     def finish(self, request_id: str, status: RequestStatus) -> Request | None:
         """Remove a request (finished or aborted) and free its blocks. Unknown ids are ignored."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)  # at most max_num_seqs long
+        else:
             self.waiting.remove(request)
         self.kv_cache.free(request)
         self.kv_cache.forget(request)

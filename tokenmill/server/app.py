@@ -1,9 +1,11 @@
-"""The FastAPI app: routes, API-key check, body-size limit, OpenAI-shaped errors, disconnects, graceful drain."""
+"""The FastAPI app: routes, API keys (tenants), body-size and type checks, OpenAI-shaped errors, disconnects, graceful
+drain, and the engine watchdog."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -20,8 +22,9 @@ from starlette.types import Receive, Scope, Send
 
 from tokenmill.config import EngineConfig
 from tokenmill.server.async_engine import AsyncEngine, OutputStream
-from tokenmill.server.defaults import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
+from tokenmill.server.config import ServerConfig
 from tokenmill.server.errors import APIError, bad_request, default_type, error_body
+from tokenmill.server.guards import HostCheckMiddleware, install_openapi, request_body_schema
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from tokenmill.server.serving import OpenAIServing
@@ -30,30 +33,35 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_WATCHDOG_INTERVAL_S = 0.5
 
-def create_app(engine: AsyncEngine | EngineConfig | None = None, *, api_key: str | None = None,
-               served_model_name: str | None = None, max_waiting_requests: int | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S) -> FastAPI:
+
+def create_app(engine: AsyncEngine | EngineConfig | None = None, config: ServerConfig | None = None,
+               **options: Any) -> FastAPI:
     """An OpenAI-compatible app. Given a config (or None: the default model) the app loads and owns its engine and
-    stops it on shutdown; given an AsyncEngine it only starts it, and the caller shuts it down."""
+    stops it on shutdown; given an AsyncEngine it only starts it, and the caller shuts it down. Settings come as a
+    ServerConfig or as its fields (`create_app(engine, api_key="...")`)."""
+    config = config or ServerConfig(**options)
     owns_engine = not isinstance(engine, AsyncEngine)
     if isinstance(engine, AsyncEngine):
         async_engine = engine
-        if max_waiting_requests is not None:
-            async_engine.max_waiting_requests = max_waiting_requests
+        if config.max_waiting_requests is not None:
+            async_engine.max_waiting_requests = config.max_waiting_requests
     else:
-        async_engine = AsyncEngine.from_config(engine, max_waiting_requests)
-    serving = OpenAIServing(async_engine, served_model_name)
+        async_engine = AsyncEngine.from_config(engine, config.max_waiting_requests)
+    async_engine.max_stream_backlog = config.max_stream_backlog
+    serving = OpenAIServing(async_engine, config.served_model_name, config.request_timeout)
     metrics = ServerMetrics(async_engine, serving.model_name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async_engine.start()
+        watchdog = asyncio.create_task(_watch_engine(app, async_engine))
         try:
             yield
         finally:
-            if not await serving.drain(drain_timeout):
+            watchdog.cancel()
+            if not await serving.drain(config.drain_timeout):
                 logger.warning("drain timeout: %d requests still in flight are aborted", serving.inflight)
             if owns_engine:
                 await asyncio.to_thread(async_engine.shutdown)
@@ -62,7 +70,11 @@ def create_app(engine: AsyncEngine | EngineConfig | None = None, *, api_key: str
     app.state.engine = async_engine
     app.state.serving = serving
     app.state.metrics = metrics
+    app.state.on_engine_failure = None  # set by the runner: how to stop the process when the engine dies
     _install_error_handlers(app)
+    if config.allowed_hosts is not None:
+        app.add_middleware(HostCheckMiddleware, allowed_hosts=config.allowed_hosts)
+    authorize = _api_key_check(config.api_keys)
 
     @app.get("/health")
     async def health() -> Response:
@@ -70,11 +82,13 @@ def create_app(engine: AsyncEngine | EngineConfig | None = None, *, api_key: str
             raise APIError(503, "the engine is not running", code="engine_not_running")
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    metrics_auth = [] if config.public_metrics else [Depends(authorize)]
+
+    @app.get("/metrics", dependencies=metrics_auth)
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     @v1.get("/models")
     async def list_models() -> Response:
@@ -85,18 +99,39 @@ def create_app(engine: AsyncEngine | EngineConfig | None = None, *, api_key: str
         serving.check_model(model)
         return JSONResponse(_model_card(serving))
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=request_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
-        req = parse_request(CompletionRequest, await read_json(request, max_request_bytes))
-        return await _generate(request, serving, serving.completions(req), bool(req.stream))
+        req = parse_request(CompletionRequest, await read_json(request, config.max_request_bytes))
+        work = serving.completions(req, _cache_salt(request, req.cache_salt, config))
+        return await _generate(request, serving, work, bool(req.stream))
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=request_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        req = parse_request(ChatCompletionRequest, await read_json(request, max_request_bytes))
-        return await _generate(request, serving, serving.chat(req), bool(req.stream))
+        req = parse_request(ChatCompletionRequest, await read_json(request, config.max_request_bytes))
+        work = serving.chat(req, _cache_salt(request, req.cache_salt, config))
+        return await _generate(request, serving, work, bool(req.stream))
 
     app.include_router(v1)
+    install_openapi(app, [CompletionRequest, ChatCompletionRequest])
     return app
+
+
+async def _watch_engine(app: FastAPI, engine: AsyncEngine) -> None:
+    """If the engine thread dies, /health already answers 503; this also stops the process (through the runner's
+    `on_engine_failure`), so that a supervisor restarts it instead of leaving a server that can only fail."""
+    while not engine.has_failed:
+        await asyncio.sleep(_WATCHDOG_INTERVAL_S)
+    logger.critical("the engine thread has died (%r): stopping the server", engine.failure)
+    if app.state.on_engine_failure is not None:
+        app.state.on_engine_failure()
+
+
+def _cache_salt(request: Request, requested: str | None, config: ServerConfig) -> str | None:
+    """The prefix-cache partition of a request: its tenant's (with isolation on) and the client's own salt."""
+    tenant = getattr(request.state, "tenant", None) if config.isolate_prefix_cache else None
+    if tenant is None:
+        return requested
+    return tenant if requested is None else f"{tenant}|{requested}"
 
 
 def _model_card(serving: OpenAIServing) -> dict[str, Any]:
@@ -182,7 +217,15 @@ class EventStreamResponse(StreamingResponse):
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The decoded JSON body; 413 beyond `limit` bytes (checked before and while reading), 400 if not JSON."""
+    """The decoded JSON body; 415 unless sent as JSON, 413 beyond `limit` bytes (checked before and while reading),
+    400 if not JSON.
+
+    The Content-Type check is what keeps a web page from driving the server: a browser sends a cross-site POST
+    without asking (no CORS preflight) only as text/plain, form or multipart, never as application/json."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"send the request body as JSON with 'Content-Type: application/json' (got "
+                            f"{media_type or 'no Content-Type'!r})", code="unsupported_media_type")
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -206,17 +249,25 @@ def _too_large(limit: int) -> APIError:
     return APIError(413, f"the request body is larger than the limit of {limit} bytes", code="request_too_large")
 
 
-def _api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    expected = api_key.encode() if api_key else None
+def _api_key_check(api_keys: tuple[str, ...]) -> Callable[[Request], Awaitable[None]]:
+    """A dependency: the request must carry one of the keys; it sets `request.state.tenant` to a name for that key
+    that does not reveal it. Every key is compared, in constant time each, so timing does not tell which matched."""
+    expected = [(key.encode(), "tenant-" + hashlib.sha256(key.encode()).hexdigest()[:16]) for key in api_keys]
 
     async def check(request: Request) -> None:
-        if expected is None:
+        if not expected:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        given = token.strip().encode()
+        tenant = None
+        for key, name in expected:
+            if hmac.compare_digest(given, key) and scheme.lower() == "bearer":
+                tenant = name
+        if tenant is None:
             raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'",
                            type="invalid_request_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
+        request.state.tenant = tenant
 
     return check
 

@@ -6,9 +6,13 @@ to that thread through a command list guarded by a condition variable:
 * `submit()` posts an "add" command carrying a `concurrent.futures.Future`; the engine thread validates and queues
   the requests (all of a group or none) and resolves the future, so validation errors reach the caller as
   exceptions.
-* Each step's outputs are batched per event loop and handed over with one `loop.call_soon_threadsafe` per step;
-  they land in the `OutputStream` (an `asyncio.Queue`) of the HTTP request that owns them.
+* Each step's outputs (deltas) are batched per event loop and handed over with one `loop.call_soon_threadsafe` per
+  step; they land in the `OutputStream` of the HTTP request that owns them, which merges what its reader has not
+  taken yet and cuts off a reader that falls too far behind.
 * `abort()` posts an "abort" command; the engine frees the requests' KV blocks before its next step.
+* Requests past their deadline are aborted by the engine thread between steps.
+* A failure is kept to its request where the engine can tell which one it is (`LLMEngine.step`); if the engine
+  thread itself dies, every waiter gets EngineStoppedError and `has_failed` tells the server to exit.
 
 When there is nothing to do the thread sleeps on the condition variable instead of spinning.
 """
@@ -18,10 +22,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
+import heapq
 import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +36,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine import EngineStats, LLMEngine
 from tokenmill.output.types import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.defaults import DEFAULT_MAX_STREAM_BACKLOG
 from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -46,7 +54,15 @@ class EngineStoppedError(RuntimeError):
 
 
 class EngineStepError(RuntimeError):
-    """The engine failed while running a step; the requests in flight were aborted."""
+    """The engine failed while running this request (the details are in the server's log, not in the message)."""
+
+
+class RequestTimeoutError(RuntimeError):
+    """The request ran past its deadline and was aborted."""
+
+
+class StreamBacklogError(RuntimeError):
+    """The reader of a stream fell too far behind; its requests were aborted."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,7 @@ class EngineRequest:
     prompt: str | list[int]
     params: SamplingParams
     fork_of: str | None = None  # an earlier request of the same group with the same prompt (n > 1)
+    cache_salt: str | None = None  # prefix-cache partition (a tenant)
 
 
 class EngineObserver(Protocol):
@@ -72,12 +89,22 @@ class OutputStream:
 
     `index` is the position of the request in the submitted list. Iteration ends once every request finished.
     Only the event loop that submitted the group touches this object.
+
+    The engine's outputs are deltas. A request's outputs that arrive while the reader is busy are merged into one,
+    so a slow reader costs memory in proportion to the tokens it has not read, not to the steps; once those pass
+    `max_backlog` tokens the reader is cut off: its requests are aborted (`on_overflow`) and iteration raises
+    `StreamBacklogError`.
     """
 
-    def __init__(self, request_ids: list[str]) -> None:
+    def __init__(self, request_ids: list[str], max_backlog: int | None = None) -> None:
         self.request_ids = request_ids
+        self.max_backlog = max_backlog
+        self.on_overflow: Callable[[], None] | None = None
         self._index = {request_id: i for i, request_id in enumerate(request_ids)}
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._pending: dict[str, RequestOutput] = {}  # insertion order = arrival order of each request's first item
+        self._backlog = 0  # tokens in _pending
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
         self._unfinished = set(request_ids)
 
     @property
@@ -85,7 +112,30 @@ class OutputStream:
         return not self._unfinished
 
     def _put(self, item: RequestOutput | BaseException) -> None:
-        self._queue.put_nowait(item)
+        if self._error is not None:
+            return
+        if isinstance(item, BaseException):
+            self._fail(item)
+            return
+        queued = self._pending.get(item.request_id)
+        if queued is None:
+            self._pending[item.request_id] = item
+        else:
+            _merge(queued, item)
+        self._backlog += len(item.token_ids)
+        self._ready.set()
+        if self.max_backlog is not None and self._backlog > self.max_backlog:
+            self._fail(StreamBacklogError(
+                f"the client read too slowly: {self._backlog} generated tokens were not read (limit "
+                f"{self.max_backlog}); the request was aborted"))
+            if self.on_overflow is not None:
+                self.on_overflow()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._pending.clear()
+        self._backlog = 0
+        self._ready.set()
 
     def __aiter__(self) -> OutputStream:
         return self
@@ -93,13 +143,34 @@ class OutputStream:
     async def __anext__(self) -> tuple[int, RequestOutput]:
         if not self._unfinished:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
+        while not self._pending and self._error is None:
+            self._ready.clear()
+            await self._ready.wait()
+        if self._error is not None:
             self._unfinished.clear()
-            raise item
+            raise self._error
+        request_id = next(iter(self._pending))
+        item = self._pending.pop(request_id)
+        self._backlog -= len(item.token_ids)
         if item.finished:
             self._unfinished.discard(item.request_id)
         return self._index[item.request_id], item
+
+
+def _merge(queued: RequestOutput, later: RequestOutput) -> None:
+    """Fold a later delta output of the same request into one not read yet."""
+    queued.text += later.text
+    queued.delta_text += later.delta_text
+    queued.token_ids.extend(later.token_ids)
+    if queued.delta_token_ids is not queued.token_ids:
+        queued.delta_token_ids.extend(later.delta_token_ids)
+    if queued.logprobs is not None and later.logprobs is not None:
+        queued.logprobs.extend(later.logprobs)
+    if queued.delta_logprobs is not None and later.delta_logprobs is not None \
+            and queued.delta_logprobs is not queued.logprobs:
+        queued.delta_logprobs.extend(later.delta_logprobs)
+    queued.finish_reason, queued.stop_reason = later.finish_reason, later.stop_reason
+    queued.num_output_tokens, queued.num_cached_tokens = later.num_output_tokens, later.num_cached_tokens
 
 
 @dataclass
@@ -109,6 +180,7 @@ class _Route:
     stream: OutputStream
     loop: asyncio.AbstractEventLoop
     arrival: float
+    deadline: float | None = None
     last_token: float | None = None
 
 
@@ -119,6 +191,7 @@ class _Add:
     loop: asyncio.AbstractEventLoop
     future: concurrent.futures.Future[None]
     arrival: float = field(default_factory=time.monotonic)
+    timeout: float | None = None
 
 
 @dataclass
@@ -137,6 +210,9 @@ class AsyncEngine:
             raise ValueError(f"max_waiting_requests must be >= 1 or None, got {max_waiting_requests}")
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
+        self.max_stream_backlog: int | None = DEFAULT_MAX_STREAM_BACKLOG  # unread tokens per stream
+        self.failure: BaseException | None = None  # what ended the engine thread, if not shutdown()
+        self._deadlines: list[tuple[float, str]] = []  # heap, engine thread only
         self._observers: list[EngineObserver] = []
         self._cond = threading.Condition()
         self._commands: list[_Add | _Abort] = []
@@ -186,7 +262,13 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and self.failure is None
+
+    @property
+    def has_failed(self) -> bool:
+        """The engine thread ended without being asked to: the process should exit so a supervisor restarts it."""
+        return self.failure is not None or (self._thread is not None and not self._thread.is_alive()
+                                            and not self._stopping)
 
     def add_observer(self, observer: EngineObserver) -> None:
         self._observers.append(observer)
@@ -224,14 +306,19 @@ class AsyncEngine:
 
     # ---- requests ----------------------------------------------------------------------------------------------
 
-    async def submit(self, requests: list[EngineRequest]) -> OutputStream:
+    async def submit(self, requests: list[EngineRequest], timeout: float | None = None) -> OutputStream:
         """Queue a group of requests (all or none); raises InvalidRequestError, EngineOverloadedError or
-        EngineStoppedError without queueing anything."""
+        EngineStoppedError without queueing anything. Outputs come as deltas. After `timeout` seconds the requests
+        still running are aborted and the stream raises RequestTimeoutError."""
         if not requests:
             raise ValueError("no requests to submit")
-        stream = OutputStream([r.request_id for r in requests])
+        requests = [r if r.params.output_kind == "delta" else
+                    dataclasses.replace(r, params=dataclasses.replace(r.params, output_kind="delta"))
+                    for r in requests]
+        stream = OutputStream([r.request_id for r in requests], self.max_stream_backlog)
+        stream.on_overflow = lambda: self.abort(stream.request_ids)
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._post(_Add(list(requests), stream, asyncio.get_running_loop(), future))
+        self._post(_Add(requests, stream, asyncio.get_running_loop(), future, timeout=timeout))
         try:
             await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -246,7 +333,7 @@ class AsyncEngine:
 
     def _post(self, command: _Add | _Abort) -> None:
         with self._cond:
-            if self._stopping or self._thread is None:
+            if self._stopping or self._thread is None or self.failure is not None:
                 if isinstance(command, _Add):
                     command.future.set_exception(EngineStoppedError("the engine is not running"))
                 return
@@ -256,6 +343,24 @@ class AsyncEngine:
     # ---- the engine thread -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:
+            # Nothing will step the engine again: say so to everyone waiting, and let the server see it.
+            logger.critical("the engine thread died", exc_info=True)
+            self.failure = exc
+            with self._cond:
+                stranded = [c for c in self._commands if isinstance(c, _Add)]
+                self._commands = []
+            for command in stranded:
+                command.future.set_exception(EngineStoppedError("the engine is not running"))
+            deliveries: _Deliveries = defaultdict(list)
+            for route in self._routes.values():
+                deliveries[route.loop].append((route.stream, EngineStoppedError("the engine stopped")))
+            self._routes.clear()
+            self._deliver(deliveries)
+
+    def _loop(self) -> None:
         idle_wait: float | None = None
         while True:
             with self._cond:
@@ -270,9 +375,9 @@ class AsyncEngine:
             steps_before = self._stats.steps
             try:
                 self._iteration(commands, stopping, deliveries)
-            except Exception as exc:  # a bug, not bad input: fail what is in flight, keep serving
+            except Exception:  # a bug outside any one request: fail what is in flight, keep serving
                 logger.exception("engine loop failed; aborting %d requests", len(self._routes))
-                self._fail_all(exc, deliveries)
+                self._fail_all(deliveries)
             self._has_work = self.engine.has_unfinished_requests()
             self._stats = self.engine.stats()
             # Requests pending but nothing scheduled (should not happen): back off briefly instead of spinning.
@@ -288,6 +393,7 @@ class AsyncEngine:
             else:
                 for request_id in command.request_ids:
                     self._abort(request_id, deliveries)
+        self._expire(deliveries)
         if stopping:
             for request_id in list(self._routes):
                 self._abort(request_id, deliveries)
@@ -300,35 +406,55 @@ class AsyncEngine:
                 if out.finished:
                     del self._routes[out.request_id]
                 self._observe(route, out)
-                deliveries[route.loop].append((route.stream, out))
+                if out.finish_reason == "error":  # this request failed on its own; the reason is in the log
+                    deliveries[route.loop].append((route.stream, _request_failed(out.request_id)))
+                else:
+                    deliveries[route.loop].append((route.stream, out))
 
-    def _fail_all(self, exc: Exception, deliveries: _Deliveries) -> None:
-        error = EngineStepError(f"the engine failed while generating: {type(exc).__name__}: {exc}")
+    def _expire(self, deliveries: _Deliveries) -> None:
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, request_id = heapq.heappop(self._deadlines)
+            route = self._routes.pop(request_id, None)
+            if route is None:
+                continue  # finished or aborted before its deadline
+            self.engine.abort(request_id)
+            limit = route.deadline - route.arrival if route.deadline is not None else 0.0
+            deliveries[route.loop].append((route.stream, RequestTimeoutError(
+                f"the request did not finish within its deadline of {limit:g} s and was aborted")))
+
+    def _fail_all(self, deliveries: _Deliveries) -> None:
         for request_id, route in list(self._routes.items()):
             del self._routes[request_id]
             try:
                 self.engine.abort(request_id)
             except Exception:  # the engine may be inconsistent after a failure; free what can be freed
                 logger.exception("abort of %s failed", request_id)
-            deliveries[route.loop].append((route.stream, error))
+            deliveries[route.loop].append((route.stream, _request_failed(request_id)))
 
     def _add(self, command: _Add) -> None:
         added: list[str] = []
         try:
             limit = self.max_waiting_requests
-            if limit is not None and self.engine.stats().num_waiting >= limit:
+            # The whole group counts: one HTTP request can carry many prompts times n.
+            if limit is not None and len(self.engine.scheduler.waiting) + len(command.requests) > limit:
                 raise EngineOverloadedError(
-                    f"the server is overloaded: {limit} requests are already waiting; retry later")
+                    f"the server is overloaded: {len(self.engine.scheduler.waiting)} requests are waiting and this "
+                    f"one adds {len(command.requests)} (limit {limit}); retry later")
             for request in command.requests:
-                self.engine.add_request(request.prompt, request.params, request.request_id, fork_of=request.fork_of)
+                self.engine.add_request(request.prompt, request.params, request.request_id, fork_of=request.fork_of,
+                                        cache_salt=request.cache_salt)
                 added.append(request.request_id)
         except Exception as exc:
             for request_id in added:
                 self.engine.abort(request_id)
             command.future.set_exception(exc)
             return
+        deadline = command.arrival + command.timeout if command.timeout is not None else None
         for request_id in added:
-            self._routes[request_id] = _Route(command.stream, command.loop, command.arrival)
+            self._routes[request_id] = _Route(command.stream, command.loop, command.arrival, deadline)
+            if deadline is not None:
+                heapq.heappush(self._deadlines, (deadline, request_id))
         command.future.set_result(None)
 
     def _abort(self, request_id: str, deliveries: _Deliveries) -> None:
@@ -365,6 +491,11 @@ class AsyncEngine:
         for loop, items in deliveries.items():
             with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(_put_all, items)
+
+
+def _request_failed(request_id: str) -> EngineStepError:
+    return EngineStepError(f"internal error while generating request {request_id}; it was aborted (the other "
+                           "requests go on; details are in the server log)")
 
 
 def _put_all(items: list[tuple[OutputStream, RequestOutput | BaseException]]) -> None:

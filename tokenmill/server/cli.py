@@ -10,7 +10,13 @@ import sys
 from types import FrameType
 from typing import Any
 
-from tokenmill.server.defaults import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING_REQUESTS
+from tokenmill.server.defaults import (
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_STREAM_BACKLOG,
+    DEFAULT_MAX_WAITING_REQUESTS,
+    DEFAULT_REQUEST_TIMEOUT_S,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +29,26 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV} if set)")
+    g.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics; repeat for several keys, "
+                        f"one per tenant (default: ${API_KEY_ENV} if set, comma-separated)")
     g.add_argument("--served-model-name", default=None,
                    help="model name in the API (default: smollm2-135m-instruct, or the GGUF file's stem)")
     g.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
                    help="answer 503 when this many requests are already waiting (0: no limit)")
     g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="largest accepted request body")
+    g.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                   help="abort a request still running after this many seconds (0: no deadline)")
+    g.add_argument("--max-stream-backlog", type=int, default=DEFAULT_MAX_STREAM_BACKLOG,
+                   help="cut off a stream whose reader leaves this many generated tokens unread (0: no limit)")
+    g.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header values to accept, '*' for any (default: localhost names "
+                        "when listening on loopback, any otherwise)")
+    g.add_argument("--isolate-prefix-cache", action="store_true",
+                   help="API keys (tenants) never share prefix-cache blocks, so response times cannot reveal "
+                        "another tenant's prompts")
+    g.add_argument("--public-metrics", action="store_true", help="serve /metrics without an API key")
     g.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
                    help="on SIGTERM/SIGINT, seconds to let running requests finish before aborting them")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -40,45 +58,71 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.entrypoints.args import engine_config
     from tokenmill.model.gguf_file import ModelLoadError
+    from tokenmill.server.config import ServerConfig
 
     if args.model_path and args.model and args.model_path != args.model:
         print("tokenmill: error: give the model either as MODEL or as --model, not both", file=sys.stderr)
         return 2
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    keys = args.api_key or [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
     try:
-        run_server(engine_config(args, model=args.model_path), host=args.host, port=args.port, api_key=api_key,
-                   served_model_name=args.served_model_name,
-                   max_waiting_requests=args.max_waiting_requests or None,
-                   max_request_bytes=args.max_request_bytes, drain_timeout=args.drain_timeout,
-                   log_level=args.log_level, access_log=not args.no_access_log)
+        config = ServerConfig(
+            api_key=tuple(k.strip() for k in keys) or None, served_model_name=args.served_model_name,
+            max_waiting_requests=args.max_waiting_requests or None, max_request_bytes=args.max_request_bytes,
+            drain_timeout=args.drain_timeout, request_timeout=args.request_timeout or None,
+            max_stream_backlog=args.max_stream_backlog or None,
+            allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts),
+            isolate_prefix_cache=args.isolate_prefix_cache, public_metrics=args.public_metrics)
+    except ValueError as exc:
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run_server(engine_config(args, model=args.model_path), config, host=args.host, port=args.port,
+                          log_level=args.log_level, access_log=not args.no_access_log)
     except ModelLoadError as exc:
         print(f"tokenmill: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
-def run_server(engine: Any = None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               served_model_name: str | None = None, max_waiting_requests: int | None = DEFAULT_MAX_WAITING_REQUESTS,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
-               log_level: str = "info",
-               access_log: bool = True) -> None:
+def default_allowed_hosts(host: str, allowed: str | None) -> tuple[str, ...] | None:
+    """Host headers to accept: those given, else the loopback names when listening on loopback, else any."""
+    from tokenmill.server.config import LOOPBACK_HOSTS
+
+    if allowed is not None:
+        names = tuple(h.strip() for h in allowed.split(",") if h.strip())
+        return None if "*" in names else names
+    return LOOPBACK_HOSTS if _is_loopback(host) else None
+
+
+def run_server(engine: Any = None, config: Any = None, *, host: str = "127.0.0.1", port: int = 8000,
+               log_level: str = "info", access_log: bool = True) -> int:
     """Load the model (an EngineConfig, an AsyncEngine or None for the default) and serve until SIGTERM/SIGINT,
-    then stop accepting, let running requests finish (at most `drain_timeout` s) and stop the engine."""
+    then stop accepting, let running requests finish (at most `drain_timeout` s) and stop the engine. Returns the
+    process's exit status: 1 if the engine thread died (the server stops then, for a supervisor to restart it)."""
     import uvicorn
 
     from tokenmill.server.app import create_app
+    from tokenmill.server.config import ServerConfig
 
-    if max_request_bytes < 1:
-        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
-    if not _is_loopback(host) and not api_key:
+    config = config or ServerConfig(max_waiting_requests=DEFAULT_MAX_WAITING_REQUESTS,
+                                    allowed_hosts=default_allowed_hosts(host, None))
+    if not _is_loopback(host) and not config.api_keys:
         logger.warning("listening on %s without an API key: anyone who can reach this port can use the model",
                        host)
-    app = create_app(engine, api_key=api_key, served_model_name=served_model_name,
-                     max_waiting_requests=max_waiting_requests, max_request_bytes=max_request_bytes,
-                     drain_timeout=drain_timeout)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            timeout_graceful_shutdown=max(1, round(drain_timeout)), lifespan="on")
-    draining_server(config, app.state.serving).run()
+    app = create_app(engine, config)
+    uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                                    timeout_graceful_shutdown=max(1, round(config.drain_timeout)), lifespan="on")
+    server = draining_server(uvicorn_config, app.state.serving)
+    failed = False
+
+    def on_engine_failure() -> None:
+        nonlocal failed
+        failed = True
+        app.state.serving.draining = True
+        server.should_exit = True
+
+    app.state.on_engine_failure = on_engine_failure
+    server.run()
+    return 1 if failed else 0
 
 
 def draining_server(config: Any, serving: Any) -> Any:

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tokenmill.sampling_params import InvalidRequestError, SamplingParams
+from tokenmill.sampling_params import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, InvalidRequestError, SamplingParams
 from tokenmill.server.errors import APIError, bad_request, invalid_request
 
 MAX_N = 128  # choices per request: each is a separate engine request
 MAX_LOGPROBS = 20
+MAX_CACHE_SALT_CHARS = 256
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def _documented(default: Any, **constraints: Any) -> Any:
+    """A field whose bounds appear in the OpenAPI document (clients and the schema fuzzer read them) but are checked
+    by `check` and SamplingParams, which name the field in their 400s the way OpenAI's API does."""
+    return Field(default, json_schema_extra=constraints)
 
 
 class StreamOptions(BaseModel):
@@ -31,18 +38,18 @@ class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    max_tokens: int | None = _documented(None, minimum=1)
+    temperature: float | None = _documented(None, minimum=0)
+    top_p: float | None = _documented(None, exclusiveMinimum=0, maximum=1)
+    top_k: int | None = _documented(None, minimum=-1)
+    min_p: float | None = _documented(None, minimum=0, maximum=1)
+    presence_penalty: float | None = _documented(None, minimum=-2, maximum=2)
+    frequency_penalty: float | None = _documented(None, minimum=-2, maximum=2)
+    repetition_penalty: float | None = _documented(None, exclusiveMinimum=0)
     seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    n: int | None = 1
+    stop: str | list[str] | None = _documented(None, maxItems=MAX_STOP_STRINGS)
+    stop_token_ids: list[int] | None = _documented(None, maxItems=MAX_STOP_TOKEN_IDS)
+    n: int | None = _documented(1, minimum=1, maximum=MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False
@@ -50,6 +57,7 @@ class _GenerationRequest(BaseModel):
     skip_special_tokens: bool | None = True
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    cache_salt: str | None = None  # vLLM's extension: only requests with the same salt share prefix-cache blocks
 
     @property
     def include_usage(self) -> bool:
@@ -65,6 +73,8 @@ class _GenerationRequest(BaseModel):
             raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", "n")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
+        if self.cache_salt is not None and not 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS:
+            raise bad_request(f"cache_salt must be 1 to {MAX_CACHE_SALT_CHARS} characters", "cache_salt")
 
     def sampling_params(self, max_tokens: int, logprobs: int | None,
                         renames: dict[str, str] | None = None) -> SamplingParams:
@@ -96,7 +106,7 @@ class _GenerationRequest(BaseModel):
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = _documented(None, minimum=0, maximum=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = None
 
@@ -135,7 +145,7 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _documented(None, minimum=0, maximum=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None

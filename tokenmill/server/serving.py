@@ -24,7 +24,10 @@ from tokenmill.server.async_engine import (
     EngineStepError,
     EngineStoppedError,
     OutputStream,
+    RequestTimeoutError,
+    StreamBacklogError,
 )
+from tokenmill.server.defaults import MAX_PROMPTS_PER_REQUEST, MAX_SEQUENCES_PER_REQUEST
 from tokenmill.server.errors import APIError, bad_request, error_body, invalid_request
 from tokenmill.server.formatting import SSE_DONE, TokenTexts, sse, usage
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -52,6 +55,39 @@ def _is_default_model(path: Path) -> bool:
 
 
 @dataclass
+class _Choice:
+    """One choice of a non-streaming reply, put together from its delta outputs."""
+
+    text: str = ""
+    num_tokens: int = 0
+    logprobs: list[Any] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.num_tokens = out.num_output_tokens
+        if out.logprobs is not None:
+            self.logprobs = self.logprobs or []
+            self.logprobs.extend(out.logprobs)
+        self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+
+
+# Errors that end a request while it runs, as (status, code) for a reply or a stream's error event.
+_RUN_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    EngineStepError: (500, "internal_error"),
+    RequestTimeoutError: (504, "request_timeout"),
+    StreamBacklogError: (429, "stream_backlog_exceeded"),
+    EngineStoppedError: (503, "engine_stopped"),
+}
+
+
+def _run_error(exc: Exception) -> APIError:
+    status, code = _RUN_ERRORS[type(exc)]
+    return APIError(status, str(exc), code=code)
+
+
+@dataclass
 class _Prepared:
     """A validated request, ready to submit."""
 
@@ -66,8 +102,12 @@ class _Prepared:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, served_model_name: str | None = None) -> None:
+    """`request_timeout`: seconds after which a request still running is aborted (None: no deadline)."""
+
+    def __init__(self, engine: AsyncEngine, served_model_name: str | None = None,
+                 request_timeout: float | None = None) -> None:
         self.engine = engine
+        self.request_timeout = request_timeout
         self.model_name, self.model_aliases = model_names(engine, served_model_name)
         self.texts = TokenTexts(engine.tokenizer)
         self.created = int(time.time())
@@ -106,19 +146,30 @@ class OpenAIServing:
             raise bad_request(f"{param}: the prompt is empty", param)
         return ids
 
-    def _prepare(self, prefix: str, prompt_ids: list[list[int]], params: list[SamplingParams], n: int) -> _Prepared:
+    @staticmethod
+    def _check_size(num_prompts: int, n: int) -> None:
+        """Before any tokenizing: one HTTP request adds at most so many engine requests."""
+        if num_prompts > MAX_PROMPTS_PER_REQUEST:
+            raise bad_request(f"prompt: at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {num_prompts}",
+                              "prompt")
+        if num_prompts * n > MAX_SEQUENCES_PER_REQUEST:
+            raise bad_request(f"n: {num_prompts} prompts x n={n} would be {num_prompts * n} sequences; at most "
+                              f"{MAX_SEQUENCES_PER_REQUEST} per request", "n")
+
+    def _prepare(self, prefix: str, prompt_ids: list[list[int]], params: list[SamplingParams], n: int,
+                 cache_salt: str | None) -> _Prepared:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         requests = []
         for p, (ids, prompt_params) in enumerate(zip(prompt_ids, params, strict=True)):
             siblings = fan_out(prompt_params)
             for i, sample_params in enumerate(siblings):
                 fork_of = f"{request_id}-{p}-0" if i else None
-                requests.append(EngineRequest(f"{request_id}-{p}-{i}", ids, sample_params, fork_of))
+                requests.append(EngineRequest(f"{request_id}-{p}-{i}", ids, sample_params, fork_of, cache_salt))
         return _Prepared(request_id, prompt_ids, requests, n)
 
     async def _submit(self, prepared: _Prepared, prompt_param: str) -> OutputStream:
         try:
-            return await self.engine.submit(prepared.requests)
+            return await self.engine.submit(prepared.requests, self.request_timeout)
         except InvalidRequestError as exc:
             raise invalid_request(exc, prompt_param if exc.field == "prompt" else None) from None
         except EngineOverloadedError as exc:
@@ -134,42 +185,44 @@ class OpenAIServing:
             await asyncio.sleep(0.05)
         return self.inflight == 0
 
-    async def _collect(self, stream: OutputStream) -> list[RequestOutput]:
-        finals: dict[int, RequestOutput] = {}
+    async def _collect(self, stream: OutputStream) -> list[_Choice]:
+        choices = [_Choice() for _ in stream.request_ids]
         try:
             async for index, out in stream:
-                if out.finished:
-                    finals[index] = out
-        except EngineStepError as exc:
-            raise APIError(500, str(exc)) from None
+                choices[index].add(out)
+        except tuple(_RUN_ERRORS) as exc:
+            raise _run_error(exc) from None
         finally:
             if not stream.finished:  # cancelled (client gone) or failed: free the KV blocks now
                 self.engine.abort(stream.request_ids)
-        return [finals[i] for i in range(len(finals))]
+        return choices
 
     async def _sse(self, stream: OutputStream, chunks: Callable[[OutputStream], AsyncIterator[str]]
                    ) -> AsyncIterator[str]:
         try:
             async for chunk in chunks(stream):
                 yield chunk
-        except EngineStepError as exc:
-            yield sse(error_body(str(exc), "server_error"))
+        except tuple(_RUN_ERRORS) as exc:
+            error = _run_error(exc)
+            yield sse(error_body(error.message, error.type, code=error.code))
         # An abandoned or failed stream's requests are aborted by the response's on_close, which also runs when
         # this generator never started.
         yield SSE_DONE
 
     # ---- /v1/completions --------------------------------------------------------------------------------------
 
-    async def completions(self, req: CompletionRequest) -> tuple[dict[str, Any] | AsyncIterator[str], OutputStream]:
+    async def completions(self, req: CompletionRequest, cache_salt: str | None = None
+                          ) -> tuple[dict[str, Any] | AsyncIterator[str], OutputStream]:
         """The reply (a dict, or SSE strings when streaming) and the stream of the engine requests it owns."""
         self._check_accepting()
         self.check_model(req.model)
         prompts = req.prompts()
+        self._check_size(len(prompts), req.n or 1)
         req.sampling_params(1, req.logprobs)  # reject bad sampling values before tokenizing
         prompt_ids = await asyncio.to_thread(lambda: [self._encode(p, "prompt") for p in prompts])
         params = [req.sampling_params(self._max_tokens(len(ids), req.max_tokens, "max_tokens", "prompt"),
                                       req.logprobs) for ids in prompt_ids]
-        prepared = self._prepare("cmpl", prompt_ids, params, req.n or 1)
+        prepared = self._prepare("cmpl", prompt_ids, params, req.n or 1, cache_salt)
         echo = [self.engine.tokenizer.decode(ids) if not isinstance(p, str) else p for p, ids in
                 zip(prompts, prompt_ids, strict=True)] if req.echo else None
         stream = await self._submit(prepared, "prompt")
@@ -184,7 +237,7 @@ class OpenAIServing:
             text = (echo[index // prepared.n] if echo else "") + out.text
             choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
                             "stop_reason": out.stop_reason})
-        completion_tokens = sum(len(out.token_ids) for out in finals)
+        completion_tokens = sum(out.num_tokens for out in finals)
         return {"id": prepared.request_id, "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
                 "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream
@@ -211,11 +264,11 @@ class OpenAIServing:
         chunk = self._chunk_builder("text_completion", req, prepared, generated)
 
         async for index, out in stream:
-            generated[index] = len(out.token_ids)
-            text = out.delta_text
+            generated[index] = out.num_output_tokens
+            text = out.text
             if echo and not echoed[index]:
                 text, echoed[index] = echo[index // prepared.n] + text, True
-            new_logprobs = (out.logprobs or [])[-len(out.delta_token_ids):] if out.delta_token_ids else []
+            new_logprobs = out.logprobs or []
             if not (text or out.finished or new_logprobs or req.continuous_usage):
                 continue
             logprobs = None
@@ -228,16 +281,18 @@ class OpenAIServing:
 
     # ---- /v1/chat/completions ---------------------------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest) -> tuple[dict[str, Any] | AsyncIterator[str], OutputStream]:
+    async def chat(self, req: ChatCompletionRequest, cache_salt: str | None = None
+                   ) -> tuple[dict[str, Any] | AsyncIterator[str], OutputStream]:
         self._check_accepting()
         self.check_model(req.model)
+        self._check_size(1, req.n or 1)
         renames = {"max_tokens": req.max_tokens_param, "logprobs": "top_logprobs"}
         req.sampling_params(1, req.engine_logprobs, renames)
         conversation = req.conversation()
         ids = await asyncio.to_thread(self._render_chat, conversation)
         max_tokens = self._max_tokens(len(ids), req.requested_max_tokens, req.max_tokens_param, "messages")
         params = req.sampling_params(max_tokens, req.engine_logprobs, renames)
-        prepared = self._prepare("chatcmpl", [ids], [params], req.n or 1)
+        prepared = self._prepare("chatcmpl", [ids], [params], req.n or 1, cache_salt)
         stream = await self._submit(prepared, "messages")
         if req.stream:
             return self._sse(stream, lambda s: self._chat_chunks(s, req, prepared)), stream
@@ -246,7 +301,7 @@ class OpenAIServing:
                     "logprobs": self.texts.chat_logprobs(out.logprobs or []) if req.logprobs else None,
                     "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
                    for index, out in enumerate(finals)]
-        completion_tokens = sum(len(out.token_ids) for out in finals)
+        completion_tokens = sum(out.num_tokens for out in finals)
         return {"id": prepared.request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
                 "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream
@@ -268,11 +323,11 @@ class OpenAIServing:
             yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}]))
         async for index, out in stream:
-            generated[index] = len(out.token_ids)
-            new_logprobs = (out.logprobs or [])[-len(out.delta_token_ids):] if out.delta_token_ids else []
-            if not (out.delta_text or out.finished or new_logprobs or req.continuous_usage):
+            generated[index] = out.num_output_tokens
+            new_logprobs = out.logprobs or []
+            if not (out.text or out.finished or new_logprobs or req.continuous_usage):
                 continue
-            yield sse(chunk([{"index": index, "delta": {"content": out.delta_text} if out.delta_text else {},
+            yield sse(chunk([{"index": index, "delta": {"content": out.text} if out.text else {},
                               "logprobs": self.texts.chat_logprobs(new_logprobs) if req.logprobs else None,
                               "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]))
         if req.include_usage:

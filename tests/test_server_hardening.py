@@ -1,0 +1,332 @@
+"""The server under hostile input, overload and faults, on a small random model (fast steps, token-id prompts):
+request fan-out limits, Host and Content-Type checks, /metrics behind the key, tenants' prefix caches, deadlines,
+slow stream readers, failures kept to one request, a dead engine thread, and a schemathesis run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import write_tiny_gguf
+from test_server import ServerThread, _bound_socket
+from tokenmill.config import EngineConfig
+from tokenmill.output.types import RequestOutput
+from tokenmill.server.app import create_app
+from tokenmill.server.async_engine import AsyncEngine, OutputStream, StreamBacklogError
+from tokenmill.server.config import LOOPBACK_HOSTS
+from tokenmill.server.defaults import MAX_PROMPTS_PER_REQUEST, MAX_SEQUENCES_PER_REQUEST
+
+KEYS = ("key-alice", "key-bob")
+LONG = {"prompt": [5, 6, 7], "max_tokens": 3000, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    return write_tiny_gguf(path, context=4096, metadata={"tokenizer.ggml.merges": [],
+                                                         "tokenizer.ggml.eos_token_id": 0})
+
+
+def engine_config(path: Path) -> EngineConfig:
+    return EngineConfig(model=str(path), dtype="float32", num_kv_blocks=512, block_size=16, max_num_seqs=16)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model) -> Iterator[AsyncEngine]:
+    async_engine = AsyncEngine.from_config(engine_config(tiny_model))
+    yield async_engine
+    async_engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine) -> Iterator[ServerThread]:
+    app = create_app(engine, api_key=KEYS, allowed_hosts=LOOPBACK_HOSTS, isolate_prefix_cache=True,
+                     request_timeout=30.0)
+    with ServerThread(app) as running:
+        yield running
+
+
+def post(server: ServerThread, path: str, body: object, key: str = KEYS[0], **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", **kwargs.pop("headers", {})}
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kwargs)
+
+
+def wait_idle(engine: AsyncEngine, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = engine.stats()
+        if stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks:
+            return
+        assert time.monotonic() < deadline, f"engine not idle: {stats}"
+        time.sleep(0.02)
+
+
+# ---- one HTTP request, many engine requests ----
+
+def test_batched_prompts_are_capped_before_tokenizing(server) -> None:
+    resp = post(server, "/v1/completions", {"prompt": ["a"] * (MAX_PROMPTS_PER_REQUEST + 1), "max_tokens": 1})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
+    n = MAX_SEQUENCES_PER_REQUEST // 10 + 1
+    resp = post(server, "/v1/completions", {"prompt": [[5]] * 10, "n": n, "max_tokens": 1})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
+
+
+def test_the_whole_group_counts_against_the_waiting_limit(server, engine) -> None:
+    engine.max_waiting_requests = 4
+    try:
+        resp = post(server, "/v1/completions", {"prompt": [[5], [6], [7]], "n": 2, "max_tokens": 1})
+    finally:
+        engine.max_waiting_requests = None
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "server_overloaded"
+    assert "adds 6" in resp.json()["error"]["message"]
+
+
+def test_non_finite_json_numbers_are_rejected(server) -> None:
+    for field in ("temperature", "repetition_penalty", "top_p"):
+        content = '{"prompt": [5], "max_tokens": 1, "%s": Infinity}' % field
+        resp = httpx.post(server.url + "/v1/completions", content=content, timeout=30,
+                          headers={"Authorization": f"Bearer {KEYS[0]}", "Content-Type": "application/json"})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == field
+
+
+# ---- exposure ----
+
+@pytest.mark.parametrize(("host", "status"), [("evil.example", 400), ("evil.example:80", 400),
+                                              ("localhost:8000", 200), ("127.0.0.1", 200), ("[::1]:8000", 200)])
+def test_host_header_must_name_this_server(server, host: str, status: int) -> None:
+    resp = httpx.get(server.url + "/health", headers={"Host": host}, timeout=30)
+    assert resp.status_code == status
+    if status == 400:
+        assert resp.json()["error"]["code"] == "invalid_host"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_not_sent_as_json_is_refused(server, content_type: str | None) -> None:
+    headers = {"Authorization": f"Bearer {KEYS[0]}"} | ({"Content-Type": content_type} if content_type else {})
+    resp = httpx.post(server.url + "/v1/completions", content=json.dumps({"prompt": [5], "max_tokens": 1}),
+                      headers=headers, timeout=30)
+    assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_metrics_need_a_key_when_keys_are_set(server, engine) -> None:
+    assert httpx.get(server.url + "/metrics", timeout=30).status_code == 401
+    assert httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEYS[1]}"},
+                     timeout=30).status_code == 200
+    with ServerThread(create_app(engine, api_key=KEYS, public_metrics=True)) as public:
+        assert httpx.get(public.url + "/metrics", timeout=30).status_code == 200
+
+
+def test_tenants_do_not_share_prefix_cache_blocks(server, engine) -> None:
+    prompt = list(range(10, 90))  # five full blocks
+    body = {"prompt": prompt, "max_tokens": 1}
+    assert post(server, "/v1/completions", body, KEYS[0]).status_code == 200
+    hits = engine.stats().prefix_cache.hits
+    assert post(server, "/v1/completions", body, KEYS[1]).status_code == 200
+    assert engine.stats().prefix_cache.hits == hits  # another tenant: nothing reused
+    assert post(server, "/v1/completions", body, KEYS[0]).status_code == 200
+    assert engine.stats().prefix_cache.hits > hits  # the same tenant: its own blocks are reused
+    salted = post(server, "/v1/completions", {**body, "cache_salt": "private"}, KEYS[0])
+    assert salted.status_code == 200 and engine.stats().prefix_cache.hits > hits
+
+
+# ---- deadlines and slow readers ----
+
+def test_a_request_past_its_deadline_is_aborted(engine) -> None:
+    with ServerThread(create_app(engine, request_timeout=0.2)) as short:
+        resp = httpx.post(short.url + "/v1/completions", json=LONG, timeout=60)
+        assert resp.status_code == 504 and resp.json()["error"]["code"] == "request_timeout"
+        with httpx.stream("POST", short.url + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "request_timeout"
+    wait_idle(engine)
+
+
+def delta(request_id: str, tokens: list[int], finish: str | None = None) -> RequestOutput:
+    return RequestOutput(request_id, None, [1], "".join(f"t{t}" for t in tokens), list(tokens),
+                         finish_reason=finish, num_output_tokens=len(tokens))
+
+
+def test_an_unread_stream_merges_its_outputs_then_cuts_the_reader_off() -> None:
+    async def scenario() -> None:
+        stream = OutputStream(["a", "b"], max_backlog=10)
+        overflowed: list[bool] = []
+        stream.on_overflow = lambda: overflowed.append(True)
+        for step in range(4):
+            stream._put(delta("a", [step]))
+            stream._put(delta("b", [10 + step]))
+        assert len(stream._pending) == 2  # one merged output per request, whatever the number of steps
+        index, out = await stream.__anext__()
+        assert (index, out.token_ids, out.text) == (0, [0, 1, 2, 3], "t0t1t2t3")
+        for step in range(4, 12):
+            stream._put(delta("a", [step]))
+        assert overflowed == [True]
+        with pytest.raises(StreamBacklogError):
+            await stream.__anext__()
+
+    asyncio.run(scenario())
+
+
+def test_an_abandoned_stream_is_aborted_once_its_backlog_is_full(engine) -> None:
+    async def scenario() -> None:
+        from tokenmill.server.async_engine import EngineRequest
+        from tokenmill.server.protocol import CompletionRequest
+
+        engine.max_stream_backlog = 32
+        try:
+            params = CompletionRequest(prompt=[5], max_tokens=3000, ignore_eos=True).sampling_params(3000, None)
+            before = engine.stats().generation_tokens
+            stream = await engine.submit([EngineRequest("unread", [5, 6], params)])
+            deadline = time.monotonic() + 30
+            while True:  # nobody reads `stream`
+                stats = engine.stats()
+                if stats.generation_tokens > before and not (stats.num_running or stats.num_waiting):
+                    break
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            with pytest.raises(StreamBacklogError):
+                await stream.__anext__()
+        finally:
+            engine.max_stream_backlog = None
+
+    before = engine.stats().generation_tokens
+    asyncio.run(scenario())
+    assert engine.stats().generation_tokens - before < 3000
+    wait_idle(engine)
+
+
+# ---- faults ----
+
+def test_a_failing_request_fails_alone_and_its_error_says_nothing_internal(server, engine, monkeypatch) -> None:
+    backend = engine.engine.runner.backend
+    forward = backend.forward
+
+    def failing_forward(input_ids, positions, metadata):
+        if bool((input_ids == 13).any()):
+            raise RuntimeError("secret internal detail")
+        return forward(input_ids, positions, metadata)
+
+    monkeypatch.setattr(backend, "forward", failing_forward)
+
+    async def both() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                     headers={"Authorization": f"Bearer {KEYS[0]}"}) as http:
+            return await asyncio.gather(
+                http.post("/v1/completions", json={"prompt": [13, 14], "max_tokens": 8}),
+                http.post("/v1/completions", json={"prompt": [21, 22], "max_tokens": 8, "ignore_eos": True}))
+
+    bad, good = asyncio.run(both())
+    assert bad.status_code == 500 and bad.json()["error"]["code"] == "internal_error"
+    assert "secret" not in bad.text and "RuntimeError" not in bad.text
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 8
+    wait_idle(engine)
+
+
+class _Die(BaseException):
+    """Escapes every `except Exception`: the engine thread ends."""
+
+
+def test_a_dead_engine_thread_turns_health_red_and_stops_the_server(tiny_model, monkeypatch) -> None:
+    async_engine = AsyncEngine.from_config(engine_config(tiny_model))
+    app = create_app(async_engine)
+    stopped: list[bool] = []
+    app.state.on_engine_failure = lambda: stopped.append(True)
+    try:
+        with ServerThread(app) as running:
+            assert httpx.get(running.url + "/health", timeout=30).status_code == 200
+
+            def die() -> list:
+                raise _Die()
+
+            monkeypatch.setattr(async_engine.engine, "step", die)
+            resp = httpx.post(running.url + "/v1/completions", json={"prompt": [5], "max_tokens": 4}, timeout=30)
+            assert resp.status_code == 503
+            assert httpx.get(running.url + "/health", timeout=30).status_code == 503
+            deadline = time.monotonic() + 10
+            while not stopped:
+                assert time.monotonic() < deadline, "the watchdog did not ask the server to stop"
+                time.sleep(0.05)
+            late = httpx.post(running.url + "/v1/completions", json={"prompt": [5], "max_tokens": 4}, timeout=30)
+            assert late.status_code == 503
+    finally:
+        async_engine.shutdown()
+
+
+def test_the_serve_process_exits_non_zero_when_its_engine_dies(tiny_model) -> None:
+    sock = _bound_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    script = textwrap.dedent(f"""
+        import sys
+        from tokenmill.config import EngineConfig
+        from tokenmill.engine import LLMEngine
+        from tokenmill.server.cli import run_server
+
+        class Die(BaseException):
+            pass
+
+        def die(self):
+            raise Die()
+
+        LLMEngine.step = die
+        config = EngineConfig(model={str(tiny_model)!r}, dtype="float32", num_kv_blocks=64)
+        sys.exit(run_server(config, port={port}, log_level="warning"))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        httpx.post(url + "/v1/completions", json={"prompt": [5], "max_tokens": 4}, timeout=30)
+        assert proc.wait(timeout=60) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ---- schema fuzzing ----
+
+def test_schemathesis_finds_no_server_errors(engine) -> None:
+    """A short seeded run over the server's own OpenAPI document (the long run's command is in docs/server.md)."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, settings
+
+    app = create_app(engine, max_request_bytes=64 * 1024, request_timeout=30.0)
+    with ServerThread(app) as running:
+        schema = schemathesis.openapi.from_dict(httpx.get(running.url + "/openapi.json", timeout=30).json())
+        failures: list[str] = []
+        for result in schema.get_all_operations():
+            operation = result.ok()
+
+            @settings(max_examples=25, derandomize=True, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            def check(case) -> None:
+                if isinstance(case.body, dict) and "max_tokens" in case.body:
+                    case.body["max_tokens"] = min(case.body["max_tokens"] or 1, 16) if isinstance(
+                        case.body["max_tokens"], int) else case.body["max_tokens"]
+                response = case.call(base_url=running.url, timeout=60)
+                if response.status_code >= 500:
+                    failures.append(f"{case.method} {case.path} {case.body!r} -> {response.status_code} "
+                                    f"{response.text[:300]}")
+
+            operation.as_strategy()  # the operation must be generatable
+            from hypothesis import given
+
+            given(case=operation.as_strategy())(check)()
+        assert not failures, failures[:3]
+    wait_idle(engine)

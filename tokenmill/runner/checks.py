@@ -1,0 +1,47 @@
+"""The invariants a step plan must hold before the fused C++ step (which indexes raw memory with them) runs it.
+
+The scheduler builds valid plans; these checks make a bug there, or in anything that edits a plan later (a
+verifier, a KV policy), an exception for that step instead of a write past the KV cache. They are O(tokens + block
+table entries), a small fraction of any step.
+"""
+
+from __future__ import annotations
+
+from tokenmill.scheduler.plan import StepPlan
+
+
+class InvalidPlanError(ValueError):
+    """A step plan addresses memory outside the KV cache or the model's tables."""
+
+
+def check_plan(plan: StepPlan, num_blocks: int, block_size: int, max_positions: int | None = None,
+               vocab_size: int | None = None) -> None:
+    n = plan.num_tokens
+    if len(plan.positions) != n or len(plan.slot_mapping) != n:
+        raise InvalidPlanError(f"{n} tokens but {len(plan.positions)} positions and {len(plan.slot_mapping)} slots")
+    if n:
+        _check_range("slot", plan.slot_mapping, num_blocks * block_size)
+        _check_range("position", plan.positions, max_positions)
+        _check_range("token id", plan.token_ids, vocab_size)
+    for src, dst in plan.block_copies:
+        _check_range("copied block", (src, dst), num_blocks)
+    rows = 0
+    for seq in plan.seqs:
+        if seq.query_start != rows or seq.num_tokens < 1 or not 0 <= seq.num_samples <= seq.num_tokens:
+            raise InvalidPlanError(f"{seq.request_id}: rows [{seq.query_start}, +{seq.num_tokens}) with "
+                                   f"{seq.num_samples} samples do not follow row {rows}")
+        rows += seq.num_tokens
+        if not seq.num_tokens <= seq.context_len <= len(seq.block_table) * block_size:
+            raise InvalidPlanError(f"{seq.request_id}: context of {seq.context_len} entries for "
+                                   f"{seq.num_tokens} new tokens and {len(seq.block_table)} blocks")
+        if seq.block_table:
+            _check_range(f"{seq.request_id}: block", seq.block_table, num_blocks)
+    if rows != n:
+        raise InvalidPlanError(f"the sequences cover {rows} rows of {n}")
+
+
+def _check_range(what: str, values: tuple[int, ...], limit: int | None) -> None:
+    low, high = min(values), max(values)
+    if low < 0 or (limit is not None and high >= limit):
+        bad = low if low < 0 else high
+        raise InvalidPlanError(f"{what} {bad} outside [0, {limit if limit is not None else 'inf'})")
