@@ -22,6 +22,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.kernels import cpu_kernels
 from tokenmill.kv.cache import KVCache
 from tokenmill.kv.manager import KVCacheManager, PrefixCacheStats
+from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
 from tokenmill.model.loader import load_model
 from tokenmill.output.processor import RequestState
@@ -62,13 +63,16 @@ class LLMEngine:
         started = time.perf_counter()
         gguf_file = GGUFFile(self.model_path)
         self.tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
-        self.model = load_model(gguf_file, self.dtype, self.device, config.weight_format, config.int4_group_size)
-        packed = self.model.prepack_weights() if config.prepack_weights else 0
-        self.model_config = self.model.cfg
+        # The context is known before the weights load, so that the RoPE tables cover exactly the positions used
+        # (a file may declare any context length).
+        self.model_config = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
         num_blocks = self._num_kv_blocks()
         block_size = config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position,
                                  self.model_config.max_position, num_blocks * block_size)
+        self.model = load_model(gguf_file, self.dtype, self.device, config.weight_format, config.int4_group_size,
+                                max_positions=self.max_model_len)
+        packed = self.model.prepack_weights() if config.prepack_weights else 0
         self.kv_cache = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device,
                                 config.kv_huge_pages)
         self.scheduler = Scheduler(
