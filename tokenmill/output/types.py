@@ -30,6 +30,22 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def merge_delta(self, later: RequestOutput) -> None:
+        """Fold the request's next delta output into this one (also a delta, or the sum of earlier ones), so that
+        a consumer can take several steps' worth at once, or put a whole result together, in O(new tokens)."""
+        self.text += later.text
+        self.token_ids.extend(later.token_ids)
+        if self.delta_token_ids is not self.token_ids:
+            self.delta_token_ids.extend(later.delta_token_ids)
+        self.delta_text += later.delta_text
+        if self.logprobs is not None and later.logprobs is not None:
+            self.logprobs.extend(later.logprobs)
+        if self.delta_logprobs is not None and later.delta_logprobs is not None \
+                and self.delta_logprobs is not self.logprobs:
+            self.delta_logprobs.extend(later.delta_logprobs)
+        self.finish_reason, self.stop_reason = later.finish_reason, later.stop_reason
+        self.num_output_tokens, self.num_cached_tokens = later.num_output_tokens, later.num_cached_tokens
+
 
 @dataclass
 class CompletionOutput:

@@ -121,7 +121,7 @@ class OutputStream:
         if queued is None:
             self._pending[item.request_id] = item
         else:
-            _merge(queued, item)
+            queued.merge_delta(item)
         self._backlog += len(item.token_ids)
         self._ready.set()
         if self.max_backlog is not None and self._backlog > self.max_backlog:
@@ -155,22 +155,6 @@ class OutputStream:
         if item.finished:
             self._unfinished.discard(item.request_id)
         return self._index[item.request_id], item
-
-
-def _merge(queued: RequestOutput, later: RequestOutput) -> None:
-    """Fold a later delta output of the same request into one not read yet."""
-    queued.text += later.text
-    queued.delta_text += later.delta_text
-    queued.token_ids.extend(later.token_ids)
-    if queued.delta_token_ids is not queued.token_ids:
-        queued.delta_token_ids.extend(later.delta_token_ids)
-    if queued.logprobs is not None and later.logprobs is not None:
-        queued.logprobs.extend(later.logprobs)
-    if queued.delta_logprobs is not None and later.delta_logprobs is not None \
-            and queued.delta_logprobs is not queued.logprobs:
-        queued.delta_logprobs.extend(later.delta_logprobs)
-    queued.finish_reason, queued.stop_reason = later.finish_reason, later.stop_reason
-    queued.num_output_tokens, queued.num_cached_tokens = later.num_output_tokens, later.num_cached_tokens
 
 
 @dataclass

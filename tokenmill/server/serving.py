@@ -54,25 +54,6 @@ def _is_default_model(path: Path) -> bool:
         return False
 
 
-@dataclass
-class _Choice:
-    """One choice of a non-streaming reply, put together from its delta outputs."""
-
-    text: str = ""
-    num_tokens: int = 0
-    logprobs: list[Any] | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-
-    def add(self, out: RequestOutput) -> None:
-        self.text += out.text
-        self.num_tokens = out.num_output_tokens
-        if out.logprobs is not None:
-            self.logprobs = self.logprobs or []
-            self.logprobs.extend(out.logprobs)
-        self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
-
-
 # Errors that end a request while it runs, as (status, code) for a reply or a stream's error event.
 _RUN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     EngineStepError: (500, "internal_error"),
@@ -185,17 +166,21 @@ class OpenAIServing:
             await asyncio.sleep(0.05)
         return self.inflight == 0
 
-    async def _collect(self, stream: OutputStream) -> list[_Choice]:
-        choices = [_Choice() for _ in stream.request_ids]
+    async def _collect(self, stream: OutputStream) -> list[RequestOutput]:
+        """Each request's delta outputs merged into its whole result."""
+        results: dict[int, RequestOutput] = {}
         try:
             async for index, out in stream:
-                choices[index].add(out)
+                if index in results:
+                    results[index].merge_delta(out)
+                else:
+                    results[index] = out
         except tuple(_RUN_ERRORS) as exc:
             raise _run_error(exc) from None
         finally:
             if not stream.finished:  # cancelled (client gone) or failed: free the KV blocks now
                 self.engine.abort(stream.request_ids)
-        return choices
+        return [results[i] for i in range(len(results))]
 
     async def _sse(self, stream: OutputStream, chunks: Callable[[OutputStream], AsyncIterator[str]]
                    ) -> AsyncIterator[str]:
@@ -237,7 +222,7 @@ class OpenAIServing:
             text = (echo[index // prepared.n] if echo else "") + out.text
             choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
                             "stop_reason": out.stop_reason})
-        completion_tokens = sum(out.num_tokens for out in finals)
+        completion_tokens = sum(out.num_output_tokens for out in finals)
         return {"id": prepared.request_id, "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
                 "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream
@@ -301,7 +286,7 @@ class OpenAIServing:
                     "logprobs": self.texts.chat_logprobs(out.logprobs or []) if req.logprobs else None,
                     "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
                    for index, out in enumerate(finals)]
-        completion_tokens = sum(out.num_tokens for out in finals)
+        completion_tokens = sum(out.num_output_tokens for out in finals)
         return {"id": prepared.request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
                 "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream
