@@ -124,9 +124,9 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", layers: int = 2, hidden:
                     tied: bool = True, metadata: dict[str, Any] | None = None,
                     shapes: dict[str, tuple[int, ...]] | None = None) -> Path:
     """A small random model in GGUF, loadable by `load_model`. `metadata` adds or replaces entries (None drops
-    one; keys without a dot get the architecture prefix), `shapes` replaces tensor shapes: both for building
-    files that disagree with themselves. Matrices are stored as `tensor_type` (F32, F16, Q8_0, Q4_0...), vectors
-    as F32."""
+    one; keys outside general.* and tokenizer.* get the architecture prefix), `shapes` replaces tensor shapes: both
+    for building files that disagree with themselves. Matrices are stored as `tensor_type` (F32, F16, Q8_0,
+    Q4_0...), vectors as F32."""
     import gguf
 
     meta: dict[str, Any] = {

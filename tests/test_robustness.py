@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_tiny_gguf
+
 from tokenmill.config import EngineConfig
 from tokenmill.engine import LLMEngine
 from tokenmill.kv.manager import KVCacheManager

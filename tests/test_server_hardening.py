@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import write_tiny_gguf
 from test_server import ServerThread, _bound_socket
+
 from tokenmill.config import EngineConfig
 from tokenmill.output.types import RequestOutput
 from tokenmill.server.app import create_app
@@ -92,7 +92,7 @@ def test_the_whole_group_counts_against_the_waiting_limit(server, engine) -> Non
 
 def test_non_finite_json_numbers_are_rejected(server) -> None:
     for field in ("temperature", "repetition_penalty", "top_p"):
-        content = '{"prompt": [5], "max_tokens": 1, "%s": Infinity}' % field
+        content = '{"prompt": [5], "max_tokens": 1, "' + field + '": Infinity}'
         resp = httpx.post(server.url + "/v1/completions", content=content, timeout=30,
                           headers={"Authorization": f"Bearer {KEYS[0]}", "Content-Type": "application/json"})
         assert resp.status_code == 400 and resp.json()["error"]["param"] == field
@@ -175,7 +175,7 @@ def test_an_unread_stream_merges_its_outputs_then_cuts_the_reader_off() -> None:
     asyncio.run(scenario())
 
 
-def test_an_abandoned_stream_is_aborted_once_its_backlog_is_full(engine) -> None:
+def test_an_abandoned_stream_is_aborted_once_its_backlog_is_full(server, engine) -> None:
     async def scenario() -> None:
         from tokenmill.server.async_engine import EngineRequest
         from tokenmill.server.protocol import CompletionRequest
@@ -227,6 +227,28 @@ def test_a_failing_request_fails_alone_and_its_error_says_nothing_internal(serve
     assert bad.status_code == 500 and bad.json()["error"]["code"] == "internal_error"
     assert "secret" not in bad.text and "RuntimeError" not in bad.text
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 8
+    wait_idle(engine)
+
+
+def test_a_submit_cancelled_before_the_engine_takes_it_harms_nobody(server, engine) -> None:
+    """A client gone while its requests wait for the engine thread: its command is skipped, the next one runs."""
+    from tokenmill.server.async_engine import EngineRequest
+    from tokenmill.server.protocol import CompletionRequest
+
+    params = CompletionRequest(prompt=[5], max_tokens=4, ignore_eos=True).sampling_params(4, None)
+
+    async def scenario() -> list[int]:
+        with engine._cond:  # the engine thread cannot take commands until both are posted
+            gone = asyncio.ensure_future(engine.submit([EngineRequest("gone", [5, 6], params)]))
+            await asyncio.sleep(0.01)
+            gone.cancel()
+            await asyncio.sleep(0.01)
+            kept = asyncio.ensure_future(engine.submit([EngineRequest("kept", [7, 8], params)]))
+            await asyncio.sleep(0.01)
+        stream = await asyncio.wait_for(kept, 30)  # without the fix the engine loop fails and drops it
+        return [t for _, out in [item async for item in stream] for t in out.token_ids]
+
+    assert len(asyncio.run(scenario())) == 4
     wait_idle(engine)
 
 

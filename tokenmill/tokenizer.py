@@ -199,20 +199,30 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
+        """The file's tokenizer; metadata of the wrong shape (a GGUF is untrusted input) raises ModelLoadError."""
         model = metadata.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise ModelLoadError(
                 f"unsupported tokenizer model 'tokenizer.ggml.model' = {model!r}; "
                 "only byte-level BPE ('gpt2') is supported"
             )
-        tokens: list[str] = list(metadata.get("tokenizer.ggml.tokens") or [])
+        tokens: list[str] = _typed_list(metadata, "tokenizer.ggml.tokens", str)
         if not tokens:
             raise ModelLoadError("GGUF metadata has no tokenizer.ggml.tokens")
-        token_types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        token_types = _typed_list(metadata, "tokenizer.ggml.token_type", int) or [1] * len(tokens)
         if len(token_types) != len(tokens):
             raise ModelLoadError(f"tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens")
+        merges = _typed_list(metadata, "tokenizer.ggml.merges", str)
+        template = metadata.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ModelLoadError("tokenizer.chat_template must be a string")
         pre = str(metadata.get("tokenizer.ggml.pre") or "default")
-        backend = _build_backend(tokens, metadata.get("tokenizer.ggml.merges") or [], token_types, pre)
+        try:
+            backend = _build_backend(tokens, merges, token_types, pre)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # the Rust tokenizer panics (a BaseException) on some malformed vocabularies
+            raise ModelLoadError(f"the GGUF tokenizer cannot be built: {type(exc).__name__}: {exc}") from None
         return cls(
             backend, tokens, token_types,
             bos_token_id=_optional_id(metadata, "tokenizer.ggml.bos_token_id", len(tokens)),
@@ -299,6 +309,15 @@ class Tokenizer:
 def _stop_ids_from_metadata(metadata: Mapping[str, Any], vocab_size: int) -> list[int]:
     ids = (_optional_id(metadata, key, vocab_size) for key in _STOP_TOKEN_ID_KEYS)
     return [i for i in ids if i is not None]
+
+
+def _typed_list(metadata: Mapping[str, Any], key: str, kind: type) -> list[Any]:
+    value = metadata.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise ModelLoadError(f"{key} must be a list of {kind.__name__}")
+    return value
 
 
 def _optional_id(metadata: Mapping[str, Any], key: str, vocab_size: int) -> int | None:

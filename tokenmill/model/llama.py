@@ -28,11 +28,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin ([-sin, sin], see `apply_rope`) for every position: [max_position, head_dim]."""
+def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin ([-sin, sin], see `apply_rope`) for positions [0, positions): [positions, head_dim]."""
     exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta**exponents)
-    angles = torch.outer(torch.arange(cfg.max_position, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.outer(torch.arange(positions, dtype=torch.float32, device=device), inv_freq)
     return torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((-angles, angles), dim=-1).sin().to(dtype)
 
 
@@ -68,19 +69,32 @@ class DecoderLayer(nn.Module):
         return self._finish(x, attend(index, q, k, v))
 
 
+# RoPE table size (positions x head_dim) when no cap is given: 128k positions at head_dim 128, 2 x 64 MiB in fp32.
+DEFAULT_ROPE_ELEMENTS = 1 << 24
+
+
 class LlamaModel(nn.Module):
-    """`embed` is the embedding table as a linear layer: with tied embeddings it is the LM head as well."""
+    """`embed` is the embedding table as a linear layer: with tied embeddings it is the LM head as well.
+
+    The RoPE tables cover positions [0, max_positions), max_positions = min(the model's context, the cap; without
+    one, as many positions as DEFAULT_ROPE_ELEMENTS allows): the file's context_length alone must not size an
+    allocation. Positions at or past `max_positions` are out of range, so the engine keeps its max_model_len below.
+    """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, embed: Linear, layers: list[DecoderLayer],
-                 final_norm: torch.Tensor, output: Linear | None) -> None:
+                 final_norm: torch.Tensor, output: Linear | None, max_positions: int | None = None) -> None:
         super().__init__()
+        if max_positions is not None and max_positions < 1:
+            raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+        cap = DEFAULT_ROPE_ELEMENTS // cfg.head_dim if max_positions is None else max_positions
+        self.max_positions = min(cfg.max_position, cap)
         self.cfg = cfg
         self.dtype = dtype
         self.embed = embed
         self.layers = nn.ModuleList(layers)
         self.register_buffer("final_norm", final_norm)
         self.output = output
-        self.rope_cos, self.rope_sin = rope_tables(cfg, dtype, final_norm.device)
+        self.rope_cos, self.rope_sin = rope_tables(cfg, dtype, final_norm.device, self.max_positions)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from tokenmill.model.config import ModelConfig
-from tokenmill.model.gguf_file import GGUFFile
+from tokenmill.model.gguf_file import GGUFFile, ModelLoadError
 from tokenmill.model.linear import (
     FloatLinear,
     GgufQ4Linear,
@@ -82,10 +84,65 @@ class _LayerBuilder:
         return Int8Linear.quantize(weight, self.dtype, bias).to(self.device)
 
 
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The (rows, cols) shape, in torch order, that each tensor the model reads must have given its config."""
+    h, q, kv, ff = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (cfg.vocab_size, h), "output_norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"blk.{i}."
+        shapes |= {p + "attn_q.weight": (q, h), p + "attn_k.weight": (kv, h), p + "attn_v.weight": (kv, h),
+                   p + "attn_output.weight": (h, q), p + "ffn_gate.weight": (ff, h), p + "ffn_up.weight": (ff, h),
+                   p + "ffn_down.weight": (h, ff), p + "attn_norm.weight": (h,), p + "ffn_norm.weight": (h,)}
+        if cfg.attention_bias:
+            shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)}
+    return shapes
+
+
+def check_tensor_shapes(gguf_file: GGUFFile, cfg: ModelConfig) -> None:
+    """Every tensor the model reads against the shape its config implies, and the tokenizer against the embedding.
+
+    The fused CPU step sizes its qkv split from the config, and token ids index the embedding rows: a file whose
+    tensors disagree with its own metadata must fail here, not read out of bounds later.
+    """
+    for name, want in expected_shapes(cfg).items():
+        if not gguf_file.has_tensor(name):
+            raise ModelLoadError(f"tensor '{name}' missing from {gguf_file.path}")
+        got = gguf_file.raw_tensor(name)[2]
+        if got != want:
+            raise ModelLoadError(f"tensor '{name}' in {gguf_file.path} has shape {list(got)}, expected {list(want)} "
+                                 f"from the model metadata")
+    tokens = gguf_file.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) > cfg.vocab_size:
+        raise ModelLoadError(f"the tokenizer of {gguf_file.path} has {len(tokens)} tokens but the embedding table only "
+                             f"{cfg.vocab_size} rows")
+
+
+# What a damaged file can make numpy, torch or the gguf package raise while the model is built.
+_BUILD_ERRORS = (IndexError, KeyError, ValueError, TypeError, OverflowError, MemoryError, RuntimeError,
+                 struct.error)
+
+
 def load_model(gguf_file: GGUFFile, dtype: torch.dtype, device: torch.device, weight_format: str = "float",
-               int4_group_size: int = 32) -> LlamaModel:
+               int4_group_size: int = 32, max_positions: int | None = None) -> LlamaModel:
+    """The model of `gguf_file`, its RoPE tables for min(its context, `max_positions`) positions (a default cap
+    when None, see `LlamaModel`). Whatever is wrong with the file raises ModelLoadError."""
     check_weight_format(weight_format, dtype, device)
+    if max_positions is not None and max_positions < 1:
+        raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+    try:
+        return _build(gguf_file, dtype, device, weight_format, int4_group_size, max_positions)
+    except ModelLoadError:
+        raise
+    except _BUILD_ERRORS as exc:
+        raise ModelLoadError(f"cannot build the model from {gguf_file.path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _build(gguf_file: GGUFFile, dtype: torch.dtype, device: torch.device, weight_format: str, int4_group_size: int,
+           max_positions: int | None) -> LlamaModel:
     cfg = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
+    check_tensor_shapes(gguf_file, cfg)
     build = _LayerBuilder(gguf_file, cfg, dtype, device, weight_format, int4_group_size)
     layers = []
     for i in range(cfg.num_layers):
@@ -108,4 +165,4 @@ def load_model(gguf_file: GGUFFile, dtype: torch.dtype, device: torch.device, we
         embed = FloatLinear(build.float_tensor("token_embd.weight").to(device))
         output = build.linear(["output.weight"], head=True)
     final_norm = build.float_tensor("output_norm.weight").to(device)
-    return LlamaModel(cfg, dtype, embed, layers, final_norm, output).eval()
+    return LlamaModel(cfg, dtype, embed, layers, final_norm, output, max_positions).eval()

@@ -372,11 +372,14 @@ class AsyncEngine:
 
     def _iteration(self, commands: list[_Add | _Abort], stopping: bool, deliveries: _Deliveries) -> None:
         for command in commands:
-            if isinstance(command, _Add):
-                self._add(command)
-            else:
-                for request_id in command.request_ids:
-                    self._abort(request_id, deliveries)
+            try:
+                if isinstance(command, _Add):
+                    self._add(command)
+                else:
+                    for request_id in command.request_ids:
+                        self._abort(request_id, deliveries)
+            except Exception:  # one command's failure must not drop the commands after it
+                logger.exception("engine command %s failed", type(command).__name__)
         self._expire(deliveries)
         if stopping:
             for request_id in list(self._routes):
@@ -417,6 +420,8 @@ class AsyncEngine:
             deliveries[route.loop].append((route.stream, _request_failed(request_id)))
 
     def _add(self, command: _Add) -> None:
+        if not command.future.set_running_or_notify_cancel():
+            return  # the caller gave up (client gone) before its requests were queued: nothing to add
         added: list[str] = []
         try:
             limit = self.max_waiting_requests
