@@ -93,8 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slow-pause-range", default="0.2,1.0", help="seconds a slow reader waits after every event")
     p.add_argument("--max-prompt-words", type=int, default=300,
                    help="prompt lengths are log-uniform between 1 word and this")
-    p.add_argument("--request-timeout", type=float, default=300.0,
-                   help="seconds without a byte before a request counts as failed")
+    p.add_argument("--request-timeout", type=float, default=900.0,
+                   help="seconds without a byte before a request counts as failed (a non-streamed request sends "
+                        "nothing until done, and 256 clients queue for minutes on two cores)")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds the requests in flight at the end get to finish (default: --request-timeout, so "
                         "that only a request the client would have given up on counts as stuck)")
