@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tokenmill.bench.machine import busy_warning, machine_description  # noqa: E402
+from tokenmill.bench.report import write_json  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 KINDS = ("stream", "nonstream", "abort", "invalid", "slow")
@@ -998,22 +999,6 @@ def _moving_average(values: list[float | None], width: int) -> list[float | None
         window = [v for v in values[max(0, i - width + 1):i + 1] if v is not None]
         out.append(statistics.fmean(window) if window else None)
     return out
-
-
-def write_json(report: dict[str, Any], path: Path) -> None:
-    def clean(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if value is None or isinstance(value, (str, int, float, bool)):
-            return value
-        return str(value)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(report), indent=1, allow_nan=False) + "\n")
 
 
 def print_report(report: dict[str, Any], stats: dict[str, KindStats]) -> None:

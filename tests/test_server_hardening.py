@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import write_tiny_gguf
-from test_server import ServerThread, _bound_socket
+from test_server import ServerThread, _bound_socket, wait_idle
 
 from tokenmill.config import EngineConfig
 from tokenmill.output.types import RequestOutput
@@ -58,16 +58,6 @@ def server(engine) -> Iterator[ServerThread]:
 def post(server: ServerThread, path: str, body: object, key: str = KEYS[0], **kwargs) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}", **kwargs.pop("headers", {})}
     return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kwargs)
-
-
-def wait_idle(engine: AsyncEngine, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = engine.stats()
-        if stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks:
-            return
-        assert time.monotonic() < deadline, f"engine not idle: {stats}"
-        time.sleep(0.02)
 
 
 # ---- one HTTP request, many engine requests ----
