@@ -43,7 +43,8 @@ def test_a_plan_holds_copies_and_pickles_to_an_equal_object() -> None:
     assert [s.block_table for s in plan.seqs] == [(0,), (1, 2, 3)]
     assert plan.sample_indices() == [0, 4]
     b = plan.seqs[1].sampling
-    assert b == SamplingInputs(penalised, tuple(range(20, 30)), (), (5, 2))  # history for penalties, EOS blocked
+    # history for penalties, EOS blocked for the 3 sample rows still under min_tokens
+    assert b == SamplingInputs(penalised, tuple(range(20, 30)), (), (5, 2), 3)
     assert plan.seqs[0].sampling == SamplingInputs(SamplingParams(max_tokens=20))  # no penalties: no history
     # A later change of the scheduler's own state does not reach the plan.
     sched.kv_cache.allocate_slots(sched.get("a"), 10)
@@ -90,12 +91,14 @@ def test_runner_samples_every_sample_row_of_a_sequence_in_row_order() -> None:
     greedy = SamplingInputs(SamplingParams(temperature=0, max_tokens=8))
     plan = StepPlan(
         seqs=(ScheduledSeq("one", 0, 1, 5, (0, 1), 1, greedy),
-              ScheduledSeq("verify", 1, 4, 8, (2, 3), 3, greedy),  # 1 + 2 drafted tokens checked in one step
+              # 1 + 2 drafted tokens checked in one step; the one-hot model predicts each row's own token, so both
+              # drafts (12, 12) match and the last row adds the bonus token
+              ScheduledSeq("verify", 1, 4, 8, (2, 3), 3, greedy, (12, 12)),
               ScheduledSeq("chunk", 5, 2, 2, (1,), 0)),  # mid-prefill: no token
-        token_ids=(7, 11, 12, 13, 14, 20, 21), positions=(4, 5, 6, 7, 8, 0, 1), slot_mapping=(4, 9, 10, 11, 12, 4, 5),
+        token_ids=(7, 11, 12, 12, 12, 20, 21), positions=(4, 5, 6, 7, 8, 0, 1), slot_mapping=(4, 9, 10, 11, 12, 4, 5),
         return_logits=True)
     result = runner.execute(plan)
-    assert [(s.request_id, s.token_ids) for s in result.samples] == [("one", [7]), ("verify", [12, 13, 14])]
+    assert [(s.request_id, s.token_ids) for s in result.samples] == [("one", [7]), ("verify", [12, 12, 12])]
     assert result.logits is not None and result.logits.shape == (4, vocab)
 
 

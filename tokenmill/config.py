@@ -10,6 +10,7 @@ import torch
 # (the CLI, the server) does not depend on the model code.
 WEIGHT_FORMATS = ("float", "int8", "int4", "gguf")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+SPECULATIVE_METHODS = (None, "ngram")
 
 # Names accepted for a dtype wherever one is configured (engine, benchmarks).
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -45,6 +46,15 @@ class EngineConfig:
     # CPU KV cache on 2 MiB transparent huge pages where Linux grants them (tokenmill/model/huge_pages.py).
     kv_huge_pages: bool = True
     seed: int = 0
+    # Speculative decoding (tokenmill/spec): None (off) or "ngram" (prompt lookup: guesses copied from earlier in the
+    # prompt or output, longest match of prompt_lookup_max down to prompt_lookup_min tokens), verified losslessly.
+    speculative: str | None = None
+    num_speculative_tokens: int = 5  # the most draft tokens a request gets per step
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    # True: draft lengths per request and step from its acceptance rate and a step-time model measured at start-up
+    # (0 where speculation would not pay); False: every request gets all the guesses it has, up to the maximum.
+    speculative_adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -68,6 +78,13 @@ class EngineConfig:
             raise ValueError(f"int4_group_size must be one of {INT4_GROUP_SIZES}, got {self.int4_group_size}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative must be one of {SPECULATIVE_METHODS}, got {self.speculative!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -32,6 +32,9 @@ from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams
 from tokenmill.scheduler.plan import SeqSamples
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
+from tokenmill.spec.adaptive import StepCostModel
+from tokenmill.spec.ngram import NgramProposer
+from tokenmill.spec.speculator import SpecDecodeStats, Speculator
 from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     steps: int
+    spec_decode: SpecDecodeStats | None = None  # when speculative decoding is on
 
 
 class LLMEngine:
@@ -84,6 +88,7 @@ class LLMEngine:
         backend, greedy = self._backend()
         self.runner = ModelRunner(backend, self.model.lm_head, self.kv_cache, self.device, greedy, config.seed,
                                   max_positions=self.model.rope_cos.shape[0], vocab_size=self.model.embed.out_features)
+        self.speculator = self._speculator()
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
         self._ids = itertools.count()
         self._prompt_tokens = 0
@@ -107,6 +112,25 @@ class LLMEngine:
         logger.info("fused CPU step ready in %.1fs (compiled on first use, then loaded from the cache): ISA level %s, "
                     "GGUF block tiles for %s", build.seconds, build.isa, build.module.gguf_isa())
         return FusedCPUBackend(build.module, self.model, self.kv_cache), build.module.greedy
+
+    def _speculator(self) -> Speculator | None:
+        config = self.config
+        if config.speculative is None:
+            return None
+        proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        cost = None
+        if config.speculative_adaptive:
+            started = time.perf_counter()
+            # Past the largest measured count the model extends linearly, as compute-bound steps grow.
+            limit = min(config.max_num_batched_tokens, 64)
+            counts = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n <= limit] or [1]
+            counts = counts if len(counts) > 1 else [1, 2]
+            cost = StepCostModel.measure(self.runner.time_rows, counts, repeats=2)
+            table = ", ".join(f"{n} rows {t * 1e3:.1f} ms" for n, t in zip(cost.rows, cost.seconds, strict=True))
+            logger.info("step-time model for adaptive draft lengths measured in %.1fs: %s",
+                        time.perf_counter() - started, table)
+        return Speculator(proposer, config.num_speculative_tokens, self.max_model_len, config.max_num_batched_tokens,
+                          cost)
 
     def _weight_format_name(self) -> str:
         fmt = self.config.weight_format
@@ -200,6 +224,8 @@ class LLMEngine:
         A failure is kept to the request it belongs to: one whose output handling raises finishes with "error"
         alone; when running the batch raises, its requests are run one at a time until the one that fails alone is
         found, and only that one finishes with "error"."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         try:
             result = self.runner.execute(plan)  # also when empty: it carries the finished ids the runner lets go of
@@ -210,9 +236,11 @@ class LLMEngine:
                 return []
             failed = self._finish(plan.seqs[0].request_id, RequestStatus.FINISHED_ERROR)
             return [failed] if failed is not None else []
+        if self.speculator is not None:
+            self.speculator.observe(plan, result)
         if plan.is_empty:
             return []
-        self.scheduler.update(plan)
+        self.scheduler.update(plan, result)
         self._steps += 1
         outputs = []
         for samples in result.samples:
@@ -254,4 +282,6 @@ class LLMEngine:
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
             steps=self._steps,
+            spec_decode=dataclasses.replace(self.speculator.stats, accepted_per_position=list(
+                self.speculator.stats.accepted_per_position)) if self.speculator is not None else None,
         )

@@ -46,6 +46,9 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache or a fork at admission
     fork_of: str | None = None  # a sibling (n > 1) whose prompt KV this request may share
     cache_salt: str | None = None  # prefix-cache partition: only requests with the same salt share cached blocks
+    # Guessed next tokens (speculative decoding), scheduled after the real ones and verified by the step; they are
+    # consumed when scheduled, and never part of `num_tokens`, the token lists or the prefix cache.
+    draft_token_ids: list[int] = field(default_factory=list)
     # The output side's bookkeeping (tokenmill.output.processor.RequestState: stop checks, text so far), kept on the
     # request so that the scheduler's registry is the one table of live requests.
     output_state: Any = None

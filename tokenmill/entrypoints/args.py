@@ -34,6 +34,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="keep float weights in their plain layout instead of oneDNN's blocked one (CPU bf16)")
     g.add_argument("--no-kv-huge-pages", action="store_true",
                    help="keep the CPU KV cache on ordinary 4 KiB pages instead of 2 MiB transparent huge pages")
+    g = parser.add_argument_group("speculative decoding")
+    g.add_argument("--speculative", default=None, choices=["ngram"],
+                   help="ngram: draft tokens by prompt lookup and verify them in the step (greedy output unchanged)")
+    g.add_argument("--num-speculative-tokens", type=int, default=5, help="most draft tokens per request and step")
+    g.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram matched")
+    g.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram matched (tried first)")
+    g.add_argument("--no-speculative-adaptive", action="store_true",
+                   help="always use every draft token found, instead of lengths chosen per step from acceptance "
+                        "and a step-time model measured at start-up")
 
 
 def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
@@ -44,5 +53,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads, weight_format=args.weight_format, int4_group_size=args.int4_group_size,
         enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights,
-        kv_huge_pages=not args.no_kv_huge_pages,
+        kv_huge_pages=not args.no_kv_huge_pages, speculative=args.speculative,
+        num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
+        prompt_lookup_max=args.prompt_lookup_max, speculative_adaptive=not args.no_speculative_adaptive,
     )

@@ -139,7 +139,10 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         table = self._tables.get(request.request_id, [])
-        num_full = min(self.num_entries(request.request_id) // self.block_size, len(table))
+        # Entries past the request's tokens (accepted drafts not appended yet) wait for the next call: a block is
+        # hashed from its tokens, so only blocks of known tokens are registered, and never one holding a draft.
+        entries = min(self.num_entries(request.request_id), request.num_tokens)
+        num_full = min(entries // self.block_size, len(table))
         start = self._num_registered.get(request.request_id, 0)
         if num_full <= start:
             return

@@ -30,6 +30,12 @@ def check_plan(plan: StepPlan, num_blocks: int, block_size: int, max_positions: 
         if seq.query_start != rows or seq.num_tokens < 1 or not 0 <= seq.num_samples <= seq.num_tokens:
             raise InvalidPlanError(f"{seq.request_id}: rows [{seq.query_start}, +{seq.num_tokens}) with "
                                    f"{seq.num_samples} samples do not follow row {rows}")
+        if seq.num_samples and seq.num_samples != 1 + len(seq.draft_token_ids):
+            raise InvalidPlanError(f"{seq.request_id}: {seq.num_samples} sample rows for "
+                                   f"{len(seq.draft_token_ids)} draft tokens")
+        end = seq.query_start + seq.num_tokens
+        if seq.draft_token_ids and plan.token_ids[end - len(seq.draft_token_ids) : end] != seq.draft_token_ids:
+            raise InvalidPlanError(f"{seq.request_id}: the draft tokens are not its last rows' tokens")
         rows += seq.num_tokens
         if not seq.num_tokens <= seq.context_len <= len(seq.block_table) * block_size:
             raise InvalidPlanError(f"{seq.request_id}: context of {seq.context_len} entries for "

@@ -3,6 +3,8 @@ sampler. Holds no request state beyond each seeded request's random generator.""
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable
 
 import torch
@@ -11,8 +13,10 @@ from tokenmill.attention.backend import AttentionBackend
 from tokenmill.kv.cache import KVCache
 from tokenmill.model.linear import Linear
 from tokenmill.runner.checks import check_plan
-from tokenmill.sampler.sampler import Sampler, SamplingRow
-from tokenmill.scheduler.plan import SamplingInputs, SeqSamples, StepPlan, StepResult
+from tokenmill.sampler.sampler import Sampler, SamplingRow, has_penalties
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, SeqSamples, StepPlan, StepResult
+from tokenmill.spec.verifier import verify
 
 
 class ModelRunner:
@@ -50,22 +54,66 @@ class ModelRunner:
         if len(rows) != hidden.shape[0]:  # a decode-only step samples every row, in order
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
         logits = self.lm_head.logits(hidden)  # model dtype or fp32: the sampler widens only when it must
-        sampling_rows = [self._sampling_row(s.request_id, s.sampling) for s in sampled for _ in range(s.num_samples)]
-        out = self.sampler(logits, sampling_rows)
-        samples, row = [], 0
-        for seq in sampled:
-            end = row + seq.num_samples
-            samples.append(SeqSamples(seq.request_id, out.token_ids[row:end], out.logprobs[row:end]))
-            row = end
+        rows_of = [[self._sampling_row(s, i) for i in range(s.num_samples)] for s in sampled]
+        samples = self._sample(logits, sampled, rows_of)
         return StepResult(samples, logits.float() if plan.return_logits else None)
 
-    def _sampling_row(self, request_id: str, inputs: SamplingInputs | None) -> SamplingRow:
+    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledSeq],
+                rows_of: list[list[SamplingRow]]) -> list[SeqSamples]:
+        """One token per plain sequence; the verifier's accepted drafts and next token per drafted one."""
+        starts = list(itertools.accumulate((s.num_samples for s in sampled), initial=0))
+        plain = [i for i, s in enumerate(sampled) if not s.draft_token_ids]
+        drafted = [i for i, s in enumerate(sampled) if s.draft_token_ids]
+        out: dict[int, SeqSamples] = {}
+        for group, verifying in ((plain, False), (drafted, True)):
+            if not group:
+                continue
+            index = [r for i in group for r in range(starts[i], starts[i + 1])]
+            group_logits = logits if len(index) == logits.shape[0] else logits[torch.tensor(index,
+                                                                                             device=logits.device)]
+            rows = [row for i in group for row in rows_of[i]]
+            if verifying:
+                for i, v in zip(group, verify(self.sampler, group_logits, rows,
+                                              [sampled[i].draft_token_ids for i in group]), strict=True):
+                    out[i] = SeqSamples(sampled[i].request_id, v.token_ids, v.logprobs)
+            else:
+                picked = self.sampler(group_logits, rows)
+                for j, i in enumerate(group):
+                    out[i] = SeqSamples(sampled[i].request_id, picked.token_ids[j : j + 1], picked.logprobs[j : j + 1])
+        return [out[i] for i in range(len(sampled))]
+
+    def _sampling_row(self, seq: ScheduledSeq, i: int) -> SamplingRow:
+        """Sample row i of the sequence: after its first i drafts, which join the history penalties read."""
+        inputs = seq.sampling
         assert inputs is not None, "a plan's sampled sequence carries its sampling inputs"
         params = inputs.params
         generator = None
         if params.seed is not None:
-            generator = self._generators.get(request_id)
+            generator = self._generators.get(seq.request_id)
             if generator is None:
-                generator = self._generators[request_id] = torch.Generator().manual_seed(params.seed)
-        return SamplingRow(params, inputs.prompt_token_ids, inputs.output_token_ids, generator,
-                           inputs.blocked_token_ids)
+                generator = self._generators[seq.request_id] = torch.Generator().manual_seed(params.seed)
+        output = inputs.output_token_ids
+        if i and output:  # the history is only filled in when a penalty reads it
+            output = (*output, *seq.draft_token_ids[:i])
+        elif i and has_penalties(params):
+            output = seq.draft_token_ids[:i]
+        blocked = inputs.blocked_token_ids if i < inputs.blocked_rows else ()
+        return SamplingRow(params, inputs.prompt_token_ids, output, generator, blocked)
+
+    def time_rows(self, num_rows: int, rows_per_seq: int = 8) -> float:
+        """Seconds one step of `num_rows` rows takes: sequences of `rows_per_seq` rows verified greedily, the shape
+        of a speculative decode batch. Writes K/V into block 0 and up, so it runs before any request does."""
+        bs = self.kv_cache.block_size
+        seqs, start = [], 0
+        while start < num_rows:
+            rows = min(rows_per_seq, num_rows - start)
+            table = tuple(range(-(-rows // bs)))
+            seqs.append(ScheduledSeq(f"profile-{start}", start, rows, rows, table, rows,
+                                     SamplingInputs(SamplingParams(temperature=0.0)), (0,) * (rows - 1)))
+            start += rows
+        slots = tuple(s for seq in seqs for s in range(seq.num_tokens))
+        positions = tuple(p for seq in seqs for p in range(seq.num_tokens))
+        plan = StepPlan(tuple(seqs), (0,) * num_rows, positions, slots)
+        started = time.perf_counter()
+        self.execute(plan)
+        return time.perf_counter() - started

@@ -192,6 +192,21 @@ class Sampler:
         tokens = self._select(logits, rows)
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=_logprobs(logits, tokens, rows))
 
+    def probabilities(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """fp32 [len(rows), vocab]: each random row's sampling distribution, every parameter applied (a verifier's
+        target distribution p). Rows must be random (temperature > 0)."""
+        adjusted = apply_penalties(logits.float(), rows)
+        apply_blocked(adjusted, rows)
+        return _random_probs(adjusted, rows)
+
+    def draw(self, probs: torch.Tensor, rows: Sequence[SamplingRow]) -> int:
+        """One token from a single row's (possibly unnormalised) probabilities, with the row's generator."""
+        return int(_draw(probs, rows, self.generator)[0])
+
+    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor,
+                 rows: Sequence[SamplingRow]) -> list[TokenLogprobs | None]:
+        return _logprobs(logits.float(), tokens, rows)
+
     def _select(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         adjusted = apply_penalties(logits, rows)
         apply_blocked(adjusted, rows)

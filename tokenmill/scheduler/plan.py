@@ -23,6 +23,7 @@ class SamplingInputs:
     prompt_token_ids: tuple[int, ...] = ()
     output_token_ids: tuple[int, ...] = ()
     blocked_token_ids: tuple[int, ...] = ()  # e.g. EOS and stop tokens while min_tokens is not reached
+    blocked_rows: int = 0  # how many of the sequence's sample rows they apply to (the rest reach min_tokens)
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class ScheduledSeq:
 
     Its queries attend to its first `context_len` KV entries (this step's included), read through `block_table`:
     query j sits at entry context_len - num_tokens + j and sees the entries up to it. The last `num_samples` rows
-    yield a token each (0: a prefill chunk that has not caught up; 1 + k where k drafted tokens are verified).
+    yield a token each (0: a prefill chunk that has not caught up; 1 + k where k drafted tokens are verified): the
+    last 1 + k rows hold the last real token, then the drafts `draft_token_ids`, whose tokens the step verifies.
     """
 
     request_id: str
@@ -41,6 +43,7 @@ class ScheduledSeq:
     block_table: tuple[int, ...]
     num_samples: int = 0
     sampling: SamplingInputs | None = None  # set when num_samples > 0
+    draft_token_ids: tuple[int, ...] = ()  # num_samples - 1 of them when set
 
 
 @dataclass(frozen=True)

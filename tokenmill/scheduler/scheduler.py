@@ -1,7 +1,9 @@
 """One token budget per step: running requests first (oldest first), then waiting ones (FCFS).
 
-Every request only asks for `num_tokens - num_computed_tokens` more tokens of compute, capped by what is left of the
-step's budget. Prefill, chunked prefill, decode and recompute after preemption are all that one rule.
+Every request only asks for `num_tokens + len(draft_token_ids) - num_computed_tokens` more tokens of compute, capped
+by what is left of the step's budget. Prefill, chunked prefill, decode, recompute after preemption and speculative
+verification (the last real token and k drafts: 1 + k tokens, drafts trimmed when the budget is short, the rejected
+ones rolled back in `update`) are all that one rule.
 
 The scheduler is also the request registry: requests enter through `add_request` and leave through `finish` (done
 or aborted); preemption sends them back to the waiting queue. It hands the runner a `StepPlan` and takes the step's
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from tokenmill.kv.manager import KVCacheManager
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampler.sampler import has_penalties
-from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, StepPlan
+from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, StepPlan, StepResult
 from tokenmill.scheduler.queue import WaitingQueue
 
 
@@ -70,15 +72,16 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         suspect = self._next_suspect()
         if suspect is not None:
-            num_new = min(suspect.num_tokens - suspect.num_computed_tokens, budget)
-            if self._allocate_or_preempt(suspect, num_new, preempted):
+            suspect.draft_token_ids = []  # alone and plain: a failed step is not retried with guesses
+            num_new = self._allocate_or_preempt(suspect, budget, preempted)
+            if num_new is not None:
                 batch.append((suspect, num_new))
             return self._plan(batch, copies, preempted)
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, preempted):
+            num_new = self._allocate_or_preempt(request, budget, preempted)
+            if num_new is None:
                 break  # the request preempted itself: everything after it is gone too
             batch.append((request, num_new))
             budget -= num_new
@@ -88,19 +91,28 @@ class Scheduler:
             self._admit_waiting(budget, batch, copies)
         return self._plan(batch, copies, preempted)
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
+    def _allocate_or_preempt(self, request: Request, budget: int, preempted: list[str]) -> int | None:
+        """Slots for the request's next tokens within `budget`; the number scheduled, or None if it was preempted.
+
+        Drafts are given up before anyone is preempted for them."""
+        num_new = min(request.num_tokens + len(request.draft_token_ids) - request.num_computed_tokens, budget)
         # The victim is always the last running request, which is not in this step's batch yet (the loop over
         # running requests has not reached it), so nothing scheduled needs taking back.
         while not self.kv_cache.allocate_slots(request, num_new):
+            if request.draft_token_ids:
+                request.draft_token_ids = []
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                continue
             victim = self.running[-1]  # FCFS: the latest arrival yields first
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is request:
-                return False
-        return True
+                return None
+        return num_new
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        request.draft_token_ids = []
         self.kv_cache.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -176,14 +188,18 @@ class Scheduler:
         slot_mapping: list[int] = []
         # Single-token sequences first (a stable partition keeps FCFS order within each part).
         for request, num_new in sorted(batch, key=lambda item: item[1] != 1):
-            start = request.num_computed_tokens
+            start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+            real_end = min(end, request.num_tokens)
+            drafts = tuple(request.draft_token_ids[: end - real_end])
+            request.draft_token_ids = []  # consumed: the next step's are proposed afresh
             entries = self.kv_cache.num_entries(request.request_id)
-            samples = int(start + num_new == request.num_tokens)
+            samples = 1 + len(drafts) if end >= request.num_tokens else 0
             seqs.append(ScheduledSeq(request.request_id, len(token_ids), num_new, entries + num_new,
                                      tuple(self.kv_cache.block_table(request.request_id)), samples,
-                                     _sampling_inputs(request) if samples else None))
-            token_ids.extend(request.token_ids(start, start + num_new))
-            positions.extend(range(start, start + num_new))
+                                     _sampling_inputs(request) if samples else None, drafts))
+            token_ids.extend(request.token_ids(start, real_end))
+            token_ids.extend(drafts)
+            positions.extend(range(start, end))
             slot_mapping.extend(self.kv_cache.slots(request.request_id, entries, entries + num_new))
         finished, self._finished_ids = self._finished_ids, []
         return StepPlan(tuple(seqs), tuple(token_ids), tuple(positions), tuple(slot_mapping), tuple(copies),
@@ -191,14 +207,19 @@ class Scheduler:
 
     # ---- outcome ----
 
-    def update(self, plan: StepPlan) -> None:
-        """Called after the model ran the plan: its tokens now have KV in the cache."""
+    def update(self, plan: StepPlan, result: StepResult | None = None) -> None:
+        """Called after the model ran the plan: its tokens now have KV in the cache, except rejected drafts, whose
+        entries are rolled back (their slots are written again by the next step)."""
         if len(plan.seqs) == 1 and self._suspects and self._suspects[0] == plan.seqs[0].request_id:
             self._suspects.pop(0)  # it ran alone and passed
+        emitted = {s.request_id: len(s.token_ids) for s in result.samples} if result is not None else {}
         for seq in plan.seqs:
             request = self.requests[seq.request_id]
-            request.num_computed_tokens += seq.num_tokens
+            rejected = len(seq.draft_token_ids) - (emitted.get(seq.request_id, 1) - 1)
+            request.num_computed_tokens += seq.num_tokens - rejected
             self.kv_cache.commit(request, seq.num_tokens)
+            if rejected:
+                self.kv_cache.truncate(request, self.kv_cache.num_entries(request.request_id) - rejected)
             self.kv_cache.cache_full_blocks(request)
 
     def step_failed(self, plan: StepPlan) -> None:
@@ -229,10 +250,11 @@ class Scheduler:
 def _sampling_inputs(request: Request) -> SamplingInputs:
     params = request.params
     blocked: tuple[int, ...] = ()
-    if request.num_output_tokens < params.min_tokens:
+    blocked_rows = params.min_tokens - request.num_output_tokens
+    if blocked_rows > 0:
         blocked = (*params.stop_token_ids, *(() if params.ignore_eos else sorted(request.eos_token_ids)))
     if not has_penalties(params):
-        return SamplingInputs(params, blocked_token_ids=blocked)
+        return SamplingInputs(params, blocked_token_ids=blocked, blocked_rows=max(blocked_rows, 0))
     # Only the output matters to presence/frequency penalties; repetition also reads the prompt.
     prompt = tuple(request.prompt_token_ids) if params.repetition_penalty != 1.0 else ()
-    return SamplingInputs(params, prompt, tuple(request.output_token_ids), blocked)
+    return SamplingInputs(params, prompt, tuple(request.output_token_ids), blocked, max(blocked_rows, 0))

@@ -46,10 +46,24 @@ class _EngineStatsCollector(Collector):
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache.queries),
             ("prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.", stats.prefix_cache.hits),
         ]
+        spec = stats.spec_decode
+        if spec is not None:
+            counters += [
+                ("spec_decode_num_drafts", "Verify steps of a request that carried draft tokens.", spec.num_drafts),
+                ("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", spec.num_draft_tokens),
+                ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens),
+            ]
         for name, doc, value in counters:
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             counter.add_metric(self.labels, value)
             yield counter
+        if spec is not None:
+            per_position = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                               "Accepted draft tokens by position in the draft.",
+                                               labels=["model_name", "position"])
+            for position, value in enumerate(spec.accepted_per_position):
+                per_position.add_metric([*self.labels, str(position)], value)
+            yield per_position
 
 
 class ServerMetrics:

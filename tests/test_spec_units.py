@@ -1,0 +1,259 @@
+"""Speculative decoding's pure parts: the n-gram proposer, adaptive draft lengths, the verifier's rejection rule
+(chi-square against the target distribution) and the scheduler's 1 + k rule with exact block ids through rollback."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tokenmill.kv.manager import KVCacheManager
+from tokenmill.request import Request
+from tokenmill.sampler.sampler import Sampler, SamplingRow
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.scheduler.plan import SeqSamples, StepResult
+from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
+from tokenmill.spec.adaptive import Acceptance, StepCostModel, choose_draft_lengths
+from tokenmill.spec.ngram import NgramProposer
+from tokenmill.spec.verifier import verify
+
+# ---- n-gram proposer --------------------------------------------------------------------------------------------
+
+
+def test_ngram_copies_what_followed_the_latest_longest_match() -> None:
+    proposer = NgramProposer(min_n=1, max_n=3)
+    #        0  1  2  3  4  5  6  7  8  9
+    prompt = [5, 6, 7, 8, 9, 5, 6, 7, 1, 2]
+    # suffix (6, 7) matches ending at 2 and at 7; the latest (7) wins: guesses 1, 2
+    assert proposer.propose("r", prompt, [5, 6, 7], 4) == [1, 2, 5, 6]
+    # the longest n wins over a more recent shorter match: (9, 5) → 6 at positions 4-5, although 5 recurs later
+    assert proposer.propose("s", [9, 5, 6, 0, 5, 3, 9, 5], [], 2) == [6, 0]
+
+
+def test_ngram_respects_limits_and_min_n() -> None:
+    proposer = NgramProposer(min_n=2, max_n=2)
+    assert proposer.propose("r", [1, 2, 3, 1, 2], [], 0) == []
+    assert proposer.propose("r", [1, 2, 3, 1, 2], [], 1) == [3]
+    assert proposer.propose("t", [1, 2, 3, 4, 2], [], 5) == []  # only a 1-gram matches, below min_n
+    with pytest.raises(ValueError):
+        NgramProposer(min_n=3, max_n=2)
+
+
+def test_ngram_index_grows_with_the_output_and_drop_forgets() -> None:
+    proposer = NgramProposer(min_n=1, max_n=2)
+    prompt, output = [1, 2, 3], []
+    assert proposer.propose("r", prompt, output, 3) == []
+    output += [4, 1, 2]
+    assert proposer.propose("r", prompt, output, 3) == [3, 4, 1]
+    output += [9]
+    assert proposer.propose("r", prompt, output, 3) == []
+    proposer.drop("r")
+    assert proposer.propose("r", [7, 7], [], 2) == [7]  # a fresh index for a reused id
+
+
+def test_ngram_matches_a_brute_force_search() -> None:
+    rng = torch.Generator().manual_seed(0)
+    proposer = NgramProposer(min_n=1, max_n=3)
+    tokens: list[int] = []
+    for step in range(300):
+        tokens.append(int(torch.randint(0, 6, (), generator=rng)))
+        got = proposer.propose("r", tokens[:5], tokens[5:], 4) if len(tokens) > 5 else []
+        if len(tokens) <= 5:
+            continue
+        want: list[int] = []
+        for n in range(3, 0, -1):
+            suffix = tokens[-n:]
+            ends = [e for e in range(n - 1, len(tokens) - 1) if tokens[e - n + 1 : e + 1] == suffix]
+            if ends:
+                want = tokens[ends[-1] + 1 : ends[-1] + 5]
+                break
+        assert got == want, step
+
+
+# ---- adaptive lengths -------------------------------------------------------------------------------------------
+
+
+def test_acceptance_moves_towards_what_is_observed() -> None:
+    a = Acceptance()
+    assert a.rate == 0.5
+    for _ in range(10):
+        a.observe(4, 4)
+    assert a.rate > 0.95
+    for _ in range(10):
+        a.observe(4, 0)
+    assert a.rate < 0.15
+
+
+def test_cost_model_interpolates_and_is_monotonic() -> None:
+    model = StepCostModel.measure(lambda n: {1: 1.0, 2: 0.9, 4: 1.2, 8: 2.0}[n], [1, 2, 4, 8], repeats=1)
+    assert model.seconds == [1.0, 1.0, 1.2, 2.0]  # noise never makes more rows cheaper
+    assert model(3) == pytest.approx(1.1)
+    assert model(16) == pytest.approx(3.6)  # linear past the last point
+    with pytest.raises(ValueError):
+        StepCostModel([1], [1.0])
+
+
+def test_draft_lengths_follow_acceptance_and_step_cost() -> None:
+    flat = lambda rows: 1.0  # noqa: E731 - a memory-bound step: rows are free
+    assert choose_draft_lengths([0.9, 0.1], [5, 5], 2, flat) == [5, 5]
+    linear = lambda rows: float(rows)  # noqa: E731 - a compute-bound step: every row costs the same
+    assert choose_draft_lengths([0.9, 0.9], [5, 5], 2, linear) == [0, 0]
+    # one row costs a tenth more per row: only drafts likely enough to be accepted are worth it
+    mild = lambda rows: 1.0 + 0.1 * rows  # noqa: E731
+    lengths = choose_draft_lengths([0.9, 0.2], [8, 8], 2, mild)
+    assert lengths[0] > 0 and lengths[1] == 0
+    assert choose_draft_lengths([0.9], [0], 1, flat) == [0]  # nothing to draft from
+
+
+# ---- verifier ---------------------------------------------------------------------------------------------------
+
+
+def _row(seed: int | None = None, **params: object) -> SamplingRow:
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return SamplingRow(SamplingParams(seed=seed, **params), (), (), gen)  # type: ignore[arg-type]
+
+
+def test_greedy_verification_accepts_the_matching_prefix() -> None:
+    logits = torch.full((4, 10), -5.0)
+    for r, t in enumerate([3, 4, 9, 1]):
+        logits[r, t] = 5.0
+    rows = [_row(temperature=0.0) for _ in range(4)]
+    [v] = verify(Sampler(), logits, rows, [[3, 4, 2]])
+    assert v.token_ids == [3, 4, 9] and v.num_accepted == 2
+    [v] = verify(Sampler(), logits, rows, [[3, 4, 9]])
+    assert v.token_ids == [3, 4, 9, 1]  # all accepted: the bonus token
+    [v] = verify(Sampler(), logits[:2], rows[:2], [[0]])
+    assert v.token_ids == [3]
+
+
+def _chi_square_p(counts: list[int], probs: list[float]) -> float:
+    n = sum(counts)
+    stat = sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs, strict=True) if p > 0)
+    dof = sum(1 for p in probs if p > 0) - 1
+    # Wilson-Hilferty: the chi-square upper tail through a normal approximation (no scipy needed).
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+@pytest.mark.parametrize("draft", [0, 2])  # the most likely token and a likely-rejected one
+def test_rejection_sampling_emits_the_target_distribution(draft: int) -> None:
+    """One position: the first emitted token (accepted draft or resampled) must follow p whatever the draft."""
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    logits = probs.log().expand(2, -1).contiguous()
+    sampler = Sampler(generator=torch.Generator().manual_seed(0))
+    counts = [0] * 4
+    trials = 4000
+    for _ in range(trials):
+        [v] = verify(sampler, logits, [_row(temperature=1.0), _row(temperature=1.0)], [[draft]])
+        counts[v.token_ids[0]] += 1
+    assert _chi_square_p(counts, probs.tolist()) > 0.001
+
+
+def test_rejection_sampling_keeps_top_k_and_temperature() -> None:
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    logits = probs.log().expand(2, -1).contiguous()
+    # top_k=2 at temperature 0.5: p ∝ (0.4², 0.3²) on tokens 0 and 1
+    target = [0.16 / 0.25, 0.09 / 0.25, 0.0, 0.0]
+    sampler = Sampler(generator=torch.Generator().manual_seed(1))
+    counts = [0] * 4
+    for _ in range(3000):
+        [v] = verify(sampler, logits, [_row(temperature=0.5, top_k=2)] * 2, [[3]])
+        counts[v.token_ids[0]] += 1
+    assert counts[2] == counts[3] == 0
+    assert _chi_square_p(counts, target) > 0.001
+
+
+def test_seeded_verification_does_not_depend_on_the_batch() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 20)
+    alone = verify(Sampler(), logits[:3], [_row(seed=7, temperature=1.0) for _ in range(3)], [[1, 2]])
+    batched = verify(Sampler(), logits, [_row(seed=7, temperature=1.0) for _ in range(3)]
+                     + [_row(temperature=1.0) for _ in range(3)], [[1, 2], [4, 5]])
+    assert alone[0].token_ids == batched[0].token_ids
+
+
+# ---- the scheduler's 1 + k rule ---------------------------------------------------------------------------------
+
+
+def _scheduler(num_blocks: int = 16, block_size: int = 4, budget: int = 16, prefix: bool = False) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=64),
+                     KVCacheManager(num_blocks, block_size, enable_prefix_caching=prefix))
+
+
+def _emit(sched: Scheduler, emitted: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
+    """Schedule and update with the given emitted tokens per request; returns (rows, samples) per request."""
+    plan = sched.schedule()
+    result = StepResult([SeqSamples(rid, toks, [None] * len(toks)) for rid, toks in emitted.items()])
+    sched.update(plan, result)
+    for rid, toks in emitted.items():
+        sched.get(rid).output_token_ids.extend(toks)
+    return {s.request_id: (s.num_tokens, s.num_samples) for s in plan.seqs}
+
+
+def test_drafts_are_scheduled_as_one_plus_k_and_rejected_ones_roll_back() -> None:
+    sched = _scheduler()
+    a = Request("a", [10, 11, 12, 13, 14, 15], SamplingParams(max_tokens=50))
+    sched.add_request(a)
+    assert _emit(sched, {"a": [20]}) == {"a": (6, 1)}
+    assert sched.kv_cache.block_table("a") == [0, 1]
+    a.draft_token_ids = [21, 22, 23, 24]
+    plan = sched.schedule()
+    [seq] = plan.seqs
+    assert (seq.num_tokens, seq.num_samples, seq.draft_token_ids) == (5, 5, (21, 22, 23, 24))
+    assert plan.token_ids == (20, 21, 22, 23, 24) and plan.positions == (6, 7, 8, 9, 10)
+    assert a.draft_token_ids == []  # consumed
+    assert sched.kv_cache.block_table("a") == [0, 1, 2]  # entries 0..10
+    # one draft accepted, then the target's own token: entries 9 and 10 roll back, block 2 is released
+    sched.update(plan, StepResult([SeqSamples("a", [21, 30], [None, None])]))
+    a.output_token_ids.extend([21, 30])
+    assert a.num_computed_tokens == 8 and a.num_tokens == 9
+    assert sched.kv_cache.num_entries("a") == 8
+    assert sched.kv_cache.block_table("a") == [0, 1]
+    assert sched.kv_cache.num_free_blocks == 14
+    # the next step starts at the target's token, at the entry the rejected draft had; the released block went to
+    # the back of the free queue, so the next free one (3) is taken
+    a.draft_token_ids = [31]
+    plan = sched.schedule()
+    assert plan.token_ids == (30, 31) and plan.positions == (8, 9)
+    assert sched.kv_cache.block_table("a") == [0, 1, 3]
+    assert plan.slot_mapping == (3 * 4 + 0, 3 * 4 + 1)
+    sched.update(plan, StepResult([SeqSamples("a", [31, 32], [None, None])]))  # all accepted + bonus
+    assert a.num_computed_tokens == 10 and sched.kv_cache.num_entries("a") == 10
+
+
+def test_budget_trims_drafts_and_full_allocation_drops_them_before_preempting() -> None:
+    sched = _scheduler(budget=4)
+    a = Request("a", [1, 2, 3], SamplingParams(max_tokens=50))
+    sched.add_request(a)
+    _emit(sched, {"a": [4]})
+    a.draft_token_ids = [5, 6, 7, 8, 9]
+    plan = sched.schedule()
+    assert plan.seqs[0].draft_token_ids == (5, 6, 7) and plan.seqs[0].num_samples == 4
+    sched.update(plan, StepResult([SeqSamples("a", [5], [None])]))
+    a.output_token_ids.append(5)
+    # two blocks in all: a holds one; its drafts would need a second and a third, so they go, and nobody is preempted
+    small = _scheduler(num_blocks=2, budget=16)
+    b = Request("b", [1, 2, 3], SamplingParams(max_tokens=50))
+    small.add_request(b)
+    _emit(small, {"b": [4]})
+    b.draft_token_ids = [5, 6, 7, 8, 9, 10]
+    plan = small.schedule()
+    assert plan.seqs[0].num_tokens == 1 and plan.seqs[0].draft_token_ids == () and not plan.preempted_request_ids
+
+
+def test_drafts_never_enter_the_prefix_cache() -> None:
+    sched = _scheduler(prefix=True)
+    a = Request("a", [1, 2, 3], SamplingParams(max_tokens=50))
+    sched.add_request(a)
+    _emit(sched, {"a": [4]})
+    a.draft_token_ids = [5, 6, 7, 8]
+    plan = sched.schedule()
+    # block 0 (entries 0-3: 1 2 3 4) is full with real tokens; block 1 would be full of drafts 5 6 7 8 (entries 4-7)
+    sched.update(plan, StepResult([SeqSamples("a", [5, 6, 7, 8, 9], [None] * 5)]))
+    assert sched.kv_cache.pool.cached_block(sched.kv_cache.block_hashes(a, 1)[0]) == 0
+    assert sched.kv_cache._num_registered["a"] == 1  # the accepted drafts' block waits until they are tokens
+    a.output_token_ids.extend([5, 6, 7, 8, 9])
+    _emit(sched, {"a": [10]})
+    assert sched.kv_cache._num_registered["a"] == 2  # now known tokens, hashed from them
+    assert sched.kv_cache.pool.cached_block(sched.kv_cache.block_hashes(a, 2)[1]) == 1

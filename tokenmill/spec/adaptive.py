@@ -1,0 +1,89 @@
+"""How many draft tokens each request gets this step (SmartSpec-style: the most expected tokens per second).
+
+A request whose drafts are accepted with probability α per token emits 1 + α + α² + ... + α^k tokens from a step
+that verifies k of them. The step's time grows with its rows: `StepCostModel` holds the forward time per row count,
+measured when the engine starts. `choose_draft_lengths` hands out draft tokens one at a time to the request whose
+next one is most likely accepted, and stops when one more would lower the batch's expected tokens per second, which
+at large batches (compute-bound steps) means k = 0.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Acceptance:
+    """A request's per-token acceptance rate, a moving average over its recent verify steps.
+
+    Each step adds its accepted drafts as successes and, when one was rejected, that one as a failure (a run of
+    accepts ended by a reject is a geometric draw); older steps weigh `decay` less per step.
+    """
+
+    decay: float = 0.7
+    accepted: float = 1.0  # the prior: one success in two trials
+    trials: float = 2.0
+
+    @property
+    def rate(self) -> float:
+        return min(0.99, max(0.01, self.accepted / self.trials))
+
+    def observe(self, num_drafts: int, num_accepted: int) -> None:
+        self.accepted = self.decay * self.accepted + num_accepted
+        self.trials = self.decay * self.trials + num_accepted + (num_accepted < num_drafts)
+
+
+@dataclass
+class StepCostModel:
+    """Seconds per step by its number of rows, interpolated linearly between measured row counts (and extended
+    linearly past the last two)."""
+
+    rows: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.rows) != len(self.seconds) or len(self.rows) < 2 or self.rows != sorted(set(self.rows)):
+            raise ValueError("need at least two distinct row counts in increasing order, one time each")
+
+    @classmethod
+    def measure(cls, time_rows: Callable[[int], float], row_counts: Sequence[int], repeats: int = 3) -> StepCostModel:
+        """`time_rows(n)`: one timed forward of n rows; the fastest of `repeats` counts (noise only adds time)."""
+        time_rows(row_counts[0])  # warm-up: first calls pay for allocations
+        seconds = [min(time_rows(n) for _ in range(repeats)) for n in row_counts]
+        # A step never gets cheaper with more rows; timing noise must not make the model say so.
+        for i in range(1, len(seconds)):
+            seconds[i] = max(seconds[i], seconds[i - 1])
+        return cls(list(row_counts), seconds)
+
+    def __call__(self, rows: int) -> float:
+        i = min(max(bisect.bisect_left(self.rows, rows), 1), len(self.rows) - 1)
+        r0, r1, t0, t1 = self.rows[i - 1], self.rows[i], self.seconds[i - 1], self.seconds[i]
+        return max(t0 + (t1 - t0) * (rows - r0) / (r1 - r0), 1e-9)
+
+
+def choose_draft_lengths(rates: Sequence[float], available: Sequence[int], base_rows: int,
+                         cost: Callable[[int], float]) -> list[int]:
+    """Draft tokens per request (at most `available[i]`) maximising expected tokens per second.
+
+    `rates[i]`: request i's acceptance rate; `base_rows`: the step's rows without drafts (one per decode, plus
+    prefill). Request i's j-th draft token adds rates[i]**j expected tokens, so handing them out in order of that
+    gain is optimal for any step cost that grows with rows; it stops at the first that does not pay.
+    """
+    lengths = [0] * len(rates)
+    expected = float(len(rates))  # every decode emits one token without drafts
+    rows = base_rows
+    heap = [(-rate, i) for i, rate in enumerate(rates) if available[i] > 0]
+    heapq.heapify(heap)
+    while heap:
+        gain, i = heapq.heappop(heap)
+        if (expected - gain) / cost(rows + 1) <= expected / cost(rows):
+            break
+        expected -= gain
+        rows += 1
+        lengths[i] += 1
+        if lengths[i] < available[i]:
+            heapq.heappush(heap, (gain * rates[i], i))
+    return lengths

@@ -1,0 +1,87 @@
+"""The engine's side of speculation: before each step, draft tokens for the requests that are decoding; after it,
+what the verifier accepted. The drafts ride on the request (`Request.draft_token_ids`) into the one scheduling rule,
+which schedules them as 1 + k tokens and rolls back the rejected ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tokenmill.request import Request, RequestStatus
+from tokenmill.scheduler.plan import StepPlan, StepResult
+from tokenmill.spec.adaptive import Acceptance, choose_draft_lengths
+from tokenmill.spec.proposer import Proposer
+
+
+@dataclass
+class SpecDecodeStats:
+    """Counters named after vLLM's spec-decode metrics."""
+
+    num_drafts: int = 0  # verify steps of a request that carried at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [i]: drafts whose token i was accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verify step: the accepted drafts plus the target's own token (vLLM's definition)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+class Speculator:
+    """`cost(rows)`: the step-time model for adaptive lengths, or None for a fixed `max_draft_tokens` whenever the
+    proposer has that many."""
+
+    def __init__(self, proposer: Proposer, max_draft_tokens: int, max_model_len: int, max_step_tokens: int,
+                 cost: Callable[[int], float] | None = None) -> None:
+        if max_draft_tokens < 1:
+            raise ValueError(f"max_draft_tokens must be >= 1, got {max_draft_tokens}")
+        self.proposer = proposer
+        self.max_draft_tokens = max_draft_tokens
+        self.max_model_len = max_model_len
+        self.max_step_tokens = max_step_tokens
+        self.cost = cost
+        self.stats = SpecDecodeStats(accepted_per_position=[0] * max_draft_tokens)
+        self._acceptance: dict[str, Acceptance] = {}
+
+    def propose(self, running: Sequence[Request]) -> None:
+        """Set the drafts of every running request that is one token behind (decoding); others get none."""
+        decoding = [r for r in running if r.status is RequestStatus.RUNNING
+                    and r.num_computed_tokens == r.num_tokens - 1]
+        # Rows the step has without drafts: prefill chunks too, as far as the token budget lets them in.
+        base_rows = min(sum(max(1, r.num_tokens - r.num_computed_tokens) for r in running), self.max_step_tokens)
+        guesses = [self._guess(r) for r in decoding]
+        if self.cost is not None:
+            rates = [self._acceptance.setdefault(r.request_id, Acceptance()).rate for r in decoding]
+            lengths = choose_draft_lengths(rates, [len(g) for g in guesses], base_rows, self.cost)
+            guesses = [g[:k] for g, k in zip(guesses, lengths, strict=True)]
+        for request, guess in zip(decoding, guesses, strict=True):
+            request.draft_token_ids = guess
+
+    def _guess(self, request: Request) -> list[int]:
+        params = request.params
+        # A draft past max_tokens or the context is never used: the target's own token after the drafts is the last.
+        limit = min(self.max_draft_tokens, params.max_tokens - request.num_output_tokens - 1,
+                    self.max_model_len - request.num_tokens - 1)
+        return self.proposer.propose(request.request_id, request.prompt_token_ids, request.output_token_ids, limit)
+
+    def observe(self, plan: StepPlan, result: StepResult) -> None:
+        """Count what the step verified and forget finished requests."""
+        for request_id in plan.finished_request_ids:
+            self.proposer.drop(request_id)
+            self._acceptance.pop(request_id, None)
+        emitted = {s.request_id: len(s.token_ids) for s in result.samples}
+        for seq in plan.seqs:
+            if not seq.draft_token_ids or seq.request_id not in emitted:
+                continue
+            accepted = emitted[seq.request_id] - 1
+            self.stats.num_drafts += 1
+            self.stats.num_draft_tokens += len(seq.draft_token_ids)
+            self.stats.num_accepted_tokens += accepted
+            for i in range(accepted):
+                self.stats.accepted_per_position[i] += 1
+            self._acceptance.setdefault(seq.request_id, Acceptance()).observe(len(seq.draft_token_ids), accepted)
