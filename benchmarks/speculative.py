@@ -1,0 +1,686 @@
+"""Speculative decoding with n-gram prompt lookup, on and off, on real prompts; llama.cpp's prompt lookup beside it.
+
+Spec-Bench-like categories from ../shared/data (summarization and RAG from Spec-Bench, HumanEval completions,
+MT-bench and ShareGPT questions), greedy. Two engines that differ only in `speculative` are loaded once and run
+alternately (plain, spec, plain, spec...) on the same prompt token ids, one request at a time (batch 1) and in
+batches submitted in one `generate` call. Reported per category and batch size: output tokens/s of both, the
+speedup, the acceptance rate, the mean accepted length and whether the speculative outputs are the plain ones token
+for token. At batch 1, llama.cpp (llama-cpp-python in process) runs the same prompt ids without and with its
+`LlamaPromptLookupDecoding` draft model.
+
+    .venv/bin/python benchmarks/speculative.py                  # 8 prompts per category, 128 tokens, batch 1,4,16,64
+    .venv/bin/python benchmarks/speculative.py --quick          # smoke test: 2 prompts, 32 tokens, batch 1 and 4
+    .venv/bin/python benchmarks/speculative.py --categories summarization,rag --batch-sizes 1 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.bench.machine import busy_warning, load_average, machine_description
+from tokenmill.bench.quality import greedy_agreement
+from tokenmill.bench.report import write_json
+from tokenmill.bench.roofline import gguf_file, model_config
+from tokenmill.config import DTYPES, WEIGHT_FORMATS, EngineConfig
+from tokenmill.model.gguf_file import resolve_model_path
+from tokenmill.tokenizer import Tokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SPEC_FIELDS = ("speculative", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+               "speculative_adaptive")
+SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+QUICK_PRESET = {"num_prompts": 2, "max_tokens": 32, "batch_sizes": [1, 4], "repeats": 1}
+# A truncated prompt keeps its first tokens as well as its last: Spec-Bench's summarization prompts start with the
+# instruction ("Summarize: ..."), its RAG prompts and most ShareGPT questions end with it.
+HEAD_TOKENS = 16
+MIN_SHAREGPT_TOKENS = 4  # the usual ShareGPT filter (../shared/benchmarking.md): shorter prompts are greetings
+Run = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Category:
+    name: str
+    file: str
+    text: Callable[[dict[str, Any]], str]
+    keep: Callable[[dict[str, Any]], bool]
+    chat: bool  # rendered with the model's chat template (an instruct model answers; raw text it would continue)
+
+
+# Spec-Bench feeds every category through the chat template; HumanEval is a plain code completion prompt.
+CATEGORIES = (
+    Category("summarization", "spec_bench_summarization_rag.jsonl", lambda r: r["turns"][0],
+             lambda r: r["category"] == "summarization", chat=True),
+    Category("rag", "spec_bench_summarization_rag.jsonl", lambda r: r["turns"][0],
+             lambda r: r["category"] == "rag", chat=True),
+    Category("humaneval", "humaneval_first120.jsonl", lambda r: r["prompt"], lambda r: True, chat=False),
+    Category("mt_bench", "mt_bench_questions.jsonl", lambda r: r["turns"][0], lambda r: True, chat=True),
+    Category("sharegpt", "sharegpt_v3_first_turn.jsonl", lambda r: r["human"], lambda r: True, chat=True),
+)
+
+
+# ---- arguments ------------------------------------------------------------------------------------------------
+
+
+def int_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--data-dir", type=Path, default=DATA, help="prompt files (default: ../shared/data)")
+    p.add_argument("--categories", default=",".join(c.name for c in CATEGORIES),
+                   help="comma-separated subset of: " + ", ".join(c.name for c in CATEGORIES))
+    p.add_argument("--num-prompts", type=int, default=8, help="prompts per category in the single-stream runs")
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 4, 16, 64], metavar="B,B,...",
+                   help="1 = one request at a time; B > 1 = the category's first B prompts in one generate call")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are cut to this many tokens")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate max-tokens for every prompt (default: stop at the end of the answer)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs of each engine, interleaved plain/spec")
+    p.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 32 tokens, batch 1 and 4, 1 repeat")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto")
+    p.add_argument("--weight-format", choices=WEIGHT_FORMATS, default="float")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--num-speculative-tokens", type=int, default=5, help="draft tokens per step (K)")
+    p.add_argument("--prompt-lookup-min", type=int, default=None, help="shortest n-gram matched (engine default)")
+    p.add_argument("--prompt-lookup-max", type=int, default=None, help="longest n-gram matched (engine default)")
+    p.add_argument("--no-adaptive", action="store_true", help="speculative_adaptive=False")
+    p.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
+    p.add_argument("--output", default="benchmarks/results/speculative.json")
+    args = p.parse_args(argv)
+    if args.quick:  # options given explicitly win over the preset
+        for key, value in QUICK_PRESET.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+    args.batch_sizes = sorted(set(args.batch_sizes))
+    names = [c.strip() for c in args.categories.split(",") if c.strip()]
+    unknown = set(names) - {c.name for c in CATEGORIES}
+    if unknown or not names:
+        p.error(f"unknown categories {sorted(unknown)}; choose from {[c.name for c in CATEGORIES]}")
+    args.categories = names
+    for name in ("num_prompts", "max_tokens", "max_prompt_tokens", "repeats", "threads", "num_speculative_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def require_speculative_support() -> None:
+    """Stop before loading anything when this tokenmill has no n-gram speculative decoding to measure."""
+    present = {f.name for f in dataclasses.fields(EngineConfig)}
+    missing = [name for name in SPEC_FIELDS if name not in present]
+    if missing:
+        raise SystemExit(f"speculative.py: tokenmill.config.EngineConfig has no {', '.join(missing)} field(s): this "
+                         "checkout has no n-gram speculative decoding yet, so there is nothing to measure")
+
+
+def mode_options(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
+    """The only engine options in which the two engines differ."""
+    if not speculative:
+        return {"speculative": None}
+    options: dict[str, Any] = {"speculative": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
+                               "speculative_adaptive": not args.no_adaptive}
+    # Unset bounds stay the engine's defaults, which the JSON records from the loaded engine's config.
+    for name in ("prompt_lookup_min", "prompt_lookup_max"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    return options
+
+
+# ---- workload -------------------------------------------------------------------------------------------------
+
+
+def fit_prompt(tokenizer: Tokenizer, content: str, render: Callable[[str], str], limit: int) -> tuple[list[int], bool]:
+    """Token ids of the rendered prompt, at most `limit` long; a longer one loses the middle of its content.
+
+    The content is cut rather than the rendered prompt so that the chat template's frame (the assistant turn the
+    model answers in) survives. Re-tokenizing the joined text can differ at the seam, hence the loop."""
+    ids = tokenizer.encode(render(content))
+    if len(ids) <= limit:
+        return ids, False
+    body = tokenizer.encode(content)
+    keep = len(body) - (len(ids) - limit)
+    while keep >= 2:
+        head = min(HEAD_TOKENS, keep // 2)
+        text = tokenizer.decode(body[:head]) + " ... " + tokenizer.decode(body[len(body) - (keep - head):])
+        ids = tokenizer.encode(render(text))
+        if len(ids) <= limit:
+            return ids, True
+        keep -= len(ids) - limit
+    raise SystemExit(f"a prompt does not fit in {limit} tokens even without its content: raise --max-prompt-tokens")
+
+
+def load_category(category: Category, args: argparse.Namespace, tokenizer: Tokenizer, limit: int,
+                  count: int) -> tuple[list[list[int]], dict[str, Any]] | None:
+    """The category's first `count` usable prompts as token ids (cycled when the file has fewer), or None."""
+    path = args.data_dir / category.file
+    if not path.exists():
+        print(f"{category.name}: {path} not found, skipped")
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if category.keep(r)]
+
+    def render(text: str) -> str:
+        if not category.chat:
+            return text
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+
+    prompts, truncated, source_tokens = [], 0, []
+    for record in records:
+        content = category.text(record)
+        if category.name == "sharegpt" and len(tokenizer.encode(content)) < MIN_SHAREGPT_TOKENS:
+            continue
+        ids, cut = fit_prompt(tokenizer, content, render, limit)
+        prompts.append(ids)
+        truncated += cut
+        source_tokens.append(len(tokenizer.encode(render(content))))
+        if len(prompts) == count:
+            break
+    if not prompts:
+        print(f"{category.name}: no usable prompt in {path}, skipped")
+        return None
+    distinct = len(prompts)
+    if distinct < count:
+        print(f"{category.name}: only {distinct} prompts in {path}, cycled to {count}")
+    pool = [prompts[i % distinct] for i in range(count)]
+    lengths = [len(p) for p in prompts]
+    info = {"file": str(path), "chat_template": category.chat, "distinct_prompts": distinct, "pool": count,
+            "truncated": truncated, "prompt_tokens": {"min": min(lengths), "mean": statistics.fmean(lengths),
+                                                      "max": max(lengths)},
+            "prompt_tokens_before_truncation": {"mean": statistics.fmean(source_tokens), "max": max(source_tokens)}}
+    return pool, info
+
+
+def batch_of(pool: list[list[int]], size: int) -> list[list[int]]:
+    return [pool[i % len(pool)] for i in range(size)]
+
+
+def kv_blocks_needed(workload: dict[str, list[list[int]]], args: argparse.Namespace, block_size: int) -> int:
+    """Enough KV blocks for the largest batch of every category at full length, so that no run preempts."""
+    extra = args.max_tokens + args.num_speculative_tokens + 1  # drafts occupy slots until they are verified
+    largest = max(args.batch_sizes)
+    need = max(sum(math.ceil((len(p) + extra) / block_size) for p in batch_of(pool, largest))
+               for pool in workload.values())
+    return need + largest + 16  # a partly filled block per sequence and a margin for the scheduler's look-ahead
+
+
+# ---- tokenmill runs -------------------------------------------------------------------------------------------
+
+
+def counters(llm: LLM) -> dict[str, Any]:
+    stats = llm.engine.stats()
+    spec = getattr(stats, "spec_decode", None)
+    if spec is not None:
+        spec = {k: int(getattr(spec, k)) for k in SPEC_COUNTERS} | {
+            "accepted_per_position": list(getattr(spec, "accepted_per_position", None) or [])}
+    return {"steps": stats.steps, "preemptions": stats.num_preemptions, "spec": spec}
+
+
+def counter_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    spec = None
+    if before["spec"] is not None and after["spec"] is not None:
+        spec = {k: after["spec"][k] - before["spec"][k] for k in SPEC_COUNTERS}
+        spec["accepted_per_position"] = [a - b for a, b in zip(after["spec"]["accepted_per_position"],
+                                                               before["spec"]["accepted_per_position"], strict=False)]
+    return {"forward_steps": after["steps"] - before["steps"],
+            "preemptions": after["preemptions"] - before["preemptions"], "spec_decode": spec}
+
+
+def single_stream(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[Run, list[list[int]]]:
+    """One request at a time (SingleStream), driving the engine so that each request's first token is timed."""
+    llm.reset_prefix_cache()
+    before = counters(llm)
+    engine = llm.engine
+    outputs, requests = [], []
+    start = time.perf_counter()
+    for prompt in prompts:
+        sent = time.perf_counter()
+        request_id = engine.add_request(prompt, params)
+        first = None
+        tokens: list[int] = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id != request_id:
+                    continue
+                if first is None and out.token_ids:
+                    first = time.perf_counter()
+                if out.finished:
+                    tokens = list(out.token_ids)
+        requests.append({"sent": sent, "first": first, "end": time.perf_counter(), "tokens": len(tokens)})
+        outputs.append(tokens)
+    wall = time.perf_counter() - start
+    return single_stream_metrics(requests, wall) | counter_delta(before, counters(llm)), outputs
+
+
+def single_stream_metrics(requests: list[dict[str, Any]], wall: float) -> Run:
+    """Output tok/s over the whole run, and the decode phase alone: speculation shortens decoding, not prefill."""
+    decoding = [r for r in requests if r["first"] is not None and r["tokens"] > 1]
+    decode_s = sum(r["end"] - r["first"] for r in decoding)
+    ttfts = [r["first"] - r["sent"] for r in requests if r["first"] is not None]
+    tokens = sum(r["tokens"] for r in requests)
+    return {"wall_s": wall, "requests": len(requests), "output_tokens": tokens, "output_tok_per_s": tokens / wall,
+            "decode_tok_per_s": sum(r["tokens"] - 1 for r in decoding) / decode_s if decode_s > 0 else None,
+            "ttft_ms_median": 1e3 * statistics.median(ttfts) if ttfts else None}
+
+
+def batched(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[Run, list[list[int]]]:
+    """All prompts at t=0 in one generate call (Offline)."""
+    llm.reset_prefix_cache()
+    before = counters(llm)
+    start = time.perf_counter()
+    results = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    outputs = [list(r.outputs[0].token_ids) for r in results]
+    tokens = sum(map(len, outputs))
+    run = {"wall_s": wall, "requests": len(prompts), "output_tokens": tokens, "output_tok_per_s": tokens / wall}
+    return run | counter_delta(before, counters(llm)), outputs
+
+
+def warm_up(llm: LLM) -> None:
+    # Repeating ids give the n-gram drafter matches, so the warm-up also runs the verify path.
+    llm.generate([[200, 300, 400, 500] * 4] * 2, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                 use_tqdm=False)
+
+
+# ---- llama.cpp ------------------------------------------------------------------------------------------------
+
+
+def counting_lookup(num_pred_tokens: int, max_ngram_size: int) -> Any:
+    """llama-cpp-python's prompt-lookup drafter, also counting how many of its drafts the target accepted.
+
+    llama-cpp-python reports no acceptance. Each call receives the sequence as verified so far, so the previous
+    draft's accepted length is how far it agrees with the tokens now in its place. A draft still pending when a
+    request ends was never verified and is dropped (`forget_pending`)."""
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    class CountingLookup(LlamaPromptLookupDecoding):
+        def __init__(self) -> None:
+            super().__init__(max_ngram_size=max_ngram_size, num_pred_tokens=num_pred_tokens)
+            self.counts = dict.fromkeys(SPEC_COUNTERS, 0)
+            self.pending: tuple[int, list[int]] | None = None
+
+        def forget_pending(self) -> None:
+            self.pending = None
+
+        def __call__(self, input_ids: Any, /, **kwargs: Any) -> Any:
+            if self.pending is not None:
+                start, draft = self.pending
+                actual = input_ids[start:start + len(draft)].tolist()
+                accepted = next((i for i, (a, b) in enumerate(zip(actual, draft, strict=False)) if a != b),
+                                min(len(actual), len(draft)))
+                self.counts["num_drafts"] += 1
+                self.counts["num_draft_tokens"] += len(draft)
+                self.counts["num_accepted_tokens"] += accepted
+                self.pending = None
+            draft = super().__call__(input_ids, **kwargs)
+            if len(draft):
+                self.pending = (len(input_ids), draft.tolist())
+            return draft
+
+    return CountingLookup()
+
+
+class LlamaCppPeer:
+    """Two llama.cpp contexts on the same GGUF: plain, and with the prompt-lookup draft model."""
+
+    def __init__(self, path: Path, args: argparse.Namespace, n_ctx: int, num_pred: int, max_ngram: int) -> None:
+        from llama_cpp import Llama
+
+        options = {"model_path": str(path), "n_threads": args.threads, "n_threads_batch": args.threads,
+                   "n_ctx": n_ctx, "n_batch": 512, "verbose": False}
+        self.plain = Llama(**options)
+        self.draft = counting_lookup(num_pred, max_ngram)
+        # llama-cpp-python turns on logits_all for a draft model: it keeps every evaluated position's logits.
+        self.lookup = Llama(**options, draft_model=self.draft)
+        self.description = {"n_ctx": n_ctx, "n_batch": 512, "n_threads": args.threads, "num_pred_tokens": num_pred,
+                            "max_ngram_size": max_ngram, "weights": "the GGUF's own quantized blocks"}
+
+    def warm_up(self) -> None:
+        for llm in (self.plain, self.lookup):
+            self._generate(llm, [200, 300, 400, 500] * 4, 16, frozenset())
+
+    def _generate(self, llm: Any, prompt: list[int], max_tokens: int, stop: frozenset[int]) -> tuple[list[int], float]:
+        tokens: list[int] = []
+        first = 0.0
+        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            tokens.append(int(token))
+            if len(tokens) == 1:
+                first = time.perf_counter()
+            if len(tokens) >= max_tokens or token in stop:  # tokenmill also returns the stop token it ends on
+                break
+        return tokens, first
+
+    def run(self, lookup: bool, prompts: list[list[int]], max_tokens: int,
+            stop: frozenset[int]) -> tuple[Run, list[list[int]]]:
+        llm = self.lookup if lookup else self.plain
+        llm.reset()  # no reuse of the previous run's last sequence, as tokenmill's prefix cache is reset
+        before = dict(self.draft.counts)
+        outputs, requests = [], []
+        start = time.perf_counter()
+        for prompt in prompts:
+            self.draft.forget_pending()
+            sent = time.perf_counter()
+            tokens, first = self._generate(llm, prompt, max_tokens, stop)
+            requests.append({"sent": sent, "first": first if tokens else None, "end": time.perf_counter(),
+                             "tokens": len(tokens)})
+            outputs.append(tokens)
+        wall = time.perf_counter() - start
+        run = single_stream_metrics(requests, wall)
+        if lookup:
+            run["spec_decode"] = {k: self.draft.counts[k] - before[k] for k in SPEC_COUNTERS}
+        return run, outputs
+
+
+def make_peer(args: argparse.Namespace, path: Path, workload: dict[str, list[list[int]]],
+              spec: LLM) -> tuple[LlamaCppPeer | None, str | None]:
+    if args.no_peer:
+        return None, "--no-peer"
+    if 1 not in args.batch_sizes:
+        return None, "batch size 1 not measured (llama-cpp-python runs one sequence)"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama.cpp peer skipped: llama_cpp is not importable (pip install llama-cpp-python)", file=sys.stderr)
+        return None, "llama_cpp not importable"
+    longest = max(len(p) for pool in workload.values() for p in pool[:args.num_prompts])
+    n_ctx = 256 * math.ceil((longest + args.max_tokens + args.num_speculative_tokens + 16) / 256)
+    # Same draft length and longest n-gram as tokenmill's drafter; llama-cpp-python's own defaults otherwise.
+    config = spec.engine.config
+    num_pred = getattr(config, "num_speculative_tokens", None) or args.num_speculative_tokens
+    max_ngram = getattr(config, "prompt_lookup_max", None) or args.prompt_lookup_max or 2
+    return LlamaCppPeer(path, args, n_ctx, num_pred, max_ngram), None
+
+
+# ---- summaries ------------------------------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def paired(a_runs: list[Run], b_runs: list[Run], key: str) -> dict[str, float] | None:
+    """b / a within each repeat (A/B pairs), then median and range over the pairs."""
+    return spread([b[key] / a[key] for a, b in zip(a_runs, b_runs, strict=True) if a.get(key) and b.get(key)])
+
+
+def acceptance(runs: list[Run]) -> dict[str, Any] | None:
+    """vLLM's definitions: acceptance rate = accepted / drafted tokens; mean accepted length = 1 + accepted / drafts
+    (tokens per verify step that carried a draft, the target's own token included)."""
+    if not runs or any(r.get("spec_decode") is None for r in runs):
+        return None
+    total: dict[str, Any] = {k: sum(r["spec_decode"][k] for r in runs) for k in SPEC_COUNTERS}
+    positions = [r["spec_decode"].get("accepted_per_position") or [] for r in runs]
+    if any(positions):
+        total["accepted_per_position"] = [sum(column) for column in zip(*positions, strict=True)]
+    drafted, drafts = total["num_draft_tokens"], total["num_drafts"]
+    return total | {"acceptance_rate": total["num_accepted_tokens"] / drafted if drafted else None,
+                    "mean_accepted_length": 1 + total["num_accepted_tokens"] / drafts if drafts else None}
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def identity(plain: list[list[list[int]]], spec: list[list[list[int]]], tokenizer: Tokenizer, category: str,
+             batch: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Speculative outputs against the plain engine's in the same repeat, prompt by prompt."""
+    mismatches = []
+    pairs = 0
+    for repeat, (plain_outs, spec_outs) in enumerate(zip(plain, spec, strict=True)):
+        for index, (p, s) in enumerate(zip(plain_outs, spec_outs, strict=True)):
+            pairs += 1
+            at = first_difference(p, s)
+            if at is not None:
+                mismatches.append({"category": category, "batch_size": batch, "repeat": repeat, "prompt": index,
+                                   "first_difference": at, "plain_tokens": len(p), "spec_tokens": len(s),
+                                   "context": tokenizer.decode(p[max(0, at - 8):at]),
+                                   "plain_next": tokenizer.decode(p[at:at + 8]),
+                                   "spec_next": tokenizer.decode(s[at:at + 8])})
+    plain_stable = all(outs == plain[0] for outs in plain)
+    return {"identical": pairs - len(mismatches), "compared": pairs,
+            "identical_fraction": (pairs - len(mismatches)) / pairs if pairs else None,
+            "plain_identical_across_repeats": plain_stable}, mismatches
+
+
+# ---- reporting ------------------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def med(summary: dict[str, Any] | None) -> float | None:
+    return None if summary is None else summary["median"]
+
+
+def ratio_cell(summary: dict[str, float] | None) -> str:
+    if summary is None:
+        return "–"
+    text = f"{summary['median']:.2f}×"
+    return text if summary["min"] == summary["max"] else f"{text} ({summary['min']:.2f}–{summary['max']:.2f})"
+
+
+def print_tables(results: dict[int, dict[str, Any]], peer: bool) -> None:
+    for batch, by_category in results.items():
+        mode = "single stream (one request at a time)" if batch == 1 else f"batch of {batch} (one generate call)"
+        head = ["category", "plain tok/s", "spec tok/s", "speedup", "acceptance", "mean acc. len", "identical"]
+        if batch == 1:
+            head += ["decode speedup"]
+            if peer:
+                head += ["llama.cpp plain tok/s", "llama.cpp lookup tok/s", "llama.cpp speedup",
+                         "llama.cpp decode speedup", "llama.cpp acc. len", "llama.cpp plain = lookup"]
+        print(f"\n### {mode}\n")
+        print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
+        for category, r in by_category.items():
+            acc, ident = r["acceptance"] or {}, r["identity"]
+            rate = acc.get("acceptance_rate")
+            cells = [category, fmt(med(r["summary"]["plain"]["output_tok_per_s"])),
+                     fmt(med(r["summary"]["speculative"]["output_tok_per_s"])), ratio_cell(r["speedup"]),
+                     "no drafts" if acc.get("num_drafts") == 0 else fmt(None if rate is None else 100 * rate, 0, "%"),
+                     fmt(acc.get("mean_accepted_length"), 2),
+                     f"{ident['identical']}/{ident['compared']}"]
+            if batch == 1:
+                cells.append(ratio_cell(r["decode_speedup"]))
+                if peer:
+                    llama = r.get("llama_cpp") or {}
+                    summary = llama.get("summary") or {}
+                    cells += [fmt(med((summary.get("plain") or {}).get("output_tok_per_s"))),
+                              fmt(med((summary.get("lookup") or {}).get("output_tok_per_s"))),
+                              ratio_cell(llama.get("speedup")), ratio_cell(llama.get("decode_speedup")),
+                              fmt((llama.get("acceptance") or {}).get("mean_accepted_length"), 2),
+                              "–" if not llama else "{identical}/{compared}".format(**llama["agreement"])]
+            print("| " + " | ".join(cells) + " |")
+
+
+def summarize_runs(runs: list[Run]) -> dict[str, Any]:
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {k: spread([r.get(k) for r in runs]) for k in keys}
+
+
+# ---- main -----------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    require_speculative_support()
+    load = load_average()
+    warning = busy_warning()
+    if warning:
+        print(f"warning: {warning}")
+    torch.set_num_threads(args.threads)
+    path = resolve_model_path(args.model)
+    tokenizer = Tokenizer.from_gguf_metadata(gguf_file(str(path)).metadata)
+    context = model_config(path).max_position
+    limit = min(args.max_prompt_tokens, context - args.max_tokens - args.num_speculative_tokens - 1)
+    pool_size = max(args.num_prompts, max(args.batch_sizes))
+    workload: dict[str, list[list[int]]] = {}
+    workload_info: dict[str, Any] = {}
+    for category in CATEGORIES:
+        if category.name not in args.categories:
+            continue
+        loaded = load_category(category, args, tokenizer, limit, pool_size)
+        if loaded is not None:
+            workload[category.name], workload_info[category.name] = loaded
+    if not workload:
+        raise SystemExit(f"no prompt file found under {args.data_dir}")
+    for name, info in workload_info.items():
+        tokens = info["prompt_tokens"]
+        print(f"{name}: {info['distinct_prompts']} prompts, {tokens['min']}–{tokens['max']} tokens "
+              f"(mean {tokens['mean']:.0f}), {info['truncated']} cut to {limit}")
+
+    block_size = 16
+    common = {"dtype": args.dtype, "weight_format": args.weight_format, "num_threads": args.threads,
+              "block_size": block_size, "num_kv_blocks": kv_blocks_needed(workload, args, block_size),
+              "max_num_seqs": max(args.batch_sizes), "max_num_batched_tokens": args.max_num_batched_tokens}
+    engines = {mode: LLM(model=str(path), **common, **mode_options(args, mode == "speculative"))
+               for mode in ("plain", "speculative")}
+    for llm in engines.values():
+        warm_up(llm)
+    peer, peer_skipped = make_peer(args, path, workload, engines["speculative"])
+    if peer is not None:
+        peer.warm_up()
+    stop = frozenset() if args.ignore_eos else frozenset(tokenizer.stop_token_ids)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+
+    results: dict[int, dict[str, Any]] = {b: {} for b in args.batch_sizes}
+    mismatches: list[dict[str, Any]] = []
+    single_outputs: dict[str, list[list[int]]] = {}
+    for category, pool in workload.items():
+        for batch in args.batch_sizes:
+            prompts = pool[:args.num_prompts] if batch == 1 else batch_of(pool, batch)
+            measure = single_stream if batch == 1 else batched
+            runs: dict[str, list[Run]] = {"plain": [], "speculative": []}
+            outputs: dict[str, list[list[list[int]]]] = {"plain": [], "speculative": []}
+            llama_runs: dict[str, list[Run]] = {"plain": [], "lookup": []}
+            llama_outputs: dict[str, list[list[list[int]]]] = {"plain": [], "lookup": []}
+            for repeat in range(args.repeats):
+                for mode, llm in engines.items():
+                    run, outs = measure(llm, prompts, params)
+                    runs[mode].append(run)
+                    outputs[mode].append(outs)
+                    print(f"{category} batch {batch} repeat {repeat + 1}/{args.repeats} {mode}: "
+                          f"{run['output_tokens']} tokens in {run['wall_s']:.2f} s, "
+                          f"{run['output_tok_per_s']:.1f} tok/s", flush=True)
+                if batch == 1 and peer is not None:
+                    for mode in ("plain", "lookup"):
+                        run, outs = peer.run(mode == "lookup", prompts, args.max_tokens, stop)
+                        llama_runs[mode].append(run)
+                        llama_outputs[mode].append(outs)
+                        print(f"{category} batch 1 repeat {repeat + 1}/{args.repeats} llama.cpp {mode}: "
+                              f"{run['output_tokens']} tokens in {run['wall_s']:.2f} s, "
+                              f"{run['output_tok_per_s']:.1f} tok/s", flush=True)
+            same, wrong = identity(outputs["plain"], outputs["speculative"], tokenizer, category, batch)
+            mismatches += wrong
+            entry: dict[str, Any] = {
+                "num_requests": len(prompts), "runs": runs,
+                "summary": {mode: summarize_runs(r) for mode, r in runs.items()},
+                "speedup": paired(runs["plain"], runs["speculative"], "output_tok_per_s"),
+                "acceptance": acceptance(runs["speculative"]), "identity": same,
+                "preemptions": sum(r["preemptions"] for mode_runs in runs.values() for r in mode_runs),
+                "output_tokens_per_forward_step": {
+                    mode: sum(r["output_tokens"] for r in rs) / max(1, sum(r["forward_steps"] for r in rs))
+                    for mode, rs in runs.items()},
+            }
+            if batch == 1:
+                entry["decode_speedup"] = paired(runs["plain"], runs["speculative"], "decode_tok_per_s")
+                single_outputs[category] = outputs["plain"][0]
+                if llama_runs["plain"]:
+                    agree = [first_difference(a, b) is None for p_outs, l_outs in
+                             zip(llama_outputs["plain"], llama_outputs["lookup"], strict=True)
+                             for a, b in zip(p_outs, l_outs, strict=True)]
+                    entry["llama_cpp"] = {
+                        "runs": llama_runs, "summary": {m: summarize_runs(r) for m, r in llama_runs.items()},
+                        "speedup": paired(llama_runs["plain"], llama_runs["lookup"], "output_tok_per_s"),
+                        "decode_speedup": paired(llama_runs["plain"], llama_runs["lookup"], "decode_tok_per_s"),
+                        "acceptance": acceptance(llama_runs["lookup"]),
+                        "agreement": {"identical": sum(agree), "compared": len(agree)}}
+            elif category in single_outputs:
+                # Whether batching alone changes greedy tokens: a spec/plain mismatch may be numerics, not a bug.
+                shared = min(batch, len(single_outputs[category]))
+                entry["plain_vs_single_stream"] = greedy_agreement(outputs["plain"][0][:shared],
+                                                                   single_outputs[category][:shared])
+            results[batch][category] = entry
+
+    machine = machine_description() | {"threads": args.threads, "torch_threads": torch.get_num_threads(),
+                                        "dtype": str(engines["plain"].engine.dtype).removeprefix("torch."),
+                                        "load_average_at_start": load}
+    print_tables(results, peer is not None)
+    print_notes(args, machine, results, mismatches, engines, peer, peer_skipped, limit)
+    report = {"benchmark": "speculative", "args": vars(args), "machine": machine,
+              "engines": {mode: dataclasses.asdict(llm.engine.config) for mode, llm in engines.items()},
+              "llama_cpp": peer.description if peer is not None else {"skipped": peer_skipped},
+              "prompt_token_limit": limit, "workload": workload_info,
+              "results": results, "mismatches": mismatches, "load_average_at_end": load_average()}
+    write_json(report, Path(args.output))
+    print(f"wrote {args.output}")
+    if mismatches:
+        sys.exit(1)
+
+
+def print_notes(args: argparse.Namespace, machine: dict[str, Any], results: dict[int, dict[str, Any]],
+                mismatches: list[dict[str, Any]], engines: dict[str, LLM], peer: LlamaCppPeer | None,
+                peer_skipped: str | None, limit: int) -> None:
+    config = engines["speculative"].engine.config
+    spec = {name: getattr(config, name, None) for name in SPEC_FIELDS}
+    print(f"\ngreedy, {args.max_tokens} tokens max ({'EOS ignored' if args.ignore_eos else 'stopping at EOS'}), "
+          f"prompts cut to {limit} tokens, median of {args.repeats} interleaved repeats (speedups paired within a "
+          f"repeat, range in parentheses); speculative engine: {spec}")
+    print("tok/s = output tokens / wall time (batch 1: sequential requests, prefill included; decode speedup: "
+          "decode phase only, after each first token); acceptance = accepted / drafted tokens; mean acc. len = "
+          "1 + accepted / verify steps with a draft; identical = speculative outputs equal to plain ones token for "
+          "token (prompt × repeat)")
+    if peer is not None:
+        print(f"llama.cpp: llama-cpp-python {machine['versions'].get('llama_cpp_python')}, "
+              f"LlamaPromptLookupDecoding(num_pred_tokens={peer.description['num_pred_tokens']}, "
+              f"max_ngram_size={peer.description['max_ngram_size']}) on the GGUF's quantized weights; tokenmill runs "
+              f"{args.weight_format} weights, so compare each one's speedup, not tok/s across engines")
+    else:
+        print(f"llama.cpp: skipped ({peer_skipped})")
+    for batch, by_category in results.items():
+        for category, entry in by_category.items():
+            if entry["preemptions"]:
+                print(f"warning: {category} batch {batch}: {entry['preemptions']} preemptions")
+            control = entry.get("plain_vs_single_stream")
+            if control and control["identical_sequences"] < 1:
+                print(f"note: {category} batch {batch}: the plain engine's outputs differ from its own single-stream "
+                      f"ones for {100 * (1 - control['identical_sequences']):.0f}% of the shared prompts (batching "
+                      "changes the arithmetic)")
+            if not entry["identity"]["plain_identical_across_repeats"]:
+                print(f"note: {category} batch {batch}: the plain engine's outputs differ between repeats")
+    if mismatches:
+        print(f"\nGREEDY MISMATCHES: {len(mismatches)} speculative outputs differ from the plain ones:")
+        for m in mismatches:
+            print(f"  {m['category']} batch {m['batch_size']} prompt {m['prompt']} repeat {m['repeat']}: first "
+                  f"difference at token {m['first_difference']} (plain {m['plain_tokens']} tokens, spec "
+                  f"{m['spec_tokens']}) after {m['context']!r}: plain {m['plain_next']!r}, spec {m['spec_next']!r}")
+    print(f"\nmachine: {machine['cpu']} ({', '.join(machine['cpu_flags']) or 'no AVX2/AVX-512 flags'}), "
+          f"{machine['cores']} cores, {args.threads} threads, {machine['dtype']}, load average at start "
+          f"{(machine['load_average_at_start'] or ['?'])[0]}, tokenmill {machine['tokenmill_git']}")
+    print(f"command: {machine['command']}")
+
+
+if __name__ == "__main__":
+    main()
