@@ -252,3 +252,144 @@ def test_greedy_kernel_picks_torch_max_index(kernels, dtype, vocab) -> None:
 def test_engine_greedy_sampling_uses_the_kernel(eager_and_fused) -> None:
     eager, fused = eager_and_fused
     assert eager.engine.runner.sampler.greedy is None and fused.engine.runner.sampler.greedy is not None
+
+
+def scattered_attention_batch(generator, dtype, num_heads, kv_heads, head_dim, sequences):
+    """q, k/v (each new token's own K/V, also stored at its slot), caches and tables for `sequences` of (context,
+    new tokens), each at blocks scattered over the cache."""
+    num_blocks = sum(-(-ctx // BLOCK) for ctx, _ in sequences) + 3
+    blocks = torch.randperm(num_blocks, generator=generator).tolist()
+    tables = []
+    for ctx, _ in sequences:
+        tables.append(blocks[: -(-ctx // BLOCK)])
+        blocks = blocks[-(-ctx // BLOCK):]
+    k_cache = torch.randn(kv_heads, num_blocks * BLOCK, head_dim, generator=generator).to(dtype)
+    v_cache = torch.randn(kv_heads, num_blocks * BLOCK, head_dim, generator=generator).to(dtype)
+    starts = [0]
+    for _, q_len in sequences:
+        starts.append(starts[-1] + q_len)
+    q = torch.randn(starts[-1], num_heads, head_dim, generator=generator).to(dtype)
+    new_slots = torch.tensor([slot for (ctx, q_len), table in zip(sequences, tables, strict=True)
+                              for slot in slots_of(table, ctx - q_len, ctx)])
+    # [tokens, kv_heads, D] with the layout the fused step passes (a fresh tensor: contiguous heads even for 1 head).
+    k = torch.empty(starts[-1], kv_heads, head_dim, dtype=dtype).copy_(k_cache[:, new_slots].transpose(0, 1))
+    v = torch.empty(starts[-1], kv_heads, head_dim, dtype=dtype).copy_(v_cache[:, new_slots].transpose(0, 1))
+    return q, k, v, k_cache, v_cache, starts, tables
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+# Groups 1, 3, 4 and 5 (5: the decode kernel for any group size); 16 splits 9 rows into passes of 3.
+@pytest.mark.parametrize(("num_heads", "kv_heads"), [(4, 4), (9, 3), (8, 2), (10, 2), (16, 1)])
+def test_multi_row_attention_rows_are_bitwise_one_row_decodes(kernels, dtype, head_dim, num_heads, kv_heads) -> None:
+    generator = torch.Generator().manual_seed(num_heads * head_dim)
+    # (keys, new tokens): verify steps of 2 to 9 rows and the longest (16) after odd and even cached counts, a prompt
+    # of 3 tokens from scratch, mixed with a decode and a 17-token chunk that keep their own kernels.
+    sequences = [(21, 2), (40, 3), (19, 4), (66, 5), (33, 6), (17, 7), (52, 8), (9, 9), (3, 3), (100, 16), (7, 1),
+                 (41, 17)]
+    q, k, v, k_cache, v_cache, starts, tables = scattered_attention_batch(generator, dtype, num_heads, kv_heads,
+                                                                           head_dim, sequences)
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    got = kernels.paged_attention(q, k, v, k_cache, v_cache, torch.tensor(starts), padded,
+                                  torch.tensor([ctx for ctx, _ in sequences]), BLOCK)
+    for s, (ctx, q_len) in enumerate(sequences):
+        if not 2 <= q_len <= 16:
+            continue
+        for j in range(q_len):
+            # Row j alone, as a decode at its position: the earlier rows' keys are in the cache already.
+            row = starts[s] + j
+            alone = kernels.paged_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], k_cache, v_cache,
+                                            torch.tensor([0, 1]), padded[s:s + 1],
+                                            torch.tensor([ctx - q_len + j + 1]), BLOCK)
+            assert torch.equal(got[row], alone[0]), f"sequence {s} ({ctx} keys, {q_len} new), row {j}"
+    want = reference_attention(q, k_cache, v_cache, starts, tables, [ctx for ctx, _ in sequences])
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # as test_paged_attention_matches_a_float64_reference
+    assert float((got.double() - want).abs().max() / want.abs().max()) <= tolerance
+
+
+# Odd shapes: K not a multiple of the vector width (4, 8 or 16 lanes), N not a multiple of the tiles or of the 24
+# rows of W per task; and one of the model's (q/k/v of SmolLM2-135M).
+@pytest.mark.parametrize(("out_features", "in_features"), [(37, 29), (79, 64), (5, 3), (960, 576)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_rows_is_row_exact_at_every_batch_size(kernels, out_features, in_features, with_bias) -> None:
+    generator = torch.Generator().manual_seed(out_features * in_features)
+    small = kernels.SMALL_ROWS
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    x = torch.randn(small + 3, in_features, generator=generator)
+    alone = torch.cat([kernels.linear_rows(x[i:i + 1], weight, bias) for i in range(len(x))])
+    for rows in range(1, small + 1):
+        for first in sorted({0, 1, len(x) - rows}):
+            got = kernels.linear_rows(x[first:first + rows], weight, bias)
+            assert got.shape == (rows, out_features) and got.dtype == torch.float32
+            assert torch.equal(got, alone[first:first + rows]), f"{rows} rows from row {first}"
+    want = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    # Any order of summing K products and a bias in fp32 is within (K + 1) · 2^-24 of the sum of their magnitudes.
+    magnitude = x.double().abs() @ weight.double().abs().T + (0 if bias is None else bias.double().abs())
+    assert bool(((alone.double() - want).abs() <= (in_features + 1) * 2**-24 * magnitude).all())
+    # Measured far inside that bound: a few units in the last place of the largest output.
+    assert float((alone.double() - want).abs().max() / want.abs().max()) < 1e-6
+
+
+def test_linear_rows_rejects_what_it_does_not_compute(kernels) -> None:
+    weight = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.linear_rows(torch.randn(2, 16).to(torch.bfloat16), weight.to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernels.linear_rows(torch.randn(16, 2).T, weight)
+    with pytest.raises(RuntimeError, match=r"\[rows, K\]"):
+        kernels.linear_rows(torch.randn(2, 15), weight)
+    assert kernels.linear_rows(torch.empty(0, 16), weight).shape == (0, 8)
+
+
+def test_float_lm_head_logits_are_row_exact_and_fall_back_without_the_kernels(monkeypatch) -> None:
+    import tokenmill.model.linear as linear
+
+    generator = torch.Generator().manual_seed(11)
+    head = linear.FloatLinear(torch.randn(300, 64, generator=generator), torch.randn(300, generator=generator))
+    small = cpu_kernels().module.SMALL_ROWS
+    x = torch.randn(small + 4, 64, generator=generator)
+    alone = torch.cat([head.logits(x[i:i + 1]) for i in range(small)])
+    assert torch.equal(head.logits(x[:small]), alone)
+    assert torch.equal(head.logits(x[3:9]), alone[3:9])
+    want = x.double() @ head.weight.double().T + head.bias.double()
+    assert float((head.logits(x).double() - want).abs().max() / want.abs().max()) < 1e-6  # more rows: F.linear
+    monkeypatch.setattr(linear, "_cpu_kernels", lambda: None)
+    assert torch.equal(head.logits(x[:5]), torch.nn.functional.linear(x[:5], head.weight, head.bias))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
+@torch.inference_mode()
+def test_fused_verify_step_rows_are_bitwise_the_decode_steps(kernels, tmp_path, arch) -> None:
+    from tests.conftest import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", arch=arch, hidden=256, heads=4, kv_heads=2, ff=192,
+                           metadata={"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0})
+    model = load_model(GGUFFile(path), torch.float32, CPU, "float")
+    assert model.cfg.head_dim == 64
+    # Two sequences with 20 and 13 cached tokens, then 1 + 4 and 1 + 2 tokens to verify (a last token and drafts).
+    tables = [[5, 2, 7], [0, 3]]
+    prompts = [list(range(10, 30)), list(range(100, 113))]
+    verify = [[31, 250, 7, 18, 99], [4, 120, 9]]
+    cache = KVCache(model.cfg, 8, BLOCK, model.dtype, CPU)
+    fused = FusedCPUBackend(kernels, model, cache)
+    run_backend(fused, make_plan([0, 0], prompts, tables, BLOCK))
+    stepwise_cache = copy_of(cache)
+
+    verified = run_backend(fused, make_plan([20, 13], verify, tables, BLOCK))
+    # The same tokens one step at a time as decodes: both sequences while each has a token left, then the first.
+    stepwise = FusedCPUBackend(kernels, model, stepwise_cache)
+    rows: list[list[torch.Tensor]] = [[], []]
+    for i in range(len(verify[0])):
+        active = [s for s in (0, 1) if i < len(verify[s])]
+        cached = [len(prompts[s]) + i for s in active]
+        hidden = run_backend(stepwise, make_plan(cached, [[verify[s][i]] for s in active],
+                                                 [tables[s] for s in active], BLOCK))
+        for at, s in enumerate(active):
+            rows[s].append(hidden[at])
+    assert torch.equal(verified, torch.stack(rows[0] + rows[1]))
+    assert torch.equal(cache.k, stepwise_cache.k) and torch.equal(cache.v, stepwise_cache.v)
+    # And the LM head gives each row the logits of its decode step.
+    logits = model.compute_logits(verified)
+    assert torch.equal(logits, torch.cat([model.compute_logits(row[None]) for row in rows[0] + rows[1]]))

@@ -18,7 +18,8 @@ from tokenmill.kernels import isa
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_step.cpp", "attention.cpp", "gguf_matmul.cpp")]
+_SOURCES = [str(Path(__file__).with_name(name))
+            for name in ("cpu_step.cpp", "attention.cpp", "gguf_matmul.cpp", "small_gemm.cpp")]
 # -ffp-contract=off: no FMA contraction, so fp32 rounding matches the eager operators (see the source's header).
 # The target comes from the ISA level, never -march=native, so a cached build is only loaded where it can run.
 _CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
@@ -37,10 +38,10 @@ _builds: dict[str, KernelBuild] = {}
 
 
 def cpu_kernels(level: str | None = None) -> KernelBuild:
-    """The compiled CPU kernels (the fused model step, attention, GGUF block matmuls, greedy sampling), built once
-    per source version (torch caches the build on disk, under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions);
-    `module` is None with the reason when it cannot be built. `level`: an ISA level this CPU supports (default: the
-    highest, or $TOKENMILL_CPU_ISA)."""
+    """The compiled CPU kernels (the fused model step, attention, GGUF block matmuls, the row-exact fp32 matmul, greedy
+    sampling), built once per source version (torch caches the build on disk, under $TORCH_EXTENSIONS_DIR or
+    ~/.cache/torch_extensions); `module` is None with the reason when it cannot be built. `level`: an ISA level this
+    CPU supports (default: the highest, or $TOKENMILL_CPU_ISA)."""
     level = level or _default_level()
     build = _builds.get(level)
     if build is not None:  # the GGUF layers ask on every forward: no lock once built

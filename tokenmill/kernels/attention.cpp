@@ -2,6 +2,8 @@
 //
 // Decodes (one new token per sequence) are bound by reading the cache: each sequence's keys and values are read once
 // per KV head, in place, with the query heads sharing that KV head scored in the same pass.
+// Verify steps of speculative decoding (a few new tokens per sequence) must give each token exactly what a decode of
+// it would: their kernel runs the decode's arithmetic for every row, reading the keys once for all the rows.
 // Prefill chunks (many new tokens per sequence) are bound by arithmetic instead: every key is used by every later
 // query. Their kernel widens the sequence's keys once into 16-key column blocks (key index across the 16 fp32 lanes),
 // so a query scores 16 keys with one multiply and one add per head dimension and no horizontal sums, and keeps many
@@ -88,6 +90,12 @@ inline void softmax_inplace(float* s, int64_t len) {
 }
 
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head (paged_attention checks)
+// Sequences of 2 to kMultiRowMax new tokens (speculative verify steps) take attend_rows; longer ones attend_chunk.
+constexpr int64_t kMultiRowMax = 16;
+// attend_rows scores up to this many (row, query head) pairs per pass over a sequence's keys: a verify step of 16
+// rows for a group of 3 (the default model) in one pass.
+constexpr int64_t kPassPairs = 48;
+static_assert(kPassPairs >= kMaxGroup, "a runtime-sized group must fit the pass arrays");
 
 // Scores of the group's queries (q [group, D], scaled) against the first `cached` keys of one KV head:
 // scores[g * len + t], rounded to the model dtype.
@@ -123,6 +131,26 @@ void weigh_values(const float* probs, const T* v_head, const int64_t* table, int
   });
 }
 
+// weigh_values for `rows` consecutive rows of one sequence, pairs p = j · group + g, in one pass over the values:
+// row j has base + j cached values and takes exactly the multiply-adds weigh_values would give it, in the same
+// order. Values past a row's own count are skipped, not weighted by zero: a zero weight adds nothing to a finite
+// sum, but 0 · inf is NaN, and skipping saves the work.
+template <typename T, int D>
+void weigh_values_rows(const float* probs, const T* v_head, const int64_t* table, int64_t block_size, int64_t group,
+                       int64_t rows, int64_t base, int64_t len, f32x16* acc) {
+  constexpr int kChunks = D / 16;
+  const int64_t pairs = rows * group;
+  for_each_cached_row(v_head, table, block_size, D, base + rows - 1, [&](int64_t t, const T* v) {
+    f32x16 value[kChunks];
+    for (int c = 0; c < kChunks; ++c) value[c] = load16(v + 16 * c);
+    // Rows holding value t: base + j > t.
+    for (int64_t p = std::max<int64_t>(0, t - base + 1) * group; p < pairs; ++p) {
+      const float w = probs[p * len + t];
+      for (int c = 0; c < kChunks; ++c) acc[p * kChunks + c] = fma16(splat16(w), value[c], acc[p * kChunks + c]);
+    }
+  });
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 constexpr bool kHaveDotBf16 = true;
 
@@ -152,12 +180,13 @@ void score_keys_bf16(const float* q, const c10::BFloat16* k_head, const int64_t*
                      int64_t group, int64_t cached, int64_t len, float* scores) {
   if constexpr (G > 0) group = G;
   constexpr int kParts = D / 32;  // 32 bf16 per 512-bit load
-  __m512bh query[kMaxGroup][kParts];
+  constexpr int64_t kCapacity = G > 0 ? G : kPassPairs;  // G = 0: a decode's group or attend_rows' pairs
+  __m512bh query[kCapacity][kParts];
   for (int64_t g = 0; g < group; ++g)
     for (int m = 0; m < kParts; ++m)
       query[g][m] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + g * D + 32 * m + 16), _mm512_loadu_ps(q + g * D + 32 * m));
   // Each key's 16 partial sums per query head wait here until 16 keys can be summed together.
-  f32x16 partial[kMaxGroup][16];
+  f32x16 partial[kCapacity][16];
   auto flush = [&](int64_t first, int64_t count) {
     for (int64_t g = 0; g < group; ++g) {
       for (int64_t i = count; i < 16; ++i) partial[g][i] = f32x16{};
@@ -231,6 +260,66 @@ void weigh_values_bf16(const uint32_t* prob_pairs, int64_t pair_stride, const c1
   if (waiting != nullptr) add_pair(cached - 1, waiting, nullptr);
   for (int64_t i = 0; i < group * kChunks; ++i) acc_out[i] = (f32x16)acc[i];
 }
+
+// weigh_values_bf16 for `rows` consecutive rows of one sequence (pairs p = j · group + g, row j holding base + j
+// cached values; its probabilities packed with that count) in one pass over the values. Row j takes the value pairs
+// weigh_values_bf16 would give it, in the same order: (t, t + 1) while both are its own, then, where its count is
+// odd, its last value paired with a zero row; none past its count (vdpbf16ps flushes a denormal sum to a signed
+// zero, which a zero-weighted later value, 0 · v = +0 for positive v, could turn from -0 to +0).
+template <int D>
+void weigh_values_rows_bf16(const uint32_t* prob_pairs, int64_t pair_stride, const c10::BFloat16* v_head,
+                            const int64_t* table, int64_t block_size, int64_t group, int64_t rows, int64_t base,
+                            f32x16* acc_out) {
+  constexpr int kChunks = D / 16;
+  alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
+  const int64_t pairs = rows * group;
+  __m512 acc[kPassPairs * kChunks];
+  for (int64_t i = 0; i < pairs * kChunks; ++i) acc[i] = _mm512_setzero_ps();
+  auto interleave = [&](const c10::BFloat16* first, const c10::BFloat16* second, __m512i* out) {
+    for (int m = 0; m < kChunks / 2; ++m) {
+      const __m512i a = _mm512_loadu_si512(first + 32 * m);
+      const __m512i b = second ? _mm512_loadu_si512(second + 32 * m) : _mm512_setzero_si512();
+      out[2 * m] = _mm512_permutex2var_epi16(a, low, b);
+      out[2 * m + 1] = _mm512_permutex2var_epi16(a, high, b);
+    }
+  };
+  auto weigh = [&](int64_t t, const __m512i* pair_rows, int64_t p_begin, int64_t p_end) {
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(prob_pairs[p * pair_stride + t / 2]));
+      for (int c = 0; c < kChunks; ++c)
+        acc[p * kChunks + c] = _mm512_dpbf16_ps(acc[p * kChunks + c], (__m512bh)pair_rows[c], weights);
+    }
+  };
+  auto add_pair = [&](int64_t t, const c10::BFloat16* first, const c10::BFloat16* second) {
+    const int64_t both = std::max<int64_t>(0, t + 2 - base);  // first row whose count reaches t + 2
+    const int64_t odd = t + 1 - base;                         // the row whose count is t + 1, if any
+    __m512i pair_rows[kChunks];
+    if (both < rows) {
+      interleave(first, second, pair_rows);
+      weigh(t, pair_rows, both * group, pairs);
+    }
+    if (odd >= 0 && odd < rows) {
+      if (second != nullptr || both >= rows) interleave(first, nullptr, pair_rows);
+      weigh(t, pair_rows, odd * group, (odd + 1) * group);
+    }
+  };
+  const c10::BFloat16* waiting = nullptr;
+  const int64_t count = base + rows - 1;
+  for_each_cached_row(v_head, table, block_size, D, count, [&](int64_t t, const c10::BFloat16* v) {
+    if (waiting == nullptr) {
+      waiting = v;
+    } else {
+      add_pair(t - 1, waiting, v);
+      waiting = nullptr;
+    }
+  });
+  if (waiting != nullptr) add_pair(count - 1, waiting, nullptr);
+  for (int64_t i = 0; i < pairs * kChunks; ++i) acc_out[i] = (f32x16)acc[i];
+}
 #else
 constexpr bool kHaveDotBf16 = false;
 
@@ -242,6 +331,10 @@ inline void pack_pairs(const float* probs, int64_t count, uint32_t* pairs);
 template <int D, int G>
 void weigh_values_bf16(const uint32_t* prob_pairs, int64_t pair_stride, const c10::BFloat16* v_head,
                        const int64_t* table, int64_t block_size, int64_t group, int64_t cached, f32x16* acc_out);
+template <int D>
+void weigh_values_rows_bf16(const uint32_t* prob_pairs, int64_t pair_stride, const c10::BFloat16* v_head,
+                            const int64_t* table, int64_t block_size, int64_t group, int64_t rows, int64_t base,
+                            f32x16* acc_out);
 #endif
 
 // One sequence, one KV head and the `group` query heads sharing it, for head size D: q [group, D] already scaled;
@@ -352,6 +445,70 @@ void attend_decode(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
     case 7: return attend(std::integral_constant<int, 7>{});
     case 8: return attend(std::integral_constant<int, 8>{});
     default: return attend(std::integral_constant<int, 0>{});
+  }
+}
+
+// A few new tokens of one sequence (a speculative verify step: the last token and its draft tokens) for KV head h.
+// Row j of the q_len rows is computed bit for bit as attend_decode computes a one-token sequence at its position:
+// the first ctx - q_len + j cache entries (the earlier rows' keys included, stored before attention runs) as its
+// cached keys, its own key and value from k/v. But the sequence's keys and values are read once per pass for all
+// its rows, as a decode reads them once for its group: the (row, query head) pairs are scored together as one large
+// group over the keys the last row sees, each pair's scores past its own count left unused.
+template <typename T, int D>
+void attend_rows(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
+  constexpr int kChunks = D / 16;
+  constexpr bool kDotBf16 = kHaveDotBf16 && std::is_same_v<T, c10::BFloat16>;
+  const int64_t row0 = b.query_starts[s], q_len = b.query_starts[s + 1] - row0, group = b.group;
+  const int64_t* table = b.block_tables + s * b.max_blocks;
+  const T* k_head = b.k_cache + h * b.num_slots * D;
+  const T* v_head = b.v_cache + h * b.num_slots * D;
+  const int64_t rows_per_pass = std::max<int64_t>(1, kPassPairs / group);
+  for (int64_t j0 = 0; j0 < q_len; j0 += rows_per_pass) {
+    const int64_t rows = std::min(rows_per_pass, q_len - j0), pairs = rows * group;
+    // The pass's row jj (sequence row j0 + jj) has base + jj cached keys; `keys` is the last row's count.
+    const int64_t base = b.context_lens[s] - q_len + j0, keys = base + rows - 1, len = keys + 1;
+    float* query = grow(scratch.query, pairs * D);
+    float* own_k = grow(scratch.own_k, rows * D);
+    float* own_v = grow(scratch.own_v, rows * D);
+    for (int64_t jj = 0; jj < rows; ++jj) {
+      const int64_t r = row0 + j0 + jj;
+      scaled_queries<T, D>(b, r, h, query + jj * group * D);
+      widen(b.k + r * b.k_stride + h * D, own_k + jj * D, D);
+      widen(b.v + r * b.v_stride + h * D, own_v + jj * D, D);
+    }
+    float* scores = grow(scratch.scores, pairs * len);
+    if constexpr (kDotBf16)
+      score_keys_bf16<D, 0>(query, k_head, table, b.block_size, pairs, keys, len, scores);
+    else
+      score_keys<T, D, 0>(query, k_head, table, b.block_size, pairs, keys, len, scores);
+    // Each pair's own key at its count (overwriting the score of the next row's key), as attend_kv_head scores it,
+    // and its softmax over its own keys only.
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int64_t cached = base + p / group;
+      const float* q = query + p * D;
+      const float* k = own_k + (p / group) * D;
+      float own = 0.f;
+      for (int d = 0; d < D; ++d) own += rounded<T>(q[d] * k[d]);
+      scores[p * len + cached] = rounded<T>(own);
+      softmax_inplace<T>(scores + p * len, cached + 1);
+    }
+    f32x16 acc[kPassPairs * kChunks];
+    std::fill(acc, acc + pairs * kChunks, f32x16{});
+    if constexpr (kDotBf16) {
+      const int64_t pair_stride = (keys + 32) / 2;
+      uint32_t* prob_pairs = grow(scratch.prob_pairs, pairs * pair_stride);
+      for (int64_t p = 0; p < pairs; ++p) pack_pairs(scores + p * len, base + p / group, prob_pairs + p * pair_stride);
+      weigh_values_rows_bf16<D>(prob_pairs, pair_stride, v_head, table, b.block_size, group, rows, base, acc);
+    } else {
+      weigh_values_rows<T, D>(scores, v_head, table, b.block_size, group, rows, base, len, acc);
+    }
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int64_t jj = p / group;
+      const float p_own = scores[p * len + base + jj];
+      T* out = b.out + ((row0 + j0 + jj) * b.num_heads + h * group + p % group) * D;
+      for (int c = 0; c < kChunks; ++c)
+        store16(out + 16 * c, round16<T>(acc[p * kChunks + c]) + round16<T>(p_own * load16(own_v + jj * D + 16 * c)));
+    }
   }
 }
 
@@ -469,9 +626,11 @@ void attend_batch(const Batch<T>& b, int64_t num_seqs) {
   run_tasks(
       cost,
       [&](int64_t task, Scratch& scratch) {
-        const int64_t s = task / b.kv_heads, h = task % b.kv_heads;
-        if (b.query_starts[s + 1] - b.query_starts[s] == 1)
+        const int64_t s = task / b.kv_heads, h = task % b.kv_heads, q_len = b.query_starts[s + 1] - b.query_starts[s];
+        if (q_len == 1)
           attend_decode<T, D>(b, s, h, scratch);
+        else if (q_len <= kMultiRowMax)
+          attend_rows<T, D>(b, s, h, scratch);
         else
           attend_chunk<T, D>(b, s, h, scratch);
       });

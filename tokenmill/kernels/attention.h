@@ -9,7 +9,9 @@ namespace tokenmill {
 // rows [query_starts[s], query_starts[s + 1]) at positions context_lens[s] - (their count) onwards, and each attends
 // causally over its sequence's keys (block_tables[s], context_lens[s] keys including the new ones, whose K/V are
 // already in the cache). A one-token sequence (a decode) takes the decode kernel, which scores its own key from k/v
-// rather than the cache as the eager decode step does; longer runs (prefill chunks) the tiled chunk kernel.
+// rather than the cache as the eager decode step does; a run of 2 to 16 (a speculative verify step, a short chunk)
+// gives each row bit for bit the result of that decode kernel at the row's position, the earlier rows' keys read as
+// cached ones; longer runs (prefill chunks) take the tiled chunk kernel.
 // q [T, H, D], k/v [T, Hkv, D] (rows may be strided, heads contiguous); caches [Hkv, slots, D]; query_starts [S + 1],
 // block_tables [S, max_blocks], context_lens [S] int64. Returns [T, H, D] in q's dtype (fp32 or bf16).
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,

@@ -4,9 +4,10 @@
 // Why: a single-stream decode step of the 135M default model does ~2 ms of weight-bound matmuls but, driven op by op
 // from Python, spent ~5 ms more in ~2,500 small operators (norms, RoPE, KV writes, gathers, softmax, SwiGLU) and their
 // dispatch; prefill chunks spent more time in the eager path's padded, masked attention than in their matmuls. Here
-// the layer loop runs in C++: the matmuls are PyTorch's own kernels (dense, int8 and int4 weight-only) or the GGUF
-// block kernel (gguf_matmul.cpp), and the small operators are fused loops — RMSNorm, RoPE rotating q and k in place,
-// the KV write, attention reading each sequence's blocks where they lie (attention.cpp), SwiGLU, residual adds.
+// the layer loop runs in C++: the matmuls are PyTorch's own kernels (dense, int8 and int4 weight-only), the GGUF
+// block kernel (gguf_matmul.cpp) or, for fp32 steps of a few rows, the row-exact kernel (small_gemm.cpp), and the
+// small operators are fused loops — RMSNorm, RoPE rotating q and k in place, the KV write, attention reading each
+// sequence's blocks where they lie (attention.cpp), SwiGLU, residual adds.
 //
 // Rounding follows the eager path (tokenmill/model/llama.py, tokenmill/attention/eager.py) at every point where it
 // rounds to the model dtype: RMSNorm normalises in fp32 and rounds before the weight multiply, RoPE rounds each
@@ -21,6 +22,7 @@
 #include "attention.h"
 #include "gguf_matmul.h"
 #include "simd.h"
+#include "small_gemm.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
@@ -48,6 +50,10 @@ struct LinearWeights {
     at::Tensor y;
     switch (kind) {
       case WeightKind::Float:
+        // Up to kSmallRows rows (decodes, speculative verify steps) each row rounds the same in any batch.
+        if (x.size(0) <= kSmallRows && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+            weight.is_contiguous() && (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous())))
+          return linear_rows(x.contiguous(), weight, bias);
         return at::linear(x, weight, bias);
       case WeightKind::FloatPacked:
         return packed_linear(x);
@@ -314,11 +320,14 @@ LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, at
 }  // namespace tokenmill
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "tokenmill's CPU kernels: the fused model step, paged attention, GGUF block matmuls";
+  m.doc() = "tokenmill's CPU kernels: the fused model step, paged attention, GGUF block matmuls, row-exact fp32 matmul";
   py::class_<tokenmill::LinearWeights>(m, "LinearWeights");
   m.def("paged_attention", &tokenmill::paged_attention, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("query_starts"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("block_size"), py::call_guard<py::gil_scoped_release>());
+  m.def("linear_rows", &tokenmill::linear_rows, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.attr("SMALL_ROWS") = tokenmill::kSmallRows;
   m.def("greedy", &tokenmill::greedy, py::arg("logits"), py::call_guard<py::gil_scoped_release>());
   m.def("make_linear", &tokenmill::make_linear, py::arg("kind"), py::arg("weight"), py::arg("scales"),
         py::arg("minimums"), py::arg("bias"), py::arg("group_size"), py::arg("out_features"));

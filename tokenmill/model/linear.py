@@ -80,6 +80,19 @@ class FloatLinear(Linear):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 on CPU with at most the kernels' SMALL_ROWS rows: the row-exact kernel (kernels/small_gemm.cpp), so
+        that a token's logits are the same bits whatever else is in its step (a speculative verify step reproduces
+        a decode step's logits), as the fused step's own layers are; otherwise as `forward`."""
+        weight = self.weight
+        if (weight is not None and weight.dtype == torch.float32 and x.dtype == torch.float32 and x.dim() == 2
+                and x.device.type == "cpu" and weight.device.type == "cpu"
+                and (self.bias is None or self.bias.dtype == torch.float32)):
+            kernels = _cpu_kernels()
+            if kernels is not None and x.shape[0] <= kernels.SMALL_ROWS:
+                return kernels.linear_rows(x.contiguous(), weight.contiguous(), self.bias)
+        return self(x)
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             raise RuntimeError("this layer's plain weight was dropped by prepack(keep_weight=False)")
@@ -281,11 +294,16 @@ def _exact_half(values: torch.Tensor, what: str) -> torch.Tensor:
     return half
 
 
-def _gguf_kernels() -> Any:
-    """The C++ kernels, or None where they cannot be built (then the GGUF formats fall back to an fp32 matmul)."""
+def _cpu_kernels() -> Any:
+    """The C++ kernels, or None where they cannot be built."""
     from tokenmill.kernels import cpu_kernels
 
     return cpu_kernels().module
+
+
+def _gguf_kernels() -> Any:
+    """The C++ kernels, or None where they cannot be built (then the GGUF formats fall back to an fp32 matmul)."""
+    return _cpu_kernels()
 
 
 def gguf_q8_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
