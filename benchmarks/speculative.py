@@ -348,8 +348,9 @@ class LlamaCppPeer:
                    "n_ctx": n_ctx, "n_batch": 512, "verbose": False}
         self.plain = Llama(**options)
         self.draft = counting_lookup(num_pred, max_ngram)
-        # llama-cpp-python turns on logits_all for a draft model: it keeps every evaluated position's logits.
-        self.lookup = Llama(**options, draft_model=self.draft)
+        # A draft model needs every evaluated position's logits; asked for at construction, or llama-cpp-python sizes
+        # its logits buffer for one batch only and fails once a sequence is longer than n_batch.
+        self.lookup = Llama(**options, draft_model=self.draft, logits_all=True)
         self.description = {"n_ctx": n_ctx, "n_batch": 512, "n_threads": args.threads, "num_pred_tokens": num_pred,
                             "max_ngram_size": max_ngram, "weights": "the GGUF's own quantized blocks"}
 

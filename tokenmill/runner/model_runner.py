@@ -100,19 +100,21 @@ class ModelRunner:
         blocked = inputs.blocked_token_ids if i < inputs.blocked_rows else ()
         return SamplingRow(params, inputs.prompt_token_ids, output, generator, blocked)
 
-    def time_rows(self, num_rows: int, rows_per_seq: int = 8) -> float:
-        """Seconds one step of `num_rows` rows takes: sequences of `rows_per_seq` rows verified greedily, the shape
-        of a speculative decode batch. Writes K/V into block 0 and up, so it runs before any request does."""
+    def time_rows(self, num_rows: int, rows_per_seq: int = 8, context: int = 256) -> float:
+        """Seconds one step of `num_rows` rows takes: sequences of `rows_per_seq` rows verified greedily over
+        `context` KV entries each (as far as the cache holds them), the shape of a speculative decode batch. Writes
+        K/V into block 0 and up, so it runs before any request does."""
         bs = self.kv_cache.block_size
+        context = max(min(context, self.kv_cache.num_blocks * bs, self.max_positions or context), rows_per_seq)
         seqs, start = [], 0
         while start < num_rows:
             rows = min(rows_per_seq, num_rows - start)
-            table = tuple(range(-(-rows // bs)))
-            seqs.append(ScheduledSeq(f"profile-{start}", start, rows, rows, table, rows,
+            ctx = max(context, rows)
+            seqs.append(ScheduledSeq(f"profile-{start}", start, rows, ctx, tuple(range(-(-ctx // bs))), rows,
                                      SamplingInputs(SamplingParams(temperature=0.0)), (0,) * (rows - 1)))
             start += rows
-        slots = tuple(s for seq in seqs for s in range(seq.num_tokens))
-        positions = tuple(p for seq in seqs for p in range(seq.num_tokens))
+        slots = tuple(s for seq in seqs for s in range(seq.context_len - seq.num_tokens, seq.context_len))
+        positions = slots
         plan = StepPlan(tuple(seqs), (0,) * num_rows, positions, slots)
         started = time.perf_counter()
         self.execute(plan)

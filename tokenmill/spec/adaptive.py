@@ -35,6 +35,12 @@ class Acceptance:
         self.accepted = self.decay * self.accepted + num_accepted
         self.trials = self.decay * self.trials + num_accepted + (num_accepted < num_drafts)
 
+    def forget(self, keep: float = 0.9) -> None:
+        """A step without drafts: drift back towards the prior. A request whose rate fell too low to draft would
+        otherwise never draft again, and never learn that its output has started to copy its prompt."""
+        self.accepted = keep * self.accepted + (1 - keep) * 1.0
+        self.trials = keep * self.trials + (1 - keep) * 2.0
+
 
 @dataclass
 class StepCostModel:

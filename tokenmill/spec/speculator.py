@@ -56,9 +56,13 @@ class Speculator:
         base_rows = min(sum(max(1, r.num_tokens - r.num_computed_tokens) for r in running), self.max_step_tokens)
         guesses = [self._guess(r) for r in decoding]
         if self.cost is not None:
-            rates = [self._acceptance.setdefault(r.request_id, Acceptance()).rate for r in decoding]
-            lengths = choose_draft_lengths(rates, [len(g) for g in guesses], base_rows, self.cost)
+            tracked = [self._acceptance.setdefault(r.request_id, Acceptance()) for r in decoding]
+            lengths = choose_draft_lengths([a.rate for a in tracked], [len(g) for g in guesses], base_rows,
+                                           self.cost)
             guesses = [g[:k] for g, k in zip(guesses, lengths, strict=True)]
+            for acceptance, guess in zip(tracked, guesses, strict=True):
+                if not guess:
+                    acceptance.forget()
         for request, guess in zip(decoding, guesses, strict=True):
             request.draft_token_ids = guess
 
