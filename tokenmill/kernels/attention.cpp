@@ -17,6 +17,8 @@
 
 #include "simd.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/record_function.h>
 #include <immintrin.h>
 

@@ -1,7 +1,7 @@
 // Attention over the paged KV cache, reading each sequence's blocks where they lie (attention.cpp).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 namespace tokenmill {
 

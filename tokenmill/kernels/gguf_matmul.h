@@ -1,7 +1,7 @@
 // Matmuls over GGUF block formats with the file's exact weights (gguf_matmul.cpp).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 namespace tokenmill {
 

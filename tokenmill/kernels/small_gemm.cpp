@@ -22,6 +22,9 @@
 
 #include "simd.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
 #include <cstring>
 
 namespace tokenmill {

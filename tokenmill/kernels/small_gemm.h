@@ -1,7 +1,7 @@
 // A row-exact fp32 matmul for the few rows of decode and verification steps (small_gemm.cpp).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 
