@@ -63,7 +63,7 @@ def test_without_chunking_a_prompt_waits_for_a_whole_budget() -> None:
     run_step(sched)
     sched.add_request(req("b", 63))
     assert run_step(sched) == {"a": 1}  # 63 tokens do not fit beside the decode
-    assert sched.waiting[0].request_id == "b"
+    assert next(iter(sched.waiting)).request_id == "b"
 
 
 def test_max_num_seqs_limits_admission() -> None:

@@ -5,6 +5,7 @@ slow stream readers, failures kept to one request, a dead engine thread, and a s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -126,6 +127,47 @@ def test_tenants_do_not_share_prefix_cache_blocks(server, engine) -> None:
     assert engine.stats().prefix_cache.hits > hits  # the same tenant: its own blocks are reused
     salted = post(server, "/v1/completions", {**body, "cache_salt": "private"}, KEYS[0])
     assert salted.status_code == 200 and engine.stats().prefix_cache.hits > hits
+
+
+# ---- who the client is: fair scheduling and per-client metrics ----
+
+def test_the_client_is_the_key_when_keys_are_set_else_the_user_field(server, engine) -> None:
+    body = {"prompt": [5, 6, 7], "max_tokens": 2, "ignore_eos": True, "user": "mallory"}
+    tenants = {}
+    for key in KEYS:
+        before = dict(engine.stats().clients)
+        assert post(server, "/v1/completions", body, key).status_code == 200
+        grown = {c for c, u in engine.stats().clients.items() if c not in before or u != before[c]}
+        assert len(grown) == 1 and "mallory" not in grown  # a key holder cannot pick its share by `user`
+        tenants[key] = grown.pop()
+    assert tenants[KEYS[0]] != tenants[KEYS[1]] and all(KEYS[0] not in t for t in tenants.values())
+    metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=30).text
+    assert f'tokenmill:client_generation_tokens_total{{client="{tenants[KEYS[0]]}"' in metrics
+    with ServerThread(create_app(engine)) as open_server:
+        assert httpx.post(open_server.url + "/v1/completions", json=body, timeout=60).status_code == 200
+        assert engine.stats().clients["mallory"].generation_tokens >= 2
+        too_long = httpx.post(open_server.url + "/v1/completions", json={**body, "user": "x" * 257}, timeout=60)
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "user"
+        # This engine runs FCFS: a priority would be ignored, so it is refused, as vLLM does.
+        refused = httpx.post(open_server.url + "/v1/completions", json={**body, "priority": -1}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "priority"
+
+
+def test_priority_and_fair_policies_serve_over_http(tiny_model) -> None:
+    for policy in ("priority", "fair"):
+        config = dataclasses.replace(engine_config(tiny_model), scheduling_policy=policy)
+        async_engine = AsyncEngine.from_config(config)
+        try:
+            with ServerThread(create_app(async_engine)) as running:
+                body = {"prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True, "user": "carol",
+                        "priority": -5 if policy == "priority" else 0}
+                resp = httpx.post(running.url + "/v1/completions", json=body, timeout=60)
+                assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
+                metrics = httpx.get(running.url + "/metrics", timeout=30).text
+            counter = 'tokenmill:client_virtual_token_counter{client="carol",model_name="tiny"} 9.0'
+            assert (counter in metrics) == (policy == "fair")  # 3 prompt tokens + 3 outputs at weight 2
+        finally:
+            async_engine.shutdown()
 
 
 # ---- deadlines and slow readers ----

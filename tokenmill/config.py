@@ -11,6 +11,7 @@ import torch
 WEIGHT_FORMATS = ("float", "int8", "int4", "gguf")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 SPECULATIVE_METHODS = (None, "ngram")
+SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "sjf")
 
 # Names accepted for a dtype wherever one is configured (engine, benchmarks).
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -55,6 +56,13 @@ class EngineConfig:
     # True: draft lengths per request and step from its acceptance rate and a step-time model measured at start-up
     # (0 where speculation would not pay); False: every request gets all the guesses it has, up to the maximum.
     speculative_adaptive: bool = True
+    # Who goes first (tokenmill/scheduler): fcfs; priority (lower value first, may preempt lower priorities); fair
+    # (VTC: the least-served client's requests first, charged fair_input_weight per prompt token and
+    # fair_output_weight per output token); sjf (shortest predicted remaining work first, aged by sjf_aging).
+    scheduling_policy: str = "fcfs"
+    sjf_aging: float = 1.0
+    fair_input_weight: float = 1.0
+    fair_output_weight: float = 2.0
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -82,6 +90,7 @@ class EngineConfig:
             raise ValueError(f"speculative must be one of {SPECULATIVE_METHODS}, got {self.speculative!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        check_scheduling(self.scheduling_policy, self.sjf_aging, self.fair_input_weight, self.fair_output_weight)
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
@@ -106,6 +115,16 @@ class EngineConfig:
         if _cpu_has_native_bf16():
             return torch.bfloat16, "auto: the CPU has native bf16 matmul"
         return torch.float32, "auto: the CPU has no native bf16 matmul, where fp32 is faster"
+
+
+def check_scheduling(policy: str, sjf_aging: float, fair_input_weight: float, fair_output_weight: float) -> None:
+    """Shared by EngineConfig and SchedulerConfig."""
+    if policy not in SCHEDULING_POLICIES:
+        raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {policy!r}")
+    if not sjf_aging >= 0:
+        raise ValueError(f"sjf_aging must be >= 0, got {sjf_aging}")
+    if not (fair_input_weight >= 0 and fair_output_weight >= 0 and fair_input_weight + fair_output_weight > 0):
+        raise ValueError(f"fair weights must be >= 0 and not both 0, got {fair_input_weight} and {fair_output_weight}")
 
 
 def _cpu_has_native_bf16() -> bool:

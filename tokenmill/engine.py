@@ -30,6 +30,7 @@ from tokenmill.output.types import RequestOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams
+from tokenmill.scheduler.clients import ClientUsage
 from tokenmill.scheduler.plan import SeqSamples
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 from tokenmill.spec.adaptive import StepCostModel
@@ -53,6 +54,7 @@ class EngineStats:
     generation_tokens: int
     steps: int
     spec_decode: SpecDecodeStats | None = None  # when speculative decoding is on
+    clients: dict[str, ClientUsage] = dataclasses.field(default_factory=dict)  # service per client
 
 
 class LLMEngine:
@@ -81,7 +83,8 @@ class LLMEngine:
                                 config.kv_huge_pages)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
-                            config.enable_chunked_prefill),
+                            config.enable_chunked_prefill, config.scheduling_policy, config.sjf_aging,
+                            config.fair_input_weight, config.fair_output_weight),
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
                            cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}"),
         )
@@ -145,12 +148,14 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, fork_of: str | None = None, cache_salt: str | None = None) -> str:
+                    request_id: str | None = None, fork_of: str | None = None, cache_salt: str | None = None,
+                    priority: int = 0, client_id: str | None = None) -> str:
         """Validate and queue a request. Raises InvalidRequestError naming the bad field; nothing is queued then.
 
         `fork_of` names an earlier request with the same prompt (a sibling of an n > 1 request): once that one has
         computed the prompt, this one shares its KV blocks instead of recomputing them. `cache_salt` partitions the
-        prefix cache: only requests with the same salt (a tenant) share cached blocks.
+        prefix cache: only requests with the same salt (a tenant) share cached blocks. `priority` (lower first) needs
+        the priority policy; `client_id` names whose service this is (the fair policy, per-client metrics).
         """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -172,10 +177,22 @@ class LLMEngine:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise InvalidRequestError("cache_salt", f"must be a string, got {type(cache_salt).__name__}")
-        request = Request(request_id, prompt_ids, params, self.eos_token_ids, fork_of=fork_of, cache_salt=cache_salt)
+        self._check_tags(priority, client_id)
+        request = Request(request_id, prompt_ids, params, self.eos_token_ids, fork_of=fork_of, cache_salt=cache_salt,
+                          priority=priority, client_id=client_id)
         request.output_state = RequestState(request, prompt_text, self.tokenizer, self.max_model_len)
         self.scheduler.add_request(request)
         return request_id
+
+    def _check_tags(self, priority: int, client_id: str | None) -> None:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidRequestError("priority", f"must be an integer, got {type(priority).__name__}")
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            # vLLM's answer too: a priority that would be silently ignored is a client's bug worth reporting.
+            raise InvalidRequestError("priority", f"needs the priority scheduling policy (this engine runs "
+                                      f"{self.config.scheduling_policy!r})")
+        if client_id is not None and not isinstance(client_id, str):
+            raise InvalidRequestError("client_id", f"must be a string, got {type(client_id).__name__}")
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -284,4 +301,5 @@ class LLMEngine:
             steps=self._steps,
             spec_decode=dataclasses.replace(self.speculator.stats, accepted_per_position=list(
                 self.speculator.stats.accepted_per_position)) if self.speculator is not None else None,
+            clients=self.scheduler.client_usage(),
         )

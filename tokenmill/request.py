@@ -46,6 +46,11 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache or a fork at admission
     fork_of: str | None = None  # a sibling (n > 1) whose prompt KV this request may share
     cache_salt: str | None = None  # prefix-cache partition: only requests with the same salt share cached blocks
+    priority: int = 0  # lower first, under the priority policy (vLLM's meaning)
+    client_id: str | None = None  # whose service this is, for the fair policy and per-client accounting
+    arrival_step: int = 0  # the scheduler step it arrived at (the clock of SJF aging)
+    # Prompt tokens already counted as service to the client: recomputing them after a preemption is not service.
+    num_prompt_tokens_charged: int = 0
     # Guessed next tokens (speculative decoding), scheduled after the real ones and verified by the step; they are
     # consumed when scheduled, and never part of `num_tokens`, the token lists or the prefix cache.
     draft_token_ids: list[int] = field(default_factory=list)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokenmill.config import INT4_GROUP_SIZES, WEIGHT_FORMATS, EngineConfig
+from tokenmill.config import INT4_GROUP_SIZES, SCHEDULING_POLICIES, WEIGHT_FORMATS, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="keep float weights in their plain layout instead of oneDNN's blocked one (CPU bf16)")
     g.add_argument("--no-kv-huge-pages", action="store_true",
                    help="keep the CPU KV cache on ordinary 4 KiB pages instead of 2 MiB transparent huge pages")
+    g = parser.add_argument_group("scheduling")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES,
+                   help="fcfs: arrival order; priority: lower `priority` first, preempting lower priorities; fair: "
+                        "per-client fairness (VTC) by the client's `user` or API key; sjf: shortest predicted "
+                        "remaining work (max_tokens) first, with aging")
+    g.add_argument("--sjf-aging", type=float, default=1.0,
+                   help="sjf: steps of predicted work forgiven per step a request waits (0: no aging)")
+    g.add_argument("--fair-input-weight", type=float, default=1.0, help="fair: service charged per prompt token")
+    g.add_argument("--fair-output-weight", type=float, default=2.0, help="fair: service charged per output token")
     g = parser.add_argument_group("speculative decoding")
     g.add_argument("--speculative", default=None, choices=["ngram"],
                    help="ngram: draft tokens by prompt lookup and verify them in the step (greedy output unchanged)")
@@ -56,4 +65,6 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         kv_huge_pages=not args.no_kv_huge_pages, speculative=args.speculative,
         num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
         prompt_lookup_max=args.prompt_lookup_max, speculative_adaptive=not args.no_speculative_adaptive,
+        scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, fair_input_weight=args.fair_input_weight,
+        fair_output_weight=args.fair_output_weight,
     )

@@ -1,4 +1,4 @@
-"""One token budget per step: running requests first (oldest first), then waiting ones (FCFS).
+"""One token budget per step: running requests first, then waiting ones, in the order of the scheduling policy.
 
 Every request only asks for `num_tokens + len(draft_token_ids) - num_computed_tokens` more tokens of compute, capped
 by what is left of the step's budget. Prefill, chunked prefill, decode, recompute after preemption and speculative
@@ -9,17 +9,25 @@ The scheduler is also the request registry: requests enter through `add_request`
 or aborted); preemption sends them back to the waiting queue. It hands the runner a `StepPlan` and takes the step's
 outcome back through `update`, or through `step_failed` when running the plan raised: then the plan's requests run
 one per step until each has passed or failed alone, so a request that breaks a step fails by itself.
+
+The policy (scheduler/policy.py) owns the waiting queue and ranks the running list: budget goes from the front, and
+when KV blocks run out the back of the list is preempted (recomputed later). FCFS, the default, admits in arrival
+order and preempts the latest admitted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenmill.config import check_scheduling
 from tokenmill.kv.manager import KVCacheManager
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampler.sampler import has_penalties
+from tokenmill.scheduler.clients import ClientLedger, ClientUsage, client_of
+from tokenmill.scheduler.fair import FairPolicy
 from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, StepPlan, StepResult
-from tokenmill.scheduler.queue import WaitingQueue
+from tokenmill.scheduler.policy import FCFSPolicy, PriorityPolicy, SchedulingPolicy
+from tokenmill.scheduler.sjf import SJFPolicy
 
 
 @dataclass(frozen=True)
@@ -28,11 +36,16 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # fcfs | priority | fair | sjf
+    sjf_aging: float = 1.0  # steps of predicted work forgiven per step waited (sjf.py)
+    fair_input_weight: float = 1.0  # VTC's charge per prompt token (fair.py)
+    fair_output_weight: float = 2.0  # and per output token
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_scheduling(self.policy, self.sjf_aging, self.fair_input_weight, self.fair_output_weight)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
                              f"({self.max_num_batched_tokens} < {self.max_model_len})")
@@ -42,13 +55,20 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
         self.kv_cache = kv_cache
-        self.waiting = WaitingQueue()
+        self.policy = make_policy(config)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every live request, waiting or running
+        self.clients = ClientLedger()
         self.num_preemptions = 0
+        self.num_steps = 0
         self._finished_ids: list[str] = []  # finished since the last plan
         self._pending_copies: list[tuple[int, int]] = []  # block copies of a failed plan, not yet made
         self._suspects: list[str] = []  # requests of a failed plan, each to be run alone
+
+    @property
+    def waiting(self) -> SchedulingPolicy:
+        """The waiting requests (new or preempted): the policy's queue."""
+        return self.policy
 
     @property
     def has_unfinished(self) -> bool:
@@ -61,11 +81,13 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        request.arrival_step = self.num_steps
+        self.policy.add(request)
 
     # ---- planning ----
 
     def schedule(self) -> StepPlan:
+        self.num_steps += 1
         batch: list[tuple[Request, int]] = []  # (request, tokens to compute this step)
         copies, self._pending_copies = self._pending_copies, []
         preempted: list[str] = []
@@ -77,6 +99,7 @@ class Scheduler:
             if num_new is not None:
                 batch.append((suspect, num_new))
             return self._plan(batch, copies, preempted)
+        self.policy.rank(self.running)
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -88,7 +111,7 @@ class Scheduler:
             index += 1
         # Admitting new work in a step that had to preempt would only thrash the cache.
         if not preempted:
-            self._admit_waiting(budget, batch, copies)
+            self._admit_waiting(budget, batch, copies, preempted)
         return self._plan(batch, copies, preempted)
 
     def _allocate_or_preempt(self, request: Request, budget: int, preempted: list[str]) -> int | None:
@@ -103,7 +126,7 @@ class Scheduler:
                 request.draft_token_ids = []
                 num_new = min(request.num_tokens - request.num_computed_tokens, budget)
                 continue
-            victim = self.running[-1]  # FCFS: the latest arrival yields first
+            victim = self.running[-1]  # the policy's first victim
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is request:
@@ -118,7 +141,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.policy.requeue(request)
 
     def _next_suspect(self) -> Request | None:
         """The next request of a failed plan still to run alone; suspects that finished or were preempted since are
@@ -130,19 +153,47 @@ class Scheduler:
             self._suspects.pop(0)
         return None
 
-    def _admit_waiting(self, budget: int, batch: list[tuple[Request, int]], copies: list[tuple[int, int]]) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting.head()
-            assert request is not None
+    def _admit_waiting(self, budget: int, batch: list[tuple[Request, int]], copies: list[tuple[int, int]],
+                       preempted: list[str]) -> None:
+        while budget > 0 and (request := self.policy.head()) is not None:
             parent = self._fork_parent(request)
-            num_new = self._admit_fork(request, parent, copies) if parent is not None else self._admit(request, budget)
+            if parent is not None and parent.num_computed_tokens < request.num_prompt_tokens - 1:
+                break  # at the head until its sibling's prompt is in the cache
+            num_new = None
+            if len(self.running) < self.config.max_num_seqs:
+                num_new = (self._admit_fork(request, parent, copies) if parent is not None
+                           else self._admit(request, budget))
             if num_new is None:
-                break
-            self.waiting.popleft()
+                # No seat or no KV: the policy may let the head displace the last running request.
+                refund = self._preempt_for(request, batch, preempted)
+                if refund is None:
+                    break
+                budget += refund
+                continue
+            self.policy.pop()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             batch.append((request, num_new))
             budget -= num_new
+
+    def _preempt_for(self, request: Request, batch: list[tuple[Request, int]], preempted: list[str]) -> int | None:
+        """Preempt the policy's first victim for `request` if the policy allows; the budget the victim held in this
+        step's batch is returned (None: nobody was preempted)."""
+        if not self.running:
+            return None
+        self.policy.rank(self.running)
+        victim = self.running[-1]
+        if not self.policy.may_preempt_for(request, victim):
+            return None
+        refund = 0
+        for i, (scheduled, num_new) in enumerate(batch):
+            if scheduled is victim:
+                del batch[i]
+                refund = num_new
+                break
+        self._preempt(victim)
+        preempted.append(victim.request_id)
+        return refund
 
     def _admit(self, request: Request, budget: int) -> int | None:
         """Allocate for a waiting request after reusing its longest cached prefix; None if it must wait."""
@@ -167,8 +218,6 @@ class Scheduler:
     def _admit_fork(self, request: Request, parent: Request, copies: list[tuple[int, int]]) -> int | None:
         # The child recomputes only its last prompt token (its logits are needed); the KV before it is the parent's.
         shared = request.num_prompt_tokens - 1
-        if parent.num_computed_tokens < shared:
-            return None  # FCFS: wait at the head until the sibling's prompt is in the cache
         block_copies = self.kv_cache.fork(parent, request, shared)
         if block_copies is None:
             return None
@@ -216,11 +265,27 @@ class Scheduler:
         for seq in plan.seqs:
             request = self.requests[seq.request_id]
             rejected = len(seq.draft_token_ids) - (emitted.get(seq.request_id, 1) - 1)
+            self._charge(request, seq.num_tokens - len(seq.draft_token_ids),
+                         emitted.get(seq.request_id, 1) if seq.num_samples else 0)
             request.num_computed_tokens += seq.num_tokens - rejected
             self.kv_cache.commit(request, seq.num_tokens)
             if rejected:
                 self.kv_cache.truncate(request, self.kv_cache.num_entries(request.request_id) - rejected)
             self.kv_cache.cache_full_blocks(request)
+
+    def _charge(self, request: Request, num_real: int, num_emitted: int) -> None:
+        """Meter the service of a step to the request's client: its prompt tokens computed for the first time (not
+        recomputed ones, nor prefix-cache hits, which skip compute) and the tokens it emitted."""
+        prompt_end = min(request.num_computed_tokens + num_real, request.num_prompt_tokens)
+        new_prompt = max(0, prompt_end - max(request.num_computed_tokens, request.num_prompt_tokens_charged))
+        request.num_prompt_tokens_charged = max(request.num_prompt_tokens_charged, prompt_end)
+        if new_prompt or num_emitted:
+            self.policy.charge(request, new_prompt, num_emitted)
+            self.clients.charge(client_of(request), new_prompt, num_emitted)
+
+    def client_usage(self) -> dict[str, ClientUsage]:
+        """Per-client service so far (the most recently served clients), with the fair policy's counters."""
+        return self.clients.snapshot(self.policy.client_counters())
 
     def step_failed(self, plan: StepPlan) -> None:
         """Running `plan` raised before `update`: nothing of it counts. Its block copies and finished ids go into the
@@ -239,7 +304,7 @@ class Scheduler:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)  # at most max_num_seqs long
         else:
-            self.waiting.remove(request)
+            self.policy.remove(request)
         self.kv_cache.free(request)
         self.kv_cache.forget(request)
         request.status = status
@@ -258,3 +323,13 @@ def _sampling_inputs(request: Request) -> SamplingInputs:
     # Only the output matters to presence/frequency penalties; repetition also reads the prompt.
     prompt = tuple(request.prompt_token_ids) if params.repetition_penalty != 1.0 else ()
     return SamplingInputs(params, prompt, tuple(request.output_token_ids), blocked, max(blocked_rows, 0))
+
+
+def make_policy(config: SchedulerConfig) -> SchedulingPolicy:
+    if config.policy == "priority":
+        return PriorityPolicy()
+    if config.policy == "fair":
+        return FairPolicy(config.fair_input_weight, config.fair_output_weight)
+    if config.policy == "sjf":
+        return SJFPolicy(config.max_num_batched_tokens, config.max_model_len, config.sjf_aging)
+    return FCFSPolicy()

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from tokenmill.config import EngineConfig
-from tokenmill.server.async_engine import AsyncEngine, OutputStream
+from tokenmill.server.async_engine import AsyncEngine, Origin, OutputStream
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.errors import APIError, bad_request, default_type, error_body
 from tokenmill.server.guards import HostCheckMiddleware, install_openapi, request_body_schema
@@ -103,13 +103,13 @@ def create_app(engine: AsyncEngine | EngineConfig | None = None, config: ServerC
     @v1.post("/completions", openapi_extra=request_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         req = parse_request(CompletionRequest, await read_json(request, config.max_request_bytes))
-        work = serving.completions(req, _cache_salt(request, req.cache_salt, config))
+        work = serving.completions(req, _origin(request, req, config))
         return await _generate(request, serving, work, bool(req.stream))
 
     @v1.post("/chat/completions", openapi_extra=request_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         req = parse_request(ChatCompletionRequest, await read_json(request, config.max_request_bytes))
-        work = serving.chat(req, _cache_salt(request, req.cache_salt, config))
+        work = serving.chat(req, _origin(request, req, config))
         return await _generate(request, serving, work, bool(req.stream))
 
     app.include_router(v1)
@@ -127,12 +127,15 @@ async def _watch_engine(app: FastAPI, engine: AsyncEngine) -> None:
         app.state.on_engine_failure()
 
 
-def _cache_salt(request: Request, requested: str | None, config: ServerConfig) -> str | None:
-    """The prefix-cache partition of a request: its tenant's (with isolation on) and the client's own salt."""
-    tenant = getattr(request.state, "tenant", None) if config.isolate_prefix_cache else None
-    if tenant is None:
-        return requested
-    return tenant if requested is None else f"{tenant}|{requested}"
+def _origin(request: Request, req: CompletionRequest | ChatCompletionRequest, config: ServerConfig) -> Origin:
+    """The prefix-cache partition (the tenant's, with isolation on, and the request's own salt) and the client: the
+    API key's tenant when keys are configured (a key holder cannot claim several shares by varying `user`), else
+    the `user` field."""
+    tenant = getattr(request.state, "tenant", None)
+    salt = req.cache_salt
+    if tenant is not None and config.isolate_prefix_cache:
+        salt = tenant if salt is None else f"{tenant}|{salt}"
+    return Origin(salt, tenant if tenant is not None else req.user)
 
 
 def _model_card(serving: OpenAIServing) -> dict[str, Any]:

@@ -72,6 +72,16 @@ class EngineRequest:
     params: SamplingParams
     fork_of: str | None = None  # an earlier request of the same group with the same prompt (n > 1)
     cache_salt: str | None = None  # prefix-cache partition (a tenant)
+    priority: int = 0  # lower first under the priority policy
+    client_id: str | None = None  # whose service this is (fair policy, per-client metrics)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who sent an HTTP request, as the app works it out from its key and fields."""
+
+    cache_salt: str | None = None  # the prefix-cache partition
+    client_id: str | None = None  # the API key's tenant when keys are configured, else the `user` field
 
 
 class EngineObserver(Protocol):
@@ -432,7 +442,8 @@ class AsyncEngine:
                     f"one adds {len(command.requests)} (limit {limit}); retry later")
             for request in command.requests:
                 self.engine.add_request(request.prompt, request.params, request.request_id, fork_of=request.fork_of,
-                                        cache_salt=request.cache_salt)
+                                        cache_salt=request.cache_salt, priority=request.priority,
+                                        client_id=request.client_id)
                 added.append(request.request_id)
         except Exception as exc:
             for request_id in added:

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tokenmill.scheduler.clients import ClientUsage
 from tokenmill.server.async_engine import AsyncEngine
 
 PREFIX = "tokenmill:"
@@ -64,6 +65,25 @@ class _EngineStatsCollector(Collector):
             for position, value in enumerate(spec.accepted_per_position):
                 per_position.add_metric([*self.labels, str(position)], value)
             yield per_position
+        yield from self._clients(stats.clients)
+
+    def _clients(self, clients: dict[str, ClientUsage]) -> Iterator[Metric]:
+        """Service per client (the `user` field or the API key's tenant); the engine keeps the most recently served
+        clients only, which bounds the label set."""
+        labels = ["model_name", "client"]
+        prompt = CounterMetricFamily(PREFIX + "client_prompt_tokens", "Prompt tokens computed for the client (not "
+                                     "prefix-cache hits or recompute).", labels=labels)
+        generation = CounterMetricFamily(PREFIX + "client_generation_tokens", "Tokens generated for the client.",
+                                         labels=labels)
+        counter = GaugeMetricFamily(PREFIX + "client_virtual_token_counter", "The fair policy's virtual token "
+                                    "counter of the client (VTC: its weighted service, lifted when it rejoins).",
+                                    labels=labels)
+        for client, usage in clients.items():
+            prompt.add_metric([*self.labels, client], usage.prompt_tokens)
+            generation.add_metric([*self.labels, client], usage.generation_tokens)
+            if usage.counter is not None:
+                counter.add_metric([*self.labels, client], usage.counter)
+        yield from (prompt, generation, counter)
 
 
 class ServerMetrics:

@@ -16,6 +16,7 @@ from tokenmill.server.errors import APIError, bad_request, invalid_request
 MAX_N = 128  # choices per request: each is a separate engine request
 MAX_LOGPROBS = 20
 MAX_CACHE_SALT_CHARS = 256
+MAX_USER_CHARS = 256
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
@@ -56,8 +57,9 @@ class _GenerationRequest(BaseModel):
     min_tokens: int | None = 0
     skip_special_tokens: bool | None = True
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # the client, for fair scheduling and per-client metrics (unless API keys name it)
     cache_salt: str | None = None  # vLLM's extension: only requests with the same salt share prefix-cache blocks
+    priority: int | None = 0  # vLLM's extension: lower is served first (needs --scheduling-policy priority)
 
     @property
     def include_usage(self) -> bool:
@@ -75,6 +77,8 @@ class _GenerationRequest(BaseModel):
             raise bad_request("logit_bias is not supported", "logit_bias")
         if self.cache_salt is not None and not 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS:
             raise bad_request(f"cache_salt must be 1 to {MAX_CACHE_SALT_CHARS} characters", "cache_salt")
+        if self.user is not None and not 0 < len(self.user) <= MAX_USER_CHARS:
+            raise bad_request(f"user must be 1 to {MAX_USER_CHARS} characters", "user")
 
     def sampling_params(self, max_tokens: int, logprobs: int | None,
                         renames: dict[str, str] | None = None) -> SamplingParams:

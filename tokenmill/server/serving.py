@@ -23,6 +23,7 @@ from tokenmill.server.async_engine import (
     EngineRequest,
     EngineStepError,
     EngineStoppedError,
+    Origin,
     OutputStream,
     RequestTimeoutError,
     StreamBacklogError,
@@ -33,6 +34,7 @@ from tokenmill.server.formatting import SSE_DONE, TokenTexts, sse, usage
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+_NO_ORIGIN = Origin()  # in-process callers: no tenant, no client
 
 
 def model_names(engine: AsyncEngine, served_model_name: str | None) -> tuple[str, set[str]]:
@@ -138,14 +140,15 @@ class OpenAIServing:
                               f"{MAX_SEQUENCES_PER_REQUEST} per request", "n")
 
     def _prepare(self, prefix: str, prompt_ids: list[list[int]], params: list[SamplingParams], n: int,
-                 cache_salt: str | None) -> _Prepared:
+                 origin: Origin, priority: int | None) -> _Prepared:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         requests = []
         for p, (ids, prompt_params) in enumerate(zip(prompt_ids, params, strict=True)):
             siblings = fan_out(prompt_params)
             for i, sample_params in enumerate(siblings):
                 fork_of = f"{request_id}-{p}-0" if i else None
-                requests.append(EngineRequest(f"{request_id}-{p}-{i}", ids, sample_params, fork_of, cache_salt))
+                requests.append(EngineRequest(f"{request_id}-{p}-{i}", ids, sample_params, fork_of,
+                                              origin.cache_salt, priority or 0, origin.client_id))
         return _Prepared(request_id, prompt_ids, requests, n)
 
     async def _submit(self, prepared: _Prepared, prompt_param: str) -> OutputStream:
@@ -196,7 +199,7 @@ class OpenAIServing:
 
     # ---- /v1/completions --------------------------------------------------------------------------------------
 
-    async def completions(self, req: CompletionRequest, cache_salt: str | None = None
+    async def completions(self, req: CompletionRequest, origin: Origin = _NO_ORIGIN
                           ) -> tuple[dict[str, Any] | AsyncIterator[str], OutputStream]:
         """The reply (a dict, or SSE strings when streaming) and the stream of the engine requests it owns."""
         self._check_accepting()
@@ -207,7 +210,7 @@ class OpenAIServing:
         prompt_ids = await asyncio.to_thread(lambda: [self._encode(p, "prompt") for p in prompts])
         params = [req.sampling_params(self._max_tokens(len(ids), req.max_tokens, "max_tokens", "prompt"),
                                       req.logprobs) for ids in prompt_ids]
-        prepared = self._prepare("cmpl", prompt_ids, params, req.n or 1, cache_salt)
+        prepared = self._prepare("cmpl", prompt_ids, params, req.n or 1, origin, req.priority)
         echo = [self.engine.tokenizer.decode(ids) if not isinstance(p, str) else p for p, ids in
                 zip(prompts, prompt_ids, strict=True)] if req.echo else None
         stream = await self._submit(prepared, "prompt")
@@ -266,7 +269,7 @@ class OpenAIServing:
 
     # ---- /v1/chat/completions ---------------------------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest, cache_salt: str | None = None
+    async def chat(self, req: ChatCompletionRequest, origin: Origin = _NO_ORIGIN
                    ) -> tuple[dict[str, Any] | AsyncIterator[str], OutputStream]:
         self._check_accepting()
         self.check_model(req.model)
@@ -277,7 +280,7 @@ class OpenAIServing:
         ids = await asyncio.to_thread(self._render_chat, conversation)
         max_tokens = self._max_tokens(len(ids), req.requested_max_tokens, req.max_tokens_param, "messages")
         params = req.sampling_params(max_tokens, req.engine_logprobs, renames)
-        prepared = self._prepare("chatcmpl", [ids], [params], req.n or 1, cache_salt)
+        prepared = self._prepare("chatcmpl", [ids], [params], req.n or 1, origin, req.priority)
         stream = await self._submit(prepared, "messages")
         if req.stream:
             return self._sse(stream, lambda s: self._chat_chunks(s, req, prepared)), stream
