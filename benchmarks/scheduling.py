@@ -7,8 +7,9 @@
   PNG of the service curves.
 - priority: 2x overload, `--high-fraction` of the requests at high priority. Reported: their p99 TTFT under FCFS
   and under the priority policy, against the same high-priority arrivals alone (unloaded).
-- sjf: ShareGPT prompt and reply lengths (capped, see --sharegpt-max-output), Poisson at `--sjf-load` times the
-  capacity. Reported: mean and p99 latency, the longest wait (arrival to first token), against FCFS.
+- sjf: ShareGPT prompts (cut at --sharegpt-max-input tokens) and reply lengths scaled by --sharegpt-output-scale,
+  Poisson at each of `--sjf-load` times the capacity. Reported: mean and p99 latency, the longest wait (arrival to
+  first token), and per request its wait against its FCFS wait.
 
 Capacity (requests/s of each workload's shape) is measured first with every request sent at once under FCFS. Runs
 of the policies alternate (FCFS, policy, FCFS, policy) when --repeats > 1.
@@ -64,9 +65,9 @@ class Trace:
         return self.token_times[-1] - self.arrival.time if done else None
 
 
-def make_engine(args: argparse.Namespace, policy: str) -> LLMEngine:
+def make_engine(args: argparse.Namespace, policy: str, num_kv_blocks: int | None = None) -> LLMEngine:
     return LLMEngine(EngineConfig(dtype=args.dtype, num_threads=args.threads, max_num_seqs=args.max_num_seqs,
-                                  num_kv_blocks=args.num_kv_blocks, scheduling_policy=policy,
+                                  num_kv_blocks=num_kv_blocks or args.num_kv_blocks, scheduling_policy=policy,
                                   sjf_aging=args.sjf_aging))
 
 
@@ -107,9 +108,9 @@ def drive(engine: LLMEngine, arrivals: list[Arrival], horizon: float | None = No
     return list(traces.values()), time.perf_counter() - start
 
 
-def capacity(args: argparse.Namespace, arrivals: list[Arrival]) -> float:
+def capacity(args: argparse.Namespace, arrivals: list[Arrival], num_kv_blocks: int | None = None) -> float:
     """Requests/s of this shape with every request sent at once (FCFS)."""
-    engine = make_engine(args, "fcfs")
+    engine = make_engine(args, "fcfs", num_kv_blocks)
     _, seconds = drive(engine, [Arrival(0.0, a.prompt, a.max_tokens) for a in arrivals])
     return len(arrivals) / seconds
 
@@ -126,7 +127,7 @@ def poisson_times(rng: np.random.Generator, rate: float, duration: float) -> lis
 
 def service_curves(traces: list[Trace], w_in: float, w_out: float) -> tuple[list[float], dict[str, list[float]]]:
     """Cumulative service per client at every token time."""
-    events = sorted((t, i, tr) for tr in traces for i, t in enumerate(tr.token_times))
+    events = sorted(((t, i, tr) for tr in traces for i, t in enumerate(tr.token_times)), key=lambda e: e[:2])
     clients = sorted({tr.arrival.client for tr in traces})
     totals = dict.fromkeys(clients, 0.0)
     times: list[float] = []
@@ -139,9 +140,10 @@ def service_curves(traces: list[Trace], w_in: float, w_out: float) -> tuple[list
     return times, curves
 
 
-def backlogged_window(traces: list[Trace], clients: list[str], horizon: float) -> tuple[float, float]:
+def backlogged_window(traces: list[Trace], clients: list[str], horizon: float) -> tuple[float, float, float]:
     """From the first to the last moment (on a 0.1 s grid) at which every client has a request waiting (arrived,
-    no token yet)."""
+    no token yet), and the fraction of that window's grid points at which they all do (VTC's bound holds over
+    intervals where both clients stay backlogged: a fraction below 1 means the window is not one)."""
     grid = np.arange(0.0, horizon, 0.1)
     both = []
     for t in grid:
@@ -149,7 +151,9 @@ def backlogged_window(traces: list[Trace], clients: list[str], horizon: float) -
                    if tr.arrival.time <= t and (not tr.token_times or tr.token_times[0] > t)}
         both.append(all(c in waiting for c in clients))
     hits = np.flatnonzero(both)
-    return (float(grid[hits[0]]), float(grid[hits[-1]])) if len(hits) else (0.0, 0.0)
+    if not len(hits):
+        return 0.0, 0.0, 0.0
+    return float(grid[hits[0]]), float(grid[hits[-1]]), len(hits) / (hits[-1] - hits[0] + 1)
 
 
 def fair_experiment(args: argparse.Namespace, tokens: TextSampler) -> dict[str, Any]:
@@ -157,7 +161,7 @@ def fair_experiment(args: argparse.Namespace, tokens: TextSampler) -> dict[str, 
     shape = [Arrival(0.0, tokens.tokenizer.encode(tokens.text(rng, args.input_len)), args.output_len)
              for _ in range(2 * args.max_num_seqs)]
     cap = capacity(args, shape)
-    # A alone asks for `load / (1 + ratio)` of the capacity... and B `ratio` times that.
+    # A asks for load / (1 + ratio) of the capacity and B for ratio times that: above half each, both stay backlogged.
     light = args.fair_load * cap / (1 + args.heavy_ratio)
     arrivals = [Arrival(t, shape[i % len(shape)].prompt, args.output_len, client)
                 for client, rate in (("A", light), ("B", light * args.heavy_ratio))
@@ -170,16 +174,18 @@ def fair_experiment(args: argparse.Namespace, tokens: TextSampler) -> dict[str, 
         for policy in ("fcfs", "fair"):
             traces, _ = drive(make_engine(args, policy), arrivals, horizon=args.horizon)
             times, curves = service_curves(traces, w_in, w_out)
-            t0, t1 = backlogged_window(traces, ["A", "B"], args.horizon)
+            t0, t1, coverage = backlogged_window(traces, ["A", "B"], args.horizon)
             window = [i for i, t in enumerate(times) if t0 <= t <= t1]
             base = window[0] if window else 0
             gaps = [abs((curves["A"][i] - curves["A"][base]) - (curves["B"][i] - curves["B"][base])) for i in window]
             out_tokens = sum(len(tr.token_times) for tr in traces)
             runs.append({"policy": policy, "repeat": repeat, "max_gap": max(gaps, default=0.0),
-                         "backlogged_s": [t0, t1], "output_tok_s": out_tokens / args.horizon,
+                         "backlogged_s": [t0, t1], "backlogged_fraction": coverage,
+                         "output_tok_s": out_tokens / args.horizon,
                          "service": {c: curves[c][-1] for c in curves},
                          "curve": {"t": times[::20], **{c: v[::20] for c, v in curves.items()}}})
-            print(f"fair/{policy} #{repeat}: gap {runs[-1]['max_gap']:.0f} (bound {bound:.0f}), "
+            print(f"fair/{policy} #{repeat}: gap {runs[-1]['max_gap']:.0f} (bound {bound:.0f}) over {t0:.1f}-"
+                  f"{t1:.1f}s, both backlogged {coverage:.0%} of it, "
                   f"{runs[-1]['output_tok_s']:.1f} out tok/s, service A {curves['A'][-1]:.0f} B {curves['B'][-1]:.0f}")
     return {"capacity_rps": cap, "rates_rps": {"A": light, "B": light * args.heavy_ratio}, "bound": bound,
             "weights": [w_in, w_out], "runs": runs}
@@ -251,23 +257,36 @@ def summary(values: list[float]) -> dict[str, float]:
 def sjf_experiment(args: argparse.Namespace, tokens: TextSampler) -> dict[str, Any]:
     workload = sharegpt(tokens.tokenizer, DATA / "sharegpt_v3_first_turn.jsonl", args.sjf_requests, args.seed)
     shape = [Arrival(0.0, tokens.tokenizer.encode(s.turns[0].prompt)[: args.sharegpt_max_input],
-                     min(s.turns[0].output_len, args.sharegpt_max_output)) for s in workload.sessions]
-    cap = capacity(args, shape)
-    rng = np.random.default_rng(args.seed + 2)
-    gaps = rng.exponential(1.0 / (args.sjf_load * cap), size=len(shape))
-    arrivals = [Arrival(float(t), a.prompt, a.max_tokens) for t, a in zip(np.cumsum(gaps) - gaps[0], shape,
-                                                                            strict=True)]
-    results: dict[str, Any] = {"capacity_rps": cap, "rate_rps": args.sjf_load * cap,
-                               "output_lens": summary([float(a.max_tokens) for a in arrivals])}
+                     max(2, round(s.turns[0].output_len * args.sharegpt_output_scale))) for s in workload.sessions]
+    cap = capacity(args, shape, args.sjf_kv_blocks)
+    results: dict[str, Any] = {"capacity_rps": cap, "output_lens": summary([float(a.max_tokens) for a in shape])}
+    for load in (float(x) for x in args.sjf_load.split(",")):
+        rng = np.random.default_rng(args.seed + 2)
+        gaps = rng.exponential(1.0 / (load * cap), size=len(shape))
+        arrivals = [Arrival(float(t), a.prompt, a.max_tokens) for t, a in zip(np.cumsum(gaps) - gaps[0], shape,
+                                                                                strict=True)]
+        results[f"load {load:g}"] = sjf_runs(args, arrivals, f"load {load:g}")
+    return results
+
+
+def sjf_runs(args: argparse.Namespace, arrivals: list[Arrival], label: str) -> dict[str, Any]:
+    results: dict[str, Any] = {}
     for repeat in range(args.repeats):
         for policy in ("fcfs", "sjf"):
-            traces, seconds = drive(make_engine(args, policy), arrivals)
+            traces, seconds = drive(make_engine(args, policy, args.sjf_kv_blocks), arrivals)
             waits = [tr.ttft for tr in traces if tr.ttft is not None]
             latencies = [tr.latency for tr in traces if tr.latency is not None]
             results[f"{policy}#{repeat}"] = {"latency": summary(latencies), "wait": summary(waits),
                                              "waits": waits, "seconds": seconds}
-            print(f"sjf/{policy} #{repeat}: latency mean {statistics.fmean(latencies):.1f}s p99 "
+            print(f"sjf/{label}/{policy} #{repeat}: latency mean {statistics.fmean(latencies):.1f}s p99 "
                   f"{percentile(latencies, 99):.1f}s, longest wait {max(waits):.1f}s, {seconds:.0f}s")
+        fcfs, sjf = results[f"fcfs#{repeat}"]["waits"], results[f"sjf#{repeat}"]["waits"]
+        # Per request (the same arrivals in both runs): its wait under SJF over its wait under FCFS, for requests
+        # that waited at least a second under FCFS (a ratio to a near-zero wait says nothing).
+        ratios = [b / a for a, b in zip(fcfs, sjf, strict=True) if a >= 1.0]
+        results[f"wait_ratio#{repeat}"] = {"max": max(ratios, default=None), "over_3x": sum(r > 3 for r in ratios),
+                                          "compared": len(ratios), "longest_over_longest": max(sjf) / max(fcfs)}
+        print(f"sjf/{label}/wait ratios #{repeat}: {results[f'wait_ratio#{repeat}']}")
     return results
 
 
@@ -283,14 +302,16 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--horizon", type=float, default=60.0, help="seconds of arrivals and of the run (fair)")
     parser.add_argument("--priority-horizon", type=float, default=40.0, help="seconds of arrivals (priority)")
-    parser.add_argument("--fair-load", type=float, default=2.0, help="both clients' load, times the capacity")
+    parser.add_argument("--fair-load", type=float, default=3.0, help="both clients' load, times the capacity")
     parser.add_argument("--heavy-ratio", type=float, default=3.0, help="client B's rate over client A's")
     parser.add_argument("--high-fraction", type=float, default=0.2)
     parser.add_argument("--sjf-requests", type=int, default=48)
-    parser.add_argument("--sjf-load", type=float, default=1.5, help="arrival rate, times the capacity")
+    parser.add_argument("--sjf-load", default="1.5,3", help="arrival rates, times the capacity (comma-separated)")
     parser.add_argument("--sjf-aging", type=float, default=1.0)
+    parser.add_argument("--sjf-kv-blocks", type=int, default=1024, help="ShareGPT requests are longer")
     parser.add_argument("--sharegpt-max-input", type=int, default=512)
-    parser.add_argument("--sharegpt-max-output", type=int, default=192)
+    parser.add_argument("--sharegpt-output-scale", type=float, default=0.25,
+                        help="ShareGPT reply lengths times this (the mix of short and long kept, the run shorter)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scheduling.json"))
     args = parser.parse_args()

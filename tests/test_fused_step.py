@@ -137,24 +137,11 @@ def test_paged_attention_matches_a_float64_reference(kernels, dtype, tolerance, 
     generator = torch.Generator().manual_seed(0)
     # (keys, new tokens): decodes, whole prompts, chunks after cached keys, tiles of 16 queries with a remainder.
     sequences = [(1, 1), (37, 1), (100, 1), (40, 40), (33, 17), (300, 50), (17, 2), (64, 16)]
-    num_blocks = sum(-(-ctx // BLOCK) for ctx, _ in sequences) + 3
-    blocks = torch.randperm(num_blocks, generator=generator).tolist()
-    tables = []
-    for ctx, _ in sequences:
-        tables.append(blocks[: -(-ctx // BLOCK)])
-        blocks = blocks[-(-ctx // BLOCK):]
-    k_cache = torch.randn(kv_heads, num_blocks * BLOCK, head_dim, generator=generator).to(dtype)
-    v_cache = torch.randn(kv_heads, num_blocks * BLOCK, head_dim, generator=generator).to(dtype)
-    starts = [0]
-    for _, q_len in sequences:
-        starts.append(starts[-1] + q_len)
-    q = torch.randn(starts[-1], num_heads, head_dim, generator=generator).to(dtype)
-    new_slots = torch.tensor([slot for (ctx, q_len), table in zip(sequences, tables, strict=True)
-                              for slot in slots_of(table, ctx - q_len, ctx)])
-    k, v = k_cache[:, new_slots].transpose(0, 1), v_cache[:, new_slots].transpose(0, 1)  # the tokens' own K/V
+    q, k, v, k_cache, v_cache, starts, tables = scattered_attention_batch(generator, dtype, num_heads, kv_heads,
+                                                                           head_dim, sequences)
     width = max(len(t) for t in tables)
     context_lens = [ctx for ctx, _ in sequences]
-    got = kernels.paged_attention(q, k.contiguous(), v.contiguous(), k_cache, v_cache, torch.tensor(starts),
+    got = kernels.paged_attention(q, k, v, k_cache, v_cache, torch.tensor(starts),
                                   torch.tensor([t + [0] * (width - len(t)) for t in tables]),
                                   torch.tensor(context_lens), BLOCK)
     want = reference_attention(q, k_cache, v_cache, starts, tables, context_lens)

@@ -210,6 +210,18 @@ def test_sjf_runs_the_shortest_predicted_work_first() -> None:
     assert sched.policy.predicted_work(req("p", prompt_len=8, max_tokens=5)) == pytest.approx(8 / 16 + 5)
 
 
+def test_sjf_kv_victim_is_the_request_with_the_most_work_left() -> None:
+    sched = make("sjf", num_blocks=4, block_size=4)
+    long, short = req("long", prompt_len=7, max_tokens=50), req("short", prompt_len=8, max_tokens=3)
+    sched.add_request(long)
+    assert step(sched) == {"long": 7}
+    sched.add_request(short)
+    assert step(sched) == {"short": 8, "long": 1}  # the cache is full
+    plan = sched.schedule()  # both need a block: the long one yields, although the short one came later
+    assert plan.preempted_request_ids == ("long",)
+    assert [(s.request_id, s.num_tokens) for s in plan.seqs] == [("short", 1)]
+
+
 def test_sjf_aging_bounds_the_wait_of_a_long_request() -> None:
     def long_request_start(aging: float) -> int | None:
         """A long request at step 0, then a short one every step: the step the long one is first scheduled."""
