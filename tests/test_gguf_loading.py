@@ -130,3 +130,17 @@ def test_qwen2_logits_match_transformers(tmp_path_factory: pytest.TempPathFactor
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0]
     assert torch.max(torch.abs(prefill_logits(model, ids) - ref)).item() <= 1e-3
+
+
+def test_a_model_file_opened_again_is_not_parsed_again(model_path, monkeypatch) -> None:
+    import gguf
+
+    first = GGUFFile(model_path)
+
+    def no_parse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - any call is the failure
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_parse)
+    again = GGUFFile(model_path)
+    assert again.metadata == first.metadata and again.metadata is not first.metadata
+    assert again.tensor_names() == first.tensor_names()

@@ -81,6 +81,13 @@ def test_the_whole_group_counts_against_the_waiting_limit(server, engine) -> Non
     assert "adds 6" in resp.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("ids", [[5, -3], [5, 10**6]])
+def test_echo_of_token_ids_outside_the_vocabulary_is_a_bad_request(server, ids: list[int]) -> None:
+    # Found by schemathesis: the echo was decoded before the engine had checked the ids, and decoding raised.
+    resp = post(server, "/v1/completions", {"prompt": ids, "echo": True, "max_tokens": 1})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
+
+
 def test_non_finite_json_numbers_are_rejected(server) -> None:
     for field in ("temperature", "repetition_penalty", "top_p"):
         content = '{"prompt": [5], "max_tokens": 1, "' + field + '": Infinity}'

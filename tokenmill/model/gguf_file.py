@@ -60,6 +60,15 @@ class GGUFTensor:
     raw: np.ndarray
 
 
+# The last file parsed, by path and file identity: gguf's reader spends seconds on a large vocabulary's metadata, and
+# a process often opens the same file again (several engines in a benchmark or a test session). The tensors are
+# read-only memory maps, so sharing them between GGUFFile objects is safe. Only model-sized files are cached: a
+# small file parses fast, and one rewritten in place within the file system's timestamp granularity (tests write
+# damaged files over each other) could otherwise match a stale entry.
+_PARSED: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, GGUFTensor]]] = {}
+_CACHE_MIN_BYTES = 16 << 20
+
+
 class GGUFFile:
     """An opened GGUF file. Tensor data stays memory-mapped until `tensor()` dequantizes it."""
 
@@ -77,14 +86,22 @@ class GGUFFile:
             magic = fh.read(4)
         if magic != b"GGUF":
             raise ModelLoadError(f"not a GGUF file (magic {magic!r}, expected b'GGUF'): {self.path}")
-        # The gguf reader trusts the file's counts (a huge declared array makes it loop forever): bounds first.
-        header = check_gguf_header(self.path)
-        try:
-            reader = gguf.GGUFReader(str(self.path))
-        except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on damaged files
-            raise ModelLoadError(f"damaged or truncated GGUF file {self.path}: {exc}") from exc
-        self.metadata = self._read_metadata(reader)
-        self._tensors = self._read_tensors(reader, header.tensors)
+        stat = self.path.stat()
+        identity = (str(self.path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        cached = _PARSED.get(identity) if stat.st_size >= _CACHE_MIN_BYTES else None
+        if cached is None:
+            # The gguf reader trusts the file's counts (a huge declared array makes it loop forever): bounds first.
+            header = check_gguf_header(self.path)
+            try:
+                reader = gguf.GGUFReader(str(self.path))
+            except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on damaged files
+                raise ModelLoadError(f"damaged or truncated GGUF file {self.path}: {exc}") from exc
+            cached = self._read_metadata(reader), self._read_tensors(reader, header.tensors)
+            if stat.st_size >= _CACHE_MIN_BYTES:
+                _PARSED.clear()  # one file at a time: its tensors stay memory-mapped while cached
+                _PARSED[identity] = cached
+        metadata, self._tensors = cached
+        self.metadata = dict(metadata)
 
     def _read_metadata(self, reader: Any) -> dict[str, Any]:
         metadata: dict[str, Any] = {}

@@ -211,9 +211,10 @@ class OpenAIServing:
         params = [req.sampling_params(self._max_tokens(len(ids), req.max_tokens, "max_tokens", "prompt"),
                                       req.logprobs) for ids in prompt_ids]
         prepared = self._prepare("cmpl", prompt_ids, params, req.n or 1, origin, req.priority)
+        stream = await self._submit(prepared, "prompt")
+        # After the engine has checked the token ids: decoding an id outside the vocabulary would raise.
         echo = [self.engine.tokenizer.decode(ids) if not isinstance(p, str) else p for p, ids in
                 zip(prompts, prompt_ids, strict=True)] if req.echo else None
-        stream = await self._submit(prepared, "prompt")
         if req.stream:
             return self._sse(stream, lambda s: self._completion_chunks(s, req, prepared, echo)), stream
         finals = await self._collect(stream)
