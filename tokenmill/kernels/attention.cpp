@@ -221,29 +221,34 @@ inline void pack_pairs(const float* probs, int64_t count, uint32_t* pairs) {
   }
 }
 
+// Value rows `first` and `second` (nullptr: a zero row) interleaved, (first[d], second[d]) per lane, so that one
+// vdpbf16ps adds p_t·v_t[d] + p_t+1·v_t+1[d] for 16 dimensions: out[c] holds dimensions 16c to 16c + 15.
+template <int D>
+inline void interleave_value_rows(const c10::BFloat16* first, const c10::BFloat16* second, __m512i* out) {
+  alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
+  for (int m = 0; m < D / 32; ++m) {
+    const __m512i a = _mm512_loadu_si512(first + 32 * m);
+    const __m512i b = second ? _mm512_loadu_si512(second + 32 * m) : _mm512_setzero_si512();
+    out[2 * m] = _mm512_permutex2var_epi16(a, low, b);
+    out[2 * m + 1] = _mm512_permutex2var_epi16(a, high, b);
+  }
+}
+
 // prob_pairs: the group's probabilities as pack_pairs lays them out, head g's from prob_pairs + g * pair_stride.
 template <int D, int G>
 void weigh_values_bf16(const uint32_t* prob_pairs, int64_t pair_stride, const c10::BFloat16* v_head,
                        const int64_t* table, int64_t block_size, int64_t group, int64_t cached, f32x16* acc_out) {
   if constexpr (G > 0) group = G;
   constexpr int kChunks = D / 16;
-  // Value rows t and t + 1 interleaved, (v_t[d], v_t+1[d]) per lane, so that one instruction adds p_t·v_t[d] +
-  // p_t+1·v_t+1[d] for 16 dimensions.
-  alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
   __m512 acc[kMaxGroup * kChunks];
   for (int64_t i = 0; i < group * kChunks; ++i) acc[i] = _mm512_setzero_ps();
   auto add_pair = [&](int64_t t, const c10::BFloat16* first, const c10::BFloat16* second) {
     __m512i pairs[kChunks];
-    for (int m = 0; m < kChunks / 2; ++m) {
-      const __m512i a = _mm512_loadu_si512(first + 32 * m);
-      const __m512i b = second ? _mm512_loadu_si512(second + 32 * m) : _mm512_setzero_si512();
-      pairs[2 * m] = _mm512_permutex2var_epi16(a, low, b);
-      pairs[2 * m + 1] = _mm512_permutex2var_epi16(a, high, b);
-    }
+    interleave_value_rows<D>(first, second, pairs);
     for (int64_t g = 0; g < group; ++g) {
       const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(prob_pairs[g * pair_stride + t / 2]));
       for (int c = 0; c < kChunks; ++c)
@@ -273,22 +278,9 @@ void weigh_values_rows_bf16(const uint32_t* prob_pairs, int64_t pair_stride, con
                             const int64_t* table, int64_t block_size, int64_t group, int64_t rows, int64_t base,
                             f32x16* acc_out) {
   constexpr int kChunks = D / 16;
-  alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
   const int64_t pairs = rows * group;
   __m512 acc[kPassPairs * kChunks];
   for (int64_t i = 0; i < pairs * kChunks; ++i) acc[i] = _mm512_setzero_ps();
-  auto interleave = [&](const c10::BFloat16* first, const c10::BFloat16* second, __m512i* out) {
-    for (int m = 0; m < kChunks / 2; ++m) {
-      const __m512i a = _mm512_loadu_si512(first + 32 * m);
-      const __m512i b = second ? _mm512_loadu_si512(second + 32 * m) : _mm512_setzero_si512();
-      out[2 * m] = _mm512_permutex2var_epi16(a, low, b);
-      out[2 * m + 1] = _mm512_permutex2var_epi16(a, high, b);
-    }
-  };
   auto weigh = [&](int64_t t, const __m512i* pair_rows, int64_t p_begin, int64_t p_end) {
     for (int64_t p = p_begin; p < p_end; ++p) {
       const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(prob_pairs[p * pair_stride + t / 2]));
@@ -301,11 +293,11 @@ void weigh_values_rows_bf16(const uint32_t* prob_pairs, int64_t pair_stride, con
     const int64_t odd = t + 1 - base;                         // the row whose count is t + 1, if any
     __m512i pair_rows[kChunks];
     if (both < rows) {
-      interleave(first, second, pair_rows);
+      interleave_value_rows<D>(first, second, pair_rows);
       weigh(t, pair_rows, both * group, pairs);
     }
     if (odd >= 0 && odd < rows) {
-      if (second != nullptr || both >= rows) interleave(first, nullptr, pair_rows);
+      if (second != nullptr || both >= rows) interleave_value_rows<D>(first, nullptr, pair_rows);
       weigh(t, pair_rows, odd * group, (odd + 1) * group);
     }
   };

@@ -31,10 +31,10 @@ class ClientLedger:
         self._usage: OrderedDict[str, ClientUsage] = OrderedDict()
 
     def charge(self, client: str, prompt_tokens: int, output_tokens: int) -> None:
-        usage = self._usage.pop(client, None) or ClientUsage()
+        usage = self._usage.setdefault(client, ClientUsage())
         usage.prompt_tokens += prompt_tokens
         usage.generation_tokens += output_tokens
-        self._usage[client] = usage
+        self._usage.move_to_end(client)
         if len(self._usage) > self.max_clients:
             self._usage.popitem(last=False)
 

@@ -71,19 +71,11 @@ class SchedulingPolicy(ABC):
         return {}
 
 
-class FCFSPolicy(SchedulingPolicy):
-    """First come, first served; a preempted request goes back to the head of the queue."""
+class QueuePolicy(SchedulingPolicy):
+    """A policy over one queue object (`WaitingQueue`, `HeapQueue`): removal, the head and its pop, size and order
+    are the queue's; subclasses say how a request enters it."""
 
-    name = "fcfs"
-
-    def __init__(self) -> None:
-        self._queue = WaitingQueue()
-
-    def add(self, request: Request) -> None:
-        self._queue.append(request)
-
-    def requeue(self, request: Request) -> None:
-        self._queue.appendleft(request)
+    _queue: WaitingQueue | HeapQueue
 
     def remove(self, request: Request) -> None:
         self._queue.remove(request)
@@ -101,8 +93,24 @@ class FCFSPolicy(SchedulingPolicy):
         return iter(self._queue)
 
 
-class KeyedPolicy(SchedulingPolicy):
-    """A policy whose queue order is a key fixed when the request enters the queue."""
+class FCFSPolicy(QueuePolicy):
+    """First come, first served; a preempted request goes back to the head of the queue."""
+
+    name = "fcfs"
+
+    def __init__(self) -> None:
+        self._queue = WaitingQueue()
+
+    def add(self, request: Request) -> None:
+        self._queue.append(request)
+
+    def requeue(self, request: Request) -> None:
+        self._queue.appendleft(request)
+
+
+class KeyedPolicy(QueuePolicy):
+    """A policy whose queue order is a key fixed when the request enters the queue (a preempted request is keyed
+    again: its work may have changed, its arrival has not)."""
 
     def __init__(self) -> None:
         self._queue = HeapQueue()
@@ -115,21 +123,6 @@ class KeyedPolicy(SchedulingPolicy):
 
     def requeue(self, request: Request) -> None:
         self._queue.push(request, self.key(request))
-
-    def remove(self, request: Request) -> None:
-        self._queue.remove(request)
-
-    def head(self) -> Request | None:
-        return self._queue.head()
-
-    def pop(self) -> Request:
-        return self._queue.pop()
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(self._queue)
 
 
 class PriorityPolicy(KeyedPolicy):

@@ -74,7 +74,7 @@ class HeapQueue:
         self._drop_removed_head()
         return self._heap[0][2] if self._heap else None
 
-    def pop(self) -> Request:
+    def popleft(self) -> Request:
         self._drop_removed_head()
         return heapq.heappop(self._heap)[2]
 
