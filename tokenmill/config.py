@@ -63,6 +63,10 @@ class EngineConfig:
     sjf_aging: float = 1.0
     fair_input_weight: float = 1.0
     fair_output_weight: float = 2.0
+    # Structured output (tokenmill/structured): a request's grammar is compiled within this many seconds or the
+    # request is refused; its token masks are filled on a worker thread while the model runs unless overlap is off.
+    structured_outputs_timeout_s: float = 10.0
+    structured_outputs_overlap: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -90,6 +94,8 @@ class EngineConfig:
             raise ValueError(f"speculative must be one of {SPECULATIVE_METHODS}, got {self.speculative!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not self.structured_outputs_timeout_s > 0:
+            raise ValueError(f"structured_outputs_timeout_s must be > 0, got {self.structured_outputs_timeout_s}")
         check_scheduling(self.scheduling_policy, self.sjf_aging, self.fair_input_weight, self.fair_output_weight)
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "

@@ -36,6 +36,8 @@ from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 from tokenmill.spec.adaptive import StepCostModel
 from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.speculator import SpecDecodeStats, Speculator
+from tokenmill.structured.grammar import GrammarCompiler
+from tokenmill.structured.masks import StructuredOutputManager
 from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,8 @@ class LLMEngine:
                                   max_positions=self.model.rope_cos.shape[0], vocab_size=self.model.embed.out_features)
         self.speculator = self._speculator()
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
+        self._structured: StructuredOutputManager | None = None  # built for the first grammar (indexing the
+        # vocabulary takes a moment)
         self._ids = itertools.count()
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -134,6 +138,15 @@ class LLMEngine:
                         time.perf_counter() - started, table)
         return Speculator(proposer, config.num_speculative_tokens, self.max_model_len, config.max_num_batched_tokens,
                           cost)
+
+    @property
+    def structured(self) -> StructuredOutputManager:
+        """Grammar compilation and token masks (tokenmill.structured), built on first use."""
+        if self._structured is None:
+            compiler = GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size, self.eos_token_ids,
+                                       self.config.structured_outputs_timeout_s)
+            self._structured = StructuredOutputManager(compiler, self.config.structured_outputs_overlap)
+        return self._structured
 
     def _weight_format_name(self) -> str:
         fmt = self.config.weight_format
@@ -181,6 +194,8 @@ class LLMEngine:
         request = Request(request_id, prompt_ids, params, self.eos_token_ids, fork_of=fork_of, cache_salt=cache_salt,
                           priority=priority, client_id=client_id)
         request.output_state = RequestState(request, prompt_text, self.tokenizer, self.max_model_len)
+        if params.structured_outputs is not None:
+            request.grammar = self.structured.compiler.compile(params.structured_outputs).matcher()
         self.scheduler.add_request(request)
         return request_id
 
@@ -243,9 +258,13 @@ class LLMEngine:
         found, and only that one finishes with "error"."""
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
+            if self._structured is not None:
+                self._structured.trim_drafts(self.scheduler.running)
         plan = self.scheduler.schedule()
+        masks = self._structured.start(plan, self.scheduler.get) if self._structured is not None else None
         try:
-            result = self.runner.execute(plan)  # also when empty: it carries the finished ids the runner lets go of
+            # Also when empty: it carries the finished ids the runner lets go of.
+            result = self.runner.execute(plan, masks)
         except Exception:
             logger.exception("a step of %d sequences failed", len(plan.seqs))
             self.scheduler.step_failed(plan)
@@ -277,7 +296,11 @@ class LLMEngine:
         state: RequestState = request.output_state
         status = None
         for token_id, logprobs in zip(samples.token_ids, samples.logprobs, strict=True):
+            if request.grammar is not None and not request.grammar.accept(token_id):
+                raise RuntimeError(f"token {token_id} broke the request's grammar: {request.grammar.error}")
             status = state.append_token(token_id, logprobs)
+            if status is None and request.grammar is not None and request.grammar.is_terminated:
+                status = RequestStatus.FINISHED_STOPPED  # the output is complete: nothing else may follow
             self._generation_tokens += 1
             if request.num_output_tokens == 1:  # counted once its prefill completes, as vLLM does
                 self._prompt_tokens += request.num_prompt_tokens

@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenmill.structured.params import StructuredOutputs
 
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 # Stop strings are searched at every token of the request, on the engine thread that serves everyone: bounded.
@@ -51,6 +55,8 @@ class SamplingParams:
     # "cumulative": every output holds all text, tokens and logprobs so far; "delta": only what is new since the
     # previous output (what a stream sends: O(1) per token instead of O(length)).
     output_kind: str = "cumulative"
+    # A grammar the output must match (JSON schema, regex, choice...), enforced by masking each step's logits.
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -105,6 +111,10 @@ class SamplingParams:
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
               f"must be an integer in [0, 20], got {self.logprobs!r}")
+        from tokenmill.structured.params import StructuredOutputs
+
+        check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+              "structured_outputs", "must be a tokenmill.structured.params.StructuredOutputs")
         check(self.output_kind in OUTPUT_KINDS, "output_kind",
               f"must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
 

@@ -252,6 +252,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The HF `tokenizers` JSON of the rebuilt tokenizer (what grammar libraries read a vocabulary from)."""
+        return self._backend.to_str()
+
     def id_to_token(self, token_id: int) -> str:
         return self._tokens[token_id]
 

@@ -73,3 +73,7 @@ class GenerationResult:
     @property
     def token_ids(self) -> list[int]:
         return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 
@@ -17,6 +18,7 @@ from tokenmill.sampler.sampler import Sampler, SamplingRow, has_penalties
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, SeqSamples, StepPlan, StepResult
 from tokenmill.spec.verifier import verify
+from tokenmill.structured.masks import TokenMasks
 
 
 class ModelRunner:
@@ -37,7 +39,8 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}  # per seeded request, advanced only by its own draws
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, token_masks: Future[TokenMasks] | None = None) -> StepResult:
+        """Runs `plan`; `token_masks`, being filled while the model runs, restrict grammar-bound rows' tokens."""
         for request_id in plan.finished_request_ids:
             self._generators.pop(request_id, None)
         if plan.is_empty:
@@ -54,6 +57,8 @@ class ModelRunner:
         if len(rows) != hidden.shape[0]:  # a decode-only step samples every row, in order
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
         logits = self.lm_head.logits(hidden)  # model dtype or fp32: the sampler widens only when it must
+        if token_masks is not None:
+            token_masks.result().apply(logits)
         rows_of = [[self._sampling_row(s, i) for i in range(s.num_samples)] for s in sampled]
         samples = self._sample(logits, sampled, rows_of)
         return StepResult(samples, logits.float() if plan.return_logits else None)

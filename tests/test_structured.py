@@ -1,0 +1,182 @@
+"""Structured output on a tiny random model with a byte-level vocabulary: every finished output matches its JSON
+schema, regex or choice; grammar-free requests are untouched; greedy speculation under a grammar is identical to
+greedy without it; bad constraints are refused naming the field; masks are applied exactly."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from conftest import write_tiny_gguf
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.sampling_params import InvalidRequestError
+from tokenmill.structured.masks import TokenMasks
+from tokenmill.structured.params import StructuredOutputs
+from tokenmill.tokenizer import _byte_alphabet
+
+SCHEMAS = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/data/json_schemas.json").read_text())
+# Multi-byte tokens next to the 256 single bytes, so that masks must allow or forbid whole pieces of JSON.
+PIECES = ['{"', '":', '", "', '"}', ", ", ": ", "true", "false", "null", "[", "]}", "12", "0.", "ORD-", "20"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    tokens = ["<|endoftext|>", *_byte_alphabet().values(), *PIECES]
+    types = [3] + [1] * (len(tokens) - 1)
+    path = tmp_path_factory.mktemp("structured") / "bytes.gguf"
+    return write_tiny_gguf(path, hidden=256, heads=4, kv_heads=2, ff=256, vocab=len(tokens), context=1024,
+                           metadata={"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+                                     "tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0})
+
+
+def make_llm(path: Path, **options: object) -> LLM:
+    base: dict[str, object] = {"dtype": "float32", "device": "cpu", "num_kv_blocks": 512, "block_size": 16}
+    return LLM(str(path), **(base | options))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model) -> LLM:
+    return make_llm(tiny_model)
+
+
+def sampled(constraint: StructuredOutputs, seed: int, max_tokens: int = 600) -> SamplingParams:
+    return SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens, structured_outputs=constraint)
+
+
+def test_every_sampled_output_matches_its_schema(llm) -> None:
+    """12 schemas x 5 seeds, all in one batch: each output that finished on its own validates."""
+    cases = [(name, seed) for name in SCHEMAS for seed in range(5)]
+    params = [sampled(StructuredOutputs(json=SCHEMAS[name]), seed) for name, seed in cases]
+    outputs = llm.generate(["Answer in JSON:"] * len(cases), params, use_tqdm=False)
+    finished = 0
+    for (name, _), out in zip(cases, outputs, strict=True):
+        if out.finish_reason == "length":  # a random model may wander within a number or string
+            continue
+        assert out.finish_reason == "stop"
+        jsonschema.validate(json.loads(out.text), SCHEMAS[name])
+        finished += 1
+    assert finished >= 0.9 * len(cases)
+
+
+def test_regex_choice_and_json_object(llm) -> None:
+    regex = r"[A-Z]{2}-[0-9]{3}(-x)?"
+    choices = ("yes", "no", "maybe later")
+    for seed in range(6):
+        out = llm.generate("id:", sampled(StructuredOutputs(regex=regex), seed), use_tqdm=False)[0]
+        assert out.finish_reason == "stop" and re.fullmatch(regex, out.text), out.text
+        out = llm.generate("pick:", sampled(StructuredOutputs(choice=choices), seed), use_tqdm=False)[0]
+        assert out.finish_reason == "stop" and out.text in choices
+    outs = llm.generate(["obj:"] * 6, [sampled(StructuredOutputs(json_object=True), s, 400) for s in range(6)],
+                        use_tqdm=False)
+    objects = [json.loads(o.text) for o in outs if o.finish_reason == "stop"]
+    assert objects and all(isinstance(o, dict) for o in objects)
+
+
+def test_grammar_free_requests_are_untouched(llm) -> None:
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = llm.generate("hello there", plain, use_tqdm=False)[0].token_ids
+    mixed = llm.generate(["hello there", "x", "hello there"],
+                         [plain, sampled(StructuredOutputs(json=SCHEMAS["person"]), 1), plain], use_tqdm=False)
+    assert mixed[0].token_ids == alone and mixed[2].token_ids == alone
+
+
+def test_mask_overlap_off_gives_the_same_tokens(tiny_model, llm) -> None:
+    params = [sampled(StructuredOutputs(json=SCHEMAS[n]), 3) for n in ("order", "recipe", "shape")]
+    on = [o.token_ids for o in llm.generate(["a", "b", "c"], params, use_tqdm=False)]
+    off = make_llm(tiny_model, structured_outputs_overlap=False)
+    assert [o.token_ids for o in off.generate(["a", "b", "c"], params, use_tqdm=False)] == on
+
+
+def test_greedy_with_speculation_is_identical_and_drafts_respect_the_grammar(tiny_model, llm) -> None:
+    """Prompts that repeat themselves give prompt-lookup drafts; the grammar forbids some of them."""
+    regex = r"(ab|cd|[0-9]){4,60}"
+    prompts = ["abcdabcdab12cdabcdab", "cdcd1212cdcd1212cd", "{\"a\": 1, \"a\": 1, \"a\": 1"]
+    constraints = [StructuredOutputs(regex=regex), StructuredOutputs(regex=regex),
+                   StructuredOutputs(json={"type": "object", "properties": {"a": {"type": "integer"}}})]
+    params = [SamplingParams(temperature=0, max_tokens=60, structured_outputs=c) for c in constraints]
+    plain = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    spec = make_llm(tiny_model, speculative="ngram", num_speculative_tokens=4, prompt_lookup_min=1,
+                    speculative_adaptive=False)
+    got = spec.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in got] == plain
+    assert re.fullmatch(regex, got[0].text) and re.fullmatch(regex, got[1].text)
+    stats = spec.engine.stats().spec_decode
+    assert stats is not None and stats.num_drafts > 0
+
+
+def test_preemption_keeps_the_grammar_state(tiny_model) -> None:
+    small = make_llm(tiny_model, num_kv_blocks=24, max_num_seqs=8)
+    params = [sampled(StructuredOutputs(json=SCHEMAS["address"]), s, 200) for s in range(8)]
+    outs = small.generate(["x" * 30] * 8, params, use_tqdm=False)
+    assert small.engine.stats().num_preemptions > 0
+    for out in outs:
+        if out.finish_reason == "stop":
+            jsonschema.validate(json.loads(out.text), SCHEMAS["address"])
+    stats = small.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_bad_constraints_are_refused_naming_the_field(llm) -> None:
+    engine = llm.engine
+    bad = [StructuredOutputs(json={"type": "object", "properties": {"a": {"type": "strin"}}}),
+           StructuredOutputs(json="{not json"), StructuredOutputs(regex="(a|b"),
+           StructuredOutputs(json={"type": "array", "uniqueItems": True}, field_name="response_format"),
+           StructuredOutputs(grammar="start: undefined_rule")]
+    for constraint in bad:
+        with pytest.raises(InvalidRequestError) as error:
+            engine.add_request("x", SamplingParams(structured_outputs=constraint))
+        assert error.value.field == constraint.field_name and "invalid" in error.value.message
+    assert not engine.has_unfinished_requests()
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        StructuredOutputs(regex="a", choice=("a",))
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        StructuredOutputs()
+    with pytest.raises(InvalidRequestError, match="choice"):
+        StructuredOutputs(choice=())
+
+
+def test_grammars_are_compiled_once_and_slow_ones_time_out(llm, monkeypatch) -> None:
+    compiler = llm.engine.structured.compiler
+    constraint = StructuredOutputs(json={"type": "object", "properties": {"zz": {"type": "integer"}}})
+    compiled = compiler.num_compiled
+    for _ in range(3):
+        compiler.compile(constraint)
+    assert compiler.num_compiled == compiled + 1
+    original = compiler._build
+
+    def slow(key):
+        time.sleep(0.5)
+        return original(key)
+
+    monkeypatch.setattr(compiler, "_build", slow)
+    monkeypatch.setattr(compiler, "timeout_s", 0.05)
+    with pytest.raises(InvalidRequestError, match="did not compile within"):
+        compiler.compile(StructuredOutputs(regex="slow[0-9]+"))
+
+
+def test_json_key_order_is_kept() -> None:
+    a = StructuredOutputs(json={"properties": {"b": {}, "a": {}}})
+    b = StructuredOutputs(json={"properties": {"a": {}, "b": {}}})
+    assert a.key() != b.key() and a.key()[1].index('"b"') < a.key()[1].index('"a"')
+
+
+@pytest.mark.parametrize("vocab", [31, 32, 100])
+def test_token_masks_apply_exactly(vocab) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(5, vocab, generator=gen)
+    words = -(-vocab // 32)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (2, words), generator=gen, dtype=torch.int64).to(torch.int32)
+    rows = torch.tensor([1, 3])
+    expected = logits.clone()
+    for r, row in enumerate(rows.tolist()):
+        for t in range(vocab):
+            if not (int(bitmask[r, t // 32]) >> (t % 32)) & 1:
+                expected[row, t] = float("-inf")
+    TokenMasks(rows, bitmask).apply(logits)
+    assert torch.equal(logits, expected)
