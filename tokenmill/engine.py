@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,8 +96,9 @@ class LLMEngine:
                                   max_positions=self.model.rope_cos.shape[0], vocab_size=self.model.embed.out_features)
         self.speculator = self._speculator()
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
-        self._structured: StructuredOutputManager | None = None  # built for the first grammar (indexing the
-        # vocabulary takes a moment)
+        # Built for the first grammar (indexing the vocabulary takes a moment), maybe from a server's thread.
+        self._structured: StructuredOutputManager | None = None
+        self._structured_lock = threading.Lock()
         self._ids = itertools.count()
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -142,11 +144,12 @@ class LLMEngine:
     @property
     def structured(self) -> StructuredOutputManager:
         """Grammar compilation and token masks (tokenmill.structured), built on first use."""
-        if self._structured is None:
-            compiler = GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size, self.eos_token_ids,
-                                       self.config.structured_outputs_timeout_s)
-            self._structured = StructuredOutputManager(compiler, self.config.structured_outputs_overlap)
-        return self._structured
+        with self._structured_lock:
+            if self._structured is None:
+                compiler = GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size,
+                                           self.eos_token_ids, self.config.structured_outputs_timeout_s)
+                self._structured = StructuredOutputManager(compiler, self.config.structured_outputs_overlap)
+            return self._structured
 
     def _weight_format_name(self) -> str:
         fmt = self.config.weight_format

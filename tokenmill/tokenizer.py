@@ -292,12 +292,19 @@ class Tokenizer:
 
     # --- chat ---------------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template writes the `tools` it is given into the prompt (Qwen2.5's does)."""
+        return "tools" in self.chat_template
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         """Render a conversation into the prompt text the model was fine-tuned on."""
         messages = _validate_messages(messages)
         try:
             return self._template.render(
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._token_text(self._bos_token_id),
                 eos_token=self._token_text(self._eos_token_id),

@@ -37,6 +37,7 @@ from tokenmill.engine import EngineStats, LLMEngine
 from tokenmill.output.types import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.defaults import DEFAULT_MAX_STREAM_BACKLOG
+from tokenmill.structured.params import StructuredOutputs
 from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -249,6 +250,11 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    def compile_grammar(self, constraint: StructuredOutputs) -> None:
+        """Compiles a request's grammar into the engine's cache from the calling thread (a server's worker), so that
+        adding the request does not compile on the engine thread; raises InvalidRequestError for a bad one."""
+        self.engine.structured.compiler.compile(constraint)
 
     def stats(self) -> EngineStats:
         """The engine's stats as of the end of its latest loop iteration."""

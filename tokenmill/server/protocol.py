@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenmill.sampling_params import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, InvalidRequestError, SamplingParams
 from tokenmill.server.errors import APIError, bad_request, invalid_request
+from tokenmill.structured.params import StructuredOutputs
 
 MAX_N = 128  # choices per request: each is a separate engine request
 MAX_LOGPROBS = 20
@@ -60,6 +61,13 @@ class _GenerationRequest(BaseModel):
     user: str | None = None  # the client, for fair scheduling and per-client metrics (unless API keys name it)
     cache_salt: str | None = None  # vLLM's extension: only requests with the same salt share prefix-cache blocks
     priority: int | None = 0  # vLLM's extension: lower is served first (needs --scheduling-policy priority)
+    # vLLM's structured-output extensions: the older guided_* fields, or structured_outputs {"json": ..., "regex":
+    # ..., "choice": [...], "grammar": ..., "json_object": true}.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -80,8 +88,29 @@ class _GenerationRequest(BaseModel):
         if self.user is not None and not 0 < len(self.user) <= MAX_USER_CHARS:
             raise bad_request(f"user must be 1 to {MAX_USER_CHARS} characters", "user")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None,
-                        renames: dict[str, str] | None = None) -> SamplingParams:
+    def extension_constraint(self) -> StructuredOutputs | None:
+        """The constraint of vLLM's extension fields (at most one of them), or None."""
+        given = {name: getattr(self, name) for name in ("guided_json", "guided_regex", "guided_choice",
+                                                        "guided_grammar", "structured_outputs")
+                 if getattr(self, name) is not None}
+        if not given:
+            return None
+        if len(given) > 1:
+            raise bad_request(f"at most one of {sorted(given)} may be given", sorted(given)[1])
+        (name, value), = given.items()
+        try:
+            if name == "structured_outputs":
+                unknown = set(value) - {"json", "regex", "choice", "grammar", "json_object"}
+                if unknown:
+                    raise bad_request(f"structured_outputs: unknown keys {sorted(unknown)}", name)
+                return StructuredOutputs(**value, field_name=name)
+            kind = name.removeprefix("guided_")
+            return StructuredOutputs(**{kind: value}, field_name=name)  # type: ignore[arg-type]
+        except InvalidRequestError as exc:
+            raise invalid_request(exc) from None
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, renames: dict[str, str] | None = None,
+                        structured: StructuredOutputs | None = None) -> SamplingParams:
         """SamplingParams of the request (n included); a bad value becomes a 400 naming it. Stop token ids outside
         the vocabulary are the engine's to reject; a top_k beyond it means no top_k, as in the sampler."""
         try:
@@ -102,6 +131,7 @@ class _GenerationRequest(BaseModel):
                 ignore_eos=bool(self.ignore_eos),
                 logprobs=logprobs,
                 skip_special_tokens=_default(self.skip_special_tokens, True),
+                structured_outputs=structured,
             )
         except InvalidRequestError as exc:
             raise invalid_request(exc, (renames or {}).get(exc.field)) from None
@@ -143,6 +173,8 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message answers this call
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -158,16 +190,35 @@ class ChatCompletionRequest(_GenerationRequest):
         self.check_common()
         if not self.messages:
             raise bad_request("messages must be a non-empty list", "messages")
-        if self.tools:
-            raise bad_request("tools are not supported", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
         if self.top_logprobs is not None:
             if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
                 raise bad_request(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}",
                                   "top_logprobs")
             if not self.logprobs:
                 raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+
+    def response_constraint(self) -> StructuredOutputs | None:
+        """The constraint of `response_format` (text: none) or of the extension fields; not both."""
+        fmt = self.response_format
+        kind = fmt.get("type", "text") if fmt else "text"
+        extension = self.extension_constraint()
+        if kind == "text":
+            return extension
+        if extension is not None:
+            raise bad_request("response_format and a structured-output extension field cannot both be given",
+                              "response_format")
+        assert fmt is not None
+        if kind == "json_object":
+            return StructuredOutputs(json_object=True, field_name="response_format")
+        if kind != "json_schema":
+            raise bad_request(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                              "response_format.type")
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request("response_format.json_schema.schema must be a JSON schema object",
+                              "response_format.json_schema.schema")
+        return StructuredOutputs(json=schema, field_name="response_format")
 
     @property
     def max_tokens_param(self) -> str:
@@ -181,8 +232,9 @@ class ChatCompletionRequest(_GenerationRequest):
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def conversation(self) -> list[dict[str, str]]:
-        """Messages as the chat template expects them: `{"role": str, "content": str}`, text parts joined."""
+    def conversation(self) -> list[dict[str, Any]]:
+        """Messages as the chat template expects them: `{"role": str, "content": str}`, text parts joined (plus
+        `tool_calls` of an assistant's calls and `tool_call_id` of a tool's answer, where given)."""
         conversation = []
         for i, message in enumerate(self.messages):
             if message.role not in CHAT_ROLES:
@@ -202,7 +254,12 @@ class ChatCompletionRequest(_GenerationRequest):
                     texts.append(part["text"])
                 content = "\n".join(texts)
             role = "system" if message.role == "developer" else message.role
-            conversation.append({"role": role, "content": content})
+            entry: dict[str, Any] = {"role": role, "content": content}
+            if message.tool_calls and role == "assistant":
+                entry["tool_calls"] = message.tool_calls
+            if message.tool_call_id is not None:
+                entry["tool_call_id"] = message.tool_call_id
+            conversation.append(entry)
         return conversation
 
 

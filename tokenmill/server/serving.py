@@ -7,6 +7,7 @@ A request with P prompts and `n` choices becomes P*n engine requests (siblings s
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,8 @@ from tokenmill.server.defaults import MAX_PROMPTS_PER_REQUEST, MAX_SEQUENCES_PER
 from tokenmill.server.errors import APIError, bad_request, error_body, invalid_request
 from tokenmill.server.formatting import SSE_DONE, TokenTexts, sse, usage
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
+from tokenmill.server.tools import ToolCallStream, ToolChoice, finish_reason_with_calls, parse_tool_choice
+from tokenmill.structured.params import StructuredOutputs
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 _NO_ORIGIN = Origin()  # in-process callers: no tenant, no client
@@ -151,6 +154,15 @@ class OpenAIServing:
                                               origin.cache_salt, priority or 0, origin.client_id))
         return _Prepared(request_id, prompt_ids, requests, n)
 
+    async def _compile(self, constraint: StructuredOutputs | None) -> None:
+        """A request's grammar compiled off the event loop and the engine thread; a bad one is a 400."""
+        if constraint is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.compile_grammar, constraint)
+        except InvalidRequestError as exc:
+            raise invalid_request(exc) from None
+
     async def _submit(self, prepared: _Prepared, prompt_param: str) -> OutputStream:
         try:
             return await self.engine.submit(prepared.requests, self.request_timeout)
@@ -207,9 +219,11 @@ class OpenAIServing:
         prompts = req.prompts()
         self._check_size(len(prompts), req.n or 1)
         req.sampling_params(1, req.logprobs)  # reject bad sampling values before tokenizing
+        constraint = req.extension_constraint()
+        await self._compile(constraint)
         prompt_ids = await asyncio.to_thread(lambda: [self._encode(p, "prompt") for p in prompts])
         params = [req.sampling_params(self._max_tokens(len(ids), req.max_tokens, "max_tokens", "prompt"),
-                                      req.logprobs) for ids in prompt_ids]
+                                      req.logprobs, structured=constraint) for ids in prompt_ids]
         prepared = self._prepare("cmpl", prompt_ids, params, req.n or 1, origin, req.priority)
         stream = await self._submit(prepared, "prompt")
         # After the engine has checked the token ids: decoding an id outside the vocabulary would raise.
@@ -277,36 +291,64 @@ class OpenAIServing:
         self._check_size(1, req.n or 1)
         renames = {"max_tokens": req.max_tokens_param, "logprobs": "top_logprobs"}
         req.sampling_params(1, req.engine_logprobs, renames)
+        tools = parse_tool_choice(req.tools, req.tool_choice)
+        constraint = req.response_constraint()
+        if tools is not None and constraint is not None:
+            if tools.mode != "auto":
+                raise bad_request("tool_choice 'required' or a named function leaves no room for a response_format",
+                                  "tool_choice")
+            tools = None  # the output is held to the response format: no call can be written
+        constraint = constraint or (tools.constraint() if tools is not None else None)
+        await self._compile(constraint)
         conversation = req.conversation()
-        ids = await asyncio.to_thread(self._render_chat, conversation)
+        ids = await asyncio.to_thread(self._render_chat, conversation, tools)
         max_tokens = self._max_tokens(len(ids), req.requested_max_tokens, req.max_tokens_param, "messages")
-        params = req.sampling_params(max_tokens, req.engine_logprobs, renames)
+        params = req.sampling_params(max_tokens, req.engine_logprobs, renames, structured=constraint)
         prepared = self._prepare("chatcmpl", [ids], [params], req.n or 1, origin, req.priority)
         stream = await self._submit(prepared, "messages")
         if req.stream:
-            return self._sse(stream, lambda s: self._chat_chunks(s, req, prepared)), stream
+            return self._sse(stream, lambda s: self._chat_chunks(s, req, prepared, tools)), stream
         finals = await self._collect(stream)
-        choices = [{"index": index, "message": {"role": "assistant", "content": out.text},
-                    "logprobs": self.texts.chat_logprobs(out.logprobs or []) if req.logprobs else None,
-                    "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
-                   for index, out in enumerate(finals)]
+        choices = []
+        for index, out in enumerate(finals):
+            message: dict[str, Any] = {"role": "assistant", "content": out.text}
+            finish_reason = out.finish_reason
+            calls = tools.parse(out.text) if tools is not None and finish_reason == "stop" else None
+            if tools is not None and calls:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+                finish_reason = finish_reason_with_calls(tools, finish_reason)
+            choices.append({"index": index, "message": message,
+                            "logprobs": self.texts.chat_logprobs(out.logprobs or []) if req.logprobs else None,
+                            "finish_reason": finish_reason, "stop_reason": out.stop_reason})
         completion_tokens = sum(out.num_output_tokens for out in finals)
         return {"id": prepared.request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
                 "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream
 
-    def _render_chat(self, conversation: list[dict[str, str]]) -> list[int]:
+    def _render_chat(self, conversation: list[dict[str, Any]], tools: ToolChoice | None) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        tool_list = None
+        if tools is not None and tokenizer.renders_tools:
+            tool_list = [{"type": "function", "function": f} for f in tools.tools.values()]
+        elif tools is not None:
+            conversation = with_tool_prompt(conversation, tools)
         try:
-            prompt = self.engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tools=tool_list)
         except ValueError as exc:
             raise bad_request(f"messages: {exc}", "messages") from None
         return self._encode(prompt, "messages")
 
-    async def _chat_chunks(self, stream: OutputStream, req: ChatCompletionRequest, prepared: _Prepared
-                           ) -> AsyncIterator[str]:
+    async def _chat_chunks(self, stream: OutputStream, req: ChatCompletionRequest, prepared: _Prepared,
+                           tools: ToolChoice | None) -> AsyncIterator[str]:
         count = len(prepared.requests)
         generated = [0] * count
         chunk = self._chunk_builder("chat.completion.chunk", req, prepared, generated)
+        if tools is not None:
+            async for text in self._tool_chunks(stream, tools, chunk, generated):
+                yield text
+            if req.include_usage:
+                yield sse(chunk([]))
+            return
 
         for index in range(count):
             yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -321,3 +363,54 @@ class OpenAIServing:
                               "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]))
         if req.include_usage:
             yield sse(chunk([]))
+
+    @staticmethod
+    async def _tool_chunks(stream: OutputStream, tools: ToolChoice, chunk: Callable[[list[dict[str, Any]]],
+                           dict[str, Any]], generated: list[int]) -> AsyncIterator[str]:
+        """Chat chunks of a request that may call tools: text deltas pass through each choice's ToolCallStream."""
+        streams = [ToolCallStream(tools) for _ in generated]
+        for index in range(len(generated)):
+            yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]))
+        async for index, out in stream:
+            generated[index] = out.num_output_tokens
+            deltas = streams[index].feed(out.text) if out.text else []
+            finish_reason = out.finish_reason
+            if out.finished:
+                more, finish_reason = streams[index].finish(out.finish_reason)
+                deltas += more
+            for delta in deltas:
+                yield sse(chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]))
+            if out.finished:
+                yield sse(chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason,
+                                  "stop_reason": out.stop_reason}]))
+
+
+def with_tool_prompt(conversation: list[dict[str, Any]], tools: ToolChoice) -> list[dict[str, Any]]:
+    """The conversation for a template that does not render tools: the tools described in the system message, and
+    earlier calls written into the assistant's text the way the model is asked to write them."""
+    out = []
+    for message in conversation:
+        calls = message.get("tool_calls")
+        if calls:
+            written = "\n".join(f"<tool_call>\n{json.dumps(_call_text(c))}\n</tool_call>" for c in calls)
+            message = {"role": message["role"], "content": (message["content"] + "\n" + written).strip()}
+        out.append(message)
+    if out and out[0]["role"] == "system":
+        out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + tools.system_prompt()}
+    else:
+        out.insert(0, {"role": "system", "content": tools.system_prompt()})
+    return out
+
+
+def _call_text(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        raise bad_request("an assistant message's tool_calls must hold {'function': {'name', 'arguments'}}",
+                          "messages")
+    arguments = function.get("arguments", "{}")
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        parsed = arguments
+    return {"name": function.get("name"), "arguments": parsed}
