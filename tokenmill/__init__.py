@@ -12,6 +12,7 @@ _EXPORTS = {
     "EngineConfig": "tokenmill.config",
     "SamplingParams": "tokenmill.sampling_params",
     "InvalidRequestError": "tokenmill.sampling_params",
+    "StructuredOutputs": "tokenmill.structured.params",
     "ModelLoadError": "tokenmill.model.gguf_file",
     "CompletionOutput": "tokenmill.output.types",
     "GenerationResult": "tokenmill.output.types",

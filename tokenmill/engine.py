@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 
 import torch
@@ -270,6 +271,8 @@ class LLMEngine:
             result = self.runner.execute(plan, masks)
         except Exception:
             logger.exception("a step of %d sequences failed", len(plan.seqs))
+            if masks is not None:
+                futures.wait([masks])  # the worker still reads the matchers the next step may touch
             self.scheduler.step_failed(plan)
             if len(plan.seqs) != 1:
                 return []

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from tokenmill.structured.params import StructuredOutputs
+from tokenmill.errors import InvalidRequestError
+from tokenmill.structured.params import StructuredOutputs
+
+__all__ = ["InvalidRequestError", "SamplingParams", "StructuredOutputs", "fan_out"]
 
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 # Stop strings are searched at every token of the request, on the engine thread that serves everyone: bounded.
@@ -16,15 +17,6 @@ MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 OUTPUT_KINDS = ("cumulative", "delta")
-
-
-class InvalidRequestError(ValueError):
-    """A request parameter is invalid; `field` names it so servers can report it, `message` says what is wrong."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.message = message
 
 
 @dataclass
@@ -111,8 +103,6 @@ class SamplingParams:
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
               f"must be an integer in [0, 20], got {self.logprobs!r}")
-        from tokenmill.structured.params import StructuredOutputs
-
         check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
               "structured_outputs", "must be a tokenmill.structured.params.StructuredOutputs")
         check(self.output_kind in OUTPUT_KINDS, "output_kind",

@@ -52,6 +52,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-speculative-adaptive", action="store_true",
                    help="always use every draft token found, instead of lengths chosen per step from acceptance "
                         "and a step-time model measured at start-up")
+    g = parser.add_argument_group("structured output")
+    g.add_argument("--structured-outputs-timeout", type=float, default=10.0,
+                   help="seconds a request's grammar (JSON schema, regex...) may take to compile before it is refused")
+    g.add_argument("--no-structured-outputs-overlap", action="store_true",
+                   help="fill grammar token masks before each step instead of on a worker thread while it runs")
 
 
 def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
@@ -66,5 +71,6 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
         prompt_lookup_max=args.prompt_lookup_max, speculative_adaptive=not args.no_speculative_adaptive,
         scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, fair_input_weight=args.fair_input_weight,
-        fair_output_weight=args.fair_output_weight,
+        fair_output_weight=args.fair_output_weight, structured_outputs_timeout_s=args.structured_outputs_timeout,
+        structured_outputs_overlap=not args.no_structured_outputs_overlap,
     )

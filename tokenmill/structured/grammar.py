@@ -12,7 +12,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import llguidance
 
-from tokenmill.sampling_params import InvalidRequestError
+from tokenmill.errors import InvalidRequestError
 from tokenmill.structured.params import StructuredOutputs
 
 # JSON as json.dumps writes it: one space after ',' and ':', no newlines. Flexible whitespace lets a small model

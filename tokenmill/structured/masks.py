@@ -9,13 +9,12 @@ from dataclasses import dataclass
 
 import llguidance
 import llguidance.torch as llg_torch
+import numpy as np
 import torch
 
 from tokenmill.request import Request
 from tokenmill.scheduler.plan import StepPlan
 from tokenmill.structured.grammar import GrammarCompiler
-
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 @dataclass(frozen=True)
@@ -29,9 +28,15 @@ class TokenMasks:
     def apply(self, logits: torch.Tensor) -> None:
         """Sets the disallowed tokens' logits to -inf, in place."""
         vocab = logits.shape[1]
-        allowed = ((self.bitmask.unsqueeze(-1) >> _BITS) & 1).view(len(self.rows), -1)[:, :vocab].bool()
+        # Little-endian words: token 32 w + j is bit j % 8 of byte 4 w + j // 8, so unpacking the bytes
+        # least-significant bit first lists the tokens in order.
+        bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+        banned = torch.from_numpy(bits).eq(0).to(logits.device)
+        if len(self.rows) == logits.shape[0]:  # every row has a grammar (rows are in order): no gather/scatter
+            logits.masked_fill_(banned, float("-inf"))
+            return
         rows = self.rows.to(logits.device)
-        logits[rows] = logits[rows].masked_fill(~allowed.to(logits.device), float("-inf"))
+        logits[rows] = logits[rows].masked_fill(banned, float("-inf"))
 
 
 class StructuredOutputManager:

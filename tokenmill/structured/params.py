@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.sampling_params import InvalidRequestError
+from tokenmill.errors import InvalidRequestError
 
 # Bounds on what a client may send: the grammar is compiled on a server thread, and its text is a cache key.
 MAX_SPEC_CHARS = 64 * 1024
