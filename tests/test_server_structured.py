@@ -127,6 +127,31 @@ def test_streamed_tool_calls_through_the_sdk(client, tool_choice) -> None:
     assert reply.choices[0].message.tool_calls[0].function.arguments == calls[0].function.arguments
 
 
+class Place(BaseModel):
+    city: str = Field(max_length=20)
+    country: str = Field(max_length=20)
+
+
+class Trip(BaseModel):
+    origin: Place
+    destination: Place
+
+
+def test_required_call_of_a_tool_with_nested_models(client) -> None:
+    """pydantic_function_tool puts nested models in $defs: nested under the calls' array, they must still resolve."""
+    tool = openai.pydantic_function_tool(Trip)
+    assert "$defs" in tool["function"]["parameters"]
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Plan a trip."}],
+                                           tools=[tool, WEATHER], tool_choice="required", parallel_tool_calls=False,
+                                           max_tokens=150, temperature=0)
+    calls = reply.choices[0].message.tool_calls
+    assert calls is not None and len(calls) == 1
+    if calls[0].function.name == "Trip":
+        Trip.model_validate_json(calls[0].function.arguments)
+    else:
+        check_weather_call(calls[0])
+
+
 def test_a_tool_conversation_renders(client) -> None:
     messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather",
@@ -149,10 +174,17 @@ def test_a_tool_conversation_renders(client) -> None:
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0]"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": None}}, "tool_choice"),
+    ({"structured_outputs": {"choice": 5}}, "structured_outputs"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "description": "x" * 70_000}}}}, "response_format"),
+    ({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"id": "1", "type": "function"}]}]},
+     "messages[1].tool_calls[0]"),
 ])
 def test_bad_constraints_are_400s_naming_the_field(client, body, param) -> None:
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, extra_body=body)
+        client.chat.completions.create(model=MODEL, messages=body.pop("messages", ASK), max_tokens=5,
+                                       extra_body=body)
     assert error.value.body["param"] == param, error.value.body
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jsonschema
@@ -93,19 +94,26 @@ def test_mask_overlap_off_gives_the_same_tokens(tiny_model, llm) -> None:
     assert [o.token_ids for o in off.generate(["a", "b", "c"], params, use_tqdm=False)] == on
 
 
-def test_greedy_with_speculation_is_identical_and_drafts_respect_the_grammar(tiny_model, llm) -> None:
-    """Prompts that repeat themselves give prompt-lookup drafts; the grammar forbids some of them."""
+@pytest.mark.parametrize("overlap", [True, False])
+def test_greedy_with_speculation_is_identical_and_drafts_respect_the_grammar(tiny_model, llm, overlap,
+                                                                             caplog) -> None:
+    """Prompts that repeat themselves give prompt-lookup drafts; the grammar forbids some of them; the last prompt
+    gives none, so steps mix grammar rows with and without drafts. No step may fail (a failed step is retried
+    request by request, which would hide a broken mask fill behind identical output)."""
     regex = r"(ab|cd|[0-9]){4,60}"
-    prompts = ["abcdabcdab12cdabcdab", "cdcd1212cdcd1212cd", "{\"a\": 1, \"a\": 1, \"a\": 1"]
+    prompts = ["abcdabcdab12cdabcdab", "cdcd1212cdcd1212cd", "{\"a\": 1, \"a\": 1, \"a\": 1", "q"]
     constraints = [StructuredOutputs(regex=regex), StructuredOutputs(regex=regex),
-                   StructuredOutputs(json={"type": "object", "properties": {"a": {"type": "integer"}}})]
+                   StructuredOutputs(json={"type": "object", "properties": {"a": {"type": "integer"}}}),
+                   StructuredOutputs(regex=r"[xyz]{30}")]
     params = [SamplingParams(temperature=0, max_tokens=60, structured_outputs=c) for c in constraints]
     plain = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     spec = make_llm(tiny_model, speculative="ngram", num_speculative_tokens=4, prompt_lookup_min=1,
-                    speculative_adaptive=False)
+                    speculative_adaptive=False, structured_outputs_overlap=overlap)
     got = spec.generate(prompts, params, use_tqdm=False)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert [o.token_ids for o in got] == plain
     assert re.fullmatch(regex, got[0].text) and re.fullmatch(regex, got[1].text)
+    assert re.fullmatch(r"[xyz]{30}", got[3].text)
     stats = spec.engine.stats().spec_decode
     assert stats is not None and stats.num_drafts > 0
 
@@ -139,6 +147,8 @@ def test_bad_constraints_are_refused_naming_the_field(llm) -> None:
         StructuredOutputs()
     with pytest.raises(InvalidRequestError, match="choice"):
         StructuredOutputs(choice=())
+    with pytest.raises(InvalidRequestError, match="choice"):
+        StructuredOutputs(choice=5)  # type: ignore[arg-type]
 
 
 def test_grammars_are_compiled_once_and_slow_ones_time_out(llm, monkeypatch) -> None:
@@ -156,8 +166,18 @@ def test_grammars_are_compiled_once_and_slow_ones_time_out(llm, monkeypatch) -> 
 
     monkeypatch.setattr(compiler, "_build", slow)
     monkeypatch.setattr(compiler, "timeout_s", 0.05)
+    slow_one = StructuredOutputs(regex="slow[0-9]+")
     with pytest.raises(InvalidRequestError, match="did not compile within"):
-        compiler.compile(StructuredOutputs(regex="slow[0-9]+"))
+        compiler.compile(slow_one)
+    # A timeout is not cached: the compilation went on, and a later request gets its result.
+    monkeypatch.setattr(compiler, "timeout_s", 5.0)
+    assert compiler.compile(slow_one) is not None
+    # Callers asking for the same constraint at once share one compilation.
+    before = compiler.num_compiled
+    same = StructuredOutputs(regex="shared[0-9]+")
+    with ThreadPoolExecutor(4) as pool:
+        grammars = list(pool.map(lambda _: compiler.compile(same), range(4)))
+    assert compiler.num_compiled == before + 1 and all(g is grammars[0] for g in grammars)
 
 
 def test_json_key_order_is_kept() -> None:

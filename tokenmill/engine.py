@@ -100,6 +100,7 @@ class LLMEngine:
         # Built for the first grammar (indexing the vocabulary takes a moment), maybe from a server's thread.
         self._structured: StructuredOutputManager | None = None
         self._structured_lock = threading.Lock()
+        self._structured_error: InvalidRequestError | None = None
         self._ids = itertools.count()
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -146,9 +147,16 @@ class LLMEngine:
     def structured(self) -> StructuredOutputManager:
         """Grammar compilation and token masks (tokenmill.structured), built on first use."""
         with self._structured_lock:
+            if self._structured_error is not None:
+                raise self._structured_error
             if self._structured is None:
-                compiler = GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size,
-                                           self.eos_token_ids, self.config.structured_outputs_timeout_s)
+                try:
+                    compiler = GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size,
+                                               self.eos_token_ids, self.config.structured_outputs_timeout_s)
+                except Exception as exc:  # kept: every later grammar request gets the same answer at once
+                    self._structured_error = InvalidRequestError(
+                        "structured_outputs", f"grammars are unavailable for this model's tokenizer: {exc}")
+                    raise self._structured_error from None
                 self._structured = StructuredOutputManager(compiler, self.config.structured_outputs_overlap)
             return self._structured
 
@@ -265,8 +273,10 @@ class LLMEngine:
             if self._structured is not None:
                 self._structured.trim_drafts(self.scheduler.running)
         plan = self.scheduler.schedule()
-        masks = self._structured.start(plan, self.scheduler.get) if self._structured is not None else None
+        masks = None
         try:
+            if self._structured is not None:
+                masks = self._structured.start(plan, self.scheduler.get)
             # Also when empty: it carries the finished ids the runner lets go of.
             result = self.runner.execute(plan, masks)
         except Exception:
@@ -302,8 +312,9 @@ class LLMEngine:
         state: RequestState = request.output_state
         status = None
         for token_id, logprobs in zip(samples.token_ids, samples.logprobs, strict=True):
-            if request.grammar is not None and not request.grammar.accept(token_id):
-                raise RuntimeError(f"token {token_id} broke the request's grammar: {request.grammar.error}")
+            grammar = request.grammar
+            if grammar is not None and (not grammar.accept(token_id) or grammar.failed):
+                raise RuntimeError(f"token {token_id} ended the request's grammar unfinished: {grammar.error}")
             status = state.append_token(token_id, logprobs)
             if status is None and request.grammar is not None and request.grammar.is_terminated:
                 status = RequestStatus.FINISHED_STOPPED  # the output is complete: nothing else may follow

@@ -184,6 +184,7 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: int | None = _documented(None, minimum=0, maximum=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
@@ -256,6 +257,12 @@ class ChatCompletionRequest(_GenerationRequest):
             role = "system" if message.role == "developer" else message.role
             entry: dict[str, Any] = {"role": role, "content": content}
             if message.tool_calls and role == "assistant":
+                for j, call in enumerate(message.tool_calls):
+                    function = call.get("function")
+                    if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                            and isinstance(function.get("arguments", "{}"), str | dict)):
+                        raise bad_request(f"messages[{i}].tool_calls[{j}] must be {{'function': {{'name': str, "
+                                          "'arguments': str}}}}", f"messages[{i}].tool_calls[{j}]")
                 entry["tool_calls"] = message.tool_calls
             if message.tool_call_id is not None:
                 entry["tool_call_id"] = message.tool_call_id

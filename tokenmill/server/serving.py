@@ -291,14 +291,17 @@ class OpenAIServing:
         self._check_size(1, req.n or 1)
         renames = {"max_tokens": req.max_tokens_param, "logprobs": "top_logprobs"}
         req.sampling_params(1, req.engine_logprobs, renames)
-        tools = parse_tool_choice(req.tools, req.tool_choice)
-        constraint = req.response_constraint()
-        if tools is not None and constraint is not None:
-            if tools.mode != "auto":
-                raise bad_request("tool_choice 'required' or a named function leaves no room for a response_format",
-                                  "tool_choice")
-            tools = None  # the output is held to the response format: no call can be written
-        constraint = constraint or (tools.constraint() if tools is not None else None)
+        tools = parse_tool_choice(req.tools, req.tool_choice, req.parallel_tool_calls is not False)
+        try:
+            constraint = req.response_constraint()
+            if tools is not None and constraint is not None:
+                if tools.mode != "auto":
+                    raise bad_request("tool_choice 'required' or a named function leaves no room for a "
+                                      "response_format", "tool_choice")
+                tools = None  # the output is held to the response format: no call can be written
+            constraint = constraint or (tools.constraint() if tools is not None else None)
+        except InvalidRequestError as exc:  # a constraint over the size limit
+            raise invalid_request(exc) from None
         await self._compile(constraint)
         conversation = req.conversation()
         ids = await asyncio.to_thread(self._render_chat, conversation, tools)
@@ -313,7 +316,9 @@ class OpenAIServing:
         for index, out in enumerate(finals):
             message: dict[str, Any] = {"role": "assistant", "content": out.text}
             finish_reason = out.finish_reason
-            calls = tools.parse(out.text) if tools is not None and finish_reason == "stop" else None
+            calls = None
+            if tools is not None and (finish_reason == "stop" or tools.mode == "named"):
+                calls = tools.parse(out.text)
             if tools is not None and calls:
                 message = {"role": "assistant", "content": None, "tool_calls": calls}
                 finish_reason = finish_reason_with_calls(tools, finish_reason)
@@ -330,6 +335,7 @@ class OpenAIServing:
         tool_list = None
         if tools is not None and tokenizer.renders_tools:
             tool_list = [{"type": "function", "function": f} for f in tools.tools.values()]
+            conversation = [_with_parsed_calls(m) for m in conversation]
         elif tools is not None:
             conversation = with_tool_prompt(conversation, tools)
         try:
@@ -404,13 +410,22 @@ def with_tool_prompt(conversation: list[dict[str, Any]], tools: ToolChoice) -> l
 
 
 def _call_text(call: dict[str, Any]) -> dict[str, Any]:
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict):
-        raise bad_request("an assistant message's tool_calls must hold {'function': {'name', 'arguments'}}",
-                          "messages")
-    arguments = function.get("arguments", "{}")
+    function = call["function"]  # the shape was checked with the request (ChatCompletionRequest.conversation)
+    return {"name": function["name"], "arguments": _parsed_arguments(function.get("arguments", "{}"))}
+
+
+def _with_parsed_calls(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message whose calls' arguments are objects, as templates that render tools expect (OpenAI
+    sends them as JSON text)."""
+    if not message.get("tool_calls"):
+        return message
+    calls = [{**c, "function": {**c["function"], "arguments": _parsed_arguments(c["function"].get("arguments", "{}"))}}
+             for c in message["tool_calls"]]
+    return {**message, "tool_calls": calls}
+
+
+def _parsed_arguments(arguments: Any) -> Any:
     try:
-        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+        return json.loads(arguments) if isinstance(arguments, str) else arguments
     except ValueError:
-        parsed = arguments
-    return {"name": function.get("name"), "arguments": parsed}
+        return arguments

@@ -27,17 +27,22 @@ class ToolChoice:
     mode: str
     tools: dict[str, dict[str, Any]]
     name: str | None = None
+    parallel: bool = True  # several calls in one answer (`parallel_tool_calls`)
 
     def constraint(self) -> StructuredOutputs | None:
         if self.mode == "named":
             assert self.name is not None
             return StructuredOutputs(json=_parameters(self.tools[self.name]), field_name="tools")
         if self.mode == "required":
-            calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": _parameters(f)},
-                      "required": ["name", "arguments"], "additionalProperties": False}
-                     for name, f in self.tools.items()]
-            return StructuredOutputs(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}},
-                                     field_name="tools")
+            calls, defs = [], {}
+            for i, (name, function) in enumerate(self.tools.items()):
+                arguments, own = _hoisted(_parameters(function), f"tool{i}_")
+                defs |= own
+                calls.append({"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},
+                              "required": ["name", "arguments"], "additionalProperties": False})
+            schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+            schema |= {"maxItems": 1} if not self.parallel else {}
+            return StructuredOutputs(json=schema | ({"$defs": defs} if defs else {}), field_name="tools")
         return None
 
     def system_prompt(self) -> str:
@@ -54,9 +59,9 @@ class ToolChoice:
 
     def parse(self, text: str) -> list[dict[str, Any]] | None:
         """The OpenAI `tool_calls` of a finished output, or None where it holds no well-formed call."""
-        if self.mode == "named":
+        if self.mode == "named":  # the whole output is the arguments, whole or cut short by max_tokens
             assert self.name is not None
-            return [_call(self.name, text)] if _json_or_none(text) is not None else None
+            return [_call(self.name, text)]
         if self.mode == "required":
             calls = _json_or_none(text)
             return _calls(calls, self.tools) if isinstance(calls, list) else None
@@ -69,7 +74,7 @@ class ToolChoice:
         return _calls(whole if isinstance(whole, list) else [whole], self.tools)
 
 
-def parse_tool_choice(tools: list[Any] | None, tool_choice: Any) -> ToolChoice | None:
+def parse_tool_choice(tools: list[Any] | None, tool_choice: Any, parallel: bool = True) -> ToolChoice | None:
     """Checks `tools` and `tool_choice` as OpenAI does (a 400 naming the field); None when no tool may be called."""
     if not tools:
         if tool_choice not in (None, "none"):
@@ -94,8 +99,9 @@ def parse_tool_choice(tools: list[Any] | None, tool_choice: Any) -> ToolChoice |
     if tool_choice == "none":
         return None
     if tool_choice == "required":
-        return ToolChoice("required", functions)
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+        return ToolChoice("required", functions, parallel=parallel)
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str) or tool_choice.get("type") != "function":
         raise bad_request("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
                           "{'name': ...}}", "tool_choice")
@@ -138,7 +144,7 @@ class ToolCallStream:
             return ([] if self.started else self.feed("")), finish_reason
         if self.passthrough or not self.buffer:
             return [], finish_reason
-        calls = self.choice.parse(self.buffer)
+        calls = self.choice.parse(self.buffer) if finish_reason == "stop" else None
         if calls is None:
             return [{"content": self.buffer}], finish_reason
         deltas = [{"tool_calls": [dict(call, index=i)]} for i, call in enumerate(calls)]
@@ -152,6 +158,27 @@ def finish_reason_with_calls(choice: ToolChoice, finish_reason: str | None) -> s
 
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:
     return function.get("parameters") or {"type": "object"}
+
+
+def _hoisted(schema: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`schema` without its `$defs` / `definitions`, its local references renamed to `#/$defs/<prefix><name>`, and
+    those definitions under their new names: nested in a bigger schema, its references still resolve."""
+    defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    if not defs:
+        return schema, {}
+
+    def rename(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: rename(v) for k, v in node.items() if k not in ("$defs", "definitions") or node is not schema}
+            ref = out.get("$ref")
+            if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
+                out["$ref"] = "#/$defs/" + prefix + ref.split("/", 2)[2]
+            return out
+        if isinstance(node, list):
+            return [rename(v) for v in node]
+        return node
+
+    return rename(schema), {prefix + name: rename(value) for name, value in defs.items()}
 
 
 def _call(name: str, arguments: str, index: int | None = None) -> dict[str, Any]:

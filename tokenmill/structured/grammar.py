@@ -7,7 +7,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import llguidance
@@ -19,6 +19,10 @@ from tokenmill.structured.params import StructuredOutputs
 # spend its tokens on runs of blank lines; a schema's "x-guidance" options still override this.
 _JSON_STYLE: llguidance.JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ",
                                               "key_separator": ": "}
+
+
+# Stop reasons of a matcher whose grammar is satisfied: nothing more can follow, or end-of-sequence was taken.
+_COMPLETE_STOPS = frozenset({"NoExtension", "EndOfSentence"})
 
 
 class Grammar:
@@ -52,8 +56,14 @@ class Matcher:
         return bool(self.inner.is_stopped())
 
     @property
+    def failed(self) -> bool:
+        """Stopped without completing its grammar (a parser limit hit, a dead end): the output is not valid."""
+        return self.inner.is_error() or (self.inner.is_stopped()
+                                         and self.inner.stop_reason() not in _COMPLETE_STOPS)
+
+    @property
     def error(self) -> str:
-        return self.inner.get_error()
+        return self.inner.get_error() or f"the grammar stopped: {self.inner.stop_reason()}"
 
 
 class GrammarCompiler:
@@ -71,35 +81,50 @@ class GrammarCompiler:
         self.timeout_s = timeout_s
         self._cache: OrderedDict[tuple[str, str], Grammar | InvalidRequestError] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenmill-grammar")
+        # One compilation per constraint at a time: callers asking for one being compiled wait on the same future.
+        self._inflight: dict[tuple[str, str], Future[Grammar]] = {}
+        self._lock = threading.RLock()  # a compilation that is done at once stores its result in the caller
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tokenmill-grammar")
         self.num_compiled = 0
         self.num_cache_hits = 0
 
     def compile(self, spec: StructuredOutputs) -> Grammar:
-        """The grammar of `spec`; raises InvalidRequestError naming `spec.field_name` when it cannot be compiled."""
+        """The grammar of `spec`; raises InvalidRequestError naming `spec.field_name` when it cannot be compiled or
+        its compilation runs past `timeout_s` (a timeout is not cached: the compilation goes on, and a later
+        request finds its result)."""
         key = spec.key()
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
                 self.num_cache_hits += 1
+            else:
+                future = self._inflight.get(key)
+                if future is None:
+                    future = self._inflight[key] = self._pool.submit(self._build, key)
+                    future.add_done_callback(lambda done, key=key: self._store(key, done))
         if cached is None:
             try:
-                cached = self._pool.submit(self._build, key).result(timeout=self.timeout_s)
+                cached = future.result(timeout=self.timeout_s)
             except FutureTimeout:
-                cached = InvalidRequestError(spec.field_name, f"the grammar did not compile within "
-                                             f"{self.timeout_s:g} s")
+                raise InvalidRequestError(spec.field_name, f"the grammar did not compile within "
+                                          f"{self.timeout_s:g} s") from None
             except InvalidRequestError as exc:
                 cached = exc
-            with self._lock:
-                self._cache[key] = cached
-                self.num_compiled += 1
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
         if isinstance(cached, InvalidRequestError):
             raise InvalidRequestError(spec.field_name, cached.message)
         return cached
+
+    def _store(self, key: tuple[str, str], done: Future[Grammar]) -> None:
+        error = done.exception()
+        if error is not None and not isinstance(error, InvalidRequestError):
+            error = InvalidRequestError("", f"the grammar compiler failed: {type(error).__name__}: {error}")
+        with self._lock:
+            self._inflight.pop(key, None)
+            self._cache[key] = error if error is not None else done.result()
+            self.num_compiled += 1
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
 
     def _build(self, key: tuple[str, str]) -> Grammar:
         kind, text = key

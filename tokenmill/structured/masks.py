@@ -83,8 +83,11 @@ class StructuredOutputManager:
 
     def _fill(self, entries: list[tuple[llguidance.LLMatcher, int, list[int]]], rows: torch.Tensor) -> TokenMasks:
         bitmask = llg_torch.allocate_token_bitmask(len(rows), self.compiler.vocab_size)
-        if any(drafts for _, _, drafts in entries):
-            llg_torch.fill_next_token_bitmask_par_with_draft_tokens(self._executor, entries, bitmask)
-        else:
-            llg_torch.fill_next_token_bitmask_par(self._executor, [(m, r) for m, r, _ in entries], bitmask)
+        # The draft-token fill takes only sequences with drafts; the others take the plain fill, into the same rows.
+        drafted = [e for e in entries if e[2]]
+        plain = [(m, r) for m, r, drafts in entries if not drafts]
+        if drafted:
+            llg_torch.fill_next_token_bitmask_par_with_draft_tokens(self._executor, drafted, bitmask)
+        if plain:
+            llg_torch.fill_next_token_bitmask_par(self._executor, plain, bitmask)
         return TokenMasks(rows, bitmask)

@@ -27,7 +27,9 @@ class StructuredOutputs:
     field_name: str = field(default="structured_outputs", compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.choice, list):
+        if self.choice is not None:
+            if not isinstance(self.choice, list | tuple):
+                raise InvalidRequestError(self.field_name, "choice must be a list of strings")
             object.__setattr__(self, "choice", tuple(self.choice))
         set_ = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
         set_ += ["json_object"] if self.json_object else []
