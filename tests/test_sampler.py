@@ -210,6 +210,15 @@ def test_blocked_tokens_never_chosen() -> None:
     assert seen == {1, 2, 3}
 
 
+def test_blocking_never_leaves_a_row_without_tokens() -> None:
+    """A grammar mask that allows only the blocked token (end-of-sequence under min_tokens): the block yields."""
+    inf = float("-inf")
+    logits = torch.tensor([[inf, inf, inf, 2.0, inf], [1.0, inf, inf, 2.0, inf]])
+    for temperature in (0.0, 1.0):
+        rows = [row(temperature=temperature, blocked=(3,)), row(temperature=temperature, blocked=(3,))]
+        assert Sampler()(logits, rows).token_ids == [3, 0]
+
+
 def test_logprobs_are_raw_log_softmax() -> None:
     torch.manual_seed(0)
     logits = torch.randn(3, 12)

@@ -79,6 +79,16 @@ def test_regex_choice_and_json_object(llm) -> None:
     assert objects and all(isinstance(o, dict) for o in objects)
 
 
+def test_a_grammar_that_must_end_outranks_min_tokens(llm) -> None:
+    """Once the regex is complete only end-of-sequence is allowed; min_tokens blocks it: the request still ends."""
+    out = llm.generate("x", SamplingParams(temperature=0, max_tokens=20, min_tokens=10,
+                                           structured_outputs=StructuredOutputs(regex="ab")), use_tqdm=False)[0]
+    assert out.text == "ab" and out.finish_reason == "stop"
+    out = llm.generate("x", SamplingParams(temperature=1.0, max_tokens=20, min_tokens=10,
+                                           structured_outputs=StructuredOutputs(regex="a{0}")), use_tqdm=False)[0]
+    assert out.text == "" and out.finish_reason == "stop"
+
+
 def test_grammar_free_requests_are_untouched(llm) -> None:
     plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     alone = llm.generate("hello there", plain, use_tqdm=False)[0].token_ids

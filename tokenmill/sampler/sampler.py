@@ -87,12 +87,18 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
 
 
 def apply_blocked(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """Sets each row's blocked tokens to -inf, in place, with one indexed write."""
+    """Sets each row's blocked tokens to -inf, in place, with one indexed write. A row left with no token at all
+    keeps its blocked ones: a grammar that allows nothing but end-of-sequence outranks `min_tokens`."""
     pairs = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids]
     if not pairs:
         return
     index = torch.tensor(pairs, dtype=torch.long, device=logits.device)
+    kept = logits[index[:, 0], index[:, 1]]
     logits[index[:, 0], index[:, 1]] = float("-inf")
+    empty = torch.isneginf(logits).all(dim=1)
+    if bool(empty.any()):
+        restore = empty[index[:, 0]]
+        logits[index[restore, 0], index[restore, 1]] = kept[restore]
 
 
 def _filter_mask(sorted_logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
