@@ -17,6 +17,7 @@ and how often the output is valid with and without the grammar; llama.cpp's JSON
 
     .venv/bin/python benchmarks/structured_output.py
     .venv/bin/python benchmarks/structured_output.py --samples 2 --free-samples 1 --peer-samples 1 --repeats 1
+    .venv/bin/python benchmarks/structured_output.py --parts speed --repeats 3
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-requests", type=int, default=12, help="batch-1 speed: requests per arm")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=384)
+    p.add_argument("--parts", default="compile,speed,validity,peer", help="which measurements to run")
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/structured_output.json"))
     return p.parse_args(argv)
 
@@ -164,28 +166,38 @@ def main(argv: list[str] | None = None) -> None:
     llm = LLM(dtype=args.dtype, num_threads=args.threads, max_num_seqs=64)
     names = list(SCHEMAS)
     report: dict[str, Any] = {"machine": machine_description(), "dtype": str(llm.engine.dtype)}
-    report["compile_ms"] = compile_times(llm)
-    report["speed"] = [speed(llm, [names[i % len(names)] for i in range(args.speed_requests)], 1, args.repeats,
-                             args.max_tokens),
-                       speed(llm, [names[i % len(names)] for i in range(64)], 64, args.repeats, args.max_tokens)]
-    report["validity"] = validity(llm, args.samples, args.free_samples, args.max_tokens)
-    report["llama_cpp"] = llama_cpp_peer(llm, args)
+    parts = set(args.parts.split(","))
+    if "compile" in parts:
+        report["compile_ms"] = compile_times(llm)
+    if "speed" in parts:
+        report["speed"] = [speed(llm, [names[i % len(names)] for i in range(args.speed_requests)], 1, args.repeats,
+                                 args.max_tokens),
+                           speed(llm, [names[i % len(names)] for i in range(64)], 64, args.repeats, args.max_tokens)]
+    if "validity" in parts:
+        report["validity"] = validity(llm, args.samples, args.free_samples, args.max_tokens)
+    if "peer" in parts:
+        report["llama_cpp"] = llama_cpp_peer(llm, args)
     print_report(report)
     write_json(report | {"args": vars(args) | {"output": str(args.output)}}, args.output)
     print(f"wrote {args.output}")
 
 
 def print_report(r: dict[str, Any]) -> None:
-    c = list(r["compile_ms"].values())
-    print(f"dtype {r['dtype']}; compile per schema: median {statistics.median(c):.1f} ms, max {max(c):.1f} ms")
-    print("| batch | requests | tokens | with schema tok/s | without tok/s | overhead |")
-    print("|---|---|---|---|---|---|")
-    for s in r["speed"]:
-        print(f"| {s['batch']} | {s['requests']} | {s['tokens']} | {s['schema_tok_s']:.1f} | {s['free_tok_s']:.1f} | "
-              f"{s['overhead_pct']:+.1f}% |")
-    for arm, v in r["validity"].items():
+    print(f"dtype {r['dtype']}")
+    if "compile_ms" in r:
+        c = list(r["compile_ms"].values())
+        print(f"compile per schema: median {statistics.median(c):.1f} ms, max {max(c):.1f} ms")
+    if "speed" in r:
+        print("| batch | requests | tokens | with schema tok/s | without tok/s | overhead |")
+        print("|---|---|---|---|---|---|")
+        for s in r["speed"]:
+            print(f"| {s['batch']} | {s['requests']} | {s['tokens']} | {s['schema_tok_s']:.1f} | "
+                  f"{s['free_tok_s']:.1f} | {s['overhead_pct']:+.1f}% |")
+    for arm, v in r.get("validity", {}).items():
         print(f"validity {arm}: {v['valid']}/{v['generations']} valid ({v['truncated']} hit max_tokens)")
-    p = r["llama_cpp"]
+    p = r.get("llama_cpp")
+    if p is None:
+        return
     if "skipped" in p:
         print(f"llama.cpp: skipped ({p['skipped']})")
     else:

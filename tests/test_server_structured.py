@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -186,6 +187,15 @@ def test_bad_constraints_are_400s_naming_the_field(client, body, param) -> None:
         client.chat.completions.create(model=MODEL, messages=body.pop("messages", ASK), max_tokens=5,
                                        extra_body=body)
     assert error.value.body["param"] == param, error.value.body
+
+
+def test_structured_output_metrics(client) -> None:
+    text = httpx.get(str(client.base_url).removesuffix("/v1/") + "/metrics").text
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("tokenmill:") and "{" in line}
+    assert values["tokenmill:structured_output_requests_total"] > 0
+    assert values["tokenmill:grammar_compilations_total"] > 0
+    assert "tokenmill:grammar_cache_hits_total" in values
 
 
 def test_auto_tool_calls_are_parsed_from_free_text() -> None:

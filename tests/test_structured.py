@@ -210,3 +210,20 @@ def test_token_masks_apply_exactly(vocab) -> None:
                 expected[row, t] = float("-inf")
     TokenMasks(rows, bitmask).apply(logits)
     assert torch.equal(logits, expected)
+
+
+def test_cli_constraint_flags(tiny_model, tmp_path, capsys) -> None:
+    from tokenmill.entrypoints.cli import main
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMAS["sentiment"]))
+    code = main(["generate", "--model", str(tiny_model), "--dtype", "float32", "--num-kv-blocks", "64",
+                 "--max-tokens", "300", "--temperature", "1", "--seed", "2", "--json-schema", f"@{schema}", "go"])
+    assert code == 0
+    text = capsys.readouterr().out.split("\n")[1]
+    jsonschema.validate(json.loads(text), SCHEMAS["sentiment"])
+    code = main(["generate", "--model", str(tiny_model), "--dtype", "float32", "--num-kv-blocks", "64",
+                 "--choice", "left", "--choice", "right", "go"])
+    assert code == 0 and capsys.readouterr().out.split("\n")[1] in ("left", "right")
+    assert main(["generate", "--model", str(tiny_model), "--regex", "a", "--json", "go"]) == 2
+    assert "exactly one" in capsys.readouterr().err

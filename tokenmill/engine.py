@@ -39,7 +39,7 @@ from tokenmill.spec.adaptive import StepCostModel
 from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.speculator import SpecDecodeStats, Speculator
 from tokenmill.structured.grammar import GrammarCompiler
-from tokenmill.structured.masks import StructuredOutputManager
+from tokenmill.structured.masks import StructuredOutputManager, StructuredOutputStats
 from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class EngineStats:
     steps: int
     spec_decode: SpecDecodeStats | None = None  # when speculative decoding is on
     clients: dict[str, ClientUsage] = dataclasses.field(default_factory=dict)  # service per client
+    structured: StructuredOutputStats | None = None  # once a request has had a grammar
 
 
 class LLMEngine:
@@ -208,6 +209,7 @@ class LLMEngine:
         request.output_state = RequestState(request, prompt_text, self.tokenizer, self.max_model_len)
         if params.structured_outputs is not None:
             request.grammar = self.structured.compiler.compile(params.structured_outputs).matcher()
+            self.structured.num_requests += 1
         self.scheduler.add_request(request)
         return request_id
 
@@ -342,4 +344,5 @@ class LLMEngine:
             spec_decode=dataclasses.replace(self.speculator.stats, accepted_per_position=list(
                 self.speculator.stats.accepted_per_position)) if self.speculator is not None else None,
             clients=self.scheduler.client_usage(),
+            structured=self._structured.stats() if self._structured is not None else None,
         )

@@ -13,6 +13,7 @@ from tokenmill.entrypoints.args import add_engine_args, engine_config
 from tokenmill.model.gguf_file import ModelLoadError
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams
 from tokenmill.server.cli import add_serve_args, cmd_serve
+from tokenmill.structured.params import StructuredOutputs
 
 if TYPE_CHECKING:
     # Imported where a command needs it: it loads the engine, which `tokenmill --help` should not wait for.
@@ -30,13 +31,39 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("-n", type=int, default=1, help="samples per prompt")
+    g = parser.add_argument_group("structured output (at most one)")
+    g.add_argument("--json-schema", default=None, help="the output matches this JSON schema (its text, or @FILE)")
+    g.add_argument("--json", action="store_true", help="the output is a JSON object")
+    g.add_argument("--regex", default=None, help="the output matches this regular expression")
+    g.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
+    g.add_argument("--grammar", default=None, help="the output matches this Lark grammar (its text, or @FILE)")
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        structured_outputs=structured_outputs(args),
     )
+
+
+def structured_outputs(args: argparse.Namespace) -> StructuredOutputs | None:
+    given = {"json": _text_or_file(args.json_schema), "json_object": args.json or None, "regex": args.regex,
+             "choice": args.choice, "grammar": _text_or_file(args.grammar)}
+    given = {k: v for k, v in given.items() if v is not None}
+    flags = {"json": "--json-schema", "json_object": "--json", "regex": "--regex", "choice": "--choice",
+             "grammar": "--grammar"}
+    return StructuredOutputs(**given, field_name=flags[next(iter(given))]) if given else None
+
+
+def _text_or_file(value: str | None) -> str | None:
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {value[1:]}: {exc.strerror}") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

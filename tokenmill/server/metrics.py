@@ -54,6 +54,15 @@ class _EngineStatsCollector(Collector):
                 ("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", spec.num_draft_tokens),
                 ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens),
             ]
+        structured = stats.structured
+        if structured is not None:
+            counters += [
+                ("structured_output_requests", "Requests with a grammar (JSON schema, regex, choice, tools...).",
+                 structured.num_requests),
+                ("grammar_compilations", "Constraints compiled into grammars (cached after).", structured.num_compiled),
+                ("grammar_cache_hits", "Grammar requests whose constraint was already compiled.",
+                 structured.num_cache_hits),
+            ]
         for name, doc, value in counters:
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             counter.add_metric(self.labels, value)

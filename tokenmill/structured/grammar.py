@@ -142,6 +142,11 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self.tokenizer, source, log_level=0)
         if matcher.is_error():
             raise InvalidRequestError("", f"invalid {kind}: {_first_line(matcher.get_error())}")
+        probe = Matcher(matcher.deep_copy())  # the first step's mask: can this vocabulary start the output at all?
+        probe.inner.compute_bitmask()
+        if probe.failed:
+            raise InvalidRequestError("", f"no output this {kind} allows can be written with the model's "
+                                      "vocabulary")
         return Grammar(matcher)
 
 

@@ -17,6 +17,13 @@ from tokenmill.scheduler.plan import StepPlan
 from tokenmill.structured.grammar import GrammarCompiler
 
 
+@dataclass
+class StructuredOutputStats:
+    num_requests: int = 0  # requests added with a grammar
+    num_compiled: int = 0  # constraints compiled (successfully or not)
+    num_cache_hits: int = 0  # requests whose grammar was already compiled
+
+
 @dataclass(frozen=True)
 class TokenMasks:
     """`rows`: indices into the step's sample rows (as `StepPlan.sample_indices` orders them); `bitmask`: int32
@@ -51,6 +58,10 @@ class StructuredOutputManager:
         self.overlap = overlap
         self._executor = llguidance.LLExecutor(num_threads)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-masks") if overlap else None
+        self.num_requests = 0
+
+    def stats(self) -> StructuredOutputStats:
+        return StructuredOutputStats(self.num_requests, self.compiler.num_compiled, self.compiler.num_cache_hits)
 
     @staticmethod
     def trim_drafts(requests: Iterable[Request]) -> None:
