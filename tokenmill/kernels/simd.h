@@ -131,6 +131,16 @@ inline f32x16 splat16(float v) {
 inline f32x16 fma16(f32x16 a, f32x16 b, f32x16 c) {
 #if defined(__AVX512F__)
   return (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  // Two 8-lane halves (AVX2 + FMA: Intel since Haswell, AMD since Zen); the copies stay in registers.
+  __m256 a8[2], b8[2], c8[2];
+  std::memcpy(a8, &a, sizeof(a));
+  std::memcpy(b8, &b, sizeof(b));
+  std::memcpy(c8, &c, sizeof(c));
+  const __m256 r8[2] = {_mm256_fmadd_ps(a8[0], b8[0], c8[0]), _mm256_fmadd_ps(a8[1], b8[1], c8[1])};
+  f32x16 r;
+  std::memcpy(&r, r8, sizeof(r));
+  return r;
 #else
   return a * b + c;
 #endif
