@@ -95,7 +95,9 @@ def apply_blocked(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     index = torch.tensor(pairs, dtype=torch.long, device=logits.device)
     kept = logits[index[:, 0], index[:, 1]]
     logits[index[:, 0], index[:, 1]] = float("-inf")
-    empty = torch.isneginf(logits).all(dim=1)
+    blocked_rows = index[:, 0].unique()  # only rows that lost tokens can have none left
+    empty = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    empty[blocked_rows] = torch.isneginf(logits[blocked_rows]).all(dim=1)
     if bool(empty.any()):
         restore = empty[index[:, 0]]
         logits[index[restore, 0], index[restore, 1]] = kept[restore]

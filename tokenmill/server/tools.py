@@ -148,7 +148,7 @@ class ToolCallStream:
         if calls is None:
             return [{"content": self.buffer}], finish_reason
         deltas = [{"tool_calls": [dict(call, index=i)]} for i, call in enumerate(calls)]
-        return deltas, "tool_calls" if finish_reason == "stop" else finish_reason
+        return deltas, finish_reason_with_calls(self.choice, finish_reason)
 
 
 def finish_reason_with_calls(choice: ToolChoice, finish_reason: str | None) -> str | None:

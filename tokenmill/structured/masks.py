@@ -55,7 +55,6 @@ class StructuredOutputManager:
 
     def __init__(self, compiler: GrammarCompiler, overlap: bool = True, num_threads: int | None = None) -> None:
         self.compiler = compiler
-        self.overlap = overlap
         self._executor = llguidance.LLExecutor(num_threads)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-masks") if overlap else None
         self.num_requests = 0
@@ -77,6 +76,9 @@ class StructuredOutputManager:
         entries, rows, row = [], [], 0
         for seq in plan.seqs:
             if not seq.num_samples:
+                continue
+            if seq.sampling is None or seq.sampling.params.structured_outputs is None:  # the plan says: no grammar
+                row += seq.num_samples
                 continue
             request = lookup(seq.request_id)
             if request is not None and request.grammar is not None:
