@@ -244,6 +244,28 @@ def test_completion_logprobs(client) -> None:
         assert logprob == pytest.approx(max(top.values()))  # greedy picks the most likely token
 
 
+def test_echo_with_logprobs_scores_the_prompt(engine, client, llm_fp32) -> None:
+    """lm-evaluation-harness's log-likelihood request: echo, logprobs, one generated token."""
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0, echo=True,
+                                      logprobs=1)
+    logprobs = reply.choices[0].logprobs
+    num_prompt = reply.usage.prompt_tokens
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == num_prompt + 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert "".join(logprobs.tokens) == reply.choices[0].text
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    expected = llm_fp32.generate(PROMPT, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    assert expected.prompt_logprobs is not None
+    for got, want in zip(logprobs.token_logprobs[1:num_prompt], expected.prompt_logprobs[1:], strict=True):
+        assert got == pytest.approx(want.logprob, abs=1e-3)
+    streamed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True,
+                                         logprobs=1, stream=True)
+    chunks = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    tokens = [t for chunk in chunks for t in chunk.token_logprobs]
+    assert tokens[0] is None and len(tokens) == num_prompt + 3
+    assert tokens[1:num_prompt] == pytest.approx(logprobs.token_logprobs[1:num_prompt], abs=1e-5)
+
+
 def test_chat_logprobs(client) -> None:
     reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=6, temperature=0,
                                            logprobs=True, top_logprobs=2)

@@ -296,6 +296,11 @@ class LLMEngine:
             return []
         self.scheduler.update(plan, result)
         self._steps += 1
+        for request_id, scored in result.prompt_logprobs.items():
+            request = self.scheduler.get(request_id)
+            if request is not None:
+                request.num_prompt_logprobs += len(scored)
+                request.output_state.add_prompt_logprobs(scored)
         outputs = []
         for samples in result.samples:
             try:

@@ -51,6 +51,8 @@ class Request:
     arrival_step: int = 0  # the scheduler step it arrived at (the clock of SJF aging)
     # Prompt tokens already counted as service to the client: recomputing them after a preemption is not service.
     num_prompt_tokens_charged: int = 0
+    # Prompt tokens after the first already scored for prompt_logprobs (a recompute does not score them again).
+    num_prompt_logprobs: int = 0
     # Guessed next tokens (speculative decoding), scheduled after the real ones and verified by the step; they are
     # consumed when scheduled, and never part of `num_tokens`, the token lists or the prefix cache.
     draft_token_ids: list[int] = field(default_factory=list)

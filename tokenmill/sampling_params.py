@@ -43,6 +43,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token's logprob plus the top-k
+    # vLLM's meaning: the log-probability of every prompt token after the first given the ones before it, plus the
+    # top-k at each position, from the raw logits (no temperature or penalties). Such a request skips prefix-cache
+    # hits: a cached block's logits were never computed.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # "cumulative": every output holds all text, tokens and logprobs so far; "delta": only what is new since the
     # previous output (what a stream sends: O(1) per token instead of O(length)).
@@ -103,6 +107,8 @@ class SamplingParams:
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
               f"must be an integer in [0, 20], got {self.logprobs!r}")
+        check(self.prompt_logprobs is None or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
+              "prompt_logprobs", f"must be an integer in [0, 20], got {self.prompt_logprobs!r}")
         check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
               "structured_outputs", "must be a tokenmill.structured.params.StructuredOutputs")
         check(self.output_kind in OUTPUT_KINDS, "output_kind",

@@ -81,7 +81,8 @@ class LLM:
         first = finals[request_ids[0]]
         outputs = [CompletionOutput(i, o.text, o.token_ids, o.finish_reason, o.logprobs, o.stop_reason)
                    for i, o in enumerate(finals[r] for r in request_ids)]
-        return GenerationResult(request_ids[0].rsplit("-", 1)[0], first.prompt, first.prompt_token_ids, outputs)
+        return GenerationResult(request_ids[0].rsplit("-", 1)[0], first.prompt, first.prompt_token_ids, outputs,
+                                first.prompt_logprobs)
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[GenerationResult]:

@@ -115,8 +115,8 @@ class KVCacheManager:
         At least the last token is always left to compute (its logits are needed), so a full hit stops one block
         short when the tokens end exactly on a block boundary.
         """
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
+            return []  # scoring the prompt needs the logits of every position, cached or not
         hits: list[int] = []
         for block_hash in self.block_hashes(request, (request.num_tokens - 1) // self.block_size):
             block = self.pool.cached_block(block_hash)

@@ -31,6 +31,9 @@ class RequestState:
         self.token_ids: list[int] = []  # cumulative mode only
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None and self.cumulative else None
         self.new_token_ids: list[int] = []
+        # [None] + one per scored prompt token, complete by the first sampled token; None when not asked for.
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None if params.prompt_logprobs is None else [None]
+        self.prompt_logprobs_sent = False
         self.new_logprobs: list[TokenLogprobs] = []
         self.stop_reason: str | int | None = None
         # Text this long at the end could still be the start of a stop string, so streaming holds it back.
@@ -40,6 +43,10 @@ class RequestState:
         self.stop_token_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             self.stop_token_ids |= request.eos_token_ids
+
+    def add_prompt_logprobs(self, scored: list[TokenLogprobs]) -> None:
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs.extend(scored)
 
     def append_token(self, token_id: int, logprobs: TokenLogprobs | None) -> RequestStatus | None:
         """Record a sampled token; return the finishing status if the request is now done."""
@@ -93,6 +100,9 @@ class RequestState:
             logprobs = list(self.logprobs) if self.logprobs is not None else None
         else:
             text, token_ids, logprobs = delta_text, delta_ids, delta_logprobs if want_logprobs else None
+        prompt_logprobs = self.prompt_logprobs if self.cumulative or not self.prompt_logprobs_sent else None
+        self.prompt_logprobs_sent = True
         return RequestOutput(request.request_id, self.prompt, request.prompt_token_ids, text, token_ids, logprobs,
                              finish_reason, self.stop_reason, delta_text, delta_ids, request.num_cached_tokens,
-                             request.num_output_tokens, delta_logprobs if want_logprobs else None)
+                             request.num_output_tokens, delta_logprobs if want_logprobs else None,
+                             prompt_logprobs)

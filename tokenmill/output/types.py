@@ -25,6 +25,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0  # generated so far, whatever the output kind
     delta_logprobs: list[TokenLogprobs] | None = None
+    # With prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it). In every
+    # cumulative output; in the first delta output only.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -43,6 +46,7 @@ class RequestOutput:
         if self.delta_logprobs is not None and later.delta_logprobs is not None \
                 and self.delta_logprobs is not self.logprobs:
             self.delta_logprobs.extend(later.delta_logprobs)
+        self.prompt_logprobs = self.prompt_logprobs or later.prompt_logprobs
         self.finish_reason, self.stop_reason = later.finish_reason, later.stop_reason
         self.num_output_tokens, self.num_cached_tokens = later.num_output_tokens, later.num_cached_tokens
 
@@ -65,6 +69,7 @@ class GenerationResult:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with SamplingParams.prompt_logprobs
 
     @property
     def text(self) -> str:

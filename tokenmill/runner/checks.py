@@ -36,6 +36,10 @@ def check_plan(plan: StepPlan, num_blocks: int, block_size: int, max_positions: 
         end = seq.query_start + seq.num_tokens
         if seq.draft_token_ids and plan.token_ids[end - len(seq.draft_token_ids) : end] != seq.draft_token_ids:
             raise InvalidPlanError(f"{seq.request_id}: the draft tokens are not its last rows' tokens")
+        scored = seq.prompt_logprobs
+        if scored is not None and not 0 <= scored.offset <= scored.offset + len(scored.targets) <= seq.num_tokens:
+            raise InvalidPlanError(f"{seq.request_id}: prompt logprob rows [{scored.offset}, "
+                                   f"+{len(scored.targets)}) outside its {seq.num_tokens} rows")
         rows += seq.num_tokens
         if not seq.num_tokens <= seq.context_len <= len(seq.block_table) * block_size:
             raise InvalidPlanError(f"{seq.request_id}: context of {seq.context_len} entries for "

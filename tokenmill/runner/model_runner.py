@@ -14,11 +14,13 @@ from tokenmill.attention.backend import AttentionBackend
 from tokenmill.kv.cache import KVCache
 from tokenmill.model.linear import Linear
 from tokenmill.runner.checks import check_plan
-from tokenmill.sampler.sampler import Sampler, SamplingRow, has_penalties
+from tokenmill.sampler.sampler import Sampler, SamplingRow, TokenLogprobs, has_penalties, score_tokens
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, SeqSamples, StepPlan, StepResult
 from tokenmill.spec.verifier import verify
 from tokenmill.structured.masks import TokenMasks
+
+_SCORE_ROWS = 128  # prompt rows scored per logits matrix
 
 
 class ModelRunner:
@@ -50,9 +52,10 @@ class ModelRunner:
         input_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(plan.positions, dtype=torch.long, device=self.device)
         hidden = self.backend.forward(input_ids, positions, self.backend.build_metadata(plan))
+        prompt_logprobs = self._score_prompts(plan, hidden)
         sampled = [s for s in plan.seqs if s.num_samples]
         if not sampled:
-            return StepResult()
+            return StepResult(prompt_logprobs=prompt_logprobs)
         rows = plan.sample_indices()
         if len(rows) != hidden.shape[0]:  # a decode-only step samples every row, in order
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
@@ -61,7 +64,23 @@ class ModelRunner:
             token_masks.result().apply(logits)
         rows_of = [[self._sampling_row(s, i) for i in range(s.num_samples)] for s in sampled]
         samples = self._sample(logits, sampled, rows_of)
-        return StepResult(samples, logits.float() if plan.return_logits else None)
+        return StepResult(samples, logits.float() if plan.return_logits else None, prompt_logprobs)
+
+    def _score_prompts(self, plan: StepPlan, hidden: torch.Tensor) -> dict[str, list[TokenLogprobs]]:
+        """Prompt logprobs of the rows the plan marks, from raw logits; a few rows at a time, since a chunk's
+        logits over the whole vocabulary would be large."""
+        out: dict[str, list[TokenLogprobs]] = {}
+        for seq in plan.seqs:
+            rows = seq.prompt_logprobs
+            if rows is None:
+                continue
+            scored = out[seq.request_id] = []
+            first = seq.query_start + rows.offset
+            for i in range(0, len(rows.targets), _SCORE_ROWS):
+                targets = rows.targets[i : i + _SCORE_ROWS]
+                logits = self.lm_head.logits(hidden[first + i : first + i + len(targets)])
+                scored.extend(score_tokens(logits, targets, [rows.num_top] * len(targets)))
+        return out
 
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledSeq],
                 rows_of: list[list[SamplingRow]]) -> list[SeqSamples]:

@@ -154,17 +154,23 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRo
     if not idx:
         return out
     index = torch.tensor(idx, dtype=torch.long, device=raw.device)
-    logprobs = torch.log_softmax(raw[index].float(), dim=-1)
-    chosen = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
-    max_k = max(rows[i].params.logprobs or 0 for i in idx)
-    top_vals, top_ids = torch.topk(logprobs, max_k, dim=-1)
-    top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
-    token_list = tokens[index].tolist()
-    for j, i in enumerate(idx):
-        k = rows[i].params.logprobs or 0
-        top = list(zip(top_ids_l[j][:k], top_vals_l[j][:k], strict=True))
-        out[i] = TokenLogprobs(token_id=token_list[j], logprob=chosen[j], top=top)
+    scored = score_tokens(raw[index], tokens[index].tolist(), [rows[i].params.logprobs or 0 for i in idx])
+    for i, entry in zip(idx, scored, strict=True):
+        out[i] = entry
     return out
+
+
+def score_tokens(raw: torch.Tensor, token_ids: Sequence[int], num_top: Sequence[int]) -> list[TokenLogprobs]:
+    """Row i's log-probability of `token_ids[i]` and its `num_top[i]` most likely tokens, from raw logits
+    [rows, vocab] (log-softmax in fp32, nothing else applied)."""
+    logprobs = torch.log_softmax(raw.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids, dtype=torch.long, device=raw.device)[:, None])
+    chosen_l = chosen.squeeze(1).tolist()
+    top_vals, top_ids = torch.topk(logprobs, max(num_top, default=0), dim=-1)
+    top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
+    return [TokenLogprobs(token_id=token_ids[j], logprob=chosen_l[j],
+                          top=list(zip(top_ids_l[j][:k], top_vals_l[j][:k], strict=True)))
+            for j, k in enumerate(num_top)]
 
 
 def _is_plain_greedy(row: SamplingRow) -> bool:

@@ -27,6 +27,16 @@ class SamplingInputs:
 
 
 @dataclass(frozen=True)
+class PromptLogprobRows:
+    """Rows of a prefill chunk whose logits score the prompt: rows [offset, offset + len(targets)) of the sequence
+    predict `targets`, the prompt tokens that follow them; `num_top` alternatives are listed per row."""
+
+    offset: int
+    targets: tuple[int, ...]
+    num_top: int
+
+
+@dataclass(frozen=True)
 class ScheduledSeq:
     """One request's share of a step: flat rows [query_start, query_start + num_tokens) of the plan's token arrays.
 
@@ -44,6 +54,7 @@ class ScheduledSeq:
     num_samples: int = 0
     sampling: SamplingInputs | None = None  # set when num_samples > 0
     draft_token_ids: tuple[int, ...] = ()  # num_samples - 1 of them when set
+    prompt_logprobs: PromptLogprobRows | None = None  # the request asked for prompt logprobs
 
 
 @dataclass(frozen=True)
@@ -90,3 +101,5 @@ class SeqSamples:
 class StepResult:
     samples: list[SeqSamples] = field(default_factory=list)
     logits: torch.Tensor | None = None  # [sample rows, vocab] fp32, when the plan asked for them
+    # Per request with PromptLogprobRows in the plan: one entry per target, in prompt order.
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)

@@ -25,7 +25,7 @@ from tokenmill.request import Request, RequestStatus
 from tokenmill.sampler.sampler import has_penalties
 from tokenmill.scheduler.clients import ClientLedger, ClientUsage, client_of
 from tokenmill.scheduler.fair import FairPolicy
-from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, StepPlan, StepResult
+from tokenmill.scheduler.plan import PromptLogprobRows, SamplingInputs, ScheduledSeq, StepPlan, StepResult
 from tokenmill.scheduler.policy import FCFSPolicy, PriorityPolicy, SchedulingPolicy
 from tokenmill.scheduler.sjf import SJFPolicy
 
@@ -212,6 +212,8 @@ class Scheduler:
 
     def _fork_parent(self, request: Request) -> Request | None:
         """The running sibling to fork from, if the request has one; a sibling still prefilling means wait."""
+        if request.params.prompt_logprobs is not None:
+            return None  # a fork skips its prompt's logits: scoring it means computing it
         parent = self.requests.get(request.fork_of) if request.fork_of else None
         return parent if parent is not None and parent.status is RequestStatus.RUNNING else None
 
@@ -245,7 +247,8 @@ class Scheduler:
             samples = 1 + len(drafts) if end >= request.num_tokens else 0
             seqs.append(ScheduledSeq(request.request_id, len(token_ids), num_new, entries + num_new,
                                      tuple(self.kv_cache.block_table(request.request_id)), samples,
-                                     _sampling_inputs(request) if samples else None, drafts))
+                                     _sampling_inputs(request) if samples else None, drafts,
+                                     _prompt_logprob_rows(request, start, real_end)))
             token_ids.extend(request.token_ids(start, real_end))
             token_ids.extend(drafts)
             positions.extend(range(start, end))
@@ -323,6 +326,18 @@ def _sampling_inputs(request: Request) -> SamplingInputs:
     # Only the output matters to presence/frequency penalties; repetition also reads the prompt.
     prompt = tuple(request.prompt_token_ids) if params.repetition_penalty != 1.0 else ()
     return SamplingInputs(params, prompt, tuple(request.output_token_ids), blocked, max(blocked_rows, 0))
+
+
+def _prompt_logprob_rows(request: Request, start: int, end: int) -> PromptLogprobRows | None:
+    """The rows of tokens [start, end) that score a prompt token not scored yet: row p predicts prompt token p + 1."""
+    if request.params.prompt_logprobs is None:
+        return None
+    first = max(start, request.num_prompt_logprobs)
+    last = min(end, request.num_prompt_tokens - 1)
+    if first >= last:
+        return None
+    return PromptLogprobRows(first - start, tuple(request.prompt_token_ids[first + 1 : last + 1]),
+                             request.params.prompt_logprobs)
 
 
 def make_policy(config: SchedulerConfig) -> SchedulingPolicy:

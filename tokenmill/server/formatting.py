@@ -75,6 +75,17 @@ class TokenTexts:
                  "text_offset": offsets}
         return shape, text_offset
 
+    def prompt_logprobs(self, prompt_ids: Sequence[int], entries: Sequence[TokenLogprobs | None]
+                        ) -> tuple[dict[str, Any], int]:
+        """The completions shape for an echoed prompt (`echo` with `logprobs`): the first token, which nothing
+        predicts, has null logprobs, as in the OpenAI API."""
+        first, text_offset = self.text(prompt_ids[0]), 0
+        shape = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+        rest, text_offset = self.completion_logprobs([e for e in entries[1:] if e is not None], len(first))
+        for key, values in rest.items():
+            shape[key].extend(values)
+        return shape, text_offset
+
     def chat_logprobs(self, entries: Sequence[TokenLogprobs]) -> dict[str, Any]:
         """The chat shape: `{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}`."""
         return {"content": [{**self._chat_entry(entry.token_id, entry.logprob),

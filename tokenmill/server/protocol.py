@@ -110,7 +110,8 @@ class _GenerationRequest(BaseModel):
             raise invalid_request(exc) from None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, renames: dict[str, str] | None = None,
-                        structured: StructuredOutputs | None = None) -> SamplingParams:
+                        structured: StructuredOutputs | None = None, prompt_logprobs: int | None = None
+                        ) -> SamplingParams:
         """SamplingParams of the request (n included); a bad value becomes a 400 naming it. Stop token ids outside
         the vocabulary are the engine's to reject; a top_k beyond it means no top_k, as in the sampler."""
         try:
@@ -130,6 +131,7 @@ class _GenerationRequest(BaseModel):
                 stop_token_ids=list(self.stop_token_ids or []),
                 ignore_eos=bool(self.ignore_eos),
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=_default(self.skip_special_tokens, True),
                 structured_outputs=structured,
             )
@@ -152,8 +154,6 @@ class CompletionRequest(_GenerationRequest):
             raise bad_request("best_of other than n is not supported", "best_of")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise bad_request(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}", "logprobs")
-        if self.echo and self.logprobs is not None:
-            raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of a (possibly batched) completion request."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from tokenmill.model.gguf_file import ModelLoadError, default_model_path
 from tokenmill.output.types import RequestOutput
+from tokenmill.sampler.sampler import TokenLogprobs
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams, fan_out
 from tokenmill.server.async_engine import (
     AsyncEngine,
@@ -222,8 +223,11 @@ class OpenAIServing:
         constraint = req.extension_constraint()
         await self._compile(constraint)
         prompt_ids = await asyncio.to_thread(lambda: [self._encode(p, "prompt") for p in prompts])
+        # echo with logprobs scores the prompt too (what lm-evaluation-harness reads log-likelihoods from).
+        scored = req.logprobs if req.echo else None
         params = [req.sampling_params(self._max_tokens(len(ids), req.max_tokens, "max_tokens", "prompt"),
-                                      req.logprobs, structured=constraint) for ids in prompt_ids]
+                                      req.logprobs, structured=constraint, prompt_logprobs=scored)
+                  for ids in prompt_ids]
         prepared = self._prepare("cmpl", prompt_ids, params, req.n or 1, origin, req.priority)
         stream = await self._submit(prepared, "prompt")
         # After the engine has checked the token ids: decoding an id outside the vocabulary would raise.
@@ -236,7 +240,8 @@ class OpenAIServing:
         for index, out in enumerate(finals):
             logprobs = None
             if req.logprobs is not None:
-                logprobs, _ = self.texts.completion_logprobs(out.logprobs or [], 0)
+                logprobs = self._completion_logprobs(out.logprobs or [], prompt_ids[index // prepared.n],
+                                                     out.prompt_logprobs if echo else None, 0)[0]
             text = (echo[index // prepared.n] if echo else "") + out.text
             choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
                             "stop_reason": out.stop_reason})
@@ -244,6 +249,18 @@ class OpenAIServing:
         return {"id": prepared.request_id, "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
                 "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream
+
+    def _completion_logprobs(self, entries: list[TokenLogprobs], prompt_ids: list[int],
+                             prompt_entries: list[TokenLogprobs | None] | None, text_offset: int
+                             ) -> tuple[dict[str, Any], int]:
+        """The legacy logprobs of generated tokens, after the echoed prompt's when `prompt_entries` are given."""
+        if not prompt_entries:
+            return self.texts.completion_logprobs(entries, text_offset)
+        shape, text_offset = self.texts.prompt_logprobs(prompt_ids, prompt_entries)
+        rest, text_offset = self.texts.completion_logprobs(entries, text_offset)
+        for key, values in rest.items():
+            shape[key].extend(values)
+        return shape, text_offset
 
     def _chunk_builder(self, object_name: str, req: CompletionRequest | ChatCompletionRequest, prepared: _Prepared,
                        generated: list[int]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
@@ -269,14 +286,17 @@ class OpenAIServing:
         async for index, out in stream:
             generated[index] = out.num_output_tokens
             text = out.text
-            if echo and not echoed[index]:
+            echoing = bool(echo) and not echoed[index]
+            if echo and echoing:
                 text, echoed[index] = echo[index // prepared.n] + text, True
             new_logprobs = out.logprobs or []
             if not (text or out.finished or new_logprobs or req.continuous_usage):
                 continue
             logprobs = None
             if req.logprobs is not None:
-                logprobs, offsets[index] = self.texts.completion_logprobs(new_logprobs, offsets[index])
+                logprobs, offsets[index] = self._completion_logprobs(
+                    new_logprobs, prepared.prompt_ids[index // prepared.n],
+                    out.prompt_logprobs if echoing else None, offsets[index])
             yield sse(chunk([{"index": index, "text": text, "logprobs": logprobs,
                               "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]))
         if req.include_usage:
