@@ -67,6 +67,11 @@ class EngineConfig:
     # request is refused; its token masks are filled on a worker thread while the model runs unless overlap is off.
     structured_outputs_timeout_s: float = 10.0
     structured_outputs_overlap: bool = True
+    # StreamingLLM (tokenmill/kv/streaming.py): with sliding_window = W, every request keeps its first
+    # attention_sinks tokens' blocks and its last W tokens' blocks, the rest evicted, so requests run past the
+    # model's context at fixed memory. Turns prefix caching and n > 1 forks off (eviction rewrites blocks).
+    sliding_window: int | None = None
+    attention_sinks: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -97,6 +102,16 @@ class EngineConfig:
         if not self.structured_outputs_timeout_s > 0:
             raise ValueError(f"structured_outputs_timeout_s must be > 0, got {self.structured_outputs_timeout_s}")
         check_scheduling(self.scheduling_policy, self.sjf_aging, self.fair_input_weight, self.fair_output_weight)
+        if self.attention_sinks < 0:
+            raise ValueError(f"attention_sinks must be >= 0, got {self.attention_sinks}")
+        if self.attention_sinks and self.sliding_window is None:
+            raise ValueError("attention_sinks needs a sliding_window: sinks are what a window keeps besides itself")
+        if self.sliding_window is not None and self.sliding_window < self.block_size:
+            raise ValueError(f"sliding_window must be at least one block ({self.block_size}), "
+                             f"got {self.sliding_window}")
+        if self.sliding_window is not None and not self.enable_chunked_prefill:
+            raise ValueError("sliding_window needs chunked prefill: a prompt longer than the window is computed in "
+                             "chunks that fit it")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")

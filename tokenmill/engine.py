@@ -6,6 +6,7 @@ Single-threaded by design; a server drives it from one background thread.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -24,8 +25,10 @@ from tokenmill.config import EngineConfig
 from tokenmill.kernels import cpu_kernels
 from tokenmill.kv.cache import KVCache
 from tokenmill.kv.manager import KVCacheManager, PrefixCacheStats
+from tokenmill.kv.streaming import StreamingWindow
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
+from tokenmill.model.llama import rope_rotation
 from tokenmill.model.loader import load_model
 from tokenmill.output.processor import RequestState
 from tokenmill.output.types import RequestOutput
@@ -43,6 +46,9 @@ from tokenmill.structured.masks import StructuredOutputManager, StructuredOutput
 from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+# A request's length limit under a streaming window, which keeps positions within its capacity whatever the length.
+STREAMING_MAX_MODEL_LEN = 1 << 30
 
 
 @dataclass
@@ -79,10 +85,14 @@ class LLMEngine:
         self.model_config = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
         num_blocks = self._num_kv_blocks()
         block_size = config.block_size
-        self.max_model_len = min(config.max_model_len or self.model_config.max_position,
+        # The context: positions [0, max_positions) have RoPE tables, and a request fits the cache.
+        self.max_positions = min(config.max_model_len or self.model_config.max_position,
                                  self.model_config.max_position, num_blocks * block_size)
+        window = self._streaming_window()
+        # A streaming window keeps positions within its capacity, so requests may grow past the context.
+        self.max_model_len = self.max_positions if window is None else STREAMING_MAX_MODEL_LEN
         self.model = load_model(gguf_file, self.dtype, self.device, config.weight_format, config.int4_group_size,
-                                max_positions=self.max_model_len)
+                                max_positions=self.max_positions)
         packed = self.model.prepack_weights() if config.prepack_weights else 0
         self.kv_cache = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device,
                                 config.kv_huge_pages)
@@ -91,11 +101,13 @@ class LLMEngine:
                             config.enable_chunked_prefill, config.scheduling_policy, config.sjf_aging,
                             config.fair_input_weight, config.fair_output_weight),
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
-                           cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}"),
+                           cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}",
+                           window=window),
         )
         backend, greedy = self._backend()
         self.runner = ModelRunner(backend, self.model.lm_head, self.kv_cache, self.device, greedy, config.seed,
-                                  max_positions=self.model.rope_cos.shape[0], vocab_size=self.model.embed.out_features)
+                                  max_positions=self.model.rope_cos.shape[0], vocab_size=self.model.embed.out_features,
+                                  rotation=functools.partial(rope_rotation, self.model_config))
         self.speculator = self._speculator()
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
         # Built for the first grammar (indexing the vocabulary takes a moment), maybe from a server's thread.
@@ -106,10 +118,10 @@ class LLMEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._steps = 0
-        logger.info("loaded %s (%s, %s weights, %s) in %.1fs: %d KV blocks of %d tokens, max_model_len %d, "
+        logger.info("loaded %s (%s, %s weights, %s) in %.1fs: %d KV blocks of %d tokens, context %d, "
                     "%d layers' weights prepacked for oneDNN",
                     self.model_path.name, self.dtype, self._weight_format_name(), self.device,
-                    time.perf_counter() - started, num_blocks, block_size, self.max_model_len, packed)
+                    time.perf_counter() - started, num_blocks, block_size, self.max_positions, packed)
 
     def _backend(self) -> tuple[AttentionBackend, Callable[[torch.Tensor], torch.Tensor] | None]:
         """The fused CPU step (and the kernels' greedy argmax) unless `enforce_eager`; the eager backend off CPU, for
@@ -160,6 +172,18 @@ class LLMEngine:
                     raise self._structured_error from None
                 self._structured = StructuredOutputManager(compiler, self.config.structured_outputs_overlap)
             return self._structured
+
+    def _streaming_window(self) -> StreamingWindow | None:
+        config = self.config
+        if config.sliding_window is None:
+            return None
+        window = StreamingWindow(config.attention_sinks, config.sliding_window, config.block_size)
+        if window.capacity > self.max_positions:
+            raise ValueError(f"attention_sinks + sliding_window hold {window.capacity} tokens in whole blocks, beyond "
+                             f"the context of {self.max_positions} positions")
+        logger.info("streaming window: %d sink blocks and %d window blocks of %d tokens per request; prefix caching "
+                    "and forks off", window.sink_blocks, window.window_blocks, config.block_size)
+        return window
 
     def _weight_format_name(self) -> str:
         fmt = self.config.weight_format

@@ -52,6 +52,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-speculative-adaptive", action="store_true",
                    help="always use every draft token found, instead of lengths chosen per step from acceptance "
                         "and a step-time model measured at start-up")
+    g = parser.add_argument_group("KV memory")
+    g.add_argument("--sliding-window", type=int, default=None,
+                   help="keep each request's last N tokens' KV (and its sinks'), evicting the rest: requests run past "
+                   "the context at fixed memory (StreamingLLM; turns prefix caching off)")
+    g.add_argument("--attention-sinks", type=int, default=0,
+                   help="with --sliding-window: keep the first N tokens' KV blocks too (StreamingLLM uses 4)")
     g = parser.add_argument_group("structured output")
     g.add_argument("--structured-outputs-timeout", type=float, default=10.0,
                    help="seconds a request's grammar (JSON schema, regex...) may take to compile before it is refused")
@@ -72,5 +78,6 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         prompt_lookup_max=args.prompt_lookup_max, speculative_adaptive=not args.no_speculative_adaptive,
         scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, fair_input_weight=args.fair_input_weight,
         fair_output_weight=args.fair_output_weight, structured_outputs_timeout_s=args.structured_outputs_timeout,
-        structured_outputs_overlap=not args.no_structured_outputs_overlap,
+        structured_outputs_overlap=not args.no_structured_outputs_overlap, sliding_window=args.sliding_window,
+        attention_sinks=args.attention_sinks,
     )

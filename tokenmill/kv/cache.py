@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from tokenmill.kv.huge_pages import zeros as huge_pages_zeros
@@ -29,6 +31,17 @@ class KVCache:
         dst = torch.cat([d * self.block_size + slots for _, d in copies])
         for cache in (self.k, self.v):
             cache[:, :, dst] = cache[:, :, src]
+
+    def rotate_keys(self, blocks: Sequence[int], cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+        """Apply one RoPE rotation (`tokenmill.model.llama.rope_rotation`) to the keys of whole blocks in every
+        layer, in fp32: a streaming window moving its keys back after an eviction (kv/streaming.py)."""
+        if not blocks:
+            return
+        offsets = torch.arange(self.block_size, device=self.k.device)
+        slots = (torch.tensor(list(blocks), device=self.k.device)[:, None] * self.block_size + offsets).flatten()
+        keys = self.k[:, :, slots].float()
+        rotated = keys * cos.to(keys.device) + keys.roll(keys.shape[-1] // 2, dims=-1) * signed_sin.to(keys.device)
+        self.k[:, :, slots] = rotated.to(self.k.dtype)
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -10,7 +10,8 @@ token ids); the chain starts from a salt naming anything else that changes the K
 blocks are only ever shared between requests whose whole prefix, and whose KV format, match. A request's own
 `cache_salt` (a tenant) starts its chain elsewhere again: tenants never share blocks, so the time to first token
 cannot tell one tenant what another has asked. Hashes are indexed by
-block, so they assume entry i is position i (a cache that evicts entries turns prefix caching off).
+block, so they assume entry i is position i: a cache that evicts entries (`window`, kv/streaming.py) turns prefix
+caching and forks off, and then every block is its request's alone, which is what lets eviction rotate keys in place.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from array import array
 from dataclasses import dataclass
 
 from tokenmill.kv.block_pool import BlockPool
+from tokenmill.kv.streaming import KVShift, StreamingWindow
 from tokenmill.request import Request
 
 
@@ -41,18 +43,22 @@ def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
-                 cache_salt: str = "") -> None:
+                 cache_salt: str = "", window: StreamingWindow | None = None) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if window is not None and window.block_size != block_size:
+            raise ValueError(f"the streaming window counts blocks of {window.block_size}, the cache {block_size}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
-        self.enable_prefix_caching = enable_prefix_caching
+        self.window = window
+        self.enable_prefix_caching = enable_prefix_caching and window is None
         self.stats = PrefixCacheStats()
         self._root = hashlib.sha256(cache_salt.encode()).digest()
         self._tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # per request: chain hashes of its full blocks so far
         self._num_registered: dict[str, int] = {}  # per request: leading table blocks already registered
         self._num_entries: dict[str, int] = {}  # per request: KV entries written (or shared) so far
+        self._num_evicted: dict[str, int] = {}  # per request: entries dropped by the streaming window
 
     @property
     def num_free_blocks(self) -> int:
@@ -72,6 +78,37 @@ class KVCacheManager:
     def num_entries(self, request_id: str) -> int:
         """KV entries the request holds: what its next query attends to before this step's own entries."""
         return self._num_entries.get(request_id, 0)
+
+    def num_evicted(self, request_id: str) -> int:
+        """Entries the streaming window has dropped: the request's token i sits at entry (and position) i minus
+        this."""
+        return self._num_evicted.get(request_id, 0)
+
+    def max_new_entries(self, request: Request) -> int | None:
+        """The most entries one step may add for the request (None: no limit but the blocks)."""
+        if self.window is None:
+            return None
+        return self.window.max_new(self.num_entries(request.request_id))
+
+    def evict(self, request: Request, num_new: int) -> KVShift | None:
+        """Drop the request's oldest window blocks so that `num_new` more entries stay within the streaming window;
+        the shift its remaining window keys need (None when nothing was dropped)."""
+        if self.window is None:
+            return None
+        rid = request.request_id
+        count = self.window.blocks_to_evict(self.num_entries(rid), num_new)
+        if count == 0:
+            return None
+        table, first = self._tables[rid], self.window.sink_blocks
+        dropped = table[first : first + count]
+        del table[first : first + count]
+        self.pool.free(dropped)
+        delta = count * self.block_size
+        self._num_entries[rid] -= delta
+        self._num_evicted[rid] = self.num_evicted(rid) + delta
+        moved = tuple(table[first:])
+        assert all(self.pool.ref_count(b) == 1 for b in moved), "a streaming request's blocks are its own"
+        return KVShift(moved, delta)
 
     def slots(self, request_id: str, start: int, end: int) -> list[int]:
         """Cache slots of the request's KV entries [start, end), which must be allocated: one range per block."""
@@ -231,6 +268,7 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         self._num_registered.pop(request.request_id, None)
+        self._num_evicted.pop(request.request_id, None)
         self._num_entries.pop(request.request_id, None)
         table = self._tables.pop(request.request_id, None)
         if table:

@@ -37,6 +37,14 @@ def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
     return torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((-angles, angles), dim=-1).sin().to(dtype)
 
 
+def rope_rotation(cfg: ModelConfig, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin ([head_dim], fp32) that move an already rotated key by `offset` positions (negative:
+    back), since RoPE rotations compose by adding angles. Angles in float64, so that large offsets stay exact."""
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim
+    angles = offset / (cfg.rope_theta**exponents)
+    return (torch.cat((angles, angles)).cos().float(), torch.cat((-angles, angles)).sin().float())
+
+
 class DecoderLayer(nn.Module):
     """One transformer block. q, k and v share one matmul, gate and up another: fewer, larger GEMMs per step."""
 

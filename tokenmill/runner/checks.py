@@ -25,6 +25,9 @@ def check_plan(plan: StepPlan, num_blocks: int, block_size: int, max_positions: 
         _check_range("token id", plan.token_ids, vocab_size)
     for src, dst in plan.block_copies:
         _check_range("copied block", (src, dst), num_blocks)
+    for shift in plan.kv_shifts:
+        if shift.blocks:
+            _check_range("shifted block", shift.blocks, num_blocks)
     rows = 0
     for seq in plan.seqs:
         if seq.query_start != rows or seq.num_tokens < 1 or not 0 <= seq.num_samples <= seq.num_tokens:

@@ -30,8 +30,10 @@ class ModelRunner:
 
     def __init__(self, backend: AttentionBackend, lm_head: Linear, kv_cache: KVCache, device: torch.device,
                  greedy: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
-                 max_positions: int | None = None, vocab_size: int | None = None) -> None:
+                 max_positions: int | None = None, vocab_size: int | None = None,
+                 rotation: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self.backend = backend
+        self.rotation = rotation  # RoPE (cos, signed sin) moving keys by an offset: plans with key shifts need it
         self.max_positions = max_positions
         self.vocab_size = vocab_size
         self.lm_head = lm_head
@@ -49,6 +51,9 @@ class ModelRunner:
             return StepResult()
         check_plan(plan, self.kv_cache.num_blocks, self.kv_cache.block_size, self.max_positions, self.vocab_size)
         self.kv_cache.copy_blocks(list(plan.block_copies))
+        for shift in plan.kv_shifts:
+            assert self.rotation is not None, "a plan with key shifts needs a runner built with the RoPE rotation"
+            self.kv_cache.rotate_keys(shift.blocks, *self.rotation(-shift.delta))
         input_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(plan.positions, dtype=torch.long, device=self.device)
         hidden = self.backend.forward(input_ids, positions, self.backend.build_metadata(plan))

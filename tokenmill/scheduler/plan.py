@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenmill.kv.streaming import KVShift
 from tokenmill.sampler.sampler import TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 
@@ -73,6 +74,7 @@ class StepPlan:
     finished_request_ids: tuple[str, ...] = ()  # since the previous plan: the runner drops their per-request state
     preempted_request_ids: tuple[str, ...] = ()
     return_logits: bool = False  # StepResult.logits wanted (a verifier's target distribution)
+    kv_shifts: tuple[KVShift, ...] = ()  # keys to rotate back after streaming-window evictions, before the step
 
     @property
     def num_tokens(self) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from tokenmill.config import check_scheduling
 from tokenmill.kv.manager import KVCacheManager
+from tokenmill.kv.streaming import KVShift
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampler.sampler import has_penalties
 from tokenmill.scheduler.clients import ClientLedger, ClientUsage, client_of
@@ -64,6 +65,7 @@ class Scheduler:
         self._finished_ids: list[str] = []  # finished since the last plan
         self._pending_copies: list[tuple[int, int]] = []  # block copies of a failed plan, not yet made
         self._suspects: list[str] = []  # requests of a failed plan, each to be run alone
+        self._shifts: dict[str, KVShift] = {}  # this step's key rotations after streaming-window evictions
 
     @property
     def waiting(self) -> SchedulingPolicy:
@@ -118,13 +120,17 @@ class Scheduler:
         """Slots for the request's next tokens within `budget`; the number scheduled, or None if it was preempted.
 
         Drafts are given up before anyone is preempted for them."""
-        num_new = min(request.num_tokens + len(request.draft_token_ids) - request.num_computed_tokens, budget)
+        num_new = self._cap(request, min(request.num_tokens + len(request.draft_token_ids)
+                                         - request.num_computed_tokens, budget))
+        shift = self.kv_cache.evict(request, num_new)
+        if shift is not None:
+            self._shifts[request.request_id] = shift
         # The victim is always the last running request, which is not in this step's batch yet (the loop over
         # running requests has not reached it), so nothing scheduled needs taking back.
         while not self.kv_cache.allocate_slots(request, num_new):
             if request.draft_token_ids:
                 request.draft_token_ids = []
-                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                num_new = self._cap(request, min(request.num_tokens - request.num_computed_tokens, budget))
                 continue
             victim = self.running[-1]  # the policy's first victim
             self._preempt(victim)
@@ -132,6 +138,11 @@ class Scheduler:
             if victim is request:
                 return None
         return num_new
+
+    def _cap(self, request: Request, num_new: int) -> int:
+        """At most what the KV manager lets one step add (a streaming window's room)."""
+        limit = self.kv_cache.max_new_entries(request)
+        return num_new if limit is None else min(num_new, limit)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -202,7 +213,7 @@ class Scheduler:
         remaining = request.num_tokens - request.num_computed_tokens - num_cached
         if not self.config.enable_chunked_prefill and remaining > budget:
             return None
-        num_new = min(remaining, budget)
+        num_new = self._cap(request, min(remaining, budget))  # nothing to evict yet: it holds no entries
         if not self.kv_cache.allocate_slots(request, num_new, cached):
             return None
         self.kv_cache.record_lookup(request, cached)
@@ -212,8 +223,10 @@ class Scheduler:
 
     def _fork_parent(self, request: Request) -> Request | None:
         """The running sibling to fork from, if the request has one; a sibling still prefilling means wait."""
-        if request.params.prompt_logprobs is not None:
-            return None  # a fork skips its prompt's logits: scoring it means computing it
+        if request.params.prompt_logprobs is not None or self.kv_cache.window is not None:
+            # A fork skips its prompt's logits (scoring it means computing it), and it shares blocks, which a
+            # streaming window rotates in place.
+            return None
         parent = self.requests.get(request.fork_of) if request.fork_of else None
         return parent if parent is not None and parent.status is RequestStatus.RUNNING else None
 
@@ -251,11 +264,15 @@ class Scheduler:
                                      _prompt_logprob_rows(request, start, real_end)))
             token_ids.extend(request.token_ids(start, real_end))
             token_ids.extend(drafts)
-            positions.extend(range(start, end))
+            evicted = self.kv_cache.num_evicted(request.request_id)  # positions are entries (kv/streaming.py)
+            positions.extend(range(start - evicted, end - evicted))
             slot_mapping.extend(self.kv_cache.slots(request.request_id, entries, entries + num_new))
         finished, self._finished_ids = self._finished_ids, []
+        # A request preempted since its eviction had its blocks freed: its rotation is moot.
+        shifts = tuple(self._shifts[r.request_id] for r, _ in batch if r.request_id in self._shifts)
+        self._shifts.clear()
         return StepPlan(tuple(seqs), tuple(token_ids), tuple(positions), tuple(slot_mapping), tuple(copies),
-                        tuple(finished), tuple(preempted))
+                        tuple(finished), tuple(preempted), kv_shifts=shifts)
 
     # ---- outcome ----
 
@@ -293,7 +310,8 @@ class Scheduler:
     def step_failed(self, plan: StepPlan) -> None:
         """Running `plan` raised before `update`: nothing of it counts. Its block copies and finished ids go into the
         next plan again, and each of its requests runs alone next (the model's KV writes are idempotent, so running
-        the same tokens again is safe)."""
+        the same tokens again is safe). Its key rotations are not repeated: the runner applies them before the model
+        runs, and a rotation applied twice would move keys twice."""
         self._pending_copies[:0] = plan.block_copies
         self._finished_ids[:0] = plan.finished_request_ids
         if len(plan.seqs) > 1:
