@@ -1,7 +1,8 @@
 """Paged attention, one layer: the fused step's C++ kernels (tokenmill/kernels/attention.cpp) against the eager
 PyTorch path (tokenmill/model/attention.py) on the same cache, block tables and queries.
 
-Cases: a prefill step (whole prompts of several lengths, 1,024 tokens by default), decode steps of many sequences
+Cases: a prefill step (whole prompts of several lengths, 1,024 tokens by default), prefill chunks after cached keys
+(`--chunks`), decode steps of many sequences
 (the cache far larger than the CPU's caches) and of a few (the cache inside them). Prints median ms per layer, the
 speed-up, and roofline context: GB/s of K/V read for decodes, GFLOP/s of causal attention math for prefill. The fused
 kernels run twice, on a cache in ordinary 4 KiB pages and on 2 MiB transparent huge pages (the engine's default,
@@ -39,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=64, choices=[64, 128])
     parser.add_argument("--prefill-lens", default="256,200,180,150,120,100,18",
                         help="prompt lengths of the prefill step")
+    parser.add_argument("--chunks", default="1024:256,2048:256",
+                        help="prefill chunks after cached keys, as context:new tokens (one sequence each)")
     parser.add_argument("--decode-context", type=int, default=300, help="keys per decoding sequence")
     parser.add_argument("--decode-seqs", default="256,32", help="decode batch sizes")
     parser.add_argument("--repeats", type=int, default=20)
@@ -115,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"the CPU kernels did not build: {build.error}")
     prefill = [int(n) for n in args.prefill_lens.split(",")]
     cases = {f"prefill {len(prefill)} prompts, {sum(prefill)} tokens": [(n, n) for n in prefill]}
+    for chunk in filter(None, args.chunks.split(",")):
+        ctx, q_len = (int(n) for n in chunk.split(":"))
+        cases[f"chunk of {q_len} at context {ctx}"] = [(ctx, q_len)]
     for seqs in (int(n) for n in args.decode_seqs.split(",")):
         cases[f"decode {seqs} × {args.decode_context} keys"] = [(args.decode_context, 1)] * seqs
     rows = []
@@ -128,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
                "speedup": eager_ms / fused_ms,
                "fused_kv_gb_s": case.kv_bytes() / fused_ms / 1e6,
                "fused_gflop_s": case.causal_flops(args.heads, args.head_dim) / fused_ms / 1e6}
-        if name.startswith("prefill"):  # the chunk kernel's own A/B: the decode kernel applied token by token
+        # The chunk kernel's own A/B: the decode kernel applied token by token.
+        if name.startswith(("prefill", "chunk")):
             row["fused_token_by_token_ms"] = median_ms(case.fused(build.module, token_by_token=True), args.repeats)
         rows.append(row)
     print(f"one layer, {args.dtype}, {args.heads} heads / {args.kv_heads} KV heads × {args.head_dim}, "

@@ -4,8 +4,9 @@ Each measurement is a fresh subprocess whose working directory is the checkout, 
 `tokenmill` (and builds its kernels into its own extension cache). Two workloads, greedy with EOS ignored:
 - offline: `--num-requests` random-token prompts, input/output lengths uniform in the given ranges, one `generate`
   call; output tokens per second;
-- single stream: one prompt of `--stream-prompt-len` tokens, `--stream-tokens` generated; time per output token after
-  the first (TPOT) and tokens per second.
+- single stream: one prompt of `--stream-prompt-len` tokens, `--stream-tokens` generated; time to the first token
+  (TTFT: the prompt's chunks, `max_num_batched_tokens=1024` each) and prefill tokens per second, time per output
+  token after it (TPOT) and tokens per second.
 
     .venv/bin/python benchmarks/checkout_ab.py --a /path/to/base --b . --repeats 2
 
@@ -51,13 +52,17 @@ tokens = sum(len(r.token_ids) for r in out)
 engine = llm.engine
 engine.add_request(prompt(args["stream_prompt"]), SamplingParams(max_tokens=args["stream_tokens"], temperature=0,
                                                                   ignore_eos=True), "stream")
-times = []
+times, first = [], None
+stream_start = time.perf_counter()
 while engine.has_unfinished_requests():
-    engine.step()
+    got_token = any(o.token_ids for o in engine.step())
     times.append(time.perf_counter())
-tpot = (times[-1] - times[0]) / (len(times) - 1)
+    first = len(times) - 1 if first is None and got_token else first
+tpot = (times[-1] - times[first]) / (len(times) - 1 - first)
+ttft = times[first] - stream_start
 print(json.dumps({"offline_tok_s": tokens / offline_s, "offline_s": offline_s, "tpot_ms": tpot * 1e3,
-                  "stream_tok_s": 1.0 / tpot, "dtype": str(engine.dtype)}))
+                  "stream_tok_s": 1.0 / tpot, "ttft_ms": ttft * 1e3, "prefill_tok_s": args["stream_prompt"] / ttft,
+                  "dtype": str(engine.dtype)}))
 """
 
 
@@ -105,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"repeat {i + 1} {name}: {result}", file=sys.stderr)
     rows = []
     for metric, label in (("offline_tok_s", "offline output tok/s"), ("stream_tok_s", "single stream tok/s"),
-                          ("tpot_ms", "single stream TPOT ms")):
+                          ("tpot_ms", "single stream TPOT ms"), ("ttft_ms", "single stream TTFT ms"),
+                          ("prefill_tok_s", "single stream prefill tok/s")):
         ratios = [b[metric] / a[metric] for a, b in zip(runs["A"], runs["B"], strict=True)]
         rows.append((label, statistics.median(r[metric] for r in runs["A"]),
                      statistics.median(r[metric] for r in runs["B"]), ratios))

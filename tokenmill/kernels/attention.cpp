@@ -510,6 +510,62 @@ constexpr int64_t kTileTokens = 16;  // queries of one chunk scored together aga
 constexpr int64_t kScoreRows = 8;    // query rows per pass over a key block (8 accumulators)
 constexpr int64_t kRowPad = 24;      // query rows padded to a multiple of 8 and of the value pass's 6 or 3 rows
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// AVX2 builds run the fp32 chunk passes below on native 8-lane registers. Written on 16-lane values, arrays of
+// accumulators did not stay in AVX2's 16 registers and the passes ran at a fifth of the eager path's speed
+// (benchmarks/attention.py, its chunk cases). Each score and output element takes the same fused multiply-adds in the same
+// order as on 16 lanes, so the results are bit for bit the same.
+constexpr bool kNarrowChunkPasses = true;
+constexpr int64_t kScoreRows8 = 12;  // accumulators of the score pass (12 of the 16 ymm registers)
+constexpr int64_t kValueRows8 = 6;   // rows of the value pass, each 16 lanes of the head dimension wide (12 ymm)
+
+// scores[r][16 kb + k] = Σ_d query[r][d] · key k of block kb, d ascending, for rows [0, padded_rows).
+template <int D>
+void score_rows8(const float* query, const float* keys_t, int64_t padded_rows, int64_t tile_blocks,
+                 int64_t padded_keys, float* scores) {
+  for (int64_t r0 = 0; r0 < padded_rows; r0 += kScoreRows8)
+    for (int64_t kb = 0; kb < tile_blocks; ++kb)
+      for (int half = 0; half < 2; ++half) {
+        const float* column = keys_t + kb * 16 * D + 8 * half;
+        __m256 acc[kScoreRows8];
+        for (int64_t i = 0; i < kScoreRows8; ++i) acc[i] = _mm256_setzero_ps();
+        for (int d = 0; d < D; ++d) {
+          const __m256 key = _mm256_loadu_ps(column + d * 16);
+          for (int64_t i = 0; i < kScoreRows8; ++i)
+            acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(query + (r0 + i) * D + d), key, acc[i]);
+        }
+        for (int64_t i = 0; i < kScoreRows8; ++i)
+          _mm256_storeu_ps(scores + (r0 + i) * padded_keys + kb * 16 + 8 * half, acc[i]);
+      }
+}
+
+// out(r)[d] = Σ_t probs[r][t] · values[t][d], t ascending over [0, keys(r0)), for kValueRows8 rows from r0.
+template <int D, typename Out>
+void weigh_rows8(const float* probs, const float* values, int64_t r0, int64_t rows, int64_t keys,
+                 int64_t padded_keys, const Out& out) {
+  for (int c = 0; c < D; c += 16) {
+    __m256 acc[kValueRows8][2];
+    for (int64_t i = 0; i < kValueRows8; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < keys; ++t) {
+      const __m256 low = _mm256_loadu_ps(values + t * D + c), high = _mm256_loadu_ps(values + t * D + c + 8);
+      for (int64_t i = 0; i < kValueRows8; ++i) {
+        const __m256 p = _mm256_broadcast_ss(probs + (r0 + i) * padded_keys + t);
+        acc[i][0] = _mm256_fmadd_ps(p, low, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(p, high, acc[i][1]);
+      }
+    }
+    for (int64_t i = 0; i < kValueRows8 && r0 + i < rows; ++i) {
+      float* dst = out(r0 + i) + c;
+      _mm256_storeu_ps(dst, acc[i][0]);
+      _mm256_storeu_ps(dst + 8, acc[i][1]);
+    }
+  }
+}
+#else
+constexpr bool kNarrowChunkPasses = false;
+#endif
+static_assert(kRowPad % 12 == 0 && kRowPad % 6 == 0, "padded rows must split into the 8-lane passes");
+
 // One prefill chunk (sequence s, q_len > 1 new tokens) for KV head h: causal attention of its queries over the keys
 // up to each one's position.
 template <typename T, int D>
@@ -544,7 +600,14 @@ void attend_chunk(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
     for (int64_t jj = 0; jj < tokens; ++jj) scaled_queries<T, D>(b, row0 + j0 + jj, h, query + jj * group * D);
     std::fill(query + rows * D, query + padded_rows * D, 0.f);
 
-    for (int64_t r0 = 0; r0 < padded_rows; r0 += kScoreRows) {
+    bool scored = false;
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+      score_rows8<D>(query, keys_t, padded_rows, tile_blocks, padded_keys, scores);
+      scored = true;
+    }
+#endif
+    for (int64_t r0 = 0; r0 < padded_rows && !scored; r0 += kScoreRows) {
       for (int64_t kb = 0; kb < tile_blocks; ++kb) {
         const float* column = keys_t + kb * 16 * D;
         f32x16 acc[kScoreRows] = {};
@@ -566,6 +629,18 @@ void attend_chunk(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
       std::fill(row + len, row + tile_blocks * 16, 0.f);
     }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t r0 = 0; r0 < rows; r0 += kValueRows8) {
+        const int64_t last_row = std::min(r0 + kValueRows8, rows) - 1;
+        weigh_rows8<D>(scores, values, r0, rows, first_pos + j0 + last_row / group + 1, padded_keys,
+                       [&](int64_t r) {
+                         return b.out + ((row0 + j0 + r / group) * b.num_heads + h * group + r % group) * D;
+                       });
+      }
+      continue;
+    }
+#endif
     for (int64_t r0 = 0; r0 < padded_rows; r0 += kValueRows) {
       if (r0 >= rows) break;
       const int64_t last_row = std::min(r0 + kValueRows, rows) - 1;

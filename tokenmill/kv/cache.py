@@ -37,11 +37,15 @@ class KVCache:
         layer, in fp32: a streaming window moving its keys back after an eviction (kv/streaming.py)."""
         if not blocks:
             return
-        offsets = torch.arange(self.block_size, device=self.k.device)
-        slots = (torch.tensor(list(blocks), device=self.k.device)[:, None] * self.block_size + offsets).flatten()
-        keys = self.k[:, :, slots].float()
-        rotated = keys * cos.to(keys.device) + keys.roll(keys.shape[-1] // 2, dims=-1) * signed_sin.to(keys.device)
-        self.k[:, :, slots] = rotated.to(self.k.dtype)
+        layers, heads, num_slots, dim = self.k.shape
+        by_block = self.k.view(layers, heads, num_slots // self.block_size, self.block_size, dim)
+        index = torch.tensor(list(blocks), device=self.k.device)
+        keys = by_block.index_select(2, index).float()
+        half = dim // 2
+        cos, sin = cos[:half].to(keys.device), signed_sin[half:].to(keys.device)  # the half-split rotation's terms
+        first, second = keys[..., :half], keys[..., half:]
+        rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        by_block.index_copy_(2, index, rotated.to(self.k.dtype))
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -1,0 +1,178 @@
+"""KV memory modes through the public API: StreamingLLM's long-stream experiment and the decode cost of a window.
+
+stream: the text of ../shared/data/tinyshakespeare_first_half.txt fed as one prompt of `--tokens` tokens, scored
+with `prompt_logprobs` (teacher forcing, chunks of `--chunk` tokens), under
+  - sinks:  attention_sinks=4, sliding_window=W   (StreamingLLM)
+  - window: sliding_window=W, no sinks            (the paper's failing baseline)
+  - dense:  the full cache, over the first `--dense-tokens` tokens only (it cannot go past the context)
+Per segment of `--segment` tokens: perplexity; per mode: the most KV blocks held, process RSS as the stream goes,
+tokens/s. Each scored token sees between W - chunk and W + chunk earlier tokens in the window modes.
+
+decode: single-stream decode time per token with a window that evicts (sinks + W, prompt longer than W) against
+the full cache on the same prompt, run alternately (window, full, window, full), plus the time of one eviction's
+key rotation measured apart, with the bytes it moves.
+
+    .venv/bin/python benchmarks/kv_memory.py [--parts stream,decode] [--tokens 100000] [--window 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.bench.machine import machine_description
+from tokenmill.bench.report import write_json
+from tokenmill.kv.cache import KVCache
+from tokenmill.model.llama import rope_rotation
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare_first_half.txt"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_llm(args: argparse.Namespace, mode: str) -> LLM:
+    options: dict[str, Any] = {"max_num_batched_tokens": args.chunk, "kv_cache_memory_gib": args.kv_gib}
+    if mode == "sinks":
+        options |= {"sliding_window": args.window, "attention_sinks": args.sinks}
+    elif mode == "window":
+        options |= {"sliding_window": args.window}
+    return LLM(args.model, **options)
+
+
+def score_stream(llm: LLM, ids: list[int], segment: int) -> dict[str, Any]:
+    """Prompt logprobs of the whole stream in one request, with the KV blocks held and RSS sampled as it goes."""
+    engine = llm.engine
+    rid = engine.add_request(ids, SamplingParams(max_tokens=1, prompt_logprobs=0, output_kind="delta"))
+    most_blocks, rss_trace, final = 0, [], None
+    start = time.perf_counter()
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final = out if out.request_id == rid and out.prompt_logprobs else final
+        stats = engine.stats()
+        most_blocks = max(most_blocks, stats.num_total_blocks - stats.num_free_blocks)
+        steps += 1
+        if steps % 50 == 0:
+            request = engine.scheduler.get(rid)
+            done = request.num_computed_tokens if request is not None else len(ids)
+            rss_trace.append((done, round(rss_mib(), 1)))
+    wall = time.perf_counter() - start
+    assert final is not None and final.prompt_logprobs is not None
+    logprobs = [e.logprob for e in final.prompt_logprobs[1:] if e is not None]
+    segments = []
+    for first in range(0, len(logprobs), segment):
+        part = logprobs[first : first + segment]
+        segments.append({"tokens": [first + 1, first + len(part)], "ppl": math.exp(-sum(part) / len(part))})
+    per_block = KVCache.bytes_per_block(engine.model_config, engine.kv_cache.block_size, engine.dtype)
+    return {"tokens": len(ids), "wall_s": wall, "tok_s": len(ids) / wall,
+            "ppl": math.exp(-sum(logprobs) / len(logprobs)), "segments": segments, "most_kv_blocks": most_blocks,
+            "most_kv_mib": most_blocks * per_block / 2**20, "rss_mib_trace": rss_trace}
+
+
+def part_stream(args: argparse.Namespace) -> dict[str, Any]:
+    text = DATA.read_text()
+    out: dict[str, Any] = {}
+    for mode in ("sinks", "window", "dense"):
+        llm = make_llm(args, mode)
+        ids = llm.tokenizer.encode(text)[: args.dense_tokens if mode == "dense" else args.tokens]
+        if len(ids) < (args.dense_tokens if mode == "dense" else args.tokens):
+            print(f"note: the text has only {len(ids)} tokens")
+        out[mode] = result = score_stream(llm, ids, args.segment)
+        rss = result["rss_mib_trace"][-1][1] if result["rss_mib_trace"] else float("nan")
+        print(f"{mode:7s} {result['tokens']:7d} tokens  ppl {result['ppl']:8.2f}  {result['tok_s']:7.1f} tok/s  "
+              f"KV held at most {result['most_kv_mib']:.1f} MiB  RSS at the end {rss:.0f} MiB")
+        print("         per segment: " + "  ".join(f"{s['ppl']:.1f}" for s in result["segments"]))
+        del llm
+    return out
+
+
+def decode_tpot(llm: LLM, prompt: list[int], tokens: int) -> float:
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    engine = llm.engine
+    engine.add_request(prompt, params)
+    first = None
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        if first is None and any(o.token_ids for o in outs):
+            first = time.perf_counter()
+    assert first is not None
+    return (time.perf_counter() - first) / (tokens - 1)
+
+
+def rotation_seconds(llm: LLM, num_blocks: int, repeats: int = 20) -> float:
+    cache = llm.engine.kv_cache
+    cos, sin = rope_rotation(llm.engine.model_config, -cache.block_size)
+    blocks = list(range(num_blocks))
+    cache.rotate_keys(blocks, cos, sin)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        cache.rotate_keys(blocks, cos, sin)
+    return (time.perf_counter() - start) / repeats
+
+
+def part_decode(args: argparse.Namespace) -> dict[str, Any]:
+    window = make_llm(args, "sinks")
+    full = LLM(args.model, kv_cache_memory_gib=args.kv_gib)
+    prompt = window.tokenizer.encode(DATA.read_text())[: args.window + 64]
+    runs: dict[str, list[float]] = {"window": [], "full": []}
+    for _ in range(args.repeats):
+        for name, llm in (("window", window), ("full", full)):
+            runs[name].append(decode_tpot(llm, prompt, args.decode_tokens))
+    window_blocks = -(-args.window // window.engine.kv_cache.block_size)
+    rotate = rotation_seconds(window, window_blocks)
+    cache = window.engine.kv_cache
+    moved = 2 * window_blocks * cache.block_size * cache.k.shape[0] * cache.k.shape[1] * cache.k.shape[3] * \
+        cache.k.element_size()  # read and write the window's keys
+    tpot = {name: statistics.median(values) for name, values in runs.items()}
+    result = {"prompt_tokens": len(prompt), "decode_tokens": args.decode_tokens, "tpot_s": runs,
+              "median_tpot_s": tpot, "window_over_full": tpot["window"] / tpot["full"],
+              "rotation_s_per_eviction": rotate, "rotation_bytes": moved, "rotation_gb_s": moved / rotate / 1e9,
+              "rotation_s_per_token": rotate / cache.block_size}
+    print(f"decode TPOT: window {tpot['window'] * 1e3:.2f} ms, full {tpot['full'] * 1e3:.2f} ms "
+          f"(ratio {result['window_over_full']:.3f}); one eviction's rotation {rotate * 1e3:.2f} ms "
+          f"({moved / 2**20:.1f} MiB moved, {result['rotation_gb_s']:.1f} GB/s), "
+          f"{rotate / cache.block_size * 1e3:.3f} ms per token")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--parts", default="stream,decode")
+    parser.add_argument("--tokens", type=int, default=100_000)
+    parser.add_argument("--dense-tokens", type=int, default=8192)
+    parser.add_argument("--segment", type=int, default=8192)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--kv-gib", type=float, default=1.0)
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "kv_memory.json")
+    args = parser.parse_args()
+    report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},
+                              "machine": machine_description() | {"threads": torch.get_num_threads()}}
+    parts = args.parts.split(",")
+    if "stream" in parts:
+        report["stream"] = part_stream(args)
+    if "decode" in parts:
+        report["decode"] = part_decode(args)
+    write_json(report, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
