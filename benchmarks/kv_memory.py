@@ -82,21 +82,23 @@ def score_stream(llm: LLM, ids: list[int], segment: int) -> dict[str, Any]:
             "most_kv_mib": most_blocks * per_block / 2**20, "rss_mib_trace": rss_trace}
 
 
-def part_stream(args: argparse.Namespace) -> dict[str, Any]:
+def part_stream(args: argparse.Namespace, report: dict[str, Any]) -> None:
     text = DATA.read_text()
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = report.setdefault("stream", {})
     for mode in ("sinks", "window", "dense"):
         llm = make_llm(args, mode)
-        ids = llm.tokenizer.encode(text)[: args.dense_tokens if mode == "dense" else args.tokens]
-        if len(ids) < (args.dense_tokens if mode == "dense" else args.tokens):
+        # The full cache holds the context at most, one position left for the sampled token.
+        wanted = min(args.dense_tokens, llm.engine.max_model_len - 1) if mode == "dense" else args.tokens
+        ids = llm.tokenizer.encode(text)[:wanted]
+        if len(ids) < wanted:
             print(f"note: the text has only {len(ids)} tokens")
         out[mode] = result = score_stream(llm, ids, args.segment)
+        write_json(report, args.out)  # each mode as it completes
         rss = result["rss_mib_trace"][-1][1] if result["rss_mib_trace"] else float("nan")
         print(f"{mode:7s} {result['tokens']:7d} tokens  ppl {result['ppl']:8.2f}  {result['tok_s']:7.1f} tok/s  "
               f"KV held at most {result['most_kv_mib']:.1f} MiB  RSS at the end {rss:.0f} MiB")
         print("         per segment: " + "  ".join(f"{s['ppl']:.1f}" for s in result["segments"]))
         del llm
-    return out
 
 
 def decode_tpot(llm: LLM, prompt: list[int], tokens: int) -> float:
@@ -167,7 +169,7 @@ def main() -> None:
                               "machine": machine_description() | {"threads": torch.get_num_threads()}}
     parts = args.parts.split(",")
     if "stream" in parts:
-        report["stream"] = part_stream(args)
+        part_stream(args, report)
     if "decode" in parts:
         report["decode"] = part_decode(args)
     write_json(report, args.out)
