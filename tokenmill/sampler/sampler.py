@@ -163,13 +163,13 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRo
 def score_tokens(raw: torch.Tensor, token_ids: Sequence[int], num_top: Sequence[int]) -> list[TokenLogprobs]:
     """Row i's log-probability of `token_ids[i]` and its `num_top[i]` most likely tokens, from raw logits
     [rows, vocab] (log-softmax in fp32, nothing else applied)."""
-    # log-softmax only where it is read: x - logsumexp(x), without a [rows, vocab] result.
-    raw = raw.float()
-    norm = torch.logsumexp(raw, dim=-1, keepdim=True)
-    chosen = raw.gather(1, torch.tensor(token_ids, dtype=torch.long, device=raw.device)[:, None]) - norm
+    # log_softmax, not x - logsumexp(x): the latter's reduction rounds differently by a row's place in the batch,
+    # and a row's logprobs must not depend on what else is batched.
+    logprobs = torch.log_softmax(raw.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids, dtype=torch.long, device=raw.device)[:, None])
     chosen_l = chosen.squeeze(1).tolist()
-    top_vals, top_ids = torch.topk(raw, max(num_top, default=0), dim=-1)
-    top_vals_l, top_ids_l = (top_vals - norm).tolist(), top_ids.tolist()
+    top_vals, top_ids = torch.topk(logprobs, max(num_top, default=0), dim=-1)
+    top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
     return [TokenLogprobs(token_id=token_ids[j], logprob=chosen_l[j],
                           top=list(zip(top_ids_l[j][:k], top_vals_l[j][:k], strict=True)))
             for j, k in enumerate(num_top)]
