@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.kv.streaming import StreamingWindow
+
 # Defined here rather than next to the kernels in tokenmill/model/linear.py so that validating a configuration
 # (the CLI, the server) does not depend on the model code.
 WEIGHT_FORMATS = ("float", "int8", "int4", "gguf")
@@ -102,13 +104,10 @@ class EngineConfig:
         if not self.structured_outputs_timeout_s > 0:
             raise ValueError(f"structured_outputs_timeout_s must be > 0, got {self.structured_outputs_timeout_s}")
         check_scheduling(self.scheduling_policy, self.sjf_aging, self.fair_input_weight, self.fair_output_weight)
-        if self.attention_sinks < 0:
-            raise ValueError(f"attention_sinks must be >= 0, got {self.attention_sinks}")
         if self.attention_sinks and self.sliding_window is None:
             raise ValueError("attention_sinks needs a sliding_window: sinks are what a window keeps besides itself")
-        if self.sliding_window is not None and self.sliding_window < self.block_size:
-            raise ValueError(f"sliding_window must be at least one block ({self.block_size}), "
-                             f"got {self.sliding_window}")
+        if self.sliding_window is not None:
+            StreamingWindow(self.attention_sinks, self.sliding_window, self.block_size)  # checks the two sizes
         if self.sliding_window is not None and not self.enable_chunked_prefill:
             raise ValueError("sliding_window needs chunked prefill: a prompt longer than the window is computed in "
                              "chunks that fit it")

@@ -511,11 +511,11 @@ constexpr int64_t kScoreRows = 8;    // query rows per pass over a key block (8 
 constexpr int64_t kRowPad = 24;      // query rows padded to a multiple of 8 and of the value pass's 6 or 3 rows
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define TOKENMILL_NARROW_CHUNK_PASSES 1
 // AVX2 builds run the fp32 chunk passes below on native 8-lane registers. Written on 16-lane values, arrays of
 // accumulators did not stay in AVX2's 16 registers and the passes ran at a fifth of the eager path's speed
 // (benchmarks/attention.py, its chunk cases). Each score and output element takes the same fused multiply-adds in the same
 // order as on 16 lanes, so the results are bit for bit the same.
-constexpr bool kNarrowChunkPasses = true;
 constexpr int64_t kScoreRows8 = 12;  // accumulators of the score pass (12 of the 16 ymm registers)
 constexpr int64_t kValueRows8 = 6;   // rows of the value pass, each 16 lanes of the head dimension wide (12 ymm)
 
@@ -561,8 +561,6 @@ void weigh_rows8(const float* probs, const float* values, int64_t r0, int64_t ro
     }
   }
 }
-#else
-constexpr bool kNarrowChunkPasses = false;
 #endif
 static_assert(kRowPad % 12 == 0 && kRowPad % 6 == 0, "padded rows must split into the 8-lane passes");
 
@@ -600,14 +598,13 @@ void attend_chunk(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
     for (int64_t jj = 0; jj < tokens; ++jj) scaled_queries<T, D>(b, row0 + j0 + jj, h, query + jj * group * D);
     std::fill(query + rows * D, query + padded_rows * D, 0.f);
 
-    bool scored = false;
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float>) {
-      score_rows8<D>(query, keys_t, padded_rows, tile_blocks, padded_keys, scores);
-      scored = true;
-    }
+#ifdef TOKENMILL_NARROW_CHUNK_PASSES
+    constexpr bool narrow = std::is_same_v<T, float>;
+    if constexpr (narrow) score_rows8<D>(query, keys_t, padded_rows, tile_blocks, padded_keys, scores);
+#else
+    constexpr bool narrow = false;
 #endif
-    for (int64_t r0 = 0; r0 < padded_rows && !scored; r0 += kScoreRows) {
+    for (int64_t r0 = 0; r0 < padded_rows && !narrow; r0 += kScoreRows) {
       for (int64_t kb = 0; kb < tile_blocks; ++kb) {
         const float* column = keys_t + kb * 16 * D;
         f32x16 acc[kScoreRows] = {};
@@ -629,8 +626,8 @@ void attend_chunk(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
       std::fill(row + len, row + tile_blocks * 16, 0.f);
     }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float>) {
+#ifdef TOKENMILL_NARROW_CHUNK_PASSES
+    if constexpr (narrow) {
       for (int64_t r0 = 0; r0 < rows; r0 += kValueRows8) {
         const int64_t last_row = std::min(r0 + kValueRows8, rows) - 1;
         weigh_rows8<D>(scores, values, r0, rows, first_pos + j0 + last_row / group + 1, padded_keys,

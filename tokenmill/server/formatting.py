@@ -59,9 +59,20 @@ class TokenTexts:
 
     # ---- logprobs --------------------------------------------------------------------------------------------
 
-    def completion_logprobs(self, entries: Sequence[TokenLogprobs], text_offset: int) -> tuple[dict[str, Any], int]:
-        """The legacy completions shape for these tokens, and the text offset after them."""
-        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    def completion_logprobs(self, entries: Sequence[TokenLogprobs], text_offset: int, first_token: int | None = None
+                            ) -> tuple[dict[str, Any], int]:
+        """The legacy completions shape for these tokens, and the text offset after them. `first_token` leads with
+        an echoed prompt's first token, which nothing predicts: null logprob and top list, as in the OpenAI API."""
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top_logprobs: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        if first_token is not None:
+            tokens.append(self.text(first_token))
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            offsets.append(text_offset)
+            text_offset += len(tokens[0])
         for entry in entries:
             text = self.text(entry.token_id)
             top = {self.text(token_id): _finite(logprob) for token_id, logprob in entry.top}
@@ -73,17 +84,6 @@ class TokenTexts:
             text_offset += len(text)
         shape = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
                  "text_offset": offsets}
-        return shape, text_offset
-
-    def prompt_logprobs(self, prompt_ids: Sequence[int], entries: Sequence[TokenLogprobs | None]
-                        ) -> tuple[dict[str, Any], int]:
-        """The completions shape for an echoed prompt (`echo` with `logprobs`): the first token, which nothing
-        predicts, has null logprobs, as in the OpenAI API."""
-        first, text_offset = self.text(prompt_ids[0]), 0
-        shape = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
-        rest, text_offset = self.completion_logprobs([e for e in entries[1:] if e is not None], len(first))
-        for key, values in rest.items():
-            shape[key].extend(values)
         return shape, text_offset
 
     def chat_logprobs(self, entries: Sequence[TokenLogprobs]) -> dict[str, Any]:

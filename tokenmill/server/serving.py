@@ -256,11 +256,8 @@ class OpenAIServing:
         """The legacy logprobs of generated tokens, after the echoed prompt's when `prompt_entries` are given."""
         if not prompt_entries:
             return self.texts.completion_logprobs(entries, text_offset)
-        shape, text_offset = self.texts.prompt_logprobs(prompt_ids, prompt_entries)
-        rest, text_offset = self.texts.completion_logprobs(entries, text_offset)
-        for key, values in rest.items():
-            shape[key].extend(values)
-        return shape, text_offset
+        scored = [e for e in prompt_entries[1:] if e is not None]  # all but the first prompt token's are set
+        return self.texts.completion_logprobs([*scored, *entries], text_offset, first_token=prompt_ids[0])
 
     def _chunk_builder(self, object_name: str, req: CompletionRequest | ChatCompletionRequest, prepared: _Prepared,
                        generated: list[int]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
