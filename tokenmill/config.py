@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.kv.quant import KVFormat
 from tokenmill.kv.streaming import StreamingWindow
 
 # Defined here rather than next to the kernels in tokenmill/model/linear.py so that validating a configuration
@@ -74,6 +75,9 @@ class EngineConfig:
     # model's context at fixed memory. Turns prefix caching and n > 1 forks off (eviction rewrites blocks).
     sliding_window: int | None = None
     attention_sinks: int = 0
+    # Quantized KV (tokenmill/kv/quant.py): auto (the model dtype), int8, or int4/int2 as KIVI quantizes them; each
+    # request's open block stays in full precision. Needs the fused CPU step; turns forks off.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -111,6 +115,13 @@ class EngineConfig:
         if self.sliding_window is not None and not self.enable_chunked_prefill:
             raise ValueError("sliding_window needs chunked prefill: a prompt longer than the window is computed in "
                              "chunks that fit it")
+        if KVFormat.from_name(self.kv_cache_dtype) is not None:
+            for off, reason in ((self.sliding_window is None, "sliding_window (keys are rotated in place)"),
+                                (self.speculative is None, "speculative (rejected drafts roll back into blocks "
+                                                           "that are quantized already)"),
+                                (not self.enforce_eager, "enforce_eager (the kernels read the quantized blocks)")):
+                if not off:
+                    raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} does not combine with {reason} yet")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")

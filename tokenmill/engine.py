@@ -25,6 +25,8 @@ from tokenmill.config import EngineConfig
 from tokenmill.kernels import cpu_kernels
 from tokenmill.kv.cache import KVCache
 from tokenmill.kv.manager import KVCacheManager, PrefixCacheStats
+from tokenmill.kv.quant import KVFormat
+from tokenmill.kv.quantized_cache import QuantizedKVCache
 from tokenmill.kv.streaming import StreamingWindow
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
@@ -83,6 +85,7 @@ class LLMEngine:
         # The context is known before the weights load, so that the RoPE tables cover exactly the positions used
         # (a file may declare any context length).
         self.model_config = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
+        self.kv_format = KVFormat.from_name(config.kv_cache_dtype)
         num_blocks = self._num_kv_blocks()
         block_size = config.block_size
         # The context: positions [0, max_positions) have RoPE tables, and a request fits the cache.
@@ -94,15 +97,21 @@ class LLMEngine:
         self.model = load_model(gguf_file, self.dtype, self.device, config.weight_format, config.int4_group_size,
                                 max_positions=self.max_positions)
         packed = self.model.prepack_weights() if config.prepack_weights else 0
-        self.kv_cache = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device,
-                                config.kv_huge_pages)
+        self.kv_cache: KVCache | QuantizedKVCache
+        if self.kv_format is None:
+            self.kv_cache = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device,
+                                    config.kv_huge_pages)
+        else:
+            self.kv_cache = QuantizedKVCache(self.model_config, num_blocks, block_size, self.dtype, self.device,
+                                             self.kv_format, config.max_num_seqs, config.kv_huge_pages)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.enable_chunked_prefill, config.scheduling_policy, config.sjf_aging,
                             config.fair_input_weight, config.fair_output_weight),
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
-                           cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}",
-                           window=window),
+                           cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}|"
+                                      f"kv-{config.kv_cache_dtype}",
+                           window=window, forks=self.kv_format is None),
         )
         backend, greedy = self._backend()
         self.runner = ModelRunner(backend, self.model.lm_head, self.kv_cache, self.device, greedy, config.seed,
@@ -126,6 +135,8 @@ class LLMEngine:
     def _backend(self) -> tuple[AttentionBackend, Callable[[torch.Tensor], torch.Tensor] | None]:
         """The fused CPU step (and the kernels' greedy argmax) unless `enforce_eager`; the eager backend off CPU, for
         dtypes or head sizes the kernels are not built for, or when they cannot be built here (with a warning)."""
+        if isinstance(self.kv_cache, QuantizedKVCache):
+            return self._quantized_kv_backend(self.kv_cache)
         eager = EagerBackend(self.model, self.kv_cache)
         if self.config.enforce_eager or self.device.type != "cpu" or not fused_step_supports(self.model):
             return eager, None
@@ -136,6 +147,20 @@ class LLMEngine:
         logger.info("fused CPU step ready in %.1fs (compiled on first use, then loaded from the cache): ISA level %s, "
                     "GGUF block tiles for %s", build.seconds, build.isa, build.module.gguf_isa())
         return FusedCPUBackend(build.module, self.model, self.kv_cache), build.module.greedy
+
+    def _quantized_kv_backend(self, kv: QuantizedKVCache) -> tuple[AttentionBackend, Callable[..., torch.Tensor]]:
+        """Only the fused CPU step reads quantized blocks: without it a quantized cache is refused, not emulated."""
+        why = ("it runs on CPU only" if self.device.type != "cpu" else
+               "the model's dtype or head size is not one the kernels are built for"
+               if not fused_step_supports(self.model) else None)
+        build = cpu_kernels() if why is None else None
+        if build is not None and build.module is None:
+            why = f"the CPU kernels could not be built: {build.error}"
+        if why is not None or build is None or build.module is None:
+            raise ValueError(f"kv_cache_dtype={kv.format.name!r} needs the fused CPU step, and {why}")
+        logger.info("KV cache %s: %d quantized blocks of %d tokens, %d residual slots in %s", kv.format.name,
+                    kv.num_blocks, kv.block_size, kv.num_residual, self.dtype)
+        return FusedCPUBackend(build.module, self.model, kv), build.module.greedy
 
     def _speculator(self) -> Speculator | None:
         config = self.config
@@ -192,8 +217,14 @@ class LLMEngine:
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
-        per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, self.dtype)
-        return max(1, int(self.config.kv_cache_memory_gib * 2**30 // per_block))
+        config, cfg = self.config, self.model_config
+        budget = config.kv_cache_memory_gib * 2**30
+        if self.kv_format is None:
+            per_block = KVCache.bytes_per_block(cfg, config.block_size, self.dtype)
+        else:  # the residual slots come out of the same budget
+            per_block = QuantizedKVCache.bytes_per_block(cfg, config.block_size, self.kv_format)
+            budget -= QuantizedKVCache.residual_bytes(cfg, config.block_size, self.dtype, config.max_num_seqs)
+        return max(1, int(budget // per_block))
 
     # ---- requests -------------------------------------------------------------------------------------------
 

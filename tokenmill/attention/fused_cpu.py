@@ -12,6 +12,7 @@ import torch
 
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.kv.cache import KVCache
+from tokenmill.kv.quantized_cache import QuantizedKVCache
 from tokenmill.model.linear import FloatLinear, GgufQ4Linear, GgufQ8Linear, Int4Linear, Int8Linear, Linear
 from tokenmill.model.llama import LlamaModel
 from tokenmill.scheduler.plan import StepPlan
@@ -50,12 +51,13 @@ class SequenceBatch:
     query_starts: torch.Tensor  # [S + 1]
     block_tables: torch.Tensor  # [S, max_blocks], padded with block 0
     context_lens: torch.Tensor  # [S] KV entries of each sequence, its new tokens' included
+    residual_slots: torch.Tensor | None = None  # [S] with a quantized cache: where each open block lives
 
 
 class FusedCPUBackend(AttentionBackend):
     """The whole layer loop runs in the kernel, attention included; same contract as the eager backend."""
 
-    def __init__(self, kernels: ModuleType, model: LlamaModel, kv_cache: KVCache) -> None:
+    def __init__(self, kernels: ModuleType, model: LlamaModel, kv_cache: KVCache | QuantizedKVCache) -> None:
         if not supports(model):
             raise ValueError(f"the fused step supports dtypes {FUSED_DTYPES} and head sizes {FUSED_HEAD_DIMS}, "
                              f"not {model.dtype} and {model.cfg.head_dim}")
@@ -69,6 +71,11 @@ class FusedCPUBackend(AttentionBackend):
         self.step = kernels.FusedStep(layers, model.final_norm, model.rope_cos.contiguous(),
                                       model.rope_sin.contiguous(), cfg.rms_norm_eps, cfg.num_heads,
                                       cfg.num_kv_heads, cfg.head_dim)
+        self.quant_kv = None
+        if isinstance(kv_cache, QuantizedKVCache):
+            self.quant_kv = kernels.QuantKV(kv_cache.format.bits, kv_cache.block_size, kv_cache.k_data,
+                                            kv_cache.k_params, kv_cache.v_data, kv_cache.v_params,
+                                            kv_cache.k_residual, kv_cache.v_residual)
 
     def build_metadata(self, plan: StepPlan) -> SequenceBatch:
         seqs = plan.seqs
@@ -79,11 +86,16 @@ class FusedCPUBackend(AttentionBackend):
             torch.tensor([*(s.query_start for s in seqs), plan.num_tokens], dtype=torch.long),
             torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long),
             torch.tensor([s.context_len for s in seqs], dtype=torch.long),
+            torch.tensor(self.kv_cache.residual_slots(plan), dtype=torch.long)
+            if isinstance(self.kv_cache, QuantizedKVCache) else None,
         )
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: SequenceBatch) -> torch.Tensor:
         x = self.model.embed.rows(input_ids)
         kv = self.kv_cache
+        if isinstance(kv, QuantizedKVCache):
+            return self.step.forward_quantized(x, positions, metadata.query_starts, metadata.block_tables,
+                                               metadata.context_lens, self.quant_kv, metadata.residual_slots)
         return self.step.forward(x, positions, metadata.slot_mapping, metadata.query_starts, metadata.block_tables,
                                  metadata.context_lens, kv.k, kv.v, kv.block_size)

@@ -15,6 +15,7 @@
 
 #include "attention.h"
 
+#include "kv_quant.h"
 #include "simd.h"
 
 #include <ATen/Parallel.h>
@@ -67,6 +68,67 @@ inline void for_each_cached_row(const T* head_cache, const int64_t* table, int64
   }
 }
 
+// A KV head's cached rows as a plain cache holds them: in place, through the block table.
+template <typename T>
+struct PlainRows {
+  const T* head;
+  const int64_t* table;
+  int64_t block_size;
+
+  template <int D, typename F>
+  void for_each(int64_t count, const F& fn) const {
+    for_each_cached_row(head, table, block_size, D, count, fn);
+  }
+
+  template <int D, typename F>
+  void range(int64_t begin, int64_t end, const F& fn) const {
+    for_each_cached_row(head, table, block_size, D, end, [&](int64_t t, const T* row) {
+      if (t >= begin) fn(t, row);
+    });
+  }
+};
+
+// A KV head's rows in a quantized cache (kv_quant.h), as one query sees them: entries before `fp_from` (the start of
+// the query's own block) dequantized a row at a time into `tile`, the others in full precision, from the sequence's
+// residual slot (entries written by earlier steps) or from this step's rows (entries from `first_new` on).
+template <typename T>
+struct QuantRows {
+  const QuantLayer<T>* q;
+  bool keys;
+  int64_t head;
+  const int64_t* table;
+  int64_t fp_from, first_new;
+  const T* residual;
+  const T* fresh;  // this step's row for entry first_new, then every `fresh_stride` elements
+  int64_t fresh_stride;
+  float* tile;  // 3 · D floats: one row and the block's per-channel parameters
+
+  template <int D, typename F>
+  void for_each(int64_t count, const F& fn) const {
+    range<D>(0, count, fn);
+  }
+
+  template <int D, typename F>
+  void range(int64_t begin, int64_t end, const F& fn) const {
+    const int64_t bs = q->block_size;
+    float* row = tile;
+    float* channel = tile + D;
+    for (int64_t t = begin; t < std::min(end, fp_from);) {
+      const int64_t block = t / bs, stop = std::min({end, fp_from, (block + 1) * bs});
+      const uint8_t* data = q->data(keys, head, table[block]);
+      const at::Half* params = q->params(keys, head, table[block]);
+      if (keys && q->bits != 8)
+        for (int d = 0; d < 2 * D; ++d) channel[d] = static_cast<float>(params[d]);
+      for (; t < stop; ++t) {
+        dequantize_row(*q, keys, data, params, channel, t % bs, row);
+        fn(t, static_cast<const float*>(row));
+      }
+    }
+    for (int64_t t = std::max(begin, fp_from); t < end; ++t)
+      fn(t, t < first_new ? residual + (t % bs) * D : fresh + (t - first_new) * fresh_stride);
+  }
+};
+
 // Scores → probabilities in place, rounded to the model dtype as the eager path's softmax output is.
 template <typename T>
 inline void softmax_inplace(float* s, int64_t len) {
@@ -101,12 +163,11 @@ static_assert(kPassPairs >= kMaxGroup, "a runtime-sized group must fit the pass 
 
 // Scores of the group's queries (q [group, D], scaled) against the first `cached` keys of one KV head:
 // scores[g * len + t], rounded to the model dtype.
-template <typename T, int D, int G>
-void score_keys(const float* q, const T* k_head, const int64_t* table, int64_t block_size, int64_t group,
-                int64_t cached, int64_t len, float* scores) {
+template <typename T, int D, int G, typename Rows>
+void score_keys(const float* q, const Rows& keys, int64_t group, int64_t cached, int64_t len, float* scores) {
   if constexpr (G > 0) group = G;
   constexpr int kChunks = D / 16;
-  for_each_cached_row(k_head, table, block_size, D, cached, [&](int64_t t, const T* k) {
+  keys.template for_each<D>(cached, [&](int64_t t, const auto* k) {
     f32x16 key[kChunks];
     for (int c = 0; c < kChunks; ++c) key[c] = load16(k + 16 * c);
     for (int64_t g = 0; g < group; ++g) {
@@ -118,12 +179,11 @@ void score_keys(const float* q, const T* k_head, const int64_t* table, int64_t b
 }
 
 // acc[g * D / 16 + c] += Σ_t probs[g * len + t] · value row t, chunk c, over the first `cached` values.
-template <typename T, int D, int G>
-void weigh_values(const float* probs, const T* v_head, const int64_t* table, int64_t block_size, int64_t group,
-                  int64_t cached, int64_t len, f32x16* acc) {
+template <int D, int G, typename Rows>
+void weigh_values(const float* probs, const Rows& values, int64_t group, int64_t cached, int64_t len, f32x16* acc) {
   if constexpr (G > 0) group = G;
   constexpr int kChunks = D / 16;
-  for_each_cached_row(v_head, table, block_size, D, cached, [&](int64_t t, const T* v) {
+  values.template for_each<D>(cached, [&](int64_t t, const auto* v) {
     f32x16 value[kChunks];
     for (int c = 0; c < kChunks; ++c) value[c] = load16(v + 16 * c);
     for (int64_t g = 0; g < group; ++g) {
@@ -338,18 +398,18 @@ void weigh_values_rows_bf16(const uint32_t* prob_pairs, int64_t pair_stride, con
 // their accumulators in registers; with a runtime count they live in memory, a store and a reload around every
 // multiply-add. Both builds called alternately on 256 decodes × 200 keys: 0.87× the time with each sequence's blocks
 // consecutive, 0.93× with them scattered (where memory latency dominates).
-template <typename T, int D, int G>
-void attend_kv_head(const float* q, const T* k_head, const T* v_head, const int64_t* table, int64_t block_size,
-                    int64_t group, int64_t cached, const float* own_k, const float* own_v, float* scores,
-                    uint32_t* prob_pairs, T* out) {
+template <typename T, int D, int G, typename Rows>
+void attend_kv_head(const float* q, const Rows& k_rows, const Rows& v_rows, int64_t group, int64_t cached,
+                    const float* own_k, const float* own_v, float* scores, uint32_t* prob_pairs, T* out) {
   if constexpr (G > 0) group = G;
   constexpr int kChunks = D / 16;
-  constexpr bool kDotBf16 = kHaveDotBf16 && std::is_same_v<T, c10::BFloat16>;
+  constexpr bool kDotBf16 =
+      kHaveDotBf16 && std::is_same_v<T, c10::BFloat16> && std::is_same_v<Rows, PlainRows<c10::BFloat16>>;
   const int64_t len = cached + 1;
   if constexpr (kDotBf16)
-    score_keys_bf16<D, G>(q, k_head, table, block_size, group, cached, len, scores);
+    score_keys_bf16<D, G>(q, k_rows.head, k_rows.table, k_rows.block_size, group, cached, len, scores);
   else
-    score_keys<T, D, G>(q, k_head, table, block_size, group, cached, len, scores);
+    score_keys<T, D, G>(q, k_rows, group, cached, len, scores);
   // The new token's own key, scored as the eager step does: an elementwise product, then a sum.
   for (int64_t g = 0; g < group; ++g) {
     float own = 0.f;
@@ -361,9 +421,10 @@ void attend_kv_head(const float* q, const T* k_head, const T* v_head, const int6
   if constexpr (kDotBf16) {
     const int64_t pair_stride = (cached + 32) / 2;
     for (int64_t g = 0; g < group; ++g) pack_pairs(scores + g * len, cached, prob_pairs + g * pair_stride);
-    weigh_values_bf16<D, G>(prob_pairs, pair_stride, v_head, table, block_size, group, cached, acc);
+    weigh_values_bf16<D, G>(prob_pairs, pair_stride, v_rows.head, v_rows.table, v_rows.block_size, group, cached,
+                            acc);
   } else
-    weigh_values<T, D, G>(scores, v_head, table, block_size, group, cached, len, acc);
+    weigh_values<D, G>(scores, v_rows, group, cached, len, acc);
   for (int64_t g = 0; g < group; ++g) {
     const float p_own = scores[g * len + cached];
     for (int c = 0; c < kChunks; ++c)
@@ -373,7 +434,7 @@ void attend_kv_head(const float* q, const T* k_head, const T* v_head, const int6
 
 // Per-thread working memory, grown on demand and reused across tasks.
 struct Scratch {
-  std::vector<float> query, scores, own_k, own_v, keys_t, values;
+  std::vector<float> query, scores, own_k, own_v, keys_t, values, k_tile, v_tile;
   std::vector<uint32_t> prob_pairs;
 };
 
@@ -400,7 +461,26 @@ struct Batch {
   int64_t block_size, num_heads, kv_heads, group;
   float scale;
   T* out;
+  const QuantLayer<T>* quant;      // a quantized cache (k_cache and v_cache unused), or nullptr
+  const int64_t* residual_slots;  // with `quant`: each sequence's residual slot
 };
+
+// Sequence s's rows of KV head h as a query at entry `position` reads them (PlainRows or QuantRows), passed to fn.
+template <typename T, int D, typename F>
+void with_rows(const Batch<T>& b, int64_t s, int64_t h, int64_t position, Scratch& scratch, const F& fn) {
+  const int64_t* table = b.block_tables + s * b.max_blocks;
+  if (b.quant == nullptr) {
+    fn(PlainRows<T>{b.k_cache + h * b.num_slots * D, table, b.block_size},
+       PlainRows<T>{b.v_cache + h * b.num_slots * D, table, b.block_size});
+    return;
+  }
+  const int64_t row0 = b.query_starts[s], first_new = b.context_lens[s] - (b.query_starts[s + 1] - row0);
+  const int64_t fp_from = position / b.block_size * b.block_size, slot = b.residual_slots[s];
+  fn(QuantRows<T>{b.quant, true, h, table, fp_from, first_new, b.quant->residual(true, h, slot),
+                  b.k + row0 * b.k_stride + h * D, b.k_stride, grow(scratch.k_tile, 3 * D)},
+     QuantRows<T>{b.quant, false, h, table, fp_from, first_new, b.quant->residual(false, h, slot),
+                  b.v + row0 * b.v_stride + h * D, b.v_stride, grow(scratch.v_tile, 3 * D)});
+}
 
 // Row r's query heads that share KV head h, scaled by 1/sqrt(D) and rounded to the model dtype as the eager path
 // does: [group, D] fp32 into dst.
@@ -413,33 +493,36 @@ void scaled_queries(const Batch<T>& b, int64_t r, int64_t h, float* dst) {
   }
 }
 
-// One decode (sequence s has a single new token, row r) for KV head h.
+// One query row j of sequence s attended as a decode at its entry, for KV head h: the cache entries before it
+// (the sequence's earlier rows of this step included) as its cached keys, its own key and value from k/v.
 template <typename T, int D>
-void attend_decode(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
-  const int64_t r = b.query_starts[s], group = b.group, ctx = b.context_lens[s];
+void attend_decode(const Batch<T>& b, int64_t s, int64_t h, int64_t j, Scratch& scratch) {
+  const int64_t row0 = b.query_starts[s], r = row0 + j, group = b.group;
+  const int64_t cached = b.context_lens[s] - (b.query_starts[s + 1] - row0) + j, len = cached + 1;
   float* query = grow(scratch.query, group * D);
   scaled_queries<T, D>(b, r, h, query);
   float* own_k = grow(scratch.own_k, D);
   float* own_v = grow(scratch.own_v, D);
   widen(b.k + r * b.k_stride + h * D, own_k, D);
   widen(b.v + r * b.v_stride + h * D, own_v, D);
-  auto attend = [&](auto fixed_group) {
-    attend_kv_head<T, D, decltype(fixed_group)::value>(
-        query, b.k_cache + h * b.num_slots * D, b.v_cache + h * b.num_slots * D, b.block_tables + s * b.max_blocks,
-        b.block_size, group, ctx - 1, own_k, own_v, grow(scratch.scores, group * ctx),
-        grow(scratch.prob_pairs, group * ((ctx + 31) / 2)), b.out + (r * b.num_heads + h * group) * D);
-  };
-  // The group sizes of common models (SmolLM2: 3, Llama 3 8B and Mistral 7B: 4, Qwen2 0.5B: 7, ...).
-  switch (group) {
-    case 1: return attend(std::integral_constant<int, 1>{});
-    case 2: return attend(std::integral_constant<int, 2>{});
-    case 3: return attend(std::integral_constant<int, 3>{});
-    case 4: return attend(std::integral_constant<int, 4>{});
-    case 6: return attend(std::integral_constant<int, 6>{});
-    case 7: return attend(std::integral_constant<int, 7>{});
-    case 8: return attend(std::integral_constant<int, 8>{});
-    default: return attend(std::integral_constant<int, 0>{});
-  }
+  with_rows<T, D>(b, s, h, cached, scratch, [&](const auto& k_rows, const auto& v_rows) {
+    auto attend = [&](auto fixed_group) {
+      attend_kv_head<T, D, decltype(fixed_group)::value>(
+          query, k_rows, v_rows, group, cached, own_k, own_v, grow(scratch.scores, group * len),
+          grow(scratch.prob_pairs, group * ((len + 31) / 2)), b.out + (r * b.num_heads + h * group) * D);
+    };
+    // The group sizes of common models (SmolLM2: 3, Llama 3 8B and Mistral 7B: 4, Qwen2 0.5B: 7, ...).
+    switch (group) {
+      case 1: return attend(std::integral_constant<int, 1>{});
+      case 2: return attend(std::integral_constant<int, 2>{});
+      case 3: return attend(std::integral_constant<int, 3>{});
+      case 4: return attend(std::integral_constant<int, 4>{});
+      case 6: return attend(std::integral_constant<int, 6>{});
+      case 7: return attend(std::integral_constant<int, 7>{});
+      case 8: return attend(std::integral_constant<int, 8>{});
+      default: return attend(std::integral_constant<int, 0>{});
+    }
+  });
 }
 
 // A few new tokens of one sequence (a speculative verify step: the last token and its draft tokens) for KV head h.
@@ -474,7 +557,7 @@ void attend_rows(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
     if constexpr (kDotBf16)
       score_keys_bf16<D, 0>(query, k_head, table, b.block_size, pairs, keys, len, scores);
     else
-      score_keys<T, D, 0>(query, k_head, table, b.block_size, pairs, keys, len, scores);
+      score_keys<T, D, 0>(query, PlainRows<T>{k_head, table, b.block_size}, pairs, keys, len, scores);
     // Each pair's own key at its count (overwriting the score of the next row's key), as attend_kv_head scores it,
     // and its softmax over its own keys only.
     for (int64_t p = 0; p < pairs; ++p) {
@@ -575,22 +658,38 @@ void attend_chunk(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
   const int64_t key_blocks = (ctx + 15) / 16, padded_keys = key_blocks * 16;
   const int64_t* table = b.block_tables + s * b.max_blocks;
 
-  // Keys transposed into [block of 16][D][16] and values widened to [ctx][D], fp32, once for all the chunk's tiles.
+  // Keys transposed into [block of 16][D][16] and values widened to [ctx][D], fp32, once for all the chunk's tiles,
+  // as a query at entry `position` reads them.
   float* keys_t = grow(scratch.keys_t, padded_keys * D);
   float* values = grow(scratch.values, ctx * D);
   std::fill(keys_t + (key_blocks - 1) * 16 * D, keys_t + key_blocks * 16 * D, 0.f);
-  for_each_cached_row(b.k_cache + h * b.num_slots * D, table, b.block_size, D, ctx, [&](int64_t t, const T* key) {
-    float* column = keys_t + (t / 16) * 16 * D + t % 16;
-    for (int d = 0; d < D; ++d) column[d * 16] = to_f(key[d]);
-  });
-  for_each_cached_row(b.v_cache + h * b.num_slots * D, table, b.block_size, D, ctx,
-                      [&](int64_t t, const T* value) { widen(value, values + t * D, D); });
+  auto widen_entries = [&](int64_t position, int64_t begin, int64_t end) {
+    with_rows<T, D>(b, s, h, position, scratch, [&](const auto& k_rows, const auto& v_rows) {
+      k_rows.template range<D>(begin, end, [&](int64_t t, const auto* key) {
+        float* column = keys_t + (t / 16) * 16 * D + t % 16;
+        for (int d = 0; d < D; ++d) column[d * 16] = to_f(key[d]);
+      });
+      v_rows.template range<D>(begin, end, [&](int64_t t, const auto* value) { widen(value, values + t * D, D); });
+    });
+  };
+  widen_entries(first_pos, 0, ctx);
+  // A quantized cache: a tile's queries share one block (the one they read in full precision); the entries of the
+  // blocks before it that this chunk filled are widened again from their quantized copy as the tiles pass them.
+  const int64_t bs = b.block_size;
+  int64_t fp_from = first_pos / bs * bs;
 
   const int64_t max_rows = (kTileTokens * group + kRowPad - 1) / kRowPad * kRowPad;
   float* query = grow(scratch.query, max_rows * D);
   float* scores = grow(scratch.scores, max_rows * padded_keys);
-  for (int64_t j0 = 0; j0 < q_len; j0 += kTileTokens) {
-    const int64_t tokens = std::min(kTileTokens, q_len - j0), rows = tokens * group;
+  for (int64_t j0 = 0, tokens = 0; j0 < q_len; j0 += tokens) {
+    tokens = std::min(kTileTokens, q_len - j0);
+    if (b.quant != nullptr) {
+      tokens = std::min(tokens, bs - (first_pos + j0) % bs);
+      const int64_t own = (first_pos + j0) / bs * bs;
+      if (own > fp_from) widen_entries(own, fp_from, own);
+      fp_from = own;
+    }
+    const int64_t rows = tokens * group;
     const int64_t padded_rows = (rows + kRowPad - 1) / kRowPad * kRowPad;
     const int64_t tile_keys = first_pos + j0 + tokens;  // keys the tile's last query sees
     const int64_t tile_blocks = (tile_keys + 15) / 16;
@@ -693,26 +792,31 @@ void attend_batch(const Batch<T>& b, int64_t num_seqs) {
       cost,
       [&](int64_t task, Scratch& scratch) {
         const int64_t s = task / b.kv_heads, h = task % b.kv_heads, q_len = b.query_starts[s + 1] - b.query_starts[s];
-        if (q_len == 1)
-          attend_decode<T, D>(b, s, h, scratch);
-        else if (q_len <= kMultiRowMax)
+        if (q_len == 1) {
+          attend_decode<T, D>(b, s, h, 0, scratch);
+        } else if (q_len <= kMultiRowMax && b.quant != nullptr) {
+          // Rows in different blocks read a key in different precisions: no shared pass over the keys.
+          for (int64_t j = 0; j < q_len; ++j) attend_decode<T, D>(b, s, h, j, scratch);
+        } else if (q_len <= kMultiRowMax) {
           attend_rows<T, D>(b, s, h, scratch);
-        else
+        } else {
           attend_chunk<T, D>(b, s, h, scratch);
+        }
       });
 }
 
 template <typename T>
-at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                  const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
-                  const at::Tensor& context_lens, int64_t block_size) {
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const T* k_cache, const T* v_cache,
+                  int64_t num_slots, const at::Tensor& query_starts, const at::Tensor& block_tables,
+                  const at::Tensor& context_lens, int64_t block_size, const QuantLayer<T>* quant = nullptr,
+                  const int64_t* residual_slots = nullptr) {
   const int64_t num_heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
   at::Tensor out = at::empty({q.size(0), num_heads, head_dim}, q.options());
   const Batch<T> batch{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), q.stride(0), k.stride(0), v.stride(0),
-                       k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), k_cache.size(1),
-                       query_starts.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(), block_tables.size(1),
-                       context_lens.data_ptr<int64_t>(), block_size, num_heads, kv_heads, num_heads / kv_heads,
-                       1.f / std::sqrt(static_cast<float>(head_dim)), out.data_ptr<T>()};
+                       k_cache, v_cache, num_slots, query_starts.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(),
+                       block_tables.size(1), context_lens.data_ptr<int64_t>(), block_size, num_heads, kv_heads,
+                       num_heads / kv_heads, 1.f / std::sqrt(static_cast<float>(head_dim)), out.data_ptr<T>(), quant,
+                       residual_slots};
   if (head_dim == 64)
     attend_batch<T, 64>(batch, block_tables.size(0));
   else
@@ -720,22 +824,39 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return out;
 }
 
-}  // namespace
+// Store the step's K/V into the quantized cache (blocks it fills quantized before attention, its rows of open
+// blocks into the residual slots after: attention still reads the slots' earlier rows), attending in between.
+template <typename T>
+at::Tensor attend_quantized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const QuantKV& kv,
+                            int64_t layer, const at::Tensor& query_starts, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, const at::Tensor& residual_slots) {
+  const QuantLayer<T> quant = quant_layer<T>(kv, layer);
+  const int64_t num_seqs = block_tables.size(0), kv_heads = k.size(1);
+  const int64_t* starts = query_starts.data_ptr<int64_t>();
+  const int64_t* ctx = context_lens.data_ptr<int64_t>();
+  const int64_t* slots = residual_slots.data_ptr<int64_t>();
+  quantize_filled_blocks<T>(quant, k.data_ptr<T>(), v.data_ptr<T>(), k.stride(0), v.stride(0), kv_heads, num_seqs,
+                            starts, block_tables.data_ptr<int64_t>(), block_tables.size(1), ctx, slots);
+  at::Tensor out = attend<T>(q, k, v, nullptr, nullptr, 0, query_starts, block_tables, context_lens, kv.block_size,
+                             &quant, slots);
+  store_open_rows<T>(quant, k.data_ptr<T>(), v.data_ptr<T>(), k.stride(0), v.stride(0), kv_heads, num_seqs, starts,
+                     ctx, slots);
+  return out;
+}
 
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                           const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
-                           const at::Tensor& context_lens, int64_t block_size) {
-  RECORD_FUNCTION("tokenmill::paged_attention", std::vector<c10::IValue>());  // named in torch profiler tables
+// The checks both entry points make of the step's rows and sequences.
+void check_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& query_starts,
+                 const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size) {
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2) && t->size(0) == q.size(0),
                 "q, k and v must be [tokens, heads, head_dim] with contiguous heads");
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= kMaxGroup,
               "query heads must be a multiple of KV heads, at most ", kMaxGroup, " per KV head");
   TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "paged attention is built for head sizes 64 and 128");
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "caches must be contiguous [kv_heads, slots, head_dim]");
-  for (const at::Tensor* t : {&k_cache, &v_cache, &k, &v})
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and the caches must share one dtype");
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k and v must share one dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "paged attention supports float32 and bfloat16");
   for (const at::Tensor* t : {&query_starts, &block_tables, &context_lens})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
   const int64_t num_seqs = block_tables.size(0);
@@ -750,10 +871,50 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     TORCH_CHECK((ctx[s] + block_size - 1) / block_size <= block_tables.size(1), "sequence ", s,
                 "'s block table is too short for its keys");
   }
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
+                           const at::Tensor& context_lens, int64_t block_size) {
+  RECORD_FUNCTION("tokenmill::paged_attention", std::vector<c10::IValue>());  // named in torch profiler tables
+  check_batch(q, k, v, query_starts, block_tables, context_lens, block_size);
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "caches must be contiguous [kv_heads, slots, head_dim]");
+  for (const at::Tensor* t : {&k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and the caches must share one dtype");
   if (q.scalar_type() == at::kFloat)
-    return attend<float>(q, k, v, k_cache, v_cache, query_starts, block_tables, context_lens, block_size);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged attention supports float32 and bfloat16");
-  return attend<c10::BFloat16>(q, k, v, k_cache, v_cache, query_starts, block_tables, context_lens, block_size);
+    return attend<float>(q, k, v, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), query_starts,
+                         block_tables, context_lens, block_size);
+  return attend<c10::BFloat16>(q, k, v, k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
+                               k_cache.size(1), query_starts, block_tables, context_lens, block_size);
+}
+
+at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const QuantKV& kv, int64_t layer, const at::Tensor& query_starts,
+                                     const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                     const at::Tensor& residual_slots) {
+  RECORD_FUNCTION("tokenmill::paged_attention_quantized", std::vector<c10::IValue>());
+  check_batch(q, k, v, query_starts, block_tables, context_lens, kv.block_size);
+  check_quant_kv(kv, q.scalar_type(), k.size(1), q.size(2));
+  TORCH_CHECK(layer >= 0 && layer < kv.k_data.size(0), "no layer ", layer, " in the quantized cache");
+  TORCH_CHECK(residual_slots.scalar_type() == at::kLong && residual_slots.is_contiguous() &&
+                  residual_slots.size(0) == block_tables.size(0),
+              "one residual slot (int64) per sequence");
+  const int64_t* slots = residual_slots.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* ctx = context_lens.data_ptr<int64_t>();
+  for (int64_t s = 0; s < block_tables.size(0); ++s) {
+    TORCH_CHECK(slots[s] >= 0 && slots[s] < kv.k_residual.size(2), "residual slot ", slots[s], " out of range");
+    for (int64_t i = 0; i < (ctx[s] + kv.block_size - 1) / kv.block_size; ++i)
+      TORCH_CHECK(tables[s * block_tables.size(1) + i] >= 0 && tables[s * block_tables.size(1) + i] < kv.k_data.size(2),
+                  "sequence ", s, " names a block outside the cache");
+  }
+  if (q.scalar_type() == at::kFloat)
+    return attend_quantized<float>(q, k, v, kv, layer, query_starts, block_tables, context_lens, residual_slots);
+  return attend_quantized<c10::BFloat16>(q, k, v, kv, layer, query_starts, block_tables, context_lens,
+                                         residual_slots);
 }
 
 }  // namespace tokenmill

@@ -1,6 +1,8 @@
 // Attention over the paged KV cache, reading each sequence's blocks where they lie (attention.cpp).
 #pragma once
 
+#include "kv_quant.h"
+
 #include <ATen/core/Tensor.h>
 
 namespace tokenmill {
@@ -17,5 +19,12 @@ namespace tokenmill {
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
                            const at::Tensor& context_lens, int64_t block_size);
+
+// paged_attention over one layer of a quantized cache (kv_quant.h), storing the step's K/V first: each sequence's
+// open block is its residual slot residual_slots[s].
+at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const QuantKV& kv, int64_t layer, const at::Tensor& query_starts,
+                                     const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                     const at::Tensor& residual_slots);
 
 }  // namespace tokenmill

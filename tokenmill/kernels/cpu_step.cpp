@@ -131,20 +131,22 @@ at::Tensor rms_norm(at::Tensor& x, const at::Tensor& weight, double eps, const a
 
 // Half-split RoPE on the query and key heads of each row of qkv [rows, (heads + 2 · kv_heads) · D], in place:
 // x·cos + roll(x, D/2)·[-sin, sin], each product and the sum rounded. Then the row's rotated key heads and its value
-// heads are stored at its slot of this layer's head-major cache [kv_heads, slots, D], while the row is in cache.
+// heads are stored at its slot of this layer's head-major cache [kv_heads, slots, D], while the row is in cache
+// (unless the cache is quantized: attention stores those, kv_quant.h).
 // head_dim is a multiple of 32 (FusedStep checks), so each half is whole 16-lane chunks.
 template <typename T>
 void rope_and_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
                        const at::Tensor& signed_sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
-                       int64_t heads, int64_t kv_heads, int64_t head_dim) {
-  const int64_t rows = qkv.size(0), stride = qkv.size(1), half = head_dim / 2, num_slots = k_cache.size(1);
+                       int64_t heads, int64_t kv_heads, int64_t head_dim, bool store = true) {
+  const int64_t rows = qkv.size(0), stride = qkv.size(1), half = head_dim / 2;
+  const int64_t num_slots = store ? k_cache.size(1) : 0;
   T* data = qkv.data_ptr<T>();
   const int64_t* pos = positions.data_ptr<int64_t>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* slot = store ? slots.data_ptr<int64_t>() : nullptr;
   const T* cos_table = cos.data_ptr<T>();
   const T* sin_table = signed_sin.data_ptr<T>();
-  T* kc = k_cache.data_ptr<T>();
-  T* vc = v_cache.data_ptr<T>();
+  T* kc = store ? k_cache.data_ptr<T>() : nullptr;
+  T* vc = store ? v_cache.data_ptr<T>() : nullptr;
   parallel_rows(rows, stride, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* c = cos_table + pos[r] * head_dim;
@@ -161,7 +163,7 @@ void rope_and_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::T
       }
       const T* k = data + r * stride + heads * head_dim;
       const T* v = k + kv_heads * head_dim;
-      for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t h = 0; h < kv_heads && store; ++h) {
         const int64_t at_slot = (h * num_slots + slot[r]) * head_dim;
         std::copy(k + h * head_dim, k + (h + 1) * head_dim, kc + at_slot);
         std::copy(v + h * head_dim, v + (h + 1) * head_dim, vc + at_slot);
@@ -268,12 +270,29 @@ class FusedStep {
     return run<c10::BFloat16>(x, positions, slots, seqs, k_cache, v_cache);
   }
 
+  // forward over a quantized cache (kv_quant.h): sequence s's open block lives in residual slot residual_slots[s].
+  at::Tensor forward_quantized(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& query_starts,
+                               const at::Tensor& block_tables, const at::Tensor& context_lens, const QuantKV& kv,
+                               const at::Tensor& residual_slots) const {
+    TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a [tokens, hidden] CPU tensor");
+    TORCH_CHECK(kv.k_data.size(0) == static_cast<int64_t>(layers_.size()), "cache has the wrong number of layers");
+    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.size(0) == x.size(0),
+                "positions must be contiguous int64, one per token");
+    const Sequences seqs{query_starts, block_tables, context_lens, kv.block_size, &kv, &residual_slots};
+    at::Tensor unused;
+    if (x.scalar_type() == at::kFloat) return run<float>(x, positions, unused, seqs, unused, unused);
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "the fused step supports float32 and bfloat16");
+    return run<c10::BFloat16>(x, positions, unused, seqs, unused, unused);
+  }
+
  private:
   struct Sequences {
     const at::Tensor& query_starts;
     const at::Tensor& block_tables;
     const at::Tensor& context_lens;
     int64_t block_size;
+    const QuantKV* quant = nullptr;  // set: the cache is quantized, k_cache and v_cache unused
+    const at::Tensor* residual_slots = nullptr;
   };
 
   template <typename T>
@@ -284,15 +303,20 @@ class FusedStep {
     at::Tensor normed = rms_norm<T>(x, layers_[0].attn_norm, eps_);
     for (size_t i = 0; i < layers_.size(); ++i) {
       const LayerWeights& layer = layers_[i];
-      at::Tensor k_layer = k_cache.select(0, i), v_layer = v_cache.select(0, i);
+      at::Tensor k_layer = seqs.quant ? k_cache : k_cache.select(0, i);
+      at::Tensor v_layer = seqs.quant ? v_cache : v_cache.select(0, i);
       at::Tensor qkv = layer.qkv.apply(normed).contiguous();
-      rope_and_store_kv<T>(qkv, positions, cos_, sin_, k_layer, v_layer, slots, num_heads_, kv_heads_, head_dim_);
+      rope_and_store_kv<T>(qkv, positions, cos_, sin_, k_layer, v_layer, slots, num_heads_, kv_heads_, head_dim_,
+                           seqs.quant == nullptr);
       const int64_t rows = qkv.size(0);
-      at::Tensor attn = paged_attention(
-          qkv.narrow(1, 0, q_size).view({rows, num_heads_, head_dim_}),
-          qkv.narrow(1, q_size, kv_size).view({rows, kv_heads_, head_dim_}),
-          qkv.narrow(1, q_size + kv_size, kv_size).view({rows, kv_heads_, head_dim_}), k_layer, v_layer,
-          seqs.query_starts, seqs.block_tables, seqs.context_lens, seqs.block_size);
+      const at::Tensor q = qkv.narrow(1, 0, q_size).view({rows, num_heads_, head_dim_});
+      const at::Tensor k = qkv.narrow(1, q_size, kv_size).view({rows, kv_heads_, head_dim_});
+      const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({rows, kv_heads_, head_dim_});
+      at::Tensor attn = seqs.quant ? paged_attention_quantized(q, k, v, *seqs.quant, static_cast<int64_t>(i),
+                                                               seqs.query_starts, seqs.block_tables,
+                                                               seqs.context_lens, *seqs.residual_slots)
+                                   : paged_attention(q, k, v, k_layer, v_layer, seqs.query_starts, seqs.block_tables,
+                                                     seqs.context_lens, seqs.block_size);
       const at::Tensor attn_out = layer.o.apply(attn.view({rows, q_size})).contiguous();
       normed = rms_norm<T>(x, layer.ffn_norm, eps_, &attn_out);
       const at::Tensor gate_up = layer.gate_up.apply(normed).contiguous();
@@ -344,5 +368,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<tokenmill::FusedStep>(m, "FusedStep")
       .def(py::init<std::vector<tokenmill::LayerWeights>, at::Tensor, at::Tensor, at::Tensor, double, int64_t, int64_t,
                     int64_t>())
-      .def("forward", &tokenmill::FusedStep::forward, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &tokenmill::FusedStep::forward, py::call_guard<py::gil_scoped_release>())
+      .def("forward_quantized", &tokenmill::FusedStep::forward_quantized, py::call_guard<py::gil_scoped_release>());
+  py::class_<tokenmill::QuantKV>(m, "QuantKV", py::module_local())  // one per ISA build, loaded side by side
+      .def(py::init([](int64_t bits, int64_t block_size, at::Tensor k_data, at::Tensor k_params, at::Tensor v_data,
+                       at::Tensor v_params, at::Tensor k_residual, at::Tensor v_residual) {
+             return tokenmill::QuantKV{bits, block_size, k_data, v_data, k_params, v_params, k_residual, v_residual};
+           }),
+           py::arg("bits"), py::arg("block_size"), py::arg("k_data"), py::arg("k_params"), py::arg("v_data"),
+           py::arg("v_params"), py::arg("k_residual"), py::arg("v_residual"));
+  m.def("paged_attention_quantized", &tokenmill::paged_attention_quantized, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("kv"), py::arg("layer"), py::arg("query_starts"), py::arg("block_tables"), py::arg("context_lens"),
+        py::arg("residual_slots"), py::call_guard<py::gil_scoped_release>());
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -21,6 +21,10 @@ class KVCache:
         self.v = huge_pages_zeros(shape, dtype, device, huge_pages)
         self.num_blocks = num_blocks
         self.block_size = block_size
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """Requests that hold no KV any more; a full-precision cache keeps nothing per request (QuantizedKVCache
+        does)."""
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks (src → dst) in every layer: copy-on-write for forked sequences."""

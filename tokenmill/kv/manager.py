@@ -43,7 +43,7 @@ def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
-                 cache_salt: str = "", window: StreamingWindow | None = None) -> None:
+                 cache_salt: str = "", window: StreamingWindow | None = None, forks: bool = True) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if window is not None and window.block_size != block_size:
@@ -51,6 +51,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.window = window
+        # Forks copy a parent's open block: off where eviction rotates blocks or where open blocks live outside the
+        # pool (a quantized cache's residual slots).
+        self.forks = forks and window is None
         self.enable_prefix_caching = enable_prefix_caching and window is None
         self.stats = PrefixCacheStats()
         self._root = hashlib.sha256(cache_salt.encode()).digest()

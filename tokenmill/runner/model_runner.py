@@ -12,6 +12,7 @@ import torch
 
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.kv.cache import KVCache
+from tokenmill.kv.quantized_cache import QuantizedKVCache
 from tokenmill.model.linear import Linear
 from tokenmill.runner.checks import check_plan
 from tokenmill.sampler.sampler import Sampler, SamplingRow, TokenLogprobs, has_penalties, score_tokens
@@ -28,7 +29,8 @@ class ModelRunner:
     without a seed of their own, so a run is reproducible as a whole. Every plan is checked against the cache's and
     the model's bounds (`max_positions`, `vocab_size`) before it runs."""
 
-    def __init__(self, backend: AttentionBackend, lm_head: Linear, kv_cache: KVCache, device: torch.device,
+    def __init__(self, backend: AttentionBackend, lm_head: Linear, kv_cache: KVCache | QuantizedKVCache,
+                 device: torch.device,
                  greedy: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
                  max_positions: int | None = None, vocab_size: int | None = None,
                  rotation: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
@@ -47,6 +49,7 @@ class ModelRunner:
         """Runs `plan`; `token_masks`, being filled while the model runs, restrict grammar-bound rows' tokens."""
         for request_id in plan.finished_request_ids:
             self._generators.pop(request_id, None)
+        self.kv_cache.release((*plan.finished_request_ids, *plan.preempted_request_ids))
         if plan.is_empty:
             return StepResult()
         check_plan(plan, self.kv_cache.num_blocks, self.kv_cache.block_size, self.max_positions, self.vocab_size)

@@ -223,9 +223,9 @@ class Scheduler:
 
     def _fork_parent(self, request: Request) -> Request | None:
         """The running sibling to fork from, if the request has one; a sibling still prefilling means wait."""
-        if request.params.prompt_logprobs is not None or self.kv_cache.window is not None:
-            # A fork skips its prompt's logits (scoring it means computing it), and it shares blocks, which a
-            # streaming window rotates in place.
+        if request.params.prompt_logprobs is not None or not self.kv_cache.forks:
+            # A fork skips its prompt's logits (scoring it means computing it), and the cache may not allow forks
+            # (KVCacheManager.forks).
             return None
         parent = self.requests.get(request.fork_of) if request.fork_of else None
         return parent if parent is not None and parent.status is RequestStatus.RUNNING else None

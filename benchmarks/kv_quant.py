@@ -1,0 +1,210 @@
+"""Quantized KV cache (kv_cache_dtype int8 / int4 / int2) against the full-precision cache, through the public API.
+
+bytes:   KV bytes per token per mode (codes and scales of full blocks; the residual slots apart), and the ratio to bf16
+quality: perplexity from `prompt_logprobs` on ../shared/data/tinyshakespeare_first_half.txt (windows of
+         `--ppl-window` tokens, each one request), and greedy agreement with the full-precision cache on the first
+         `--agreement-prompts` MT-Bench questions (`--agreement-tokens` tokens each)
+budget:  offline throughput at a KV budget (`--budget-gib`) that limits the batch: `--budget-requests` prompts of
+         `--budget-prompt` tokens, `--budget-output` tokens each; modes alternated (auto, int8, int4, auto, ...)
+decode:  one layer's decode attention for `--decode-seqs` sequences at `--decode-context` entries, per mode, the
+         kernels called directly and alternated; achieved GB/s from the bytes each mode reads
+
+    .venv/bin/python benchmarks/kv_quant.py [--parts bytes,quality,budget,decode] [--block-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.bench.machine import machine_description
+from tokenmill.bench.quality import greedy_agreement
+from tokenmill.bench.report import write_json
+from tokenmill.kernels import cpu_kernels
+from tokenmill.kv.cache import KVCache
+from tokenmill.kv.quant import KVFormat
+from tokenmill.kv.quantized_cache import QuantizedKVCache
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("auto", "int8", "int4", "int2")
+
+
+def part_bytes(args: argparse.Namespace) -> dict[str, Any]:
+    llm = LLM(args.model, num_kv_blocks=1)
+    cfg = llm.engine.model_config
+    out: dict[str, Any] = {}
+    for block_size in (16, 32, 64):
+        bf16 = KVCache.bytes_per_block(cfg, block_size, torch.bfloat16) / block_size
+        row = {"bfloat16": bf16, "float32": KVCache.bytes_per_block(cfg, block_size, torch.float32) / block_size}
+        for mode in MODES[1:]:
+            row[mode] = QuantizedKVCache.bytes_per_block(cfg, block_size, KVFormat.from_name(mode)) / block_size
+        out[str(block_size)] = row
+        print(f"block {block_size:2d}: bytes/token " + "  ".join(f"{k} {v:.0f} ({bf16 / v:.2f}x fewer than bf16)"
+                                                                 for k, v in row.items()))
+    return out
+
+
+def make_llm(args: argparse.Namespace, mode: str, **options: Any) -> LLM:
+    return LLM(args.model, kv_cache_dtype=mode, block_size=args.block_size, **options)
+
+
+def perplexity(llm: LLM, ids: list[int], window: int, windows: int) -> dict[str, Any]:
+    prompts = [ids[i : i + window] for i in range(0, window * windows, window)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    logprobs = [e.logprob for o in outs for e in (o.prompt_logprobs or [])[1:] if e is not None]
+    return {"ppl": math.exp(-sum(logprobs) / len(logprobs)), "tokens": len(logprobs)}
+
+
+def part_quality(args: argparse.Namespace) -> dict[str, Any]:
+    text = (SHARED / "tinyshakespeare_first_half.txt").read_text()
+    questions = [json.loads(line)["turns"][0] for line in (SHARED / "mt_bench_questions.jsonl").open()]
+    out: dict[str, Any] = {}
+    reference: list[list[int]] = []
+    for mode in MODES:
+        llm = make_llm(args, mode)
+        ids = llm.tokenizer.encode(text)
+        result = perplexity(llm, ids, args.ppl_window, args.ppl_windows)
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}])
+                   for q in questions[: args.agreement_prompts]]
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.agreement_tokens, ignore_eos=True),
+                            use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        reference = reference or tokens
+        result |= greedy_agreement(tokens, reference)
+        if mode != "auto":
+            result["ppl_increase"] = result["ppl"] / out["auto"]["ppl"] - 1
+        out[mode] = result
+        print(f"{mode:5s} ppl {result['ppl']:.3f} over {result['tokens']} tokens"
+              + (f" ({result['ppl_increase']:+.2%})" if mode != "auto" else "")
+              + f"; greedy prefix agreement {result['prefix_agreement']:.3f}, identical "
+                f"{result['identical_sequences']:.2f}")
+        del llm
+    return out
+
+
+def offline_run(llm: LLM, prompts: list[list[int]], output: int) -> dict[str, float]:
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=output, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(p, params)
+    most_running, start = 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        most_running = max(most_running, len(engine.scheduler.running))
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "output_tok_s": len(prompts) * output / wall, "most_running": most_running}
+
+
+def part_budget(args: argparse.Namespace) -> dict[str, Any]:
+    modes = args.budget_modes.split(",")
+    llms = {m: make_llm(args, m, kv_cache_memory_gib=args.budget_gib, enable_prefix_caching=False) for m in modes}
+    text_ids = next(iter(llms.values())).tokenizer.encode((SHARED / "tinyshakespeare_first_half.txt").read_text())
+    prompts = [text_ids[i * 997 : i * 997 + args.budget_prompt] for i in range(args.budget_requests)]
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            runs[mode].append(offline_run(llms[mode], prompts, args.budget_output))
+            r = runs[mode][-1]
+            print(f"{mode:5s} {r['output_tok_s']:7.1f} output tok/s, at most {r['most_running']} running "
+                  f"({llms[mode].engine.kv_cache.num_blocks} KV blocks)")
+    median = {m: statistics.median(r["output_tok_s"] for r in runs[m]) for m in modes}
+    out = {"runs": runs, "median_output_tok_s": median,
+           "kv_blocks": {m: llms[m].engine.kv_cache.num_blocks for m in modes},
+           "over_auto": {m: median[m] / median["auto"] for m in modes} if "auto" in median else {}}
+    print("median output tok/s: " + ", ".join(f"{m} {v:.1f}" for m, v in median.items()))
+    return out
+
+
+def decode_inputs(args: argparse.Namespace, mode: str, kernels: Any, generator: torch.Generator) -> dict[str, Any]:
+    heads, kv_heads, dim, bs = 9, 3, 64, args.block_size
+    seqs, ctx = args.decode_seqs, args.decode_context
+    blocks_per_seq = -(-ctx // bs)
+    num_blocks = seqs * blocks_per_seq
+    order = torch.randperm(num_blocks, generator=generator)
+    tables = order.view(seqs, blocks_per_seq)
+    q = torch.randn(seqs, heads, dim, generator=generator)
+    kv_rows = torch.randn(seqs, 2, kv_heads, dim, generator=generator)
+    common = {"q": q, "k": kv_rows[:, 0], "v": kv_rows[:, 1], "query_starts": torch.arange(seqs + 1),
+              "block_tables": tables, "context_lens": torch.full((seqs,), ctx)}
+    if mode == "auto":
+        k_cache = torch.randn(kv_heads, num_blocks * bs, dim, generator=generator)
+        return common | {"k_cache": k_cache, "v_cache": torch.randn_like(k_cache), "block_size": bs,
+                         "bytes": 2 * ctx * seqs * kv_heads * dim * 4}
+    fmt = KVFormat.from_name(mode)
+    assert fmt is not None
+    data = torch.randint(0, 256, (1, kv_heads, num_blocks, bs * fmt.row_bytes(dim)), dtype=torch.uint8,
+                         generator=generator)
+    k_params = torch.rand(1, kv_heads, num_blocks, fmt.key_params(bs, dim), generator=generator).half()
+    v_params = torch.rand(1, kv_heads, num_blocks, fmt.value_params(bs), generator=generator).half()
+    residual = torch.randn(1, kv_heads, seqs, bs, dim, generator=generator)
+    kv = kernels.QuantKV(fmt.bits, bs, data, k_params, data.clone(), v_params, residual, residual.clone())
+    full = ctx // bs * bs
+    read = seqs * kv_heads * (full * fmt.bytes_per_block_head(bs, dim) // bs + 2 * (ctx - full) * dim * 4)
+    return common | {"kv": kv, "layer": 0, "residual_slots": torch.arange(seqs), "bytes": read}
+
+
+def part_decode(args: argparse.Namespace) -> dict[str, Any]:
+    kernels = cpu_kernels().module
+    generator = torch.Generator().manual_seed(0)
+    inputs = {m: decode_inputs(args, m, kernels, generator) for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    for _ in range(args.decode_repeats):
+        for mode in MODES:
+            call = {k: v for k, v in inputs[mode].items() if k != "bytes"}
+            fn = kernels.paged_attention if mode == "auto" else kernels.paged_attention_quantized
+            fn(**call)
+            start = time.perf_counter()
+            for _ in range(5):
+                fn(**call)
+            times[mode].append((time.perf_counter() - start) / 5)
+    out = {}
+    for mode in MODES:
+        t = statistics.median(times[mode])
+        out[mode] = {"ms": t * 1e3, "bytes": inputs[mode]["bytes"], "gb_s": inputs[mode]["bytes"] / t / 1e9,
+                     "over_auto": t / statistics.median(times["auto"])}
+        print(f"{mode:5s} decode attention {t * 1e3:7.2f} ms  {inputs[mode]['bytes'] / 2**20:7.1f} MiB read  "
+              f"{out[mode]['gb_s']:5.1f} GB/s  ({out[mode]['over_auto']:.2f}x the fp32 cache's time)")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--parts", default="bytes,quality,budget,decode")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--ppl-window", type=int, default=1024)
+    parser.add_argument("--ppl-windows", type=int, default=8)
+    parser.add_argument("--agreement-prompts", type=int, default=16)
+    parser.add_argument("--agreement-tokens", type=int, default=64)
+    parser.add_argument("--budget-gib", type=float, default=0.25)
+    parser.add_argument("--budget-modes", default="auto,int8,int4")
+    parser.add_argument("--budget-requests", type=int, default=48)
+    parser.add_argument("--budget-prompt", type=int, default=512)
+    parser.add_argument("--budget-output", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--decode-seqs", type=int, default=32)
+    parser.add_argument("--decode-context", type=int, default=2040)
+    parser.add_argument("--decode-repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS / "kv_quant.json")
+    args = parser.parse_args()
+    report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},
+                              "machine": machine_description() | {"threads": torch.get_num_threads()}}
+    for part, run in (("bytes", part_bytes), ("quality", part_quality), ("budget", part_budget),
+                      ("decode", part_decode)):
+        if part in args.parts.split(","):
+            report[part] = run(args)
+            write_json(report, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

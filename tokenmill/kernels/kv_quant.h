@@ -1,0 +1,113 @@
+// Quantized KV blocks (tokenmill/kv/quant.py is the format's reference and its description): int8 per token; int4 and
+// int2 as KIVI has them, keys per channel over a block's tokens and values per token. A sequence's open block (the
+// one still filling) lives in full precision in its residual slot; a block is quantized once, when it fills.
+//
+// Which copy a query reads depends only on where the query and the key are, never on how tokens were split into
+// steps: a key in the query's own block is read in full precision, a key in an earlier block from its quantized
+// block. So chunked prefill, a decode and a prefill give each token the same attention.
+#pragma once
+
+#include "simd.h"
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Half.h>
+
+namespace tokenmill {
+
+// The quantized cache of all layers, as Python allocates it (kv/quantized_cache.py).
+struct QuantKV {
+  int64_t bits, block_size;
+  at::Tensor k_data, v_data;          // uint8 [layers, kv_heads, blocks, block_size * row_bytes]
+  at::Tensor k_params, v_params;      // fp16 [layers, kv_heads, blocks, params per block]
+  at::Tensor k_residual, v_residual;  // model dtype [layers, kv_heads, residual slots, block_size, head_dim]
+};
+
+// Shapes and dtypes of a QuantKV for a model of `dtype` with kv_heads heads of head_dim (TORCH_CHECK on mismatch).
+void check_quant_kv(const QuantKV& kv, at::ScalarType dtype, int64_t kv_heads, int64_t head_dim);
+
+// One layer of a QuantKV as raw pointers; T is the model dtype (the residual's).
+template <typename T>
+struct QuantLayer {
+  int bits;
+  int64_t block_size, head_dim, num_blocks, num_residual, row_bytes, k_params, v_params;
+  uint8_t* k_data;
+  uint8_t* v_data;
+  at::Half* k_param;
+  at::Half* v_param;
+  T* k_res;
+  T* v_res;
+
+  uint8_t* data(bool keys, int64_t h, int64_t block) const {
+    return (keys ? k_data : v_data) + (h * num_blocks + block) * block_size * row_bytes;
+  }
+  at::Half* params(bool keys, int64_t h, int64_t block) const {
+    return keys ? k_param + (h * num_blocks + block) * k_params : v_param + (h * num_blocks + block) * v_params;
+  }
+  T* residual(bool keys, int64_t h, int64_t slot) const {
+    return (keys ? k_res : v_res) + (h * num_residual + slot) * block_size * head_dim;
+  }
+};
+
+template <typename T>
+QuantLayer<T> quant_layer(const QuantKV& kv, int64_t layer) {
+  const int64_t head_dim = kv.k_residual.size(4), block_size = kv.block_size;
+  return QuantLayer<T>{static_cast<int>(kv.bits), block_size, head_dim, kv.k_data.size(2), kv.k_residual.size(2),
+                       head_dim * kv.bits / 8, kv.k_params.size(3), kv.v_params.size(3),
+                       kv.k_data.select(0, layer).data_ptr<uint8_t>(), kv.v_data.select(0, layer).data_ptr<uint8_t>(),
+                       kv.k_params.select(0, layer).data_ptr<at::Half>(),
+                       kv.v_params.select(0, layer).data_ptr<at::Half>(), kv.k_residual.select(0, layer).data_ptr<T>(),
+                       kv.v_residual.select(0, layer).data_ptr<T>()};
+}
+
+// The codes of one stored row, widened: int8 as signed values; int4 and int2 unsigned, byte i holding channels
+// i, i + D/2 (int4) or i, i + D/4, i + D/2, i + 3D/4 (int2) from its low bits up, so each unpacks into runs.
+inline void unpack_codes(const uint8_t* row, int bits, int64_t dim, float* codes) {
+  if (bits == 8) {
+    for (int64_t d = 0; d < dim; ++d) codes[d] = static_cast<float>(static_cast<int8_t>(row[d]));
+  } else if (bits == 4) {
+    const int64_t half = dim / 2;
+    for (int64_t i = 0; i < half; ++i) codes[i] = static_cast<float>(row[i] & 15);
+    for (int64_t i = 0; i < half; ++i) codes[half + i] = static_cast<float>(row[i] >> 4);
+  } else {
+    const int64_t quarter = dim / 4;
+    for (int k = 0; k < 4; ++k)
+      for (int64_t i = 0; i < quarter; ++i) codes[k * quarter + i] = static_cast<float>((row[i] >> (2 * k)) & 3);
+  }
+}
+
+// Row o of a quantized block, dequantized and rounded to the model dtype: x = code · scale (int8) or
+// code · scale + min, with the block's keys' per-channel (scale, min) already widened into channel_params [2][D].
+template <typename T>
+inline void dequantize_row(const QuantLayer<T>& q, bool keys, const uint8_t* block, const at::Half* params,
+                           const float* channel_params, int64_t o, float* out) {
+  const int64_t dim = q.head_dim;
+  unpack_codes(block + o * q.row_bytes, q.bits, dim, out);
+  if (q.bits == 8) {
+    const float scale = static_cast<float>(params[o]);
+    for (int64_t d = 0; d < dim; ++d) out[d] = rounded<T>(out[d] * scale);
+  } else if (keys) {
+    for (int64_t d = 0; d < dim; ++d) out[d] = rounded<T>(out[d] * channel_params[d] + channel_params[dim + d]);
+  } else {
+    const float scale = static_cast<float>(params[2 * o]), minimum = static_cast<float>(params[2 * o + 1]);
+    for (int64_t d = 0; d < dim; ++d) out[d] = rounded<T>(out[d] * scale + minimum);
+  }
+}
+
+// Quantize one full block of one KV head (rows[o] points at token o's D values) into its codes and parameters.
+template <typename T>
+void quantize_block(const QuantLayer<T>& q, bool keys, const T* const* rows, uint8_t* block, at::Half* params);
+
+// Before a layer's attention: every block that this step fills is quantized from its residual rows (tokens written
+// by earlier steps) and the step's rows. k/v [rows, kv_heads, D] strided by row; sequences as paged_attention's.
+template <typename T>
+void quantize_filled_blocks(const QuantLayer<T>& q, const T* k, const T* v, int64_t k_stride, int64_t v_stride,
+                            int64_t kv_heads, int64_t num_seqs, const int64_t* query_starts, const int64_t* tables,
+                            int64_t max_blocks, const int64_t* context_lens, const int64_t* residual_slots);
+
+// After a layer's attention: the step's rows in each sequence's open block go to its residual slot.
+template <typename T>
+void store_open_rows(const QuantLayer<T>& q, const T* k, const T* v, int64_t k_stride, int64_t v_stride,
+                     int64_t kv_heads, int64_t num_seqs, const int64_t* query_starts, const int64_t* context_lens,
+                     const int64_t* residual_slots);
+
+}  // namespace tokenmill
