@@ -4,8 +4,9 @@ bytes:   KV bytes per token per mode (codes and scales of full blocks; the resid
 quality: perplexity from `prompt_logprobs` on ../shared/data/tinyshakespeare_first_half.txt (windows of
          `--ppl-window` tokens, each one request), and greedy agreement with the full-precision cache on the first
          `--agreement-prompts` MT-Bench questions (`--agreement-tokens` tokens each)
-budget:  offline throughput at a KV budget (`--budget-gib`) that limits the batch: `--budget-requests` prompts of
-         `--budget-prompt` tokens, `--budget-output` tokens each; modes alternated (auto, int8, int4, auto, ...)
+budget:  offline throughput at a KV budget (`--budget-gib`, residual slots included) that limits the batch:
+         `--budget-requests` prompts of `--budget-prompt` tokens, `--budget-output` tokens each, at most
+         `--budget-max-seqs` running; modes alternated (auto, int8, int4, auto, ...)
 decode:  one layer's decode attention for `--decode-seqs` sequences at `--decode-context` entries, per mode, the
          kernels called directly and alternated; achieved GB/s from the bytes each mode reads
 
@@ -96,17 +97,20 @@ def offline_run(llm: LLM, prompts: list[list[int]], output: int) -> dict[str, fl
     params = SamplingParams(temperature=0, max_tokens=output, ignore_eos=True)
     for p in prompts:
         engine.add_request(p, params)
-    most_running, start = 0, time.perf_counter()
+    preempted, start = engine.stats().num_preemptions, time.perf_counter()
+    running: list[int] = []
     while engine.has_unfinished_requests():
         engine.step()
-        most_running = max(most_running, len(engine.scheduler.running))
+        running.append(len(engine.scheduler.running))
     wall = time.perf_counter() - start
-    return {"wall_s": wall, "output_tok_s": len(prompts) * output / wall, "most_running": most_running}
+    return {"wall_s": wall, "output_tok_s": len(prompts) * output / wall, "most_running": max(running),
+            "mean_running": statistics.fmean(running), "preemptions": engine.stats().num_preemptions - preempted}
 
 
 def part_budget(args: argparse.Namespace) -> dict[str, Any]:
     modes = args.budget_modes.split(",")
-    llms = {m: make_llm(args, m, kv_cache_memory_gib=args.budget_gib, enable_prefix_caching=False) for m in modes}
+    llms = {m: make_llm(args, m, kv_cache_memory_gib=args.budget_gib, enable_prefix_caching=False,
+                        max_num_seqs=args.budget_max_seqs) for m in modes}
     text_ids = next(iter(llms.values())).tokenizer.encode((SHARED / "tinyshakespeare_first_half.txt").read_text())
     prompts = [text_ids[i * 997 : i * 997 + args.budget_prompt] for i in range(args.budget_requests)]
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
@@ -114,7 +118,8 @@ def part_budget(args: argparse.Namespace) -> dict[str, Any]:
         for mode in modes:
             runs[mode].append(offline_run(llms[mode], prompts, args.budget_output))
             r = runs[mode][-1]
-            print(f"{mode:5s} {r['output_tok_s']:7.1f} output tok/s, at most {r['most_running']} running "
+            print(f"{mode:5s} {r['output_tok_s']:7.1f} output tok/s, {r['mean_running']:.1f} running on average "
+                  f"(at most {r['most_running']}), {r['preemptions']} preemptions "
                   f"({llms[mode].engine.kv_cache.num_blocks} KV blocks)")
     median = {m: statistics.median(r["output_tok_s"] for r in runs[m]) for m in modes}
     out = {"runs": runs, "median_output_tok_s": median,
@@ -185,11 +190,12 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=8)
     parser.add_argument("--agreement-prompts", type=int, default=16)
     parser.add_argument("--agreement-tokens", type=int, default=64)
-    parser.add_argument("--budget-gib", type=float, default=0.25)
+    parser.add_argument("--budget-gib", type=float, default=0.125)
     parser.add_argument("--budget-modes", default="auto,int8,int4")
-    parser.add_argument("--budget-requests", type=int, default=48)
-    parser.add_argument("--budget-prompt", type=int, default=512)
-    parser.add_argument("--budget-output", type=int, default=128)
+    parser.add_argument("--budget-requests", type=int, default=32)
+    parser.add_argument("--budget-prompt", type=int, default=64)
+    parser.add_argument("--budget-output", type=int, default=256)
+    parser.add_argument("--budget-max-seqs", type=int, default=64, help="max_num_seqs: also the residual slots")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decode-seqs", type=int, default=32)
     parser.add_argument("--decode-context", type=int, default=2040)

@@ -101,7 +101,7 @@ struct QuantRows {
   const T* residual;
   const T* fresh;  // this step's row for entry first_new, then every `fresh_stride` elements
   int64_t fresh_stride;
-  float* tile;  // 3 · D floats: one row and the block's per-channel parameters
+  float* tile;  // 3 · D + 2 · block_size floats: one row and a block's parameters
 
   template <int D, typename F>
   void for_each(int64_t count, const F& fn) const {
@@ -110,22 +110,52 @@ struct QuantRows {
 
   template <int D, typename F>
   void range(int64_t begin, int64_t end, const F& fn) const {
+    if (q->bits == 8)
+      quantized<D, 8>(begin, std::min(end, fp_from), fn);
+    else if (q->bits == 4)
+      quantized<D, 4>(begin, std::min(end, fp_from), fn);
+    else
+      quantized<D, 2>(begin, std::min(end, fp_from), fn);
     const int64_t bs = q->block_size;
+    for (int64_t t = std::max(begin, fp_from); t < end; ++t)
+      fn(t, t < first_new ? residual + (t % bs) * D : fresh + (t - first_new) * fresh_stride);
+  }
+
+  // Entries [begin, end) of quantized blocks, block by block: the block's fp16 parameters widened once.
+  template <int D, int BITS, typename F>
+  void quantized(int64_t begin, int64_t end, const F& fn) const {
+    const int64_t bs = q->block_size, row_bytes = D * BITS / 8;
+    const bool per_channel = keys && BITS != 8;
     float* row = tile;
-    float* channel = tile + D;
-    for (int64_t t = begin; t < std::min(end, fp_from);) {
-      const int64_t block = t / bs, stop = std::min({end, fp_from, (block + 1) * bs});
+    float* params = tile + D;  // per channel: scale[D], min[D]; per token: (scale, min) per row
+    // Blocks lie anywhere (see for_each_cached_row): the ones `kAhead` on are requested while this one is used.
+    constexpr int64_t kAhead = 4;
+    const int64_t last_block = (end - 1) / bs, param_bytes = (per_channel ? 2 * D : 2 * bs) * 2;
+    for (int64_t t = begin; t < end;) {
+      const int64_t block = t / bs, first = t - block * bs, stop = std::min(end, (block + 1) * bs);
       const uint8_t* data = q->data(keys, head, table[block]);
-      const at::Half* params = q->params(keys, head, table[block]);
-      if (keys && q->bits != 8)
-        for (int d = 0; d < 2 * D; ++d) channel[d] = static_cast<float>(params[d]);
-      for (; t < stop; ++t) {
-        dequantize_row(*q, keys, data, params, channel, t % bs, row);
+      const at::Half* stored = q->params(keys, head, table[block]);
+      for (int64_t next = block + (t == begin ? 1 : kAhead); next <= std::min(block + kAhead, last_block); ++next) {
+        prefetch_bytes(q->data(keys, head, table[next]), bs * row_bytes);
+        prefetch_bytes(q->params(keys, head, table[next]), param_bytes);
+      }
+      if (per_channel) {
+        for (int d = 0; d < 2 * D; ++d) params[d] = static_cast<float>(stored[d]);
+      } else {
+        const int64_t per_row = BITS == 8 ? 1 : 2;
+        for (int64_t i = first * per_row; i < (stop - block * bs) * per_row; ++i)
+          params[i] = static_cast<float>(stored[i]);
+      }
+      for (int64_t o = first; t < stop; ++t, ++o) {
+        if (per_channel)
+          dequantize_row<T, D, BITS>(data + o * row_bytes, params, params + D, true, row);
+        else if constexpr (BITS == 8)
+          dequantize_row<T, D, BITS>(data + o * row_bytes, params + o, nullptr, false, row);
+        else
+          dequantize_row<T, D, BITS>(data + o * row_bytes, params + 2 * o, params + 2 * o + 1, false, row);
         fn(t, static_cast<const float*>(row));
       }
     }
-    for (int64_t t = std::max(begin, fp_from); t < end; ++t)
-      fn(t, t < first_new ? residual + (t % bs) * D : fresh + (t - first_new) * fresh_stride);
   }
 };
 
@@ -477,9 +507,9 @@ void with_rows(const Batch<T>& b, int64_t s, int64_t h, int64_t position, Scratc
   const int64_t row0 = b.query_starts[s], first_new = b.context_lens[s] - (b.query_starts[s + 1] - row0);
   const int64_t fp_from = position / b.block_size * b.block_size, slot = b.residual_slots[s];
   fn(QuantRows<T>{b.quant, true, h, table, fp_from, first_new, b.quant->residual(true, h, slot),
-                  b.k + row0 * b.k_stride + h * D, b.k_stride, grow(scratch.k_tile, 3 * D)},
+                  b.k + row0 * b.k_stride + h * D, b.k_stride, grow(scratch.k_tile, 3 * D + 2 * b.block_size)},
      QuantRows<T>{b.quant, false, h, table, fp_from, first_new, b.quant->residual(false, h, slot),
-                  b.v + row0 * b.v_stride + h * D, b.v_stride, grow(scratch.v_tile, 3 * D)});
+                  b.v + row0 * b.v_stride + h * D, b.v_stride, grow(scratch.v_tile, 3 * D + 2 * b.block_size)});
 }
 
 // Row r's query heads that share KV head h, scaled by 1/sqrt(D) and rounded to the model dtype as the eager path

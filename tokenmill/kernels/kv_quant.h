@@ -59,37 +59,32 @@ QuantLayer<T> quant_layer(const QuantKV& kv, int64_t layer) {
                        kv.v_residual.select(0, layer).data_ptr<T>()};
 }
 
-// The codes of one stored row, widened: int8 as signed values; int4 and int2 unsigned, byte i holding channels
-// i, i + D/2 (int4) or i, i + D/4, i + D/2, i + 3D/4 (int2) from its low bits up, so each unpacks into runs.
-inline void unpack_codes(const uint8_t* row, int bits, int64_t dim, float* codes) {
-  if (bits == 8) {
-    for (int64_t d = 0; d < dim; ++d) codes[d] = static_cast<float>(static_cast<int8_t>(row[d]));
-  } else if (bits == 4) {
-    const int64_t half = dim / 2;
-    for (int64_t i = 0; i < half; ++i) codes[i] = static_cast<float>(row[i] & 15);
-    for (int64_t i = 0; i < half; ++i) codes[half + i] = static_cast<float>(row[i] >> 4);
+// Row codes, widened: int8 as signed values; int4 and int2 unsigned, byte i holding channels i, i + D/2 (int4) or
+// i, i + D/4, i + D/2, i + 3D/4 (int2) from its low bits up, so each unpacks into contiguous runs.
+template <int D, int BITS>
+inline void unpack_codes(const uint8_t* row, float* codes) {
+  if constexpr (BITS == 8) {
+    for (int d = 0; d < D; ++d) codes[d] = static_cast<float>(static_cast<int8_t>(row[d]));
   } else {
-    const int64_t quarter = dim / 4;
-    for (int k = 0; k < 4; ++k)
-      for (int64_t i = 0; i < quarter; ++i) codes[k * quarter + i] = static_cast<float>((row[i] >> (2 * k)) & 3);
+    constexpr int kPerByte = 8 / BITS, kRun = D / kPerByte;
+    for (int k = 0; k < kPerByte; ++k)
+      for (int i = 0; i < kRun; ++i) codes[k * kRun + i] = static_cast<float>((row[i] >> (BITS * k)) & ((1 << BITS) - 1));
   }
 }
 
-// Row o of a quantized block, dequantized and rounded to the model dtype: x = code · scale (int8) or
-// code · scale + min, with the block's keys' per-channel (scale, min) already widened into channel_params [2][D].
-template <typename T>
-inline void dequantize_row(const QuantLayer<T>& q, bool keys, const uint8_t* block, const at::Half* params,
-                           const float* channel_params, int64_t o, float* out) {
-  const int64_t dim = q.head_dim;
-  unpack_codes(block + o * q.row_bytes, q.bits, dim, out);
-  if (q.bits == 8) {
-    const float scale = static_cast<float>(params[o]);
-    for (int64_t d = 0; d < dim; ++d) out[d] = rounded<T>(out[d] * scale);
-  } else if (keys) {
-    for (int64_t d = 0; d < dim; ++d) out[d] = rounded<T>(out[d] * channel_params[d] + channel_params[dim + d]);
-  } else {
-    const float scale = static_cast<float>(params[2 * o]), minimum = static_cast<float>(params[2 * o + 1]);
-    for (int64_t d = 0; d < dim; ++d) out[d] = rounded<T>(out[d] * scale + minimum);
+// One stored row dequantized and rounded to the model dtype, x = code · scale + min (int8: code · scale), with
+// scale and min per channel (`scale`, `minimum`: D each; int4/int2 keys) or per token (one each, splat).
+template <typename T, int D, int BITS>
+inline void dequantize_row(const uint8_t* row, const float* scale, const float* minimum, bool per_channel,
+                           float* out) {
+  alignas(64) float codes[D];
+  unpack_codes<D, BITS>(row, codes);
+  for (int c = 0; c < D; c += 16) {
+    const f32x16 s = per_channel ? load16(scale + c) : splat16(*scale);
+    f32x16 x = load16(codes + c) * s;
+    if constexpr (BITS != 8) x = x + (per_channel ? load16(minimum + c) : splat16(*minimum));
+    const f32x16 y = round16<T>(x);
+    std::memcpy(out + c, &y, sizeof(y));
   }
 }
 
