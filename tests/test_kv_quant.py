@@ -15,7 +15,7 @@ from conftest import write_tiny_gguf
 from tests.test_fused_step import LEVELS
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import EngineConfig
-from tokenmill.kernels import cpu_kernels
+from tokenmill.kernels import KernelBuild, cpu_kernels
 from tokenmill.kv.quant import KVFormat, dequantize, pack, quantize, unpack
 from tokenmill.kv.quantized_cache import QuantizedKVCache
 from tokenmill.scheduler.plan import ScheduledSeq, StepPlan
@@ -239,7 +239,16 @@ def test_engine_tokens_do_not_depend_on_chunking_and_prefix_hits_reuse_quantized
     assert agree >= len(PROMPTS) * 24 // 2  # a random tiny model's logits are close; most tokens agree
 
 
-def test_engine_refuses_what_a_quantized_cache_does_not_do(tiny_model) -> None:
+def test_engine_refuses_what_a_quantized_cache_does_not_do(tiny_model, monkeypatch) -> None:
+    import argparse
+
+    from tokenmill.entrypoints.args import add_engine_args, engine_config
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_config(parser.parse_args(["--kv-cache-dtype", "int4"])).kv_cache_dtype == "int4"
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="fp8")
     for options, match in ((dict(sliding_window=64), "sliding_window"), (dict(speculative="ngram"), "speculative"),
                            (dict(enforce_eager=True), "enforce_eager")):
         with pytest.raises(ValueError, match=match):
@@ -251,3 +260,7 @@ def test_engine_refuses_what_a_quantized_cache_does_not_do(tiny_model) -> None:
     assert len(out[0].outputs) == 2  # n > 1 siblings compute their prompts instead of forking
     llm.engine.step()
     assert llm.engine.kv_cache.num_held == 0
+    # Without the kernels there is nothing that reads quantized blocks: refused, not emulated.
+    monkeypatch.setattr("tokenmill.engine.cpu_kernels", lambda: KernelBuild(None, 0.0, "no C++ compiler"))
+    with pytest.raises(ValueError, match="no C\\+\\+ compiler"):
+        LLM(str(tiny_model), dtype="float32", device="cpu", num_kv_blocks=16, block_size=BS, kv_cache_dtype="int8")

@@ -150,17 +150,18 @@ class LLMEngine:
 
     def _quantized_kv_backend(self, kv: QuantizedKVCache) -> tuple[AttentionBackend, Callable[..., torch.Tensor]]:
         """Only the fused CPU step reads quantized blocks: without it a quantized cache is refused, not emulated."""
-        why = ("it runs on CPU only" if self.device.type != "cpu" else
-               "the model's dtype or head size is not one the kernels are built for"
-               if not fused_step_supports(self.model) else None)
-        build = cpu_kernels() if why is None else None
-        if build is not None and build.module is None:
+        if self.device.type != "cpu":
+            why = "it runs on CPU only"
+        elif not fused_step_supports(self.model):
+            why = "the model's dtype or head size is not one the kernels are built for"
+        else:
+            build = cpu_kernels()
+            if build.module is not None:
+                logger.info("KV cache %s: %d quantized blocks of %d tokens, %d residual slots in %s", kv.format.name,
+                            kv.num_blocks, kv.block_size, kv.num_residual, self.dtype)
+                return FusedCPUBackend(build.module, self.model, kv), build.module.greedy
             why = f"the CPU kernels could not be built: {build.error}"
-        if why is not None or build is None or build.module is None:
-            raise ValueError(f"kv_cache_dtype={kv.format.name!r} needs the fused CPU step, and {why}")
-        logger.info("KV cache %s: %d quantized blocks of %d tokens, %d residual slots in %s", kv.format.name,
-                    kv.num_blocks, kv.block_size, kv.num_residual, self.dtype)
-        return FusedCPUBackend(build.module, self.model, kv), build.module.greedy
+        raise ValueError(f"kv_cache_dtype={kv.format.name!r} needs the fused CPU step, and {why}")
 
     def _speculator(self) -> Speculator | None:
         config = self.config

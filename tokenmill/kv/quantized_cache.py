@@ -27,8 +27,6 @@ class QuantizedKVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, fmt: KVFormat, num_residual: int, huge_pages: bool = False) -> None:
         layers, heads, dim = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-        if dim * fmt.bits % 32:
-            raise ValueError(f"quantized KV packs head_dim {dim} in whole words only for multiples of {32 // fmt.bits}")
         self.format = fmt
         self.num_blocks = num_blocks
         self.block_size = block_size
