@@ -18,6 +18,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.kernels import KernelBuild, cpu_kernels
 from tokenmill.kv.quant import KVFormat, dequantize, pack, quantize, unpack
 from tokenmill.kv.quantized_cache import QuantizedKVCache
+from tokenmill.request import Request
 from tokenmill.scheduler.plan import ScheduledSeq, StepPlan
 
 BS = 16
@@ -239,6 +240,30 @@ def test_engine_tokens_do_not_depend_on_chunking_and_prefix_hits_reuse_quantized
     assert agree >= len(PROMPTS) * 24 // 2  # a random tiny model's logits are close; most tokens agree
 
 
+def test_speculative_decoding_keeps_greedy_tokens_and_never_fills_a_block_with_drafts(tiny_model) -> None:
+    from tests.test_spec_engine import prompts
+
+    options = dict(dtype="float32", device="cpu", num_kv_blocks=128, block_size=BS, kv_cache_dtype="int4")
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    plain = LLM(str(tiny_model), **options)
+    spec = LLM(str(tiny_model), speculative="ngram", num_speculative_tokens=4, prompt_lookup_min=1,
+               speculative_adaptive=False, **options)
+    kv = spec.engine.scheduler.kv_cache
+    assert not kv.drafts_fill_blocks
+    want = [r.token_ids for r in plain.generate(prompts(), params, use_tqdm=False)]
+    assert [r.token_ids for r in spec.generate(prompts(), params, use_tqdm=False)] == want
+    stats = spec.engine.stats().spec_decode
+    assert stats is not None and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    # A step's real token and drafts stay inside the open block without filling it.
+    request = Request("r", list(range(1, 31)), SamplingParams())
+    assert kv.allocate_slots(request, 30)
+    kv.commit(request, 30)
+    assert kv.max_drafts(request) == 0  # the real token goes to offset 14: a draft would fill the block
+    kv.truncate(request, 20)
+    assert kv.max_drafts(request) == 10  # entries 20..30 at offsets 4..14
+    kv.free(request)
+
+
 def test_engine_refuses_what_a_quantized_cache_does_not_do(tiny_model, monkeypatch) -> None:
     import argparse
 
@@ -249,8 +274,7 @@ def test_engine_refuses_what_a_quantized_cache_does_not_do(tiny_model, monkeypat
     assert engine_config(parser.parse_args(["--kv-cache-dtype", "int4"])).kv_cache_dtype == "int4"
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="fp8")
-    for options, match in ((dict(sliding_window=64), "sliding_window"), (dict(speculative="ngram"), "speculative"),
-                           (dict(enforce_eager=True), "enforce_eager")):
+    for options, match in ((dict(sliding_window=64), "sliding_window"), (dict(enforce_eager=True), "enforce_eager")):
         with pytest.raises(ValueError, match=match):
             EngineConfig(kv_cache_dtype="int4", **options)
     llm = LLM(str(tiny_model), dtype="float32", device="cpu", num_kv_blocks=16, block_size=BS, kv_cache_dtype="int2",

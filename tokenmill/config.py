@@ -76,7 +76,8 @@ class EngineConfig:
     sliding_window: int | None = None
     attention_sinks: int = 0
     # Quantized KV (tokenmill/kv/quant.py): auto (the model dtype), int8, or int4/int2 as KIVI quantizes them; each
-    # request's open block stays in full precision. Needs the fused CPU step; turns forks off.
+    # request's open block stays in full precision. Needs the fused CPU step; turns forks off; drafts never fill a
+    # block.
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -117,8 +118,6 @@ class EngineConfig:
                              "chunks that fit it")
         if KVFormat.from_name(self.kv_cache_dtype) is not None:
             for off, reason in ((self.sliding_window is None, "sliding_window (keys are rotated in place)"),
-                                (self.speculative is None, "speculative (rejected drafts roll back into blocks "
-                                                           "that are quantized already)"),
                                 (not self.enforce_eager, "enforce_eager (the kernels read the quantized blocks)")):
                 if not off:
                     raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} does not combine with {reason} yet")

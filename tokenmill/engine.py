@@ -111,7 +111,8 @@ class LLMEngine:
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
                            cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}|"
                                       f"kv-{config.kv_cache_dtype}",
-                           window=window, forks=self.kv_format is None),
+                           window=window, forks=self.kv_format is None,
+                           drafts_fill_blocks=self.kv_format is None),
         )
         backend, greedy = self._backend()
         self.runner = ModelRunner(backend, self.model.lm_head, self.kv_cache, self.device, greedy, config.seed,

@@ -43,7 +43,8 @@ def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
-                 cache_salt: str = "", window: StreamingWindow | None = None, forks: bool = True) -> None:
+                 cache_salt: str = "", window: StreamingWindow | None = None, forks: bool = True,
+                 drafts_fill_blocks: bool = True) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if window is not None and window.block_size != block_size:
@@ -54,6 +55,9 @@ class KVCacheManager:
         # Forks copy a parent's open block: off where eviction rotates blocks or where open blocks live outside the
         # pool (a quantized cache's residual slots).
         self.forks = forks and window is None
+        # False where a block is transformed for good as it fills (a quantized cache): rows that may be rolled back
+        # (speculative drafts) then never complete a block.
+        self.drafts_fill_blocks = drafts_fill_blocks
         self.enable_prefix_caching = enable_prefix_caching and window is None
         self.stats = PrefixCacheStats()
         self._root = hashlib.sha256(cache_salt.encode()).digest()
@@ -92,6 +96,13 @@ class KVCacheManager:
         if self.window is None:
             return None
         return self.window.max_new(self.num_entries(request.request_id))
+
+    def max_drafts(self, request: Request) -> int | None:
+        """The most draft tokens the request's next step may verify after its real token (None: no limit but the
+        budget): with `drafts_fill_blocks` off, the step's rows stay inside its open block without filling it."""
+        if self.drafts_fill_blocks:
+            return None
+        return max(0, self.block_size - 2 - self.num_entries(request.request_id) % self.block_size)
 
     def evict(self, request: Request, num_new: int) -> KVShift | None:
         """Drop the request's oldest window blocks so that `num_new` more entries stay within the streaming window;

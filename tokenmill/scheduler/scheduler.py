@@ -120,6 +120,9 @@ class Scheduler:
         """Slots for the request's next tokens within `budget`; the number scheduled, or None if it was preempted.
 
         Drafts are given up before anyone is preempted for them."""
+        room = self.kv_cache.max_drafts(request)
+        if room is not None and len(request.draft_token_ids) > room:
+            request.draft_token_ids = request.draft_token_ids[:room]
         num_new = self._cap(request, min(request.num_tokens + len(request.draft_token_ids)
                                          - request.num_computed_tokens, budget))
         shift = self.kv_cache.evict(request, num_new)
