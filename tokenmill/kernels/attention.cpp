@@ -541,16 +541,22 @@ void attend_decode(const Batch<T>& b, int64_t s, int64_t h, int64_t j, Scratch& 
           query, k_rows, v_rows, group, cached, own_k, own_v, grow(scratch.scores, group * len),
           grow(scratch.prob_pairs, group * ((len + 31) / 2)), b.out + (r * b.num_heads + h * group) * D);
     };
-    // The group sizes of common models (SmolLM2: 3, Llama 3 8B and Mistral 7B: 4, Qwen2 0.5B: 7, ...).
-    switch (group) {
-      case 1: return attend(std::integral_constant<int, 1>{});
-      case 2: return attend(std::integral_constant<int, 2>{});
-      case 3: return attend(std::integral_constant<int, 3>{});
-      case 4: return attend(std::integral_constant<int, 4>{});
-      case 6: return attend(std::integral_constant<int, 6>{});
-      case 7: return attend(std::integral_constant<int, 7>{});
-      case 8: return attend(std::integral_constant<int, 8>{});
-      default: return attend(std::integral_constant<int, 0>{});
+    // Quantized rows: the runtime-group kernel only. Unpacking rows dominates there, and every fixed group would
+    // compile the three formats' readers again (the build's time, paid on every machine's first run).
+    if constexpr (!std::is_same_v<std::decay_t<decltype(k_rows)>, PlainRows<T>>) {
+      attend(std::integral_constant<int, 0>{});
+    } else {
+      // The group sizes of common models (SmolLM2: 3, Llama 3 8B and Mistral 7B: 4, Qwen2 0.5B: 7, ...).
+      switch (group) {
+        case 1: return attend(std::integral_constant<int, 1>{});
+        case 2: return attend(std::integral_constant<int, 2>{});
+        case 3: return attend(std::integral_constant<int, 3>{});
+        case 4: return attend(std::integral_constant<int, 4>{});
+        case 6: return attend(std::integral_constant<int, 6>{});
+        case 7: return attend(std::integral_constant<int, 7>{});
+        case 8: return attend(std::integral_constant<int, 8>{});
+        default: return attend(std::integral_constant<int, 0>{});
+      }
     }
   });
 }
