@@ -23,7 +23,7 @@ from tokenmill.attention.fused_cpu import FusedCPUBackend
 from tokenmill.attention.fused_cpu import supports as fused_step_supports
 from tokenmill.config import EngineConfig
 from tokenmill.kernels import cpu_kernels
-from tokenmill.kv.cache import KVCache
+from tokenmill.kv.cache import KVCache, KVStorage
 from tokenmill.kv.manager import KVCacheManager, PrefixCacheStats
 from tokenmill.kv.quant import KVFormat
 from tokenmill.kv.quantized_cache import QuantizedKVCache
@@ -97,7 +97,7 @@ class LLMEngine:
         self.model = load_model(gguf_file, self.dtype, self.device, config.weight_format, config.int4_group_size,
                                 max_positions=self.max_positions)
         packed = self.model.prepack_weights() if config.prepack_weights else 0
-        self.kv_cache: KVCache | QuantizedKVCache
+        self.kv_cache: KVStorage
         if self.kv_format is None:
             self.kv_cache = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device,
                                     config.kv_huge_pages)
@@ -111,8 +111,7 @@ class LLMEngine:
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
                            cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}|"
                                       f"kv-{config.kv_cache_dtype}",
-                           window=window, forks=self.kv_format is None,
-                           drafts_fill_blocks=self.kv_format is None),
+                           window=window, seals_blocks=self.kv_format is not None),
         )
         backend, greedy = self._backend()
         self.runner = ModelRunner(backend, self.model.lm_head, self.kv_cache, self.device, greedy, config.seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -10,7 +11,31 @@ from tokenmill.kv.huge_pages import zeros as huge_pages_zeros
 from tokenmill.model.config import ModelConfig
 
 
-class KVCache:
+class KVStorage(ABC):
+    """The KV tensors a step reads and writes, in blocks whose ids KVCacheManager hands out.
+
+    Contract (every implementation):
+    - `num_blocks` and `block_size` bound the block ids and slots of every plan (runner/checks.py checks them).
+    - `release(request_ids)` hears of requests that hold no KV any more (finished, aborted, preempted): any state it
+      keeps per request goes; ids it does not know, or hears of twice, are ignored.
+    - `copy_blocks` makes the copies of forks and `rotate_keys` the key shifts of a streaming window. A storage that
+      cannot do one raises when asked for it, and the engine sets up the KV manager so that it never is.
+    """
+
+    num_blocks: int
+    block_size: int
+
+    @abstractmethod
+    def release(self, request_ids: Iterable[str]) -> None: ...
+
+    @abstractmethod
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None: ...
+
+    @abstractmethod
+    def rotate_keys(self, blocks: Sequence[int], cos: torch.Tensor, signed_sin: torch.Tensor) -> None: ...
+
+
+class KVCache(KVStorage):
     """`k` and `v` are [layers, kv_heads, num_blocks * block_size, head_dim]: gathering a sequence's blocks yields
     whole contiguous blocks per head. Slots come from `KVCacheManager.slots`; attention backends read and write here."""
 
@@ -23,8 +48,7 @@ class KVCache:
         self.block_size = block_size
 
     def release(self, request_ids: Iterable[str]) -> None:
-        """Requests that hold no KV any more; a full-precision cache keeps nothing per request (QuantizedKVCache
-        does)."""
+        """A full-precision cache keeps nothing per request."""
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks (src → dst) in every layer: copy-on-write for forked sequences."""

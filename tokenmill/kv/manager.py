@@ -43,8 +43,7 @@ def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
-                 cache_salt: str = "", window: StreamingWindow | None = None, forks: bool = True,
-                 drafts_fill_blocks: bool = True) -> None:
+                 cache_salt: str = "", window: StreamingWindow | None = None, seals_blocks: bool = False) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if window is not None and window.block_size != block_size:
@@ -52,12 +51,11 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.window = window
-        # Forks copy a parent's open block: off where eviction rotates blocks or where open blocks live outside the
-        # pool (a quantized cache's residual slots).
-        self.forks = forks and window is None
-        # False where a block is transformed for good as it fills (a quantized cache): rows that may be rolled back
-        # (speculative drafts) then never complete a block.
-        self.drafts_fill_blocks = drafts_fill_blocks
+        # `seals_blocks`: the storage transforms a block for good as it fills and keeps open blocks outside the
+        # pool (a quantized cache's residual slots). Then forks, which copy a parent's open block, are off, and rows
+        # that may be rolled back (speculative drafts) never complete a block. Eviction's rotations rule forks out too.
+        self.forks = window is None and not seals_blocks
+        self.drafts_fill_blocks = not seals_blocks
         self.enable_prefix_caching = enable_prefix_caching and window is None
         self.stats = PrefixCacheStats()
         self._root = hashlib.sha256(cache_salt.encode()).digest()

@@ -13,13 +13,14 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from tokenmill.kv.cache import KVStorage
 from tokenmill.kv.huge_pages import zeros as huge_pages_zeros
 from tokenmill.kv.quant import KVFormat
 from tokenmill.model.config import ModelConfig
 from tokenmill.scheduler.plan import StepPlan
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(KVStorage):
     """Tensor layout (kernels/kv_quant.h): codes uint8 [layers, kv_heads, blocks, block_size * row_bytes]; fp16
     parameters [layers, kv_heads, blocks, params]; residual slots in the model dtype [layers, kv_heads, slots,
     block_size, head_dim]."""
@@ -72,7 +73,7 @@ class QuantizedKVCache:
         return len(self._slots)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        if copies:  # forks are off with a quantized cache (KVCacheManager(forks=False))
+        if copies:  # forks are off with a quantized cache (KVCacheManager(seals_blocks=True))
             raise ValueError("a quantized KV cache does not copy blocks: its open blocks live in residual slots")
 
     def rotate_keys(self, blocks: Sequence[int], cos: torch.Tensor, signed_sin: torch.Tensor) -> None:

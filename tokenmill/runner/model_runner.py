@@ -11,8 +11,7 @@ from concurrent.futures import Future
 import torch
 
 from tokenmill.attention.backend import AttentionBackend
-from tokenmill.kv.cache import KVCache
-from tokenmill.kv.quantized_cache import QuantizedKVCache
+from tokenmill.kv.cache import KVStorage
 from tokenmill.model.linear import Linear
 from tokenmill.runner.checks import check_plan
 from tokenmill.sampler.sampler import Sampler, SamplingRow, TokenLogprobs, has_penalties, score_tokens
@@ -29,8 +28,7 @@ class ModelRunner:
     without a seed of their own, so a run is reproducible as a whole. Every plan is checked against the cache's and
     the model's bounds (`max_positions`, `vocab_size`) before it runs."""
 
-    def __init__(self, backend: AttentionBackend, lm_head: Linear, kv_cache: KVCache | QuantizedKVCache,
-                 device: torch.device,
+    def __init__(self, backend: AttentionBackend, lm_head: Linear, kv_cache: KVStorage, device: torch.device,
                  greedy: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
                  max_positions: int | None = None, vocab_size: int | None = None,
                  rotation: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
