@@ -12,7 +12,24 @@ decode: single-stream decode time per token with a window that evicts (sinks + W
 the full cache on the same prompt, run alternately (window, full, window, full), plus the time of one eviction's
 key rotation measured apart, with the bytes it moves.
 
-    .venv/bin/python benchmarks/kv_memory.py [--parts stream,decode] [--tokens 100000] [--window 1024]
+h2o: heavy-hitter eviction (H2O) at a per-request budget of `--h2o-budget` (a fraction) of `--h2o-length`-token
+segments of the same text, each scored with `prompt_logprobs` in chunks of `--h2o-chunk` tokens (one block: each
+scored token sees at most the budget plus its own block), against the full cache and StreamingLLM (4 sinks and a
+window) at the same budget; H2O at each fraction of the budget kept for recent tokens in `--h2o-recent`. Perplexity
+over every scored token and over those past the budget (where eviction has happened), token-weighted over
+`--h2o-segments` segments.
+
+h2o-granularity: the same at one token per step over the first segment (each token sees the budget at most):
+the engine's H2O (whole blocks, scores shared by every layer and head) against benchmarks/h2o_reference.py's plain
+PyTorch H2O evicting single tokens by the same scores ("token") and evicting per layer and KV head as the paper does
+("head"); the reference's "block" form checks it against the engine (their logprobs agree to float rounding).
+
+h2o-decode: single-stream decode TPOT at a long prompt with H2O evicting (the budget a fraction of the prompt), with
+H2O collecting scores but never evicting (a budget beyond the context: the side output's cost alone) and with the
+full cache, run alternately.
+
+    .venv/bin/python benchmarks/kv_memory.py [--parts stream,decode,h2o,h2o-granularity,h2o-decode]
+        [--tokens 100000] [--window 1024] [--h2o-length 2048] [--h2o-budget 0.2] [--h2o-recent 0.5,0.75,0.9]
 """
 
 from __future__ import annotations
@@ -150,6 +167,108 @@ def part_decode(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def prompt_logprobs(llm: LLM, ids: list[int]) -> list[float]:
+    out = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    entries = out[0].prompt_logprobs
+    assert entries is not None
+    return [e.logprob for e in entries[1:] if e is not None]
+
+
+def h2o_modes(args: argparse.Namespace, budget: int) -> dict[str, dict[str, Any]]:
+    modes: dict[str, dict[str, Any]] = {"full": {},
+                                        "sinks": {"sliding_window": budget - args.block_size, "attention_sinks": 4}}
+    for frac in (float(f) for f in args.h2o_recent.split(",")):
+        modes[f"h2o recent {frac:g}"] = {"h2o_budget": budget, "h2o_recent": int(budget * frac)}
+    return modes
+
+
+def part_h2o(args: argparse.Namespace) -> dict[str, Any]:
+    ids_all = LLM(args.model, kv_cache_memory_gib=0.05).tokenizer.encode(DATA.read_text())
+    length = args.h2o_length
+    budget = int(length * args.h2o_budget)
+    segments = [ids_all[i * length : (i + 1) * length] for i in range(args.h2o_segments)]
+    results: dict[str, Any] = {}
+    for mode, options in h2o_modes(args, budget).items():
+        llm = LLM(args.model, max_num_batched_tokens=args.h2o_chunk, kv_cache_memory_gib=args.kv_gib, **options)
+        capacity = -(-budget // args.block_size) * args.block_size
+        every: list[float] = []
+        past: list[float] = []
+        start = time.perf_counter()
+        for ids in segments:
+            logprobs = prompt_logprobs(llm, ids)
+            every += logprobs
+            past += logprobs[capacity:]
+        wall = time.perf_counter() - start
+        results[mode] = {"options": options, "ppl": math.exp(-sum(every) / len(every)),
+                         "ppl_past_budget": math.exp(-sum(past) / len(past)), "tokens": len(every),
+                         "tok_s": len(every) / wall}
+        del llm
+    full = results["full"]
+    print(f"H2O quality: {args.h2o_segments} segments of {length} tokens, budget {budget} tokens "
+          f"({args.h2o_budget:.0%}), chunks of {args.h2o_chunk}")
+    print(f"{'mode':18s} {'ppl':>8s} {'vs full':>8s} {'past budget':>12s} {'vs full':>8s} {'tok/s':>7s}")
+    for mode, r in results.items():
+        r["ppl_ratio"] = r["ppl"] / full["ppl"]
+        r["ppl_past_budget_ratio"] = r["ppl_past_budget"] / full["ppl_past_budget"]
+        print(f"{mode:18s} {r['ppl']:8.3f} {r['ppl_ratio']:8.3f} {r['ppl_past_budget']:12.3f} "
+              f"{r['ppl_past_budget_ratio']:8.3f} {r['tok_s']:7.1f}")
+    return {"length": length, "budget_tokens": budget, "segments": args.h2o_segments, "chunk": args.h2o_chunk,
+            "modes": results}
+
+
+def part_h2o_granularity(args: argparse.Namespace) -> dict[str, Any]:
+    from h2o_reference import H2OReference  # benchmarks/, beside this script
+
+    from tokenmill.kv.h2o import HeavyHitterBudget
+
+    full = LLM(args.model, max_num_batched_tokens=16, kv_cache_memory_gib=args.kv_gib)
+    ids = full.tokenizer.encode(DATA.read_text())[: args.h2o_length]
+    budget = int(len(ids) * args.h2o_budget)
+    recent = int(budget * float(args.h2o_recent.split(",")[0]))
+    runs: dict[str, list[float]] = {"full": prompt_logprobs(full, ids)}
+    del full
+    engine = LLM(args.model, max_num_batched_tokens=1, kv_cache_memory_gib=args.kv_gib, h2o_budget=budget,
+                 h2o_recent=recent)
+    runs["engine (block)"] = prompt_logprobs(engine, ids)
+    model = engine.engine.model
+    for granularity in args.h2o_reference.split(","):
+        rule = HeavyHitterBudget(budget, recent, args.block_size)
+        runs[f"reference ({granularity})"] = H2OReference(model, rule, granularity, len(ids)).logprobs(ids)
+    capacity = -(-budget // args.block_size) * args.block_size
+    result: dict[str, Any] = {"tokens": len(ids), "budget_tokens": budget, "recent_tokens": recent, "modes": {}}
+    print(f"H2O granularity: {len(ids)} tokens one per step, budget {budget} tokens, {recent} of them recent")
+    for mode, logprobs in runs.items():
+        ppl = math.exp(-sum(logprobs) / len(logprobs))
+        past = math.exp(-sum(logprobs[capacity:]) / len(logprobs[capacity:]))
+        result["modes"][mode] = {"ppl": ppl, "ppl_past_budget": past}
+    base = result["modes"]["full"]
+    for mode, r in result["modes"].items():
+        r["ppl_ratio"] = r["ppl"] / base["ppl"]
+        r["ppl_past_budget_ratio"] = r["ppl_past_budget"] / base["ppl_past_budget"]
+        print(f"{mode:20s} ppl {r['ppl']:8.3f} ({r['ppl_ratio']:.3f}x)  past the budget {r['ppl_past_budget']:8.3f} "
+              f"({r['ppl_past_budget_ratio']:.3f}x)")
+    if "block" in args.h2o_reference.split(","):
+        result["engine_vs_reference_block_max_abs_logprob"] = max(
+            abs(a - b) for a, b in zip(runs["engine (block)"], runs["reference (block)"], strict=True))
+    return result
+
+
+def part_h2o_decode(args: argparse.Namespace) -> dict[str, Any]:
+    prompt = LLM(args.model, kv_cache_memory_gib=0.05).tokenizer.encode(DATA.read_text())[: args.h2o_length]
+    budget = int(len(prompt) * args.h2o_budget)
+    configs = {"h2o": {"h2o_budget": budget}, "collect only": {"h2o_budget": 1 << 20}, "full": {}}
+    llms = {name: LLM(args.model, kv_cache_memory_gib=args.kv_gib, **options) for name, options in configs.items()}
+    runs: dict[str, list[float]] = {name: [] for name in llms}
+    for _ in range(args.repeats):
+        for name, llm in llms.items():
+            runs[name].append(decode_tpot(llm, prompt, args.decode_tokens))
+    tpot = {name: statistics.median(values) for name, values in runs.items()}
+    print(f"decode TPOT after a {len(prompt)}-token prompt: " + ", ".join(
+        f"{name} {t * 1e3:.2f} ms ({t / tpot['full']:.3f}x full)" for name, t in tpot.items()))
+    return {"prompt_tokens": len(prompt), "budget_tokens": budget, "decode_tokens": args.decode_tokens,
+            "tpot_s": runs, "median_tpot_s": tpot, "over_full": {n: t / tpot["full"] for n, t in tpot.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -163,6 +282,13 @@ def main() -> None:
     parser.add_argument("--kv-gib", type=float, default=1.0)
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--block-size", type=int, default=16, help="the engine's (the default)")
+    parser.add_argument("--h2o-length", type=int, default=2048)
+    parser.add_argument("--h2o-segments", type=int, default=4)
+    parser.add_argument("--h2o-budget", type=float, default=0.2)
+    parser.add_argument("--h2o-recent", default="0.5,0.75,0.9")
+    parser.add_argument("--h2o-chunk", type=int, default=16)
+    parser.add_argument("--h2o-reference", default="token,head", help="h2o-granularity's reference forms")
     parser.add_argument("--out", type=Path, default=RESULTS / "kv_memory.json")
     args = parser.parse_args()
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},
@@ -172,6 +298,14 @@ def main() -> None:
         part_stream(args, report)
     if "decode" in parts:
         report["decode"] = part_decode(args)
+    if "h2o" in parts:
+        report["h2o"] = part_h2o(args)
+        write_json(report, args.out)
+    if "h2o-granularity" in parts:
+        report["h2o_granularity"] = part_h2o_granularity(args)
+        write_json(report, args.out)
+    if "h2o-decode" in parts:
+        report["h2o_decode"] = part_h2o_decode(args)
     write_json(report, args.out)
     print(f"wrote {args.out}")
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.kv.h2o import HeavyHitterBudget
 from tokenmill.kv.quant import KVFormat
 from tokenmill.kv.streaming import StreamingWindow
 
@@ -79,6 +80,17 @@ class EngineConfig:
     # request's open block stays in full precision. Needs the fused CPU step; turns forks off; drafts never fill a
     # block.
     kv_cache_dtype: str = "auto"
+    # H2O (tokenmill/kv/h2o.py): every request keeps at most h2o_budget tokens' KV, its last h2o_recent tokens
+    # (default: half the budget) and the blocks that have received the most attention, the rest evicted. Needs the
+    # fused CPU step (its kernels add up the attention); turns prefix caching and forks off.
+    h2o_budget: int | None = None
+    h2o_recent: int | None = None
+
+    def h2o(self) -> HeavyHitterBudget | None:
+        if self.h2o_budget is None:
+            return None
+        recent = self.h2o_budget // 2 if self.h2o_recent is None else self.h2o_recent
+        return HeavyHitterBudget(self.h2o_budget, recent, self.block_size)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -121,9 +133,23 @@ class EngineConfig:
                                 (not self.enforce_eager, "enforce_eager (the kernels read the quantized blocks)")):
                 if not off:
                     raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} does not combine with {reason} yet")
+        self._check_h2o()
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    def _check_h2o(self) -> None:
+        if self.h2o_budget is None:
+            if self.h2o_recent is not None:
+                raise ValueError("h2o_recent needs h2o_budget: the recent tokens are part of the budget")
+            return
+        self.h2o()  # checks the two sizes
+        for off, reason in ((self.sliding_window is None, "sliding_window (one eviction policy at a time)"),
+                            (not self.enforce_eager, "enforce_eager (the fused kernels add up the attention)"),
+                            (self.enable_chunked_prefill, "chunked prefill off (a prompt longer than the budget is "
+                                                          "computed in chunks that fit it)")):
+            if not off:
+                raise ValueError(f"h2o_budget does not combine with {reason}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

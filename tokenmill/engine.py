@@ -111,9 +111,10 @@ class LLMEngine:
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
                            cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}|"
                                       f"kv-{config.kv_cache_dtype}",
-                           window=window, seals_blocks=self.kv_format is not None),
+                           window=window, seals_blocks=self.kv_format is not None, h2o=config.h2o()),
         )
         backend, greedy = self._backend()
+        self._check_h2o(backend)
         self.runner = ModelRunner(backend, self.model.lm_head, self.kv_cache, self.device, greedy, config.seed,
                                   max_positions=self.model.rope_cos.shape[0], vocab_size=self.model.embed.out_features,
                                   rotation=functools.partial(rope_rotation, self.model_config))
@@ -162,6 +163,17 @@ class LLMEngine:
                 return FusedCPUBackend(build.module, self.model, kv), build.module.greedy
             why = f"the CPU kernels could not be built: {build.error}"
         raise ValueError(f"kv_cache_dtype={kv.format.name!r} needs the fused CPU step, and {why}")
+
+    def _check_h2o(self, backend: AttentionBackend) -> None:
+        """H2O's scores come from the fused kernels: without them H2O is refused, not run blind."""
+        h2o = self.config.h2o()
+        if h2o is None:
+            return
+        if not isinstance(backend, FusedCPUBackend):
+            raise ValueError(f"h2o_budget needs the fused CPU step, and this engine runs {type(backend).__name__} "
+                             "(see the start-up log for why)")
+        logger.info("H2O: at most %d blocks of %d tokens per request, the last %d blocks always kept; prefix caching "
+                    "and forks off", h2o.budget_blocks, h2o.block_size, h2o.recent_blocks)
 
     def _speculator(self) -> Speculator | None:
         config = self.config

@@ -52,6 +52,7 @@ class SequenceBatch:
     block_tables: torch.Tensor  # [S, max_blocks], padded with block 0
     context_lens: torch.Tensor  # [S] KV entries of each sequence, its new tokens' included
     residual_slots: torch.Tensor | None = None  # [S] with a quantized cache: where each open block lives
+    attention_mass: torch.Tensor | None = None  # [S, kv_heads, max_blocks * block_size] when the plan collects it
 
 
 class FusedCPUBackend(AttentionBackend):
@@ -79,8 +80,12 @@ class FusedCPUBackend(AttentionBackend):
 
     def build_metadata(self, plan: StepPlan) -> SequenceBatch:
         seqs = plan.seqs
-        width = max(-(-s.context_len // self.kv_cache.block_size) for s in seqs)
+        block_size = self.kv_cache.block_size
+        width = max(-(-s.context_len // block_size) for s in seqs)
         tables = [list(s.block_table[:width]) for s in seqs]
+        mass = None
+        if plan.collect_attention:
+            mass = torch.zeros(len(seqs), self.model.cfg.num_kv_heads, width * block_size, dtype=torch.float32)
         return SequenceBatch(
             torch.tensor(plan.slot_mapping, dtype=torch.long),
             torch.tensor([*(s.query_start for s in seqs), plan.num_tokens], dtype=torch.long),
@@ -88,6 +93,7 @@ class FusedCPUBackend(AttentionBackend):
             torch.tensor([s.context_len for s in seqs], dtype=torch.long),
             torch.tensor(self.kv_cache.residual_slots(plan), dtype=torch.long)
             if isinstance(self.kv_cache, QuantizedKVCache) else None,
+            mass,
         )
 
     @torch.inference_mode()
@@ -96,6 +102,11 @@ class FusedCPUBackend(AttentionBackend):
         kv = self.kv_cache
         if isinstance(kv, QuantizedKVCache):
             return self.step.forward_quantized(x, positions, metadata.query_starts, metadata.block_tables,
-                                               metadata.context_lens, self.quant_kv, metadata.residual_slots)
+                                               metadata.context_lens, self.quant_kv, metadata.residual_slots,
+                                               metadata.attention_mass)
         return self.step.forward(x, positions, metadata.slot_mapping, metadata.query_starts, metadata.block_tables,
-                                 metadata.context_lens, kv.k, kv.v, kv.block_size)
+                                 metadata.context_lens, kv.k, kv.v, kv.block_size, metadata.attention_mass)
+
+    def attention_mass(self, metadata: SequenceBatch) -> torch.Tensor | None:
+        mass = metadata.attention_mass
+        return None if mass is None else mass.sum(1)

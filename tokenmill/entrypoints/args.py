@@ -61,6 +61,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4", "int2"],
                    help="store full KV blocks quantized (int8 per token; int4/int2 as KIVI: keys per channel, values "
                         "per token); each request's open block stays in the model dtype")
+    g.add_argument("--h2o-budget", type=int, default=None,
+                   help="H2O: keep at most N tokens' KV per request, the most attended and the most recent, evicting "
+                        "the rest by whole blocks (turns prefix caching off)")
+    g.add_argument("--h2o-recent", type=int, default=None,
+                   help="with --h2o-budget: how many of them are the most recent tokens (default: half the budget)")
     g = parser.add_argument_group("structured output")
     g.add_argument("--structured-outputs-timeout", type=float, default=10.0,
                    help="seconds a request's grammar (JSON schema, regex...) may take to compile before it is refused")
@@ -82,5 +87,6 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, fair_input_weight=args.fair_input_weight,
         fair_output_weight=args.fair_output_weight, structured_outputs_timeout_s=args.structured_outputs_timeout,
         structured_outputs_overlap=not args.no_structured_outputs_overlap, sliding_window=args.sliding_window,
-        attention_sinks=args.attention_sinks, kv_cache_dtype=args.kv_cache_dtype,
+        attention_sinks=args.attention_sinks, kv_cache_dtype=args.kv_cache_dtype, h2o_budget=args.h2o_budget,
+        h2o_recent=args.h2o_recent,
     )

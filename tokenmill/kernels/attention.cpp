@@ -493,7 +493,23 @@ struct Batch {
   T* out;
   const QuantLayer<T>* quant;      // a quantized cache (k_cache and v_cache unused), or nullptr
   const int64_t* residual_slots;  // with `quant`: each sequence's residual slot
+  float* mass;                    // H2O's side output [S, kv_heads, mass_entries], or nullptr
+  int64_t mass_entries;
 };
+
+// H2O's side output: the probability mass each of sequence s's entries received from `rows` rows of probabilities
+// (row i, `stride` apart, over its first len(i) entries), summed over the rows into mass[s][h]. Each (s, h) is one
+// task's alone, so no two threads add to the same entry.
+template <typename T, typename Len>
+void add_mass(const Batch<T>& b, int64_t s, int64_t h, const float* probs, int64_t stride, int64_t rows,
+              const Len& len) {
+  if (b.mass == nullptr) return;
+  float* dst = b.mass + (s * b.kv_heads + h) * b.mass_entries;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = probs + r * stride;
+    for (int64_t t = 0, n = len(r); t < n; ++t) dst[t] += row[t];
+  }
+}
 
 // Sequence s's rows of KV head h as a query at entry `position` reads them (PlainRows or QuantRows), passed to fn.
 template <typename T, int D, typename F>
@@ -548,17 +564,18 @@ void attend_decode(const Batch<T>& b, int64_t s, int64_t h, int64_t j, Scratch& 
     } else {
       // The group sizes of common models (SmolLM2: 3, Llama 3 8B and Mistral 7B: 4, Qwen2 0.5B: 7, ...).
       switch (group) {
-        case 1: return attend(std::integral_constant<int, 1>{});
-        case 2: return attend(std::integral_constant<int, 2>{});
-        case 3: return attend(std::integral_constant<int, 3>{});
-        case 4: return attend(std::integral_constant<int, 4>{});
-        case 6: return attend(std::integral_constant<int, 6>{});
-        case 7: return attend(std::integral_constant<int, 7>{});
-        case 8: return attend(std::integral_constant<int, 8>{});
-        default: return attend(std::integral_constant<int, 0>{});
+        case 1: attend(std::integral_constant<int, 1>{}); break;
+        case 2: attend(std::integral_constant<int, 2>{}); break;
+        case 3: attend(std::integral_constant<int, 3>{}); break;
+        case 4: attend(std::integral_constant<int, 4>{}); break;
+        case 6: attend(std::integral_constant<int, 6>{}); break;
+        case 7: attend(std::integral_constant<int, 7>{}); break;
+        case 8: attend(std::integral_constant<int, 8>{}); break;
+        default: attend(std::integral_constant<int, 0>{});
       }
     }
   });
+  add_mass(b, s, h, scratch.scores.data(), len, group, [&](int64_t) { return len; });
 }
 
 // A few new tokens of one sequence (a speculative verify step: the last token and its draft tokens) for KV head h.
@@ -605,6 +622,7 @@ void attend_rows(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
       scores[p * len + cached] = rounded<T>(own);
       softmax_inplace<T>(scores + p * len, cached + 1);
     }
+    add_mass(b, s, h, scores, len, pairs, [&](int64_t p) { return base + p / group + 1; });
     f32x16 acc[kPassPairs * kChunks];
     std::fill(acc, acc + pairs * kChunks, f32x16{});
     if constexpr (kDotBf16) {
@@ -760,6 +778,7 @@ void attend_chunk(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
       if (len > 0) softmax_inplace<T>(row, len);
       std::fill(row + len, row + tile_blocks * 16, 0.f);
     }
+    add_mass(b, s, h, scores, padded_keys, rows, [&](int64_t r) { return first_pos + j0 + r / group + 1; });
 
 #ifdef TOKENMILL_NARROW_CHUNK_PASSES
     if constexpr (narrow) {
@@ -844,15 +863,15 @@ void attend_batch(const Batch<T>& b, int64_t num_seqs) {
 template <typename T>
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const T* k_cache, const T* v_cache,
                   int64_t num_slots, const at::Tensor& query_starts, const at::Tensor& block_tables,
-                  const at::Tensor& context_lens, int64_t block_size, const QuantLayer<T>* quant = nullptr,
-                  const int64_t* residual_slots = nullptr) {
+                  const at::Tensor& context_lens, int64_t block_size, const std::optional<at::Tensor>& mass,
+                  const QuantLayer<T>* quant = nullptr, const int64_t* residual_slots = nullptr) {
   const int64_t num_heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
   at::Tensor out = at::empty({q.size(0), num_heads, head_dim}, q.options());
   const Batch<T> batch{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), q.stride(0), k.stride(0), v.stride(0),
                        k_cache, v_cache, num_slots, query_starts.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(),
                        block_tables.size(1), context_lens.data_ptr<int64_t>(), block_size, num_heads, kv_heads,
                        num_heads / kv_heads, 1.f / std::sqrt(static_cast<float>(head_dim)), out.data_ptr<T>(), quant,
-                       residual_slots};
+                       residual_slots, mass ? mass->data_ptr<float>() : nullptr, mass ? mass->size(2) : 0};
   if (head_dim == 64)
     attend_batch<T, 64>(batch, block_tables.size(0));
   else
@@ -865,7 +884,8 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 template <typename T>
 at::Tensor attend_quantized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const QuantKV& kv,
                             int64_t layer, const at::Tensor& query_starts, const at::Tensor& block_tables,
-                            const at::Tensor& context_lens, const at::Tensor& residual_slots) {
+                            const at::Tensor& context_lens, const at::Tensor& residual_slots,
+                            const std::optional<at::Tensor>& mass) {
   const QuantLayer<T> quant = quant_layer<T>(kv, layer);
   const int64_t num_seqs = block_tables.size(0), kv_heads = k.size(1);
   const int64_t* starts = query_starts.data_ptr<int64_t>();
@@ -874,7 +894,7 @@ at::Tensor attend_quantized(const at::Tensor& q, const at::Tensor& k, const at::
   quantize_filled_blocks<T>(quant, k.data_ptr<T>(), v.data_ptr<T>(), k.stride(0), v.stride(0), kv_heads, num_seqs,
                             starts, block_tables.data_ptr<int64_t>(), block_tables.size(1), ctx, slots);
   at::Tensor out = attend<T>(q, k, v, nullptr, nullptr, 0, query_starts, block_tables, context_lens, kv.block_size,
-                             &quant, slots);
+                             mass, &quant, slots);
   store_open_rows<T>(quant, k.data_ptr<T>(), v.data_ptr<T>(), k.stride(0), v.stride(0), kv_heads, num_seqs, starts,
                      ctx, slots);
   return out;
@@ -882,7 +902,8 @@ at::Tensor attend_quantized(const at::Tensor& q, const at::Tensor& k, const at::
 
 // The checks both entry points make of the step's rows and sequences.
 void check_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& query_starts,
-                 const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size) {
+                 const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
+                 const std::optional<at::Tensor>& mass) {
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2) && t->size(0) == q.size(0),
                 "q, k and v must be [tokens, heads, head_dim] with contiguous heads");
@@ -907,32 +928,42 @@ void check_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     TORCH_CHECK((ctx[s] + block_size - 1) / block_size <= block_tables.size(1), "sequence ", s,
                 "'s block table is too short for its keys");
   }
+  if (mass) {
+    TORCH_CHECK(mass->scalar_type() == at::kFloat && mass->is_contiguous() && mass->dim() == 3 &&
+                    mass->size(0) == num_seqs && mass->size(1) == k.size(1),
+                "attention_mass must be a contiguous float32 [sequences, kv_heads, entries] tensor");
+    for (int64_t s = 0; s < num_seqs; ++s)
+      TORCH_CHECK(ctx[s] <= mass->size(2), "attention_mass has ", mass->size(2), " entries, sequence ", s, " ",
+                  ctx[s]);
+  }
 }
 
 }  // namespace
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
-                           const at::Tensor& context_lens, int64_t block_size) {
+                           const at::Tensor& context_lens, int64_t block_size,
+                           const std::optional<at::Tensor>& attention_mass) {
   RECORD_FUNCTION("tokenmill::paged_attention", std::vector<c10::IValue>());  // named in torch profiler tables
-  check_batch(q, k, v, query_starts, block_tables, context_lens, block_size);
+  check_batch(q, k, v, query_starts, block_tables, context_lens, block_size, attention_mass);
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "caches must be contiguous [kv_heads, slots, head_dim]");
   for (const at::Tensor* t : {&k_cache, &v_cache})
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and the caches must share one dtype");
   if (q.scalar_type() == at::kFloat)
     return attend<float>(q, k, v, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), query_starts,
-                         block_tables, context_lens, block_size);
+                         block_tables, context_lens, block_size, attention_mass);
   return attend<c10::BFloat16>(q, k, v, k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
-                               k_cache.size(1), query_starts, block_tables, context_lens, block_size);
+                               k_cache.size(1), query_starts, block_tables, context_lens, block_size, attention_mass);
 }
 
 at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const QuantKV& kv, int64_t layer, const at::Tensor& query_starts,
                                      const at::Tensor& block_tables, const at::Tensor& context_lens,
-                                     const at::Tensor& residual_slots) {
+                                     const at::Tensor& residual_slots,
+                                     const std::optional<at::Tensor>& attention_mass) {
   RECORD_FUNCTION("tokenmill::paged_attention_quantized", std::vector<c10::IValue>());
-  check_batch(q, k, v, query_starts, block_tables, context_lens, kv.block_size);
+  check_batch(q, k, v, query_starts, block_tables, context_lens, kv.block_size, attention_mass);
   check_quant_kv(kv, q.scalar_type(), k.size(1), q.size(2));
   TORCH_CHECK(layer >= 0 && layer < kv.k_data.size(0), "no layer ", layer, " in the quantized cache");
   TORCH_CHECK(residual_slots.scalar_type() == at::kLong && residual_slots.is_contiguous() &&
@@ -948,9 +979,10 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, c
                   "sequence ", s, " names a block outside the cache");
   }
   if (q.scalar_type() == at::kFloat)
-    return attend_quantized<float>(q, k, v, kv, layer, query_starts, block_tables, context_lens, residual_slots);
+    return attend_quantized<float>(q, k, v, kv, layer, query_starts, block_tables, context_lens, residual_slots,
+                                   attention_mass);
   return attend_quantized<c10::BFloat16>(q, k, v, kv, layer, query_starts, block_tables, context_lens,
-                                         residual_slots);
+                                         residual_slots, attention_mass);
 }
 
 }  // namespace tokenmill

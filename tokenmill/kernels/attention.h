@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace tokenmill {
 
 // Attention of one step's flat batch of tokens, S sequences each owning a run of rows: sequence s's new tokens are
@@ -16,15 +18,20 @@ namespace tokenmill {
 // cached ones; longer runs (prefill chunks) take the tiled chunk kernel.
 // q [T, H, D], k/v [T, Hkv, D] (rows may be strided, heads contiguous); caches [Hkv, slots, D]; query_starts [S + 1],
 // block_tables [S, max_blocks], context_lens [S] int64. Returns [T, H, D] in q's dtype (fp32 or bf16).
+// attention_mass, when given (H2O, kv/h2o.py): fp32 [S, Hkv, E >= every context length]; each row's attention
+// probabilities are added into it, mass[s][h][e] gaining what entry e of sequence s received from the query heads
+// that share KV head h (the fp32 probabilities the value pass weighs with).
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
-                           const at::Tensor& context_lens, int64_t block_size);
+                           const at::Tensor& context_lens, int64_t block_size,
+                           const std::optional<at::Tensor>& attention_mass = std::nullopt);
 
 // paged_attention over one layer of a quantized cache (kv_quant.h), storing the step's K/V first: each sequence's
 // open block is its residual slot residual_slots[s].
 at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const QuantKV& kv, int64_t layer, const at::Tensor& query_starts,
                                      const at::Tensor& block_tables, const at::Tensor& context_lens,
-                                     const at::Tensor& residual_slots);
+                                     const at::Tensor& residual_slots,
+                                     const std::optional<at::Tensor>& attention_mass = std::nullopt);
 
 }  // namespace tokenmill

@@ -257,14 +257,15 @@ class FusedStep {
   // Returns the final-norm hidden states of every token.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& slots,
                      const at::Tensor& query_starts, const at::Tensor& block_tables, const at::Tensor& context_lens,
-                     at::Tensor k_cache, at::Tensor v_cache, int64_t block_size) const {
+                     at::Tensor k_cache, at::Tensor v_cache, int64_t block_size,
+                     const std::optional<at::Tensor>& attention_mass) const {
     TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a [tokens, hidden] CPU tensor");
     TORCH_CHECK(k_cache.size(0) == static_cast<int64_t>(layers_.size()), "cache has the wrong number of layers");
     for (const at::Tensor* t : {&positions, &slots})
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->size(0) == x.size(0),
                   "positions and slots must be contiguous int64, one per token");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
-    const Sequences seqs{query_starts, block_tables, context_lens, block_size};
+    const Sequences seqs{query_starts, block_tables, context_lens, block_size, attention_mass};
     if (x.scalar_type() == at::kFloat) return run<float>(x, positions, slots, seqs, k_cache, v_cache);
     TORCH_CHECK(x.scalar_type() == at::kBFloat16, "the fused step supports float32 and bfloat16");
     return run<c10::BFloat16>(x, positions, slots, seqs, k_cache, v_cache);
@@ -273,12 +274,14 @@ class FusedStep {
   // forward over a quantized cache (kv_quant.h): sequence s's open block lives in residual slot residual_slots[s].
   at::Tensor forward_quantized(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& query_starts,
                                const at::Tensor& block_tables, const at::Tensor& context_lens, const QuantKV& kv,
-                               const at::Tensor& residual_slots) const {
+                               const at::Tensor& residual_slots,
+                               const std::optional<at::Tensor>& attention_mass) const {
     TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a [tokens, hidden] CPU tensor");
     TORCH_CHECK(kv.k_data.size(0) == static_cast<int64_t>(layers_.size()), "cache has the wrong number of layers");
     TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.size(0) == x.size(0),
                 "positions must be contiguous int64, one per token");
-    const Sequences seqs{query_starts, block_tables, context_lens, kv.block_size, &kv, &residual_slots};
+    const Sequences seqs{query_starts, block_tables, context_lens, kv.block_size, attention_mass, &kv,
+                         &residual_slots};
     at::Tensor unused;
     if (x.scalar_type() == at::kFloat) return run<float>(x, positions, unused, seqs, unused, unused);
     TORCH_CHECK(x.scalar_type() == at::kBFloat16, "the fused step supports float32 and bfloat16");
@@ -291,6 +294,7 @@ class FusedStep {
     const at::Tensor& block_tables;
     const at::Tensor& context_lens;
     int64_t block_size;
+    const std::optional<at::Tensor>& mass;  // H2O's side output, summed over the layers (attention.h)
     const QuantKV* quant = nullptr;  // set: the cache is quantized, k_cache and v_cache unused
     const at::Tensor* residual_slots = nullptr;
   };
@@ -314,9 +318,9 @@ class FusedStep {
       const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({rows, kv_heads_, head_dim_});
       at::Tensor attn = seqs.quant ? paged_attention_quantized(q, k, v, *seqs.quant, static_cast<int64_t>(i),
                                                                seqs.query_starts, seqs.block_tables,
-                                                               seqs.context_lens, *seqs.residual_slots)
+                                                               seqs.context_lens, *seqs.residual_slots, seqs.mass)
                                    : paged_attention(q, k, v, k_layer, v_layer, seqs.query_starts, seqs.block_tables,
-                                                     seqs.context_lens, seqs.block_size);
+                                                     seqs.context_lens, seqs.block_size, seqs.mass);
       const at::Tensor attn_out = layer.o.apply(attn.view({rows, q_size})).contiguous();
       normed = rms_norm<T>(x, layer.ffn_norm, eps_, &attn_out);
       const at::Tensor gate_up = layer.gate_up.apply(normed).contiguous();
@@ -348,7 +352,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<tokenmill::LinearWeights>(m, "LinearWeights");
   m.def("paged_attention", &tokenmill::paged_attention, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("query_starts"), py::arg("block_tables"),
-        py::arg("context_lens"), py::arg("block_size"), py::call_guard<py::gil_scoped_release>());
+        py::arg("context_lens"), py::arg("block_size"), py::arg("attention_mass") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.def("linear_rows", &tokenmill::linear_rows, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.attr("SMALL_ROWS") = tokenmill::kSmallRows;
@@ -368,8 +373,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<tokenmill::FusedStep>(m, "FusedStep")
       .def(py::init<std::vector<tokenmill::LayerWeights>, at::Tensor, at::Tensor, at::Tensor, double, int64_t, int64_t,
                     int64_t>())
-      .def("forward", &tokenmill::FusedStep::forward, py::call_guard<py::gil_scoped_release>())
-      .def("forward_quantized", &tokenmill::FusedStep::forward_quantized, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &tokenmill::FusedStep::forward, py::arg("x"), py::arg("positions"), py::arg("slots"),
+           py::arg("query_starts"), py::arg("block_tables"), py::arg("context_lens"), py::arg("k_cache"),
+           py::arg("v_cache"), py::arg("block_size"), py::arg("attention_mass") = py::none(),
+           py::call_guard<py::gil_scoped_release>())
+      .def("forward_quantized", &tokenmill::FusedStep::forward_quantized, py::arg("x"), py::arg("positions"),
+           py::arg("query_starts"), py::arg("block_tables"), py::arg("context_lens"), py::arg("kv"),
+           py::arg("residual_slots"), py::arg("attention_mass") = py::none(),
+           py::call_guard<py::gil_scoped_release>());
   py::class_<tokenmill::QuantKV>(m, "QuantKV", py::module_local())  // one per ISA build, loaded side by side
       .def(py::init([](int64_t bits, int64_t block_size, at::Tensor k_data, at::Tensor k_params, at::Tensor v_data,
                        at::Tensor v_params, at::Tensor k_residual, at::Tensor v_residual) {
@@ -379,5 +390,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("v_params"), py::arg("k_residual"), py::arg("v_residual"));
   m.def("paged_attention_quantized", &tokenmill::paged_attention_quantized, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("kv"), py::arg("layer"), py::arg("query_starts"), py::arg("block_tables"), py::arg("context_lens"),
-        py::arg("residual_slots"), py::call_guard<py::gil_scoped_release>());
+        py::arg("residual_slots"), py::arg("attention_mass") = py::none(), py::call_guard<py::gil_scoped_release>());
 }

@@ -10,8 +10,9 @@ token ids); the chain starts from a salt naming anything else that changes the K
 blocks are only ever shared between requests whose whole prefix, and whose KV format, match. A request's own
 `cache_salt` (a tenant) starts its chain elsewhere again: tenants never share blocks, so the time to first token
 cannot tell one tenant what another has asked. Hashes are indexed by
-block, so they assume entry i is position i: a cache that evicts entries (`window`, kv/streaming.py) turns prefix
-caching and forks off, and then every block is its request's alone, which is what lets eviction rotate keys in place.
+block, so they assume entry i is position i: a cache that evicts entries (`window`, kv/streaming.py; `h2o`,
+kv/h2o.py) turns prefix caching and forks off, and then every block is its request's alone, which is what lets
+eviction rotate keys in place.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from array import array
 from dataclasses import dataclass
 
 from tokenmill.kv.block_pool import BlockPool
+from tokenmill.kv.h2o import HeavyHitterBudget
 from tokenmill.kv.streaming import KVShift, StreamingWindow
 from tokenmill.request import Request
 
@@ -43,27 +45,35 @@ def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
-                 cache_salt: str = "", window: StreamingWindow | None = None, seals_blocks: bool = False) -> None:
+                 cache_salt: str = "", window: StreamingWindow | None = None, seals_blocks: bool = False,
+                 h2o: HeavyHitterBudget | None = None) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if window is not None and window.block_size != block_size:
-            raise ValueError(f"the streaming window counts blocks of {window.block_size}, the cache {block_size}")
+        for policy in (window, h2o):
+            if policy is not None and policy.block_size != block_size:
+                raise ValueError(f"{type(policy).__name__} counts blocks of {policy.block_size}, "
+                                 f"the cache {block_size}")
+        if window is not None and h2o is not None:
+            raise ValueError("one eviction policy at a time: a streaming window or H2O")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.window = window
+        self.h2o = h2o
         # `seals_blocks`: the storage transforms a block for good as it fills and keeps open blocks outside the
         # pool (a quantized cache's residual slots). Then forks, which copy a parent's open block, are off, and rows
         # that may be rolled back (speculative drafts) never complete a block. Eviction's rotations rule forks out too.
-        self.forks = window is None and not seals_blocks
+        evicts = window is not None or h2o is not None
+        self.forks = not evicts and not seals_blocks
         self.drafts_fill_blocks = not seals_blocks
-        self.enable_prefix_caching = enable_prefix_caching and window is None
+        self.enable_prefix_caching = enable_prefix_caching and not evicts
         self.stats = PrefixCacheStats()
         self._root = hashlib.sha256(cache_salt.encode()).digest()
         self._tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # per request: chain hashes of its full blocks so far
         self._num_registered: dict[str, int] = {}  # per request: leading table blocks already registered
         self._num_entries: dict[str, int] = {}  # per request: KV entries written (or shared) so far
-        self._num_evicted: dict[str, int] = {}  # per request: entries dropped by the streaming window
+        self._num_evicted: dict[str, int] = {}  # per request: entries dropped by the streaming window or H2O
+        self._scores: dict[str, list[float]] = {}  # per request with H2O: accumulated attention per table block
 
     @property
     def num_free_blocks(self) -> int:
@@ -85,15 +95,38 @@ class KVCacheManager:
         return self._num_entries.get(request_id, 0)
 
     def num_evicted(self, request_id: str) -> int:
-        """Entries the streaming window has dropped: the request's token i sits at entry (and position) i minus
-        this."""
+        """Entries evicted so far: the request's latest token i sits at entry i minus this."""
         return self._num_evicted.get(request_id, 0)
+
+    def position_shift(self, request_id: str) -> int:
+        """How far the request's RoPE positions lie below its token indices: under a streaming window a position is
+        the entry's index (kv/streaming.py); H2O keeps token positions (kv/h2o.py)."""
+        return self.num_evicted(request_id) if self.window is not None else 0
 
     def max_new_entries(self, request: Request) -> int | None:
         """The most entries one step may add for the request (None: no limit but the blocks)."""
-        if self.window is None:
-            return None
-        return self.window.max_new(self.num_entries(request.request_id))
+        policy = self.window or self.h2o
+        return None if policy is None else policy.max_new(self.num_entries(request.request_id))
+
+    @property
+    def collects_attention(self) -> bool:
+        """Whether steps must report the attention each block received (`add_attention`): H2O's scores."""
+        return self.h2o is not None
+
+    def block_scores(self, request_id: str) -> list[float]:
+        """H2O's accumulated attention per block of the request's table (a copy; 0 for blocks never attended)."""
+        scores = self._scores.get(request_id, [])
+        return scores + [0.0] * (len(self._tables.get(request_id, ())) - len(scores))
+
+    def add_attention(self, request_id: str, block_mass: list[float]) -> None:
+        """Add one step's attention per block (table order, as the step's plan read the table) to the request's
+        scores."""
+        scores = self._scores.setdefault(request_id, [])
+        limit = len(self._tables.get(request_id, ()))
+        if len(scores) < len(block_mass):
+            scores.extend([0.0] * (len(block_mass) - len(scores)))
+        for i, mass in enumerate(block_mass[:limit]):
+            scores[i] += mass
 
     def max_drafts(self, request: Request) -> int | None:
         """The most draft tokens the request's next step may verify after its real token (None: no limit but the
@@ -103,8 +136,11 @@ class KVCacheManager:
         return max(0, self.block_size - 2 - self.num_entries(request.request_id) % self.block_size)
 
     def evict(self, request: Request, num_new: int) -> KVShift | None:
-        """Drop the request's oldest window blocks so that `num_new` more entries stay within the streaming window;
-        the shift its remaining window keys need (None when nothing was dropped)."""
+        """Drop blocks of the request so that `num_new` more entries stay within its eviction policy's room: the
+        oldest window blocks (a streaming window; returns the shift its remaining window keys need) or the
+        lowest-scored (H2O, whose kept keys need no shift). None when no keys move."""
+        if self.h2o is not None:
+            self._evict_heavy_hitters(request, num_new)
         if self.window is None:
             return None
         rid = request.request_id
@@ -121,6 +157,23 @@ class KVCacheManager:
         moved = tuple(table[first:])
         assert all(self.pool.ref_count(b) == 1 for b in moved), "a streaming request's blocks are its own"
         return KVShift(moved, delta)
+
+    def _evict_heavy_hitters(self, request: Request, num_new: int) -> None:
+        """H2O: drop the lowest-scored blocks outside the recent window so `num_new` more entries fit the budget.
+        Kept entries move up in the table without moving in memory, and keep their positions."""
+        assert self.h2o is not None
+        rid = request.request_id
+        scores = self.block_scores(rid)
+        victims = self.h2o.victims(scores, self.num_entries(rid), num_new)
+        if not victims:
+            return
+        table, gone = self._tables[rid], set(victims)
+        self.pool.free([table[i] for i in victims])
+        table[:] = [b for i, b in enumerate(table) if i not in gone]
+        self._scores[rid] = [x for i, x in enumerate(scores) if i not in gone]
+        delta = len(victims) * self.block_size
+        self._num_entries[rid] -= delta
+        self._num_evicted[rid] = self.num_evicted(rid) + delta
 
     def slots(self, request_id: str, start: int, end: int) -> list[int]:
         """Cache slots of the request's KV entries [start, end), which must be allocated: one range per block."""
@@ -269,6 +322,8 @@ class KVCacheManager:
             self.pool.unregister(partial)
         released = table[keep:]
         del table[keep:]
+        if rid in self._scores:
+            del self._scores[rid][keep:]
         if released:
             self.pool.free(released)
         self._num_entries[rid] = num_entries
@@ -281,6 +336,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         self._num_registered.pop(request.request_id, None)
         self._num_evicted.pop(request.request_id, None)
+        self._scores.pop(request.request_id, None)
         self._num_entries.pop(request.request_id, None)
         table = self._tables.pop(request.request_id, None)
         if table:

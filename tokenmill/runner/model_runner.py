@@ -57,11 +57,13 @@ class ModelRunner:
             self.kv_cache.rotate_keys(shift.blocks, *self.rotation(-shift.delta))
         input_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(plan.positions, dtype=torch.long, device=self.device)
-        hidden = self.backend.forward(input_ids, positions, self.backend.build_metadata(plan))
+        metadata = self.backend.build_metadata(plan)
+        hidden = self.backend.forward(input_ids, positions, metadata)
         prompt_logprobs = self._score_prompts(plan, hidden)
+        mass = self._block_attention(plan, metadata)
         sampled = [s for s in plan.seqs if s.num_samples]
         if not sampled:
-            return StepResult(prompt_logprobs=prompt_logprobs)
+            return StepResult(prompt_logprobs=prompt_logprobs, attention_mass=mass)
         rows = plan.sample_indices()
         if len(rows) != hidden.shape[0]:  # a decode-only step samples every row, in order
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
@@ -70,7 +72,21 @@ class ModelRunner:
             token_masks.result().apply(logits)
         rows_of = [[self._sampling_row(s, i) for i in range(s.num_samples)] for s in sampled]
         samples = self._sample(logits, sampled, rows_of)
-        return StepResult(samples, logits.float() if plan.return_logits else None, prompt_logprobs)
+        return StepResult(samples, logits.float() if plan.return_logits else None, prompt_logprobs, mass)
+
+    def _block_attention(self, plan: StepPlan, metadata: object) -> dict[str, list[float]]:
+        """The attention each sequence's blocks received this step, when the plan collects it (H2O)."""
+        if not plan.collect_attention:
+            return {}
+        mass = self.backend.attention_mass(metadata)
+        if mass is None:
+            raise RuntimeError(f"{type(self.backend).__name__} does not report attention, which the plan asks for")
+        bs = self.kv_cache.block_size
+        out = {}
+        for i, seq in enumerate(plan.seqs):
+            blocks = -(-seq.context_len // bs)
+            out[seq.request_id] = mass[i, : blocks * bs].view(blocks, bs).sum(1).tolist()
+        return out
 
     def _score_prompts(self, plan: StepPlan, hidden: torch.Tensor) -> dict[str, list[TokenLogprobs]]:
         """Prompt logprobs of the rows the plan marks, from raw logits; a few rows at a time, since a chunk's

@@ -75,6 +75,7 @@ class StepPlan:
     preempted_request_ids: tuple[str, ...] = ()
     return_logits: bool = False  # StepResult.logits wanted (a verifier's target distribution)
     kv_shifts: tuple[KVShift, ...] = ()  # keys to rotate back after streaming-window evictions, before the step
+    collect_attention: bool = False  # StepResult.attention_mass wanted (H2O's scores, kv/h2o.py)
 
     @property
     def num_tokens(self) -> int:
@@ -105,3 +106,6 @@ class StepResult:
     logits: torch.Tensor | None = None  # [sample rows, vocab] fp32, when the plan asked for them
     # Per request with PromptLogprobRows in the plan: one entry per target, in prompt order.
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # Per sequence, when the plan collected attention: the probability each block of its table received this step,
+    # summed over layers, query heads and rows (table order, the first ceil(context_len / block_size) blocks).
+    attention_mass: dict[str, list[float]] = field(default_factory=dict)

@@ -267,15 +267,16 @@ class Scheduler:
                                      _prompt_logprob_rows(request, start, real_end)))
             token_ids.extend(request.token_ids(start, real_end))
             token_ids.extend(drafts)
-            evicted = self.kv_cache.num_evicted(request.request_id)  # positions are entries (kv/streaming.py)
-            positions.extend(range(start - evicted, end - evicted))
+            shift = self.kv_cache.position_shift(request.request_id)
+            positions.extend(range(start - shift, end - shift))
             slot_mapping.extend(self.kv_cache.slots(request.request_id, entries, entries + num_new))
         finished, self._finished_ids = self._finished_ids, []
         # A request preempted since its eviction had its blocks freed: its rotation is moot.
         shifts = tuple(self._shifts[r.request_id] for r, _ in batch if r.request_id in self._shifts)
         self._shifts.clear()
         return StepPlan(tuple(seqs), tuple(token_ids), tuple(positions), tuple(slot_mapping), tuple(copies),
-                        tuple(finished), tuple(preempted), kv_shifts=shifts)
+                        tuple(finished), tuple(preempted), kv_shifts=shifts,
+                        collect_attention=self.kv_cache.collects_attention)
 
     # ---- outcome ----
 
@@ -292,6 +293,8 @@ class Scheduler:
                          emitted.get(seq.request_id, 1) if seq.num_samples else 0)
             request.num_computed_tokens += seq.num_tokens - rejected
             self.kv_cache.commit(request, seq.num_tokens)
+            if result is not None and seq.request_id in result.attention_mass:
+                self.kv_cache.add_attention(seq.request_id, result.attention_mass[seq.request_id])
             if rejected:
                 self.kv_cache.truncate(request, self.kv_cache.num_entries(request.request_id) - rejected)
             self.kv_cache.cache_full_blocks(request)
