@@ -19,10 +19,10 @@ window) at the same budget; H2O at each fraction of the budget kept for recent t
 over every scored token and over those past the budget (where eviction has happened), token-weighted over
 `--h2o-segments` segments.
 
-h2o-granularity: the same at one token per step over the first segment (each token sees the budget at most):
-the engine's H2O (whole blocks, scores shared by every layer and head) against benchmarks/h2o_reference.py's plain
-PyTorch H2O evicting single tokens by the same scores ("token") and evicting per layer and KV head as the paper does
-("head"); the reference's "block" form checks it against the engine (their logprobs agree to float rounding).
+h2o-granularity: the same at one token per step over the first segment (each token sees the budget at most): the
+engine's H2O, per head and shared, against a plain-PyTorch H2O (tokenmill/bench/h2o_reference.py) on the paper's
+schedule (one token dropped per token added, per head: "head", or shared: "token"); its "per-head" and "shared"
+forms follow the engine's rule, a check (their logprobs agree to float rounding).
 
 h2o-decode: single-stream decode TPOT at a long prompt with H2O evicting (the budget a fraction of the prompt), with
 H2O collecting scores but never evicting (a budget beyond the context: the side output's cost alone) and with the
@@ -177,8 +177,11 @@ def prompt_logprobs(llm: LLM, ids: list[int]) -> list[float]:
 def h2o_modes(args: argparse.Namespace, budget: int) -> dict[str, dict[str, Any]]:
     modes: dict[str, dict[str, Any]] = {"full": {},
                                         "sinks": {"sliding_window": budget - args.block_size, "attention_sinks": 4}}
-    for frac in (float(f) for f in args.h2o_recent.split(",")):
+    fractions = [float(f) for f in args.h2o_recent.split(",")]
+    for frac in fractions:
         modes[f"h2o recent {frac:g}"] = {"h2o_budget": budget, "h2o_recent": int(budget * frac)}
+    modes[f"h2o shared, recent {fractions[0]:g}"] = {"h2o_budget": budget, "h2o_recent": int(budget * fractions[0]),
+                                                     "h2o_per_head": False}
     return modes
 
 
@@ -206,19 +209,18 @@ def part_h2o(args: argparse.Namespace) -> dict[str, Any]:
     full = results["full"]
     print(f"H2O quality: {args.h2o_segments} segments of {length} tokens, budget {budget} tokens "
           f"({args.h2o_budget:.0%}), chunks of {args.h2o_chunk}")
-    print(f"{'mode':18s} {'ppl':>8s} {'vs full':>8s} {'past budget':>12s} {'vs full':>8s} {'tok/s':>7s}")
+    print(f"{'mode':26s} {'ppl':>8s} {'vs full':>8s} {'past budget':>12s} {'vs full':>8s} {'tok/s':>7s}")
     for mode, r in results.items():
         r["ppl_ratio"] = r["ppl"] / full["ppl"]
         r["ppl_past_budget_ratio"] = r["ppl_past_budget"] / full["ppl_past_budget"]
-        print(f"{mode:18s} {r['ppl']:8.3f} {r['ppl_ratio']:8.3f} {r['ppl_past_budget']:12.3f} "
+        print(f"{mode:26s} {r['ppl']:8.3f} {r['ppl_ratio']:8.3f} {r['ppl_past_budget']:12.3f} "
               f"{r['ppl_past_budget_ratio']:8.3f} {r['tok_s']:7.1f}")
     return {"length": length, "budget_tokens": budget, "segments": args.h2o_segments, "chunk": args.h2o_chunk,
             "modes": results}
 
 
 def part_h2o_granularity(args: argparse.Namespace) -> dict[str, Any]:
-    from h2o_reference import H2OReference  # benchmarks/, beside this script
-
+    from tokenmill.bench.h2o_reference import H2OReference
     from tokenmill.kv.h2o import HeavyHitterBudget
 
     full = LLM(args.model, max_num_batched_tokens=16, kv_cache_memory_gib=args.kv_gib)
@@ -227,9 +229,10 @@ def part_h2o_granularity(args: argparse.Namespace) -> dict[str, Any]:
     recent = int(budget * float(args.h2o_recent.split(",")[0]))
     runs: dict[str, list[float]] = {"full": prompt_logprobs(full, ids)}
     del full
-    engine = LLM(args.model, max_num_batched_tokens=1, kv_cache_memory_gib=args.kv_gib, h2o_budget=budget,
-                 h2o_recent=recent)
-    runs["engine (block)"] = prompt_logprobs(engine, ids)
+    for name, per_head in (("engine (per-head)", True), ("engine (shared)", False)):
+        engine = LLM(args.model, max_num_batched_tokens=1, kv_cache_memory_gib=args.kv_gib, h2o_budget=budget,
+                     h2o_recent=recent, h2o_per_head=per_head)
+        runs[name] = prompt_logprobs(engine, ids)
     model = engine.engine.model
     for granularity in args.h2o_reference.split(","):
         rule = HeavyHitterBudget(budget, recent, args.block_size)
@@ -245,11 +248,13 @@ def part_h2o_granularity(args: argparse.Namespace) -> dict[str, Any]:
     for mode, r in result["modes"].items():
         r["ppl_ratio"] = r["ppl"] / base["ppl"]
         r["ppl_past_budget_ratio"] = r["ppl_past_budget"] / base["ppl_past_budget"]
-        print(f"{mode:20s} ppl {r['ppl']:8.3f} ({r['ppl_ratio']:.3f}x)  past the budget {r['ppl_past_budget']:8.3f} "
+        print(f"{mode:24s} ppl {r['ppl']:8.3f} ({r['ppl_ratio']:.3f}x)  past the budget {r['ppl_past_budget']:8.3f} "
               f"({r['ppl_past_budget_ratio']:.3f}x)")
-    if "block" in args.h2o_reference.split(","):
-        result["engine_vs_reference_block_max_abs_logprob"] = max(
-            abs(a - b) for a, b in zip(runs["engine (block)"], runs["reference (block)"], strict=True))
+    for form in ("per-head", "shared"):
+        if form in args.h2o_reference.split(","):
+            result[f"engine_vs_reference_{form}_max_abs_logprob"] = difference = max(
+                abs(a - b) for a, b in zip(runs[f"engine ({form})"], runs[f"reference ({form})"], strict=True))
+            print(f"engine vs reference ({form}): logprobs differ by at most {difference:.2e}")
     return result
 
 
@@ -288,7 +293,8 @@ def main() -> None:
     parser.add_argument("--h2o-budget", type=float, default=0.2)
     parser.add_argument("--h2o-recent", default="0.5,0.75,0.9")
     parser.add_argument("--h2o-chunk", type=int, default=16)
-    parser.add_argument("--h2o-reference", default="token,head", help="h2o-granularity's reference forms")
+    parser.add_argument("--h2o-reference", default="per-head,head,token",
+                        help="h2o-granularity's reference forms (tokenmill/bench/h2o_reference.py)")
     parser.add_argument("--out", type=Path, default=RESULTS / "kv_memory.json")
     args = parser.parse_args()
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},

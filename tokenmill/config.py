@@ -81,10 +81,12 @@ class EngineConfig:
     # block.
     kv_cache_dtype: str = "auto"
     # H2O (tokenmill/kv/h2o.py): every request keeps at most h2o_budget tokens' KV, its last h2o_recent tokens
-    # (default: half the budget) and the blocks that have received the most attention, the rest evicted. Needs the
-    # fused CPU step (its kernels add up the attention); turns prefix caching and forks off.
+    # (default: half the budget) and the tokens that have received the most attention, the rest evicted; per head
+    # (each layer's KV head choosing its own, as the paper does) unless h2o_per_head is off (one choice for all).
+    # Needs the fused CPU step (its kernels add up the attention); turns prefix caching and forks off.
     h2o_budget: int | None = None
     h2o_recent: int | None = None
+    h2o_per_head: bool = True
 
     def h2o(self) -> HeavyHitterBudget | None:
         if self.h2o_budget is None:
@@ -146,6 +148,9 @@ class EngineConfig:
         self.h2o()  # checks the two sizes
         for off, reason in ((self.sliding_window is None, "sliding_window (one eviction policy at a time)"),
                             (not self.enforce_eager, "enforce_eager (the fused kernels add up the attention)"),
+                            (KVFormat.from_name(self.kv_cache_dtype) is None,
+                             "a quantized kv_cache_dtype yet (eviction moves single rows between blocks, which "
+                             "a quantized block cannot take)"),
                             (self.enable_chunked_prefill, "chunked prefill off (a prompt longer than the budget is "
                                                           "computed in chunks that fit it)")):
             if not off:

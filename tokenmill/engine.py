@@ -111,7 +111,9 @@ class LLMEngine:
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
                            cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}|"
                                       f"kv-{config.kv_cache_dtype}",
-                           window=window, seals_blocks=self.kv_format is not None, h2o=config.h2o()),
+                           window=window, seals_blocks=self.kv_format is not None, h2o=config.h2o(),
+                           h2o_lanes=self.model_config.num_layers * self.model_config.num_kv_heads
+                           if config.h2o_per_head and config.h2o_budget is not None else 1),
         )
         backend, greedy = self._backend()
         self._check_h2o(backend)
@@ -172,8 +174,9 @@ class LLMEngine:
         if not isinstance(backend, FusedCPUBackend):
             raise ValueError(f"h2o_budget needs the fused CPU step, and this engine runs {type(backend).__name__} "
                              "(see the start-up log for why)")
-        logger.info("H2O: at most %d blocks of %d tokens per request, the last %d blocks always kept; prefix caching "
-                    "and forks off", h2o.budget_blocks, h2o.block_size, h2o.recent_blocks)
+        logger.info("H2O: at most %d blocks of %d tokens per request, the last %d blocks always kept, the others "
+                    "chosen %s; prefix caching and forks off", h2o.budget_blocks, h2o.block_size, h2o.recent_blocks,
+                    "per layer and KV head" if self.config.h2o_per_head else "for all layers and heads at once")
 
     def _speculator(self) -> Speculator | None:
         config = self.config

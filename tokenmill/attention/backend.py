@@ -23,10 +23,12 @@ class AttentionBackend(ABC):
     - Greedy tokens from its hidden states match the eager backend's: exactly in fp32 up to summation order, within
       a stated tolerance in lower precision (tests/test_fused_step.py).
     - It holds the model and the KV tensors it was built with; it owns no request state.
-    - `attention_mass(metadata)`, after `forward` of a plan with `collect_attention`: [S, E] fp32, the attention
-      probability entry e of the plan's sequence s received in the step, summed over layers, query heads and the
-      step's rows (H2O's scores, kv/h2o.py); E covers every sequence's context. A backend that cannot tell returns
-      None, and the engine does not pair it with H2O.
+    - `attention_mass(metadata)`, after `forward` of a plan with `collect_attention`: [S, lanes, E] fp32, the
+      attention probability entry e of the plan's sequence s received in the step, summed over the query heads of a
+      lane and the step's rows (H2O's scores, kv/h2o.py): lanes are the layers' KV heads (lane = layer * kv_heads +
+      head) when the plan has lane tables, otherwise one lane summed over all of them. Entry e is the e-th of the
+      lane's table. E covers every sequence's context. A backend that cannot tell returns None, and the engine does
+      not pair it with H2O.
     """
 
     @abstractmethod

@@ -49,10 +49,11 @@ class SequenceBatch:
 
     slot_mapping: torch.Tensor  # [T]
     query_starts: torch.Tensor  # [S + 1]
-    block_tables: torch.Tensor  # [S, max_blocks], padded with block 0
+    block_tables: torch.Tensor  # [S, max_blocks], padded with block 0; with lane tables [layers, S, kv_heads, ...]
     context_lens: torch.Tensor  # [S] KV entries of each sequence, its new tokens' included
     residual_slots: torch.Tensor | None = None  # [S] with a quantized cache: where each open block lives
-    attention_mass: torch.Tensor | None = None  # [S, kv_heads, max_blocks * block_size] when the plan collects it
+    # When the plan collects it: [S, kv_heads, max_blocks * block_size], or [layers, S, ...] with lane tables
+    attention_mass: torch.Tensor | None = None
 
 
 class FusedCPUBackend(AttentionBackend):
@@ -80,16 +81,25 @@ class FusedCPUBackend(AttentionBackend):
 
     def build_metadata(self, plan: StepPlan) -> SequenceBatch:
         seqs = plan.seqs
-        block_size = self.kv_cache.block_size
+        block_size, cfg = self.kv_cache.block_size, self.model.cfg
         width = max(-(-s.context_len // block_size) for s in seqs)
-        tables = [list(s.block_table[:width]) for s in seqs]
+        tables = torch.tensor([list(s.block_table[:width]) + [0] * (width - min(width, len(s.block_table)))
+                               for s in seqs], dtype=torch.long)
+        lanes = any(s.lane_tables is not None for s in seqs)
+        if lanes:
+            tables = tables[None, :, None].expand(cfg.num_layers, -1, cfg.num_kv_heads, -1).clone()
+            for i, s in enumerate(seqs):
+                if s.lane_tables is not None:
+                    n = min(width, s.lane_tables.shape[1])
+                    tables[:, i, :, :n] = s.lane_tables[:, :n].view(cfg.num_layers, cfg.num_kv_heads, n)
         mass = None
         if plan.collect_attention:
-            mass = torch.zeros(len(seqs), self.model.cfg.num_kv_heads, width * block_size, dtype=torch.float32)
+            shape = (len(seqs), cfg.num_kv_heads, width * block_size)
+            mass = torch.zeros((cfg.num_layers, *shape) if lanes else shape, dtype=torch.float32)
         return SequenceBatch(
             torch.tensor(plan.slot_mapping, dtype=torch.long),
             torch.tensor([*(s.query_start for s in seqs), plan.num_tokens], dtype=torch.long),
-            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long),
+            tables,
             torch.tensor([s.context_len for s in seqs], dtype=torch.long),
             torch.tensor(self.kv_cache.residual_slots(plan), dtype=torch.long)
             if isinstance(self.kv_cache, QuantizedKVCache) else None,
@@ -109,4 +119,8 @@ class FusedCPUBackend(AttentionBackend):
 
     def attention_mass(self, metadata: SequenceBatch) -> torch.Tensor | None:
         mass = metadata.attention_mass
-        return None if mass is None else mass.sum(1)
+        if mass is None:
+            return None
+        if mass.dim() == 4:  # [layers, S, kv_heads, E]: one lane per layer's KV head
+            return mass.permute(1, 0, 2, 3).flatten(1, 2)
+        return mass.sum(1, keepdim=True)

@@ -63,9 +63,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "per token); each request's open block stays in the model dtype")
     g.add_argument("--h2o-budget", type=int, default=None,
                    help="H2O: keep at most N tokens' KV per request, the most attended and the most recent, evicting "
-                        "the rest by whole blocks (turns prefix caching off)")
+                        "the rest (turns prefix caching off)")
     g.add_argument("--h2o-recent", type=int, default=None,
                    help="with --h2o-budget: how many of them are the most recent tokens (default: half the budget)")
+    g.add_argument("--no-h2o-per-head", action="store_true",
+                   help="with --h2o-budget: one choice of tokens for every layer and head, by their summed attention, "
+                        "instead of each layer's KV head choosing its own")
     g = parser.add_argument_group("structured output")
     g.add_argument("--structured-outputs-timeout", type=float, default=10.0,
                    help="seconds a request's grammar (JSON schema, regex...) may take to compile before it is refused")
@@ -88,5 +91,5 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         fair_output_weight=args.fair_output_weight, structured_outputs_timeout_s=args.structured_outputs_timeout,
         structured_outputs_overlap=not args.no_structured_outputs_overlap, sliding_window=args.sliding_window,
         attention_sinks=args.attention_sinks, kv_cache_dtype=args.kv_cache_dtype, h2o_budget=args.h2o_budget,
-        h2o_recent=args.h2o_recent,
+        h2o_recent=args.h2o_recent, h2o_per_head=not args.no_h2o_per_head,
     )

@@ -487,6 +487,7 @@ struct Batch {
   const int64_t* query_starts;
   const int64_t* block_tables;
   int64_t max_blocks;
+  int64_t head_tables;  // 1: block_tables is [S, kv_heads, max_blocks], a table per KV head (per-head H2O); 0: [S, ...]
   const int64_t* context_lens;
   int64_t block_size, num_heads, kv_heads, group;
   float scale;
@@ -495,6 +496,11 @@ struct Batch {
   const int64_t* residual_slots;  // with `quant`: each sequence's residual slot
   float* mass;                    // H2O's side output [S, kv_heads, mass_entries], or nullptr
   int64_t mass_entries;
+
+  // Sequence s's block table as KV head h reads it.
+  const int64_t* table(int64_t s, int64_t h) const {
+    return block_tables + (head_tables ? s * kv_heads + h : s) * max_blocks;
+  }
 };
 
 // H2O's side output: the probability mass each of sequence s's entries received from `rows` rows of probabilities
@@ -514,7 +520,7 @@ void add_mass(const Batch<T>& b, int64_t s, int64_t h, const float* probs, int64
 // Sequence s's rows of KV head h as a query at entry `position` reads them (PlainRows or QuantRows), passed to fn.
 template <typename T, int D, typename F>
 void with_rows(const Batch<T>& b, int64_t s, int64_t h, int64_t position, Scratch& scratch, const F& fn) {
-  const int64_t* table = b.block_tables + s * b.max_blocks;
+  const int64_t* table = b.table(s, h);
   if (b.quant == nullptr) {
     fn(PlainRows<T>{b.k_cache + h * b.num_slots * D, table, b.block_size},
        PlainRows<T>{b.v_cache + h * b.num_slots * D, table, b.block_size});
@@ -589,7 +595,7 @@ void attend_rows(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
   constexpr int kChunks = D / 16;
   constexpr bool kDotBf16 = kHaveDotBf16 && std::is_same_v<T, c10::BFloat16>;
   const int64_t row0 = b.query_starts[s], q_len = b.query_starts[s + 1] - row0, group = b.group;
-  const int64_t* table = b.block_tables + s * b.max_blocks;
+  const int64_t* table = b.table(s, h);
   const T* k_head = b.k_cache + h * b.num_slots * D;
   const T* v_head = b.v_cache + h * b.num_slots * D;
   const int64_t rows_per_pass = std::max<int64_t>(1, kPassPairs / group);
@@ -710,7 +716,7 @@ void attend_chunk(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
   const int64_t row0 = b.query_starts[s], q_len = b.query_starts[s + 1] - row0, ctx = b.context_lens[s];
   const int64_t first_pos = ctx - q_len, group = b.group;
   const int64_t key_blocks = (ctx + 15) / 16, padded_keys = key_blocks * 16;
-  const int64_t* table = b.block_tables + s * b.max_blocks;
+  const int64_t* table = b.table(s, h);
 
   // Keys transposed into [block of 16][D][16] and values widened to [ctx][D], fp32, once for all the chunk's tiles,
   // as a query at entry `position` reads them.
@@ -869,7 +875,8 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   at::Tensor out = at::empty({q.size(0), num_heads, head_dim}, q.options());
   const Batch<T> batch{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), q.stride(0), k.stride(0), v.stride(0),
                        k_cache, v_cache, num_slots, query_starts.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(),
-                       block_tables.size(1), context_lens.data_ptr<int64_t>(), block_size, num_heads, kv_heads,
+                       block_tables.size(-1), block_tables.dim() == 3, context_lens.data_ptr<int64_t>(), block_size,
+                       num_heads, kv_heads,
                        num_heads / kv_heads, 1.f / std::sqrt(static_cast<float>(head_dim)), out.data_ptr<T>(), quant,
                        residual_slots, mass ? mass->data_ptr<float>() : nullptr, mass ? mass->size(2) : 0};
   if (head_dim == 64)
@@ -917,15 +924,16 @@ void check_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   for (const at::Tensor* t : {&query_starts, &block_tables, &context_lens})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
   const int64_t num_seqs = block_tables.size(0);
-  TORCH_CHECK(block_tables.dim() == 2 && context_lens.size(0) == num_seqs && query_starts.size(0) == num_seqs + 1,
-              "one block table and context length per sequence, query_starts one longer");
+  TORCH_CHECK((block_tables.dim() == 2 || (block_tables.dim() == 3 && block_tables.size(1) == k.size(1))) &&
+                  context_lens.size(0) == num_seqs && query_starts.size(0) == num_seqs + 1,
+              "one block table (or one per KV head) and context length per sequence, query_starts one longer");
   const int64_t* starts = query_starts.data_ptr<int64_t>();
   const int64_t* ctx = context_lens.data_ptr<int64_t>();
   TORCH_CHECK(starts[0] == 0 && starts[num_seqs] == q.size(0), "query_starts must span the batch's rows");
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t q_len = starts[s + 1] - starts[s];
     TORCH_CHECK(q_len >= 1 && q_len <= ctx[s], "sequence ", s, " has ", q_len, " new tokens for ", ctx[s], " keys");
-    TORCH_CHECK((ctx[s] + block_size - 1) / block_size <= block_tables.size(1), "sequence ", s,
+    TORCH_CHECK((ctx[s] + block_size - 1) / block_size <= block_tables.size(-1), "sequence ", s,
                 "'s block table is too short for its keys");
   }
   if (mass) {
@@ -964,6 +972,7 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, c
                                      const std::optional<at::Tensor>& attention_mass) {
   RECORD_FUNCTION("tokenmill::paged_attention_quantized", std::vector<c10::IValue>());
   check_batch(q, k, v, query_starts, block_tables, context_lens, kv.block_size, attention_mass);
+  TORCH_CHECK(block_tables.dim() == 2, "a quantized cache takes one block table per sequence");
   check_quant_kv(kv, q.scalar_type(), k.size(1), q.size(2));
   TORCH_CHECK(layer >= 0 && layer < kv.k_data.size(0), "no layer ", layer, " in the quantized cache");
   TORCH_CHECK(residual_slots.scalar_type() == at::kLong && residual_slots.is_contiguous() &&

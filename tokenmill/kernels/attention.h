@@ -17,7 +17,8 @@ namespace tokenmill {
 // gives each row bit for bit the result of that decode kernel at the row's position, the earlier rows' keys read as
 // cached ones; longer runs (prefill chunks) take the tiled chunk kernel.
 // q [T, H, D], k/v [T, Hkv, D] (rows may be strided, heads contiguous); caches [Hkv, slots, D]; query_starts [S + 1],
-// block_tables [S, max_blocks], context_lens [S] int64. Returns [T, H, D] in q's dtype (fp32 or bf16).
+// block_tables [S, max_blocks] (or [S, Hkv, max_blocks]: each KV head its own table, per-head H2O), context_lens [S]
+// int64. Returns [T, H, D] in q's dtype (fp32 or bf16).
 // attention_mass, when given (H2O, kv/h2o.py): fp32 [S, Hkv, E >= every context length]; each row's attention
 // probabilities are added into it, mass[s][h][e] gaining what entry e of sequence s received from the query heads
 // that share KV head h (the fp32 probabilities the value pass weighs with).

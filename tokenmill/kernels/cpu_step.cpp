@@ -254,6 +254,8 @@ class FusedStep {
   // x: [T, hidden] embeddings of the step's new tokens, at `positions`, their K/V stored at `slots` of k_cache/v_cache
   // [layers, kv_heads, slots, D]. The tokens are grouped by sequence as paged_attention (attention.h) describes:
   // query_starts [S + 1], block_tables [S, max_blocks], context_lens [S] (keys including the new tokens).
+  // Per-head H2O: block_tables [layers, S, kv_heads, max_blocks] and attention_mass [layers, S, kv_heads, E], each
+  // layer reading and adding to its own.
   // Returns the final-norm hidden states of every token.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& slots,
                      const at::Tensor& query_starts, const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -316,11 +318,15 @@ class FusedStep {
       const at::Tensor q = qkv.narrow(1, 0, q_size).view({rows, num_heads_, head_dim_});
       const at::Tensor k = qkv.narrow(1, q_size, kv_size).view({rows, kv_heads_, head_dim_});
       const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({rows, kv_heads_, head_dim_});
+      const bool per_layer = seqs.block_tables.dim() == 4;
+      const at::Tensor tables = per_layer ? seqs.block_tables.select(0, i) : seqs.block_tables;
+      std::optional<at::Tensor> mass = seqs.mass;
+      if (mass && mass->dim() == 4) mass = mass->select(0, i);
       at::Tensor attn = seqs.quant ? paged_attention_quantized(q, k, v, *seqs.quant, static_cast<int64_t>(i),
-                                                               seqs.query_starts, seqs.block_tables,
-                                                               seqs.context_lens, *seqs.residual_slots, seqs.mass)
-                                   : paged_attention(q, k, v, k_layer, v_layer, seqs.query_starts, seqs.block_tables,
-                                                     seqs.context_lens, seqs.block_size, seqs.mass);
+                                                               seqs.query_starts, tables, seqs.context_lens,
+                                                               *seqs.residual_slots, mass)
+                                   : paged_attention(q, k, v, k_layer, v_layer, seqs.query_starts, tables,
+                                                     seqs.context_lens, seqs.block_size, mass);
       const at::Tensor attn_out = layer.o.apply(attn.view({rows, q_size})).contiguous();
       normed = rms_norm<T>(x, layer.ffn_norm, eps_, &attn_out);
       const at::Tensor gate_up = layer.gate_up.apply(normed).contiguous();

@@ -18,8 +18,9 @@ class KVStorage(ABC):
     - `num_blocks` and `block_size` bound the block ids and slots of every plan (runner/checks.py checks them).
     - `release(request_ids)` hears of requests that hold no KV any more (finished, aborted, preempted): any state it
       keeps per request goes; ids it does not know, or hears of twice, are ignored.
-    - `copy_blocks` makes the copies of forks and `rotate_keys` the key shifts of a streaming window. A storage that
-      cannot do one raises when asked for it, and the engine sets up the KV manager so that it never is.
+    - `copy_blocks` makes the copies of forks, `rotate_keys` the key shifts of a streaming window and `move_rows`
+      H2O's row moves (kv/h2o.py). A storage that cannot do one raises when asked for it, and the engine sets up the
+      KV manager so that it never is.
     """
 
     num_blocks: int
@@ -33,6 +34,9 @@ class KVStorage(ABC):
 
     @abstractmethod
     def rotate_keys(self, blocks: Sequence[int], cos: torch.Tensor, signed_sin: torch.Tensor) -> None: ...
+
+    def move_rows(self, moves: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot move single KV rows")
 
 
 class KVCache(KVStorage):
@@ -59,6 +63,21 @@ class KVCache(KVStorage):
         dst = torch.cat([d * self.block_size + slots for _, d in copies])
         for cache in (self.k, self.v):
             cache[:, :, dst] = cache[:, :, src]
+
+    def move_rows(self, moves: torch.Tensor) -> None:
+        """Copy single K/V rows, [k, 3] (lane, source slot, destination slot) with lane = layer * kv_heads + head, or
+        -1 for every layer and head: H2O moving kept entries out of blocks it frees (kv/h2o.py). No destination is
+        any move's source."""
+        layers, heads, num_slots, dim = self.k.shape
+        moves = moves.to(self.k.device)
+        every = moves[moves[:, 0] < 0]
+        own = moves[moves[:, 0] >= 0]
+        for cache in (self.k, self.v):
+            if len(every):
+                cache[:, :, every[:, 2]] = cache[:, :, every[:, 1]]
+            if len(own):
+                by_lane = cache.view(layers * heads, num_slots, dim)
+                by_lane[own[:, 0], own[:, 2]] = by_lane[own[:, 0], own[:, 1]]
 
     def rotate_keys(self, blocks: Sequence[int], cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
         """Apply one RoPE rotation (`tokenmill.model.llama.rope_rotation`) to the keys of whole blocks in every

@@ -21,6 +21,8 @@ import hashlib
 from array import array
 from dataclasses import dataclass
 
+import torch
+
 from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.h2o import HeavyHitterBudget
 from tokenmill.kv.streaming import KVShift, StreamingWindow
@@ -46,7 +48,7 @@ def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
                  cache_salt: str = "", window: StreamingWindow | None = None, seals_blocks: bool = False,
-                 h2o: HeavyHitterBudget | None = None) -> None:
+                 h2o: HeavyHitterBudget | None = None, h2o_lanes: int = 1) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         for policy in (window, h2o):
@@ -59,6 +61,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self.window = window
         self.h2o = h2o
+        self.h2o_lanes = h2o_lanes  # 1: one choice for every layer and head; L * kv_heads: each its own (kv/h2o.py)
         # `seals_blocks`: the storage transforms a block for good as it fills and keeps open blocks outside the
         # pool (a quantized cache's residual slots). Then forks, which copy a parent's open block, are off, and rows
         # that may be rolled back (speculative drafts) never complete a block. Eviction's rotations rule forks out too.
@@ -73,7 +76,12 @@ class KVCacheManager:
         self._num_registered: dict[str, int] = {}  # per request: leading table blocks already registered
         self._num_entries: dict[str, int] = {}  # per request: KV entries written (or shared) so far
         self._num_evicted: dict[str, int] = {}  # per request: entries dropped by the streaming window or H2O
-        self._scores: dict[str, list[float]] = {}  # per request with H2O: accumulated attention per table block
+        # Per request with H2O (kv/h2o.py): accumulated attention per lane and entry, each lane's table, and the
+        # row moves of evictions not planned yet. Scores and tables may be shorter than the request's entries and
+        # table: what lies past them is the same in every lane, with score 0.
+        self._scores: dict[str, torch.Tensor] = {}
+        self._lane_tables: dict[str, torch.Tensor] = {}
+        self._lane_copies: dict[str, list[torch.Tensor]] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -113,20 +121,44 @@ class KVCacheManager:
         """Whether steps must report the attention each block received (`add_attention`): H2O's scores."""
         return self.h2o is not None
 
-    def block_scores(self, request_id: str) -> list[float]:
-        """H2O's accumulated attention per block of the request's table (a copy; 0 for blocks never attended)."""
-        scores = self._scores.get(request_id, [])
-        return scores + [0.0] * (len(self._tables.get(request_id, ())) - len(scores))
+    def entry_scores(self, request_id: str) -> torch.Tensor:
+        """H2O's accumulated attention per lane and KV entry of the request, [lanes, entries] (a copy)."""
+        n = self.num_entries(request_id)
+        scores = torch.zeros(self.h2o_lanes, n, dtype=torch.float64)
+        held = self._scores.get(request_id)
+        if held is not None:
+            width = min(n, held.shape[1])
+            scores[:, :width] = held[:, :width]
+        return scores
 
-    def add_attention(self, request_id: str, block_mass: list[float]) -> None:
-        """Add one step's attention per block (table order, as the step's plan read the table) to the request's
-        scores."""
-        scores = self._scores.setdefault(request_id, [])
-        limit = len(self._tables.get(request_id, ()))
-        if len(scores) < len(block_mass):
-            scores.extend([0.0] * (len(block_mass) - len(scores)))
-        for i, mass in enumerate(block_mass[:limit]):
-            scores[i] += mass
+    def add_attention(self, request_id: str, mass: torch.Tensor) -> None:
+        """Add one step's attention per lane and entry ([lanes, entries], each lane's entry order as the step's plan
+        read its table) to the request's scores."""
+        scores = self.entry_scores(request_id)
+        width = min(scores.shape[1], mass.shape[1])
+        scores[:, :width] += mass[:, :width]
+        self._scores[request_id] = scores
+
+    def lane_tables(self, request_id: str) -> torch.Tensor | None:
+        """Each lane's block table, [lanes, blocks] (a copy), when there are several lanes; None otherwise."""
+        if self.h2o is None or self.h2o_lanes == 1:
+            return None
+        return self._full_lane_tables(request_id)
+
+    def _full_lane_tables(self, request_id: str) -> torch.Tensor:
+        table = self._tables.get(request_id, [])
+        tables = torch.tensor(table, dtype=torch.long).expand(self.h2o_lanes, len(table)).clone()
+        held = self._lane_tables.get(request_id)
+        if held is not None:
+            width = min(len(table), held.shape[1])
+            tables[:, :width] = held[:, :width]
+        return tables
+
+    def pop_lane_copies(self, request_id: str) -> torch.Tensor | None:
+        """[k, 3] (lane, source slot, destination slot): the row moves the request's evictions need before its next
+        step; lane -1 (one lane) means every layer and head. None when there are none."""
+        copies = self._lane_copies.pop(request_id, None)
+        return torch.cat(copies) if copies else None
 
     def max_drafts(self, request: Request) -> int | None:
         """The most draft tokens the request's next step may verify after its real token (None: no limit but the
@@ -159,19 +191,28 @@ class KVCacheManager:
         return KVShift(moved, delta)
 
     def _evict_heavy_hitters(self, request: Request, num_new: int) -> None:
-        """H2O: drop the lowest-scored blocks outside the recent window so `num_new` more entries fit the budget.
-        Kept entries move up in the table without moving in memory, and keep their positions."""
+        """H2O: each lane drops its lowest-scored entries outside the recent window so that `num_new` more entries
+        fit the budget; whole blocks go back to the pool (kv/h2o.py). Kept entries keep their positions."""
         assert self.h2o is not None
         rid = request.request_id
-        scores = self.block_scores(rid)
-        victims = self.h2o.victims(scores, self.num_entries(rid), num_new)
-        if not victims:
+        table, entries = self._tables[rid], self.num_entries(rid)
+        scores = torch.zeros(self.h2o_lanes, len(table) * self.block_size, dtype=torch.float64)
+        scores[:, :entries] = self.entry_scores(rid)
+        eviction = self.h2o.evict(self._full_lane_tables(rid), scores, entries, num_new)
+        if eviction is None:
             return
-        table, gone = self._tables[rid], set(victims)
-        self.pool.free([table[i] for i in victims])
-        table[:] = [b for i, b in enumerate(table) if i not in gone]
-        self._scores[rid] = [x for i, x in enumerate(scores) if i not in gone]
-        delta = len(victims) * self.block_size
+        self.pool.free(eviction.freed)
+        freed = set(eviction.freed)
+        table[:] = [b for b in table if b not in freed]
+        delta = len(eviction.freed) * self.block_size
+        self._scores[rid] = scores.gather(1, eviction.source)[:, : entries - delta]
+        self._lane_tables[rid] = eviction.tables
+        copies = eviction.copies
+        if len(copies):
+            if self.h2o_lanes == 1:
+                copies = copies.clone()
+                copies[:, 0] = -1  # one lane: the rows move in every layer and head
+            self._lane_copies.setdefault(rid, []).append(copies)
         self._num_entries[rid] -= delta
         self._num_evicted[rid] = self.num_evicted(rid) + delta
 
@@ -323,7 +364,9 @@ class KVCacheManager:
         released = table[keep:]
         del table[keep:]
         if rid in self._scores:
-            del self._scores[rid][keep:]
+            self._scores[rid] = self._scores[rid][:, :num_entries]
+        if rid in self._lane_tables:
+            self._lane_tables[rid] = self._lane_tables[rid][:, :keep]
         if released:
             self.pool.free(released)
         self._num_entries[rid] = num_entries
@@ -336,7 +379,8 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         self._num_registered.pop(request.request_id, None)
         self._num_evicted.pop(request.request_id, None)
-        self._scores.pop(request.request_id, None)
+        for held in (self._scores, self._lane_tables, self._lane_copies):
+            held.pop(request.request_id, None)
         self._num_entries.pop(request.request_id, None)
         table = self._tables.pop(request.request_id, None)
         if table:

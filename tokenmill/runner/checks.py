@@ -25,6 +25,10 @@ def check_plan(plan: StepPlan, num_blocks: int, block_size: int, max_positions: 
         _check_range("token id", plan.token_ids, vocab_size)
     for src, dst in plan.block_copies:
         _check_range("copied block", (src, dst), num_blocks)
+    moves = plan.lane_copies
+    if moves is not None and moves.numel() and (int(moves[:, 1:].min()) < 0
+                                                or int(moves[:, 1:].max()) >= num_blocks * block_size):
+        raise InvalidPlanError(f"a moved KV row's slot lies outside [0, {num_blocks * block_size})")
     for shift in plan.kv_shifts:
         if shift.blocks:
             _check_range("shifted block", shift.blocks, num_blocks)
@@ -49,6 +53,11 @@ def check_plan(plan: StepPlan, num_blocks: int, block_size: int, max_positions: 
                                    f"{seq.num_tokens} new tokens and {len(seq.block_table)} blocks")
         if seq.block_table:
             _check_range(f"{seq.request_id}: block", seq.block_table, num_blocks)
+        lanes = seq.lane_tables
+        if lanes is not None and (lanes.dim() != 2 or lanes.shape[1] != len(seq.block_table) or lanes.numel() and (
+                int(lanes.min()) < 0 or int(lanes.max()) >= num_blocks)):
+            raise InvalidPlanError(f"{seq.request_id}: lane tables {tuple(lanes.shape)} do not match its "
+                                   f"{len(seq.block_table)} blocks or name a block outside [0, {num_blocks})")
     if rows != n:
         raise InvalidPlanError(f"the sequences cover {rows} rows of {n}")
 

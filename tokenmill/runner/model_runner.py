@@ -52,6 +52,8 @@ class ModelRunner:
             return StepResult()
         check_plan(plan, self.kv_cache.num_blocks, self.kv_cache.block_size, self.max_positions, self.vocab_size)
         self.kv_cache.copy_blocks(list(plan.block_copies))
+        if plan.lane_copies is not None:
+            self.kv_cache.move_rows(plan.lane_copies)
         for shift in plan.kv_shifts:
             assert self.rotation is not None, "a plan with key shifts needs a runner built with the RoPE rotation"
             self.kv_cache.rotate_keys(shift.blocks, *self.rotation(-shift.delta))
@@ -60,7 +62,7 @@ class ModelRunner:
         metadata = self.backend.build_metadata(plan)
         hidden = self.backend.forward(input_ids, positions, metadata)
         prompt_logprobs = self._score_prompts(plan, hidden)
-        mass = self._block_attention(plan, metadata)
+        mass = self._entry_attention(plan, metadata)
         sampled = [s for s in plan.seqs if s.num_samples]
         if not sampled:
             return StepResult(prompt_logprobs=prompt_logprobs, attention_mass=mass)
@@ -74,18 +76,16 @@ class ModelRunner:
         samples = self._sample(logits, sampled, rows_of)
         return StepResult(samples, logits.float() if plan.return_logits else None, prompt_logprobs, mass)
 
-    def _block_attention(self, plan: StepPlan, metadata: object) -> dict[str, list[float]]:
-        """The attention each sequence's blocks received this step, when the plan collects it (H2O)."""
+    def _entry_attention(self, plan: StepPlan, metadata: object) -> dict[str, torch.Tensor]:
+        """The attention each sequence's entries received this step per lane, when the plan collects it (H2O)."""
         if not plan.collect_attention:
             return {}
         mass = self.backend.attention_mass(metadata)
         if mass is None:
             raise RuntimeError(f"{type(self.backend).__name__} does not report attention, which the plan asks for")
-        bs = self.kv_cache.block_size
         out = {}
         for i, seq in enumerate(plan.seqs):
-            blocks = -(-seq.context_len // bs)
-            out[seq.request_id] = mass[i, : blocks * bs].view(blocks, bs).sum(1).tolist()
+            out[seq.request_id] = mass[i, :, : seq.context_len].double()
         return out
 
     def _score_prompts(self, plan: StepPlan, hidden: torch.Tensor) -> dict[str, list[TokenLogprobs]]:

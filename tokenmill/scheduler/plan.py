@@ -56,6 +56,9 @@ class ScheduledSeq:
     sampling: SamplingInputs | None = None  # set when num_samples > 0
     draft_token_ids: tuple[int, ...] = ()  # num_samples - 1 of them when set
     prompt_logprobs: PromptLogprobRows | None = None  # the request asked for prompt logprobs
+    # H2O per head (kv/h2o.py): [lanes, blocks] each layer's KV head's own table (lane = layer * kv_heads + head),
+    # the same blocks as `block_table` in its own order; None when every lane reads `block_table`.
+    lane_tables: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class StepPlan:
     return_logits: bool = False  # StepResult.logits wanted (a verifier's target distribution)
     kv_shifts: tuple[KVShift, ...] = ()  # keys to rotate back after streaming-window evictions, before the step
     collect_attention: bool = False  # StepResult.attention_mass wanted (H2O's scores, kv/h2o.py)
+    # [k, 3] (lane, source slot, destination slot): rows moved after H2O evictions, before the step (lane -1: in
+    # every layer and head)
+    lane_copies: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -106,6 +112,7 @@ class StepResult:
     logits: torch.Tensor | None = None  # [sample rows, vocab] fp32, when the plan asked for them
     # Per request with PromptLogprobRows in the plan: one entry per target, in prompt order.
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
-    # Per sequence, when the plan collected attention: the probability each block of its table received this step,
-    # summed over layers, query heads and rows (table order, the first ceil(context_len / block_size) blocks).
-    attention_mass: dict[str, list[float]] = field(default_factory=dict)
+    # Per sequence, when the plan collected attention: [lanes, context_len] the probability each KV entry received
+    # this step, per lane (one lane: summed over layers and KV heads) summed over its query heads and the rows, in
+    # the lane's entry order.
+    attention_mass: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from tokenmill.config import check_scheduling
 from tokenmill.kv.manager import KVCacheManager
 from tokenmill.kv.streaming import KVShift
@@ -253,6 +255,7 @@ class Scheduler:
         token_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
+        lane_copies: list[torch.Tensor] = []
         # Single-token sequences first (a stable partition keeps FCFS order within each part).
         for request, num_new in sorted(batch, key=lambda item: item[1] != 1):
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
@@ -264,7 +267,11 @@ class Scheduler:
             seqs.append(ScheduledSeq(request.request_id, len(token_ids), num_new, entries + num_new,
                                      tuple(self.kv_cache.block_table(request.request_id)), samples,
                                      _sampling_inputs(request) if samples else None, drafts,
-                                     _prompt_logprob_rows(request, start, real_end)))
+                                     _prompt_logprob_rows(request, start, real_end),
+                                     self.kv_cache.lane_tables(request.request_id)))
+            moves = self.kv_cache.pop_lane_copies(request.request_id)
+            if moves is not None:
+                lane_copies.append(moves)
             token_ids.extend(request.token_ids(start, real_end))
             token_ids.extend(drafts)
             shift = self.kv_cache.position_shift(request.request_id)
@@ -276,6 +283,7 @@ class Scheduler:
         self._shifts.clear()
         return StepPlan(tuple(seqs), tuple(token_ids), tuple(positions), tuple(slot_mapping), tuple(copies),
                         tuple(finished), tuple(preempted), kv_shifts=shifts,
+                        lane_copies=torch.cat(lane_copies) if lane_copies else None,
                         collect_attention=self.kv_cache.collects_attention)
 
     # ---- outcome ----
@@ -316,8 +324,9 @@ class Scheduler:
     def step_failed(self, plan: StepPlan) -> None:
         """Running `plan` raised before `update`: nothing of it counts. Its block copies and finished ids go into the
         next plan again, and each of its requests runs alone next (the model's KV writes are idempotent, so running
-        the same tokens again is safe). Its key rotations are not repeated: the runner applies them before the model
-        runs, and a rotation applied twice would move keys twice."""
+        the same tokens again is safe). Its key rotations and H2O row moves are not repeated: the runner applies them
+        before the model runs, and a rotation applied twice would move keys twice (a move, read a freed block that
+        may have been written since)."""
         self._pending_copies[:0] = plan.block_copies
         self._finished_ids[:0] = plan.finished_request_ids
         if len(plan.seqs) > 1:
