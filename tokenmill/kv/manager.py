@@ -118,7 +118,7 @@ class KVCacheManager:
 
     @property
     def collects_attention(self) -> bool:
-        """Whether steps must report the attention each block received (`add_attention`): H2O's scores."""
+        """Whether steps must report the attention each entry received (`add_attention`): H2O's scores."""
         return self.h2o is not None
 
     def entry_scores(self, request_id: str) -> torch.Tensor:
