@@ -24,11 +24,15 @@ engine's H2O, per head and shared, against a plain-PyTorch H2O (tokenmill/bench/
 schedule (one token dropped per token added, per head: "head", or shared: "token"); its "per-head" and "shared"
 forms follow the engine's rule, a check (their logprobs agree to float rounding).
 
+h2o-budget: offline throughput when the KV budget (`--h2o-budget-gib`) limits the batch: `--h2o-requests` prompts
+of `--h2o-prompt` tokens from the text, `--h2o-output` greedy tokens each, with the full cache and with H2O at
+`--h2o-budget` of a request's final length, alternately; output tokens/s and how many requests ran at once.
+
 h2o-decode: single-stream decode TPOT at a long prompt with H2O evicting (the budget a fraction of the prompt), with
 H2O collecting scores but never evicting (a budget beyond the context: the side output's cost alone) and with the
 full cache, run alternately.
 
-    .venv/bin/python benchmarks/kv_memory.py [--parts stream,decode,h2o,h2o-granularity,h2o-decode]
+    .venv/bin/python benchmarks/kv_memory.py [--parts stream,decode,h2o,h2o-granularity,h2o-budget,h2o-decode]
         [--tokens 100000] [--window 1024] [--h2o-length 2048] [--h2o-budget 0.2] [--h2o-recent 0.5,0.75,0.9]
 """
 
@@ -258,6 +262,27 @@ def part_h2o_granularity(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def part_h2o_budget(args: argparse.Namespace) -> dict[str, Any]:
+    from kv_quant import offline_run  # benchmarks/, beside this script
+
+    budget = int((args.h2o_prompt + args.h2o_output) * args.h2o_budget)
+    options: dict[str, Any] = {"kv_cache_memory_gib": args.h2o_budget_gib, "max_num_seqs": 64}
+    llms = {"full": LLM(args.model, **options), "h2o": LLM(args.model, h2o_budget=budget, **options)}
+    ids = llms["full"].tokenizer.encode(DATA.read_text())
+    prompts = [ids[i * 997 : i * 997 + args.h2o_prompt] for i in range(args.h2o_requests)]
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in llms}
+    for _ in range(args.repeats):
+        for name, llm in llms.items():
+            runs[name].append(r := offline_run(llm, prompts, args.h2o_output))
+            print(f"{name:5s} {r['output_tok_s']:7.1f} output tok/s, {r['mean_running']:.1f} running on average "
+                  f"(at most {r['most_running']}), {r['preemptions']} preemptions")
+    median = {name: statistics.median(r["output_tok_s"] for r in values) for name, values in runs.items()}
+    print(f"H2O at {budget} tokens per request: {median['h2o'] / median['full']:.2f}x the full cache's output tok/s "
+          f"({llms['full'].engine.kv_cache.num_blocks} KV blocks of {args.block_size})")
+    return {"budget_tokens": budget, "kv_blocks": llms["full"].engine.kv_cache.num_blocks, "runs": runs,
+            "median_output_tok_s": median, "h2o_over_full": median["h2o"] / median["full"]}
+
+
 def part_h2o_decode(args: argparse.Namespace) -> dict[str, Any]:
     prompt = LLM(args.model, kv_cache_memory_gib=0.05).tokenizer.encode(DATA.read_text())[: args.h2o_length]
     budget = int(len(prompt) * args.h2o_budget)
@@ -293,6 +318,10 @@ def main() -> None:
     parser.add_argument("--h2o-budget", type=float, default=0.2)
     parser.add_argument("--h2o-recent", default="0.5,0.75,0.9")
     parser.add_argument("--h2o-chunk", type=int, default=16)
+    parser.add_argument("--h2o-budget-gib", type=float, default=1 / 16)
+    parser.add_argument("--h2o-requests", type=int, default=16)
+    parser.add_argument("--h2o-prompt", type=int, default=512)
+    parser.add_argument("--h2o-output", type=int, default=128)
     parser.add_argument("--h2o-reference", default="per-head,head,token",
                         help="h2o-granularity's reference forms (tokenmill/bench/h2o_reference.py)")
     parser.add_argument("--out", type=Path, default=RESULTS / "kv_memory.json")
@@ -309,6 +338,9 @@ def main() -> None:
         write_json(report, args.out)
     if "h2o-granularity" in parts:
         report["h2o_granularity"] = part_h2o_granularity(args)
+        write_json(report, args.out)
+    if "h2o-budget" in parts:
+        report["h2o_budget"] = part_h2o_budget(args)
         write_json(report, args.out)
     if "h2o-decode" in parts:
         report["h2o_decode"] = part_h2o_decode(args)
