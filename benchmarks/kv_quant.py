@@ -7,10 +7,13 @@ quality: perplexity from `prompt_logprobs` on ../shared/data/tinyshakespeare_fir
 budget:  offline throughput at a KV budget (`--budget-gib`, residual slots included) that limits the batch:
          `--budget-requests` prompts of `--budget-prompt` tokens, `--budget-output` tokens each, at most
          `--budget-max-seqs` running; modes alternated (auto, int8, int4, auto, ...)
+int8-scales: int8 with a scale per token (the format) against a scale per block and KV head, by perplexity: the
+         model in plain PyTorch over windows of `--ppl-window` tokens, each layer's K/V rounded through either
+         int8 scale where the format would read it quantized (keys of blocks before the query's own)
 decode:  one layer's decode attention for `--decode-seqs` sequences at `--decode-context` entries, per mode, the
          kernels called directly and alternated; achieved GB/s from the bytes each mode reads
 
-    .venv/bin/python benchmarks/kv_quant.py [--parts bytes,quality,budget,decode] [--block-size 16]
+    .venv/bin/python benchmarks/kv_quant.py [--parts bytes,quality,int8-scales,budget,decode] [--block-size 16]
 """
 
 from __future__ import annotations
@@ -89,6 +92,63 @@ def part_quality(args: argparse.Namespace) -> dict[str, Any]:
               + f"; greedy prefix agreement {result['prefix_agreement']:.3f}, identical "
                 f"{result['identical_sequences']:.2f}")
         del llm
+    return out
+
+
+def fake_int8(x: torch.Tensor, per_block: int | None) -> torch.Tensor:
+    """x [kv_heads, T, D] through symmetric int8 with fp16 scales, one per token or per block of `per_block` tokens
+    (T a multiple of it), and back."""
+    if per_block is None:
+        scale = x.abs().amax(-1, keepdim=True)
+    else:
+        scale = x.unflatten(1, (-1, per_block)).abs().amax((-2, -1), keepdim=True)
+        scale = scale.expand(-1, -1, per_block, 1).flatten(1, 2)
+    scale = (scale / 127).half().float()
+    codes = torch.where(scale > 0, x / torch.where(scale > 0, scale, 1), 0).round().clamp(-127, 127)
+    return codes * scale
+
+
+def int8_scales_ppl(model: Any, ids: list[int], per_block: int | None, block_size: int) -> list[float]:
+    """Logprobs of ids[1:] with every layer's earlier-block K/V rounded through int8 (None: not at all)."""
+    n = len(ids)
+    own = torch.arange(n)[:, None] // block_size == torch.arange(n)[None, :] // block_size
+    causal = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cfg = model.cfg
+        group = cfg.num_heads // cfg.num_kv_heads
+        keys, values = k.transpose(0, 1).float(), v.transpose(0, 1).float()  # [Hkv, T, D]
+        quant_keys = keys if per_block == -1 else fake_int8(keys, per_block)
+        quant_values = values if per_block == -1 else fake_int8(values, per_block)
+        queries = q.transpose(0, 1).float().unflatten(0, (cfg.num_kv_heads, group))  # [Hkv, group, T, D]
+        scale = cfg.head_dim**-0.5
+        scores = torch.where(own, queries @ keys[:, None].transpose(-1, -2),
+                             queries @ quant_keys[:, None].transpose(-1, -2)) * scale
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        out = (probs * own) @ values[:, None] + (probs * ~own) @ quant_values[:, None]
+        return out.flatten(0, 1).transpose(0, 1).to(q.dtype)
+
+    with torch.inference_mode():
+        hidden = model.forward(torch.tensor(ids), torch.arange(n), attend)
+        logprobs = model.compute_logits(hidden).double().log_softmax(-1)
+    return logprobs[torch.arange(n - 1), torch.tensor(ids[1:])].tolist()
+
+
+def part_int8_scales(args: argparse.Namespace) -> dict[str, Any]:
+    llm = make_llm(args, "auto")
+    model, bs = llm.engine.model, args.block_size
+    ids = llm.tokenizer.encode((SHARED / "tinyshakespeare_first_half.txt").read_text())
+    windows = [ids[i * args.ppl_window : (i + 1) * args.ppl_window] for i in range(args.ppl_windows)]
+    out: dict[str, Any] = {}
+    for name, per_block in (("full precision", -1), ("int8 per token", None), ("int8 per block", bs)):
+        logprobs = [lp for window in windows for lp in int8_scales_ppl(model, window, per_block, bs)]
+        out[name] = {"ppl": math.exp(-sum(logprobs) / len(logprobs)), "tokens": len(logprobs)}
+    base = out["full precision"]["ppl"]
+    for name, r in out.items():
+        r["ppl_increase"] = r["ppl"] / base - 1
+        print(f"{name:15s} ppl {r['ppl']:.4f} ({r['ppl_increase']:+.3%}) over {r['tokens']} tokens")
+    dim = model.cfg.head_dim  # int8 codes, and fp16 scales per token or per block, for keys and values
+    out["bytes_per_token_and_kv_head"] = {"per token": 2 * (dim + 2), "per block": 2 * (dim + 2 / bs)}
     return out
 
 
@@ -204,8 +264,8 @@ def main() -> None:
     args = parser.parse_args()
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},
                               "machine": machine_description() | {"threads": torch.get_num_threads()}}
-    for part, run in (("bytes", part_bytes), ("quality", part_quality), ("budget", part_budget),
-                      ("decode", part_decode)):
+    for part, run in (("bytes", part_bytes), ("quality", part_quality), ("int8-scales", part_int8_scales),
+                      ("budget", part_budget), ("decode", part_decode)):
         if part in args.parts.split(","):
             report[part] = run(args)
             write_json(report, args.out)
