@@ -331,20 +331,11 @@ def main() -> None:
     parts = args.parts.split(",")
     if "stream" in parts:
         part_stream(args, report)
-    if "decode" in parts:
-        report["decode"] = part_decode(args)
-    if "h2o" in parts:
-        report["h2o"] = part_h2o(args)
-        write_json(report, args.out)
-    if "h2o-granularity" in parts:
-        report["h2o_granularity"] = part_h2o_granularity(args)
-        write_json(report, args.out)
-    if "h2o-budget" in parts:
-        report["h2o_budget"] = part_h2o_budget(args)
-        write_json(report, args.out)
-    if "h2o-decode" in parts:
-        report["h2o_decode"] = part_h2o_decode(args)
-    write_json(report, args.out)
+    for part, run in (("decode", part_decode), ("h2o", part_h2o), ("h2o-granularity", part_h2o_granularity),
+                      ("h2o-budget", part_h2o_budget), ("h2o-decode", part_h2o_decode)):
+        if part in parts:
+            report[part.replace("-", "_")] = run(args)
+            write_json(report, args.out)  # each part as it completes
     print(f"wrote {args.out}")
 
 

@@ -95,21 +95,27 @@ def part_quality(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def fake_int8(x: torch.Tensor, per_block: int | None) -> torch.Tensor:
-    """x [kv_heads, T, D] through symmetric int8 with fp16 scales, one per token or per block of `per_block` tokens
-    (T a multiple of it), and back."""
-    if per_block is None:
+INT8_SCALES = ("none", "token", "block")
+
+
+def fake_int8(x: torch.Tensor, per: str, block_size: int) -> torch.Tensor:
+    """x [kv_heads, T, D] through symmetric int8 with fp16 scales, one per token or per block (T a multiple of the
+    block size), and back; "none": x itself."""
+    if per == "none":
+        return x
+    if per == "token":
         scale = x.abs().amax(-1, keepdim=True)
     else:
-        scale = x.unflatten(1, (-1, per_block)).abs().amax((-2, -1), keepdim=True)
-        scale = scale.expand(-1, -1, per_block, 1).flatten(1, 2)
+        scale = x.unflatten(1, (-1, block_size)).abs().amax((-2, -1), keepdim=True)
+        scale = scale.expand(-1, -1, block_size, 1).flatten(1, 2)
     scale = (scale / 127).half().float()
     codes = torch.where(scale > 0, x / torch.where(scale > 0, scale, 1), 0).round().clamp(-127, 127)
     return codes * scale
 
 
-def int8_scales_ppl(model: Any, ids: list[int], per_block: int | None, block_size: int) -> list[float]:
-    """Logprobs of ids[1:] with every layer's earlier-block K/V rounded through int8 (None: not at all)."""
+def int8_scales_ppl(model: Any, ids: list[int], per: str, block_size: int) -> list[float]:
+    """Logprobs of ids[1:] with every layer's earlier-block K/V rounded through int8 with scales `per` token, block
+    or none."""
     n = len(ids)
     own = torch.arange(n)[:, None] // block_size == torch.arange(n)[None, :] // block_size
     causal = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
@@ -118,8 +124,7 @@ def int8_scales_ppl(model: Any, ids: list[int], per_block: int | None, block_siz
         cfg = model.cfg
         group = cfg.num_heads // cfg.num_kv_heads
         keys, values = k.transpose(0, 1).float(), v.transpose(0, 1).float()  # [Hkv, T, D]
-        quant_keys = keys if per_block == -1 else fake_int8(keys, per_block)
-        quant_values = values if per_block == -1 else fake_int8(values, per_block)
+        quant_keys, quant_values = fake_int8(keys, per, block_size), fake_int8(values, per, block_size)
         queries = q.transpose(0, 1).float().unflatten(0, (cfg.num_kv_heads, group))  # [Hkv, group, T, D]
         scale = cfg.head_dim**-0.5
         scores = torch.where(own, queries @ keys[:, None].transpose(-1, -2),
@@ -140,8 +145,8 @@ def part_int8_scales(args: argparse.Namespace) -> dict[str, Any]:
     ids = llm.tokenizer.encode((SHARED / "tinyshakespeare_first_half.txt").read_text())
     windows = [ids[i * args.ppl_window : (i + 1) * args.ppl_window] for i in range(args.ppl_windows)]
     out: dict[str, Any] = {}
-    for name, per_block in (("full precision", -1), ("int8 per token", None), ("int8 per block", bs)):
-        logprobs = [lp for window in windows for lp in int8_scales_ppl(model, window, per_block, bs)]
+    for name, per in zip(("full precision", "int8 per token", "int8 per block"), INT8_SCALES, strict=True):
+        logprobs = [lp for window in windows for lp in int8_scales_ppl(model, window, per, bs)]
         out[name] = {"ppl": math.exp(-sum(logprobs) / len(logprobs)), "tokens": len(logprobs)}
     base = out["full precision"]["ppl"]
     for name, r in out.items():

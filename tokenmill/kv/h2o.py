@@ -87,10 +87,9 @@ class HeavyHitterBudget:
         dropped.scatter_(1, order[:, : over * bs], True)
         # The blocks to free: those holding the most dropped entries over all lanes (the fewest rows to move).
         per_block = dropped.view(lanes, n, bs).sum(-1)
-        ids, where = tables.unique(return_inverse=True)
+        ids, where = tables.unique(return_inverse=True)  # ascending, so a stable sort breaks ties by lower id
         votes = torch.zeros(len(ids), dtype=torch.long).scatter_add_(0, where.flatten(), per_block.flatten())
-        ranked = sorted(range(len(ids)), key=lambda i: (-int(votes[i]), int(ids[i])))
-        freed = sorted(int(ids[i]) for i in ranked[:over])
+        freed = sorted(ids[(-votes).sort(stable=True).indices[:over]].tolist())
         in_freed = torch.isin(tables, torch.tensor(freed))
         freed_entries = in_freed.repeat_interleave(bs, dim=1)
         # New entry j of a lane is old entry source[lane, j]: the kept blocks' entries in place, then the survivors

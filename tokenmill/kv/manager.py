@@ -134,10 +134,11 @@ class KVCacheManager:
     def add_attention(self, request_id: str, mass: torch.Tensor) -> None:
         """Add one step's attention per lane and entry ([lanes, entries], each lane's entry order as the step's plan
         read its table) to the request's scores."""
-        scores = self.entry_scores(request_id)
-        width = min(scores.shape[1], mass.shape[1])
-        scores[:, :width] += mass[:, :width]
-        self._scores[request_id] = scores
+        held = self._scores.get(request_id)
+        width = min(self.num_entries(request_id), mass.shape[1])
+        if held is None or held.shape[1] < width:  # grown since: new entries start at 0
+            held = self._scores[request_id] = self.entry_scores(request_id)
+        held[:, :width] += mass[:, :width]
 
     def lane_tables(self, request_id: str) -> torch.Tensor | None:
         """Each lane's block table, [lanes, blocks] (a copy), when there are several lanes; None otherwise."""
