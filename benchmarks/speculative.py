@@ -100,6 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-format", choices=WEIGHT_FORMATS, default="float")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--speculative", choices=["ngram", "draft"], default="ngram",
+                   help="the proposer: ngram (prompt lookup) or draft (a draft model, --speculative-model)")
+    p.add_argument("--speculative-model", default=None, help="the draft model's GGUF file (--speculative draft)")
+    p.add_argument("--speculative-weight-format", choices=WEIGHT_FORMATS, default=None,
+                   help="the draft model's weight format (engine default: --weight-format's)")
     p.add_argument("--num-speculative-tokens", type=int, default=5, help="draft tokens per step (K)")
     p.add_argument("--prompt-lookup-min", type=int, default=None, help="shortest n-gram matched (engine default)")
     p.add_argument("--prompt-lookup-max", type=int, default=None, help="longest n-gram matched (engine default)")
@@ -117,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not names:
         p.error(f"unknown categories {sorted(unknown)}; choose from {[c.name for c in CATEGORIES]}")
     args.categories = names
+    if (args.speculative == "draft") != (args.speculative_model is not None):
+        p.error("--speculative draft and --speculative-model go together")
     for name in ("num_prompts", "max_tokens", "max_prompt_tokens", "repeats", "threads", "num_speculative_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -136,8 +143,12 @@ def mode_options(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
     """The only engine options in which the two engines differ."""
     if not speculative:
         return {"speculative": None}
-    options: dict[str, Any] = {"speculative": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
+    options: dict[str, Any] = {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens,
                                "speculative_adaptive": not args.no_adaptive}
+    if args.speculative == "draft":
+        options |= {"speculative_model": args.speculative_model,
+                    "speculative_weight_format": args.speculative_weight_format}
+        return options
     # Unset bounds stay the engine's defaults, which the JSON records from the loaded engine's config.
     for name in ("prompt_lookup_min", "prompt_lookup_max"):
         if getattr(args, name) is not None:

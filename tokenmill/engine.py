@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.attention.backend import AttentionBackend
-from tokenmill.attention.eager import EagerBackend
 from tokenmill.attention.fused_cpu import FusedCPUBackend
 from tokenmill.attention.fused_cpu import supports as fused_step_supports
+from tokenmill.attention.select import plain_backend
 from tokenmill.config import EngineConfig
 from tokenmill.kernels import cpu_kernels
 from tokenmill.kv.cache import KVCache, KVStorage
@@ -41,7 +41,9 @@ from tokenmill.scheduler.clients import ClientUsage
 from tokenmill.scheduler.plan import SeqSamples
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 from tokenmill.spec.adaptive import StepCostModel
+from tokenmill.spec.draft_model import DraftModelProposer
 from tokenmill.spec.ngram import NgramProposer
+from tokenmill.spec.proposer import Proposer
 from tokenmill.spec.speculator import SpecDecodeStats, Speculator
 from tokenmill.structured.grammar import GrammarCompiler
 from tokenmill.structured.masks import StructuredOutputManager, StructuredOutputStats
@@ -120,7 +122,7 @@ class LLMEngine:
         self.runner = ModelRunner(backend, self.model.lm_head, self.kv_cache, self.device, greedy, config.seed,
                                   max_positions=self.model.rope_cos.shape[0], vocab_size=self.model.embed.out_features,
                                   rotation=functools.partial(rope_rotation, self.model_config))
-        self.speculator = self._speculator()
+        self.speculator = self._speculator(gguf_file)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
         # Built for the first grammar (indexing the vocabulary takes a moment), maybe from a server's thread.
         self._structured: StructuredOutputManager | None = None
@@ -136,20 +138,9 @@ class LLMEngine:
                     time.perf_counter() - started, num_blocks, block_size, self.max_positions, packed)
 
     def _backend(self) -> tuple[AttentionBackend, Callable[[torch.Tensor], torch.Tensor] | None]:
-        """The fused CPU step (and the kernels' greedy argmax) unless `enforce_eager`; the eager backend off CPU, for
-        dtypes or head sizes the kernels are not built for, or when they cannot be built here (with a warning)."""
         if isinstance(self.kv_cache, QuantizedKVCache):
             return self._quantized_kv_backend(self.kv_cache)
-        eager = EagerBackend(self.model, self.kv_cache)
-        if self.config.enforce_eager or self.device.type != "cpu" or not fused_step_supports(self.model):
-            return eager, None
-        build = cpu_kernels()
-        if build.module is None:
-            logger.warning("fused CPU step unavailable, running eager steps: %s", build.error)
-            return eager, None
-        logger.info("fused CPU step ready in %.1fs (compiled on first use, then loaded from the cache): ISA level %s, "
-                    "GGUF block tiles for %s", build.seconds, build.isa, build.module.gguf_isa())
-        return FusedCPUBackend(build.module, self.model, self.kv_cache), build.module.greedy
+        return plain_backend(self.model, self.kv_cache, self.device, self.config.enforce_eager)
 
     def _quantized_kv_backend(self, kv: QuantizedKVCache) -> tuple[AttentionBackend, Callable[..., torch.Tensor]]:
         """Only the fused CPU step reads quantized blocks: without it a quantized cache is refused, not emulated."""
@@ -178,11 +169,25 @@ class LLMEngine:
                     "chosen %s; prefix caching and forks off", h2o.budget_blocks, h2o.block_size, h2o.recent_blocks,
                     "per layer and KV head" if self.config.h2o_per_head else "for all layers and heads at once")
 
-    def _speculator(self) -> Speculator | None:
+    def _speculator(self, gguf_file: GGUFFile) -> Speculator | None:
         config = self.config
         if config.speculative is None:
             return None
-        proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        proposer: Proposer
+        if config.speculative == "draft":
+            assert config.speculative_model is not None  # the config checks it
+            weight_format = config.speculative_weight_format or config.weight_format
+            # The CPU kernels of the quantized formats take bf16 activations only (as `resolve_dtype` says).
+            dtype = self.dtype if weight_format == "float" or self.device.type != "cpu" else torch.bfloat16
+            proposer = DraftModelProposer.load(
+                resolve_model_path(config.speculative_model), gguf_file, dtype, self.device,
+                weight_format=weight_format, int4_group_size=config.int4_group_size,
+                prepack=config.prepack_weights, enforce_eager=config.enforce_eager,
+                num_blocks=self.kv_cache.num_blocks, block_size=config.block_size,
+                max_step_tokens=config.max_num_batched_tokens, max_positions=self.max_positions,
+                measure_cost=config.speculative_adaptive)
+        else:
+            proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         cost = None
         if config.speculative_adaptive:
             started = time.perf_counter()
@@ -314,8 +319,13 @@ class LLMEngine:
         """Stop a request now and free its KV blocks; returns its final output, or None for an unknown id."""
         return self._finish(request_id, RequestStatus.FINISHED_ABORTED)
 
+    def _finished(self, request_id: str, status: RequestStatus) -> Request | None:
+        if self.speculator is not None:
+            self.speculator.release(request_id)
+        return self.scheduler.finish(request_id, status)
+
     def _finish(self, request_id: str, status: RequestStatus) -> RequestOutput | None:
-        request = self.scheduler.finish(request_id, status)
+        request = self._finished(request_id, status)
         if request is None:
             return None
         state: RequestState = request.output_state
@@ -400,7 +410,7 @@ class LLMEngine:
             if request.num_output_tokens == 1:  # counted once its prefill completes, as vLLM does
                 self._prompt_tokens += request.num_prompt_tokens
             if status is not None:
-                self.scheduler.finish(request.request_id, status)
+                self._finished(request.request_id, status)
                 break
         return state.take_output(status.value if status is not None else None)
 

@@ -44,8 +44,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fair-input-weight", type=float, default=1.0, help="fair: service charged per prompt token")
     g.add_argument("--fair-output-weight", type=float, default=2.0, help="fair: service charged per output token")
     g = parser.add_argument_group("speculative decoding")
-    g.add_argument("--speculative", default=None, choices=["ngram"],
-                   help="ngram: draft tokens by prompt lookup and verify them in the step (greedy output unchanged)")
+    g.add_argument("--speculative", default=None, choices=["ngram", "draft"],
+                   help="ngram: draft tokens by prompt lookup; draft: by a smaller model (--speculative-model); "
+                        "either way verified in the step (greedy output unchanged)")
+    g.add_argument("--speculative-model", default=None,
+                   help="with --speculative draft: the draft model's GGUF file (same vocabulary as the model)")
+    g.add_argument("--speculative-weight-format", default=None, choices=list(WEIGHT_FORMATS),
+                   help="the draft model's weight format (default: --weight-format's)")
     g.add_argument("--num-speculative-tokens", type=int, default=5, help="most draft tokens per request and step")
     g.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram matched")
     g.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram matched (tried first)")
@@ -85,6 +90,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         num_threads=args.threads, weight_format=args.weight_format, int4_group_size=args.int4_group_size,
         enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights,
         kv_huge_pages=not args.no_kv_huge_pages, speculative=args.speculative,
+        speculative_model=args.speculative_model, speculative_weight_format=args.speculative_weight_format,
         num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
         prompt_lookup_max=args.prompt_lookup_max, speculative_adaptive=not args.no_speculative_adaptive,
         scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, fair_input_weight=args.fair_input_weight,

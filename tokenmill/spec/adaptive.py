@@ -71,24 +71,52 @@ class StepCostModel:
 
 
 def choose_draft_lengths(rates: Sequence[float], available: Sequence[int], base_rows: int,
-                         cost: Callable[[int], float]) -> list[int]:
+                         cost: Callable[[int], float],
+                         draft_cost: Callable[[int, int], float] | None = None) -> list[int]:
     """Draft tokens per request (at most `available[i]`) maximising expected tokens per second.
 
     `rates[i]`: request i's acceptance rate; `base_rows`: the step's rows without drafts (one per decode, plus
     prefill). Request i's j-th draft token adds rates[i]**j expected tokens, so handing them out in order of that
     gain is optimal for any step cost that grows with rows; it stops at the first that does not pay.
+
+    `draft_cost(num_seqs, depth)`: what guessing costs when a model drafts (`Proposer.draft_seconds`): its steps
+    run one depth at a time for every drafting request at once, so the deepest draft sets the number of steps. Such
+    a cost jumps with each new depth, which a one-token-at-a-time choice would never pay for; so each depth is
+    tried with its draft steps paid up front, the tokens up to it handed out as above, and the best depth kept.
     """
+    if draft_cost is None:
+        return _hand_out(rates, available, base_rows, lambda rows, drafting: cost(rows))
+    best, best_rate = [0] * len(rates), len(rates) / cost(base_rows)
+    for depth in range(1, max(available, default=0) + 1):
+        capped = [min(a, depth) for a in available]
+        lengths = _hand_out(rates, capped, base_rows,
+                            lambda rows, drafting, depth=depth: cost(rows) + draft_cost(max(drafting, 1), depth))
+        drafting, deepest = sum(1 for k in lengths if k), max(lengths)
+        if not deepest:
+            continue
+        seconds = cost(base_rows + sum(lengths)) + draft_cost(drafting, deepest)
+        rate = sum(sum(r**j for j in range(k + 1)) for r, k in zip(rates, lengths, strict=True)) / seconds
+        if rate > best_rate:
+            best, best_rate = lengths, rate
+    return best
+
+
+def _hand_out(rates: Sequence[float], available: Sequence[int], base_rows: int,
+              seconds: Callable[[int, int], float]) -> list[int]:
+    """Tokens in order of expected gain while each raises expected tokens per second; `seconds(rows, drafting)`
+    is the step's time with `drafting` requests that have a draft."""
     lengths = [0] * len(rates)
     expected = float(len(rates))  # every decode emits one token without drafts
-    rows = base_rows
+    rows, drafting = base_rows, 0
     heap = [(-rate, i) for i, rate in enumerate(rates) if available[i] > 0]
     heapq.heapify(heap)
     while heap:
         gain, i = heapq.heappop(heap)
-        if (expected - gain) / cost(rows + 1) <= expected / cost(rows):
+        more = drafting + (lengths[i] == 0)
+        if (expected - gain) / seconds(rows + 1, more) <= expected / seconds(rows, drafting):
             break
         expected -= gain
-        rows += 1
+        rows, drafting = rows + 1, more
         lengths[i] += 1
         if lengths[i] < available[i]:
             heapq.heappush(heap, (gain * rates[i], i))

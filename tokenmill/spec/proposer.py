@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """One request's ask in a batched `propose_batch`: at most `max_tokens` guesses after prompt + output."""
+
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    max_tokens: int
 
 
 class Proposer(ABC):
@@ -13,14 +24,23 @@ class Proposer(ABC):
     - `propose(request_id, prompt_token_ids, output_token_ids, max_tokens)` returns at most `max_tokens` token ids
       that could follow prompt + output. It may return fewer, or none when it has no guess. It only reads the lists
       (they belong to the request and grow between calls: tokens are only ever appended, never changed).
-    - It may keep per-request state (an index over the tokens) keyed by `request_id`; `drop(request_id)` releases
-      it, and a later call for the same id starts afresh. The same tokens give the same guesses.
-    - It is cheap next to a model step for a whole batch: it runs for every decoding request every step.
-    - Draft distributions: `one_hot` says the guesses are deterministic (q is one-hot), which the verifier's
-      rejection rule relies on; a sampled drafter would hand back its probabilities instead.
+      `propose_batch` does the same for several requests at once, in order; a drafter that runs a model batches
+      them into its steps.
+    - It may keep per-request state (an index over the tokens, a draft model's KV) keyed by `request_id`;
+      `drop(request_id)` releases it, and a later call for the same id starts afresh. The same tokens give the same
+      guesses. Drafts the target rejected are simply absent from the next call's tokens: the proposer must notice
+      that its state ran ahead of the request and roll it back itself.
+    - `free`: True when guessing costs next to nothing (a lookup), so the speculator asks for the most and trims.
+      False when each guess costs a model step: the speculator then chooses every request's length first (from
+      acceptance rates, the target's step cost and `draft_seconds`) and the proposer fills it whenever it can.
+    - `draft_seconds(num_seqs, depth)`: the time to guess `depth` tokens for each of `num_seqs` requests (0 for a
+      free proposer).
+    - Draft distributions: `one_hot` says the guesses are deterministic given the tokens (q is one-hot), which the
+      verifier's rejection rule relies on; a sampled drafter would hand back its probabilities instead.
     """
 
     one_hot: bool = True
+    free: bool = True
 
     @abstractmethod
     def propose(self, request_id: str, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int],
@@ -28,3 +48,9 @@ class Proposer(ABC):
 
     @abstractmethod
     def drop(self, request_id: str) -> None: ...
+
+    def propose_batch(self, requests: Sequence[DraftRequest]) -> list[list[int]]:
+        return [self.propose(r.request_id, r.prompt_token_ids, r.output_token_ids, r.max_tokens) for r in requests]
+
+    def draft_seconds(self, num_seqs: int, depth: int) -> float:
+        return 0.0

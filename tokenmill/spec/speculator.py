@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from tokenmill.request import Request, RequestStatus
 from tokenmill.scheduler.plan import StepPlan, StepResult
 from tokenmill.spec.adaptive import Acceptance, choose_draft_lengths
-from tokenmill.spec.proposer import Proposer
+from tokenmill.spec.proposer import DraftRequest, Proposer
 
 
 @dataclass
@@ -54,30 +54,48 @@ class Speculator:
                     and r.num_computed_tokens == r.num_tokens - 1]
         # Rows the step has without drafts: prefill chunks too, as far as the token budget lets them in.
         base_rows = min(sum(max(1, r.num_tokens - r.num_computed_tokens) for r in running), self.max_step_tokens)
-        guesses = [self._guess(r) for r in decoding]
+        limits = [self._limit(r) for r in decoding]
+        if self.proposer.free:  # guesses cost nothing: take all there are, then keep what pays
+            guesses = self.proposer.propose_batch(self._asks(decoding, limits))
+            if self.cost is not None:
+                lengths = self._lengths(decoding, [len(g) for g in guesses], base_rows)
+                guesses = [g[:k] for g, k in zip(guesses, lengths, strict=True)]
+        else:  # each guess costs a draft step: decide the lengths first, then have them drafted
+            lengths = self._lengths(decoding, limits, base_rows) if self.cost is not None else limits
+            guesses = self.proposer.propose_batch(self._asks(decoding, lengths))
         if self.cost is not None:
-            tracked = [self._acceptance.setdefault(r.request_id, Acceptance()) for r in decoding]
-            lengths = choose_draft_lengths([a.rate for a in tracked], [len(g) for g in guesses], base_rows,
-                                           self.cost)
-            guesses = [g[:k] for g, k in zip(guesses, lengths, strict=True)]
-            for acceptance, guess in zip(tracked, guesses, strict=True):
+            for request, guess in zip(decoding, guesses, strict=True):
                 if not guess:
-                    acceptance.forget()
+                    self._acceptance.setdefault(request.request_id, Acceptance()).forget()
         for request, guess in zip(decoding, guesses, strict=True):
             request.draft_token_ids = guess
 
-    def _guess(self, request: Request) -> list[int]:
+    def _lengths(self, decoding: Sequence[Request], available: Sequence[int], base_rows: int) -> list[int]:
+        assert self.cost is not None
+        rates = [self._acceptance.setdefault(r.request_id, Acceptance()).rate for r in decoding]
+        return choose_draft_lengths(rates, available, base_rows, self.cost,
+                                    None if self.proposer.free else self.proposer.draft_seconds)
+
+    def _limit(self, request: Request) -> int:
         params = request.params
         # A draft past max_tokens or the context is never used: the target's own token after the drafts is the last.
-        limit = min(self.max_draft_tokens, params.max_tokens - request.num_output_tokens - 1,
-                    self.max_model_len - request.num_tokens - 1)
-        return self.proposer.propose(request.request_id, request.prompt_token_ids, request.output_token_ids, limit)
+        return max(0, min(self.max_draft_tokens, params.max_tokens - request.num_output_tokens - 1,
+                          self.max_model_len - request.num_tokens - 1))
+
+    @staticmethod
+    def _asks(decoding: Sequence[Request], lengths: Sequence[int]) -> list[DraftRequest]:
+        return [DraftRequest(r.request_id, r.prompt_token_ids, r.output_token_ids, k)
+                for r, k in zip(decoding, lengths, strict=True)]
+
+    def release(self, request_id: str) -> None:
+        """The request is finished: its proposer state (a draft model's KV blocks) goes now, not a step later."""
+        self.proposer.drop(request_id)
+        self._acceptance.pop(request_id, None)
 
     def observe(self, plan: StepPlan, result: StepResult) -> None:
         """Count what the step verified and forget finished requests."""
         for request_id in plan.finished_request_ids:
-            self.proposer.drop(request_id)
-            self._acceptance.pop(request_id, None)
+            self.release(request_id)
         emitted = {s.request_id: len(s.token_ids) for s in result.samples}
         for seq in plan.seqs:
             if not seq.draft_token_ids or seq.request_id not in emitted:

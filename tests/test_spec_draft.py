@@ -1,0 +1,194 @@
+"""Draft-model speculation on a tiny random pair (a 2-layer target, a 1-layer draft of the same vocabulary): greedy
+output identical to plain decoding, sampling that keeps the target distribution, the draft's own KV blocks rolled
+back and freed exactly, and a draft that is the target itself accepted every time."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_tiny_gguf
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.attention.fused_cpu import FusedCPUBackend
+from tokenmill.config import EngineConfig
+from tokenmill.model.gguf_file import GGUFFile
+from tokenmill.spec.adaptive import choose_draft_lengths
+from tokenmill.spec.draft_model import DraftModelProposer
+from tokenmill.spec.proposer import DraftRequest
+
+VOCAB = 300
+META = {"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    """Head size 64 (the fused step's); the same random stream makes the draft's embedding the target's."""
+    folder = tmp_path_factory.mktemp("draft")
+    shape = {"hidden": 256, "heads": 4, "kv_heads": 2, "ff": 256, "vocab": VOCAB, "context": 1024, "metadata": META}
+    return (write_tiny_gguf(folder / "target.gguf", layers=2, **shape),
+            write_tiny_gguf(folder / "draft.gguf", layers=1, **shape))
+
+
+def make_llm(model: Path, draft: Path | None, **options: object) -> LLM:
+    base: dict[str, object] = {"dtype": "float32", "device": "cpu", "num_kv_blocks": 256, "block_size": 16}
+    if draft is not None:
+        base |= {"speculative": "draft", "speculative_model": str(draft), "num_speculative_tokens": 4,
+                 "speculative_adaptive": False}
+    return LLM(str(model), **(base | options))
+
+
+def prompts() -> list[list[int]]:
+    return [[(31 * j + 11 * i) % (VOCAB - 1) + 1 for j in range(20 + 13 * i)] for i in range(6)]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def plain(pair) -> LLM:
+    return make_llm(pair[0], None)
+
+
+@pytest.fixture(scope="module")
+def reference(plain) -> list[list[int]]:
+    return [r.token_ids for r in plain.generate(prompts(), GREEDY, use_tqdm=False)]
+
+
+def assert_no_leak(llm: LLM) -> None:
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert not llm.engine.has_unfinished_requests()
+    proposer = llm.engine.speculator.proposer
+    assert proposer.pool.num_free_blocks == proposer.pool.num_blocks and not proposer._seqs
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"max_num_batched_tokens": 24},  # the draft's catch-up and the target's prefill both chunked
+    {"num_kv_blocks": 14},  # target preemption: the draft state of a preempted request is kept or recomputed
+    {"enforce_eager": True},
+], ids=["batched", "chunked", "preempted", "eager"])
+def test_greedy_output_is_identical(pair, reference, options) -> None:
+    llm = make_llm(*pair, **options)
+    if not options.get("enforce_eager"):
+        assert isinstance(llm.engine.runner.backend, FusedCPUBackend) or pytest.skip("fused CPU step not built here")
+    assert [r.token_ids for r in llm.generate(prompts(), GREEDY, use_tqdm=False)] == reference
+    stats = llm.engine.stats()
+    if options.get("num_kv_blocks"):
+        assert stats.num_preemptions > 0
+    assert 0 < stats.spec_decode.num_accepted_tokens < stats.spec_decode.num_draft_tokens
+    assert_no_leak(llm)
+
+
+def test_one_at_a_time_and_stops_inside_a_draft(pair, plain, reference) -> None:
+    llm = make_llm(*pair)
+    for prompt, ref in zip(prompts(), reference, strict=True):
+        assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].token_ids == ref
+        for max_tokens in (1, 3):
+            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            assert llm.generate(prompt, params, use_tqdm=False)[0].token_ids == ref[:max_tokens]
+        stop = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[ref[9]])
+        want = plain.generate(prompt, stop, use_tqdm=False)[0].outputs[0]
+        got = llm.generate(prompt, stop, use_tqdm=False)[0].outputs[0]
+        assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason)
+    assert_no_leak(llm)
+
+
+def test_the_target_as_its_own_draft_is_always_accepted(pair, reference) -> None:
+    """Any error in the draft's KV (a wrong slot, a stale entry after rollback) would make it disagree."""
+    llm = make_llm(pair[0], pair[0])
+    assert [r.token_ids for r in llm.generate(prompts(), GREEDY, use_tqdm=False)] == reference
+    stats = llm.engine.stats().spec_decode
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+    assert_no_leak(llm)
+
+
+def test_sampling_keeps_the_target_distribution(pair, plain) -> None:
+    """The first two sampled tokens (top-k 2: four outcomes) against their probabilities from the plain engine's
+    logprobs; the second is verified against the draft's guess."""
+    prompt = prompts()[1]
+    first = plain.generate(prompt, SamplingParams(temperature=0, max_tokens=1, logprobs=2),
+                           use_tqdm=False)[0].outputs[0].logprobs[0].top
+    target: dict[tuple[int, int], float] = {}
+    z1 = sum(math.exp(lp) for _, lp in first)
+    for t1, lp1 in first:
+        nxt = plain.generate(prompt + [t1], SamplingParams(temperature=0, max_tokens=1, logprobs=2),
+                             use_tqdm=False)[0].outputs[0].logprobs[0].top
+        z2 = sum(math.exp(lp) for _, lp in nxt)
+        for t2, lp2 in nxt:
+            target[(t1, t2)] = math.exp(lp1) / z1 * math.exp(lp2) / z2
+    llm = make_llm(*pair)
+    trials = 600
+    params = [SamplingParams(temperature=1.0, top_k=2, max_tokens=3, ignore_eos=True, seed=i) for i in range(trials)]
+    counts = dict.fromkeys(target, 0)
+    for result in llm.generate([prompt] * trials, params, use_tqdm=False):
+        counts[tuple(result.token_ids[:2])] += 1
+    stats = llm.engine.stats().spec_decode
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # both branches of the rejection rule ran
+    stat = sum((counts[c] - trials * p) ** 2 / (trials * p) for c, p in target.items())
+    assert stat < 16.27, (counts, target)  # chi-square, 3 degrees of freedom: P(stat > 16.27) = 0.001
+    assert_no_leak(llm)
+
+
+def test_adaptive_lengths_with_the_draft_cost_stay_identical(pair, reference) -> None:
+    llm = make_llm(*pair, speculative_adaptive=True)
+    assert llm.engine.speculator.proposer.cost is not None
+    assert [r.token_ids for r in llm.generate(prompts(), GREEDY, use_tqdm=False)] == reference
+    assert_no_leak(llm)
+
+
+def test_a_draft_step_that_costs_more_than_it_saves_is_not_taken() -> None:
+    def target(rows: int) -> float:
+        return 0.1 + 0.001 * rows
+
+    free = choose_draft_lengths([0.8], [5], 1, target)
+    cheap = choose_draft_lengths([0.8], [5], 1, target, lambda n, depth: 0.03 * depth)
+    dear = choose_draft_lengths([0.8], [5], 1, target, lambda n, depth: 0.2 * depth)
+    assert free[0] > cheap[0] > 0 and dear == [0]
+    # one draft step serves the whole batch at a depth: a second request rides along for the target row alone
+    assert choose_draft_lengths([0.9, 0.9], [1, 1], 2, target, lambda n, depth: 0.05 * depth) == [1, 1]
+
+
+def load_proposer(path: Path, num_blocks: int) -> DraftModelProposer:
+    return DraftModelProposer.load(path, GGUFFile(path), torch.float32, torch.device("cpu"), weight_format="float",
+                                   int4_group_size=32, prepack=False, enforce_eager=True, num_blocks=num_blocks,
+                                   block_size=4, max_step_tokens=8, max_positions=1024, measure_cost=False)
+
+
+def test_draft_blocks_roll_back_evict_and_free_exactly(pair) -> None:
+    proposer = load_proposer(pair[1], num_blocks=10)
+    prompt = list(range(1, 11))  # 10 tokens: with 3 guesses, entries 0..11 (the last guess is not fed): 3 blocks
+    first = proposer.propose_batch([DraftRequest("a", prompt, [], 3)])[0]
+    seq = proposer._seqs["a"]
+    assert len(first) == 3 and seq.tokens == prompt + first[:2] and len(seq.blocks) == 3
+    assert proposer.pool.num_free_blocks == 7
+    # the target took the first guess and then its own token: the second guess's entry is rolled back
+    output = [first[0], (first[1] + 1) % VOCAB]
+    again = proposer.propose_batch([DraftRequest("a", prompt, output, 2)])[0]
+    assert seq.tokens == prompt + output + again[:1] and len(seq.blocks) == 4
+    # the same tokens give the same guesses, from a fresh state too
+    fresh = load_proposer(pair[1], num_blocks=10)
+    assert fresh.propose_batch([DraftRequest("x", prompt, output, 2)])[0] == again
+    # a request it was not asked about is let go of when the pool runs short; one that still does not fit gets none
+    big = list(range(1, 25))  # 24 tokens + 2 guesses: 7 blocks, 6 free
+    assert len(proposer.propose_batch([DraftRequest("b", big, [], 2)])[0]) == 2
+    assert "a" not in proposer._seqs and proposer.pool.num_free_blocks == 3
+    got = proposer.propose_batch([DraftRequest("c", big, [], 2), DraftRequest("b", big, [], 2)])
+    assert got[0] == [] and len(got[1]) == 2  # both asked: "b" is not let go of for "c"
+    proposer.drop("b")
+    proposer.drop("c")
+    assert proposer.pool.num_free_blocks == 10 and not proposer._seqs
+
+
+def test_a_draft_with_another_vocabulary_or_no_file_is_refused(pair, tmp_path) -> None:
+    other = write_tiny_gguf(tmp_path / "other.gguf", layers=1, hidden=256, heads=4, kv_heads=2, ff=256,
+                            vocab=VOCAB + 4, context=1024, metadata=META)
+    with pytest.raises(ValueError, match="vocabulary"):
+        make_llm(pair[0], other)
+    with pytest.raises(ValueError, match="speculative_model"):
+        EngineConfig(speculative="draft")
+    with pytest.raises(ValueError, match="speculative_model"):
+        EngineConfig(speculative="ngram", speculative_model=str(pair[1]))

@@ -1,0 +1,213 @@
+"""Draft-model speculation (Leviathan et al. 2023): a second, smaller model with the target's vocabulary guesses the
+next tokens of every decoding request, in batched steps of its own, one depth at a time.
+
+Its KV lives in its own paged cache and block pool, not the target's. A draft block holds the draft's layers and
+heads, so it is not the size of a target block; and with a pool of its own the target's accounting (admission,
+preemption, prefix cache) is exactly what it is without speculation. The pool holds as many tokens as the target's;
+when it runs short, the draft first lets go of requests it was not asked about this step (preempted ones), and then
+gives the requests it still cannot fit no drafts.
+
+Per request the proposer remembers which tokens its cache holds (entry i = token i). Each call keeps the longest
+prefix of those that is still the request's (accepted drafts stay, rejected ones go: that is the rollback), computes
+the rest (the whole prompt on the first call, the tokens emitted since on later ones) with chunks bounded by the
+token budget, and then feeds back its own guesses one step at a time. Guesses are the draft's argmax: deterministic
+given the tokens, so the verifier's one-hot rejection rule keeps sampling lossless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tokenmill.attention.select import plain_backend
+from tokenmill.kv.block_pool import BlockPool
+from tokenmill.kv.cache import KVCache
+from tokenmill.model.config import ModelConfig
+from tokenmill.model.gguf_file import GGUFFile
+from tokenmill.model.loader import load_model
+from tokenmill.runner.model_runner import ModelRunner
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, StepPlan
+from tokenmill.spec.adaptive import StepCostModel
+from tokenmill.spec.proposer import DraftRequest, Proposer
+
+logger = logging.getLogger(__name__)
+
+_ARGMAX = SamplingInputs(SamplingParams(temperature=0.0))
+
+
+@dataclass
+class _DraftSeq:
+    request_id: str
+    tokens: list[int] = field(default_factory=list)  # the tokens whose KV the draft cache holds, entry i = token i
+    blocks: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Work:
+    """One request's part of a call: tokens still to feed the draft model, and the guesses so far."""
+
+    seq: _DraftSeq
+    pending: list[int]
+    wanted: int
+    guesses: list[int] = field(default_factory=list)
+
+
+class DraftModelProposer(Proposer):
+    """`runner`: the draft model's own runner over its own cache of `num_blocks` blocks; `max_step_tokens`: rows per
+    draft step (the engine's token budget); `cost`: seconds of one draft step by its number of sequences, for
+    adaptive draft lengths."""
+
+    free = False
+
+    def __init__(self, runner: ModelRunner, num_blocks: int, block_size: int, max_step_tokens: int,
+                 max_positions: int, cost: StepCostModel | None = None) -> None:
+        self.runner = runner
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.max_step_tokens = max_step_tokens
+        self.max_positions = max_positions
+        self.cost = cost
+        self._seqs: dict[str, _DraftSeq] = {}  # least recently asked first
+        self._released: list[str] = []  # dropped since the last draft step: the runner hears of them then
+
+    @classmethod
+    def load(cls, path: str | Path, target: GGUFFile, dtype: torch.dtype, device: torch.device, *,
+             weight_format: str, int4_group_size: int, prepack: bool, enforce_eager: bool, num_blocks: int,
+             block_size: int, max_step_tokens: int, max_positions: int, measure_cost: bool) -> DraftModelProposer:
+        """The draft model at `path` for the `target` model's file: same vocabulary (checked token by token), the
+        target's dtype and weight format, `num_blocks` KV blocks of its own."""
+        started = time.perf_counter()
+        gguf_file = GGUFFile(path)
+        check_same_vocabulary(gguf_file, target)
+        cfg = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
+        positions = min(max_positions, cfg.max_position, num_blocks * block_size)
+        model = load_model(gguf_file, dtype, device, weight_format, int4_group_size, max_positions=positions)
+        if prepack:
+            model.prepack_weights()
+        kv_cache = KVCache(cfg, num_blocks, block_size, dtype, device)
+        backend, greedy = plain_backend(model, kv_cache, device, enforce_eager)
+        runner = ModelRunner(backend, model.lm_head, kv_cache, device, greedy,
+                             max_positions=model.rope_cos.shape[0], vocab_size=model.embed.out_features)
+        cost = None
+        if measure_cost:
+            counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max(2, min(max_step_tokens, 64))]
+            cost = StepCostModel.measure(lambda n: runner.time_rows(n, rows_per_seq=1), counts, repeats=2)
+        logger.info("draft model %s (%d layers, %s): %d KV blocks of its own, loaded in %.1fs%s", Path(path).name,
+                    cfg.num_layers, type(backend).__name__, num_blocks, time.perf_counter() - started,
+                    "" if cost is None else ", one step " + ", ".join(
+                        f"{n} seqs {t * 1e3:.1f} ms" for n, t in zip(cost.rows, cost.seconds, strict=True)))
+        return cls(runner, num_blocks, block_size, max_step_tokens, positions, cost)
+
+    def propose(self, request_id: str, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int],
+                max_tokens: int) -> list[int]:
+        return self.propose_batch([DraftRequest(request_id, prompt_token_ids, output_token_ids, max_tokens)])[0]
+
+    def drop(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None:
+            self.pool.free(seq.blocks)
+            self._released.append(request_id)
+
+    def draft_seconds(self, num_seqs: int, depth: int) -> float:
+        if self.cost is None or not num_seqs or not depth:
+            return 0.0
+        return depth * self.cost(num_seqs)
+
+    def propose_batch(self, requests: Sequence[DraftRequest]) -> list[list[int]]:
+        asked = {r.request_id for r in requests if r.max_tokens > 0}
+        work: dict[int, _Work] = {}
+        for i, request in enumerate(requests):
+            item = self._prepare(request, asked)
+            if item is not None:
+                work[i] = item
+        items = list(work.values())
+        self._catch_up(items)
+        for depth in range(1, max((w.wanted for w in items), default=0)):
+            deeper = [w for w in items if w.wanted > depth]
+            for w in deeper:
+                w.pending = [w.guesses[-1]]
+            self._catch_up(deeper)
+        return [work[i].guesses if i in work else [] for i in range(len(requests))]
+
+    def _prepare(self, request: DraftRequest, asked: set[str]) -> _Work | None:
+        """Roll the request's draft state back to the tokens it still shares with the request and reserve the KV
+        the call needs; None when it gets no drafts."""
+        tokens = [*request.prompt_token_ids, *request.output_token_ids]
+        # Guess j is computed from the token at position len(tokens) - 2 + j, which must have a RoPE position.
+        wanted = min(request.max_tokens, self.max_positions - len(tokens) + 1)
+        if wanted <= 0 or not tokens:
+            return None
+        seq = self._seqs.pop(request.request_id, None) or _DraftSeq(request.request_id)
+        self._seqs[request.request_id] = seq  # most recently asked last
+        kept = 0
+        for mine, theirs in zip(seq.tokens, tokens, strict=False):
+            if mine != theirs:
+                break
+            kept += 1
+        del seq.tokens[min(kept, len(tokens) - 1):]  # the last token is always fed: its logits give guess 1
+        if not self._reserve(seq, len(tokens) + wanted - 1, asked):
+            return None
+        return _Work(seq, tokens[len(seq.tokens):], wanted)
+
+    def _reserve(self, seq: _DraftSeq, entries: int, asked: set[str]) -> bool:
+        need = -(-entries // self.block_size) - len(seq.blocks)
+        if need <= 0:
+            return True
+        for request_id in [r for r in self._seqs if r not in asked]:
+            if self.pool.num_free_blocks >= need:
+                break
+            self.drop(request_id)
+        if self.pool.num_free_blocks < need:
+            return False
+        seq.blocks.extend(self.pool.allocate(need))
+        return True
+
+    def _catch_up(self, items: list[_Work]) -> None:
+        """Feed every item's pending tokens through the draft model, in steps of at most `max_step_tokens` rows;
+        each item's last fed token yields its next guess."""
+        while any(w.pending for w in items):
+            step, budget = [], self.max_step_tokens
+            for w in items:
+                if w.pending and budget:
+                    take = min(len(w.pending), budget)
+                    step.append((w, w.pending[:take], take == len(w.pending)))
+                    w.pending = w.pending[take:]
+                    budget -= take
+            guesses = self._run(step)
+            for w, _, last in step:
+                if last:
+                    w.guesses.append(guesses[w.seq.request_id])
+
+    def _run(self, step: list[tuple[_Work, list[int], bool]]) -> dict[str, int]:
+        seqs, token_ids, positions, slots = [], [], [], []
+        bs = self.block_size
+        for w, new, sample in step:
+            seq = w.seq
+            start, end = len(seq.tokens), len(seq.tokens) + len(new)
+            seqs.append(ScheduledSeq(seq.request_id, len(token_ids), len(new), end, tuple(seq.blocks), int(sample),
+                                     _ARGMAX if sample else None))
+            token_ids += new
+            positions += range(start, end)
+            slots += [seq.blocks[p // bs] * bs + p % bs for p in range(start, end)]
+            seq.tokens += new
+        plan = StepPlan(tuple(seqs), tuple(token_ids), tuple(positions), tuple(slots),
+                        finished_request_ids=tuple(self._released))
+        self._released = []
+        result = self.runner.execute(plan)
+        return {s.request_id: s.token_ids[0] for s in result.samples}
+
+
+def check_same_vocabulary(draft: GGUFFile, target: GGUFFile) -> None:
+    """A draft's token ids must mean the target's: the same token strings in the same order."""
+    key = "tokenizer.ggml.tokens"
+    mine, theirs = draft.metadata.get(key), target.metadata.get(key)
+    if mine is None or theirs is None or list(mine) != list(theirs):
+        size = "?" if mine is None else len(mine)
+        raise ValueError(f"the draft model's vocabulary ({size} tokens) is not the target's "
+                         f"({'?' if theirs is None else len(theirs)} tokens): its token ids would mean other tokens")
