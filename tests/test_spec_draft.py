@@ -18,6 +18,7 @@ from tokenmill.model.gguf_file import GGUFFile
 from tokenmill.spec.adaptive import choose_draft_lengths
 from tokenmill.spec.draft_model import DraftModelProposer
 from tokenmill.spec.proposer import DraftRequest
+from tokenmill.spec.self_draft import cached_calibration, calibrate, candidates, promised_speedup, subset_model
 
 VOCAB = 300
 META = {"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0}
@@ -192,3 +193,51 @@ def test_a_draft_with_another_vocabulary_or_no_file_is_refused(pair, tmp_path) -
         EngineConfig(speculative="draft")
     with pytest.raises(ValueError, match="speculative_model"):
         EngineConfig(speculative="ngram", speculative_model=str(pair[1]))
+
+
+# ---- self-speculation: the target's own layers draft ----------------------------------------------------------
+
+
+def test_self_draft_with_a_layer_subset_is_identical(pair, reference) -> None:
+    llm = make_llm(pair[0], None, speculative="self", speculative_layers=(0,), num_speculative_tokens=4,
+                   speculative_adaptive=False)
+    draft = llm.engine.speculator.proposer.runner.backend.model
+    assert draft.cfg.num_layers == 1 and draft.layers[0] is llm.engine.model.layers[0]  # shared, not copied
+    assert [r.token_ids for r in llm.generate(prompts(), GREEDY, use_tqdm=False)] == reference
+    assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+    assert_no_leak(llm)
+
+
+def test_candidates_and_promised_speedup() -> None:
+    assert candidates(12) == [(0, 1, 2), (0, 1, 2, 3), tuple(range(6)), tuple(range(8)), tuple(range(9)),
+                              (0, 1, 2, 4, 6, 8, 10, 11), (0, 1, 2, 5, 8, 10, 11)]
+    assert promised_speedup(0.0, 0.1, 5) == (1.0, 0)
+    # α = 0.5, c = 0.1: k = 1 gives 1.5 / 1.1 = 1.36, k = 2 1.75 / 1.2 = 1.46, k = 3 1.875 / 1.3 = 1.44
+    value, k = promised_speedup(0.5, 0.1, 5)
+    assert k == 2 and value == pytest.approx(1.75 / 1.2)
+    with pytest.raises(ValueError, match="increasing"):
+        EngineConfig(speculative="self", speculative_layers=(1, 0))
+    with pytest.raises(ValueError, match="increasing"):
+        EngineConfig(speculative="ngram", speculative_layers=(0,))
+
+
+def test_calibration_scores_subsets_and_is_cached(pair, tmp_path) -> None:
+    model = make_llm(pair[0], None).engine.model
+    tokens = [(7 * i) % (VOCAB - 1) + 1 for i in range(64)]
+    result = calibrate(model, tokens, 4, [(0,), (1,), (0, 1)])
+    rows = {c.layers: c for c in result.table}
+    assert rows[(0, 1)].agreement == 1.0  # every layer: the target itself
+    assert rows[(0,)].cost < rows[(0, 1)].cost == pytest.approx(1.0)
+    assert result.layers == max(result.table, key=lambda c: c.speedup).layers
+    with pytest.raises(ValueError, match="increasing"):
+        subset_model(model, [0, 2])
+    calls = []
+
+    def encode(text: str) -> list[int]:
+        calls.append(text)
+        return [(ord(ch) % (VOCAB - 1)) + 1 for ch in text[:200]]
+
+    first = cached_calibration(model, "tiny|key", encode, 4, cache=tmp_path)
+    again = cached_calibration(model, "tiny|key", encode, 4, cache=tmp_path)
+    assert first == again and len(calls) == 1 and len(list(tmp_path.iterdir())) == 1
+    assert "def calibrate" in calls[0]  # the calibration text is tokenmill's own source

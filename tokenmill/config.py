@@ -14,7 +14,7 @@ from tokenmill.kv.streaming import StreamingWindow
 # (the CLI, the server) does not depend on the model code.
 WEIGHT_FORMATS = ("float", "int8", "int4", "gguf")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-SPECULATIVE_METHODS = (None, "ngram", "draft")
+SPECULATIVE_METHODS = (None, "ngram", "draft", "self")
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "sjf")
 
 # Names accepted for a dtype wherever one is configured (engine, benchmarks).
@@ -53,13 +53,15 @@ class EngineConfig:
     seed: int = 0
     # Speculative decoding (tokenmill/spec): None (off), "ngram" (prompt lookup: guesses copied from earlier in the
     # prompt or output, longest match of prompt_lookup_max down to prompt_lookup_min tokens) or "draft" (a smaller
-    # model with the same vocabulary, the GGUF file speculative_model, guesses greedily with a KV cache of its own),
-    # verified losslessly.
+    # model with the same vocabulary, the GGUF file speculative_model, guesses greedily with a KV cache of its own)
+    # or "self" (a subset of the model's own layers drafts: speculative_layers, or chosen by a calibration pass and
+    # cached), verified losslessly.
     speculative: str | None = None
     speculative_model: str | None = None
     # The draft model's weight format (default: the target's); a quantized draft runs with bf16 activations, which
     # its own KV cache lets it do beside a float32 target.
     speculative_weight_format: str | None = None
+    speculative_layers: tuple[int, ...] | None = None
     num_speculative_tokens: int = 5  # the most draft tokens a request gets per step
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
@@ -126,6 +128,10 @@ class EngineConfig:
             raise ValueError(f"speculative must be one of {SPECULATIVE_METHODS}, got {self.speculative!r}")
         if (self.speculative == "draft") != (self.speculative_model is not None):
             raise ValueError("speculative='draft' and speculative_model go together: the draft model is a GGUF file")
+        if self.speculative_layers is not None and (self.speculative != "self" or not self.speculative_layers or list(
+                self.speculative_layers) != sorted(set(self.speculative_layers)) or self.speculative_layers[0] < 0):
+            raise ValueError("speculative_layers are increasing layer indices, for speculative='self', got "
+                             f"{self.speculative_layers}")
         if self.speculative_weight_format not in (None, *WEIGHT_FORMATS):
             raise ValueError(f"speculative_weight_format must be one of {WEIGHT_FORMATS}, got "
                              f"{self.speculative_weight_format!r}")

@@ -44,6 +44,7 @@ from tokenmill.spec.adaptive import StepCostModel
 from tokenmill.spec.draft_model import DraftModelProposer
 from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.proposer import Proposer
+from tokenmill.spec.self_draft import cached_calibration, subset_model
 from tokenmill.spec.speculator import SpecDecodeStats, Speculator
 from tokenmill.structured.grammar import GrammarCompiler
 from tokenmill.structured.masks import StructuredOutputManager, StructuredOutputStats
@@ -186,6 +187,8 @@ class LLMEngine:
                 num_blocks=self.kv_cache.num_blocks, block_size=config.block_size,
                 max_step_tokens=config.max_num_batched_tokens, max_positions=self.max_positions,
                 measure_cost=config.speculative_adaptive)
+        elif config.speculative == "self":
+            proposer = self._self_draft()
         else:
             proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         cost = None
@@ -201,6 +204,25 @@ class LLMEngine:
                         time.perf_counter() - started, table)
         return Speculator(proposer, config.num_speculative_tokens, self.max_model_len, config.max_num_batched_tokens,
                           cost)
+
+    def _self_draft(self) -> DraftModelProposer:
+        config = self.config
+        layers = config.speculative_layers
+        if layers is None:
+            key = (f"{self.model_path.name}|{self.model_path.stat().st_size}|{self.dtype}|"
+                   f"{self._weight_format_name()}")
+            calibration = cached_calibration(self.model, key, self.tokenizer.encode, config.num_speculative_tokens)
+            layers = calibration.layers
+            best = max(calibration.table, key=lambda c: c.speedup)
+            logger.info("self-speculation drafts with layers %s: agreement %.2f at %.2f of a step's bytes promises "
+                        "%.2fx", list(layers), best.agreement, best.cost, best.speedup)
+        if layers[-1] >= self.model_config.num_layers:
+            raise ValueError(f"speculative_layers {list(layers)} name a layer the model's "
+                             f"{self.model_config.num_layers} do not have")
+        return DraftModelProposer.for_model(
+            subset_model(self.model, layers), self.device, enforce_eager=config.enforce_eager,
+            num_blocks=self.kv_cache.num_blocks, block_size=config.block_size,
+            max_step_tokens=config.max_num_batched_tokens, measure_cost=config.speculative_adaptive)
 
     @property
     def structured(self) -> StructuredOutputManager:

@@ -44,9 +44,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fair-input-weight", type=float, default=1.0, help="fair: service charged per prompt token")
     g.add_argument("--fair-output-weight", type=float, default=2.0, help="fair: service charged per output token")
     g = parser.add_argument_group("speculative decoding")
-    g.add_argument("--speculative", default=None, choices=["ngram", "draft"],
+    g.add_argument("--speculative", default=None, choices=["ngram", "draft", "self"],
                    help="ngram: draft tokens by prompt lookup; draft: by a smaller model (--speculative-model); "
-                        "either way verified in the step (greedy output unchanged)")
+                        "self: by a subset of the model's own layers; verified in the step (greedy output unchanged)")
+    g.add_argument("--speculative-layers", default=None, type=lambda text: tuple(int(v) for v in text.split(",")),
+                   help="with --speculative self: the layers that draft, e.g. 0,1,2,3 (default: calibrated)")
     g.add_argument("--speculative-model", default=None,
                    help="with --speculative draft: the draft model's GGUF file (same vocabulary as the model)")
     g.add_argument("--speculative-weight-format", default=None, choices=list(WEIGHT_FORMATS),
@@ -91,6 +93,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights,
         kv_huge_pages=not args.no_kv_huge_pages, speculative=args.speculative,
         speculative_model=args.speculative_model, speculative_weight_format=args.speculative_weight_format,
+        speculative_layers=args.speculative_layers,
         num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
         prompt_lookup_max=args.prompt_lookup_max, speculative_adaptive=not args.no_speculative_adaptive,
         scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, fair_input_weight=args.fair_input_weight,

@@ -29,6 +29,7 @@ from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.cache import KVCache
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile
+from tokenmill.model.llama import LlamaModel
 from tokenmill.model.loader import load_model
 from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.sampling_params import SamplingParams
@@ -90,7 +91,17 @@ class DraftModelProposer(Proposer):
         model = load_model(gguf_file, dtype, device, weight_format, int4_group_size, max_positions=positions)
         if prepack:
             model.prepack_weights()
-        kv_cache = KVCache(cfg, num_blocks, block_size, dtype, device)
+        proposer = cls.for_model(model, device, enforce_eager=enforce_eager, num_blocks=num_blocks,
+                                 block_size=block_size, max_step_tokens=max_step_tokens, measure_cost=measure_cost)
+        logger.info("draft model %s loaded in %.1fs", Path(path).name, time.perf_counter() - started)
+        return proposer
+
+    @classmethod
+    def for_model(cls, model: LlamaModel, device: torch.device, *, enforce_eager: bool, num_blocks: int,
+                  block_size: int, max_step_tokens: int, measure_cost: bool) -> DraftModelProposer:
+        """A proposer drafting with `model` (loaded, or the target's own layers: spec/self_draft.py) over a KV
+        cache of `num_blocks` blocks of its own."""
+        kv_cache = KVCache(model.cfg, num_blocks, block_size, model.dtype, device)
         backend, greedy = plain_backend(model, kv_cache, device, enforce_eager)
         runner = ModelRunner(backend, model.lm_head, kv_cache, device, greedy,
                              max_positions=model.rope_cos.shape[0], vocab_size=model.embed.out_features)
@@ -98,11 +109,10 @@ class DraftModelProposer(Proposer):
         if measure_cost:
             counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max(2, min(max_step_tokens, 64))]
             cost = StepCostModel.measure(lambda n: runner.time_rows(n, rows_per_seq=1), counts, repeats=2)
-        logger.info("draft model %s (%d layers, %s): %d KV blocks of its own, loaded in %.1fs%s", Path(path).name,
-                    cfg.num_layers, type(backend).__name__, num_blocks, time.perf_counter() - started,
-                    "" if cost is None else ", one step " + ", ".join(
+        logger.info("draft: %d layers on %s, %d KV blocks of its own%s", model.cfg.num_layers,
+                    type(backend).__name__, num_blocks, "" if cost is None else ", one step " + ", ".join(
                         f"{n} seqs {t * 1e3:.1f} ms" for n, t in zip(cost.rows, cost.seconds, strict=True)))
-        return cls(runner, num_blocks, block_size, max_step_tokens, positions, cost)
+        return cls(runner, num_blocks, block_size, max_step_tokens, model.rope_cos.shape[0], cost)
 
     def propose(self, request_id: str, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int],
                 max_tokens: int) -> list[int]:
