@@ -100,8 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-format", choices=WEIGHT_FORMATS, default="float")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    p.add_argument("--speculative", choices=["ngram", "draft"], default="ngram",
-                   help="the proposer: ngram (prompt lookup) or draft (a draft model, --speculative-model)")
+    p.add_argument("--speculative", choices=["ngram", "draft", "self"], default="ngram",
+                   help="the proposer: ngram (prompt lookup), draft (a draft model, --speculative-model) or self "
+                        "(a subset of the model's layers: --speculative-layers, or calibrated)")
+    p.add_argument("--speculative-layers", default=None, type=lambda t: tuple(int(v) for v in t.split(",")),
+                   help="--speculative self: the drafting layers (default: the engine's calibration)")
     p.add_argument("--speculative-model", default=None, help="the draft model's GGUF file (--speculative draft)")
     p.add_argument("--speculative-weight-format", choices=WEIGHT_FORMATS, default=None,
                    help="the draft model's weight format (engine default: --weight-format's)")
@@ -110,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-lookup-max", type=int, default=None, help="longest n-gram matched (engine default)")
     p.add_argument("--no-adaptive", action="store_true", help="speculative_adaptive=False")
     p.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
+    p.add_argument("--llama-speculative", type=Path, default=None,
+                   help="llama.cpp's llama-speculative binary: the peer for --speculative draft")
     p.add_argument("--output", default="benchmarks/results/speculative.json")
     args = p.parse_args(argv)
     if args.quick:  # options given explicitly win over the preset
@@ -149,6 +154,8 @@ def mode_options(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
         options |= {"speculative_model": args.speculative_model,
                     "speculative_weight_format": args.speculative_weight_format}
         return options
+    if args.speculative == "self":
+        return options | {"speculative_layers": args.speculative_layers}
     # Unset bounds stay the engine's defaults, which the JSON records from the loaded engine's config.
     for name in ("prompt_lookup_min", "prompt_lookup_max"):
         if getattr(args, name) is not None:
@@ -383,22 +390,89 @@ class LlamaCppPeer:
     def run(self, lookup: bool, prompts: list[list[int]], max_tokens: int,
             stop: frozenset[int]) -> tuple[Run, list[list[int]]]:
         llm = self.lookup if lookup else self.plain
-        llm.reset()  # no reuse of the previous run's last sequence, as tokenmill's prefix cache is reset
         before = dict(self.draft.counts)
+        run, outputs = self._timed(llm, prompts, max_tokens, stop)
+        if lookup:
+            run["spec_decode"] = {k: self.draft.counts[k] - before[k] for k in SPEC_COUNTERS}
+        return run, outputs
+
+    def _timed(self, llm: Any, prompts: list[list[int]], max_tokens: int,
+               stop: frozenset[int]) -> tuple[Run, list[list[int]]]:
+        llm.reset()  # no reuse of the previous run's last sequence, as tokenmill's prefix cache is reset
         outputs, requests = [], []
         start = time.perf_counter()
         for prompt in prompts:
-            self.draft.forget_pending()
+            if llm is not self.plain:
+                self.draft.forget_pending()
             sent = time.perf_counter()
             tokens, first = self._generate(llm, prompt, max_tokens, stop)
             requests.append({"sent": sent, "first": first if tokens else None, "end": time.perf_counter(),
                              "tokens": len(tokens)})
             outputs.append(tokens)
-        wall = time.perf_counter() - start
-        run = single_stream_metrics(requests, wall)
-        if lookup:
-            run["spec_decode"] = {k: self.draft.counts[k] - before[k] for k in SPEC_COUNTERS}
-        return run, outputs
+        return single_stream_metrics(requests, time.perf_counter() - start), outputs
+
+
+class LlamaSpeculativePeer(LlamaCppPeer):
+    """llama.cpp's draft-model speculation: its `llama-speculative` tool (built from the llama-cpp-python sdist's
+    vendor/llama.cpp, `--llama-speculative PATH`) on the same target and draft GGUFs, one process per prompt; its
+    plain side is llama-cpp-python in process, as for prompt lookup. The tool tokenizes the prompt text itself and
+    reports no token ids, so its runs carry the times and counts it prints, and no agreement with the plain run."""
+
+    def __init__(self, path: Path, args: argparse.Namespace, n_ctx: int, tool: Path, tokenizer: Tokenizer) -> None:
+        from llama_cpp import Llama
+
+        self.plain = Llama(model_path=str(path), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=n_ctx,
+                           n_batch=512, verbose=False)
+        self.tool, self.path, self.args, self.n_ctx, self.tokenizer = tool, path, args, n_ctx, tokenizer
+        self.description = {"n_ctx": n_ctx, "n_threads": args.threads, "tool": str(tool),
+                            "draft_model": args.speculative_model, "spec_draft_n_max": args.num_speculative_tokens,
+                            "weights": "the GGUFs' own quantized blocks"}
+
+    def warm_up(self) -> None:
+        self._generate(self.plain, [200, 300, 400, 500] * 4, 16, frozenset())
+
+    def run(self, lookup: bool, prompts: list[list[int]], max_tokens: int,
+            stop: frozenset[int]) -> tuple[Run, list[list[int]] | None]:
+        if not lookup:
+            return self._timed(self.plain, prompts, max_tokens, stop)
+        import subprocess
+        import tempfile
+
+        totals = dict.fromkeys(("prompt_s", "decode_s", "decoded", *SPEC_COUNTERS), 0.0)
+        for prompt in prompts:
+            with tempfile.NamedTemporaryFile("w", suffix=".txt") as fh:
+                fh.write(self.tokenizer.decode(prompt))
+                fh.flush()
+                command = [str(self.tool), "-m", str(self.path), "-md", self.args.speculative_model, "-f", fh.name,
+                           "-n", str(max_tokens), "--temp", "0", "-t", str(self.args.threads), "-td",
+                           str(self.args.threads), "-c", str(self.n_ctx), "--spec-draft-n-max",
+                           str(self.args.num_speculative_tokens), *(["--ignore-eos"] if not stop else [])]
+                env = os.environ | {"LD_LIBRARY_PATH": str(self.tool.parent)}
+                out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+            text = out.stdout + out.stderr
+            encoded = _tool_line(text, r"encoded\s+(\d+) tokens in\s+([\d.]+) seconds")
+            decoded = _tool_line(text, r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds")
+            totals["prompt_s"] += encoded[1]
+            totals["decode_s"] += decoded[1]
+            totals["decoded"] += decoded[0]
+            drafted, accepted = (_tool_line(text, rf"{k}\s+=\s+(\d+)")[0] for k in ("n_drafted", "n_accept"))
+            totals["num_draft_tokens"] += drafted
+            totals["num_accepted_tokens"] += accepted
+            totals["num_drafts"] += _tool_line(text, r"n_predict\s+=\s+(\d+)")[0] - accepted  # steps (approx.)
+        wall = totals["prompt_s"] + totals["decode_s"]
+        run = {"wall_s": wall, "requests": len(prompts), "output_tokens": int(totals["decoded"]),
+               "output_tok_per_s": totals["decoded"] / wall, "decode_tok_per_s": totals["decoded"] / totals["decode_s"],
+               "ttft_ms_median": None, "spec_decode": {k: int(totals[k]) for k in SPEC_COUNTERS}}
+        return run, None
+
+
+def _tool_line(text: str, pattern: str) -> tuple[float, ...]:
+    import re
+
+    match = re.search(pattern, text)
+    if match is None:
+        raise RuntimeError(f"llama-speculative printed no line matching {pattern!r}:\n{text[-2000:]}")
+    return tuple(float(g) for g in match.groups())
 
 
 def make_peer(args: argparse.Namespace, path: Path, workload: dict[str, list[list[int]]],
@@ -414,6 +488,13 @@ def make_peer(args: argparse.Namespace, path: Path, workload: dict[str, list[lis
         return None, "llama_cpp not importable"
     longest = max(len(p) for pool in workload.values() for p in pool[:args.num_prompts])
     n_ctx = 256 * math.ceil((longest + args.max_tokens + args.num_speculative_tokens + 16) / 256)
+    if args.speculative == "self":
+        return None, "llama.cpp has no self-speculation to run beside it"
+    if args.speculative == "draft":
+        if args.llama_speculative is None:
+            return None, "no --llama-speculative tool given (llama.cpp's draft-model speculation)"
+        return LlamaSpeculativePeer(path, args, n_ctx, args.llama_speculative,
+                                    spec.engine.tokenizer), None
     # Same draft length and longest n-gram as tokenmill's drafter; llama-cpp-python's own defaults otherwise.
     config = spec.engine.config
     num_pred = getattr(config, "num_speculative_tokens", None) or args.num_speculative_tokens
@@ -622,7 +703,7 @@ def main(argv: list[str] | None = None) -> None:
                 if llama_runs["plain"]:
                     agree = [first_difference(a, b) is None for p_outs, l_outs in
                              zip(llama_outputs["plain"], llama_outputs["lookup"], strict=True)
-                             for a, b in zip(p_outs, l_outs, strict=True)]
+                             if l_outs is not None for a, b in zip(p_outs, l_outs, strict=True)]
                     entry["llama_cpp"] = {
                         "runs": llama_runs, "summary": {m: summarize_runs(r) for m, r in llama_runs.items()},
                         "speedup": paired(llama_runs["plain"], llama_runs["lookup"], "output_tok_per_s"),
@@ -644,12 +725,24 @@ def main(argv: list[str] | None = None) -> None:
     report = {"benchmark": "speculative", "args": vars(args), "machine": machine,
               "engines": {mode: dataclasses.asdict(llm.engine.config) for mode, llm in engines.items()},
               "llama_cpp": peer.description if peer is not None else {"skipped": peer_skipped},
+              "step_time_models": step_time_models(engines["speculative"]),
               "prompt_token_limit": limit, "workload": workload_info,
               "results": results, "mismatches": mismatches, "load_average_at_end": load_average()}
     write_json(report, Path(args.output))
     print(f"wrote {args.output}")
     if mismatches:
         sys.exit(1)
+
+
+def step_time_models(llm: LLM) -> dict[str, Any]:
+    """The start-up timings adaptive lengths use: the target's step by rows, a draft model's step by sequences."""
+    speculator = getattr(llm.engine, "speculator", None)
+    out = {}
+    for name, model in (("target_by_rows", getattr(speculator, "cost", None)),
+                        ("draft_by_seqs", getattr(getattr(speculator, "proposer", None), "cost", None))):
+        if model is not None:
+            out[name] = dict(zip(model.rows, model.seconds, strict=True))
+    return out
 
 
 def print_notes(args: argparse.Namespace, machine: dict[str, Any], results: dict[int, dict[str, Any]],
@@ -664,7 +757,12 @@ def print_notes(args: argparse.Namespace, machine: dict[str, Any], results: dict
           "decode phase only, after each first token); acceptance = accepted / drafted tokens; mean acc. len = "
           "1 + accepted / verify steps with a draft; identical = speculative outputs equal to plain ones token for "
           "token (prompt × repeat)")
-    if peer is not None:
+    if isinstance(peer, LlamaSpeculativePeer):
+        print(f"llama.cpp: plain = llama-cpp-python {machine['versions'].get('llama_cpp_python')} in process; "
+              f"speculative = its vendored llama-speculative with the same draft GGUF and --spec-draft-n-max "
+              f"{args.num_speculative_tokens}, times as the tool reports them (prompt + decode, loading excluded); "
+              "its drafts per step are counted approximately (n_predict - n_accept)")
+    elif peer is not None:
         print(f"llama.cpp: llama-cpp-python {machine['versions'].get('llama_cpp_python')}, "
               f"LlamaPromptLookupDecoding(num_pred_tokens={peer.description['num_pred_tokens']}, "
               f"max_ngram_size={peer.description['max_ngram_size']}) on the GGUF's quantized weights; tokenmill runs "

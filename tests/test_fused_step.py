@@ -216,8 +216,8 @@ def test_fused_engine_with_chunked_prefill_matches_the_eager_engine(model_path, 
 
 def test_engine_runs_eager_steps_with_a_warning_when_the_kernels_cannot_build(model_path, monkeypatch,
                                                                                caplog) -> None:
-    monkeypatch.setattr("tokenmill.engine.cpu_kernels", lambda: KernelBuild(None, 0.0, "no C++ compiler"))
-    with caplog.at_level(logging.WARNING, logger="tokenmill.engine"):
+    monkeypatch.setattr("tokenmill.attention.select.cpu_kernels", lambda: KernelBuild(None, 0.0, "no C++ compiler"))
+    with caplog.at_level(logging.WARNING, logger="tokenmill.attention.select"):
         llm = LLM(str(model_path), dtype="float32", device="cpu", num_kv_blocks=64)
     assert isinstance(llm.engine.runner.backend, EagerBackend)
     assert "no C++ compiler" in caplog.text

@@ -347,6 +347,6 @@ def test_engine_refuses_h2o_without_what_it_needs(tiny_model, monkeypatch) -> No
         with pytest.raises(ValueError, match=match):
             EngineConfig(**options)
     # Without the kernels nothing adds up the attention: refused, not run blind.
-    monkeypatch.setattr("tokenmill.engine.cpu_kernels", lambda: KernelBuild(None, 0.0, "no C++ compiler"))
+    monkeypatch.setattr("tokenmill.attention.select.cpu_kernels", lambda: KernelBuild(None, 0.0, "no C++ compiler"))
     with pytest.raises(ValueError, match="h2o_budget needs the fused CPU step"):
         LLM(str(tiny_model), h2o_budget=64, **OPTIONS)
