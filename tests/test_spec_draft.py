@@ -14,9 +14,10 @@ from conftest import write_tiny_gguf
 from tokenmill import LLM, SamplingParams
 from tokenmill.attention.fused_cpu import FusedCPUBackend
 from tokenmill.config import EngineConfig
+from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile
 from tokenmill.spec.adaptive import choose_draft_lengths
-from tokenmill.spec.draft_model import DraftModelProposer
+from tokenmill.spec.draft_model import DraftModelProposer, affordable_blocks
 from tokenmill.spec.proposer import DraftRequest
 from tokenmill.spec.self_draft import cached_calibration, calibrate, candidates, promised_speedup, subset_model
 
@@ -98,9 +99,11 @@ def test_one_at_a_time_and_stops_inside_a_draft(pair, plain, reference) -> None:
     assert_no_leak(llm)
 
 
-def test_the_target_as_its_own_draft_is_always_accepted(pair, reference) -> None:
-    """Any error in the draft's KV (a wrong slot, a stale entry after rollback) would make it disagree."""
-    llm = make_llm(pair[0], pair[0])
+@pytest.mark.parametrize("eager", [False, True], ids=["fused", "eager"])
+def test_the_target_as_its_own_draft_is_always_accepted(pair, reference, eager) -> None:
+    """Any error in the draft's KV (a wrong slot, a stale entry after rollback, rows in an order a backend does
+    not expect) would make it disagree."""
+    llm = make_llm(pair[0], pair[0], enforce_eager=eager)
     assert [r.token_ids for r in llm.generate(prompts(), GREEDY, use_tqdm=False)] == reference
     stats = llm.engine.stats().spec_decode
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
@@ -132,6 +135,33 @@ def test_sampling_keeps_the_target_distribution(pair, plain) -> None:
     stat = sum((counts[c] - trials * p) ** 2 / (trials * p) for c, p in target.items())
     assert stat < 16.27, (counts, target)  # chi-square, 3 degrees of freedom: P(stat > 16.27) = 0.001
     assert_no_leak(llm)
+
+
+def test_a_failing_draft_step_costs_only_its_drafts(pair, reference, monkeypatch) -> None:
+    llm = make_llm(*pair)
+    runner = llm.engine.speculator.proposer.runner
+    execute, calls = runner.execute, []
+
+    def flaky(plan):  # noqa: ANN001, ANN202 - the runner's own signature
+        calls.append(1)
+        if len(calls) in (3, 4):
+            raise RuntimeError("draft step failed")
+        return execute(plan)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+    assert [r.token_ids for r in llm.generate(prompts(), GREEDY, use_tqdm=False)] == reference
+    assert len(calls) > 4 and llm.engine.stats().spec_decode.num_accepted_tokens > 0
+    assert_no_leak(llm)
+
+
+def test_the_draft_cache_stays_within_the_memory_budget() -> None:
+    shape = ModelConfig(architecture="llama", num_layers=2, hidden_size=256, intermediate_size=256, num_heads=4,
+                        num_kv_heads=2, head_dim=64, vocab_size=VOCAB, max_position=1024, rope_theta=1e4,
+                        rms_norm_eps=1e-5, attention_bias=False, tie_word_embeddings=True)
+    block_bytes = 2 * 2 * 2 * 64 * 16 * 4  # K and V, layers, KV heads, head size, block size, fp32
+    assert affordable_blocks(shape, torch.float32, 100, 16, None) == 100
+    assert affordable_blocks(shape, torch.float32, 100, 16, 10 * block_bytes + 5) == 10
+    assert affordable_blocks(shape, torch.float32, 100, 16, 1) == 1
 
 
 def test_adaptive_lengths_with_the_draft_cost_stay_identical(pair, reference) -> None:
@@ -231,6 +261,8 @@ def test_calibration_scores_subsets_and_is_cached(pair, tmp_path) -> None:
     assert result.layers == max(result.table, key=lambda c: c.speedup).layers
     with pytest.raises(ValueError, match="increasing"):
         subset_model(model, [0, 2])
+    short = make_llm(pair[0], None, max_model_len=32).engine.model  # RoPE tables for 32 positions only
+    assert {c.layers for c in calibrate(short, tokens, 4, [(0,)]).table} == {(0,)}
     calls = []
 
     def encode(text: str) -> list[int]:
@@ -241,3 +273,18 @@ def test_calibration_scores_subsets_and_is_cached(pair, tmp_path) -> None:
     again = cached_calibration(model, "tiny|key", encode, 4, cache=tmp_path)
     assert first == again and len(calls) == 1 and len(list(tmp_path.iterdir())) == 1
     assert "def calibrate" in calls[0]  # the calibration text is tokenmill's own source
+
+
+def test_batched_guesses_equal_guesses_alone(pair) -> None:
+    """A draft step mixing one-token feeds (after a rejection), two-token feeds (after full acceptance) and a new
+    prompt guesses what each request would alone (the eager backend, which groups rows by their count)."""
+    prompts_ = {"a": list(range(1, 11)), "b": list(range(20, 32)), "c": list(range(40, 49))}
+    batched = load_proposer(pair[1], num_blocks=40)
+    first = batched.propose_batch([DraftRequest(r, prompts_[r], [], 3) for r in ("a", "b")])
+    outputs = {"a": [first[0][0], (first[0][1] + 1) % VOCAB],  # second guess rejected: one token to feed
+               "b": [*first[1], 7],  # all accepted, then the bonus: two tokens to feed
+               "c": []}  # a new request: its whole prompt
+    asks = [DraftRequest(r, prompts_[r], outputs[r], 3) for r in ("b", "a", "c")]  # the one-token feed second
+    together = batched.propose_batch(asks)
+    alone = [load_proposer(pair[1], num_blocks=40).propose_batch([ask])[0] for ask in asks]
+    assert together == alone and all(len(g) == 3 for g in together)

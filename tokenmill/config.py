@@ -53,7 +53,8 @@ class EngineConfig:
     seed: int = 0
     # Speculative decoding (tokenmill/spec): None (off), "ngram" (prompt lookup: guesses copied from earlier in the
     # prompt or output, longest match of prompt_lookup_max down to prompt_lookup_min tokens) or "draft" (a smaller
-    # model with the same vocabulary, the GGUF file speculative_model, guesses greedily with a KV cache of its own)
+    # model with the same vocabulary, the GGUF file speculative_model, guesses greedily with a KV cache of its own:
+    # as many tokens as the target's, within another kv_cache_memory_gib)
     # or "self" (a subset of the model's own layers drafts: speculative_layers, or chosen by a calibration pass and
     # cached), verified losslessly.
     speculative: str | None = None

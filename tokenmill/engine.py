@@ -41,7 +41,7 @@ from tokenmill.scheduler.clients import ClientUsage
 from tokenmill.scheduler.plan import SeqSamples
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 from tokenmill.spec.adaptive import StepCostModel
-from tokenmill.spec.draft_model import DraftModelProposer
+from tokenmill.spec.draft_model import DraftModelProposer, affordable_blocks
 from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.proposer import Proposer
 from tokenmill.spec.self_draft import cached_calibration, subset_model
@@ -186,7 +186,7 @@ class LLMEngine:
                 prepack=config.prepack_weights, enforce_eager=config.enforce_eager,
                 num_blocks=self.kv_cache.num_blocks, block_size=config.block_size,
                 max_step_tokens=config.max_num_batched_tokens, max_positions=self.max_positions,
-                measure_cost=config.speculative_adaptive)
+                measure_cost=config.speculative_adaptive, max_kv_bytes=int(config.kv_cache_memory_gib * 2**30))
         elif config.speculative == "self":
             proposer = self._self_draft()
         else:
@@ -219,9 +219,11 @@ class LLMEngine:
         if layers[-1] >= self.model_config.num_layers:
             raise ValueError(f"speculative_layers {list(layers)} name a layer the model's "
                              f"{self.model_config.num_layers} do not have")
+        draft = subset_model(self.model, layers)
         return DraftModelProposer.for_model(
-            subset_model(self.model, layers), self.device, enforce_eager=config.enforce_eager,
-            num_blocks=self.kv_cache.num_blocks, block_size=config.block_size,
+            draft, self.device, enforce_eager=config.enforce_eager,
+            num_blocks=affordable_blocks(draft.cfg, self.dtype, self.kv_cache.num_blocks, config.block_size,
+                                         int(config.kv_cache_memory_gib * 2**30)), block_size=config.block_size,
             max_step_tokens=config.max_num_batched_tokens, measure_cost=config.speculative_adaptive)
 
     @property

@@ -3,9 +3,9 @@ next tokens of every decoding request, in batched steps of its own, one depth at
 
 Its KV lives in its own paged cache and block pool, not the target's. A draft block holds the draft's layers and
 heads, so it is not the size of a target block; and with a pool of its own the target's accounting (admission,
-preemption, prefix cache) is exactly what it is without speculation. The pool holds as many tokens as the target's;
-when it runs short, the draft first lets go of requests it was not asked about this step (preempted ones), and then
-gives the requests it still cannot fit no drafts.
+preemption, prefix cache) is exactly what it is without speculation. The pool holds as many tokens as the target's
+(within the engine's KV memory budget once more). When it runs short, the draft lets go of requests that are not
+decoding this step (preempted ones) if that makes room, and otherwise gives the request no drafts.
 
 Per request the proposer remembers which tokens its cache holds (entry i = token i). Each call keeps the longest
 prefix of those that is still the request's (accepted drafts stay, rejected ones go: that is the rollback), computes
@@ -80,13 +80,20 @@ class DraftModelProposer(Proposer):
     @classmethod
     def load(cls, path: str | Path, target: GGUFFile, dtype: torch.dtype, device: torch.device, *,
              weight_format: str, int4_group_size: int, prepack: bool, enforce_eager: bool, num_blocks: int,
-             block_size: int, max_step_tokens: int, max_positions: int, measure_cost: bool) -> DraftModelProposer:
+             block_size: int, max_step_tokens: int, max_positions: int, measure_cost: bool,
+             max_kv_bytes: int | None = None) -> DraftModelProposer:
         """The draft model at `path` for the `target` model's file: same vocabulary (checked token by token), the
-        target's dtype and weight format, `num_blocks` KV blocks of its own."""
+        target's dtype and weight format, `num_blocks` KV blocks of its own (fewer if they would take more than
+        `max_kv_bytes`)."""
         started = time.perf_counter()
         gguf_file = GGUFFile(path)
         check_same_vocabulary(gguf_file, target)
         cfg = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
+        target_vocab = ModelConfig.from_gguf_metadata(target.metadata, target.tensor_names()).vocab_size
+        if cfg.vocab_size != target_vocab:
+            raise ValueError(f"the draft model's LM head has {cfg.vocab_size} rows, the target's {target_vocab}: "
+                             "its guesses could name tokens the target does not have")
+        num_blocks = affordable_blocks(cfg, dtype, num_blocks, block_size, max_kv_bytes)
         positions = min(max_positions, cfg.max_position, num_blocks * block_size)
         model = load_model(gguf_file, dtype, device, weight_format, int4_group_size, max_positions=positions)
         if prepack:
@@ -130,7 +137,7 @@ class DraftModelProposer(Proposer):
         return depth * self.cost(num_seqs)
 
     def propose_batch(self, requests: Sequence[DraftRequest]) -> list[list[int]]:
-        asked = {r.request_id for r in requests if r.max_tokens > 0}
+        asked = {r.request_id for r in requests}  # decoding now, drafts or not: their state is kept
         work: dict[int, _Work] = {}
         for i, request in enumerate(requests):
             item = self._prepare(request, asked)
@@ -169,12 +176,13 @@ class DraftModelProposer(Proposer):
         need = -(-entries // self.block_size) - len(seq.blocks)
         if need <= 0:
             return True
-        for request_id in [r for r in self._seqs if r not in asked]:
+        idle = [r for r in self._seqs if r not in asked]  # least recently asked first
+        if self.pool.num_free_blocks + sum(len(self._seqs[r].blocks) for r in idle) < need:
+            return False  # letting go of the idle ones would not make room: keep them
+        for request_id in idle:
             if self.pool.num_free_blocks >= need:
                 break
             self.drop(request_id)
-        if self.pool.num_free_blocks < need:
-            return False
         seq.blocks.extend(self.pool.allocate(need))
         return True
 
@@ -197,6 +205,7 @@ class DraftModelProposer(Proposer):
     def _run(self, step: list[tuple[_Work, list[int], bool]]) -> dict[str, int]:
         seqs, token_ids, positions, slots = [], [], [], []
         bs = self.block_size
+        step = sorted(step, key=lambda item: len(item[1]) != 1)  # a plan lists its one-token sequences first
         for w, new, sample in step:
             seq = w.seq
             start, end = len(seq.tokens), len(seq.tokens) + len(new)
@@ -205,12 +214,22 @@ class DraftModelProposer(Proposer):
             token_ids += new
             positions += range(start, end)
             slots += [seq.blocks[p // bs] * bs + p % bs for p in range(start, end)]
-            seq.tokens += new
         plan = StepPlan(tuple(seqs), tuple(token_ids), tuple(positions), tuple(slots),
                         finished_request_ids=tuple(self._released))
-        self._released = []
         result = self.runner.execute(plan)
+        self._released = []
+        for w, new, _ in step:  # only now does the cache hold their entries
+            w.seq.tokens += new
         return {s.request_id: s.token_ids[0] for s in result.samples}
+
+
+def affordable_blocks(cfg: ModelConfig, dtype: torch.dtype, num_blocks: int, block_size: int,
+                      max_bytes: int | None) -> int:
+    """`num_blocks`, or as many of the draft's blocks (K and V of its layers, in `dtype`) as fit in `max_bytes`."""
+    if max_bytes is None:
+        return num_blocks
+    block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * block_size * dtype.itemsize
+    return max(1, min(num_blocks, max_bytes // block_bytes))
 
 
 def check_same_vocabulary(draft: GGUFFile, target: GGUFFile) -> None:

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -97,7 +98,8 @@ def calibrate(model: LlamaModel, tokens: Sequence[int], max_k: int,
               choices: Sequence[tuple[int, ...]] | None = None) -> Calibration:
     """Scores every candidate subset on `tokens` (teacher-forced); the best is the choice, even when it promises
     no speedup (adaptive draft lengths then draft nothing, and the table says why)."""
-    ids = torch.tensor(list(tokens), dtype=torch.long, device=model.final_norm.device)
+    # One causal pass over at most the positions the model has RoPE tables for.
+    ids = torch.tensor(list(tokens)[: model.rope_cos.shape[0]], dtype=torch.long, device=model.final_norm.device)
     want = _argmax(model, ids)
     step_bytes = model.weight_bytes()
     head_bytes = model.lm_head.weight_bytes()
@@ -107,6 +109,8 @@ def calibrate(model: LlamaModel, tokens: Sequence[int], max_k: int,
         alpha = float((_argmax(subset_model(model, layers), ids) == want).float().mean())
         cost = (sum(layer_bytes[i] for i in layers) + head_bytes) / step_bytes
         table.append(Candidate(tuple(layers), alpha, cost, *promised_speedup(alpha, cost, max_k)))
+    if not table:  # a model too shallow to leave a layer out: it drafts for itself
+        return Calibration(tuple(range(model.cfg.num_layers)), ())
     best = max(table, key=lambda c: c.speedup)
     return Calibration(best.layers, tuple(table))
 
@@ -117,14 +121,19 @@ def cached_calibration(model: LlamaModel, key: str, encode: Callable[[str], Sequ
     cache = CACHE if cache is None else cache
     path = cache / (hashlib.sha256(f"{key}|k={max_k}".encode()).hexdigest()[:24] + ".json")
     if path.is_file():
-        stored = json.loads(path.read_text())
-        return Calibration(tuple(stored["layers"]), tuple(Candidate(tuple(c.pop("layers")), **c)
-                                                          for c in stored["table"]))
+        try:
+            stored = json.loads(path.read_text())
+            return Calibration(tuple(stored["layers"]), tuple(Candidate(tuple(c.pop("layers")), **c)
+                                                              for c in stored["table"]))
+        except (ValueError, KeyError, TypeError):
+            logger.warning("unreadable self-speculation calibration %s: calibrating again", path)
     started = time.perf_counter()
     result = calibrate(model, calibration_tokens(encode), max_k)
     cache.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "max_k": max_k, "layers": list(result.layers),
-                                "table": [dataclasses.asdict(c) for c in result.table]}))
+    partial = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed: readers never see half
+    partial.write_text(json.dumps({"key": key, "max_k": max_k, "layers": list(result.layers),
+                                   "table": [dataclasses.asdict(c) for c in result.table]}))
+    partial.replace(path)
     logger.info("self-speculation calibrated in %.1fs: %s", time.perf_counter() - started, "; ".join(
         f"{len(c.layers)} layers agree {c.agreement:.2f} at cost {c.cost:.2f}: {c.speedup:.2f}x" for c in result.table))
     return result

@@ -4,6 +4,7 @@ which schedules them as 1 + k tokens and rolls back the rejected ones."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -11,6 +12,8 @@ from tokenmill.request import Request, RequestStatus
 from tokenmill.scheduler.plan import StepPlan, StepResult
 from tokenmill.spec.adaptive import Acceptance, choose_draft_lengths
 from tokenmill.spec.proposer import DraftRequest, Proposer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,14 +58,18 @@ class Speculator:
         # Rows the step has without drafts: prefill chunks too, as far as the token budget lets them in.
         base_rows = min(sum(max(1, r.num_tokens - r.num_computed_tokens) for r in running), self.max_step_tokens)
         limits = [self._limit(r) for r in decoding]
-        if self.proposer.free:  # guesses cost nothing: take all there are, then keep what pays
-            guesses = self.proposer.propose_batch(self._asks(decoding, limits))
-            if self.cost is not None:
-                lengths = self._lengths(decoding, [len(g) for g in guesses], base_rows)
-                guesses = [g[:k] for g, k in zip(guesses, lengths, strict=True)]
-        else:  # each guess costs a draft step: decide the lengths first, then have them drafted
-            lengths = self._lengths(decoding, limits, base_rows) if self.cost is not None else limits
-            guesses = self.proposer.propose_batch(self._asks(decoding, lengths))
+        try:
+            if self.proposer.free:  # guesses cost nothing: take all there are, then keep what pays
+                guesses = self.proposer.propose_batch(self._asks(decoding, limits))
+                if self.cost is not None:
+                    lengths = self._lengths(decoding, [len(g) for g in guesses], base_rows)
+                    guesses = [g[:k] for g, k in zip(guesses, lengths, strict=True)]
+            else:  # each guess costs a draft step: decide the lengths first, then have them drafted
+                lengths = self._lengths(decoding, limits, base_rows) if self.cost is not None else limits
+                guesses = self.proposer.propose_batch(self._asks(decoding, lengths))
+        except Exception:  # a drafter's failure (a draft model's step) costs this step its drafts, nothing more
+            logger.exception("%s failed; this step runs without drafts", type(self.proposer).__name__)
+            guesses = [[] for _ in decoding]
         if self.cost is not None:
             for request, guess in zip(decoding, guesses, strict=True):
                 if not guess:
