@@ -19,7 +19,15 @@ from tokenmill.model.gguf_file import GGUFFile
 from tokenmill.spec.adaptive import choose_draft_lengths
 from tokenmill.spec.draft_model import DraftModelProposer, affordable_blocks
 from tokenmill.spec.proposer import DraftRequest
-from tokenmill.spec.self_draft import cached_calibration, calibrate, candidates, promised_speedup, subset_model
+from tokenmill.spec.self_draft import (
+    Calibration,
+    Candidate,
+    cached_calibration,
+    calibrate,
+    candidates,
+    promised_speedup,
+    subset_model,
+)
 
 VOCAB = 300
 META = {"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0}
@@ -288,3 +296,16 @@ def test_batched_guesses_equal_guesses_alone(pair) -> None:
     together = batched.propose_batch(asks)
     alone = [load_proposer(pair[1], num_blocks=40).propose_batch([ask])[0] for ask in asks]
     assert together == alone and all(len(g) == 3 for g in together)
+
+
+def test_the_engine_drafts_with_the_calibrated_layers(pair, monkeypatch) -> None:
+    asked = []
+
+    def calibration(model, key, encode, max_k):  # noqa: ANN001, ANN202 - cached_calibration's signature
+        asked.append((key, max_k))
+        return Calibration((0,), (Candidate((0,), 0.5, 0.4, 1.2, 2),))
+
+    monkeypatch.setattr("tokenmill.engine.cached_calibration", calibration)
+    llm = make_llm(pair[0], None, speculative="self", num_speculative_tokens=3, speculative_adaptive=False)
+    assert llm.engine.speculator.proposer.runner.backend.model.cfg.num_layers == 1
+    assert asked == [(f"target.gguf|{pair[0].stat().st_size}|torch.float32|float", 3)]

@@ -213,9 +213,9 @@ class LLMEngine:
                    f"{self._weight_format_name()}")
             calibration = cached_calibration(self.model, key, self.tokenizer.encode, config.num_speculative_tokens)
             layers = calibration.layers
-            best = max(calibration.table, key=lambda c: c.speedup)
-            logger.info("self-speculation drafts with layers %s: agreement %.2f at %.2f of a step's bytes promises "
-                        "%.2fx", list(layers), best.agreement, best.cost, best.speedup)
+            for best in (c for c in calibration.table if c.layers == layers):
+                logger.info("self-speculation drafts with layers %s: agreement %.2f at %.2f of a step's bytes "
+                            "promises %.2fx", list(layers), best.agreement, best.cost, best.speedup)
         if layers[-1] >= self.model_config.num_layers:
             raise ValueError(f"speculative_layers {list(layers)} name a layer the model's "
                              f"{self.model_config.num_layers} do not have")
