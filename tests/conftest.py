@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,23 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", layers: int = 2, hidden:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def two_token_distribution(plain: Any, prompt: list[int]) -> dict[tuple[int, int], float]:
+    """The exact probability of each (first, second) token pair under top-k 2 sampling at temperature 1, from a
+    plain engine's top-2 logprobs: the reference for sampling-lossless tests."""
+    from tokenmill import SamplingParams
+
+    def top2(tokens: list[int]) -> list[tuple[int, float]]:
+        return plain.generate(tokens, SamplingParams(temperature=0, max_tokens=1, logprobs=2),
+                              use_tqdm=False)[0].outputs[0].logprobs[0].top
+
+    target: dict[tuple[int, int], float] = {}
+    first = top2(prompt)
+    z1 = sum(math.exp(lp) for _, lp in first)
+    for t1, lp1 in first:
+        nxt = top2(prompt + [t1])
+        z2 = sum(math.exp(lp) for _, lp in nxt)
+        for t2, lp2 in nxt:
+            target[(t1, t2)] = math.exp(lp1) / z1 * math.exp(lp2) / z2
+    return target

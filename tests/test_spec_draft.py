@@ -4,12 +4,11 @@ back and freed exactly, and a draft that is the target itself accepted every tim
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_gguf
+from conftest import two_token_distribution, write_tiny_gguf
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.attention.fused_cpu import FusedCPUBackend
@@ -122,16 +121,7 @@ def test_sampling_keeps_the_target_distribution(pair, plain) -> None:
     """The first two sampled tokens (top-k 2: four outcomes) against their probabilities from the plain engine's
     logprobs; the second is verified against the draft's guess."""
     prompt = prompts()[1]
-    first = plain.generate(prompt, SamplingParams(temperature=0, max_tokens=1, logprobs=2),
-                           use_tqdm=False)[0].outputs[0].logprobs[0].top
-    target: dict[tuple[int, int], float] = {}
-    z1 = sum(math.exp(lp) for _, lp in first)
-    for t1, lp1 in first:
-        nxt = plain.generate(prompt + [t1], SamplingParams(temperature=0, max_tokens=1, logprobs=2),
-                             use_tqdm=False)[0].outputs[0].logprobs[0].top
-        z2 = sum(math.exp(lp) for _, lp in nxt)
-        for t2, lp2 in nxt:
-            target[(t1, t2)] = math.exp(lp1) / z1 * math.exp(lp2) / z2
+    target = two_token_distribution(plain, prompt)
     llm = make_llm(*pair)
     trials = 600
     params = [SamplingParams(temperature=1.0, top_k=2, max_tokens=3, ignore_eos=True, seed=i) for i in range(trials)]

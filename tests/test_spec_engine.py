@@ -4,11 +4,10 @@ leaked blocks."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_gguf
+from conftest import two_token_distribution, write_tiny_gguf
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.attention.fused_cpu import FusedCPUBackend
@@ -176,16 +175,7 @@ def test_sampling_with_drafts_keeps_the_target_distribution(tiny_model, plain) -
     """End to end: the first two sampled tokens (top-k 2, so four outcomes) against their exact probabilities from
     the plain engine's logprobs; the second goes through verification whenever a draft was proposed."""
     prompt = _loop_prompt(plain)
-    top = plain.generate(prompt, SamplingParams(temperature=0, max_tokens=1, logprobs=2), use_tqdm=False)[0]
-    first = top.outputs[0].logprobs[0].top
-    target: dict[tuple[int, int], float] = {}
-    z1 = sum(math.exp(lp) for _, lp in first)
-    for t1, lp1 in first:
-        nxt = plain.generate(prompt + [t1], SamplingParams(temperature=0, max_tokens=1, logprobs=2),
-                             use_tqdm=False)[0].outputs[0].logprobs[0].top
-        z2 = sum(math.exp(lp) for _, lp in nxt)
-        for t2, lp2 in nxt:
-            target[(t1, t2)] = math.exp(lp1) / z1 * math.exp(lp2) / z2
+    target = two_token_distribution(plain, prompt)
     llm = make_llm(tiny_model, spec=True)
     trials = 600
     # max_tokens 3: after the first token a request may draft one (the third is always the target's own)
