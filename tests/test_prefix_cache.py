@@ -7,7 +7,8 @@ import pytest
 from tests.test_scheduler import run_step as step
 from tokenmill import LLM, SamplingParams
 from tokenmill.kv.block_pool import BlockPool
-from tokenmill.kv.manager import KVCacheManager, chain_hash
+from tokenmill.kv.hashing import chain_hash
+from tokenmill.kv.manager import KVCacheManager
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import fan_out
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig

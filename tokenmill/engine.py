@@ -73,6 +73,13 @@ class EngineStats:
     structured: StructuredOutputStats | None = None  # once a request has had a grammar
 
 
+@dataclass(frozen=True)
+class PrefixCacheIndex:
+    hash_root: bytes  # where every chain starts (kv/hashing.py)
+    block_size: int
+    hashes: list[bytes]  # every cached block's chain hash
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
@@ -437,6 +444,12 @@ class LLMEngine:
                 self._finished(request.request_id, status)
                 break
         return state.take_output(status.value if status is not None else None)
+
+    def prefix_cache_index(self) -> PrefixCacheIndex:
+        """What the prefix cache holds, for a router that sends requests where their prefix is."""
+        kv = self.scheduler.kv_cache
+        hashes = kv.pool.cached_hashes() if kv.enable_prefix_caching else []
+        return PrefixCacheIndex(kv.hash_root, kv.block_size, hashes)
 
     def stats(self) -> EngineStats:
         kv = self.scheduler.kv_cache

@@ -77,6 +77,10 @@ class BlockPool:
         self._block_hash = [None] * self.num_blocks
         return True
 
+    def cached_hashes(self) -> list[bytes]:
+        """The hash of every block whose KV can be reused, in use or free."""
+        return list(self._cached)
+
     def cached_block(self, block_hash: bytes) -> int | None:
         return self._cached.get(block_hash)
 

@@ -17,14 +17,13 @@ eviction rotate keys in place.
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from dataclasses import dataclass
 
 import torch
 
 from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.h2o import HeavyHitterBudget
+from tokenmill.kv.hashing import chain_hash, engine_root, request_root
 from tokenmill.kv.streaming import KVShift, StreamingWindow
 from tokenmill.request import Request
 
@@ -39,10 +38,6 @@ class PrefixCacheStats:
     @property
     def hit_rate(self) -> float:
         return self.hits / self.queries if self.queries else 0.0
-
-
-def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
-    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
 class KVCacheManager:
@@ -70,7 +65,7 @@ class KVCacheManager:
         self.drafts_fill_blocks = not seals_blocks
         self.enable_prefix_caching = enable_prefix_caching and not evicts
         self.stats = PrefixCacheStats()
-        self._root = hashlib.sha256(cache_salt.encode()).digest()
+        self.hash_root = engine_root(cache_salt)  # the start of every prefix-cache hash chain (kv/hashing.py)
         self._tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # per request: chain hashes of its full blocks so far
         self._num_registered: dict[str, int] = {}  # per request: leading table blocks already registered
@@ -243,15 +238,9 @@ class KVCacheManager:
         bs = self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else self._request_root(request)
+            parent = hashes[-1] if hashes else request_root(self.hash_root, request.cache_salt)
             hashes.append(chain_hash(parent, request.token_ids(i * bs, (i + 1) * bs)))
         return hashes[:num_blocks]
-
-    def _request_root(self, request: Request) -> bytes:
-        """The chain's start: the engine's salt, and the request's own (a tenant's partition) when it has one."""
-        if request.cache_salt is None:
-            return self._root
-        return hashlib.sha256(self._root + b"|salt|" + request.cache_salt.encode()).digest()
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Blocks holding the longest cached prefix of the request's tokens.

@@ -72,10 +72,10 @@ def create_app(engine: AsyncEngine | EngineConfig | None = None, config: ServerC
     app.state.serving = serving
     app.state.metrics = metrics
     app.state.on_engine_failure = None  # set by the runner: how to stop the process when the engine dies
-    _install_error_handlers(app)
+    install_error_handlers(app)
     if config.allowed_hosts is not None:
         app.add_middleware(HostCheckMiddleware, allowed_hosts=config.allowed_hosts)
-    authorize = _api_key_check(config.api_keys)
+    authorize = api_key_check(config.api_keys)
 
     @app.get("/health")
     async def health() -> Response:
@@ -103,13 +103,13 @@ def create_app(engine: AsyncEngine | EngineConfig | None = None, config: ServerC
     @v1.post("/completions", openapi_extra=request_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         req = parse_request(CompletionRequest, await read_json(request, config.max_request_bytes))
-        work = serving.completions(req, _origin(request, req, config))
+        work = serving.completions(req, request_origin(request, req, config))
         return await _generate(request, serving, work, bool(req.stream))
 
     @v1.post("/chat/completions", openapi_extra=request_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         req = parse_request(ChatCompletionRequest, await read_json(request, config.max_request_bytes))
-        work = serving.chat(req, _origin(request, req, config))
+        work = serving.chat(req, request_origin(request, req, config))
         return await _generate(request, serving, work, bool(req.stream))
 
     app.include_router(v1)
@@ -127,7 +127,7 @@ async def _watch_engine(app: FastAPI, engine: AsyncEngine) -> None:
         app.state.on_engine_failure()
 
 
-def _origin(request: Request, req: CompletionRequest | ChatCompletionRequest, config: ServerConfig) -> Origin:
+def request_origin(request: Request, req: CompletionRequest | ChatCompletionRequest, config: ServerConfig) -> Origin:
     """The prefix-cache partition (the tenant's, with isolation on, and the request's own salt) and the client: the
     API key's tenant when keys are configured (a key holder cannot claim several shares by varying `user`), else
     the `user` field."""
@@ -149,7 +149,7 @@ async def _generate(request: Request, serving: OpenAIServing, work: Awaitable[tu
     serving.inflight += 1
     if not stream:
         try:
-            reply, _ = await _unless_disconnected(request, work)
+            reply, _ = await unless_disconnected(request, work)
         finally:
             serving.inflight -= 1
         return JSONResponse(reply)
@@ -175,7 +175,7 @@ class _ClientGone(Exception):
     pass
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it if the client disconnects first (which aborts its engine requests)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
@@ -256,7 +256,7 @@ def _too_large(limit: int) -> APIError:
     return APIError(413, f"the request body is larger than the limit of {limit} bytes", code="request_too_large")
 
 
-def _api_key_check(api_keys: tuple[str, ...]) -> Callable[[Request], Awaitable[None]]:
+def api_key_check(api_keys: tuple[str, ...]) -> Callable[[Request], Awaitable[None]]:
     """A dependency: the request must carry one of the keys; it sets `request.state.tenant` to a name for that key
     that does not reveal it. Every key is compared, in constant time each, so timing does not tell which matched."""
     expected = [(key.encode(), "tenant-" + hashlib.sha256(key.encode()).hexdigest()[:16]) for key in api_keys]
@@ -279,7 +279,7 @@ def _api_key_check(api_keys: tuple[str, ...]) -> Callable[[Request], Awaitable[N
     return check
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine import EngineStats, LLMEngine
+from tokenmill.engine import EngineStats, LLMEngine, PrefixCacheIndex
 from tokenmill.output.types import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.defaults import DEFAULT_MAX_STREAM_BACKLOG
@@ -259,6 +259,11 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """The engine's stats as of the end of its latest loop iteration."""
         return self._stats
+
+    def prefix_cache_index(self) -> PrefixCacheIndex:
+        """Read from the calling thread without a lock: the block pool's hash index is a dict that the engine
+        thread changes in place, and copying a dict's keys is one C call, which holds the GIL throughout."""
+        return self.engine.prefix_cache_index()
 
     @property
     def is_running(self) -> bool:

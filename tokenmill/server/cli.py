@@ -53,6 +53,28 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="on SIGTERM/SIGINT, seconds to let running requests finish before aborting them")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
+    add_cluster_args(parser)
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("cluster (Ray Serve; needs the 'cluster' extra: pip install 'tokenmill[cluster]')")
+    g.add_argument("--replicas", type=int, default=None,
+                   help="serve with N engine replicas on Ray Serve behind one OpenAI endpoint (a local Ray cluster "
+                        "unless --ray-address is given)")
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. 'auto' or 'ray://head:10001')")
+    g.add_argument("--min-replicas", type=int, default=1, help="autoscaling: the fewest replicas")
+    g.add_argument("--max-replicas", type=int, default=None,
+                   help="autoscale between --min-replicas and this many replicas")
+    g.add_argument("--target-ongoing-requests", type=float, default=4.0,
+                   help="autoscaling: requests in flight per replica to aim for")
+    g.add_argument("--max-ongoing-requests", type=int, default=32, help="requests in flight per replica at most")
+    g.add_argument("--max-queued-requests", type=int, default=64,
+                   help="requests waiting for a replica at most; beyond that the answer is 503 with Retry-After")
+    g.add_argument("--router", default="affinity", choices=["affinity", "power-of-two", "round-robin"],
+                   help="how requests are spread: prefix-cache affinity with a load guard (default), the less "
+                        "loaded of two random replicas, or in turn")
+    g.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="CPUs each replica reserves in the Ray cluster (and its threads, unless --threads)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -76,11 +98,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"tokenmill: error: {exc}", file=sys.stderr)
         return 2
     try:
-        return run_server(engine_config(args, model=args.model_path), config, host=args.host, port=args.port,
-                          log_level=args.log_level, access_log=not args.no_access_log)
+        engine = engine_config(args, model=args.model_path)
+        if args.replicas is not None or args.max_replicas is not None or args.ray_address is not None:
+            return _serve_cluster(args, engine, config)
+        return run_server(engine, config, host=args.host, port=args.port, log_level=args.log_level,
+                          access_log=not args.no_access_log)
     except ModelLoadError as exc:
         print(f"tokenmill: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _serve_cluster(args: argparse.Namespace, engine: Any, server: Any) -> int:
+    try:
+        import ray.serve  # noqa: F401
+
+        from tokenmill.cluster.deploy import ClusterConfig, run_cluster
+    except ImportError as exc:
+        print(f"tokenmill: error: --replicas needs Ray Serve: pip install 'tokenmill[cluster]' ({exc})",
+              file=sys.stderr)
+        return 2
+    try:
+        cluster = ClusterConfig(
+            replicas=args.replicas or args.min_replicas, min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
+            max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
+            router=args.router, replica_cpus=args.replica_cpus)
+    except ValueError as exc:
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return 2
+    return run_cluster(engine, server, cluster, host=args.host, port=args.port, address=args.ray_address)
 
 
 def default_allowed_hosts(host: str, allowed: str | None) -> tuple[str, ...] | None:

@@ -36,6 +36,7 @@ from tokenmill.server.formatting import SSE_DONE, TokenTexts, sse, usage
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.tools import ToolCallStream, ToolChoice, finish_reason_with_calls, parse_tool_choice
 from tokenmill.structured.params import StructuredOutputs
+from tokenmill.tokenizer import Tokenizer
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 _NO_ORIGIN = Origin()  # in-process callers: no tenant, no client
@@ -308,17 +309,7 @@ class OpenAIServing:
         self._check_size(1, req.n or 1)
         renames = {"max_tokens": req.max_tokens_param, "logprobs": "top_logprobs"}
         req.sampling_params(1, req.engine_logprobs, renames)
-        tools = parse_tool_choice(req.tools, req.tool_choice, req.parallel_tool_calls is not False)
-        try:
-            constraint = req.response_constraint()
-            if tools is not None and constraint is not None:
-                if tools.mode != "auto":
-                    raise bad_request("tool_choice 'required' or a named function leaves no room for a "
-                                      "response_format", "tool_choice")
-                tools = None  # the output is held to the response format: no call can be written
-            constraint = constraint or (tools.constraint() if tools is not None else None)
-        except InvalidRequestError as exc:  # a constraint over the size limit
-            raise invalid_request(exc) from None
+        tools, constraint = chat_tools(req)
         await self._compile(constraint)
         conversation = req.conversation()
         ids = await asyncio.to_thread(self._render_chat, conversation, tools)
@@ -348,18 +339,7 @@ class OpenAIServing:
                 "usage": usage(prepared.prompt_tokens, completion_tokens)}, stream
 
     def _render_chat(self, conversation: list[dict[str, Any]], tools: ToolChoice | None) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        tool_list = None
-        if tools is not None and tokenizer.renders_tools:
-            tool_list = [{"type": "function", "function": f} for f in tools.tools.values()]
-            conversation = [_with_parsed_calls(m) for m in conversation]
-        elif tools is not None:
-            conversation = with_tool_prompt(conversation, tools)
-        try:
-            prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tools=tool_list)
-        except ValueError as exc:
-            raise bad_request(f"messages: {exc}", "messages") from None
-        return self._encode(prompt, "messages")
+        return self._encode(render_chat(self.engine.tokenizer, conversation, tools), "messages")
 
     async def _chat_chunks(self, stream: OutputStream, req: ChatCompletionRequest, prepared: _Prepared,
                            tools: ToolChoice | None) -> AsyncIterator[str]:
@@ -407,6 +387,35 @@ class OpenAIServing:
             if out.finished:
                 yield sse(chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason,
                                   "stop_reason": out.stop_reason}]))
+
+
+def chat_tools(req: ChatCompletionRequest) -> tuple[ToolChoice | None, StructuredOutputs | None]:
+    """The tools a chat request may call and the constraint on its output (a response format, or the tools')."""
+    tools = parse_tool_choice(req.tools, req.tool_choice, req.parallel_tool_calls is not False)
+    try:
+        constraint = req.response_constraint()
+        if tools is not None and constraint is not None:
+            if tools.mode != "auto":
+                raise bad_request("tool_choice 'required' or a named function leaves no room for a "
+                                  "response_format", "tool_choice")
+            tools = None  # the output is held to the response format: no call can be written
+        return tools, constraint or (tools.constraint() if tools is not None else None)
+    except InvalidRequestError as exc:  # a constraint over the size limit
+        raise invalid_request(exc) from None
+
+
+def render_chat(tokenizer: Tokenizer, conversation: list[dict[str, Any]], tools: ToolChoice | None) -> str:
+    """The prompt text of a conversation, with the tools described the way the model's template expects."""
+    tool_list = None
+    if tools is not None and tokenizer.renders_tools:
+        tool_list = [{"type": "function", "function": f} for f in tools.tools.values()]
+        conversation = [_with_parsed_calls(m) for m in conversation]
+    elif tools is not None:
+        conversation = with_tool_prompt(conversation, tools)
+    try:
+        return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tools=tool_list)
+    except ValueError as exc:
+        raise bad_request(f"messages: {exc}", "messages") from None
 
 
 def with_tool_prompt(conversation: list[dict[str, Any]], tools: ToolChoice) -> list[dict[str, Any]]:

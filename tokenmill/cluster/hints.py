@@ -1,0 +1,47 @@
+"""What the router needs to know of a request: its prompt's token ids, rendered and tokenized exactly as the
+replica will (the same template and tool prompt, server/serving.py), and its prefix-cache partition. Ray-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenmill.kv.hashing import block_hashes, digest, request_root
+from tokenmill.server.errors import APIError
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
+from tokenmill.server.serving import chat_tools, render_chat
+from tokenmill.tokenizer import Tokenizer
+
+# A prompt longer than this is hashed only this far: routing needs its leading blocks, not all of them.
+MAX_HINT_TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class RouteHint:
+    token_ids: tuple[int, ...]
+    cache_salt: str | None = None
+
+    def digests(self, hash_root: bytes, block_size: int) -> list[int]:
+        """The digests of the prompt's full blocks, in the chain a replica with this root and block size uses.
+        The last prompt token is never served from the cache, so a prompt ending on a block boundary counts one
+        block fewer, as the replica's lookup does."""
+        root = request_root(hash_root, self.cache_salt)
+        usable = max(len(self.token_ids) - 1, 0) // block_size
+        return [digest(h) for h in block_hashes(self.token_ids, block_size, root, limit=usable)]
+
+
+def route_hint(tokenizer: Tokenizer, req: CompletionRequest | ChatCompletionRequest, cache_salt: str | None
+               ) -> RouteHint | None:
+    """The hint for a parsed request; None when its prompt cannot be rendered (the replica answers that request
+    with the error) or is empty. A completion request with several prompts is routed by its first."""
+    try:
+        if isinstance(req, ChatCompletionRequest):
+            tools, _ = chat_tools(req)
+            ids = tokenizer.encode(render_chat(tokenizer, req.conversation(), tools))
+        else:
+            prompts = req.prompts()
+            if not prompts:
+                return None
+            ids = tokenizer.encode(prompts[0]) if isinstance(prompts[0], str) else list(prompts[0])
+    except (APIError, ValueError, TypeError):
+        return None
+    return RouteHint(tuple(ids[:MAX_HINT_TOKENS]), cache_salt) if ids else None

@@ -1,0 +1,171 @@
+"""The cluster's OpenAI endpoint: a Ray Serve ingress deployment with the single server's routes, keys, body checks
+and error shapes (server/app.py), which tokenizes each prompt for the router and hands the request to an engine
+replica (replica.py) through a deployment handle routed by ray_router.py.
+
+Failures are told apart by whether the replica had started the request: one that dies before starting it costs
+nothing (the request goes to another replica), one that dies after gives its requests a clear 503
+(`replica_failed`), or an error event on a stream already under way. A full cluster (every replica at
+`max_ongoing_requests` and the handle's queue at `max_queued_requests`) answers 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from tokenmill.cluster.hints import route_hint
+from tokenmill.cluster.replica import STARTED, Reply
+from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
+from tokenmill.server.app import (
+    EventStreamResponse,
+    api_key_check,
+    install_error_handlers,
+    read_json,
+    request_origin,
+    unless_disconnected,
+)
+from tokenmill.server.async_engine import Origin
+from tokenmill.server.config import ServerConfig
+from tokenmill.server.errors import APIError, error_body
+from tokenmill.server.formatting import SSE_DONE, sse
+from tokenmill.server.guards import HostCheckMiddleware
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from tokenmill.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+_REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+def _overloaded() -> APIError:
+    return APIError(503, "every replica is busy and the queue is full; retry later", code="server_overloaded",
+                    headers={"Retry-After": "1"})
+
+
+def _replica_failed() -> APIError:
+    return APIError(503, "the replica serving this request failed while running it; the request was not retried",
+                    code="replica_failed", headers={"Retry-After": "1"})
+
+
+@serve.ingress()
+class Ingress:
+    def __init__(self, replicas: DeploymentHandle, model: str | None, config: ServerConfig) -> None:
+        self.replicas = replicas
+        self.config = config
+        self.tokenizer = Tokenizer.from_gguf_metadata(GGUFFile(resolve_model_path(model)).metadata)
+        self._model_card: dict[str, Any] | None = None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_ingress_app(self)
+
+    async def model_card(self) -> dict[str, Any]:
+        if self._model_card is None:
+            self._model_card = await self.replicas.model_card.remote()
+        return self._model_card
+
+    async def open(self, req: CompletionRequest | ChatCompletionRequest, body: Any, origin: Origin
+                   ) -> tuple[Reply, DeploymentResponseGenerator]:
+        """Send the request to a replica and wait for its answer's head (a `Reply`; the stream follows)."""
+        kind = "chat" if isinstance(req, ChatCompletionRequest) else "completions"
+        hint = await asyncio.to_thread(route_hint, self.tokenizer, req, origin.cache_salt)
+        for attempt in range(2):
+            call = self.replicas.options(stream=True).generate.remote(kind, body, origin, bool(req.stream),
+                                                                       hint=hint)
+            try:
+                started = await call.__anext__()
+            except BackPressureError:
+                raise _overloaded() from None
+            except _REPLICA_GONE as exc:  # before it started the request: another replica takes it
+                logger.warning("a replica died before starting a request (%s); %s", type(exc).__name__,
+                               "retrying elsewhere" if attempt == 0 else "giving up")
+                continue
+            except asyncio.CancelledError:  # the client went away
+                call.cancel()
+                raise
+            if not (isinstance(started, Reply) and started.status == STARTED):
+                raise RuntimeError(f"a replica answered {started!r} before starting the request")
+            try:
+                return await call.__anext__(), call
+            except _REPLICA_GONE:
+                raise _replica_failed() from None
+            except asyncio.CancelledError:  # the replica aborts the engine requests
+                call.cancel()
+                raise
+        raise APIError(503, "no replica could start this request", code="replica_failed",
+                       headers={"Retry-After": "1"})
+
+
+def create_ingress_app(ingress: Ingress) -> FastAPI:
+    config = ingress.config
+    app = FastAPI(title="tokenmill cluster", docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+    if config.allowed_hosts is not None:
+        app.add_middleware(HostCheckMiddleware, allowed_hosts=config.allowed_hosts)
+    authorize = api_key_check(config.api_keys)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @v1.get("/models")
+    async def list_models() -> Response:
+        return JSONResponse({"object": "list", "data": [await ingress.model_card()]})
+
+    @v1.get("/models/{model:path}")
+    async def retrieve_model(model: str) -> Response:
+        card = await ingress.model_card()
+        if model != card["id"]:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{card['id']}`",
+                           param="model", code="model_not_found")
+        return JSONResponse(card)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        body = await read_json(request, config.max_request_bytes)
+        return await _generate(request, ingress, parse_request(CompletionRequest, body), body)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await read_json(request, config.max_request_bytes)
+        return await _generate(request, ingress, parse_request(ChatCompletionRequest, body), body)
+
+    app.include_router(v1)
+    return app
+
+
+async def _generate(request: Request, ingress: Ingress, req: CompletionRequest | ChatCompletionRequest,
+                    body: Any) -> Response:
+    origin = request_origin(request, req, ingress.config)
+    head, call = await unless_disconnected(request, ingress.open(req, body, origin))
+    if not req.stream or head.status != 200:
+        return JSONResponse(head.body, status_code=head.status, headers=head.headers)
+    response = EventStreamResponse(_relay(call), call.cancel)
+    response.headers.update(head.headers)
+    return response
+
+
+async def _relay(call: DeploymentResponseGenerator) -> AsyncIterator[str]:
+    """A replica's server-sent events; if the replica dies midway, an error event ends the stream."""
+    try:
+        async for chunk in call:
+            yield chunk
+    except _REPLICA_GONE:
+        error = _replica_failed()
+        yield sse(error_body(error.message, error.type, code=error.code))
+        yield SSE_DONE
+    finally:
+        with contextlib.suppress(Exception):
+            call.cancel()
+

@@ -1,0 +1,120 @@
+"""One engine replica: an AsyncEngine and the OpenAI request handling (server/serving.py) behind a Ray Serve
+deployment. The ingress sends it JSON bodies and gets back plain data (`Reply` items, and for a stream the SSE
+strings), so that no exception type has to survive the trip through Ray."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.config import EngineConfig
+from tokenmill.kv.hashing import digest
+from tokenmill.server.async_engine import AsyncEngine, Origin, OutputStream
+from tokenmill.server.config import ServerConfig
+from tokenmill.server.errors import APIError
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from tokenmill.server.serving import OpenAIServing
+
+# A replica reports at most this many cached blocks (the newest); a router then misses older prefixes only.
+MAX_REPORTED_DIGESTS = 1 << 16
+STARTED = 102  # the status of the first item a replica sends for every request (HTTP's "Processing")
+REPLICA_HEADER = "x-tokenmill-replica"
+NODE_HEADER = "x-tokenmill-node"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer as data: `body` is the JSON reply or error, None for the head of a stream that follows."""
+
+    status: int
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class EngineReplica:
+    def __init__(self, engine_config: EngineConfig, server_config: ServerConfig) -> None:
+        self.engine = AsyncEngine.from_config(engine_config, server_config.max_waiting_requests)
+        self.engine.max_stream_backlog = server_config.max_stream_backlog
+        self.engine.start()
+        self.serving = OpenAIServing(self.engine, server_config.served_model_name, server_config.request_timeout)
+        self.identity = {REPLICA_HEADER: _replica_id(), NODE_HEADER: _node_id()}
+        self._reports = 0
+
+    async def generate(self, kind: str, body: Any, origin: Origin, stream: bool, hint: Any = None
+                       ) -> AsyncIterator[Reply | str]:
+        """First `STARTED`: from then on the request is this replica's, and if the replica dies the ingress
+        reports the failure instead of trying another replica (a request that kills replicas would otherwise kill
+        them all). Then a `Reply`: the error that refuses the request, the whole reply, or with `stream` a 200
+        head followed by the server-sent events. If the ingress goes away (a client disconnected, a call was
+        cancelled) the engine requests are aborted at once. `hint` is the router's (ray_router.py)."""
+        yield Reply(STARTED, None, dict(self.identity))
+        try:
+            reply, engine_stream = await self._start(kind, body, origin, stream)
+        except APIError as exc:
+            yield Reply(exc.status_code, exc.body(), {**(exc.headers or {}), **self.identity})
+            return
+        try:
+            if isinstance(reply, dict):
+                yield Reply(200, reply, dict(self.identity))
+                return
+            yield Reply(200, None, dict(self.identity))
+            async for chunk in reply:
+                yield chunk
+        finally:
+            if not engine_stream.finished:
+                self.engine.abort(engine_stream.request_ids)
+
+    async def _start(self, kind: str, body: Any, origin: Origin, stream: bool
+                     ) -> tuple[dict[str, Any] | AsyncIterator[str], OutputStream]:
+        if kind == "chat":
+            chat = parse_request(ChatCompletionRequest, body)
+            return await self.serving.chat(chat.model_copy(update={"stream": stream}), origin)
+        completion = parse_request(CompletionRequest, body)
+        return await self.serving.completions(completion.model_copy(update={"stream": stream}), origin)
+
+    async def model_card(self) -> dict[str, Any]:
+        return {"id": self.serving.model_name, "object": "model", "created": self.serving.created,
+                "owned_by": "tokenmill", "max_model_len": self.engine.max_model_len}
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Called by Ray Serve every `routing_stats_period_s`; what the router (ray_router.py) reads."""
+        index = self.engine.prefix_cache_index()
+        stats = self.engine.stats()
+        self._reports += 1
+        return {"seq": self._reports, "hash_root": index.hash_root, "block_size": index.block_size,
+                "digests": [digest(h) for h in index.hashes[-MAX_REPORTED_DIGESTS:]],
+                "free_blocks": stats.num_free_blocks, "ongoing": stats.num_running + stats.num_waiting}
+
+    async def engine_stats(self) -> dict[str, Any]:
+        """Counters for benchmarks and tests: where this replica runs and what its prefix cache saved."""
+        stats = self.engine.stats()
+        return {**self.identity, "prefix_cache_queries": stats.prefix_cache.queries,
+                "prefix_cache_hits": stats.prefix_cache.hits, "prompt_tokens": stats.prompt_tokens,
+                "generation_tokens": stats.generation_tokens, "requests": stats.prefix_cache.requests}
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose engine thread died is replaced."""
+        if self.engine.has_failed:
+            raise RuntimeError(f"the engine thread has died: {self.engine.failure!r}")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout=5.0)
+
+
+def _replica_id() -> str:
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:  # constructed outside Serve (tests)
+        return "local"
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
