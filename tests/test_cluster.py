@@ -19,7 +19,7 @@ pytest.importorskip("ray.serve")
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from tokenmill.cluster.deploy import REPLICA_DEPLOYMENT, ClusterConfig, build_app  # noqa: E402
+from tokenmill.cluster.deploy import REPLICA_DEPLOYMENT, ClusterConfig, build_app, replica_stats  # noqa: E402
 from tokenmill.config import EngineConfig  # noqa: E402
 from tokenmill.server.config import ServerConfig  # noqa: E402
 
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.cluster
 APP = "tokenmill"
 ENGINE = EngineConfig(enforce_eager=True, num_kv_blocks=256, max_model_len=1024, dtype="float32")
 PREFIX = "You are a careful assistant who answers questions about the history of bread baking. " * 6
+COLOCATED_TEXTS: list[str] = []  # greedy answers of the co-located deployment, for the P/D one to match
 
 
 def _free_port() -> int:
@@ -118,12 +119,11 @@ def test_requests_sharing_a_prefix_stick_to_one_replica(two_replicas) -> None:
         reply = complete(two_replicas, PREFIX + f"Question {i}: who baked the first loaf?")
         assert reply.status_code == 200
         replicas.append(reply.headers["x-tokenmill-replica"])
+        COLOCATED_TEXTS.append(reply.json()["choices"][0]["text"])
         time.sleep(0.2 if i % 2 else 0.0)  # some before, some after the replica's next report
     assert len(set(replicas)) == 1, replicas
-    handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=APP)
-    stats = [handle.engine_stats.remote().result() for _ in range(6)]
-    hits = {s["x-tokenmill-replica"]: s["prefix_cache_hits"] for s in stats}
-    assert hits.get(replicas[0], 0) >= 5 * 16 * 4  # five later requests reused at least the prefix's 4+ blocks
+    hits = {s["x-tokenmill-replica"]: s["prefix_cache_hits"] for s in replica_stats(APP)}
+    assert len(hits) == 2 and hits[replicas[0]] >= 5 * 16 * 4  # five later requests reused the prefix's blocks
 
 
 def _open_stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> httpx.Response:
@@ -172,9 +172,9 @@ def test_killed_replica_fails_only_its_running_requests(two_replicas) -> None:
             victim_stream.close()
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][len("data: "):])["error"]["code"] == "replica_failed"
-    # Requests sent after the failure are served, by the survivor or by the replica Serve starts in its place.
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        replies = list(pool.map(lambda i: complete(two_replicas, f"After the failure, request {i}:"), range(4)))
+    # Requests sent after the failure are served, by the survivor or by the replica Serve starts in its place
+    # (one at a time: with one replica left, this deployment's small limits would refuse a burst).
+    replies = [complete(two_replicas, f"After the failure, request {i}:") for i in range(4)]
     assert [r.status_code for r in replies] == [200] * 4, [r.text for r in replies]
     assert victim not in {r.headers["x-tokenmill-replica"] for r in replies}
     wait_for(lambda: running_replicas() == 2, 120, "Serve to replace the killed replica")
@@ -193,3 +193,18 @@ def test_autoscaling_goes_from_one_replica_to_two_and_back(cluster) -> None:
             for s in streams:
                 s.close()
     wait_for(lambda: running_replicas() == 1, 120, "scaling back to one replica when idle")
+
+
+def test_prefill_decode_disaggregation_is_lossless(cluster) -> None:
+    assert COLOCATED_TEXTS, "runs after test_requests_sharing_a_prefix_stick_to_one_replica"
+    deploy(ClusterConfig(replicas=1, prefill_replicas=1, pd_min_prompt_tokens=64))
+    for i in range(2):
+        reply = complete(cluster.url, PREFIX + f"Question {i}: who baked the first loaf?")
+        assert reply.status_code == 200
+        assert reply.json()["choices"][0]["text"] == COLOCATED_TEXTS[i]
+    [decode] = replica_stats(APP)
+    prompt_blocks = (reply.json()["usage"]["prompt_tokens"] - 1) // 16
+    assert decode["fallbacks"] == 0 and decode["imported_blocks"] >= prompt_blocks
+    assert decode["prefix_cache_hits"] >= 2 * prompt_blocks * 16  # the decode replica computed only the tails
+    short = complete(cluster.url, "Hi")  # under pd_min_prompt_tokens: prefilled where it is decoded
+    assert short.status_code == 200 and replica_stats(APP)[0]["imported_blocks"] == decode["imported_blocks"]

@@ -148,6 +148,16 @@ def test_replica_protocol_without_ray(tmp_path) -> None:
         assert streamed[-1] == "data: [DONE]\n\n" and all(isinstance(c, str) for c in streamed[2:])
         refused = asyncio.run(run({"prompt": list(range(1, 40)), "max_tokens": 10_000}, False))
         assert refused[1].status == 400 and refused[1].body["error"]["param"] == "max_tokens"
+        async def failed_transfer() -> None:
+            raise ConnectionError("the prefill replica died")
+
+        async def with_lost_kv() -> list:
+            return [i async for i in replica.generate("completions", body, Origin(), False,
+                                                      kv=[failed_transfer()])]
+
+        fallback = asyncio.run(with_lost_kv())  # the prompt is computed here instead: same answer
+        assert fallback[1].body["choices"] == whole[1].body["choices"]
+        assert replica.transfer_stats["fallbacks"] == 1
         stats = asyncio.run(replica.record_routing_stats())
         assert stats["block_size"] == 16 and len(stats["digests"]) == 2  # 39 prompt tokens: 2 full blocks cached
         hint = RouteHint(tuple(range(1, 40)))

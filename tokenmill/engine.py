@@ -11,7 +11,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -28,6 +28,7 @@ from tokenmill.kv.manager import KVCacheManager, PrefixCacheStats
 from tokenmill.kv.quant import KVFormat
 from tokenmill.kv.quantized_cache import QuantizedKVCache
 from tokenmill.kv.streaming import StreamingWindow
+from tokenmill.kv.transfer import KVTransfer, export_prefix, import_prefix
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
 from tokenmill.model.llama import rope_rotation
@@ -450,6 +451,14 @@ class LLMEngine:
         kv = self.scheduler.kv_cache
         hashes = kv.pool.cached_hashes() if kv.enable_prefix_caching else []
         return PrefixCacheIndex(kv.hash_root, kv.block_size, hashes)
+
+    def export_prefix(self, token_ids: Sequence[int], cache_salt: str | None = None) -> KVTransfer:
+        """The KV of the leading full blocks of `token_ids` in the prefix cache (kv/transfer.py)."""
+        return export_prefix(self.scheduler.kv_cache, self.kv_cache, token_ids, cache_salt)
+
+    def import_prefix(self, transfer: KVTransfer) -> int:
+        """Another engine's prefix blocks into this prefix cache; returns how many blocks were added."""
+        return import_prefix(self.scheduler.kv_cache, self.kv_cache, transfer)
 
     def stats(self) -> EngineStats:
         kv = self.scheduler.kv_cache

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 REPLICA_DEPLOYMENT = "EngineReplica"
 INGRESS_DEPLOYMENT = "Ingress"
+PREFILL_DEPLOYMENT = "PrefillReplica"
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class ClusterConfig:
     at once; beyond that requests queue in the ingress, and beyond `max_queued_requests` queued the cluster
     answers 503 with Retry-After. `router`: affinity (prefix-cache affinity with a load guard; its thresholds as
     in cluster/routing.py), power-of-two or round-robin. Each replica holds `replica_cpus` CPUs of the Ray
-    cluster and, unless the engine config says otherwise, runs as many threads."""
+    cluster and, unless the engine config says otherwise, runs as many threads. With `prefill_replicas`, prompts
+    of at least `pd_min_prompt_tokens` tokens are computed on one of those, and their KV blocks go to the
+    replica that decodes them (prefill/decode disaggregation)."""
 
     replicas: int = 1
     min_replicas: int = 1
@@ -45,6 +48,8 @@ class ClusterConfig:
     health_check_timeout_s: float = 30.0
     graceful_shutdown_timeout_s: float = 20.0
     replica_cpus: float = 1.0
+    prefill_replicas: int = 0
+    pd_min_prompt_tokens: int = 256
     app_name: str = "tokenmill"
 
     def __post_init__(self) -> None:
@@ -59,6 +64,8 @@ class ClusterConfig:
                      "health_check_timeout_s", "look_back_period_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.prefill_replicas < 0 or self.pd_min_prompt_tokens < 1:
+            raise ValueError("prefill_replicas must be >= 0 and pd_min_prompt_tokens >= 1")
         if self.replica_cpus < 0 or self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
             raise ValueError("replica_cpus and the scaling delays must be >= 0")
 
@@ -88,17 +95,40 @@ def build_app(engine: EngineConfig, server: ServerConfig, cluster: ClusterConfig
         request_router_class=TokenmillRouter,
         request_router_kwargs={"policy": cluster.router, **cluster.router_options},
         request_routing_stats_period_s=cluster.routing_stats_period_s)
-    replicas = serve.deployment(
-        EngineReplica, name=REPLICA_DEPLOYMENT, max_ongoing_requests=cluster.max_ongoing_requests,
-        max_queued_requests=cluster.max_queued_requests, health_check_period_s=cluster.health_check_period_s,
-        health_check_timeout_s=cluster.health_check_timeout_s,
-        graceful_shutdown_timeout_s=cluster.graceful_shutdown_timeout_s,
-        ray_actor_options={"num_cpus": cluster.replica_cpus}, request_router_config=router, **cluster.scaling())
+    common = {"max_ongoing_requests": cluster.max_ongoing_requests,
+              "max_queued_requests": cluster.max_queued_requests,
+              "health_check_period_s": cluster.health_check_period_s,
+              "health_check_timeout_s": cluster.health_check_timeout_s,
+              "graceful_shutdown_timeout_s": cluster.graceful_shutdown_timeout_s,
+              "ray_actor_options": {"num_cpus": cluster.replica_cpus}, "request_router_config": router}
+    replicas = serve.deployment(EngineReplica, name=REPLICA_DEPLOYMENT, **common, **cluster.scaling())
+    prefill = None
+    if cluster.prefill_replicas:
+        prefill = serve.deployment(EngineReplica, name=PREFILL_DEPLOYMENT, num_replicas=cluster.prefill_replicas,
+                                   **common).bind(engine, server)
     # The ingress only parses, tokenizes and relays: it asks for no CPU of its own, so it never stands in the way
     # of a replica being placed.
     ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=cluster.max_ongoing_requests * 64)
-    return ingress.bind(replicas.bind(engine, server), engine.model, server)
+    return ingress.bind(replicas.bind(engine, server), engine.model, server, prefill, cluster.pd_min_prompt_tokens)
+
+
+def replica_ids(app_name: str = "tokenmill") -> list[str]:
+    """The ids of the application's engine replicas that Ray knows of (named actors of Serve's namespace)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app_name}#{REPLICA_DEPLOYMENT}#"
+    return sorted(a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(prefix))
+
+
+def replica_stats(app_name: str = "tokenmill", timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """Every engine replica's `engine_stats` (replica.py), each call pinned to its replica by the router."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=app_name)
+    calls = [handle.engine_stats.remote(replica=rid) for rid in replica_ids(app_name)]
+    return [call.result(timeout_s=timeout_s) for call in calls]
 
 
 def run_cluster(engine: EngineConfig, server: ServerConfig, cluster: ClusterConfig, *, host: str = "127.0.0.1",

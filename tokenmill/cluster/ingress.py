@@ -23,7 +23,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from tokenmill.cluster.hints import route_hint
+from tokenmill.cluster.hints import RouteHint, route_hint
 from tokenmill.cluster.replica import STARTED, Reply
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
 from tokenmill.server.app import (
@@ -59,8 +59,11 @@ def _replica_failed() -> APIError:
 
 @serve.ingress()
 class Ingress:
-    def __init__(self, replicas: DeploymentHandle, model: str | None, config: ServerConfig) -> None:
+    def __init__(self, replicas: DeploymentHandle, model: str | None, config: ServerConfig,
+                 prefill: DeploymentHandle | None = None, pd_min_prompt_tokens: int = 256) -> None:
         self.replicas = replicas
+        self.prefill = prefill
+        self.pd_min_prompt_tokens = pd_min_prompt_tokens
         self.config = config
         self.tokenizer = Tokenizer.from_gguf_metadata(GGUFFile(resolve_model_path(model)).metadata)
         self._model_card: dict[str, Any] | None = None
@@ -78,9 +81,10 @@ class Ingress:
         """Send the request to a replica and wait for its answer's head (a `Reply`; the stream follows)."""
         kind = "chat" if isinstance(req, ChatCompletionRequest) else "completions"
         hint = await asyncio.to_thread(route_hint, self.tokenizer, req, origin.cache_salt)
+        kv = await self._prefill_elsewhere(hint)
         for attempt in range(2):
             call = self.replicas.options(stream=True).generate.remote(kind, body, origin, bool(req.stream),
-                                                                       hint=hint)
+                                                                       hint=hint, kv=kv)
             try:
                 started = await call.__anext__()
             except BackPressureError:
@@ -103,6 +107,19 @@ class Ingress:
                 raise
         raise APIError(503, "no replica could start this request", code="replica_failed",
                        headers={"Retry-After": "1"})
+
+
+    async def _prefill_elsewhere(self, hint: RouteHint | None) -> list[Any] | None:
+        """With prefill replicas: start computing a long prompt's KV on one of them, and return the result's
+        object ref for the decode replica to wait on (None: the decode replica computes the prompt itself)."""
+        if self.prefill is None or hint is None or len(hint.token_ids) < self.pd_min_prompt_tokens:
+            return None
+        try:
+            response = self.prefill.prefill.remote(list(hint.token_ids), hint.cache_salt, hint=hint)
+            return [await response._to_object_ref()]
+        except Exception as exc:  # the decode replica will prefill: a slower answer, not a failed one
+            logger.warning("no prefill replica took the prompt (%s: %s)", type(exc).__name__, exc)
+            return None
 
 
 def create_ingress_app(ingress: Ingress) -> FastAPI:

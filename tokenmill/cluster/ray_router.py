@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 class TokenmillRouter(RequestRouter):
     """Not first-in-first-out on purpose (no FIFOMixin): a replica chosen for one request's prefix must serve that
-    request, not whichever request waited longest."""
+    request, not whichever request waited longest. A call with a `replica=ID` keyword goes to that replica only."""
 
     def initialize_state(self, policy: str = "affinity", ttl_s: float = 10.0, **options: Any) -> None:
         self.policy: RoutingPolicy = make_policy(policy, **options)
@@ -31,8 +31,12 @@ class TokenmillRouter(RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        hint = pending_request.kwargs.get("hint") if pending_request is not None else None
+        kwargs = pending_request.kwargs if pending_request is not None else {}
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        pinned = kwargs.get("replica")
+        if pinned is not None:  # a call meant for one replica (its stats): that one or, until it is up, none
+            return [[by_id[pinned]]] if pinned in by_id else []
+        hint = kwargs.get("hint")
         digests = {rid: self._digests(r, hint) for rid, r in by_id.items()}
         states = [self._state(rid, r, digests[rid]) for rid, r in by_id.items()]
         num_blocks = max((len(d) for d in digests.values()), default=0)

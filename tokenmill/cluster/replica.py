@@ -4,18 +4,26 @@ strings), so that no exception type has to survive the trip through Ray."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.kv.hashing import digest
-from tokenmill.server.async_engine import AsyncEngine, Origin, OutputStream
+from tokenmill.kv.transfer import KVTransfer
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.async_engine import AsyncEngine, EngineRequest, Origin, OutputStream
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from tokenmill.server.serving import OpenAIServing
 
+logger = logging.getLogger(__name__)
+
+KV_WAIT_S = 60.0  # how long a decode replica waits for a prompt's KV before computing it itself
 # A replica reports at most this many cached blocks (the newest); a router then misses older prefixes only.
 MAX_REPORTED_DIGESTS = 1 << 16
 STARTED = 102  # the status of the first item a replica sends for every request (HTTP's "Processing")
@@ -40,15 +48,21 @@ class EngineReplica:
         self.serving = OpenAIServing(self.engine, server_config.served_model_name, server_config.request_timeout)
         self.identity = {REPLICA_HEADER: _replica_id(), NODE_HEADER: _node_id()}
         self._reports = 0
+        self.waiting_for_kv = 0  # requests whose prompt KV is on its way from a prefill replica
+        self.transfer_stats = {"imported_blocks": 0, "exported_blocks": 0, "fallbacks": 0}
 
-    async def generate(self, kind: str, body: Any, origin: Origin, stream: bool, hint: Any = None
-                       ) -> AsyncIterator[Reply | str]:
+    async def generate(self, kind: str, body: Any, origin: Origin, stream: bool, hint: Any = None,
+                       kv: list[Any] | None = None) -> AsyncIterator[Reply | str]:
         """First `STARTED`: from then on the request is this replica's, and if the replica dies the ingress
         reports the failure instead of trying another replica (a request that kills replicas would otherwise kill
         them all). Then a `Reply`: the error that refuses the request, the whole reply, or with `stream` a 200
         head followed by the server-sent events. If the ingress goes away (a client disconnected, a call was
-        cancelled) the engine requests are aborted at once. `hint` is the router's (ray_router.py)."""
+        cancelled) the engine requests are aborted at once. `hint` is the router's (ray_router.py). `kv`: a
+        one-item list holding the object ref of a prefill replica's `KVTransfer` for this prompt (in a list, so
+        that Ray hands over the ref instead of waiting for it before the call)."""
         yield Reply(STARTED, None, dict(self.identity))
+        if kv:
+            await self._import(kv[0])
         try:
             reply, engine_stream = await self._start(kind, body, origin, stream)
         except APIError as exc:
@@ -64,6 +78,31 @@ class EngineReplica:
         finally:
             if not engine_stream.finished:
                 self.engine.abort(engine_stream.request_ids)
+
+    async def _import(self, ref: Any) -> None:
+        """Wait for a prompt's KV and put it into the prefix cache; on any failure (the prefill replica died or
+        refused, the wait timed out, the KV does not fit this engine) the prompt is computed here instead."""
+        self.waiting_for_kv += 1
+        try:
+            transfer = await asyncio.wait_for(ref, KV_WAIT_S)
+            self.transfer_stats["imported_blocks"] += await self.engine.call(lambda e: e.import_prefix(transfer))
+        except Exception as exc:  # whatever went wrong, local prefill is the answer
+            logger.warning("KV transfer failed (%s: %s); computing the prompt here", type(exc).__name__, exc)
+            self.transfer_stats["fallbacks"] += 1
+        finally:
+            self.waiting_for_kv -= 1
+
+    async def prefill(self, token_ids: list[int], cache_salt: str | None, hint: Any = None) -> KVTransfer:
+        """A prefill replica's work: compute a prompt's KV (through one generated token, dropped) and hand out
+        its full blocks for a decode replica to import."""
+        request = EngineRequest(f"prefill-{uuid.uuid4().hex}", list(token_ids), SamplingParams(max_tokens=1),
+                                cache_salt=cache_salt)
+        stream = await self.engine.submit([request], self.serving.request_timeout)
+        async for _ in stream:
+            pass
+        transfer = await self.engine.call(lambda e: e.export_prefix(token_ids, cache_salt))
+        self.transfer_stats["exported_blocks"] += transfer.num_blocks
+        return transfer
 
     async def _start(self, kind: str, body: Any, origin: Origin, stream: bool
                      ) -> tuple[dict[str, Any] | AsyncIterator[str], OutputStream]:
@@ -86,12 +125,14 @@ class EngineReplica:
                 "digests": [digest(h) for h in index.hashes[-MAX_REPORTED_DIGESTS:]],
                 "free_blocks": stats.num_free_blocks, "ongoing": stats.num_running + stats.num_waiting}
 
-    async def engine_stats(self) -> dict[str, Any]:
-        """Counters for benchmarks and tests: where this replica runs and what its prefix cache saved."""
+    async def engine_stats(self, replica: str | None = None) -> dict[str, Any]:
+        """Counters for benchmarks and tests: where this replica runs and what its prefix cache saved. `replica`
+        is for the router, which sends the call to the replica of that id (deploy.replica_stats)."""
         stats = self.engine.stats()
         return {**self.identity, "prefix_cache_queries": stats.prefix_cache.queries,
                 "prefix_cache_hits": stats.prefix_cache.hits, "prompt_tokens": stats.prompt_tokens,
-                "generation_tokens": stats.generation_tokens, "requests": stats.prefix_cache.requests}
+                "generation_tokens": stats.generation_tokens, "requests": stats.prefix_cache.requests,
+                "waiting_for_kv": self.waiting_for_kv, **self.transfer_stats}
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose engine thread died is replaced."""

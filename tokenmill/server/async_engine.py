@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine import EngineStats, LLMEngine, PrefixCacheIndex
@@ -41,6 +41,8 @@ from tokenmill.structured.params import StructuredOutputs
 from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # How long the engine thread waits before retrying when it has requests but the scheduler found nothing to run.
 _IDLE_RETRY_S = 0.005
@@ -194,6 +196,15 @@ class _Abort:
     request_ids: list[str]
 
 
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    future: concurrent.futures.Future[Any]
+
+
+_Command = _Add | _Abort | _Call
+
+
 _Deliveries = dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, RequestOutput | BaseException]]]
 
 
@@ -210,7 +221,7 @@ class AsyncEngine:
         self._deadlines: list[tuple[float, str]] = []  # heap, engine thread only
         self._observers: list[EngineObserver] = []
         self._cond = threading.Condition()
-        self._commands: list[_Add | _Abort] = []
+        self._commands: list[_Command] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._home_thread: threading.Thread | None = None  # set when from_config built the engine on its own thread
@@ -331,15 +342,22 @@ class AsyncEngine:
             raise
         return stream
 
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` on the engine thread between two steps (what may not run beside a step, such as
+        moving KV blocks in or out of the cache) and return what it returns, or raise what it raises."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._post(_Call(fn, future))
+        return await asyncio.wrap_future(future)
+
     def abort(self, request_ids: list[str]) -> None:
         """Stop these requests and free their KV blocks; unknown or finished ids are ignored. Never blocks."""
         if request_ids:
             self._post(_Abort(list(request_ids)))
 
-    def _post(self, command: _Add | _Abort) -> None:
+    def _post(self, command: _Command) -> None:
         with self._cond:
             if self._stopping or self._thread is None or self.failure is not None:
-                if isinstance(command, _Add):
+                if not isinstance(command, _Abort):
                     command.future.set_exception(EngineStoppedError("the engine is not running"))
                 return
             self._commands.append(command)
@@ -355,7 +373,7 @@ class AsyncEngine:
             logger.critical("the engine thread died", exc_info=True)
             self.failure = exc
             with self._cond:
-                stranded = [c for c in self._commands if isinstance(c, _Add)]
+                stranded = [c for c in self._commands if not isinstance(c, _Abort)]
                 self._commands = []
             for command in stranded:
                 command.future.set_exception(EngineStoppedError("the engine is not running"))
@@ -391,11 +409,13 @@ class AsyncEngine:
             if stopping:
                 return
 
-    def _iteration(self, commands: list[_Add | _Abort], stopping: bool, deliveries: _Deliveries) -> None:
+    def _iteration(self, commands: list[_Command], stopping: bool, deliveries: _Deliveries) -> None:
         for command in commands:
             try:
                 if isinstance(command, _Add):
                     self._add(command)
+                elif isinstance(command, _Call):
+                    self._call(command)
                 else:
                     for request_id in command.request_ids:
                         self._abort(request_id, deliveries)
@@ -439,6 +459,14 @@ class AsyncEngine:
             except Exception:  # the engine may be inconsistent after a failure; free what can be freed
                 logger.exception("abort of %s failed", request_id)
             deliveries[route.loop].append((route.stream, _request_failed(request_id)))
+
+    def _call(self, command: _Call) -> None:
+        if not command.future.set_running_or_notify_cancel():
+            return
+        try:
+            command.future.set_result(command.fn(self.engine))
+        except Exception as exc:
+            command.future.set_exception(exc)
 
     def _add(self, command: _Add) -> None:
         if not command.future.set_running_or_notify_cancel():

@@ -75,6 +75,11 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
                         "loaded of two random replicas, or in turn")
     g.add_argument("--replica-cpus", type=float, default=1.0,
                    help="CPUs each replica reserves in the Ray cluster (and its threads, unless --threads)")
+    g.add_argument("--prefill-replicas", type=int, default=0,
+                   help="prefill/decode disaggregation: this many more replicas compute long prompts and send "
+                        "their KV blocks to the replica that decodes them")
+    g.add_argument("--pd-min-prompt-tokens", type=int, default=256,
+                   help="with --prefill-replicas: shorter prompts are computed where they are decoded")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -99,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         engine = engine_config(args, model=args.model_path)
-        if args.replicas is not None or args.max_replicas is not None or args.ray_address is not None:
+        if (args.replicas is not None or args.max_replicas is not None or args.ray_address is not None
+                or args.prefill_replicas):
             return _serve_cluster(args, engine, config)
         return run_server(engine, config, host=args.host, port=args.port, log_level=args.log_level,
                           access_log=not args.no_access_log)
@@ -122,7 +128,8 @@ def _serve_cluster(args: argparse.Namespace, engine: Any, server: Any) -> int:
             replicas=args.replicas or args.min_replicas, min_replicas=args.min_replicas,
             max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
             max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
-            router=args.router, replica_cpus=args.replica_cpus)
+            router=args.router, replica_cpus=args.replica_cpus, prefill_replicas=args.prefill_replicas,
+            pd_min_prompt_tokens=args.pd_min_prompt_tokens)
     except ValueError as exc:
         print(f"tokenmill: error: {exc}", file=sys.stderr)
         return 2
