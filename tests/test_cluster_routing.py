@@ -123,7 +123,8 @@ def test_route_hint_renders_the_prompt_as_the_replica_does(llm_fp32) -> None:
     assert route_hint(tokenizer, bad_tools, None) is None  # the replica answers it with the 400
 
 
-def test_replica_protocol_without_ray(tmp_path) -> None:
+def test_replica_protocol_outside_serve(tmp_path) -> None:
+    pytest.importorskip("ray.serve")  # the replica asks Serve for its id, and is told it runs outside Serve
     from tests.conftest import write_tiny_gguf
     from tokenmill.cluster.replica import STARTED, EngineReplica, Reply
     from tokenmill.config import EngineConfig

@@ -73,7 +73,13 @@ class Ingress:
 
     async def model_card(self) -> dict[str, Any]:
         if self._model_card is None:
-            self._model_card = await self.replicas.model_card.remote()
+            try:
+                self._model_card = await self.replicas.model_card.remote()
+            except BackPressureError:
+                raise _overloaded() from None
+            except _REPLICA_GONE:
+                raise APIError(503, "no replica is available yet", code="replica_failed",
+                               headers={"Retry-After": "1"}) from None
         return self._model_card
 
     async def open(self, req: CompletionRequest | ChatCompletionRequest, body: Any, origin: Origin
@@ -90,6 +96,7 @@ class Ingress:
             except BackPressureError:
                 raise _overloaded() from None
             except _REPLICA_GONE as exc:  # before it started the request: another replica takes it
+                call.cancel()  # an unavailable replica may yet come back: it must not run the request too
                 logger.warning("a replica died before starting a request (%s); %s", type(exc).__name__,
                                "retrying elsewhere" if attempt == 0 else "giving up")
                 continue
@@ -101,6 +108,7 @@ class Ingress:
             try:
                 return await call.__anext__(), call
             except _REPLICA_GONE:
+                call.cancel()
                 raise _replica_failed() from None
             except asyncio.CancelledError:  # the replica aborts the engine requests
                 call.cancel()

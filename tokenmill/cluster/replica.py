@@ -24,8 +24,9 @@ from tokenmill.server.serving import OpenAIServing
 logger = logging.getLogger(__name__)
 
 KV_WAIT_S = 60.0  # how long a decode replica waits for a prompt's KV before computing it itself
-# A replica reports at most this many cached blocks (the newest); a router then misses older prefixes only.
-MAX_REPORTED_DIGESTS = 1 << 16
+# A replica reports at most this many cached blocks, the most recently registered; past that, a router finds
+# older prefixes only through what it routed itself.
+MAX_REPORTED_DIGESTS = 1 << 14
 STARTED = 102  # the status of the first item a replica sends for every request (HTTP's "Processing")
 REPLICA_HEADER = "x-tokenmill-replica"
 NODE_HEADER = "x-tokenmill-node"
@@ -49,7 +50,8 @@ class EngineReplica:
         self.identity = {REPLICA_HEADER: _replica_id(), NODE_HEADER: _node_id()}
         self._reports = 0
         self.waiting_for_kv = 0  # requests whose prompt KV is on its way from a prefill replica
-        self.transfer_stats = {"imported_blocks": 0, "exported_blocks": 0, "fallbacks": 0}
+        self.transfer_stats = {"imported_blocks": 0, "exported_blocks": 0, "short_exports": 0, "fallbacks": 0}
+        self._report: dict[str, Any] = {}
 
     async def generate(self, kind: str, body: Any, origin: Origin, stream: bool, hint: Any = None,
                        kv: list[Any] | None = None) -> AsyncIterator[Reply | str]:
@@ -98,10 +100,18 @@ class EngineReplica:
         request = EngineRequest(f"prefill-{uuid.uuid4().hex}", list(token_ids), SamplingParams(max_tokens=1),
                                 cache_salt=cache_salt)
         stream = await self.engine.submit([request], self.serving.request_timeout)
-        async for _ in stream:
-            pass
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            if not stream.finished:  # the call was cancelled
+                self.engine.abort(stream.request_ids)
+        # The blocks were freed with the request and stay cached, at the back of the eviction order; a step that
+        # ran in between under memory pressure may still have taken some, which the count below shows.
         transfer = await self.engine.call(lambda e: e.export_prefix(token_ids, cache_salt))
         self.transfer_stats["exported_blocks"] += transfer.num_blocks
+        if transfer.num_blocks < (len(token_ids) - 1) // transfer.block_size:
+            self.transfer_stats["short_exports"] += 1
         return transfer
 
     async def _start(self, kind: str, body: Any, origin: Origin, stream: bool
@@ -120,10 +130,13 @@ class EngineReplica:
         """Called by Ray Serve every `routing_stats_period_s`; what the router (ray_router.py) reads."""
         index = self.engine.prefix_cache_index()
         stats = self.engine.stats()
-        self._reports += 1
-        return {"seq": self._reports, "hash_root": index.hash_root, "block_size": index.block_size,
-                "digests": [digest(h) for h in index.hashes[-MAX_REPORTED_DIGESTS:]],
-                "free_blocks": stats.num_free_blocks, "ongoing": stats.num_running + stats.num_waiting}
+        digests = [digest(h) for h in index.hashes[-MAX_REPORTED_DIGESTS:]]
+        if digests != self._report.get("digests"):  # `seq` tells routers whether to rebuild their index
+            self._reports += 1
+        self._report = {"seq": self._reports, "hash_root": index.hash_root, "block_size": index.block_size,
+                        "digests": digests, "free_blocks": stats.num_free_blocks,
+                        "ongoing": stats.num_running + stats.num_waiting}
+        return self._report
 
     async def engine_stats(self, replica: str | None = None) -> dict[str, Any]:
         """Counters for benchmarks and tests: where this replica runs and what its prefix cache saved. `replica`
