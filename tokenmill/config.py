@@ -96,6 +96,9 @@ class EngineConfig:
     h2o_budget: int | None = None
     h2o_recent: int | None = None
     h2o_per_head: bool = True
+    # Tensor parallelism (tokenmill/parallel/tensor.py): this many processes each hold 1/N of every layer's heads
+    # and MLP columns, with two all-reduces per layer (gloo on CPU, NCCL on CUDA). Float weights, eager steps.
+    tensor_parallel_size: int = 1
 
     def h2o(self) -> HeavyHitterBudget | None:
         if self.h2o_budget is None:
@@ -119,6 +122,15 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1:
+            unsupported = {"weight_format": self.weight_format != "float", "speculative": self.speculative is not None,
+                           "kv_cache_dtype": self.kv_cache_dtype != "auto", "h2o_budget": self.h2o_budget is not None}
+            for name, set_ in unsupported.items():
+                if set_:
+                    raise ValueError(f"tensor_parallel_size > 1 does not combine with {name}={getattr(self, name)!r} "
+                                     "yet (float weights, a plain KV cache, no speculative decoding)")
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {self.weight_format!r}")
         if self.int4_group_size not in INT4_GROUP_SIZES:

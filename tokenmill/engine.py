@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,6 +36,14 @@ from tokenmill.model.llama import rope_rotation
 from tokenmill.model.loader import load_model
 from tokenmill.output.processor import RequestState
 from tokenmill.output.types import RequestOutput
+from tokenmill.parallel.tensor import (
+    TensorParallelContext,
+    TensorParallelGroup,
+    TensorParallelRunner,
+    check_shardable,
+    shard_model,
+    start_workers,
+)
 from tokenmill.request import Request, RequestStatus
 from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams
@@ -82,8 +91,11 @@ class PrefixCacheIndex:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, parallel: TensorParallelContext | None = None) -> None:
+        """`parallel`: this engine's rank in a tensor-parallel group; given only to the workers that rank 0 (an
+        engine whose config asks for tensor_parallel_size > 1) spawns itself."""
         self.config = config = config or EngineConfig()
+        self.tensor_parallel: TensorParallelGroup | None = None
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.device = config.torch_device()
@@ -96,6 +108,10 @@ class LLMEngine:
         # The context is known before the weights load, so that the RoPE tables cover exactly the positions used
         # (a file may declare any context length).
         self.model_config = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
+        tp_workers: list[Any] = []
+        if config.tensor_parallel_size > 1 and parallel is None:
+            check_shardable(self.model_config, config.tensor_parallel_size)
+            parallel, tp_workers = start_workers(config, type(self))  # they load the model while this one does
         self.kv_format = KVFormat.from_name(config.kv_cache_dtype)
         num_blocks = self._num_kv_blocks()
         block_size = config.block_size
@@ -107,6 +123,12 @@ class LLMEngine:
         self.max_model_len = self.max_positions if window is None else STREAMING_MAX_MODEL_LEN
         self.model = load_model(gguf_file, self.dtype, self.device, config.weight_format, config.int4_group_size,
                                 max_positions=self.max_positions)
+        if parallel is not None:
+            self.tensor_parallel = TensorParallelGroup(parallel, self.device)
+            self.model_config = shard_model(self.model, self.model_config, parallel.rank, parallel.world,
+                                            self.tensor_parallel.all_reduce)
+            logger.info("tensor parallel rank %d of %d: %d of the model's heads", parallel.rank, parallel.world,
+                        self.model_config.num_heads)
         packed = self.model.prepack_weights() if config.prepack_weights else 0
         self.kv_cache: KVStorage
         if self.kv_format is None:
@@ -131,6 +153,8 @@ class LLMEngine:
         self.runner = ModelRunner(backend, self.model.lm_head, self.kv_cache, self.device, greedy, config.seed,
                                   max_positions=self.model.rope_cos.shape[0], vocab_size=self.model.embed.out_features,
                                   rotation=functools.partial(rope_rotation, self.model_config))
+        if self.tensor_parallel is not None and self.tensor_parallel.rank == 0:
+            self.runner = TensorParallelRunner(self.runner, self.tensor_parallel, tp_workers)
         self.speculator = self._speculator(gguf_file)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
         # Built for the first grammar (indexing the vocabulary takes a moment), maybe from a server's thread.
@@ -149,7 +173,10 @@ class LLMEngine:
     def _backend(self) -> tuple[AttentionBackend, Callable[[torch.Tensor], torch.Tensor] | None]:
         if isinstance(self.kv_cache, QuantizedKVCache):
             return self._quantized_kv_backend(self.kv_cache)
-        return plain_backend(self.model, self.kv_cache, self.device, self.config.enforce_eager)
+        # The fused step is one C++ call for the whole layer stack: no place in it for tensor parallelism's
+        # all-reduces.
+        eager = self.config.enforce_eager or self.tensor_parallel is not None
+        return plain_backend(self.model, self.kv_cache, self.device, eager)
 
     def _quantized_kv_backend(self, kv: QuantizedKVCache) -> tuple[AttentionBackend, Callable[..., torch.Tensor]]:
         """Only the fused CPU step reads quantized blocks: without it a quantized cache is refused, not emulated."""
@@ -445,6 +472,11 @@ class LLMEngine:
                 self._finished(request.request_id, status)
                 break
         return state.take_output(status.value if status is not None else None)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the engine is garbage-collected)."""
+        if isinstance(self.runner, TensorParallelRunner):
+            self.runner.close()
 
     def prefix_cache_index(self) -> PrefixCacheIndex:
         """What the prefix cache holds, for a router that sends requests where their prefix is."""

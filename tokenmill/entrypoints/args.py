@@ -24,6 +24,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", action="store_true")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached KV blocks")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split every layer over this many processes (float weights, eager steps; the threads "
+                        "are per process)")
     g.add_argument("--weight-format", default="float", choices=WEIGHT_FORMATS,
                    help="float: dequantized to --dtype; int8/int4: weight-only quantized; gguf: the file's own Q4 "
                         "codes (quantized formats run bf16 on CPU)")
@@ -101,4 +104,5 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         structured_outputs_overlap=not args.no_structured_outputs_overlap, sliding_window=args.sliding_window,
         attention_sinks=args.attention_sinks, kv_cache_dtype=args.kv_cache_dtype, h2o_budget=args.h2o_budget,
         h2o_recent=args.h2o_recent, h2o_per_head=not args.no_h2o_per_head,
+        tensor_parallel_size=args.tensor_parallel_size,
     )

@@ -54,6 +54,9 @@ class DecoderLayer(nn.Module):
         self.cfg = cfg
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+        # With tensor parallelism (parallel/tensor.py) `o` and `down` give partial sums over this process's heads
+        # and columns, which this sums across processes.
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.register_buffer("attn_norm", attn_norm)
         self.register_buffer("ffn_norm", ffn_norm)
 
@@ -67,9 +70,11 @@ class DecoderLayer(nn.Module):
         return qk[:, : cfg.num_heads], qk[:, cfg.num_heads :], v
 
     def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        x = x + self.o(attn.reshape(-1, self.q_size))
+        out = self.o(attn.reshape(-1, self.q_size))
+        x = x + (out if self.all_reduce is None else self.all_reduce(out))
         gate, up = self.gate_up(rms_norm(x, self.ffn_norm, self.cfg.rms_norm_eps)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        out = self.down(F.silu(gate) * up)
+        return x + (out if self.all_reduce is None else self.all_reduce(out))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
                 index: int) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Parallel execution of one model across processes (tensor.py: tensor parallelism)."""
