@@ -116,15 +116,17 @@ class Ingress:
         raise APIError(503, "no replica could start this request", code="replica_failed",
                        headers={"Retry-After": "1"})
 
-
     async def _prefill_elsewhere(self, hint: RouteHint | None) -> list[Any] | None:
         """With prefill replicas: start computing a long prompt's KV on one of them, and return the result's
         object ref for the decode replica to wait on (None: the decode replica computes the prompt itself)."""
         if self.prefill is None or hint is None or len(hint.token_ids) < self.pd_min_prompt_tokens:
             return None
+        response = self.prefill.prefill.remote(list(hint.token_ids), hint.cache_salt, hint=hint)
         try:
-            response = self.prefill.prefill.remote(list(hint.token_ids), hint.cache_salt, hint=hint)
             return [await response._to_object_ref()]
+        except asyncio.CancelledError:  # the client went away
+            response.cancel()
+            raise
         except Exception as exc:  # the decode replica will prefill: a slower answer, not a failed one
             logger.warning("no prefill replica took the prompt (%s: %s)", type(exc).__name__, exc)
             return None
