@@ -98,7 +98,7 @@ class EngineConfig:
     h2o_per_head: bool = True
     # Tensor parallelism (tokenmill/parallel/tensor.py): this many processes each hold 1/N of every layer's heads
     # and MLP columns, with two all-reduces per layer (gloo on CPU, NCCL on CUDA). Float weights, eager steps.
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # threads per process, unless num_threads: the cores divided among them
 
     def h2o(self) -> HeavyHitterBudget | None:
         if self.h2o_budget is None:

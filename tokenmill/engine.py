@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -98,6 +99,8 @@ class LLMEngine:
         self.tensor_parallel: TensorParallelGroup | None = None
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
+        elif config.tensor_parallel_size > 1:  # the cores shared out, not each process on all of them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
         self.device = config.torch_device()
         self.dtype, dtype_reason = config.resolve_dtype()
         logger.info("dtype %s (%s)", str(self.dtype).removeprefix("torch."), dtype_reason)
