@@ -21,7 +21,6 @@ import asyncio
 import logging
 import os
 import random
-import socket
 import statistics
 from pathlib import Path
 from typing import Any
@@ -33,17 +32,13 @@ from tokenmill.bench.report import write_json
 from tokenmill.bench.scenarios import RunResult, RunSpec, run_once
 from tokenmill.bench.workloads import Workload, multi_turn, shared_prefix, synthetic
 from tokenmill.model.gguf_file import default_model_path
+from tokenmill.ports import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cluster.json"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deploy(replicas: int, router: str, cpus_per_replica: float, kv_blocks: int | None = None) -> None:
+def deploy(replicas: int, kv_blocks: int | None = None, **cluster: Any) -> None:
+    """A fresh application (cold caches): `replicas` engine replicas and the other `ClusterConfig` fields given."""
     from ray import serve
 
     from tokenmill.cluster.deploy import ClusterConfig, build_app
@@ -51,9 +46,8 @@ def deploy(replicas: int, router: str, cpus_per_replica: float, kv_blocks: int |
     from tokenmill.server.config import ServerConfig
 
     serve.delete("tokenmill")
-    cluster = ClusterConfig(replicas=replicas, router=router, replica_cpus=cpus_per_replica,
-                            max_ongoing_requests=64, max_queued_requests=1024, routing_stats_period_s=1.0)
-    serve.run(build_app(EngineConfig(num_kv_blocks=kv_blocks), ServerConfig(), cluster), name="tokenmill",
+    config = ClusterConfig(replicas=replicas, max_ongoing_requests=64, max_queued_requests=1024, **cluster)
+    serve.run(build_app(EngineConfig(num_kv_blocks=kv_blocks), ServerConfig(), config), name="tokenmill",
               route_prefix="/")
 
 
@@ -103,7 +97,7 @@ def part_routing(url: str, args: argparse.Namespace, tokenizer: Any) -> dict[str
     results: dict[str, dict[str, list[dict[str, Any]]]] = {w: {r: [] for r in routers} for w in workloads}
     for repeat in range(args.repeats):
         for router in routers:
-            deploy(2, router, 1.0, args.kv_blocks)
+            deploy(2, args.kv_blocks, router=router)
             for name, workload in workloads.items():
                 row = run(url, workload, spec)
                 results[name][router].append(row)
@@ -122,7 +116,7 @@ def part_replicas(url: str, args: argparse.Namespace, tokenizer: Any) -> dict[st
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     for repeat in range(args.repeats):
         for label, (replicas, cpus) in configs.items():
-            deploy(replicas, "affinity", cpus)
+            deploy(replicas, replica_cpus=cpus)
             row = run(url, workload, spec)
             results[label].append(row)
             print(f"  repeat {repeat} {label}: {row['output_tok_s']:.1f} output tok/s, TPOT p50 "
@@ -141,7 +135,7 @@ def part_pd(url: str, args: argparse.Namespace, tokenizer: Any) -> dict[str, Any
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     for repeat in range(args.repeats):
         for label, shape in configs.items():
-            deploy_pd(**shape)
+            deploy(**shape)
             row = asyncio.run(_mixed(url, streams, prompts, args.pd_rate))
             results[label].append(row)
             print(f"  repeat {repeat} {label}: streams ITL p50 {row['stream_itl_p50_ms']:.0f} ms, p99 "
@@ -150,19 +144,6 @@ def part_pd(url: str, args: argparse.Namespace, tokenizer: Any) -> dict[str, Any
     keys = list(next(iter(results.values()))[0])
     return {"streams": streams.params, "prompts": prompts.params, "rate": args.pd_rate, "runs": results,
             "median": {c: {k: statistics.median(r[k] for r in rows) for k in keys} for c, rows in results.items()}}
-
-
-def deploy_pd(replicas: int, prefill_replicas: int = 0) -> None:
-    from ray import serve
-
-    from tokenmill.cluster.deploy import ClusterConfig, build_app
-    from tokenmill.config import EngineConfig
-    from tokenmill.server.config import ServerConfig
-
-    serve.delete("tokenmill")
-    cluster = ClusterConfig(replicas=replicas, prefill_replicas=prefill_replicas, max_ongoing_requests=64,
-                            max_queued_requests=1024)
-    serve.run(build_app(EngineConfig(), ServerConfig(), cluster), name="tokenmill", route_prefix="/")
 
 
 async def _mixed(url: str, streams: Workload, prompts: Workload, rate: float) -> dict[str, Any]:
@@ -186,28 +167,28 @@ async def _mixed(url: str, streams: Workload, prompts: Workload, rate: float) ->
             "failed": s.metrics["failed"] + p.metrics["failed"]}
 
 
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def print_tables(report: dict[str, Any]) -> None:
-    routing = report.get("routing")
-    if routing:
-        print("\n| workload | router | prefix-cache hit rate | TTFT p50 (ms) | TTFT p99 (ms) | output tok/s |")
-        print("|---|---|---|---|---|---|")
-        for name, per in routing["median"].items():
-            for router, m in per.items():
-                print(f"| {name} | {router} | {m['hit_rate']:.1%} | {m['ttft_p50_ms']:.0f} | "
-                      f"{m['ttft_p99_ms']:.0f} | {m['output_tok_s']:.1f} |")
-    pd = report.get("pd")
-    if pd:
-        print("\n| configuration | streams ITL p50 (ms) | ITL p99 (ms) | TPOT p99 (ms) | long prompts TTFT p50 (ms) |")
-        print("|---|---|---|---|---|")
-        for label, m in pd["median"].items():
-            print(f"| {label} | {m['stream_itl_p50_ms']:.0f} | {m['stream_itl_p99_ms']:.0f} | "
-                  f"{m['stream_tpot_p99_ms']:.0f} | {m['prompt_ttft_p50_ms']:.0f} |")
-    replicas = report.get("replicas")
-    if replicas:
-        print("\n| configuration | output tok/s | TPOT p50 (ms) | TTFT p50 (ms) |")
-        print("|---|---|---|---|")
-        for label, m in replicas["median"].items():
-            print(f"| {label} | {m['output_tok_s']:.1f} | {m['tpot_p50_ms']:.0f} | {m['ttft_p50_ms']:.0f} |")
+    if "routing" in report:
+        _table(["workload", "router", "prefix-cache hit rate", "TTFT p50 (ms)", "TTFT p99 (ms)", "output tok/s"],
+               [[name, router, f"{m['hit_rate']:.1%}", f"{m['ttft_p50_ms']:.0f}", f"{m['ttft_p99_ms']:.0f}",
+                 f"{m['output_tok_s']:.1f}"]
+                for name, per in report["routing"]["median"].items() for router, m in per.items()])
+    if "pd" in report:
+        _table(["configuration", "streams ITL p50 (ms)", "ITL p99 (ms)", "TPOT p99 (ms)",
+                "long prompts TTFT p50 (ms)"],
+               [[label, f"{m['stream_itl_p50_ms']:.0f}", f"{m['stream_itl_p99_ms']:.0f}",
+                 f"{m['stream_tpot_p99_ms']:.0f}", f"{m['prompt_ttft_p50_ms']:.0f}"]
+                for label, m in report["pd"]["median"].items()])
+    if "replicas" in report:
+        _table(["configuration", "output tok/s", "TPOT p50 (ms)", "TTFT p50 (ms)"],
+               [[label, f"{m['output_tok_s']:.1f}", f"{m['tpot_p50_ms']:.0f}", f"{m['ttft_p50_ms']:.0f}"]
+                for label, m in report["replicas"]["median"].items()])
 
 
 def main() -> None:

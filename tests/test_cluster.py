@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -27,6 +26,7 @@ from tokenmill.cluster.deploy import (  # noqa: E402
     replica_stats,
 )
 from tokenmill.config import EngineConfig  # noqa: E402
+from tokenmill.ports import free_port  # noqa: E402
 from tokenmill.server.config import ServerConfig  # noqa: E402
 
 pytestmark = pytest.mark.cluster
@@ -37,12 +37,6 @@ PREFIX = "You are a careful assistant who answers questions about the history of
 COLOCATED_TEXTS: list[str] = []  # greedy answers of the co-located deployment, for the P/D one to match
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(model_path) -> Iterator[SimpleNamespace]:
     from ray.cluster_utils import Cluster
@@ -51,7 +45,7 @@ def cluster(model_path) -> Iterator[SimpleNamespace]:
     for _ in range(2):
         sim.add_node(num_cpus=1)
     ray.init(address=sim.address, logging_level=logging.WARNING, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}")

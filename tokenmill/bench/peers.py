@@ -13,7 +13,6 @@ import asyncio
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,9 @@ from typing import Any
 
 from tokenmill.bench.backends import PendingRequest, WorkerThreadBackend
 from tokenmill.bench.roofline import dense_memory_model, model_config
+from tokenmill.ports import free_port
 
 LLAMA_CPP_INSTALL = "pip install 'llama-cpp-python[server]'  (or: pip install -e '.[peers]'; builds llama.cpp)"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ManagedServer:

@@ -26,20 +26,13 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from tokenmill.cluster.hints import RouteHint, route_hint
 from tokenmill.cluster.replica import STARTED, Reply
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
-from tokenmill.server.app import (
-    EventStreamResponse,
-    api_key_check,
-    install_error_handlers,
-    read_json,
-    request_origin,
-    unless_disconnected,
-)
+from tokenmill.server.app import EventStreamResponse, guard, read_json, request_origin, unless_disconnected
 from tokenmill.server.async_engine import Origin
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.formatting import SSE_DONE, sse
-from tokenmill.server.guards import HostCheckMiddleware
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from tokenmill.server.serving import model_not_found
 from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -47,14 +40,16 @@ logger = logging.getLogger(__name__)
 _REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
+def _unavailable(message: str, code: str = "replica_failed") -> APIError:
+    return APIError(503, message, code=code, headers={"Retry-After": "1"})
+
+
 def _overloaded() -> APIError:
-    return APIError(503, "every replica is busy and the queue is full; retry later", code="server_overloaded",
-                    headers={"Retry-After": "1"})
+    return _unavailable("every replica is busy and the queue is full; retry later", "server_overloaded")
 
 
 def _replica_failed() -> APIError:
-    return APIError(503, "the replica serving this request failed while running it; the request was not retried",
-                    code="replica_failed", headers={"Retry-After": "1"})
+    return _unavailable("the replica serving this request failed while running it; the request was not retried")
 
 
 @serve.ingress()
@@ -78,8 +73,7 @@ class Ingress:
             except BackPressureError:
                 raise _overloaded() from None
             except _REPLICA_GONE:
-                raise APIError(503, "no replica is available yet", code="replica_failed",
-                               headers={"Retry-After": "1"}) from None
+                raise _unavailable("no replica is available yet") from None
         return self._model_card
 
     async def open(self, req: CompletionRequest | ChatCompletionRequest, body: Any, origin: Origin
@@ -113,8 +107,7 @@ class Ingress:
             except asyncio.CancelledError:  # the replica aborts the engine requests
                 call.cancel()
                 raise
-        raise APIError(503, "no replica could start this request", code="replica_failed",
-                       headers={"Retry-After": "1"})
+        raise _unavailable("no replica could start this request")
 
     async def _prefill_elsewhere(self, hint: RouteHint | None) -> list[Any] | None:
         """With prefill replicas: start computing a long prompt's KV on one of them, and return the result's
@@ -135,10 +128,7 @@ class Ingress:
 def create_ingress_app(ingress: Ingress) -> FastAPI:
     config = ingress.config
     app = FastAPI(title="tokenmill cluster", docs_url=None, redoc_url=None, openapi_url=None)
-    install_error_handlers(app)
-    if config.allowed_hosts is not None:
-        app.add_middleware(HostCheckMiddleware, allowed_hosts=config.allowed_hosts)
-    authorize = api_key_check(config.api_keys)
+    authorize = guard(app, config)
 
     @app.get("/health")
     async def health() -> Response:
@@ -154,8 +144,7 @@ def create_ingress_app(ingress: Ingress) -> FastAPI:
     async def retrieve_model(model: str) -> Response:
         card = await ingress.model_card()
         if model != card["id"]:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{card['id']}`",
-                           param="model", code="model_not_found")
+            raise model_not_found(model, card["id"])
         return JSONResponse(card)
 
     @v1.post("/completions")

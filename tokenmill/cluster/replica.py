@@ -15,6 +15,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.kv.hashing import digest
 from tokenmill.kv.transfer import KVTransfer
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.app import model_card
 from tokenmill.server.async_engine import AsyncEngine, EngineRequest, Origin, OutputStream
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.errors import APIError
@@ -123,8 +124,7 @@ class EngineReplica:
         return await self.serving.completions(completion.model_copy(update={"stream": stream}), origin)
 
     async def model_card(self) -> dict[str, Any]:
-        return {"id": self.serving.model_name, "object": "model", "created": self.serving.created,
-                "owned_by": "tokenmill", "max_model_len": self.engine.max_model_len}
+        return model_card(self.serving)
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Called by Ray Serve every `routing_stats_period_s`; what the router (ray_router.py) reads."""

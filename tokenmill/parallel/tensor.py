@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import logging
 import multiprocessing
-import socket
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ import torch.distributed as dist
 
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.linear import FloatLinear
+from tokenmill.ports import free_port
 
 if TYPE_CHECKING:
     from tokenmill.config import EngineConfig
@@ -86,15 +86,11 @@ def check_shardable(cfg: ModelConfig, world: int) -> None:
             raise ValueError(f"tensor_parallel_size={world} does not divide the model's {name} ({value})")
 
 
-def _rows(weight: torch.Tensor, start: int, count: int) -> torch.Tensor:
-    return weight[start:start + count]
-
-
 def shard_model(model: LlamaModel, cfg: ModelConfig, rank: int, world: int, all_reduce: Any) -> ModelConfig:
     """Keep this rank's heads and MLP columns of every layer (in place) and have each layer all-reduce its two
     partial sums; returns the model config of one rank (its head counts), which sizes its KV cache."""
     check_shardable(cfg, world)
-    q, kv, ff, d = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size, cfg.head_dim
+    q, kv, ff = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     lq, lkv, lff = q // world, kv // world, ff // world
     local = dataclasses.replace(cfg, num_heads=cfg.num_heads // world, num_kv_heads=cfg.num_kv_heads // world)
     for layer in model.layers:
@@ -111,13 +107,12 @@ def shard_model(model: LlamaModel, cfg: ModelConfig, rank: int, world: int, all_
         layer.cfg = local
         layer.q_size, layer.kv_size = lq, lkv
         layer.all_reduce = all_reduce
-    assert lq == local.num_heads * d
     return local
 
 
 def _sliced_rows(linear: FloatLinear, spans: list[tuple[int, int]]) -> FloatLinear:
-    weight = torch.cat([_rows(linear.weight, s, n) for s, n in spans]).contiguous()
-    bias = None if linear.bias is None else torch.cat([_rows(linear.bias, s, n) for s, n in spans]).contiguous()
+    weight = torch.cat([linear.weight[s:s + n] for s, n in spans]).contiguous()
+    bias = None if linear.bias is None else torch.cat([linear.bias[s:s + n] for s, n in spans]).contiguous()
     return FloatLinear(weight, bias)
 
 
@@ -156,12 +151,6 @@ def _stop(group: TensorParallelGroup, workers: list[Any]) -> None:
     group.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_workers(config: EngineConfig, engine_class: type) -> tuple[TensorParallelContext, list[Any]]:
     """Rank 0: spawn ranks 1..world-1, each building its own `engine_class` (the caller's, passed in so that this
     module does not import the engine that imports it) from `config`; returns rank 0's context."""
@@ -186,7 +175,7 @@ def worker_main(engine_class: type, config: EngineConfig, context: TensorParalle
     assert group is not None
     while (plan := group.broadcast_plan(None)) is not None:
         try:
-            engine.runner.execute(plan)
+            engine.runner.forward(plan)  # the logits and samples are rank 0's alone
         except Exception:
             logger.exception("tensor-parallel rank %d: a step failed", context.rank)
     group.close()

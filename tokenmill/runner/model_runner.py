@@ -45,22 +45,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan, token_masks: Future[TokenMasks] | None = None) -> StepResult:
         """Runs `plan`; `token_masks`, being filled while the model runs, restrict grammar-bound rows' tokens."""
-        for request_id in plan.finished_request_ids:
-            self._generators.pop(request_id, None)
-        self.kv_cache.release((*plan.finished_request_ids, *plan.preempted_request_ids))
-        if plan.is_empty:
+        ran = self.forward(plan)
+        if ran is None:
             return StepResult()
-        check_plan(plan, self.kv_cache.num_blocks, self.kv_cache.block_size, self.max_positions, self.vocab_size)
-        self.kv_cache.copy_blocks(list(plan.block_copies))
-        if plan.lane_copies is not None:
-            self.kv_cache.move_rows(plan.lane_copies)
-        for shift in plan.kv_shifts:
-            assert self.rotation is not None, "a plan with key shifts needs a runner built with the RoPE rotation"
-            self.kv_cache.rotate_keys(shift.blocks, *self.rotation(-shift.delta))
-        input_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
-        positions = torch.tensor(plan.positions, dtype=torch.long, device=self.device)
-        metadata = self.backend.build_metadata(plan)
-        hidden = self.backend.forward(input_ids, positions, metadata)
+        hidden, metadata = ran
         prompt_logprobs = self._score_prompts(plan, hidden)
         mass = self._entry_attention(plan, metadata)
         sampled = [s for s in plan.seqs if s.num_samples]
@@ -75,6 +63,27 @@ class ModelRunner:
         rows_of = [[self._sampling_row(s, i) for i in range(s.num_samples)] for s in sampled]
         samples = self._sample(logits, sampled, rows_of)
         return StepResult(samples, logits.float() if plan.return_logits else None, prompt_logprobs, mass)
+
+    @torch.inference_mode()
+    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, object] | None:
+        """The step up to the model's last hidden states (and the backend's metadata): the cache's bookkeeping and
+        the forward pass; None for an empty plan. All a tensor-parallel worker runs (parallel/tensor.py)."""
+        for request_id in plan.finished_request_ids:
+            self._generators.pop(request_id, None)
+        self.kv_cache.release((*plan.finished_request_ids, *plan.preempted_request_ids))
+        if plan.is_empty:
+            return None
+        check_plan(plan, self.kv_cache.num_blocks, self.kv_cache.block_size, self.max_positions, self.vocab_size)
+        self.kv_cache.copy_blocks(list(plan.block_copies))
+        if plan.lane_copies is not None:
+            self.kv_cache.move_rows(plan.lane_copies)
+        for shift in plan.kv_shifts:
+            assert self.rotation is not None, "a plan with key shifts needs a runner built with the RoPE rotation"
+            self.kv_cache.rotate_keys(shift.blocks, *self.rotation(-shift.delta))
+        input_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
+        positions = torch.tensor(plan.positions, dtype=torch.long, device=self.device)
+        metadata = self.backend.build_metadata(plan)
+        return self.backend.forward(input_ids, positions, metadata), metadata
 
     def _entry_attention(self, plan: StepPlan, metadata: object) -> dict[str, torch.Tensor]:
         """The attention each sequence's entries received this step per lane, when the plan collects it (H2O)."""

@@ -72,10 +72,7 @@ def create_app(engine: AsyncEngine | EngineConfig | None = None, config: ServerC
     app.state.serving = serving
     app.state.metrics = metrics
     app.state.on_engine_failure = None  # set by the runner: how to stop the process when the engine dies
-    install_error_handlers(app)
-    if config.allowed_hosts is not None:
-        app.add_middleware(HostCheckMiddleware, allowed_hosts=config.allowed_hosts)
-    authorize = api_key_check(config.api_keys)
+    authorize = guard(app, config)
 
     @app.get("/health")
     async def health() -> Response:
@@ -93,12 +90,12 @@ def create_app(engine: AsyncEngine | EngineConfig | None = None, config: ServerC
 
     @v1.get("/models")
     async def list_models() -> Response:
-        return JSONResponse({"object": "list", "data": [_model_card(serving)]})
+        return JSONResponse({"object": "list", "data": [model_card(serving)]})
 
     @v1.get("/models/{model:path}")
     async def retrieve_model(model: str) -> Response:
         serving.check_model(model)
-        return JSONResponse(_model_card(serving))
+        return JSONResponse(model_card(serving))
 
     @v1.post("/completions", openapi_extra=request_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
@@ -138,7 +135,16 @@ def request_origin(request: Request, req: CompletionRequest | ChatCompletionRequ
     return Origin(salt, tenant if tenant is not None else req.user)
 
 
-def _model_card(serving: OpenAIServing) -> dict[str, Any]:
+def guard(app: FastAPI, config: ServerConfig) -> Callable[[Request], Awaitable[None]]:
+    """What every tokenmill app installs: OpenAI-shaped errors and the Host check; returns the API-key
+    dependency for the routes that need a key."""
+    install_error_handlers(app)
+    if config.allowed_hosts is not None:
+        app.add_middleware(HostCheckMiddleware, allowed_hosts=config.allowed_hosts)
+    return api_key_check(config.api_keys)
+
+
+def model_card(serving: OpenAIServing) -> dict[str, Any]:
     return {"id": serving.model_name, "object": "model", "created": serving.created, "owned_by": "tokenmill",
             "max_model_len": serving.engine.max_model_len}
 

@@ -61,6 +61,11 @@ def _is_default_model(path: Path) -> bool:
         return False
 
 
+def model_not_found(model: str, served: str) -> APIError:
+    return APIError(404, f"The model `{model}` does not exist; this server serves `{served}`", param="model",
+                    code="model_not_found")
+
+
 # Errors that end a request while it runs, as (status, code) for a reply or a stream's error event.
 _RUN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     EngineStepError: (500, "internal_error"),
@@ -106,8 +111,7 @@ class OpenAIServing:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_aliases:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
-                           param="model", code="model_not_found")
+            raise model_not_found(model, self.model_name)
 
     def _check_accepting(self) -> None:
         if self.draining:
