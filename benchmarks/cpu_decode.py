@@ -6,8 +6,9 @@ Prints a table, writes JSON.
     .venv/bin/python benchmarks/cpu_decode.py                       # all settings + llama.cpp if installed
     .venv/bin/python benchmarks/cpu_decode.py --settings gguf,gguf:eager --no-quality --profile gguf
 
-A setting is FORMAT[@GROUP][:eager]: a weight format, the int4 group size, and `:eager` for the plain PyTorch
-operators instead of the fused C++ decode step (the A/B of that optimization).
+A setting is FORMAT[@GROUP][+int8][:eager]: a weight format, the int4 group size, `+int8` for gguf weights with int8
+activations (`--gguf-activations int8`), and `:eager` for the plain PyTorch operators instead of the fused C++ decode
+step (the A/B of that optimization).
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from tokenmill.bench.report import write_json
 from tokenmill.bench.roofline import gguf_file, gguf_memory_model
 from tokenmill.config import EngineConfig
 from tokenmill.engine import LLMEngine
+from tokenmill.kernels import cpu_kernels
 from tokenmill.model.gguf_file import resolve_model_path
 from tokenmill.model.linear import WEIGHT_FORMATS
 from tokenmill.tokenizer import Tokenizer
 
 TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare_first_half.txt"
-DEFAULT_SETTINGS = "float,float:eager,int8,int4,int4@64,gguf,gguf:eager"  # 128 does not divide 576
+DEFAULT_SETTINGS = "float,float:eager,int8,int4,int4@64,gguf,gguf+int8,gguf:eager"  # 128 does not divide 576
 
 
 @dataclass(frozen=True)
@@ -45,20 +47,24 @@ class Setting:
     weight_format: str
     group_size: int = 32
     eager: bool = False
+    gguf_activations: str = "bf16"
 
     @classmethod
     def parse(cls, text: str) -> Setting:
         body, _, mode = text.partition(":")
+        body, _, activations = body.partition("+")
         fmt, _, group = body.partition("@")
-        if fmt not in WEIGHT_FORMATS or mode not in ("", "eager") or (group and fmt != "int4"):
-            raise ValueError(f"bad setting {text!r}: expected FORMAT[@GROUP][:eager], FORMAT in {WEIGHT_FORMATS}, "
-                             "a group only for int4")
-        return cls(fmt, int(group) if group else 32, mode == "eager")
+        if (fmt not in WEIGHT_FORMATS or mode not in ("", "eager") or (group and fmt != "int4")
+                or activations not in ("", "int8") or (activations and fmt != "gguf")):
+            raise ValueError(f"bad setting {text!r}: expected FORMAT[@GROUP][+int8][:eager], FORMAT in "
+                             f"{WEIGHT_FORMATS}, a group only for int4, +int8 only for gguf")
+        return cls(fmt, int(group) if group else 32, mode == "eager", activations or "bf16")
 
     @property
     def name(self) -> str:
         group = f"@{self.group_size}" if self.weight_format == "int4" and self.group_size != 32 else ""
-        return f"{self.weight_format}{group}{':eager' if self.eager else ''}"
+        activations = "+int8" if self.gguf_activations == "int8" else ""
+        return f"{self.weight_format}{group}{activations}{':eager' if self.eager else ''}"
 
 
 @dataclass
@@ -136,6 +142,7 @@ def measure_tokenmill(setting: Setting, prompts: dict[str, list[list[int]]],
     started = time.perf_counter()
     engine = LLMEngine(EngineConfig(model=args.model, weight_format=setting.weight_format,
                                     int4_group_size=setting.group_size, enforce_eager=setting.eager,
+                                    gguf_activations=setting.gguf_activations,
                                     num_threads=args.threads,
                                     enable_prefix_caching=False, max_num_batched_tokens=1024,
                                     kv_cache_memory_gib=1.0))
@@ -281,6 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         r.decode_gb_s = r.bytes_per_token * r.decode_tok_s / 1e9
         r.percent_of_light = 100 * r.decode_gb_s / read_gb_s
+    kernels = cpu_kernels()
+    isa_path = {"level": kernels.isa, "gguf_tiles": kernels.module.gguf_isa() if kernels.module else None}
+    print(f"\nCPU {machine_description()['cpu']}; kernel ISA level {isa_path['level']}, GGUF tiles "
+          f"{isa_path['gguf_tiles']}")
     print_table(results, read_gb_s)
     if reference is not None:
         print(f"exact path (fp32, float weights): perplexity {reference['perplexity']:.2f}")
@@ -288,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nprofile of one single-stream decode step, {name}:")
         for row in rows:
             print(f"  {row['ms_per_step']:7.3f} ms  {row['calls_per_step']:6.1f}x  {row['op']}")
-    report = {"machine": machine_description(), "ceilings": ceilings, "args": vars(args),
+    report = {"machine": machine_description(), "isa": isa_path, "ceilings": ceilings, "args": vars(args),
               "exact_perplexity": None if reference is None else reference["perplexity"],
               "results": [asdict(r) for r in results], "profiles": profiles}
     write_json(report, Path(args.output))

@@ -17,7 +17,7 @@ from tokenmill.attention.fused_cpu import FusedCPUBackend
 from tokenmill.kernels import KernelBuild, cpu_kernels, isa
 from tokenmill.kv.cache import KVCache
 from tokenmill.model.gguf_file import GGUFFile
-from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear
+from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear, int8_blocks
 from tokenmill.model.loader import load_model
 
 BLOCK = 16
@@ -73,6 +73,7 @@ CASES = [
     (torch.bfloat16, "int8", 0.04),
     (torch.bfloat16, "int4", 0.04),
     (torch.bfloat16, "gguf", 0.04),
+    (torch.bfloat16, "gguf+int8", 0.04),  # both paths call the same int8-activation kernel
 ]
 
 
@@ -83,7 +84,8 @@ def test_fused_step_matches_the_eager_forward_on_a_mixed_batch(kernels, model_pa
     if kernels is not cpu_kernels(LEVELS[0]).module and (dtype, weight_format) != (torch.float32, "float"):
         # Lower levels run the layer loop's fp32 case; each bf16 format once, on the best level (CI time).
         pytest.skip("bf16 formats are checked on the CPU's best ISA level")
-    model = load_model(GGUFFile(model_path), dtype, CPU, weight_format)
+    fmt, _, activations = weight_format.partition("+")
+    model = load_model(GGUFFile(model_path), dtype, CPU, fmt, int8_activations=activations == "int8")
     # Three cached sequences of 20, 3 and 33 tokens at scattered blocks (the first ends just before a block boundary)
     # decode one token each; a fourth prefills 21 new tokens after its 12 cached ones, a fifth its first 18 tokens.
     prompts = [[1, 504, 3458, 314] * 4, [9906, 28, 905], list(range(200, 233)), list(range(700, 712))]
@@ -170,6 +172,54 @@ def test_gguf_block_matmuls_match_a_float64_reference_on_every_level(kernels) ->
                            else kernels.q4_matmul(x[i:i + 1], q4.packed, q4.scales, q4.minimums, out_features, True)
                            for i in range(8)])
         assert torch.equal(alone, got)  # batch invariant on every path
+
+
+def int8_case() -> tuple[GgufQ4Linear, GgufQ8Linear, torch.Tensor]:
+    """Q4 and Q8_0 layers and activations with a zero block and a block of one large value among small ones."""
+    gen = torch.Generator().manual_seed(11)
+    out_features, in_features, blocks = 40, 96, (40, 3)
+    q4 = GgufQ4Linear(torch.randint(0, 16, (out_features, in_features), generator=gen),
+                      (torch.rand(blocks, generator=gen) * 0.01).half().float(),
+                      (-torch.rand(blocks, generator=gen) * 0.08).half().float())
+    q8 = GgufQ8Linear(torch.randint(-128, 128, (out_features, in_features), generator=gen),
+                      (torch.rand(blocks, generator=gen) * 0.01).half())
+    q4.int8_activations = q8.int8_activations = True
+    x = torch.randn(7, in_features, generator=gen)
+    x[1, 32:64] = 0.0
+    x[2, 0] = 40.0
+    return q4, q8, x.to(torch.bfloat16)
+
+
+def int8_matmuls(kernels, q4: GgufQ4Linear, q8: GgufQ8Linear, x: torch.Tensor) -> list[torch.Tensor]:
+    return [kernels.q4_matmul(x, q4.packed, q4.scales, q4.minimums, q4.out_features, True, True),
+            kernels.q8_matmul(x, q8.packed, q8.scales, q8.out_features, True, True)]
+
+
+def test_gguf_int8_activation_matmuls_match_a_float64_reference_on_every_level(kernels) -> None:
+    q4, q8, x = int8_case()
+    codes, scales = int8_blocks(x)
+    assert codes.abs().max() == 127 and torch.equal(codes[1, 1], torch.zeros(32))
+    rounded = (codes.double() * scales.double()).reshape(x.shape)
+    for got, layer in zip(int8_matmuls(kernels, q4, q8, x), (q4, q8), strict=True):
+        want = rounded @ layer.dequantized().double().T
+        # Exact integer sums scaled in fp32: within fp32 rounding of the float64 product of the rounded activations.
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+        alone = torch.cat([int8_matmuls(kernels, q4, q8, x[i:i + 1])[layer is q8] for i in range(len(x))])
+        assert torch.equal(alone, got)  # batch invariant
+        # Rounding the activations is what the mode changes: close to the bf16-activation product, not equal.
+        exact = x.double() @ layer.dequantized().double().T
+        assert 0 < float((got.double() - exact).abs().max() / exact.abs().max()) < 0.02
+
+
+def test_gguf_int8_activation_matmuls_are_bitwise_equal_on_every_level_and_in_the_fallback(monkeypatch) -> None:
+    q4, q8, x = int8_case()
+    results = [int8_matmuls(cpu_kernels(level).module, q4, q8, x) for level in LEVELS]
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+    # Without the kernels the layers multiply the same rounded activations in fp32 (not bit for bit).
+    monkeypatch.setattr("tokenmill.model.linear._gguf_kernels", lambda: None)
+    for got, layer in zip(results[0], (q4, q8), strict=True):
+        assert float((layer.logits(x) - got).abs().max() / got.abs().max()) < 1e-5
 
 
 def test_paged_attention_rejects_inconsistent_sequences(kernels) -> None:

@@ -13,6 +13,7 @@ from tokenmill.kv.streaming import StreamingWindow
 # Defined here rather than next to the kernels in tokenmill/model/linear.py so that validating a configuration
 # (the CLI, the server) does not depend on the model code.
 WEIGHT_FORMATS = ("float", "int8", "int4", "gguf")
+GGUF_ACTIVATIONS = ("bf16", "int8")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 SPECULATIVE_METHODS = (None, "ngram", "draft", "self")
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "sjf")
@@ -43,6 +44,9 @@ class EngineConfig:
     num_threads: int | None = None  # CPU threads for torch; default: all cores
     weight_format: str = "float"  # float | int8 | int4 | gguf (see tokenmill/model/linear.py)
     int4_group_size: int = 32
+    # gguf weights: "bf16" activations (the products exact), or "int8": activations rounded per block of 32 to int8,
+    # llama.cpp's scheme, for integer dot products on CPUs without bf16 ones (lossy: docs/benchmarks.md)
+    gguf_activations: str = "bf16"
     # False: steps on CPU run the fused C++ step (tokenmill/kernels), built on first use and cached;
     # True: every step runs the eager PyTorch operators (the reference path, and the fallback without a compiler).
     enforce_eager: bool = False
@@ -133,6 +137,11 @@ class EngineConfig:
                                      "yet (float weights, a plain KV cache, no speculative decoding)")
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {self.weight_format!r}")
+        if self.gguf_activations not in GGUF_ACTIVATIONS:
+            raise ValueError(f"gguf_activations must be one of {GGUF_ACTIVATIONS}, got {self.gguf_activations!r}")
+        if self.gguf_activations != "bf16" and "gguf" not in (self.weight_format, self.speculative_weight_format):
+            raise ValueError(f"gguf_activations={self.gguf_activations!r} applies to weight_format='gguf' (or a gguf "
+                             f"speculative_weight_format), not {self.weight_format!r}")
         if self.int4_group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"int4_group_size must be one of {INT4_GROUP_SIZES}, got {self.int4_group_size}")
         if self.num_threads is not None and self.num_threads < 1:

@@ -125,7 +125,7 @@ class LLMEngine:
         # A streaming window keeps positions within its capacity, so requests may grow past the context.
         self.max_model_len = self.max_positions if window is None else STREAMING_MAX_MODEL_LEN
         self.model = load_model(gguf_file, self.dtype, self.device, config.weight_format, config.int4_group_size,
-                                max_positions=self.max_positions)
+                                max_positions=self.max_positions, int8_activations=config.gguf_activations == "int8")
         if parallel is not None:
             self.tensor_parallel = TensorParallelGroup(parallel, self.device)
             self.model_config = shard_model(self.model, self.model_config, parallel.rank, parallel.world,
@@ -221,7 +221,8 @@ class LLMEngine:
             proposer = DraftModelProposer.load(
                 resolve_model_path(config.speculative_model), gguf_file, dtype, self.device,
                 weight_format=weight_format, int4_group_size=config.int4_group_size,
-                prepack=config.prepack_weights, enforce_eager=config.enforce_eager,
+                int8_activations=config.gguf_activations == "int8", prepack=config.prepack_weights,
+                enforce_eager=config.enforce_eager,
                 num_blocks=self.kv_cache.num_blocks, block_size=config.block_size,
                 max_step_tokens=config.max_num_batched_tokens, max_positions=self.max_positions,
                 measure_cost=config.speculative_adaptive, max_kv_bytes=int(config.kv_cache_memory_gib * 2**30))
@@ -295,6 +296,8 @@ class LLMEngine:
 
     def _weight_format_name(self) -> str:
         fmt = self.config.weight_format
+        if fmt == "gguf" and self.config.gguf_activations != "bf16":
+            return f"gguf-{self.config.gguf_activations}-activations"
         return f"int4-g{self.config.int4_group_size}" if fmt == "int4" else fmt
 
     def _num_kv_blocks(self) -> int:

@@ -37,9 +37,11 @@ def _linear(kernels: ModuleType, layer: Linear) -> Any:
         return kernels.make_linear(2, layer.packed, layer.scales_zeros, unused, layer.bias, layer.group_size,
                                    layer.out_features)
     if isinstance(layer, GgufQ4Linear):
-        return kernels.make_linear(3, layer.packed, layer.scales, layer.minimums, layer.bias, 32, layer.out_features)
+        return kernels.make_linear(3, layer.packed, layer.scales, layer.minimums, layer.bias, 32, layer.out_features,
+                                   layer.int8_activations)
     if isinstance(layer, GgufQ8Linear):
-        return kernels.make_linear(4, layer.packed, layer.scales, unused, layer.bias, 32, layer.out_features)
+        return kernels.make_linear(4, layer.packed, layer.scales, unused, layer.bias, 32, layer.out_features,
+                                   layer.int8_activations)
     raise TypeError(f"no fused step support for {type(layer).__name__}")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokenmill.config import INT4_GROUP_SIZES, SCHEDULING_POLICIES, WEIGHT_FORMATS, EngineConfig
+from tokenmill.config import GGUF_ACTIVATIONS, INT4_GROUP_SIZES, SCHEDULING_POLICIES, WEIGHT_FORMATS, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="float: dequantized to --dtype; int8/int4: weight-only quantized; gguf: the file's own Q4 "
                         "codes (quantized formats run bf16 on CPU)")
     g.add_argument("--int4-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
+    g.add_argument("--gguf-activations", default="bf16", choices=GGUF_ACTIVATIONS,
+                   help="with --weight-format gguf: bf16 activations (exact products) or int8 ones rounded per block "
+                        "of 32, llama.cpp's scheme (integer dot products, faster on CPUs without bf16 ones; lossy)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step with PyTorch operators instead of the fused C++ step (CPU)")
     g.add_argument("--no-prepack-weights", action="store_true",
@@ -93,6 +96,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         kv_cache_memory_gib=args.kv_cache_memory_gib, max_model_len=args.max_model_len,
         enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads, weight_format=args.weight_format, int4_group_size=args.int4_group_size,
+        gguf_activations=args.gguf_activations,
         enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights,
         kv_huge_pages=not args.no_kv_huge_pages, speculative=args.speculative,
         speculative_model=args.speculative_model, speculative_weight_format=args.speculative_weight_format,

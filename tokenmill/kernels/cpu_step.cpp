@@ -45,6 +45,7 @@ struct LinearWeights {
   std::optional<at::Tensor> bias;
   int64_t group_size;
   int64_t out_features;
+  bool int8_activations;    // Gguf: activations rounded to int8 per block of 32 (gguf_matmul.h)
 
   at::Tensor apply(const at::Tensor& x) const {
     at::Tensor y;
@@ -64,10 +65,10 @@ struct LinearWeights {
         y = at::_weight_int4pack_mm_for_cpu(x, weight, group_size, scales);
         break;
       case WeightKind::GgufQ4:
-        y = tokenmill::q4_matmul(x, weight, scales, minimums, out_features, false);
+        y = tokenmill::q4_matmul(x, weight, scales, minimums, out_features, false, int8_activations);
         break;
       case WeightKind::GgufQ8:
-        y = tokenmill::q8_matmul(x, weight, scales, out_features, false);
+        y = tokenmill::q8_matmul(x, weight, scales, out_features, false, int8_activations);
         break;
     }
     return bias ? y + *bias : y;
@@ -344,10 +345,11 @@ class FusedStep {
 };
 
 LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, at::Tensor minimums,
-                          std::optional<at::Tensor> bias, int64_t group_size, int64_t out_features) {
+                          std::optional<at::Tensor> bias, int64_t group_size, int64_t out_features,
+                          bool int8_activations) {
   TORCH_CHECK(kind >= 0 && kind <= 5, "unknown weight kind ", kind);
   return LinearWeights{static_cast<WeightKind>(kind), std::move(weight), std::move(scales), std::move(minimums),
-                       std::move(bias), group_size, out_features};
+                       std::move(bias), group_size, out_features, int8_activations};
 }
 
 }  // namespace
@@ -365,12 +367,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("SMALL_ROWS") = tokenmill::kSmallRows;
   m.def("greedy", &tokenmill::greedy, py::arg("logits"), py::call_guard<py::gil_scoped_release>());
   m.def("make_linear", &tokenmill::make_linear, py::arg("kind"), py::arg("weight"), py::arg("scales"),
-        py::arg("minimums"), py::arg("bias"), py::arg("group_size"), py::arg("out_features"));
+        py::arg("minimums"), py::arg("bias"), py::arg("group_size"), py::arg("out_features"),
+        py::arg("int8_activations") = false);
   m.def("q4_matmul", &tokenmill::q4_matmul, py::arg("x"), py::arg("packed"), py::arg("d"), py::arg("m"),
-        py::arg("out_features"), py::arg("fp32_output") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("out_features"), py::arg("fp32_output") = false, py::arg("int8_activations") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("gguf_isa", &tokenmill::gguf_isa);
   m.def("q8_matmul", &tokenmill::q8_matmul, py::arg("x"), py::arg("packed"), py::arg("d"), py::arg("out_features"),
-        py::arg("fp32_output") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("fp32_output") = false, py::arg("int8_activations") = false,
+        py::call_guard<py::gil_scoped_release>());
   py::class_<tokenmill::LayerWeights>(m, "LayerWeights")
       .def(py::init<tokenmill::LinearWeights, tokenmill::LinearWeights, tokenmill::LinearWeights,
                     tokenmill::LinearWeights, at::Tensor, at::Tensor>(),

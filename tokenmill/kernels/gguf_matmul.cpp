@@ -18,6 +18,14 @@
 // and for k = 16 + 2c + e in its high one; the nibbles index a 16-entry bf16 table (vpermw). A Q8 tile-block is 16
 // chunks of 32 int8 codes, byte 2r + e of chunk j for k = 2j + e. Scales (and Q4 minimums) are [tiles, blocks, 16].
 //
+// int8 activations (the second mode, `int8_activations`): each row of activations is rounded per block of 32 to int8
+// codes with an fp32 scale (amax / 127), as llama.cpp does for its Q8 dot products, so the weights stay the file's
+// while the products become integer dot products (AVX2 vpmaddubsw / vpmaddwd), several times fewer instructions than
+// widening every code to fp32. The integer sums are exact; each block adds float(Σ q·c) · (d · dx) and, for Q4,
+// m · dx · Σc. The AVX2 path and the portable loop perform the same fp32 operations in the same order, so they agree
+// bit for bit, and the mode is batch invariant like the other. The result is the exact product of the file's weights
+// with the rounded activations; its effect on quality is measured (benchmarks/cpu_decode.py, docs/benchmarks.md).
+//
 // Speed: one decode token reads each weight once, so with one activation row the unpacking has to keep up with
 // memory; with many rows each unpacked chunk is reused by up to kActTile of them, and a group of kTileGroup row tiles
 // stays in cache while all activation tiles pass over it.
@@ -32,6 +40,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -42,6 +51,10 @@
 #define TOKENMILL_GGUF_AVX512BF16 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define TOKENMILL_GGUF_AVX2 1
+#endif
+// The int8-activation tiles need AVX2's integer dot products only; every x86 level from avx2 up has them.
+#if defined(__AVX2__) && defined(__F16C__)
+#define TOKENMILL_GGUF_INT8_AVX2 1
 #endif
 
 namespace tokenmill {
@@ -332,6 +345,200 @@ void q8_tile_scalar(const int8_t* w, const at::Half* d, int64_t blocks, const ui
 
 #endif
 
+// ---- int8 activations ----
+
+constexpr int kInt8Tile = 3;  // activation rows per pass over an unpacked chunk (16 vector registers hold their sums)
+
+// Activations rounded per block of 32: codes in [-127, 127] (stride K), and per row and block the scale dx and
+// dx · Σ codes (stride blocks). `wide` holds the codes as int16 too, for the Q8 tiles' 16-bit products.
+struct Int8Rows {
+  std::vector<int8_t> codes;
+  std::vector<int16_t> wide;
+  std::vector<float> scales, sums;
+};
+
+Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool with_wide) {
+  Int8Rows q;
+  const int64_t n = rows * blocks;
+  q.codes.resize(n * kBlock);
+  q.scales.resize(n);
+  q.sums.resize(n);
+  for (int64_t rb = 0; rb < n; ++rb) {
+    const uint16_t* xb = x + rb * kBlock;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(bf16_to_float(xb[k])));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int32_t total = 0;
+    for (int64_t k = 0; k < kBlock; ++k) {
+      float v = bf16_to_float(xb[k]) * inv;
+      v = v == v ? std::min(127.0f, std::max(-127.0f, v)) : 0.0f;  // a NaN or inf row must not overflow the codes
+      const auto code = static_cast<int8_t>(std::nearbyint(v));
+      q.codes[rb * kBlock + k] = code;
+      total += code;
+    }
+    q.scales[rb] = amax / 127.0f;
+    q.sums[rb] = q.scales[rb] * static_cast<float>(total);
+  }
+  if (with_wide) q.wide.assign(q.codes.begin(), q.codes.end());
+  return q;
+}
+
+// Runs kernel(integral_constant<int, n>, first_row) over act_rows in groups of at most kInt8Tile.
+template <typename Kernel>
+void in_int8_tiles(int act_rows, const Kernel& kernel) {
+  static_assert(kInt8Tile == 3, "in_int8_tiles lists every group size up to kInt8Tile");
+  for (int i = 0; i < act_rows; i += kInt8Tile) {
+    switch (std::min(kInt8Tile, act_rows - i)) {
+      case 1: kernel(std::integral_constant<int, 1>{}, i); break;
+      case 2: kernel(std::integral_constant<int, 2>{}, i); break;
+      default: kernel(std::integral_constant<int, 3>{}, i); break;
+    }
+  }
+}
+
+// The rows of one tile-block's result, in the same fp32 operations on every path: acc += float(Σ) · (d · dx), then
+// acc += m · (dx · Σ codes) for Q4.
+inline float block_term(float acc, int32_t dot, float d, float dx) {
+  return acc + static_cast<float>(dot) * (d * dx);
+}
+
+#if defined(TOKENMILL_GGUF_INT8_AVX2)
+
+inline __m256 half_scales(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline int16_t pair16(const int8_t* x) {
+  int16_t both;
+  std::memcpy(&both, x, sizeof both);
+  return both;
+}
+
+inline int32_t pair32(const int16_t* x) {
+  int32_t both;
+  std::memcpy(&both, x, sizeof both);
+  return both;
+}
+
+// acc[i][h] (rows 8h..8h+7) gets one block: dot[i][h] its exact integer sums.
+template <int Tile>
+inline void add_block(const __m256i dot[][2], const at::Half* d, const at::Half* m, const float* dx, const float* xs,
+                      int64_t blocks, int64_t b, __m256 acc[][2]) {
+  for (int h = 0; h < 2; ++h) {
+    const __m256 scale = half_scales(d + 8 * h);
+    for (int i = 0; i < Tile; ++i) {
+      const __m256 term = _mm256_mul_ps(_mm256_cvtepi32_ps(dot[i][h]),
+                                        _mm256_mul_ps(scale, _mm256_set1_ps(dx[i * blocks + b])));
+      acc[i][h] = _mm256_add_ps(acc[i][h], term);
+      if (m != nullptr)
+        acc[i][h] = _mm256_add_ps(acc[i][h], _mm256_mul_ps(half_scales(m + 8 * h), _mm256_set1_ps(xs[i * blocks + b])));
+    }
+  }
+}
+
+// One Q4 row tile against Tile rows of int8 activations. vpmaddubsw multiplies the unsigned codes by the signed
+// activation pair of their k (byte 2r + e of a chunk is row r, k-offset e), giving row r's pair sum in 16-bit lane r;
+// eight chunks of one nibble half sum to at most 8 · 2 · 15 · 127 < 2^15, so each half sums in 16 bits and widens once.
+template <int Tile>
+void q4_tile_int8(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const int8_t* xq, int64_t K,
+                  const float* dx, const float* xs, float* out) {
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  __m256 acc[Tile][2];
+  for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i low[Tile], high[Tile];
+    for (int i = 0; i < Tile; ++i) low[i] = high[i] = _mm256_setzero_si256();
+    const uint8_t* chunk = w + b * kQ4TileBlockBytes;
+    for (int64_t c = 0; c < 8; ++c) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * c));
+      const __m256i codes_low = _mm256_and_si256(bytes, low_nibble);
+      const __m256i codes_high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble);
+      for (int i = 0; i < Tile; ++i) {
+        const int8_t* xb = xq + i * K + b * kBlock;
+        low[i] = _mm256_add_epi16(low[i], _mm256_maddubs_epi16(codes_low, _mm256_set1_epi16(pair16(xb + 2 * c))));
+        high[i] = _mm256_add_epi16(high[i],
+                                   _mm256_maddubs_epi16(codes_high, _mm256_set1_epi16(pair16(xb + 16 + 2 * c))));
+      }
+    }
+    __m256i dot[Tile][2];
+    for (int i = 0; i < Tile; ++i)
+      for (int h = 0; h < 2; ++h) {
+        const __m128i lo = h == 0 ? _mm256_castsi256_si128(low[i]) : _mm256_extracti128_si256(low[i], 1);
+        const __m128i hi = h == 0 ? _mm256_castsi256_si128(high[i]) : _mm256_extracti128_si256(high[i], 1);
+        dot[i][h] = _mm256_add_epi32(_mm256_cvtepi16_epi32(lo), _mm256_cvtepi16_epi32(hi));
+      }
+    add_block<Tile>(dot, d + b * kRows, m + b * kRows, dx, xs, blocks, b, acc);
+  }
+  for (int i = 0; i < Tile; ++i)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + i * kRows + 8 * h, acc[i][h]);
+}
+
+// One Q8_0 row tile against Tile rows of int8 activations (as int16). The signed codes widen to 16 bits, 8 rows per
+// half; vpmaddwd against the activation pair of their k gives each row's pair sum in 32-bit lane r.
+template <int Tile>
+void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int16_t* xw, int64_t K, const float* dx,
+                  float* out) {
+  __m256 acc[Tile][2];
+  for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i dot[Tile][2];
+    for (int i = 0; i < Tile; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
+    const int8_t* chunk = w + b * kQ8TileBlockBytes;
+    for (int64_t j = 0; j < 16; ++j) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * j));
+      const __m256i rows_low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
+      const __m256i rows_high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
+      for (int i = 0; i < Tile; ++i) {
+        const __m256i xp = _mm256_set1_epi32(pair32(xw + i * K + b * kBlock + 2 * j));
+        dot[i][0] = _mm256_add_epi32(dot[i][0], _mm256_madd_epi16(rows_low, xp));
+        dot[i][1] = _mm256_add_epi32(dot[i][1], _mm256_madd_epi16(rows_high, xp));
+      }
+    }
+    add_block<Tile>(dot, d + b * kRows, nullptr, dx, nullptr, blocks, b, acc);
+  }
+  for (int i = 0; i < Tile; ++i)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + i * kRows + 8 * h, acc[i][h]);
+}
+
+#else
+
+// Portable loops with the AVX2 tiles' exact integer sums and fp32 operations (bit-identical results).
+void q4_tile_int8_scalar(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const int8_t* xq,
+                         int64_t K, const float* dx, const float* xs, int act_rows, float* out) {
+  for (int i = 0; i < act_rows; ++i)
+    for (int64_t r = 0; r < kRows; ++r) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        int32_t dot = 0;
+        for (int64_t c = 0; c < 8; ++c)
+          for (int64_t e = 0; e < 2; ++e) {
+            const uint8_t byte = w[b * kQ4TileBlockBytes + 32 * c + 2 * r + e];
+            dot += (byte & 0x0F) * xq[i * K + b * kBlock + 2 * c + e] + (byte >> 4) * xq[i * K + b * kBlock + 16 + 2 * c + e];
+          }
+        acc = block_term(acc, dot, static_cast<float>(d[b * kRows + r]), dx[i * blocks + b]);
+        acc = acc + static_cast<float>(m[b * kRows + r]) * xs[i * blocks + b];
+      }
+      out[i * kRows + r] = acc;
+    }
+}
+
+void q8_tile_int8_scalar(const int8_t* w, const at::Half* d, int64_t blocks, const int8_t* xq, int64_t K,
+                         const float* dx, int act_rows, float* out) {
+  for (int i = 0; i < act_rows; ++i)
+    for (int64_t r = 0; r < kRows; ++r) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        int32_t dot = 0;
+        for (int64_t k = 0; k < kBlock; ++k)
+          dot += w[b * kQ8TileBlockBytes + 32 * (k / 2) + 2 * r + k % 2] * xq[i * K + b * kBlock + k];
+        acc = block_term(acc, dot, static_cast<float>(d[b * kRows + r]), dx[i * blocks + b]);
+      }
+      out[i * kRows + r] = acc;
+    }
+}
+
+#endif
+
 const uint16_t* activations(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
               "GGUF block matmuls take contiguous [tokens, in_features] bf16 CPU activations");
@@ -402,7 +609,7 @@ const char* gguf_isa() {
 }
 
 at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,
-                     int64_t N, bool fp32_output) {
+                     int64_t N, bool fp32_output, bool int8_activations) {
   RECORD_FUNCTION("tokenmill::q4_matmul", std::vector<c10::IValue>());  // named in torch profiler tables
   const int64_t tiles = packed.size(0), blocks = d.size(1), K = blocks * kBlock;
   check_codes(packed, at::kByte, kQ4TileBlockBytes, blocks, N, "Q4 codes");
@@ -410,11 +617,28 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
   check_scales(m, tiles, blocks, "Q4 minimums");
   const at::Tensor x = x_in.contiguous();
   const uint16_t* xs = activations(x, K);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const at::Half *ds = d.data_ptr<at::Half>(), *ms = m.data_ptr<at::Half>();
+  if (int8_activations) {
+    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, false);
+    return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
+      const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
+      const at::Half *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
+      const int8_t* xq = q.codes.data() + i0 * K;
+      const float *dx = q.scales.data() + i0 * blocks, *sums = q.sums.data() + i0 * blocks;
+#if defined(TOKENMILL_GGUF_INT8_AVX2)
+      in_int8_tiles(act_rows, [&](auto tile, int i) {
+        q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, xq + i * K, K, dx + i * blocks, sums + i * blocks,
+                                            out + i * kRows);
+      });
+#else
+      q4_tile_int8_scalar(wt, dt, mt, blocks, xq, K, dx, sums, act_rows, out);
+#endif
+    });
+  }
   std::vector<float> sums(x.size(0) * blocks);
   block_sums(xs, x.size(0) * blocks, sums.data());
   const std::vector<float> xf = widened(xs, x.numel());
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const at::Half *ds = d.data_ptr<at::Half>(), *ms = m.data_ptr<at::Half>();
   return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
     const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
     const at::Half *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
@@ -434,16 +658,36 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
 }
 
 at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, int64_t N,
-                     bool fp32_output) {
+                     bool fp32_output, bool int8_activations) {
   RECORD_FUNCTION("tokenmill::q8_matmul", std::vector<c10::IValue>());
   const int64_t tiles = packed.size(0), blocks = d.size(1), K = blocks * kBlock;
   check_codes(packed, at::kChar, kQ8TileBlockBytes, blocks, N, "Q8_0 codes");
   check_scales(d, tiles, blocks, "Q8_0 scales");
   const at::Tensor x = x_in.contiguous();
   const uint16_t* xs = activations(x, K);
-  const std::vector<float> xf = widened(xs, x.numel());
   const int8_t* w = packed.data_ptr<int8_t>();
   const at::Half* ds = d.data_ptr<at::Half>();
+  if (int8_activations) {
+#if defined(TOKENMILL_GGUF_INT8_AVX2)
+    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, true);
+#else
+    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, false);
+#endif
+    return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
+      const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
+      const at::Half* dt = ds + t * blocks * kRows;
+      const float* dx = q.scales.data() + i0 * blocks;
+#if defined(TOKENMILL_GGUF_INT8_AVX2)
+      in_int8_tiles(act_rows, [&](auto tile, int i) {
+        q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.wide.data() + (i0 + i) * K, K, dx + i * blocks,
+                                            out + i * kRows);
+      });
+#else
+      q8_tile_int8_scalar(wt, dt, blocks, q.codes.data() + i0 * K, K, dx, act_rows, out);
+#endif
+    });
+  }
+  const std::vector<float> xf = widened(xs, x.numel());
   return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
     const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
     const at::Half* dt = ds + t * blocks * kRows;

@@ -14,7 +14,9 @@ Formats:
 - ``int4``: grouped asymmetric int4 (round to nearest) for the decoder layers; the LM head in int8, as 4-bit GGUF
   files themselves keep it at 8 bits.
 - ``gguf``: the file's Q4_0/Q4_1 and Q8_0 blocks as stored — codes, f16 scales and minimums — so every weight is
-  exactly the file's value; other tensor types as in ``int8``.
+  exactly the file's value; other tensor types as in ``int8``. Activations are bf16 by default; with
+  ``int8_activations`` (``EngineConfig.gguf_activations="int8"``) each row is first rounded per block of 32 to int8
+  with an fp32 scale, llama.cpp's scheme, and the kernel multiplies with integer dot products (`int8_blocks`).
 """
 
 from __future__ import annotations
@@ -181,7 +183,10 @@ TILE_ROWS = 16  # the GGUF kernels' row tile: one fp32 lane per output row
 
 class _GgufBlockLinear(Linear):
     """Shared by the GGUF block formats: the C++ block kernel, or an fp32 matmul of the dequantized weights where the
-    kernels cannot be built; bf16 outputs as a layer, fp32 ones as an LM head."""
+    kernels cannot be built; bf16 outputs as a layer, fp32 ones as an LM head. `int8_activations`: the second mode,
+    activations rounded by `int8_blocks` before the product (the loader sets it)."""
+
+    int8_activations: bool = False
 
     def dequantized(self) -> torch.Tensor:
         raise NotImplementedError
@@ -198,7 +203,11 @@ class _GgufBlockLinear(Linear):
     def _matmul(self, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
         kernels = _gguf_kernels()
         if kernels is None:
-            y = F.linear(x.float(), self.dequantized())
+            xf = x.float()
+            if self.int8_activations:
+                codes, scales = int8_blocks(xf)
+                xf = (codes * scales).reshape(xf.shape)
+            y = F.linear(xf, self.dequantized())
             return self._add_bias(y if fp32_output else y.to(x.dtype))
         return self._add_bias(self._kernel(kernels, x, fp32_output))
 
@@ -234,7 +243,8 @@ class GgufQ4Linear(_GgufBlockLinear):
                 + _untiled(self.minimums, self.out_features)[..., None]).reshape(self.out_features, -1)
 
     def _kernel(self, kernels: Any, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
-        return kernels.q4_matmul(x, self.packed, self.scales, self.minimums, self.out_features, fp32_output)
+        return kernels.q4_matmul(x, self.packed, self.scales, self.minimums, self.out_features, fp32_output,
+                                 self.int8_activations)
 
 
 class GgufQ8Linear(_GgufBlockLinear):
@@ -261,10 +271,20 @@ class GgufQ8Linear(_GgufBlockLinear):
         return (codes * scales[..., None]).reshape(-1, self.in_features)
 
     def _kernel(self, kernels: Any, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
-        return kernels.q8_matmul(x, self.packed, self.scales, self.out_features, fp32_output)
+        return kernels.q8_matmul(x, self.packed, self.scales, self.out_features, fp32_output, self.int8_activations)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.dequantized(ids).to(torch.bfloat16)
+
+
+def int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] rounded per block of 32 as the kernel's int8 mode does: codes [M, K / 32, 32] (float, integers in
+    [-127, 127], nearest with ties to even) and fp32 scales [M, K / 32, 1] = amax / 127; x ≈ codes · scales."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    codes = torch.round((blocks * inverse).clamp(-127, 127).nan_to_num(0.0))
+    return codes, amax / 127.0
 
 
 def _check_blocks(in_features: int) -> None:

@@ -37,9 +37,10 @@ class _LayerBuilder:
     """Makes each linear layer of the model in the requested weight format from the file's tensors."""
 
     def __init__(self, gguf_file: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 weight_format: str, int4_group_size: int) -> None:
+                 weight_format: str, int4_group_size: int, int8_activations: bool) -> None:
         self.file, self.cfg, self.dtype, self.device = gguf_file, cfg, dtype, device
         self.weight_format, self.int4_group_size = weight_format, int4_group_size
+        self.int8_activations = int8_activations
 
     def float_tensor(self, name: str) -> torch.Tensor:
         return self.file.tensor(name, self.dtype)
@@ -57,13 +58,17 @@ class _LayerBuilder:
     def _file_blocks(self, names: list[str], bias: torch.Tensor | None) -> Linear | None:
         """The file's own blocks of tensors stacked by rows, when all of them are Q4_0/Q4_1 or all Q8_0."""
         types = {self.file.tensor_type(n) for n in names}
+        layer: GgufQ4Linear | GgufQ8Linear
         if types <= {"Q4_0", "Q4_1"}:
-            parts = [gguf_q4_codes(*self.file.raw_tensor(n)) for n in names]
-            return GgufQ4Linear(*self._stack(names, parts), bias=bias)
-        if types == {"Q8_0"}:
-            parts = [gguf_q8_codes(*self.file.raw_tensor(n)) for n in names]
-            return GgufQ8Linear(*self._stack(names, parts), bias=bias)
-        return None
+            layer = GgufQ4Linear(*self._stack(names, [gguf_q4_codes(*self.file.raw_tensor(n)) for n in names]),
+                                 bias=bias)
+        elif types == {"Q8_0"}:
+            layer = GgufQ8Linear(*self._stack(names, [gguf_q8_codes(*self.file.raw_tensor(n)) for n in names]),
+                                 bias=bias)
+        else:
+            return None
+        layer.int8_activations = self.int8_activations
+        return layer
 
     def _stack(self, names: list[str], parts: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
         """Per-row tensors (codes, scales, ...) of several GGUF tensors stacked, q/k rows in rotary order."""
@@ -125,14 +130,16 @@ _BUILD_ERRORS = (IndexError, KeyError, ValueError, TypeError, OverflowError, Mem
 
 
 def load_model(gguf_file: GGUFFile, dtype: torch.dtype, device: torch.device, weight_format: str = "float",
-               int4_group_size: int = 32, max_positions: int | None = None) -> LlamaModel:
+               int4_group_size: int = 32, max_positions: int | None = None,
+               int8_activations: bool = False) -> LlamaModel:
     """The model of `gguf_file`, its RoPE tables for min(its context, `max_positions`) positions (a default cap
-    when None, see `LlamaModel`). Whatever is wrong with the file raises ModelLoadError."""
+    when None, see `LlamaModel`); `int8_activations`: the GGUF block layers' int8-activation mode. Whatever is wrong
+    with the file raises ModelLoadError."""
     check_weight_format(weight_format, dtype, device)
     if max_positions is not None and max_positions < 1:
         raise ValueError(f"max_positions must be >= 1, got {max_positions}")
     try:
-        return _build(gguf_file, dtype, device, weight_format, int4_group_size, max_positions)
+        return _build(gguf_file, dtype, device, weight_format, int4_group_size, max_positions, int8_activations)
     except ModelLoadError:
         raise
     except _BUILD_ERRORS as exc:
@@ -140,10 +147,10 @@ def load_model(gguf_file: GGUFFile, dtype: torch.dtype, device: torch.device, we
 
 
 def _build(gguf_file: GGUFFile, dtype: torch.dtype, device: torch.device, weight_format: str, int4_group_size: int,
-           max_positions: int | None) -> LlamaModel:
+           max_positions: int | None, int8_activations: bool) -> LlamaModel:
     cfg = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
     check_tensor_shapes(gguf_file, cfg)
-    build = _LayerBuilder(gguf_file, cfg, dtype, device, weight_format, int4_group_size)
+    build = _LayerBuilder(gguf_file, cfg, dtype, device, weight_format, int4_group_size, int8_activations)
     layers = []
     for i in range(cfg.num_layers):
         p = f"blk.{i}."
