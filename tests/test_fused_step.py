@@ -151,18 +151,25 @@ def test_paged_attention_matches_a_float64_reference(kernels, dtype, tolerance, 
     assert float((got.double() - want).abs().max() / want.abs().max()) <= tolerance
 
 
-def test_gguf_block_matmuls_match_a_float64_reference_on_every_level(kernels) -> None:
-    level = next(level for level in LEVELS if cpu_kernels(level).module is kernels)
-    if GGUF_TILES[level] is not None:
-        assert kernels.gguf_isa() == GGUF_TILES[level]
-    gen = torch.Generator().manual_seed(5)
+def random_gguf_layers(gen: torch.Generator) -> tuple[GgufQ4Linear, GgufQ8Linear]:
+    """A Q4 and a Q8_0 layer of 40 × 96 with random codes and f16 scales (and minimums)."""
     out_features, in_features, blocks = 40, 96, (40, 3)
     q4 = GgufQ4Linear(torch.randint(0, 16, (out_features, in_features), generator=gen),
                       (torch.rand(blocks, generator=gen) * 0.01).half().float(),
                       (-torch.rand(blocks, generator=gen) * 0.08).half().float())
     q8 = GgufQ8Linear(torch.randint(-128, 128, (out_features, in_features), generator=gen),
                       (torch.rand(blocks, generator=gen) * 0.01).half())
-    x = torch.randn(8, in_features, generator=gen).to(torch.bfloat16)
+    return q4, q8
+
+
+def test_gguf_block_matmuls_match_a_float64_reference_on_every_level(kernels) -> None:
+    level = next(level for level in LEVELS if cpu_kernels(level).module is kernels)
+    if GGUF_TILES[level] is not None:
+        assert kernels.gguf_isa() == GGUF_TILES[level]
+    gen = torch.Generator().manual_seed(5)
+    q4, q8 = random_gguf_layers(gen)
+    out_features = q4.out_features
+    x = torch.randn(8, q4.in_features, generator=gen).to(torch.bfloat16)
     for got, layer in ((kernels.q4_matmul(x, q4.packed, q4.scales, q4.minimums, out_features, True), q4),
                        (kernels.q8_matmul(x, q8.packed, q8.scales, out_features, True), q8)):
         want = x.double() @ layer.dequantized().double().T
@@ -177,14 +184,9 @@ def test_gguf_block_matmuls_match_a_float64_reference_on_every_level(kernels) ->
 def int8_case() -> tuple[GgufQ4Linear, GgufQ8Linear, torch.Tensor]:
     """Q4 and Q8_0 layers and activations with a zero block and a block of one large value among small ones."""
     gen = torch.Generator().manual_seed(11)
-    out_features, in_features, blocks = 40, 96, (40, 3)
-    q4 = GgufQ4Linear(torch.randint(0, 16, (out_features, in_features), generator=gen),
-                      (torch.rand(blocks, generator=gen) * 0.01).half().float(),
-                      (-torch.rand(blocks, generator=gen) * 0.08).half().float())
-    q8 = GgufQ8Linear(torch.randint(-128, 128, (out_features, in_features), generator=gen),
-                      (torch.rand(blocks, generator=gen) * 0.01).half())
+    q4, q8 = random_gguf_layers(gen)
     q4.int8_activations = q8.int8_activations = True
-    x = torch.randn(7, in_features, generator=gen)
+    x = torch.randn(7, q4.in_features, generator=gen)
     x[1, 32:64] = 0.0
     x[2, 0] = 40.0
     return q4, q8, x.to(torch.bfloat16)

@@ -55,6 +55,9 @@
 // The int8-activation tiles need AVX2's integer dot products only; every x86 level from avx2 up has them.
 #if defined(__AVX2__) && defined(__F16C__)
 #define TOKENMILL_GGUF_INT8_AVX2 1
+constexpr bool kWideCodes = true;  // the Q8 int8 tiles multiply 16-bit activation codes
+#else
+constexpr bool kWideCodes = false;
 #endif
 
 namespace tokenmill {
@@ -74,6 +77,30 @@ inline float bf16_to_float(uint16_t bits) {
   std::memcpy(&v, &wide, sizeof v);
   return v;
 }
+
+// The 8-lane AVX2 tiles (both modes) pass over an unpacked chunk with this many activation rows at a time: sixteen
+// vector registers hold their sums beside the codes.
+constexpr int kRowGroup = 3;
+
+// Runs kernel(integral_constant<int, n>, first_row) over act_rows in groups of at most kRowGroup.
+template <typename Kernel>
+void in_row_groups(int act_rows, const Kernel& kernel) {
+  static_assert(kRowGroup == 3, "in_row_groups lists every group size up to kRowGroup");
+  for (int i = 0; i < act_rows; i += kRowGroup) {
+    switch (std::min(kRowGroup, act_rows - i)) {
+      case 1: kernel(std::integral_constant<int, 1>{}, i); break;
+      case 2: kernel(std::integral_constant<int, 2>{}, i); break;
+      default: kernel(std::integral_constant<int, 3>{}, i); break;
+    }
+  }
+}
+
+#if defined(TOKENMILL_GGUF_INT8_AVX2)
+// Eight f16 scales (or minimums) of a tile-block as fp32 lanes.
+inline __m256 half_scales(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
 
 // Runs fn(first_tile, end_tile) over row tiles, split across torch's thread pool when the matmul is large enough.
 template <typename F>
@@ -201,8 +228,6 @@ void with_tile(int tile, const Kernel& kernel) {
 
 // AVX2 + FMA: no bf16 dot products, so codes widen to fp32 (exact) and multiply the activations widened to fp32
 // (exact products: at most 8 + 8 significant bits), summed in fp32 with FMAs. A row tile is two 8-lane vectors.
-// Sixteen vector registers hold the sums of up to kAvx2Tile activation rows beside the unpacked codes.
-constexpr int kAvx2Tile = 3;
 
 // Bytes of a chunk are (row r, e) at 2r + e: this puts each 128-bit lane's 8 rows of e = 0 before its 8 of e = 1.
 inline __m256i split_pairs(__m256i bytes) {
@@ -233,10 +258,6 @@ inline void fma_pair(const __m256 w[2][2], const float* x, int64_t K, int64_t k,
     }
 }
 
-inline __m256 widen_scales8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
 // One Q4 row tile against Tile activation rows (x: fp32, stride K; sums: each block's Σx, stride blocks).
 template <int Tile>
 void q4_tile_avx2(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const float* x, int64_t K,
@@ -258,7 +279,7 @@ void q4_tile_avx2(const uint8_t* w, const at::Half* d, const at::Half* m, int64_
       fma_pair<Tile>(wk, xb, K, 16 + 2 * c, dot);
     }
     for (int h = 0; h < 2; ++h) {
-      const __m256 scale = widen_scales8(d + b * kRows + 8 * h), minimum = widen_scales8(m + b * kRows + 8 * h);
+      const __m256 scale = half_scales(d + b * kRows + 8 * h), minimum = half_scales(m + b * kRows + 8 * h);
       for (int i = 0; i < Tile; ++i) {
         acc[i][h] = _mm256_fmadd_ps(dot[i][h], scale, acc[i][h]);
         acc[i][h] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(sums[i * blocks + b]), acc[i][h]);
@@ -284,25 +305,12 @@ void q8_tile_avx2(const int8_t* w, const at::Half* d, int64_t blocks, const floa
       fma_pair<Tile>(wk, x + b * kBlock, K, 2 * j, dot);
     }
     for (int h = 0; h < 2; ++h) {
-      const __m256 scale = widen_scales8(d + b * kRows + 8 * h);
+      const __m256 scale = half_scales(d + b * kRows + 8 * h);
       for (int i = 0; i < Tile; ++i) acc[i][h] = _mm256_fmadd_ps(dot[i][h], scale, acc[i][h]);
     }
   }
   for (int i = 0; i < Tile; ++i)
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + i * kRows + 8 * h, acc[i][h]);
-}
-
-// Runs kernel(integral_constant<int, n>, first_row) over act_rows in groups of at most kAvx2Tile.
-template <typename Kernel>
-void in_avx2_tiles(int act_rows, const Kernel& kernel) {
-  static_assert(kAvx2Tile == 3, "in_avx2_tiles lists every group size up to kAvx2Tile");
-  for (int i = 0; i < act_rows; i += kAvx2Tile) {
-    switch (std::min(kAvx2Tile, act_rows - i)) {
-      case 1: kernel(std::integral_constant<int, 1>{}, i); break;
-      case 2: kernel(std::integral_constant<int, 2>{}, i); break;
-      default: kernel(std::integral_constant<int, 3>{}, i); break;
-    }
-  }
 }
 
 #else
@@ -347,8 +355,6 @@ void q8_tile_scalar(const int8_t* w, const at::Half* d, int64_t blocks, const ui
 
 // ---- int8 activations ----
 
-constexpr int kInt8Tile = 3;  // activation rows per pass over an unpacked chunk (16 vector registers hold their sums)
-
 // Activations rounded per block of 32: codes in [-127, 127] (stride K), and per row and block the scale dx and
 // dx · Σ codes (stride blocks). `wide` holds the codes as int16 too, for the Q8 tiles' 16-bit products.
 struct Int8Rows {
@@ -383,19 +389,6 @@ Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool wit
   return q;
 }
 
-// Runs kernel(integral_constant<int, n>, first_row) over act_rows in groups of at most kInt8Tile.
-template <typename Kernel>
-void in_int8_tiles(int act_rows, const Kernel& kernel) {
-  static_assert(kInt8Tile == 3, "in_int8_tiles lists every group size up to kInt8Tile");
-  for (int i = 0; i < act_rows; i += kInt8Tile) {
-    switch (std::min(kInt8Tile, act_rows - i)) {
-      case 1: kernel(std::integral_constant<int, 1>{}, i); break;
-      case 2: kernel(std::integral_constant<int, 2>{}, i); break;
-      default: kernel(std::integral_constant<int, 3>{}, i); break;
-    }
-  }
-}
-
 // The rows of one tile-block's result, in the same fp32 operations on every path: acc += float(Σ) · (d · dx), then
 // acc += m · (dx · Σ codes) for Q4.
 inline float block_term(float acc, int32_t dot, float d, float dx) {
@@ -403,10 +396,6 @@ inline float block_term(float acc, int32_t dot, float d, float dx) {
 }
 
 #if defined(TOKENMILL_GGUF_INT8_AVX2)
-
-inline __m256 half_scales(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 
 inline int16_t pair16(const int8_t* x) {
   int16_t both;
@@ -627,7 +616,7 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
       const int8_t* xq = q.codes.data() + i0 * K;
       const float *dx = q.scales.data() + i0 * blocks, *sums = q.sums.data() + i0 * blocks;
 #if defined(TOKENMILL_GGUF_INT8_AVX2)
-      in_int8_tiles(act_rows, [&](auto tile, int i) {
+      in_row_groups(act_rows, [&](auto tile, int i) {
         q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, xq + i * K, K, dx + i * blocks, sums + i * blocks,
                                             out + i * kRows);
       });
@@ -647,7 +636,7 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
       q4_tile<decltype(tile)::value>(wt, dt, mt, blocks, xs + i0 * K, K, sums.data() + i0 * blocks, out);
     });
 #elif defined(TOKENMILL_GGUF_AVX2)
-    in_avx2_tiles(act_rows, [&](auto tile, int i) {
+    in_row_groups(act_rows, [&](auto tile, int i) {
       q4_tile_avx2<decltype(tile)::value>(wt, dt, mt, blocks, xf.data() + (i0 + i) * K, K,
                                           sums.data() + (i0 + i) * blocks, out + i * kRows);
     });
@@ -668,17 +657,13 @@ at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
   const int8_t* w = packed.data_ptr<int8_t>();
   const at::Half* ds = d.data_ptr<at::Half>();
   if (int8_activations) {
-#if defined(TOKENMILL_GGUF_INT8_AVX2)
-    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, true);
-#else
-    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, false);
-#endif
+    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, kWideCodes);
     return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
       const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
       const at::Half* dt = ds + t * blocks * kRows;
       const float* dx = q.scales.data() + i0 * blocks;
 #if defined(TOKENMILL_GGUF_INT8_AVX2)
-      in_int8_tiles(act_rows, [&](auto tile, int i) {
+      in_row_groups(act_rows, [&](auto tile, int i) {
         q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.wide.data() + (i0 + i) * K, K, dx + i * blocks,
                                             out + i * kRows);
       });
@@ -694,7 +679,7 @@ at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
 #if defined(TOKENMILL_GGUF_AVX512BF16)
     with_tile(act_rows, [&](auto tile) { q8_tile<decltype(tile)::value>(wt, dt, blocks, xs + i0 * K, K, out); });
 #elif defined(TOKENMILL_GGUF_AVX2)
-    in_avx2_tiles(act_rows, [&](auto tile, int i) {
+    in_row_groups(act_rows, [&](auto tile, int i) {
       q8_tile_avx2<decltype(tile)::value>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows);
     });
 #else
