@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--settings", default=DEFAULT_SETTINGS,
-                   help="comma-separated FORMAT[@GROUP][:eager] (see the module docstring)")
+                   help="comma-separated FORMAT[@GROUP][+int8][:eager] (see the module docstring)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prefill-len", type=int, default=256, help="prompt tokens for the prefill measurement")
     p.add_argument("--decode-prompt-len", type=int, default=32)
@@ -289,9 +289,10 @@ def main(argv: list[str] | None = None) -> None:
         r.decode_gb_s = r.bytes_per_token * r.decode_tok_s / 1e9
         r.percent_of_light = 100 * r.decode_gb_s / read_gb_s
     kernels = cpu_kernels()
-    isa_path = {"level": kernels.isa, "gguf_tiles": kernels.module.gguf_isa() if kernels.module else None}
+    isa_path = {"level": kernels.isa, "gguf_tiles": kernels.module.gguf_isa() if kernels.module else None,
+                "gguf_int8_tiles": kernels.module.gguf_int8_isa() if kernels.module else None}
     print(f"\nCPU {machine_description()['cpu']}; kernel ISA level {isa_path['level']}, GGUF tiles "
-          f"{isa_path['gguf_tiles']}")
+          f"{isa_path['gguf_tiles']} (bf16 activations), {isa_path['gguf_int8_tiles']} (int8)")
     print_table(results, read_gb_s)
     if reference is not None:
         print(f"exact path (fp32, float weights): perplexity {reference['perplexity']:.2f}")

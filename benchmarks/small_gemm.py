@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenmill.bench.machine import busy_warning, machine_description  # noqa: E402
+from tokenmill.bench.machine import machine_description, start_benchmark  # noqa: E402
 from tokenmill.bench.report import write_json  # noqa: E402
 from tokenmill.kernels import cpu_kernels  # noqa: E402
 
@@ -60,11 +60,7 @@ def row_exact(fn: Any, x: torch.Tensor, weight: torch.Tensor) -> bool:
 @torch.inference_mode()
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warning = busy_warning()
-    if warning:
-        print(f"WARNING: {warning}")
+    warning = start_benchmark(args.threads)
     build = cpu_kernels()
     if build.module is None:
         raise SystemExit(f"the CPU kernels did not build: {build.error}")

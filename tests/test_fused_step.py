@@ -27,6 +27,7 @@ CPU = torch.device("cpu")
 # Every ISA level this CPU can run (TOKENMILL_CPU_ISA forces one for the engine; here each gets its own build).
 LEVELS = isa.supported_levels(isa.cpu_flags())
 GGUF_TILES = {"avx512bf16": "avx512bf16", "avx512": "avx2", "avx2": "avx2", "scalar": "scalar", isa.GENERIC: None}
+GGUF_INT8_TILES = {"avx512bf16": "avx512vnni", "avx512": "avx2", "avx2": "avx2", "scalar": "scalar", isa.GENERIC: None}
 
 
 @pytest.fixture(scope="module", params=LEVELS)
@@ -198,6 +199,9 @@ def int8_matmuls(kernels, q4: GgufQ4Linear, q8: GgufQ8Linear, x: torch.Tensor) -
 
 
 def test_gguf_int8_activation_matmuls_match_a_float64_reference_on_every_level(kernels) -> None:
+    level = next(level for level in LEVELS if cpu_kernels(level).module is kernels)
+    if GGUF_INT8_TILES[level] is not None:
+        assert kernels.gguf_int8_isa() == GGUF_INT8_TILES[level]
     q4, q8, x = int8_case()
     codes, scales = int8_blocks(x)
     assert codes.abs().max() == 127 and torch.equal(codes[1, 1], torch.zeros(32))

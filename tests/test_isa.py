@@ -8,12 +8,15 @@ from tokenmill.kernels import isa
 
 ZEN3 = frozenset(["fpu", "sse2", "ssse3", "fma", "sse4_1", "sse4_2", "avx", "f16c", "avx2", "bmi2"])
 ZEN4 = ZEN3 | frozenset(["avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"])
+CASCADE_LAKE = ZEN3 | frozenset(["avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni"])
 SKYLAKE_X = ZEN3 | frozenset(["avx512f", "avx512dq", "avx512bw", "avx512vl"])
 
 
 def test_levels_follow_the_cpu_flags() -> None:
     assert isa.supported_levels(ZEN4, "x86_64") == ["avx512bf16", "avx512", "avx2", "scalar"]
     assert isa.supported_levels(SKYLAKE_X, "x86_64") == ["avx512", "avx2", "scalar"]
+    assert isa.supported_levels(CASCADE_LAKE, "x86_64") == ["avx512", "avx2", "scalar"]  # VNNI without BF16
+    assert isa.supported_levels(ZEN4 - {"avx512_vnni"}, "x86_64") == ["avx512", "avx2", "scalar"]
     assert isa.supported_levels(ZEN3, "x86_64") == ["avx2", "scalar"]
     assert isa.supported_levels(frozenset({"avx2"}), "x86_64") == ["scalar"]  # AVX2 without FMA: not the AVX2 path
     assert isa.supported_levels(frozenset({"asimd", "asimddp"}), "aarch64") == [isa.GENERIC]

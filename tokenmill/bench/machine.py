@@ -65,6 +65,18 @@ def machine_description() -> dict[str, Any]:
             "command": " ".join(sys.argv)}
 
 
+def start_benchmark(threads: int | None) -> str | None:
+    """Sets torch's thread count (when given) and prints and returns busy_warning()."""
+    if threads:
+        import torch  # only the benchmarks that time torch call this
+
+        torch.set_num_threads(threads)
+    warning = busy_warning()
+    if warning:
+        print(f"WARNING: {warning}")
+    return warning
+
+
 def busy_warning(threshold: float = 0.5) -> str | None:
     """A warning when the 1-minute load average says other work shares the cores (numbers would be skewed)."""
     load = load_average()

@@ -20,10 +20,11 @@
 //
 // int8 activations (the second mode, `int8_activations`): each row of activations is rounded per block of 32 to int8
 // codes with an fp32 scale (amax / 127), as llama.cpp does for its Q8 dot products, so the weights stay the file's
-// while the products become integer dot products (AVX2 vpmaddubsw / vpmaddwd), several times fewer instructions than
+// while the products become integer dot products (AVX2 vpmaddubsw / vpmaddwd on 8 rows per vector; AVX-512 VNNI's
+// fused vpdpwssd on a whole 16-row tile per vector), several times fewer instructions than
 // widening every code to fp32. The integer sums are exact; each block adds float(Σ q·c) · (d · dx) and, for Q4,
-// m · dx · Σc. The AVX2 path and the portable loop perform the same fp32 operations in the same order, so they agree
-// bit for bit, and the mode is batch invariant like the other. The result is the exact product of the file's weights
+// m · dx · Σc. Every path (AVX-512, AVX2, the portable loop) performs the same fp32 operations in the same order, so
+// they agree bit for bit, and the mode is batch invariant like the other. The result is the exact product of the file's weights
 // with the rounded activations; its effect on quality is measured (benchmarks/cpu_decode.py, docs/benchmarks.md).
 //
 // Speed: one decode token reads each weight once, so with one activation row the unpacking has to keep up with
@@ -52,12 +53,14 @@
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define TOKENMILL_GGUF_AVX2 1
 #endif
-// The int8-activation tiles need AVX2's integer dot products only; every x86 level from avx2 up has them.
-#if defined(__AVX2__) && defined(__F16C__)
+// The int8-activation tiles need integer dot products only: 16-lane tiles on VNNI's fused vpdpwssd where the level
+// has it (avx512bf16), 8-lane AVX2 tiles from avx2 up. Without VNNI a 16-lane tile needs a vpmaddwd and a vpaddd per
+// dot product, on the two ports Intel cores keep for 512-bit work, and measured slower than the AVX2 tiles at few
+// rows (benchmarks/gguf_tiles.py, docs/benchmarks.md), so the avx512 level keeps the AVX2 ones.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define TOKENMILL_GGUF_INT8_AVX512 1
+#elif defined(__AVX2__) && defined(__F16C__)
 #define TOKENMILL_GGUF_INT8_AVX2 1
-constexpr bool kWideCodes = true;  // the Q8 int8 tiles multiply 16-bit activation codes
-#else
-constexpr bool kWideCodes = false;
 #endif
 
 namespace tokenmill {
@@ -95,7 +98,28 @@ void in_row_groups(int act_rows, const Kernel& kernel) {
   }
 }
 
-#if defined(TOKENMILL_GGUF_INT8_AVX2)
+// Calls kernel(std::integral_constant<int, tile>) so the tile size is a compile-time constant.
+template <typename Kernel>
+void with_tile(int tile, const Kernel& kernel) {
+  static_assert(kActTile == 6, "with_tile lists every tile size up to kActTile");
+  switch (tile) {
+    case 1: kernel(std::integral_constant<int, 1>{}); break;
+    case 2: kernel(std::integral_constant<int, 2>{}); break;
+    case 3: kernel(std::integral_constant<int, 3>{}); break;
+    case 4: kernel(std::integral_constant<int, 4>{}); break;
+    case 5: kernel(std::integral_constant<int, 5>{}); break;
+    default: kernel(std::integral_constant<int, 6>{}); break;
+  }
+}
+
+#if defined(__AVX512F__)
+// Sixteen f16 scales (or minimums) of a tile-block as fp32 lanes.
+inline __m512 widen_scales(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
 // Eight f16 scales (or minimums) of a tile-block as fp32 lanes.
 inline __m256 half_scales(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -148,10 +172,6 @@ inline __m512bh pair_of(const uint16_t* x, int64_t k) {
   int32_t both;
   std::memcpy(&both, x + k, sizeof both);
   return (__m512bh)_mm512_set1_epi32(both);
-}
-
-inline __m512 widen_scales(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // One Q4 row tile against Tile activation rows (x: stride K; sums: each block's Σx, stride blocks).
@@ -208,20 +228,6 @@ void q8_tile(const int8_t* w, const at::Half* d, int64_t blocks, const uint16_t*
     for (int i = 0; i < Tile; ++i) acc[i] = _mm512_fmadd_ps(_mm512_add_ps(even[i], odd[i]), scale, acc[i]);
   }
   for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
-}
-
-// Calls kernel(std::integral_constant<int, tile>) so the tile size is a compile-time constant.
-template <typename Kernel>
-void with_tile(int tile, const Kernel& kernel) {
-  static_assert(kActTile == 6, "with_tile lists every tile size up to kActTile");
-  switch (tile) {
-    case 1: kernel(std::integral_constant<int, 1>{}); break;
-    case 2: kernel(std::integral_constant<int, 2>{}); break;
-    case 3: kernel(std::integral_constant<int, 3>{}); break;
-    case 4: kernel(std::integral_constant<int, 4>{}); break;
-    case 5: kernel(std::integral_constant<int, 5>{}); break;
-    default: kernel(std::integral_constant<int, 6>{}); break;
-  }
 }
 
 #elif defined(TOKENMILL_GGUF_AVX2)
@@ -389,13 +395,106 @@ Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool wit
   return q;
 }
 
+// Which tiles take the codes widened to int16: the 16-lane ones both, the 8-lane Q8 tile (vpmaddwd) only.
+#if defined(TOKENMILL_GGUF_INT8_AVX512)
+constexpr bool kWideQ4 = true, kWideQ8 = true;
+#elif defined(TOKENMILL_GGUF_INT8_AVX2)
+constexpr bool kWideQ4 = false, kWideQ8 = true;
+#else
+constexpr bool kWideQ4 = false, kWideQ8 = false;
+#endif
+
 // The rows of one tile-block's result, in the same fp32 operations on every path: acc += float(Σ) · (d · dx), then
 // acc += m · (dx · Σ codes) for Q4.
 inline float block_term(float acc, int32_t dot, float d, float dx) {
   return acc + static_cast<float>(dot) * (d * dx);
 }
 
-#if defined(TOKENMILL_GGUF_INT8_AVX2)
+#if defined(TOKENMILL_GGUF_INT8_AVX512)
+
+inline int32_t pair32(const int16_t* x) {
+  int32_t both;
+  std::memcpy(&both, x, sizeof both);
+  return both;
+}
+
+// 32-bit lane r += row r's pair of 16-bit codes times the activation pair in every lane (exact in int32).
+inline __m512i add_pairs(__m512i acc, __m512i codes, const int16_t* x) {
+  return _mm512_dpwssd_epi32(acc, codes, _mm512_set1_epi32(pair32(x)));
+}
+
+// Few activation rows leave few independent dot-product chains: split each over two so the adds' latency overlaps.
+template <int Tile>
+constexpr int kInt8Chains = Tile <= 3 ? 2 : 1;
+
+// acc[i] gets one block of the 16 rows: chains[.][i] its exact integer sums; m (Q4 only) adds m · dx · Σ codes.
+template <int Tile, int Chains>
+inline void add_block16(const __m512i chains[][Tile], const at::Half* d, const at::Half* m, const float* dx,
+                        const float* xs, int64_t blocks, int64_t b, __m512 acc[]) {
+  const __m512 scale = widen_scales(d);
+  for (int i = 0; i < Tile; ++i) {
+    __m512i dot = chains[0][i];
+    for (int c = 1; c < Chains; ++c) dot = _mm512_add_epi32(dot, chains[c][i]);
+    const __m512 term = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(dx[i * blocks + b])));
+    acc[i] = _mm512_add_ps(acc[i], term);
+    if (m != nullptr) acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(widen_scales(m), _mm512_set1_ps(xs[i * blocks + b])));
+  }
+}
+
+// One Q4 row tile against Tile rows of int16 activation codes. A chunk's bytes widen to words in place (word 2r + e is
+// row r, k-offset e), so lane r of vpmaddwd/vpdpwssd against the activation pair of their k is row r's pair sum; the
+// low nibbles hold k = 2c + e, the high ones k = 16 + 2c + e.
+template <int Tile>
+void q4_tile_int8(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const int16_t* xw, int64_t K,
+                  const float* dx, const float* xs, float* out) {
+  constexpr int Chains = kInt8Chains<Tile>;
+  const __m512i low_nibble = _mm512_set1_epi16(0x0F);
+  __m512 acc[Tile];
+  for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i chains[2 * Chains][Tile];
+    for (auto& chain : chains)
+      for (int i = 0; i < Tile; ++i) chain[i] = _mm512_setzero_si512();
+    const uint8_t* chunk = w + b * kQ4TileBlockBytes;
+    for (int64_t c = 0; c < 8; ++c) {
+      const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * c)));
+      const __m512i low = _mm512_and_si512(codes, low_nibble), high = _mm512_srli_epi16(codes, 4);
+      const int chain = 2 * static_cast<int>(c % Chains);
+      for (int i = 0; i < Tile; ++i) {
+        const int16_t* xb = xw + i * K + b * kBlock;
+        chains[chain][i] = add_pairs(chains[chain][i], low, xb + 2 * c);
+        chains[chain + 1][i] = add_pairs(chains[chain + 1][i], high, xb + 16 + 2 * c);
+      }
+    }
+    add_block16<Tile, 2 * Chains>(chains, d + b * kRows, m + b * kRows, dx, xs, blocks, b, acc);
+  }
+  for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
+}
+
+// One Q8_0 row tile against Tile rows of int16 activation codes: the signed codes widen to words, then as for Q4.
+template <int Tile>
+void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int16_t* xw, int64_t K, const float* dx,
+                  float* out) {
+  constexpr int Chains = kInt8Chains<Tile>;
+  __m512 acc[Tile];
+  for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i chains[Chains][Tile];
+    for (auto& chain : chains)
+      for (int i = 0; i < Tile; ++i) chain[i] = _mm512_setzero_si512();
+    const int8_t* chunk = w + b * kQ8TileBlockBytes;
+    for (int64_t j = 0; j < 16; ++j) {
+      const __m512i codes = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * j)));
+      const int chain = static_cast<int>(j % Chains);
+      for (int i = 0; i < Tile; ++i)
+        chains[chain][i] = add_pairs(chains[chain][i], codes, xw + i * K + b * kBlock + 2 * j);
+    }
+    add_block16<Tile, Chains>(chains, d + b * kRows, nullptr, dx, nullptr, blocks, b, acc);
+  }
+  for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
+}
+
+#elif defined(TOKENMILL_GGUF_INT8_AVX2)
 
 inline int16_t pair16(const int8_t* x) {
   int16_t both;
@@ -587,6 +686,16 @@ at::Tensor write_tiles(const at::Tensor& x, int64_t N, int64_t tiles, bool fp32,
 
 }  // namespace
 
+const char* gguf_int8_isa() {
+#if defined(TOKENMILL_GGUF_INT8_AVX512)
+  return "avx512vnni";
+#elif defined(TOKENMILL_GGUF_INT8_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 const char* gguf_isa() {
 #if defined(TOKENMILL_GGUF_AVX512BF16)
   return "avx512bf16";
@@ -609,13 +718,17 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const at::Half *ds = d.data_ptr<at::Half>(), *ms = m.data_ptr<at::Half>();
   if (int8_activations) {
-    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, false);
+    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, kWideQ4);
     return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
       const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
       const at::Half *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
       const int8_t* xq = q.codes.data() + i0 * K;
       const float *dx = q.scales.data() + i0 * blocks, *sums = q.sums.data() + i0 * blocks;
-#if defined(TOKENMILL_GGUF_INT8_AVX2)
+#if defined(TOKENMILL_GGUF_INT8_AVX512)
+      with_tile(act_rows, [&](auto tile) {
+        q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, q.wide.data() + i0 * K, K, dx, sums, out);
+      });
+#elif defined(TOKENMILL_GGUF_INT8_AVX2)
       in_row_groups(act_rows, [&](auto tile, int i) {
         q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, xq + i * K, K, dx + i * blocks, sums + i * blocks,
                                             out + i * kRows);
@@ -657,12 +770,16 @@ at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
   const int8_t* w = packed.data_ptr<int8_t>();
   const at::Half* ds = d.data_ptr<at::Half>();
   if (int8_activations) {
-    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, kWideCodes);
+    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, kWideQ8);
     return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
       const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
       const at::Half* dt = ds + t * blocks * kRows;
       const float* dx = q.scales.data() + i0 * blocks;
-#if defined(TOKENMILL_GGUF_INT8_AVX2)
+#if defined(TOKENMILL_GGUF_INT8_AVX512)
+      with_tile(act_rows, [&](auto tile) {
+        q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.wide.data() + i0 * K, K, dx, out);
+      });
+#elif defined(TOKENMILL_GGUF_INT8_AVX2)
       in_row_groups(act_rows, [&](auto tile, int i) {
         q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.wide.data() + (i0 + i) * K, K, dx + i * blocks,
                                             out + i * kRows);

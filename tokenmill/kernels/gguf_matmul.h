@@ -7,6 +7,8 @@ namespace tokenmill {
 
 // The instruction set the block tiles were compiled for: "avx512bf16", "avx2" or "scalar".
 const char* gguf_isa();
+// The instruction set of the int8-activation tiles: "avx512vnni", "avx2" or "scalar".
+const char* gguf_int8_isa();
 
 // y = x Wᵀ for x [M, K] bf16 and W [N, K] in the file's Q4_0/Q4_1 blocks of 32, W[n, 32b + j] = d · q + m with the
 // block's f16 d and m, repacked by row tiles (layout in gguf_matmul.cpp): packed [ceil(N / 16), K / 32 · 256] uint8,
