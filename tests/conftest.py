@@ -123,11 +123,12 @@ def _add_kv(writer: Any, key: str, value: Any) -> None:
 def write_tiny_gguf(path: Path, *, arch: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4,
                     kv_heads: int = 2, ff: int = 128, vocab: int = 300, context: int = 256, tensor_type: str = "F32",
                     tied: bool = True, metadata: dict[str, Any] | None = None,
-                    shapes: dict[str, tuple[int, ...]] | None = None) -> Path:
+                    shapes: dict[str, tuple[int, ...]] | None = None,
+                    tensor_types: dict[str, str] | None = None) -> Path:
     """A small random model in GGUF, loadable by `load_model`. `metadata` adds or replaces entries (None drops
     one; keys outside general.* and tokenizer.* get the architecture prefix), `shapes` replaces tensor shapes: both
     for building files that disagree with themselves. Matrices are stored as `tensor_type` (F32, F16, Q8_0,
-    Q4_0...), vectors as F32."""
+    Q4_0..., Q4_K and Q6_K as random blocks), or as `tensor_types[name]`; vectors as F32."""
     import gguf
 
     meta: dict[str, Any] = {
@@ -145,18 +146,35 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", layers: int = 2, hidden:
     all_shapes = tiny_gguf_tensors(arch, layers, hidden, heads, kv_heads, ff, vocab, tied) | (shapes or {})
     for name, shape in all_shapes.items():
         data = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-        if len(shape) == 1 or tensor_type == "F32":
+        kind = (tensor_types or {}).get(name, tensor_type)
+        if len(shape) == 1 or kind == "F32":
             writer.add_tensor(name, data)
-        elif tensor_type == "F16":
+        elif kind == "F16":
             writer.add_tensor(name, data.astype(np.float16))
+        elif kind in ("Q4_K", "Q6_K"):  # the gguf package cannot quantize to them
+            writer.add_tensor(name, random_k_quant(kind, shape, rng), raw_dtype=gguf.GGMLQuantizationType[kind])
         else:
-            qtype = gguf.GGMLQuantizationType[tensor_type]
+            qtype = gguf.GGMLQuantizationType[kind]
             writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def random_k_quant(kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random Q4_K or Q6_K blocks for a [rows, cols] tensor (cols a multiple of 256), as raw bytes [rows, bytes]:
+    random codes and sub-block scales under small positive f16 super-block scales (Q4_K: d and dmin at bytes 0-3
+    of 144; Q6_K: d at bytes 208-209 of 210)."""
+    rows, cols = shape
+    size, scales = {"Q4_K": (144, [(0, 0.001, 0.004), (2, 0.0005, 0.002)]),
+                    "Q6_K": (210, [(208, 0.0001, 0.0004)])}[kind]
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, size), dtype=np.uint8)
+    for offset, low, high in scales:
+        values = rng.uniform(low, high, len(blocks)).astype(np.float16)
+        blocks[:, offset:offset + 2] = values.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
 
 
 def two_token_distribution(plain: Any, prompt: list[int]) -> dict[tuple[int, int], float]:

@@ -217,6 +217,19 @@ def test_gguf_int8_activation_matmuls_match_a_float64_reference_on_every_level(k
         assert 0 < float((got.double() - exact).abs().max() / exact.abs().max()) < 0.02
 
 
+def test_int8_blocks_rounds_like_the_kernel_where_a_value_is_half_way(kernels) -> None:
+    # For x = amax / 2, x · 127 / amax is 63.5: the kernel's x · fl(127 / amax) lands just below (63), while
+    # x · fl(127 · fl(1 / amax)), torch's `127.0 / amax`, did not (64).
+    x = torch.zeros(1, 32)
+    x[0, :3] = torch.tensor([1.7578125, 0.87890625, -0.87890625])
+    x = x.to(torch.bfloat16)
+    identity = GgufQ8Linear(torch.eye(32, dtype=torch.int64), torch.ones(32, 1).half())
+    got = kernels.q8_matmul(x, identity.packed, identity.scales, 32, True, True)[0]
+    codes, scales = int8_blocks(x)
+    assert codes[0, 0, :3].tolist() == [127.0, 63.0, -63.0]
+    assert torch.equal(got, (codes * scales).flatten())
+
+
 def test_gguf_int8_activation_matmuls_are_bitwise_equal_on_every_level_and_in_the_fallback(monkeypatch) -> None:
     q4, q8, x = int8_case()
     results = [int8_matmuls(cpu_kernels(level).module, q4, q8, x) for level in LEVELS]

@@ -8,6 +8,7 @@ import torch
 import tokenmill.model.linear as linear_module
 from tokenmill import SamplingParams
 from tokenmill.config import EngineConfig
+from tokenmill.model.gguf_blocks import gguf_q4_codes, gguf_q8_codes
 from tokenmill.model.gguf_file import GGUFFile
 from tokenmill.model.linear import (
     FloatLinear,
@@ -16,8 +17,6 @@ from tokenmill.model.linear import (
     Int4Linear,
     Int8Linear,
     check_weight_format,
-    gguf_q4_codes,
-    gguf_q8_codes,
 )
 
 BF16 = torch.bfloat16

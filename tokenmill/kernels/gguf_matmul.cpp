@@ -16,7 +16,8 @@
 // inputs and the accumulator lanes are the outputs themselves (no horizontal sums, one vector store per 16 outputs).
 // A Q4 tile-block is 8 chunks of 32 bytes: byte 2r + e of chunk c holds row r's code for k = 2c + e in its low nibble
 // and for k = 16 + 2c + e in its high one; the nibbles index a 16-entry bf16 table (vpermw). A Q8 tile-block is 16
-// chunks of 32 int8 codes, byte 2r + e of chunk j for k = 2j + e. Scales (and Q4 minimums) are [tiles, blocks, 16].
+// chunks of 32 int8 codes, byte 2r + e of chunk j for k = 2j + e. Scales (and Q4 minimums) are [tiles, blocks, 16],
+// f16 as the file stores them, or fp32 for Q4_K (a sub-block's d · sc is exact in fp32 only).
 //
 // int8 activations (the second mode, `int8_activations`): each row of activations is rounded per block of 32 to int8
 // codes with an fp32 scale (amax / 127), as llama.cpp does for its Q8 dot products, so the weights stay the file's
@@ -117,6 +118,7 @@ void with_tile(int tile, const Kernel& kernel) {
 inline __m512 widen_scales(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+inline __m512 widen_scales(const float* p) { return _mm512_loadu_ps(p); }
 
 #endif
 #if defined(__AVX2__) && defined(__F16C__)
@@ -124,6 +126,7 @@ inline __m512 widen_scales(const at::Half* p) {
 inline __m256 half_scales(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+inline __m256 half_scales(const float* p) { return _mm256_loadu_ps(p); }
 #endif
 
 // Runs fn(first_tile, end_tile) over row tiles, split across torch's thread pool when the matmul is large enough.
@@ -175,8 +178,8 @@ inline __m512bh pair_of(const uint16_t* x, int64_t k) {
 }
 
 // One Q4 row tile against Tile activation rows (x: stride K; sums: each block's Σx, stride blocks).
-template <int Tile>
-void q4_tile(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const uint16_t* x, int64_t K,
+template <int Tile, typename S>
+void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const uint16_t* x, int64_t K,
              const float* sums, float* out) {
   const __m512i table = code_table(), low_nibble = _mm512_set1_epi16(0x0F);
   __m512 acc[Tile];
@@ -265,8 +268,8 @@ inline void fma_pair(const __m256 w[2][2], const float* x, int64_t K, int64_t k,
 }
 
 // One Q4 row tile against Tile activation rows (x: fp32, stride K; sums: each block's Σx, stride blocks).
-template <int Tile>
-void q4_tile_avx2(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const float* x, int64_t K,
+template <int Tile, typename S>
+void q4_tile_avx2(const uint8_t* w, const S* d, const S* m, int64_t blocks, const float* x, int64_t K,
                   const float* sums, float* out) {
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[Tile][2];
@@ -322,7 +325,8 @@ void q8_tile_avx2(const int8_t* w, const at::Half* d, int64_t blocks, const floa
 #else
 
 // Portable fallback with the same arithmetic (per-block fp32 sums scaled by d), without the vector instructions.
-void q4_tile_scalar(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const uint16_t* x,
+template <typename S>
+void q4_tile_scalar(const uint8_t* w, const S* d, const S* m, int64_t blocks, const uint16_t* x,
                     int64_t K, const float* sums, int act_rows, float* out) {
   for (int i = 0; i < act_rows; ++i)
     for (int64_t r = 0; r < kRows; ++r) {
@@ -404,6 +408,8 @@ constexpr bool kWideQ4 = false, kWideQ8 = true;
 constexpr bool kWideQ4 = false, kWideQ8 = false;
 #endif
 
+const at::Half* const kNoMinimums = nullptr;  // the Q8 tiles' blocks have no minimum term
+
 // The rows of one tile-block's result, in the same fp32 operations on every path: acc += float(Σ) · (d · dx), then
 // acc += m · (dx · Σ codes) for Q4.
 inline float block_term(float acc, int32_t dot, float d, float dx) {
@@ -428,8 +434,8 @@ template <int Tile>
 constexpr int kInt8Chains = Tile <= 3 ? 2 : 1;
 
 // acc[i] gets one block of the 16 rows: chains[.][i] its exact integer sums; m (Q4 only) adds m · dx · Σ codes.
-template <int Tile, int Chains>
-inline void add_block16(const __m512i chains[][Tile], const at::Half* d, const at::Half* m, const float* dx,
+template <int Tile, int Chains, typename S>
+inline void add_block16(const __m512i chains[][Tile], const S* d, const S* m, const float* dx,
                         const float* xs, int64_t blocks, int64_t b, __m512 acc[]) {
   const __m512 scale = widen_scales(d);
   for (int i = 0; i < Tile; ++i) {
@@ -444,8 +450,8 @@ inline void add_block16(const __m512i chains[][Tile], const at::Half* d, const a
 // One Q4 row tile against Tile rows of int16 activation codes. A chunk's bytes widen to words in place (word 2r + e is
 // row r, k-offset e), so lane r of vpmaddwd/vpdpwssd against the activation pair of their k is row r's pair sum; the
 // low nibbles hold k = 2c + e, the high ones k = 16 + 2c + e.
-template <int Tile>
-void q4_tile_int8(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const int16_t* xw, int64_t K,
+template <int Tile, typename S>
+void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int16_t* xw, int64_t K,
                   const float* dx, const float* xs, float* out) {
   constexpr int Chains = kInt8Chains<Tile>;
   const __m512i low_nibble = _mm512_set1_epi16(0x0F);
@@ -489,7 +495,7 @@ void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int1
       for (int i = 0; i < Tile; ++i)
         chains[chain][i] = add_pairs(chains[chain][i], codes, xw + i * K + b * kBlock + 2 * j);
     }
-    add_block16<Tile, Chains>(chains, d + b * kRows, nullptr, dx, nullptr, blocks, b, acc);
+    add_block16<Tile, Chains>(chains, d + b * kRows, kNoMinimums, dx, nullptr, blocks, b, acc);
   }
   for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
 }
@@ -509,8 +515,8 @@ inline int32_t pair32(const int16_t* x) {
 }
 
 // acc[i][h] (rows 8h..8h+7) gets one block: dot[i][h] its exact integer sums.
-template <int Tile>
-inline void add_block(const __m256i dot[][2], const at::Half* d, const at::Half* m, const float* dx, const float* xs,
+template <int Tile, typename S>
+inline void add_block(const __m256i dot[][2], const S* d, const S* m, const float* dx, const float* xs,
                       int64_t blocks, int64_t b, __m256 acc[][2]) {
   for (int h = 0; h < 2; ++h) {
     const __m256 scale = half_scales(d + 8 * h);
@@ -527,8 +533,8 @@ inline void add_block(const __m256i dot[][2], const at::Half* d, const at::Half*
 // One Q4 row tile against Tile rows of int8 activations. vpmaddubsw multiplies the unsigned codes by the signed
 // activation pair of their k (byte 2r + e of a chunk is row r, k-offset e), giving row r's pair sum in 16-bit lane r;
 // eight chunks of one nibble half sum to at most 8 · 2 · 15 · 127 < 2^15, so each half sums in 16 bits and widens once.
-template <int Tile>
-void q4_tile_int8(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const int8_t* xq, int64_t K,
+template <int Tile, typename S>
+void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int8_t* xq, int64_t K,
                   const float* dx, const float* xs, float* out) {
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[Tile][2];
@@ -582,7 +588,7 @@ void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int1
         dot[i][1] = _mm256_add_epi32(dot[i][1], _mm256_madd_epi16(rows_high, xp));
       }
     }
-    add_block<Tile>(dot, d + b * kRows, nullptr, dx, nullptr, blocks, b, acc);
+    add_block<Tile>(dot, d + b * kRows, kNoMinimums, dx, nullptr, blocks, b, acc);
   }
   for (int i = 0; i < Tile; ++i)
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + i * kRows + 8 * h, acc[i][h]);
@@ -591,7 +597,8 @@ void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int1
 #else
 
 // Portable loops with the AVX2 tiles' exact integer sums and fp32 operations (bit-identical results).
-void q4_tile_int8_scalar(const uint8_t* w, const at::Half* d, const at::Half* m, int64_t blocks, const int8_t* xq,
+template <typename S>
+void q4_tile_int8_scalar(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int8_t* xq,
                          int64_t K, const float* dx, const float* xs, int act_rows, float* out) {
   for (int i = 0; i < act_rows; ++i)
     for (int64_t r = 0; r < kRows; ++r) {
@@ -664,10 +671,12 @@ void check_codes(const at::Tensor& packed, at::ScalarType type, int64_t tile_blo
               what, " must be contiguous [ceil(N / 16), blocks * ", tile_block_bytes, "] of ", type);
 }
 
-void check_scales(const at::Tensor& s, int64_t tiles, int64_t blocks, const char* what) {
-  TORCH_CHECK(s.scalar_type() == at::kHalf && s.is_contiguous() && s.dim() == 3 && s.size(0) == tiles &&
-                  s.size(1) == blocks && s.size(2) == kRows,
-              what, " must be contiguous float16 [tiles, blocks, 16]");
+// Scales are the file's f16 values, or fp32 where `fp32_allowed` (Q4_K's sub-block products are exact only there).
+void check_scales(const at::Tensor& s, int64_t tiles, int64_t blocks, const char* what, bool fp32_allowed = false) {
+  const bool dtype_ok = s.scalar_type() == at::kHalf || (fp32_allowed && s.scalar_type() == at::kFloat);
+  TORCH_CHECK(dtype_ok && s.is_contiguous() && s.dim() == 3 && s.size(0) == tiles && s.size(1) == blocks &&
+                  s.size(2) == kRows,
+              what, " must be contiguous float16", fp32_allowed ? " or float32" : "", " [tiles, blocks, 16]");
 }
 
 // y = x Wᵀ [M, N] in bf16 or fp32, filled tile by tile (on torch's thread pool when the matmul is large enough).
@@ -706,22 +715,19 @@ const char* gguf_isa() {
 #endif
 }
 
-at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,
-                     int64_t N, bool fp32_output, bool int8_activations) {
-  RECORD_FUNCTION("tokenmill::q4_matmul", std::vector<c10::IValue>());  // named in torch profiler tables
-  const int64_t tiles = packed.size(0), blocks = d.size(1), K = blocks * kBlock;
-  check_codes(packed, at::kByte, kQ4TileBlockBytes, blocks, N, "Q4 codes");
-  check_scales(d, tiles, blocks, "Q4 scales");
-  check_scales(m, tiles, blocks, "Q4 minimums");
-  const at::Tensor x = x_in.contiguous();
+namespace {
+
+// q4_matmul for f16 (Q4_0/Q4_1) or fp32 (Q4_K) scales and minimums.
+template <typename S>
+at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, const S* ms, int64_t N, int64_t tiles,
+                           int64_t blocks, bool fp32_output, bool int8_activations) {
+  const int64_t K = blocks * kBlock;
   const uint16_t* xs = activations(x, K);
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const at::Half *ds = d.data_ptr<at::Half>(), *ms = m.data_ptr<at::Half>();
   if (int8_activations) {
     const Int8Rows q = quantize_rows(xs, x.size(0), blocks, kWideQ4);
     return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
       const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
-      const at::Half *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
+      const S *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
       const int8_t* xq = q.codes.data() + i0 * K;
       const float *dx = q.scales.data() + i0 * blocks, *sums = q.sums.data() + i0 * blocks;
 #if defined(TOKENMILL_GGUF_INT8_AVX512)
@@ -743,7 +749,7 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
   const std::vector<float> xf = widened(xs, x.numel());
   return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
     const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
-    const at::Half *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
+    const S *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
 #if defined(TOKENMILL_GGUF_AVX512BF16)
     with_tile(act_rows, [&](auto tile) {
       q4_tile<decltype(tile)::value>(wt, dt, mt, blocks, xs + i0 * K, K, sums.data() + i0 * blocks, out);
@@ -757,6 +763,25 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
     q4_tile_scalar(wt, dt, mt, blocks, xs + i0 * K, K, sums.data() + i0 * blocks, act_rows, out);
 #endif
   });
+}
+
+}  // namespace
+
+at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,
+                     int64_t N, bool fp32_output, bool int8_activations) {
+  RECORD_FUNCTION("tokenmill::q4_matmul", std::vector<c10::IValue>());  // named in torch profiler tables
+  const int64_t tiles = packed.size(0), blocks = d.size(1);
+  check_codes(packed, at::kByte, kQ4TileBlockBytes, blocks, N, "Q4 codes");
+  check_scales(d, tiles, blocks, "Q4 scales", true);
+  check_scales(m, tiles, blocks, "Q4 minimums", true);
+  TORCH_CHECK(d.scalar_type() == m.scalar_type(), "Q4 scales and minimums must have one dtype");
+  const at::Tensor x = x_in.contiguous();
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  if (d.scalar_type() == at::kFloat)
+    return q4_matmul_typed(x, w, d.data_ptr<float>(), m.data_ptr<float>(), N, tiles, blocks, fp32_output,
+                           int8_activations);
+  return q4_matmul_typed(x, w, d.data_ptr<at::Half>(), m.data_ptr<at::Half>(), N, tiles, blocks, fp32_output,
+                         int8_activations);
 }
 
 at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, int64_t N,

@@ -13,17 +13,17 @@ Formats:
 - ``int8``: per-output-channel symmetric int8, the embedding/LM head included.
 - ``int4``: grouped asymmetric int4 (round to nearest) for the decoder layers; the LM head in int8, as 4-bit GGUF
   files themselves keep it at 8 bits.
-- ``gguf``: the file's Q4_0/Q4_1 and Q8_0 blocks as stored — codes, f16 scales and minimums — so every weight is
-  exactly the file's value; other tensor types as in ``int8``. Activations are bf16 by default; with
-  ``int8_activations`` (``EngineConfig.gguf_activations="int8"``) each row is first rounded per block of 32 to int8
-  with an fp32 scale, llama.cpp's scheme, and the kernel multiplies with integer dot products (`int8_blocks`).
+- ``gguf``: the file's Q4_0/Q4_1/Q4_K and Q8_0/Q5_0 blocks as stored — codes, scales and minimums
+  (`gguf_blocks.py`) — so every weight is exactly the file's value; other tensor types as in ``int8``. Activations
+  are bf16 by default; with ``int8_activations`` (``EngineConfig.gguf_activations="int8"``) each row is first
+  rounded per block of 32 to int8 with an fp32 scale, llama.cpp's scheme, and the kernel multiplies with integer
+  dot products (`int8_blocks`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -213,7 +213,8 @@ class _GgufBlockLinear(Linear):
 
 
 class GgufQ4Linear(_GgufBlockLinear):
-    """The file's Q4_0/Q4_1 blocks of 32: W[n, 32b + j] = d[n, b] · q + m[n, b] with d, m the stored f16 values.
+    """The file's 4-bit blocks of 32 (Q4_0/Q4_1, Q4_K sub-blocks): W[n, 32b + j] = d[n, b] · q + m[n, b], d and m
+    kept in f16 where every value is one (the file's own) and in fp32 otherwise (Q4_K's products).
 
     Stored repacked for tokenmill/kernels/gguf_matmul.cpp (its header describes the layout): rows in tiles of 16
     (the last tile padded with zero rows) and, per tile and block, the 16 rows' codes of each k-pair side by side.
@@ -229,8 +230,10 @@ class GgufQ4Linear(_GgufBlockLinear):
         tiles = tiles.permute(0, 2, 3, 4, 1, 5)
         packed = tiles[:, :, 0] | (tiles[:, :, 1] << 4)  # k = 2c + e in the low nibble, 16 + 2c + e in the high
         self.register_buffer("packed", packed.reshape(packed.shape[0], -1).contiguous())
-        self.register_buffer("scales", _tiled_scales(scales, "scales"))
-        self.register_buffer("minimums", _tiled_scales(minimums, "minimums"))
+        # f16 where every value is one (Q4_0/Q4_1: the file's own), else fp32 (Q4_K's products): exact either way.
+        dtype = torch.float16 if all(_is_half(v) for v in (scales, minimums)) else torch.float32
+        self.register_buffer("scales", _tiled_scales(scales, "scales", dtype))
+        self.register_buffer("minimums", _tiled_scales(minimums, "minimums", dtype))
         self.register_buffer("bias", bias)
 
     def dequantized(self) -> torch.Tensor:
@@ -248,8 +251,8 @@ class GgufQ4Linear(_GgufBlockLinear):
 
 
 class GgufQ8Linear(_GgufBlockLinear):
-    """The file's Q8_0 blocks of 32: W[n, 32b + j] = d[n, b] · q[n, 32b + j] with d the stored f16 value; stored in
-    row tiles of 16 like `GgufQ4Linear`, each k-pair's 16 rows side by side."""
+    """The file's 8-bit blocks of 32 (Q8_0, Q5_0 as q - 16): W[n, 32b + j] = d[n, b] · q[n, 32b + j] with d the
+    stored f16 value; stored in row tiles of 16 like `GgufQ4Linear`, each k-pair's 16 rows side by side."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -282,7 +285,9 @@ def int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     [-127, 127], nearest with ties to even) and fp32 scales [M, K / 32, 1] = amax / 127; x ≈ codes · scales."""
     blocks = x.float().reshape(x.shape[0], -1, 32)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
-    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # A true division, as the kernel does: `127.0 / amax` would be 127 · (1 / amax) in torch, which rounds
+    # differently and moves a code by one where x · 127 / amax is about half-way between two integers.
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     codes = torch.round((blocks * inverse).clamp(-127, 127).nan_to_num(0.0))
     return codes, amax / 127.0
 
@@ -297,19 +302,23 @@ def _row_tiles(rows: torch.Tensor) -> torch.Tensor:
     return F.pad(rows, (0, 0, 0, -rows.shape[0] % TILE_ROWS))
 
 
-def _tiled_scales(values: torch.Tensor, what: str) -> torch.Tensor:
-    """[N, blocks] f16 values as [tiles, blocks, 16]: one vector per tile and block."""
-    half = _row_tiles(_exact_half(values, what))
-    return half.reshape(-1, TILE_ROWS, half.shape[1]).transpose(1, 2).contiguous()
+def _tiled_scales(values: torch.Tensor, what: str, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """[N, blocks] values, exact in `dtype`, as [tiles, blocks, 16]: one vector per tile and block."""
+    exact = _row_tiles(_exact_half(values, what) if dtype == torch.float16 else values.float())
+    return exact.reshape(-1, TILE_ROWS, exact.shape[1]).transpose(1, 2).contiguous()
 
 
 def _untiled(values: torch.Tensor, rows: int) -> torch.Tensor:
     return values.transpose(1, 2).reshape(-1, values.shape[1])[:rows].float()
 
 
+def _is_half(values: torch.Tensor) -> bool:
+    return torch.equal(values.to(torch.float16).float(), values.float())
+
+
 def _exact_half(values: torch.Tensor, what: str) -> torch.Tensor:
     half = values.to(torch.float16)
-    if not torch.equal(half.float(), values.float()):
+    if not _is_half(values):
         raise ValueError(f"GGUF block {what} must be float16 values, as the file stores them")
     return half
 
@@ -324,36 +333,6 @@ def _cpu_kernels() -> Any:
 def _gguf_kernels() -> Any:
     """The C++ kernels, or None where they cannot be built (then the GGUF formats fall back to an fp32 matmul)."""
     return _cpu_kernels()
-
-
-def gguf_q8_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes [rows, cols] int8 and f16 scales [rows, cols / 32] of a Q8_0 tensor: blocks of an f16 d and 32 int8."""
-    if type_name != "Q8_0":
-        raise ValueError(f"expected a Q8_0 tensor, got {type_name}")
-    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, 34)
-    d = blocks[:, 0:2].copy().view(np.float16)[:, 0]
-    codes = blocks[:, 2:].copy().view(np.int8)
-    rows, cols = shape
-    return torch.from_numpy(codes).reshape(rows, cols), torch.from_numpy(d).reshape(rows, cols // 32)
-
-
-def gguf_q4_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    """Codes [rows, cols], scales and minimums [rows, cols / 32] of a Q4_0 or Q4_1 tensor, exactly as stored.
-
-    Block layouts (32 weights each): Q4_1 = fp16 d, fp16 m, 16 bytes of nibbles, w = d·q + m;
-    Q4_0 = fp16 d, 16 bytes of nibbles, w = d·(q - 8). Byte j holds weight j (low nibble) and j + 16 (high).
-    """
-    header = {"Q4_0": 2, "Q4_1": 4}[type_name]
-    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, header + 16)
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
-    nibbles = blocks[:, header:]
-    codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1)
-    stored_min = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0] if header == 4 else None
-    minimums = -8.0 * d if stored_min is None else stored_min
-    rows, cols = shape
-    # uint8 codes: Int4Linear widens them to the int32 its packing op wants.
-    return (torch.from_numpy(codes).reshape(rows, cols), torch.from_numpy(d).reshape(rows, cols // 32),
-            torch.from_numpy(minimums).reshape(rows, cols // 32))
 
 
 def check_weight_format(weight_format: str, dtype: torch.dtype, device: torch.device) -> None:

@@ -7,6 +7,7 @@ import struct
 import torch
 
 from tokenmill.model.config import ModelConfig
+from tokenmill.model.gguf_blocks import Q4_TYPES, Q8_TYPES, gguf_q4_codes, gguf_q8_codes
 from tokenmill.model.gguf_file import GGUFFile, ModelLoadError
 from tokenmill.model.linear import (
     FloatLinear,
@@ -16,8 +17,6 @@ from tokenmill.model.linear import (
     Int8Linear,
     Linear,
     check_weight_format,
-    gguf_q4_codes,
-    gguf_q8_codes,
 )
 from tokenmill.model.llama import DecoderLayer, LlamaModel
 
@@ -56,13 +55,14 @@ class _LayerBuilder:
         return rows
 
     def _file_blocks(self, names: list[str], bias: torch.Tensor | None) -> Linear | None:
-        """The file's own blocks of tensors stacked by rows, when all of them are Q4_0/Q4_1 or all Q8_0."""
+        """The file's own blocks of tensors stacked by rows, when all of them have 4-bit tiles (Q4_0/Q4_1/Q4_K) or all
+        8-bit ones (Q8_0/Q5_0): gguf_blocks.py."""
         types = {self.file.tensor_type(n) for n in names}
         layer: GgufQ4Linear | GgufQ8Linear
-        if types <= {"Q4_0", "Q4_1"}:
+        if types <= Q4_TYPES:
             layer = GgufQ4Linear(*self._stack(names, [gguf_q4_codes(*self.file.raw_tensor(n)) for n in names]),
                                  bias=bias)
-        elif types == {"Q8_0"}:
+        elif types <= Q8_TYPES:
             layer = GgufQ8Linear(*self._stack(names, [gguf_q8_codes(*self.file.raw_tensor(n)) for n in names]),
                                  bias=bias)
         else:

@@ -1,0 +1,137 @@
+"""K-quant and Q5_0 tensors on the GGUF block kernels: the file's exact weights, fp32 sub-block scales, every level."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import random_k_quant, write_tiny_gguf
+from tokenmill import LLM, SamplingParams
+from tokenmill.attention.fused_cpu import FusedCPUBackend
+from tokenmill.bench.qwen_pair import CACHE, DRAFT
+from tokenmill.kernels import cpu_kernels, isa
+from tokenmill.model.gguf_blocks import gguf_q4_codes, gguf_q8_codes
+from tokenmill.model.gguf_file import GGUFFile
+from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear, Int8Linear, int8_blocks
+from tokenmill.model.loader import load_model
+
+LEVELS = isa.supported_levels(isa.cpu_flags())
+
+
+def dequantized_by_gguf(raw: np.ndarray, kind: str, shape: tuple[int, int]) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]).reshape(shape))
+
+
+def q4_k_layer(rows: int = 40, cols: int = 512, seed: int = 3) -> tuple[GgufQ4Linear, torch.Tensor]:
+    """A Q4_K layer of random blocks and the gguf package's dequantization of the same bytes."""
+    raw = random_k_quant("Q4_K", (rows, cols), np.random.default_rng(seed))
+    codes, scales, minimums = gguf_q4_codes(raw, "Q4_K", (rows, cols))
+    return GgufQ4Linear(codes, scales, minimums), dequantized_by_gguf(raw, "Q4_K", (rows, cols))
+
+
+def test_q4_k_and_q5_0_codes_reproduce_the_gguf_packages_dequantization_exactly() -> None:
+    rows, cols = 24, 512
+    raw = random_k_quant("Q4_K", (rows, cols), np.random.default_rng(0))
+    codes, scales, minimums = gguf_q4_codes(raw, "Q4_K", (rows, cols))
+    assert int(codes.min()) == 0 and int(codes.max()) == 15
+    rebuilt = codes.reshape(rows, -1, 32).float() * scales[..., None] + minimums[..., None]
+    assert torch.equal(rebuilt.reshape(rows, cols), dequantized_by_gguf(raw, "Q4_K", (rows, cols)))
+
+    data = np.random.default_rng(1).standard_normal((rows, cols)).astype(np.float32)
+    raw = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q5_0)
+    codes, d = gguf_q8_codes(raw, "Q5_0", (rows, cols))
+    assert codes.dtype == torch.int8 and int(codes.min()) == -16 and int(codes.max()) == 15
+    rebuilt = codes.reshape(rows, -1, 32).float() * d.float()[..., None]
+    assert torch.equal(rebuilt.reshape(rows, cols), dequantized_by_gguf(raw, "Q5_0", (rows, cols)))
+
+
+def test_q4_k_layers_keep_fp32_scales_and_the_files_exact_weights() -> None:
+    layer, want = q4_k_layer()
+    assert layer.scales.dtype == torch.float32 and layer.minimums.dtype == torch.float32  # not exact in f16
+    assert torch.equal(layer.dequantized(), want)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_q4_k_matmuls_match_a_float64_reference_on_every_level(level) -> None:
+    kernels = cpu_kernels(level).module
+    assert kernels is not None
+    layer, weight = q4_k_layer()
+    x = torch.randn(7, layer.in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    got = kernels.q4_matmul(x, layer.packed, layer.scales, layer.minimums, layer.out_features, True)
+    want = x.double() @ weight.double().T
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+    layer.int8_activations = True
+    codes, scales = int8_blocks(x)
+    rounded = (codes.double() * scales.double()).reshape(x.shape)
+    got = kernels.q4_matmul(x, layer.packed, layer.scales, layer.minimums, layer.out_features, True, True)
+    want = rounded @ weight.double().T
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+    alone = torch.cat([kernels.q4_matmul(x[i:i + 1], layer.packed, layer.scales, layer.minimums,
+                                         layer.out_features, True, True) for i in range(len(x))])
+    assert torch.equal(alone, got)  # batch invariant
+
+
+def test_q4_k_int8_matmuls_are_bitwise_equal_on_every_level() -> None:
+    layer, _ = q4_k_layer()
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    results = [cpu_kernels(level).module.q4_matmul(x, layer.packed, layer.scales, layer.minimums,
+                                                   layer.out_features, True, True) for level in LEVELS]
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+def test_the_kernel_rejects_mismatched_scale_dtypes() -> None:
+    layer, _ = q4_k_layer()
+    with pytest.raises(RuntimeError, match="one dtype"):
+        cpu_kernels().module.q4_matmul(torch.zeros(1, layer.in_features, dtype=torch.bfloat16), layer.packed,
+                                       layer.scales, layer.minimums.half(), layer.out_features)
+
+
+# A tiny llama whose stacks mix types the way Q4_K_M files do: qkv of Q5_0 and Q8_0, gate_up of Q4_K and Q4_1,
+# Q4_K o and down, except one Q6_K down (no tile: the int8 fallback).
+MIXED = {"blk.0.attn_q.weight": "Q5_0", "blk.0.attn_k.weight": "Q5_0", "blk.0.attn_v.weight": "Q8_0",
+         "blk.1.attn_q.weight": "Q5_0", "blk.1.attn_k.weight": "Q5_0", "blk.1.attn_v.weight": "Q5_0",
+         "blk.0.ffn_gate.weight": "Q4_K", "blk.0.ffn_up.weight": "Q4_1", "blk.1.ffn_gate.weight": "Q4_K",
+         "blk.1.ffn_up.weight": "Q4_K", "blk.0.attn_output.weight": "Q4_K", "blk.1.attn_output.weight": "Q4_K",
+         "blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q6_K"}
+
+
+@pytest.fixture(scope="module")
+def mixed_model_path(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("kquant") / "mixed.gguf", hidden=256, heads=4, kv_heads=2,
+                           ff=512, tensor_type="Q8_0", tensor_types=MIXED)
+
+
+def test_mixed_k_quant_stacks_load_as_the_files_exact_blocks(mixed_model_path) -> None:
+    model = load_model(GGUFFile(mixed_model_path), torch.bfloat16, torch.device("cpu"), weight_format="gguf")
+    layers = model.layers
+    assert [type(layer.qkv) for layer in layers] == [GgufQ8Linear, GgufQ8Linear]
+    assert [type(layer.gate_up) for layer in layers] == [GgufQ4Linear, GgufQ4Linear]
+    assert type(layers[0].down) is GgufQ4Linear and type(layers[1].down) is Int8Linear
+    assert layers[0].gate_up.scales.dtype == torch.float32  # Q4_K rows beside Q4_1 ones: fp32 for all
+    gguf_file = GGUFFile(mixed_model_path)
+    gate_up = torch.cat([gguf_file.tensor(f"blk.0.ffn_{n}.weight") for n in ("gate", "up")])
+    assert torch.equal(layers[0].gate_up.dequantized(), gate_up)
+    assert torch.equal(layers[0].o.dequantized(), gguf_file.tensor("blk.0.attn_output.weight"))
+
+
+def test_mixed_k_quant_model_decodes_the_same_fused_and_eager(mixed_model_path) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[5, 9, 33, 2, 71], [100, 4, 4, 8, 250, 17, 3]]
+    outputs = []
+    for eager in (True, False):
+        llm = LLM(str(mixed_model_path), dtype="bfloat16", weight_format="gguf", num_kv_blocks=64,
+                  enforce_eager=eager)
+        assert isinstance(llm.engine.runner.backend, FusedCPUBackend) != eager
+        outputs.append([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.skipif(not (CACHE / DRAFT.file_name).exists(), reason="the optional Qwen pair is not assembled")
+def test_qwen_draft_runs_its_q5_0_q8_0_and_q4_k_tensors_on_the_block_tiles() -> None:
+    model = load_model(GGUFFile(CACHE / DRAFT.file_name), torch.bfloat16, torch.device("cpu"), weight_format="gguf")
+    tiled = [m for m in model.modules() if isinstance(m, GgufQ4Linear | GgufQ8Linear)]
+    fallback = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    # 24 layers of qkv, o, gate_up and down, the LM head; only the 12 Q6_K ffn_down tensors have no tile.
+    assert len(tiled) == 24 * 4 - 12 + 1 and len(fallback) == 12
