@@ -22,11 +22,11 @@
 // int8 activations (the second mode, `int8_activations`): each row of activations is rounded per block of 32 to int8
 // codes with an fp32 scale (amax / 127), as llama.cpp does for its Q8 dot products, so the weights stay the file's
 // while the products become integer dot products (AVX2 vpmaddubsw / vpmaddwd on 8 rows per vector; AVX-512 VNNI's
-// fused vpdpwssd on a whole 16-row tile per vector), several times fewer instructions than
-// widening every code to fp32. The integer sums are exact; each block adds float(Σ q·c) · (d · dx) and, for Q4,
-// m · dx · Σc. Every path (AVX-512, AVX2, the portable loop) performs the same fp32 operations in the same order, so
-// they agree bit for bit, and the mode is batch invariant like the other. The result is the exact product of the file's weights
-// with the rounded activations; its effect on quality is measured (benchmarks/cpu_decode.py, docs/benchmarks.md).
+// fused vpdpwssd on a whole 16-row tile per vector), several times fewer instructions than widening every code to
+// fp32. The integer sums are exact; each block adds float(Σ q·c) · (d · dx) and, for Q4, m · dx · Σc. Every path
+// (AVX-512, AVX2, the portable loop) performs the same fp32 operations in the same order, so they agree bit for bit,
+// and the mode is batch invariant like the other. The result is the exact product of the file's weights with the
+// rounded activations; its effect on quality is measured (benchmarks/cpu_decode.py, docs/benchmarks.md).
 //
 // Speed: one decode token reads each weight once, so with one activation row the unpacking has to keep up with
 // memory; with many rows each unpacked chunk is reused by up to kActTile of them, and a group of kTileGroup row tiles
@@ -121,7 +121,6 @@ inline __m512 widen_scales(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 inline __m512 widen_scales(const float* p) { return _mm512_loadu_ps(p); }
-
 #endif
 #if defined(__AVX2__) && defined(__F16C__)
 // Eight f16 scales (or minimums) of a tile-block as fp32 lanes.
@@ -443,15 +442,16 @@ inline void add_block16(const __m512i chains[][Tile], const S* d, const S* m, co
   for (int i = 0; i < Tile; ++i) {
     __m512i dot = chains[0][i];
     for (int c = 1; c < Chains; ++c) dot = _mm512_add_epi32(dot, chains[c][i]);
-    const __m512 term = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(dx[i * blocks + b])));
-    acc[i] = _mm512_add_ps(acc[i], term);
-    if (m != nullptr) acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(widen_scales(m), _mm512_set1_ps(xs[i * blocks + b])));
+    const __m512 block_scale = _mm512_mul_ps(scale, _mm512_set1_ps(dx[i * blocks + b]));
+    acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_cvtepi32_ps(dot), block_scale));
+    if (m != nullptr)
+      acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(widen_scales(m), _mm512_set1_ps(xs[i * blocks + b])));
   }
 }
 
 // One Q4 row tile against Tile rows of int16 activation codes. A chunk's bytes widen to words in place (word 2r + e is
-// row r, k-offset e), so lane r of vpmaddwd/vpdpwssd against the activation pair of their k is row r's pair sum; the
-// low nibbles hold k = 2c + e, the high ones k = 16 + 2c + e.
+// row r, k-offset e), so lane r of vpdpwssd against the activation pair of their k is row r's pair sum; the low
+// nibbles hold k = 2c + e, the high ones k = 16 + 2c + e.
 template <int Tile, typename S>
 void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int16_t* xw, int64_t K,
                   const float* dx, const float* xs, float* out) {
@@ -730,7 +730,7 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, c
     return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
       const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
       const S *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
-      const int8_t* xq = q.codes.data() + i0 * K;
+      [[maybe_unused]] const int8_t* xq = q.codes.data() + i0 * K;  // the 16-lane tiles read q.wide instead
       const float *dx = q.scales.data() + i0 * blocks, *sums = q.sums.data() + i0 * blocks;
 #if defined(TOKENMILL_GGUF_INT8_AVX512)
       with_tile(act_rows, [&](auto tile) {
