@@ -34,7 +34,7 @@ from tokenmill.bench.machine import busy_warning, load_average, machine_descript
 from tokenmill.bench.quality import greedy_agreement
 from tokenmill.bench.report import write_json
 from tokenmill.bench.roofline import gguf_file, model_config
-from tokenmill.config import DTYPES, WEIGHT_FORMATS, EngineConfig
+from tokenmill.config import DTYPES, GGUF_ACTIVATIONS, WEIGHT_FORMATS, EngineConfig
 from tokenmill.model.gguf_file import resolve_model_path
 from tokenmill.tokenizer import Tokenizer
 
@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 32 tokens, batch 1 and 4, 1 repeat")
     p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto")
     p.add_argument("--weight-format", choices=WEIGHT_FORMATS, default="float")
+    p.add_argument("--gguf-activations", choices=GGUF_ACTIVATIONS, default="bf16",
+                   help="activations of the GGUF block layers, the target's and a gguf draft's (engine default bf16)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--speculative", choices=["ngram", "draft", "self"], default="ngram",
@@ -645,7 +647,8 @@ def main(argv: list[str] | None = None) -> None:
               f"(mean {tokens['mean']:.0f}), {info['truncated']} cut to {limit}")
 
     block_size = 16
-    common = {"dtype": args.dtype, "weight_format": args.weight_format, "num_threads": args.threads,
+    common = {"dtype": args.dtype, "weight_format": args.weight_format, "gguf_activations": args.gguf_activations,
+              "num_threads": args.threads,
               "block_size": block_size, "num_kv_blocks": kv_blocks_needed(workload, args, block_size),
               "max_num_seqs": max(args.batch_sizes), "max_num_batched_tokens": args.max_num_batched_tokens}
     engines = {mode: LLM(model=str(path), **common, **mode_options(args, mode == "speculative"))
