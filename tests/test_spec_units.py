@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from tokenmill.kv.manager import KVCacheManager
-from tokenmill.request import Request
+from tokenmill.request import Request, RequestStatus
 from tokenmill.sampler.sampler import Sampler, SamplingRow
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler.plan import SeqSamples, StepResult
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 from tokenmill.spec.adaptive import Acceptance, StepCostModel, choose_draft_lengths
 from tokenmill.spec.ngram import NgramProposer
+from tokenmill.spec.proposer import Proposer
+from tokenmill.spec.speculator import PROBE_EVERY, PROBE_TOKENS, Speculator
 from tokenmill.spec.verifier import verify
 
 # ---- n-gram proposer --------------------------------------------------------------------------------------------
@@ -260,3 +262,34 @@ def test_drafts_never_enter_the_prefix_cache() -> None:
     _emit(sched, {"a": [10]})
     assert sched.kv_cache._num_registered["a"] == 2  # now known tokens, hashed from them
     assert sched.kv_cache.pool.cached_block(sched.kv_cache.block_hashes(a, 2)[1]) == 1
+
+
+class CostlyRepeat(Proposer):
+    """Guesses the last token again; each draft step costs twice a target step."""
+
+    free = False
+
+    def propose(self, request_id: str, prompt_token_ids, output_token_ids, max_tokens: int) -> list[int]:
+        return [(list(prompt_token_ids) + list(output_token_ids))[-1]] * max_tokens
+
+    def drop(self, request_id: str) -> None:
+        pass
+
+    def draft_seconds(self, num_seqs: int, depth: int) -> float:
+        return 0.2 * depth
+
+
+def test_a_costly_drafter_probes_a_request_it_left_idle_so_its_acceptance_gets_measured() -> None:
+    spec = Speculator(CostlyRepeat(), max_draft_tokens=5, max_model_len=1000, max_step_tokens=64,
+                      cost=lambda rows: 0.1 + 0.001 * rows)
+    first, second = (Request(rid, [1, 2, 3], SamplingParams(max_tokens=100), status=RequestStatus.RUNNING,
+                             num_computed_tokens=2) for rid in ("a", "b"))
+    drafted = []
+    for _ in range(2 * PROBE_EVERY):
+        spec.propose([first, second])
+        drafted.append((len(first.draft_token_ids), len(second.draft_token_ids)))
+    # At the prior no draft pays; after PROBE_EVERY idle steps one request (only one per step) gets a short probe.
+    idle = [(0, 0)] * (PROBE_EVERY - 1)
+    assert drafted == idle + [(PROBE_TOKENS, 0)] + [(0, PROBE_TOKENS)] + idle[1:] + [(PROBE_TOKENS, 0)]
+    spec.release("a")
+    assert "a" not in spec._idle

@@ -35,6 +35,13 @@ class SpecDecodeStats:
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
+# A request a costly drafter has left idle this many steps gets a probe draft of PROBE_TOKENS (one request per step):
+# at the acceptance prior the cost model can decline every draft, and a request that never drafts never measures
+# how often its drafts would be accepted.
+PROBE_EVERY = 16
+PROBE_TOKENS = 2
+
+
 class Speculator:
     """`cost(rows)`: the step-time model for adaptive lengths, or None for a fixed `max_draft_tokens` whenever the
     proposer has that many."""
@@ -50,6 +57,7 @@ class Speculator:
         self.cost = cost
         self.stats = SpecDecodeStats(accepted_per_position=[0] * max_draft_tokens)
         self._acceptance: dict[str, Acceptance] = {}
+        self._idle: dict[str, int] = {}  # steps since a request last drafted, for the probes of costly drafters
 
     def propose(self, running: Sequence[Request]) -> None:
         """Set the drafts of every running request that is one token behind (decoding); others get none."""
@@ -65,7 +73,9 @@ class Speculator:
                     lengths = self._lengths(decoding, [len(g) for g in guesses], base_rows)
                     guesses = [g[:k] for g, k in zip(guesses, lengths, strict=True)]
             else:  # each guess costs a draft step: decide the lengths first, then have them drafted
-                lengths = self._lengths(decoding, limits, base_rows) if self.cost is not None else limits
+                lengths = limits
+                if self.cost is not None:
+                    lengths = self._probe(decoding, limits, self._lengths(decoding, limits, base_rows))
                 guesses = self.proposer.propose_batch(self._asks(decoding, lengths))
         except Exception:  # a drafter's failure (a draft model's step) costs this step its drafts, nothing more
             logger.exception("%s failed; this step runs without drafts", type(self.proposer).__name__)
@@ -83,6 +93,18 @@ class Speculator:
         return choose_draft_lengths(rates, available, base_rows, self.cost,
                                     None if self.proposer.free else self.proposer.draft_seconds)
 
+    def _probe(self, decoding: Sequence[Request], limits: Sequence[int], lengths: list[int]) -> list[int]:
+        """`lengths` with a probe draft for the request idle longest, once it has been idle PROBE_EVERY steps."""
+        for request, k in zip(decoding, lengths, strict=True):
+            self._idle[request.request_id] = 0 if k else self._idle.get(request.request_id, 0) + 1
+        waiting = [i for i, r in enumerate(decoding) if self._idle[r.request_id] >= PROBE_EVERY and limits[i] > 0]
+        if waiting:
+            i = max(waiting, key=lambda j: self._idle[decoding[j].request_id])
+            lengths = list(lengths)
+            lengths[i] = min(limits[i], PROBE_TOKENS)
+            self._idle[decoding[i].request_id] = 0
+        return lengths
+
     def _limit(self, request: Request) -> int:
         params = request.params
         # A draft past max_tokens or the context is never used: the target's own token after the drafts is the last.
@@ -98,6 +120,7 @@ class Speculator:
         """The request is finished: its proposer state (a draft model's KV blocks) goes now, not a step later."""
         self.proposer.drop(request_id)
         self._acceptance.pop(request_id, None)
+        self._idle.pop(request_id, None)
 
     def observe(self, plan: StepPlan, result: StepResult) -> None:
         """Count what the step verified and forget finished requests."""
