@@ -730,7 +730,6 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, c
     return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
       const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
       const S *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
-      [[maybe_unused]] const int8_t* xq = q.codes.data() + i0 * K;  // the 16-lane tiles read q.wide instead
       const float *dx = q.scales.data() + i0 * blocks, *sums = q.sums.data() + i0 * blocks;
 #if defined(TOKENMILL_GGUF_INT8_AVX512)
       with_tile(act_rows, [&](auto tile) {
@@ -738,11 +737,11 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, c
       });
 #elif defined(TOKENMILL_GGUF_INT8_AVX2)
       in_row_groups(act_rows, [&](auto tile, int i) {
-        q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, xq + i * K, K, dx + i * blocks, sums + i * blocks,
-                                            out + i * kRows);
+        q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, q.codes.data() + (i0 + i) * K, K, dx + i * blocks,
+                                            sums + i * blocks, out + i * kRows);
       });
 #else
-      q4_tile_int8_scalar(wt, dt, mt, blocks, xq, K, dx, sums, act_rows, out);
+      q4_tile_int8_scalar(wt, dt, mt, blocks, q.codes.data() + i0 * K, K, dx, sums, act_rows, out);
 #endif
     });
   }
