@@ -217,3 +217,19 @@ def test_auto_tool_calls_are_parsed_from_free_text() -> None:
     assert call.feed("<tool_") == [] and call.feed(text[6:]) == []
     deltas, reason = call.finish("stop")
     assert reason == "tool_calls" and [d["tool_calls"][0]["index"] for d in deltas] == [0, 1]
+    # text before a tagged call is the message's content, streamed or not; a '<' that is no tag goes out later
+    mixed = "Let me check 1 < 2.\n" + text
+    content, split_calls = auto.split(mixed)
+    assert content == "Let me check 1 < 2." and [c["function"]["name"] for c in split_calls] == \
+        ["get_weather", "get_time"]
+    assert auto.split("It is sunny.") == ("It is sunny.", None) and auto.split(text)[0] is None
+    stream = ToolCallStream(auto)
+    pieces = [mixed[i:i + 3] for i in range(0, len(mixed), 3)]
+    sent = [delta for piece in pieces for delta in stream.feed(piece)]
+    assert "".join(d["content"] for d in sent) == "Let me check 1 < 2.\n"
+    deltas, reason = stream.finish("stop")
+    assert reason == "tool_calls" and [d["tool_calls"][0]["function"]["name"] for d in deltas] == \
+        ["get_weather", "get_time"]
+    cut = ToolCallStream(auto)
+    assert cut.feed("Say <tool") == [{"content": "Say "}] and cut.finish("length") == ([{"content": "<tool"}],
+                                                                                       "length")

@@ -196,6 +196,26 @@ def test_json_key_order_is_kept() -> None:
     assert a.key() != b.key() and a.key()[1].index('"b"') < a.key()[1].index('"a"')
 
 
+def test_numbers_are_written_with_bounded_digits(llm) -> None:
+    """Free numbers stop at 16 integer and 10 fraction digits (a sampled model cannot write digits until
+    max_tokens); a schema's own bounds still allow longer ones; one the bounds conflict with compiles as it came."""
+    compiler = llm.engine.structured.compiler
+
+    def allows(schema: dict, text: str) -> bool:
+        matcher = compiler.compile(StructuredOutputs(json=schema)).matcher()
+        ids = [compiler.tokenizer.tokenize_bytes(bytes([b]))[0] for b in text.encode()]
+        return matcher.num_valid(ids) == len(ids)
+
+    wrapped = {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}
+    assert allows(wrapped, '{"x": -1234567890123456.0123456789}')
+    assert not allows(wrapped, '{"x": 0.01234567891}') and not allows(wrapped, '{"x": 12345678901234567}')
+    assert not allows(wrapped, '{"x": 1e5}')
+    assert allows({"type": "integer", "maximum": 1e18}, "123456789012345678")
+    assert allows({"type": "object"}, '{"a": [1.5, {"b": null}], "c": "d"}')
+    assert not allows({"type": "object"}, '{"a": [1.12345678901')
+    assert allows({"allOf": [{"type": "number"}, {"minimum": 1e17}]}, "200000000000000000.5")
+
+
 @pytest.mark.parametrize("vocab", [31, 32, 100])
 def test_token_masks_apply_exactly(vocab) -> None:
     gen = torch.Generator().manual_seed(vocab)

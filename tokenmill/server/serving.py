@@ -328,12 +328,11 @@ class OpenAIServing:
         for index, out in enumerate(finals):
             message: dict[str, Any] = {"role": "assistant", "content": out.text}
             finish_reason = out.finish_reason
-            calls = None
             if tools is not None and (finish_reason == "stop" or tools.mode == "named"):
-                calls = tools.parse(out.text)
-            if tools is not None and calls:
-                message = {"role": "assistant", "content": None, "tool_calls": calls}
-                finish_reason = finish_reason_with_calls(tools, finish_reason)
+                content, calls = tools.split(out.text)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    finish_reason = finish_reason_with_calls(tools, finish_reason)
             choices.append({"index": index, "message": message,
                             "logprobs": self.texts.chat_logprobs(out.logprobs or []) if req.logprobs else None,
                             "finish_reason": finish_reason, "stop_reason": out.stop_reason})

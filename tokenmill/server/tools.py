@@ -73,6 +73,15 @@ class ToolChoice:
         whole = _json_or_none(text.strip())
         return _calls(whole if isinstance(whole, list) else [whole], self.tools)
 
+    def split(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """A finished output as OpenAI's (`content`, `tool_calls`): with calls, the content is the text an `auto`
+        answer wrote before its first tagged call (None where there is none)."""
+        calls = self.parse(text)
+        if calls is None:
+            return text, None
+        lead = text[:max(text.find(_OPEN_TAG), 0)].strip() if self.mode == "auto" else ""
+        return lead or None, calls
+
 
 def parse_tool_choice(tools: list[Any] | None, tool_choice: Any, parallel: bool = True) -> ToolChoice | None:
     """Checks `tools` and `tool_choice` as OpenAI does (a 400 naming the field); None when no tool may be called."""
@@ -112,13 +121,14 @@ def parse_tool_choice(tools: list[Any] | None, tool_choice: Any, parallel: bool 
 
 class ToolCallStream:
     """Turns one choice's streamed text into chat deltas: a named call's arguments stream as they come; calls of
-    `required` and `auto` are sent whole when the output ends (an `auto` answer that does not start like a call
-    streams as content from its first telling characters)."""
+    `required` and `auto` are sent whole when the output ends. An `auto` answer that does not start like a call
+    streams as content from its first telling characters, up to a tagged call it may write later (text that could
+    be the start of a tag is held back until it is told apart)."""
 
     def __init__(self, choice: ToolChoice) -> None:
         self.choice = choice
-        self.buffer = ""
-        self.passthrough = False
+        self.buffer = ""  # text not sent yet: a call being written, or what may still turn out to be one
+        self.content = False  # streaming an auto answer's plain text
         self.started = False
 
     def feed(self, text: str) -> list[dict[str, Any]]:
@@ -128,23 +138,27 @@ class ToolCallStream:
                 self.started = True
                 deltas.append({"tool_calls": [_call(self.choice.name or "", "", index=0)]})
             return deltas + ([{"tool_calls": [{"index": 0, "function": {"arguments": text}}]}] if text else [])
-        if self.passthrough:
-            return [{"content": text}] if text else []
         self.buffer += text
-        head = self.buffer.lstrip()
-        if self.choice.mode == "required" or not head or head.startswith(("{", "[", _OPEN_TAG)) \
-                or _OPEN_TAG.startswith(head):
-            return []
-        self.passthrough = True
-        text, self.buffer = self.buffer, ""
-        return [{"content": text}]
+        if not self.content:
+            head = self.buffer.lstrip()
+            if self.choice.mode == "required" or not head or head.startswith(("{", "[", _OPEN_TAG)) \
+                    or _OPEN_TAG.startswith(head):
+                return []
+            self.content = True
+        at = self.buffer.find(_OPEN_TAG)
+        if at >= 0:  # a tagged call starts: held from here to the end
+            self.content = False
+        else:
+            at = len(self.buffer) - _tag_prefix_length(self.buffer)
+        sent, self.buffer = self.buffer[:at], self.buffer[at:]
+        return [{"content": sent}] if sent else []
 
     def finish(self, finish_reason: str | None) -> tuple[list[dict[str, Any]], str | None]:
         if self.choice.mode == "named":
             return ([] if self.started else self.feed("")), finish_reason
-        if self.passthrough or not self.buffer:
+        if not self.buffer:
             return [], finish_reason
-        calls = self.choice.parse(self.buffer) if finish_reason == "stop" else None
+        calls = self.choice.parse(self.buffer) if finish_reason == "stop" and not self.content else None
         if calls is None:
             return [{"content": self.buffer}], finish_reason
         deltas = [{"tool_calls": [dict(call, index=i)]} for i, call in enumerate(calls)]
@@ -154,6 +168,11 @@ class ToolCallStream:
 def finish_reason_with_calls(choice: ToolChoice, finish_reason: str | None) -> str | None:
     """OpenAI answers "tool_calls" when the model chose to call (auto, required), "stop" for a forced function."""
     return "tool_calls" if finish_reason == "stop" and choice.mode != "named" else finish_reason
+
+
+def _tag_prefix_length(text: str) -> int:
+    """How many of `text`'s last characters could begin a `<tool_call>` tag."""
+    return next((n for n in range(min(len(text), len(_OPEN_TAG) - 1), 0, -1) if text.endswith(_OPEN_TAG[:n])), 0)
 
 
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:

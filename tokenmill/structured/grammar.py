@@ -13,6 +13,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import llguidance
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.structured.number_bounds import bound_numbers
 from tokenmill.structured.params import StructuredOutputs
 
 # JSON as json.dumps writes it: one space after ',' and ':', no newlines. Flexible whitespace lets a small model
@@ -128,6 +129,15 @@ class GrammarCompiler:
 
     def _build(self, key: tuple[str, str]) -> Grammar:
         kind, text = key
+        bounded = _bounded_schema(text) if kind == "json" else None
+        if bounded is not None:
+            try:
+                return self._compile(kind, bounded)
+            except InvalidRequestError:  # the bounds conflict with the schema: compile it as it came
+                pass
+        return self._compile(kind, text)
+
+    def _compile(self, kind: str, text: str) -> Grammar:
         try:
             if kind == "json":
                 source = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_STYLE)
@@ -154,6 +164,16 @@ def _choice_grammar(choices_json: str) -> str:
     """A Lark grammar whose language is exactly the given strings (JSON string literals are Lark literals)."""
     choices = json.loads(choices_json)
     return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+
+
+def _bounded_schema(text: str) -> str | None:
+    """The schema with bounded numbers (`number_bounds`), or None where that changes nothing or it is not JSON."""
+    try:
+        schema = json.loads(text)
+    except ValueError:
+        return None
+    bounded = bound_numbers(schema)
+    return json.dumps(bounded) if bounded != schema else None
 
 
 def _first_line(message: str) -> str:
