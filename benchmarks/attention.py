@@ -76,8 +76,9 @@ class Case:
         self.k = self.k_cache[:, self.slots].transpose(0, 1).contiguous()
         self.v = self.v_cache[:, self.slots].transpose(0, 1).contiguous()
 
-    def fused(self, kernels, token_by_token: bool = False) -> Callable[[], object]:
-        """`token_by_token`: every new token as its own one-token sequence, so that the decode kernel does it all."""
+    def fused(self, kernels, token_by_token: bool = False, exact_rows: bool = False) -> Callable[[], object]:
+        """`token_by_token`: every new token as its own one-token sequence, so that the decode kernel does it all;
+        `exact_rows`: the batch-invariant mode (each row as the decode kernel computes it, in shared passes)."""
         width = max(len(t) for t in self.tables)
         padded = [t + [0] * (width - len(t)) for t in self.tables]
         if token_by_token:
@@ -89,7 +90,7 @@ class Case:
             tables, context = torch.tensor(padded), torch.tensor([ctx for ctx, _ in self.sequences])
             starts = torch.tensor(self.starts)
         return lambda: kernels.paged_attention(self.q, self.k, self.v, self.k_cache, self.v_cache, starts, tables,
-                                               context, BLOCK)
+                                               context, BLOCK, exact_rows=exact_rows)
 
     def eager(self) -> Callable[[], object]:
         q_lens = [q_len for _, q_len in self.sequences]
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         # The chunk kernel's own A/B: the decode kernel applied token by token.
         if name.startswith(("prefill", "chunk")):
             row["fused_token_by_token_ms"] = median_ms(case.fused(build.module, token_by_token=True), args.repeats)
+            row["fused_exact_rows_ms"] = median_ms(case.fused(build.module, exact_rows=True), args.repeats)
         rows.append(row)
     print(f"one layer, {args.dtype}, {args.heads} heads / {args.kv_heads} KV heads × {args.head_dim}, "
           f"{torch.get_num_threads()} threads; median of {args.repeats}\n")
@@ -148,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         if "fused_token_by_token_ms" in r:
             print(f"\n{r['case']}: the decode kernel token by token takes {r['fused_token_by_token_ms']:.2f} ms, the "
-                  f"chunk kernel {r['fused_ms']:.2f} ms ({r['fused_token_by_token_ms'] / r['fused_ms']:.1f}×)")
+                  f"chunk kernel {r['fused_ms']:.2f} ms ({r['fused_token_by_token_ms'] / r['fused_ms']:.1f}×), "
+                  f"exact rows (--batch-invariant) {r['fused_exact_rows_ms']:.2f} ms "
+                  f"({r['fused_exact_rows_ms'] / r['fused_ms']:.1f}×)")
     if args.output:
         args.output.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "threads":
                                            torch.get_num_threads(), "results": rows}, indent=2))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests import plans
-from tests.conftest import RAW_PROMPTS
+from tests.conftest import RAW_PROMPTS, write_tiny_gguf
 from tests.plans import make_plan
 from tokenmill import LLM, SamplingParams
 from tokenmill.attention.eager import EagerBackend
@@ -366,6 +366,61 @@ def test_multi_row_attention_rows_are_bitwise_one_row_decodes(kernels, dtype, he
     want = reference_attention(q, k_cache, v_cache, starts, tables, [ctx for ctx, _ in sequences])
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # as test_paged_attention_matches_a_float64_reference
     assert float((got.double() - want).abs().max() / want.abs().max()) <= tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_heads", "kv_heads"), [(9, 3), (8, 2)])
+def test_exact_rows_make_every_row_a_one_row_decode(kernels, dtype, num_heads, kv_heads) -> None:
+    """batch_invariant's attention: runs of any length (a 40-token chunk, a whole 35-token prompt, a verify step),
+    row by row bitwise what the decode kernel gives that row alone."""
+    generator = torch.Generator().manual_seed(num_heads + kv_heads)
+    sequences = [(75, 40), (35, 35), (50, 5), (9, 1)]
+    q, k, v, k_cache, v_cache, starts, tables = scattered_attention_batch(generator, dtype, num_heads, kv_heads, 64,
+                                                                           sequences)
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    context = torch.tensor([ctx for ctx, _ in sequences])
+    got = kernels.paged_attention(q, k, v, k_cache, v_cache, torch.tensor(starts), padded, context, BLOCK,
+                                  exact_rows=True)
+    for s, (ctx, q_len) in enumerate(sequences):
+        for j in range(q_len):
+            row = starts[s] + j
+            alone = kernels.paged_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], k_cache, v_cache,
+                                            torch.tensor([0, 1]), padded[s:s + 1],
+                                            torch.tensor([ctx - q_len + j + 1]), BLOCK)
+            assert torch.equal(got[row], alone[0]), f"sequence {s} ({ctx} keys, {q_len} new), row {j}"
+    chunked = kernels.paged_attention(q, k, v, k_cache, v_cache, torch.tensor(starts), padded, context, BLOCK)
+    assert not torch.equal(chunked, got) or dtype == torch.float32  # the chunk kernel rounds otherwise in bf16
+
+
+def test_batch_invariant_tokens_do_not_depend_on_cache_hits_or_chunks(tmp_path) -> None:
+    """bf16 on the gguf tiles (row-invariant matmuls) with batch_invariant: greedy tokens with the prompts served
+    from the prefix cache, or prefilled in 24-token chunks, are those of whole prefills with the cache off."""
+    path = write_tiny_gguf(tmp_path / "blocks.gguf", layers=2, hidden=256, heads=4, kv_heads=2, ff=256, vocab=300,
+                           tensor_type="Q8_0")
+    base = {"dtype": "bfloat16", "device": "cpu", "num_kv_blocks": 128, "weight_format": "gguf",
+            "batch_invariant": True}
+    gen = torch.Generator().manual_seed(3)
+    shared = torch.randint(1, 300, (40,), generator=gen).tolist()
+    prompts = [shared + torch.randint(1, 300, (n,), generator=gen).tolist() for n in (3, 17, 30, 1)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+
+    def run(llm: LLM) -> list[tuple[list[int], list[float]]]:
+        # The chosen tokens' logprobs too: equal floats mean equal logits, which a random model's wide margins
+        # between tokens would not show.
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [(o.token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []]) for o in outs]
+
+    plain = LLM(str(path), **base, enable_prefix_caching=False)
+    assert isinstance(plain.engine.runner.backend, FusedCPUBackend)
+    want = run(plain)
+    cached = LLM(str(path), **base)
+    for _ in range(2):  # the second round finds every prompt cached but its last token
+        assert run(cached) == want
+    assert cached.engine.stats().prefix_cache.hits > 0
+    assert run(LLM(str(path), **base, enable_prefix_caching=False, max_num_batched_tokens=24)) == want
+    with pytest.raises(ValueError, match="batch_invariant"):
+        LLM(str(path), **base, enforce_eager=True)
 
 
 # Odd shapes: K not a multiple of the vector width (4, 8 or 16 lanes), N not a multiple of the tiles or of the 24

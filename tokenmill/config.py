@@ -50,6 +50,10 @@ class EngineConfig:
     # False: steps on CPU run the fused C++ step (tokenmill/kernels), built on first use and cached;
     # True: every step runs the eager PyTorch operators (the reference path, and the fallback without a compiler).
     enforce_eager: bool = False
+    # True: the fused step attends every row as a one-token decode computes it (never the tiled chunk kernel), so a
+    # sequence's attention does not depend on how its tokens were batched, chunked or found in the prefix cache; with
+    # row-invariant matmuls (the gguf block tiles) its tokens do not either, bf16 included (docs/architecture.md).
+    batch_invariant: bool = False
     # CPU bf16 float weights kept in oneDNN's blocked layout (FloatLinear.prepack): same results, faster matmuls.
     prepack_weights: bool = True
     # CPU KV cache on 2 MiB transparent huge pages where Linux grants them (tokenmill/model/huge_pages.py).
@@ -175,6 +179,9 @@ class EngineConfig:
                 if not off:
                     raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} does not combine with {reason} yet")
         self._check_h2o()
+        if self.batch_invariant and self.enforce_eager:
+            raise ValueError("batch_invariant is a mode of the fused CPU step's attention; enforce_eager turns that "
+                             "step off")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")

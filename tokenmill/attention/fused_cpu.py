@@ -61,7 +61,8 @@ class SequenceBatch:
 class FusedCPUBackend(AttentionBackend):
     """The whole layer loop runs in the kernel, attention included; same contract as the eager backend."""
 
-    def __init__(self, kernels: ModuleType, model: LlamaModel, kv_cache: KVCache | QuantizedKVCache) -> None:
+    def __init__(self, kernels: ModuleType, model: LlamaModel, kv_cache: KVCache | QuantizedKVCache,
+                 exact_rows: bool = False) -> None:
         if not supports(model):
             raise ValueError(f"the fused step supports dtypes {FUSED_DTYPES} and head sizes {FUSED_HEAD_DIMS}, "
                              f"not {model.dtype} and {model.cfg.head_dim}")
@@ -74,7 +75,7 @@ class FusedCPUBackend(AttentionBackend):
                   for layer in model.layers]
         self.step = kernels.FusedStep(layers, model.final_norm, model.rope_cos.contiguous(),
                                       model.rope_sin.contiguous(), cfg.rms_norm_eps, cfg.num_heads,
-                                      cfg.num_kv_heads, cfg.head_dim)
+                                      cfg.num_kv_heads, cfg.head_dim, exact_rows)
         self.quant_kv = None
         if isinstance(kv_cache, QuantizedKVCache):
             self.quant_kv = kernels.QuantKV(kv_cache.format.bits, kv_cache.block_size, kv_cache.k_data,

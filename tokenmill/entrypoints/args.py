@@ -36,6 +36,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "of 32, llama.cpp's scheme (integer dot products, faster on CPUs without bf16 ones; lossy)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step with PyTorch operators instead of the fused C++ step (CPU)")
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="attend every row as a one-token decode computes it (fused CPU step): a sequence's tokens then "
+                        "do not depend on batching, chunking or prefix-cache hits where the matmuls are row-invariant "
+                        "too (--weight-format gguf)")
     g.add_argument("--no-prepack-weights", action="store_true",
                    help="keep float weights in their plain layout instead of oneDNN's blocked one (CPU bf16)")
     g.add_argument("--no-kv-huge-pages", action="store_true",
@@ -96,7 +100,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         kv_cache_memory_gib=args.kv_cache_memory_gib, max_model_len=args.max_model_len,
         enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads, weight_format=args.weight_format, int4_group_size=args.int4_group_size,
-        gguf_activations=args.gguf_activations,
+        gguf_activations=args.gguf_activations, batch_invariant=args.batch_invariant,
         enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights,
         kv_huge_pages=not args.no_kv_huge_pages, speculative=args.speculative,
         speculative_model=args.speculative_model, speculative_weight_format=args.speculative_weight_format,

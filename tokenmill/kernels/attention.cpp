@@ -498,6 +498,7 @@ struct Batch {
   const int64_t* residual_slots;  // with `quant`: each sequence's residual slot
   float* mass;                    // H2O's side output [S, kv_heads, mass_entries], or nullptr
   int64_t mass_entries;
+  bool exact_rows;                // every row as a one-token decode computes it: never the chunk kernel
 
   // Sequence s's block table as KV head h reads it.
   const int64_t* table(int64_t s, int64_t h) const {
@@ -857,8 +858,9 @@ void attend_batch(const Batch<T>& b, int64_t num_seqs) {
         const int64_t s = task / b.kv_heads, h = task % b.kv_heads, q_len = b.query_starts[s + 1] - b.query_starts[s];
         if (q_len == 1) {
           attend_decode<T, D>(b, s, h, 0, scratch);
-        } else if (q_len <= kMultiRowMax && b.quant != nullptr) {
-          // Rows in different blocks read a key in different precisions: no shared pass over the keys.
+        } else if ((q_len <= kMultiRowMax && b.quant != nullptr) || (q_len > kMultiRowMax && b.exact_rows)) {
+          // Quantized: rows in different blocks read a key in different precisions, so no shared pass over the
+          // keys. Exact rows past a short run: attend_rows' shared passes score keys that later rows alone need.
           for (int64_t j = 0; j < q_len; ++j) attend_decode<T, D>(b, s, h, j, scratch);
         } else if (q_len <= kMultiRowMax) {
           attend_rows<T, D>(b, s, h, scratch);
@@ -872,7 +874,7 @@ template <typename T>
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const T* k_cache, const T* v_cache,
                   int64_t num_slots, const at::Tensor& query_starts, const at::Tensor& block_tables,
                   const at::Tensor& context_lens, int64_t block_size, const std::optional<at::Tensor>& mass,
-                  const QuantLayer<T>* quant = nullptr, const int64_t* residual_slots = nullptr) {
+                  bool exact_rows, const QuantLayer<T>* quant = nullptr, const int64_t* residual_slots = nullptr) {
   const int64_t num_heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
   at::Tensor out = at::empty({q.size(0), num_heads, head_dim}, q.options());
   const Batch<T> batch{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), q.stride(0), k.stride(0), v.stride(0),
@@ -880,7 +882,8 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        block_tables.size(-1), block_tables.dim() == 3, context_lens.data_ptr<int64_t>(), block_size,
                        num_heads, kv_heads,
                        num_heads / kv_heads, 1.f / std::sqrt(static_cast<float>(head_dim)), out.data_ptr<T>(), quant,
-                       residual_slots, mass ? mass->data_ptr<float>() : nullptr, mass ? mass->size(2) : 0};
+                       residual_slots, mass ? mass->data_ptr<float>() : nullptr, mass ? mass->size(2) : 0,
+                       exact_rows};
   if (head_dim == 64)
     attend_batch<T, 64>(batch, block_tables.size(0));
   else
@@ -894,7 +897,7 @@ template <typename T>
 at::Tensor attend_quantized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const QuantKV& kv,
                             int64_t layer, const at::Tensor& query_starts, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, const at::Tensor& residual_slots,
-                            const std::optional<at::Tensor>& mass) {
+                            const std::optional<at::Tensor>& mass, bool exact_rows) {
   const QuantLayer<T> quant = quant_layer<T>(kv, layer);
   const int64_t num_seqs = block_tables.size(0), kv_heads = k.size(1);
   const int64_t* starts = query_starts.data_ptr<int64_t>();
@@ -903,7 +906,7 @@ at::Tensor attend_quantized(const at::Tensor& q, const at::Tensor& k, const at::
   quantize_filled_blocks<T>(quant, k.data_ptr<T>(), v.data_ptr<T>(), k.stride(0), v.stride(0), kv_heads, num_seqs,
                             starts, block_tables.data_ptr<int64_t>(), block_tables.size(1), ctx, slots);
   at::Tensor out = attend<T>(q, k, v, nullptr, nullptr, 0, query_starts, block_tables, context_lens, kv.block_size,
-                             mass, &quant, slots);
+                             mass, exact_rows, &quant, slots);
   store_open_rows<T>(quant, k.data_ptr<T>(), v.data_ptr<T>(), k.stride(0), v.stride(0), kv_heads, num_seqs, starts,
                      ctx, slots);
   return out;
@@ -953,7 +956,7 @@ void check_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
                            const at::Tensor& context_lens, int64_t block_size,
-                           const std::optional<at::Tensor>& attention_mass) {
+                           const std::optional<at::Tensor>& attention_mass, bool exact_rows) {
   RECORD_FUNCTION("tokenmill::paged_attention", std::vector<c10::IValue>());  // named in torch profiler tables
   check_batch(q, k, v, query_starts, block_tables, context_lens, block_size, attention_mass);
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(),
@@ -962,16 +965,17 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and the caches must share one dtype");
   if (q.scalar_type() == at::kFloat)
     return attend<float>(q, k, v, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), query_starts,
-                         block_tables, context_lens, block_size, attention_mass);
+                         block_tables, context_lens, block_size, attention_mass, exact_rows);
   return attend<c10::BFloat16>(q, k, v, k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
-                               k_cache.size(1), query_starts, block_tables, context_lens, block_size, attention_mass);
+                               k_cache.size(1), query_starts, block_tables, context_lens, block_size, attention_mass,
+                               exact_rows);
 }
 
 at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const QuantKV& kv, int64_t layer, const at::Tensor& query_starts,
                                      const at::Tensor& block_tables, const at::Tensor& context_lens,
                                      const at::Tensor& residual_slots,
-                                     const std::optional<at::Tensor>& attention_mass) {
+                                     const std::optional<at::Tensor>& attention_mass, bool exact_rows) {
   RECORD_FUNCTION("tokenmill::paged_attention_quantized", std::vector<c10::IValue>());
   check_batch(q, k, v, query_starts, block_tables, context_lens, kv.block_size, attention_mass);
   TORCH_CHECK(block_tables.dim() == 2, "a quantized cache takes one block table per sequence");
@@ -991,9 +995,9 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, c
   }
   if (q.scalar_type() == at::kFloat)
     return attend_quantized<float>(q, k, v, kv, layer, query_starts, block_tables, context_lens, residual_slots,
-                                   attention_mass);
+                                   attention_mass, exact_rows);
   return attend_quantized<c10::BFloat16>(q, k, v, kv, layer, query_starts, block_tables, context_lens,
-                                         residual_slots, attention_mass);
+                                         residual_slots, attention_mass, exact_rows);
 }
 
 }  // namespace tokenmill

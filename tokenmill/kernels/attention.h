@@ -15,7 +15,9 @@ namespace tokenmill {
 // already in the cache). A one-token sequence (a decode) takes the decode kernel, which scores its own key from k/v
 // rather than the cache as the eager decode step does; a run of 2 to 16 (a speculative verify step, a short chunk)
 // gives each row bit for bit the result of that decode kernel at the row's position, the earlier rows' keys read as
-// cached ones; longer runs (prefill chunks) take the tiled chunk kernel.
+// cached ones; longer runs (prefill chunks) take the tiled chunk kernel, unless `exact_rows`: then every run is
+// computed row by row as that decode kernel would, so a row's result does not depend on how the rows were batched or
+// chunked (or whether its prompt was cached).
 // q [T, H, D], k/v [T, Hkv, D] (rows may be strided, heads contiguous); caches [Hkv, slots, D]; query_starts [S + 1],
 // block_tables [S, max_blocks] (or [S, Hkv, max_blocks]: each KV head its own table, per-head H2O), context_lens [S]
 // int64. Returns [T, H, D] in q's dtype (fp32 or bf16).
@@ -25,7 +27,7 @@ namespace tokenmill {
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
                            const at::Tensor& context_lens, int64_t block_size,
-                           const std::optional<at::Tensor>& attention_mass = std::nullopt);
+                           const std::optional<at::Tensor>& attention_mass = std::nullopt, bool exact_rows = false);
 
 // paged_attention over one layer of a quantized cache (kv_quant.h), storing the step's K/V first: each sequence's
 // open block is its residual slot residual_slots[s].
@@ -33,6 +35,7 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, c
                                      const QuantKV& kv, int64_t layer, const at::Tensor& query_starts,
                                      const at::Tensor& block_tables, const at::Tensor& context_lens,
                                      const at::Tensor& residual_slots,
-                                     const std::optional<at::Tensor>& attention_mass = std::nullopt);
+                                     const std::optional<at::Tensor>& attention_mass = std::nullopt,
+                                     bool exact_rows = false);
 
 }  // namespace tokenmill

@@ -1,0 +1,139 @@
+"""Greedy outputs with the prefix cache on against the cache off, per dtype: how often a cached prompt changes them.
+
+ShareGPT first turns (`../shared/data/sharegpt_v3_first_turn.jsonl`, 50 to 1,500 characters) behind one system
+prompt, chat-templated, greedy, all in one `generate` call. Cache on: the batch once (later requests hit the system
+prompt's blocks), then again (every prompt cached but its tail), then the first 8 one at a time (cached). Cache off:
+the batch once, the reference. A cached prompt's tail is computed by other kernels than a whole prefill
+(docs/architecture.md, "Prefix caching"): in fp32 they agree closely enough that greedy tokens match; this measures
+what bf16 does, and what `batch_invariant` (every attention row computed as a one-token decode computes it)
+changes with row-invariant matmuls (`--weight-format gguf`). Its price: prefill tokens/s of 8 prompts of 1,000
+tokens with the mode off and on, alternated (--prefill-repeats rounds, medians).
+
+    .venv/bin/python benchmarks/cache_identity.py
+    .venv/bin/python benchmarks/cache_identity.py --dtypes bfloat16 --weight-format gguf --batch-invariant off,on
+    .venv/bin/python benchmarks/cache_identity.py --dtypes bfloat16 --prompts 8 --max-tokens 16 --prefill-repeats 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from tokenmill import LLM, SamplingParams  # noqa: E402
+from tokenmill.bench.machine import busy_warning, machine_description  # noqa: E402
+from tokenmill.bench.report import write_json  # noqa: E402
+
+SYSTEM = "You are a helpful assistant. Answer briefly and precisely, in plain English, without lists unless asked."
+DATA = Path(__file__).resolve().parents[2] / "shared/data/sharegpt_v3_first_turn.jsonl"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--prompts", type=int, default=24)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weight-format", default="float", help="float, or gguf: the file's blocks (row-invariant tiles)")
+    p.add_argument("--batch-invariant", default="off", help="off, on, or off,on: the engine's batch_invariant")
+    p.add_argument("--prefill-repeats", type=int, default=3, help="rounds of the prefill price (0: skip it)")
+    p.add_argument("--output", type=Path, default=Path("benchmarks/results/cache_identity.json"))
+    return p.parse_args(argv)
+
+
+def questions(count: int) -> list[str]:
+    with DATA.open() as f:
+        texts = [json.loads(line)["human"] for line in f]
+    return [t for t in texts if 50 < len(t) < 1500][:count]
+
+
+def agreement(dtype: str, invariant: bool, prompts: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    options: dict[str, Any] = {"dtype": dtype, "num_threads": args.threads, "max_num_seqs": len(prompts),
+                               "weight_format": args.weight_format, "batch_invariant": invariant}
+    cached = LLM(**options)
+    chats = [cached.tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM},
+                                                   {"role": "user", "content": q}]) for q in prompts]
+    first = [o.token_ids for o in cached.generate(chats, params, use_tqdm=False)]
+    again = [o.token_ids for o in cached.generate(chats, params, use_tqdm=False)]
+    alone = [cached.generate(c, params, use_tqdm=False)[0].token_ids for c in chats[:8]]
+    hits = cached.engine.stats().prefix_cache.hits
+    del cached
+    plain = LLM(**options, enable_prefix_caching=False)
+    reference = [o.token_ids for o in plain.generate(chats, params, use_tqdm=False)]
+
+    def same(outs: list[list[int]]) -> int:
+        return sum(a == b for a, b in zip(outs, reference, strict=False))
+
+    return {"dtype": dtype, "batch_invariant": invariant, "prompts": len(chats), "cached_tokens": hits,
+            "first_batch": same(first), "batch_again": same(again), "alone": same(alone), "alone_of": len(alone)}
+
+
+def prefill_price(dtype: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Prefill tokens/s of 8 prompts of 1,000 tokens (one output token each, no prefix cache), batch_invariant off
+    and on alternated."""
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    llms = {mode: LLM(dtype=dtype, num_threads=args.threads, weight_format=args.weight_format,
+                      enable_prefix_caching=False, batch_invariant=mode == "on") for mode in rates}
+    ids = llms["off"].tokenizer.encode((DATA.parents[0] / "tinyshakespeare_first_half.txt").read_text())
+    prompts = [ids[i * 1000:(i + 1) * 1000] for i in range(8)]
+    for _ in range(args.prefill_repeats):
+        for mode, llm in llms.items():
+            started = time.perf_counter()
+            llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+            rates[mode].append(8000 / (time.perf_counter() - started))
+    return rates
+
+
+def linear_row_invariance(rows: tuple[int, ...] = (1, 2, 5, 16, 17, 33, 64)) -> dict[str, list[int]]:
+    """For bf16 weights prepacked as the engine packs them (oneDNN), which row counts M give the last M rows of a
+    300-row product bit for bit: per (in, out) shape of SmolLM2-135M's layers."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for k, n in ((576, 960), (576, 3072), (1536, 576)):
+        weight = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 256)
+        x = torch.randn(300, k, generator=gen).to(torch.bfloat16)
+        full = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        out[f"{k}x{n}"] = [m for m in rows if torch.equal(
+            torch.ops.mkldnn._linear_pointwise(x[-m:].contiguous(), packed, None, "none", [], ""), full[-m:])]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if (warning := busy_warning()) is not None:
+        print(warning)
+    prompts = questions(args.prompts)
+    rows = [agreement(d, mode == "on", prompts, args) for d in args.dtypes.split(",")
+            for mode in args.batch_invariant.split(",")]
+    print(f"weights {args.weight_format}; outputs equal to the cache-off batch's:")
+    print("| dtype | batch_invariant | first batch (system prompt cached) | batch again (prompts cached) | "
+          "one at a time (cached) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['dtype']} | {r['batch_invariant']} | {r['first_batch']}/{r['prompts']} | "
+              f"{r['batch_again']}/{r['prompts']} | {r['alone']}/{r['alone_of']} |")
+    price = prefill_price(args.dtypes.split(",")[-1], args) if args.prefill_repeats else {}
+    if price:
+        off, on = statistics.median(price["off"]), statistics.median(price["on"])
+        print(f"prefill tok/s, batch_invariant off {off:.1f}, on {on:.1f} ({on / off - 1:+.1%}); rounds {price}")
+    invariant = linear_row_invariance()
+    for shape, ms in invariant.items():
+        print(f"bf16 oneDNN linear {shape}: row counts equal to the same rows of a 300-row product: {ms}")
+    report = {"machine": machine_description(), "rows": rows, "linear_rows_invariant": invariant,
+              "prefill_tok_s": price}
+    write_json(report | {"args": vars(args) | {"output": str(args.output)}}, args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
