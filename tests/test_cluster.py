@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("ray.serve")
 import ray  # noqa: E402
@@ -110,6 +111,18 @@ def test_requests_spread_over_replicas_and_nodes(two_replicas) -> None:
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
     assert len({r.headers["x-tokenmill-replica"] for r in replies}) == 2
     assert len({r.headers["x-tokenmill-node"] for r in replies}) == 2
+
+
+def test_cluster_metrics_label_every_replica(two_replicas) -> None:
+    complete(two_replicas, "Count to three:", 3)
+    scrape = httpx.get(f"{two_replicas}/metrics", timeout=60)
+    assert scrape.status_code == 200 and scrape.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(scrape.text)}
+    running = families["tokenmill:num_requests_running"].samples
+    assert sorted(s.labels["replica"] for s in running) == sorted(replica_ids(APP))
+    finished = sum(s.value for s in families["tokenmill:e2e_request_latency_seconds"].samples
+                   if s.name.endswith("_count"))
+    assert finished >= 1
 
 
 def test_requests_sharing_a_prefix_stick_to_one_replica(two_replicas) -> None:
@@ -229,3 +242,4 @@ def test_prefill_decode_disaggregation_is_lossless(cluster) -> None:
     assert decode["prefix_cache_hits"] >= 2 * prompt_blocks * 16  # the decode replica computed only the tails
     short = complete(cluster.url, "Hi")  # under pd_min_prompt_tokens: prefilled where it is decoded
     assert short.status_code == 200 and replica_stats(APP)[0]["imported_blocks"] == decode["imported_blocks"]
+

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from tokenmill.cluster.hints import RouteHint, route_hint
+from tokenmill.cluster.hints import RouteHint, route_hint, worth_prefilling
 from tokenmill.cluster.routing import (
     PowerOfTwo,
     PrefixAffinity,
@@ -121,6 +121,52 @@ def test_route_hint_renders_the_prompt_as_the_replica_does(llm_fp32) -> None:
     bad_tools = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}],
                                                       "tool_choice": "required"})
     assert route_hint(tokenizer, bad_tools, None) is None  # the replica answers it with the 400
+
+
+def test_only_requests_the_decode_replica_takes_are_prefilled_elsewhere() -> None:
+    card = {"id": "smol", "max_model_len": 300}
+    hint = RouteHint(tuple(range(1, 257)))
+
+    def completion(**body: object) -> CompletionRequest:
+        return CompletionRequest.model_validate({"prompt": list(hint.token_ids)} | body)
+
+    assert worth_prefilling(completion(), hint, card, 256)
+    assert worth_prefilling(completion(model="smol", max_tokens=44), hint, card, 256)
+    assert not worth_prefilling(completion(), RouteHint(hint.token_ids[:255]), card, 256)  # short: decoded there
+    assert not worth_prefilling(completion(model="other"), hint, card, 256)  # a 404 from the decode replica
+    assert not worth_prefilling(completion(max_tokens=45), hint, card, 256)  # past the context: a 400
+    assert not worth_prefilling(completion(), None, card, 256)
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    assert worth_prefilling(ChatCompletionRequest.model_validate(chat | {"max_completion_tokens": 44}), hint, card, 256)
+    assert not worth_prefilling(ChatCompletionRequest.model_validate(chat | {"max_completion_tokens": 45}), hint,
+                                card, 256)
+    assert not worth_prefilling(completion(), hint, {"id": "smol"}, 256)  # no context length known
+
+
+def test_replica_metrics_merge_with_a_replica_label() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tokenmill.cluster.metrics import merge_expositions
+
+    texts = {}
+    for replica, n in (("r2", 2), ("r1", 1)):
+        registry = CollectorRegistry()
+        Counter("tokenmill:request_success", "Finished.", ["finished_reason"], registry=registry).labels("stop").inc(n)
+        Gauge("tokenmill:num_requests_running", "Running.", registry=registry).set(10 * n)
+        Histogram("tokenmill:e2e", "Latency.", buckets=(1.0,), registry=registry).observe(0.75 * n)
+        texts[replica] = generate_latest(registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(merge_expositions(texts).decode())}
+    assert families["tokenmill:num_requests_running"].type == "gauge"
+    assert [(s.labels, s.value) for s in families["tokenmill:num_requests_running"].samples] == \
+        [({"replica": "r1"}, 10.0), ({"replica": "r2"}, 20.0)]
+    success = [(s.labels, s.value) for s in families["tokenmill:request_success"].samples if s.name.endswith("_total")]
+    assert success == [({"finished_reason": "stop", "replica": "r1"}, 1.0),
+                       ({"finished_reason": "stop", "replica": "r2"}, 2.0)]
+    buckets = [(s.labels["replica"], s.labels["le"], s.value) for s in families["tokenmill:e2e"].samples
+               if s.name.endswith("_bucket")]
+    assert buckets == [("r1", "1.0", 1.0), ("r1", "+Inf", 1.0), ("r2", "1.0", 0.0), ("r2", "+Inf", 1.0)]
+    assert merge_expositions({}) == b""
 
 
 def test_replica_protocol_outside_serve(tmp_path) -> None:

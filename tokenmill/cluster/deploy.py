@@ -10,15 +10,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenmill.cluster.names import INGRESS_DEPLOYMENT, PREFILL_DEPLOYMENT, REPLICA_DEPLOYMENT, replica_ids
 from tokenmill.cluster.routing import POLICIES
 from tokenmill.config import EngineConfig
 from tokenmill.server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
 
-REPLICA_DEPLOYMENT = "EngineReplica"
-INGRESS_DEPLOYMENT = "Ingress"
-PREFILL_DEPLOYMENT = "PrefillReplica"
+__all__ = ["INGRESS_DEPLOYMENT", "PREFILL_DEPLOYMENT", "REPLICA_DEPLOYMENT", "ClusterConfig", "build_app",
+           "replica_ids", "replica_stats", "run_cluster"]
 
 
 @dataclass(frozen=True)
@@ -111,15 +111,6 @@ def build_app(engine: EngineConfig, server: ServerConfig, cluster: ClusterConfig
     ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=cluster.max_ongoing_requests * 64)
     return ingress.bind(replicas.bind(engine, server), engine.model, server, prefill, cluster.pd_min_prompt_tokens)
-
-
-def replica_ids(app_name: str = "tokenmill") -> list[str]:
-    """The ids of the application's engine replicas that Ray knows of (named actors of Serve's namespace)."""
-    import ray
-
-    prefix = f"SERVE_REPLICA::{app_name}#{REPLICA_DEPLOYMENT}#"
-    return sorted(a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith(prefix))
 
 
 def replica_stats(app_name: str = "tokenmill", timeout_s: float = 30.0) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ replica will (the same template and tool prompt, server/serving.py), and its pre
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tokenmill.kv.hashing import block_hashes, digest, request_root
 from tokenmill.server.errors import APIError
@@ -27,6 +28,21 @@ class RouteHint:
         root = request_root(hash_root, self.cache_salt)
         usable = max(len(self.token_ids) - 1, 0) // block_size
         return [digest(h) for h in block_hashes(self.token_ids, block_size, root, limit=usable)]
+
+
+def worth_prefilling(req: CompletionRequest | ChatCompletionRequest, hint: RouteHint | None,
+                     card: dict[str, Any], min_tokens: int) -> bool:
+    """Whether a prefill replica should compute this request's prompt: one of at least `min_tokens`, in a request the
+    decode replica (`card`: its model card) will take, naming its model id or none, the prompt and `max_tokens`
+    within its context. Any other request goes straight to the decode replica, which answers it or its error
+    without a remote prefill spent first (a request naming one of the model's other aliases only prefills there)."""
+    if hint is None or len(hint.token_ids) < min_tokens:
+        return False
+    if req.model is not None and req.model != card.get("id"):
+        return False
+    requested = req.requested_max_tokens if isinstance(req, ChatCompletionRequest) else req.max_tokens
+    limit = card.get("max_model_len")
+    return isinstance(limit, int) and len(hint.token_ids) + (requested or 1) <= limit
 
 
 def route_hint(tokenizer: Tokenizer, req: CompletionRequest | ChatCompletionRequest, cache_salt: str | None

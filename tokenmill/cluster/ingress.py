@@ -18,12 +18,15 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from tokenmill.cluster.hints import RouteHint, route_hint
+from tokenmill.cluster.hints import RouteHint, route_hint, worth_prefilling
+from tokenmill.cluster.metrics import merge_expositions
+from tokenmill.cluster.names import replica_ids
 from tokenmill.cluster.replica import STARTED, Reply
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
 from tokenmill.server.app import EventStreamResponse, guard, read_json, request_origin, unless_disconnected
@@ -38,6 +41,7 @@ from tokenmill.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 _REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+METRICS_TIMEOUT_S = 5.0
 
 
 def _unavailable(message: str, code: str = "replica_failed") -> APIError:
@@ -62,6 +66,7 @@ class Ingress:
         self.config = config
         self.tokenizer = Tokenizer.from_gguf_metadata(GGUFFile(resolve_model_path(model)).metadata)
         self._model_card: dict[str, Any] | None = None
+        self.app_name = serve.get_replica_context().app_name
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_ingress_app(self)
@@ -76,12 +81,27 @@ class Ingress:
                 raise _unavailable("no replica is available yet") from None
         return self._model_card
 
+    async def metrics(self) -> bytes:
+        """Every engine replica's Prometheus metrics (each call pinned to its replica), merged with a `replica`
+        label; a replica that does not answer within METRICS_TIMEOUT_S is left out of this scrape. The calls go one
+        after another: issued together from here, the second of two pinned calls was never routed (Ray 2.60)."""
+        texts = {}
+        for rid in await asyncio.to_thread(replica_ids, self.app_name):
+            call = self.replicas.metrics_text.remote(replica=rid)
+            try:
+                ref = await asyncio.wait_for(call._to_object_ref(), METRICS_TIMEOUT_S)
+                texts[rid] = await asyncio.wait_for(ref, METRICS_TIMEOUT_S)
+            except Exception as exc:  # a replica starting, stopping or busy: the next scrape will see it
+                call.cancel()
+                logger.warning("replica %s gave no metrics (%s: %s)", rid, type(exc).__name__, exc)
+        return merge_expositions(texts)
+
     async def open(self, req: CompletionRequest | ChatCompletionRequest, body: Any, origin: Origin
                    ) -> tuple[Reply, DeploymentResponseGenerator]:
         """Send the request to a replica and wait for its answer's head (a `Reply`; the stream follows)."""
         kind = "chat" if isinstance(req, ChatCompletionRequest) else "completions"
         hint = await asyncio.to_thread(route_hint, self.tokenizer, req, origin.cache_salt)
-        kv = await self._prefill_elsewhere(hint)
+        kv = await self._prefill_elsewhere(req, hint)
         for attempt in range(2):
             call = self.replicas.options(stream=True).generate.remote(kind, body, origin, bool(req.stream),
                                                                        hint=hint, kv=kv)
@@ -109,10 +129,17 @@ class Ingress:
                 raise
         raise _unavailable("no replica could start this request")
 
-    async def _prefill_elsewhere(self, hint: RouteHint | None) -> list[Any] | None:
+    async def _prefill_elsewhere(self, req: CompletionRequest | ChatCompletionRequest, hint: RouteHint | None
+                                 ) -> list[Any] | None:
         """With prefill replicas: start computing a long prompt's KV on one of them, and return the result's
         object ref for the decode replica to wait on (None: the decode replica computes the prompt itself)."""
         if self.prefill is None or hint is None or len(hint.token_ids) < self.pd_min_prompt_tokens:
+            return None
+        try:
+            card = await self.model_card()
+        except APIError:  # no decode replica to ask yet: the call to one will say so
+            return None
+        if not worth_prefilling(req, hint, card, self.pd_min_prompt_tokens):
             return None
         response = self.prefill.prefill.remote(list(hint.token_ids), hint.cache_salt, hint=hint)
         try:
@@ -133,6 +160,10 @@ def create_ingress_app(ingress: Ingress) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", dependencies=[] if config.public_metrics else [Depends(authorize)])
+    async def prometheus_metrics() -> Response:
+        return Response(await ingress.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 

@@ -19,6 +19,7 @@ from tokenmill.server.app import model_card
 from tokenmill.server.async_engine import AsyncEngine, EngineRequest, Origin, OutputStream
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.errors import APIError
+from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from tokenmill.server.serving import OpenAIServing
 
@@ -48,6 +49,7 @@ class EngineReplica:
         self.engine.max_stream_backlog = server_config.max_stream_backlog
         self.engine.start()
         self.serving = OpenAIServing(self.engine, server_config.served_model_name, server_config.request_timeout)
+        self.metrics = ServerMetrics(self.engine, self.serving.model_name)
         self.identity = {REPLICA_HEADER: _replica_id(), NODE_HEADER: _node_id()}
         self._reports = 0
         self.waiting_for_kv = 0  # requests whose prompt KV is on its way from a prefill replica
@@ -146,6 +148,11 @@ class EngineReplica:
                 "prefix_cache_hits": stats.prefix_cache.hits, "prompt_tokens": stats.prompt_tokens,
                 "generation_tokens": stats.generation_tokens, "requests": stats.prefix_cache.requests,
                 "waiting_for_kv": self.waiting_for_kv, **self.transfer_stats}
+
+    async def metrics_text(self, replica: str | None = None) -> str:
+        """This replica's Prometheus exposition, as a single server's `/metrics` gives it; `replica` is for the
+        router (the ingress merges every replica's, cluster/metrics.py)."""
+        return self.metrics.render().decode()
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose engine thread died is replaced."""
