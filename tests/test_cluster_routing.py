@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from tokenmill.cluster.hints import RouteHint, route_hint, worth_prefilling
+from tokenmill.cluster.hints import MAX_HINT_TOKENS, RouteHint, route_hint, worth_prefilling
 from tokenmill.cluster.routing import (
     PowerOfTwo,
     PrefixAffinity,
@@ -107,6 +107,7 @@ def test_route_hint_digests_are_the_engine_prefix_cache_hashes() -> None:
     assert RouteHint(tuple(tokens), "tenant-2").digests(kv.hash_root, bs)[0] != engine_side[0]
     # 12 tokens end on a block boundary: the last one is always computed, so only 2 blocks can be hits
     assert len(RouteHint(tuple(tokens[:12])).digests(kv.hash_root, bs)) == 2
+    assert len(RouteHint(tuple(range(MAX_HINT_TOKENS + 100))).digests(kv.hash_root, 16)) == MAX_HINT_TOKENS // 16
 
 
 def test_route_hint_renders_the_prompt_as_the_replica_does(llm_fp32) -> None:
@@ -118,6 +119,9 @@ def test_route_hint_renders_the_prompt_as_the_replica_does(llm_fp32) -> None:
     assert hint == RouteHint(tuple(expected), "salt")
     completion = CompletionRequest.model_validate({"prompt": [[5, 6, 7], [8]]})
     assert route_hint(tokenizer, completion, None) == RouteHint((5, 6, 7), None)
+    long_prompt = [7] * (MAX_HINT_TOKENS + 5)  # hashed only so far, but a prefill replica gets all of it
+    assert route_hint(tokenizer, CompletionRequest.model_validate({"prompt": long_prompt}), None) == \
+        RouteHint(tuple(long_prompt), None)
     bad_tools = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}],
                                                       "tool_choice": "required"})
     assert route_hint(tokenizer, bad_tools, None) is None  # the replica answers it with the 400

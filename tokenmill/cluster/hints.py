@@ -12,7 +12,8 @@ from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.serving import chat_tools, render_chat
 from tokenmill.tokenizer import Tokenizer
 
-# A prompt longer than this is hashed only this far: routing needs its leading blocks, not all of them.
+# A prompt longer than this is hashed only this far: routing needs its leading blocks, not all of them. (The hint
+# keeps every token: a prefill replica computes the whole prompt.)
 MAX_HINT_TOKENS = 16384
 
 
@@ -24,9 +25,9 @@ class RouteHint:
     def digests(self, hash_root: bytes, block_size: int) -> list[int]:
         """The digests of the prompt's full blocks, in the chain a replica with this root and block size uses.
         The last prompt token is never served from the cache, so a prompt ending on a block boundary counts one
-        block fewer, as the replica's lookup does."""
+        block fewer, as the replica's lookup does; at most MAX_HINT_TOKENS tokens are hashed."""
         root = request_root(hash_root, self.cache_salt)
-        usable = max(len(self.token_ids) - 1, 0) // block_size
+        usable = min(max(len(self.token_ids) - 1, 0), MAX_HINT_TOKENS) // block_size
         return [digest(h) for h in block_hashes(self.token_ids, block_size, root, limit=usable)]
 
 
@@ -60,4 +61,4 @@ def route_hint(tokenizer: Tokenizer, req: CompletionRequest | ChatCompletionRequ
             ids = tokenizer.encode(prompts[0]) if isinstance(prompts[0], str) else list(prompts[0])
     except (APIError, ValueError, TypeError):
         return None
-    return RouteHint(tuple(ids[:MAX_HINT_TOKENS]), cache_salt) if ids else None
+    return RouteHint(tuple(ids), cache_salt) if ids else None
