@@ -337,6 +337,21 @@ def scattered_attention_batch(generator, dtype, num_heads, kv_heads, head_dim, s
     return q, k, v, k_cache, v_cache, starts, tables
 
 
+def assert_rows_are_one_row_decodes(kernels, batch, sequences, got, q_lens: range | None = None) -> None:
+    """Row j of each sequence (whose new-token count is in `q_lens`, when given) equals, bit for bit, that row
+    attended alone as a decode at its position (the earlier rows' keys are in the cache already)."""
+    q, k, v, k_cache, v_cache, starts, padded = batch
+    for s, (ctx, q_len) in enumerate(sequences):
+        if q_lens is not None and q_len not in q_lens:
+            continue
+        for j in range(q_len):
+            row = starts[s] + j
+            alone = kernels.paged_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], k_cache, v_cache,
+                                            torch.tensor([0, 1]), padded[s:s + 1],
+                                            torch.tensor([ctx - q_len + j + 1]), BLOCK)
+            assert torch.equal(got[row], alone[0]), f"sequence {s} ({ctx} keys, {q_len} new), row {j}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 # Groups 1, 3, 4 and 5 (5: the decode kernel for any group size); 16 splits 9 rows into passes of 3.
@@ -353,16 +368,8 @@ def test_multi_row_attention_rows_are_bitwise_one_row_decodes(kernels, dtype, he
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     got = kernels.paged_attention(q, k, v, k_cache, v_cache, torch.tensor(starts), padded,
                                   torch.tensor([ctx for ctx, _ in sequences]), BLOCK)
-    for s, (ctx, q_len) in enumerate(sequences):
-        if not 2 <= q_len <= 16:
-            continue
-        for j in range(q_len):
-            # Row j alone, as a decode at its position: the earlier rows' keys are in the cache already.
-            row = starts[s] + j
-            alone = kernels.paged_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], k_cache, v_cache,
-                                            torch.tensor([0, 1]), padded[s:s + 1],
-                                            torch.tensor([ctx - q_len + j + 1]), BLOCK)
-            assert torch.equal(got[row], alone[0]), f"sequence {s} ({ctx} keys, {q_len} new), row {j}"
+    assert_rows_are_one_row_decodes(kernels, (q, k, v, k_cache, v_cache, starts, padded), sequences, got,
+                                    q_lens=range(2, 17))
     want = reference_attention(q, k_cache, v_cache, starts, tables, [ctx for ctx, _ in sequences])
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # as test_paged_attention_matches_a_float64_reference
     assert float((got.double() - want).abs().max() / want.abs().max()) <= tolerance
@@ -382,13 +389,7 @@ def test_exact_rows_make_every_row_a_one_row_decode(kernels, dtype, num_heads, k
     context = torch.tensor([ctx for ctx, _ in sequences])
     got = kernels.paged_attention(q, k, v, k_cache, v_cache, torch.tensor(starts), padded, context, BLOCK,
                                   exact_rows=True)
-    for s, (ctx, q_len) in enumerate(sequences):
-        for j in range(q_len):
-            row = starts[s] + j
-            alone = kernels.paged_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], k_cache, v_cache,
-                                            torch.tensor([0, 1]), padded[s:s + 1],
-                                            torch.tensor([ctx - q_len + j + 1]), BLOCK)
-            assert torch.equal(got[row], alone[0]), f"sequence {s} ({ctx} keys, {q_len} new), row {j}"
+    assert_rows_are_one_row_decodes(kernels, (q, k, v, k_cache, v_cache, starts, padded), sequences, got)
     chunked = kernels.paged_attention(q, k, v, k_cache, v_cache, torch.tensor(starts), padded, context, BLOCK)
     assert not torch.equal(chunked, got) or dtype == torch.float32  # the chunk kernel rounds otherwise in bf16
 
