@@ -26,8 +26,10 @@ CPU = torch.device("cpu")
 
 # Every ISA level this CPU can run (TOKENMILL_CPU_ISA forces one for the engine; here each gets its own build).
 LEVELS = isa.supported_levels(isa.cpu_flags())
-GGUF_TILES = {"avx512bf16": "avx512bf16", "avx512": "avx2", "avx2": "avx2", "scalar": "scalar", isa.GENERIC: None}
-GGUF_INT8_TILES = {"avx512bf16": "avx512vnni", "avx512": "avx2", "avx2": "avx2", "scalar": "scalar", isa.GENERIC: None}
+GGUF_TILES = {"avx512bf16": "avx512bf16", "avx512vnni": "avx2", "avx512": "avx2", "avx2": "avx2", "scalar": "scalar",
+              isa.GENERIC: None}
+GGUF_INT8_TILES = {"avx512bf16": "avx512vnni", "avx512vnni": "avx512vnni", "avx512": "avx2", "avx2": "avx2",
+                   "scalar": "scalar", isa.GENERIC: None}
 
 
 @pytest.fixture(scope="module", params=LEVELS)

@@ -13,9 +13,9 @@ SKYLAKE_X = ZEN3 | frozenset(["avx512f", "avx512dq", "avx512bw", "avx512vl"])
 
 
 def test_levels_follow_the_cpu_flags() -> None:
-    assert isa.supported_levels(ZEN4, "x86_64") == ["avx512bf16", "avx512", "avx2", "scalar"]
+    assert isa.supported_levels(ZEN4, "x86_64") == ["avx512bf16", "avx512vnni", "avx512", "avx2", "scalar"]
     assert isa.supported_levels(SKYLAKE_X, "x86_64") == ["avx512", "avx2", "scalar"]
-    assert isa.supported_levels(CASCADE_LAKE, "x86_64") == ["avx512", "avx2", "scalar"]  # VNNI without BF16
+    assert isa.supported_levels(CASCADE_LAKE, "x86_64") == ["avx512vnni", "avx512", "avx2", "scalar"]  # no BF16
     assert isa.supported_levels(ZEN4 - {"avx512_vnni"}, "x86_64") == ["avx512", "avx2", "scalar"]
     assert isa.supported_levels(ZEN3, "x86_64") == ["avx2", "scalar"]
     assert isa.supported_levels(frozenset({"avx2"}), "x86_64") == ["scalar"]  # AVX2 without FMA: not the AVX2 path
@@ -25,6 +25,8 @@ def test_levels_follow_the_cpu_flags() -> None:
 def test_an_override_can_lower_the_level_but_never_raise_it(caplog) -> None:
     assert isa.choose_level(ZEN4, None, "x86_64") == "avx512bf16"
     assert isa.choose_level(ZEN4, "avx2", "x86_64") == "avx2"
+    assert isa.choose_level(ZEN4, "avx512vnni", "x86_64") == "avx512vnni"
+    assert isa.choose_level(SKYLAKE_X, "avx512vnni", "x86_64") == "avx512"  # no VNNI: the highest it has
     assert isa.choose_level(ZEN4, "scalar", "x86_64") == "scalar"
     with caplog.at_level(logging.WARNING, logger="tokenmill.kernels.isa"):
         assert isa.choose_level(ZEN3, "avx512bf16", "x86_64") == "avx2"

@@ -17,12 +17,15 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "TOKENMILL_CPU_ISA"
 # Highest first. The flags name everything the kernels test for (__AVX512BF16__, __AVX512VNNI__, __AVX512BW__,
 # __AVX512F__, __AVX2__, __FMA__, __F16C__): x86-64-v3 is AVX2 + FMA + F16C (+ BMI), x86-64-v4 adds AVX-512
-# F/BW/DQ/VL/CD. Every CPU with AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4) also has AVX512-VNNI; one without
-# BF16 but with VNNI (Cascade Lake, Ice Lake) runs the avx512 level.
+# F/BW/DQ/VL/CD. Every CPU with AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4) also has AVX512-VNNI; one with
+# VNNI but not BF16 (Cascade Lake, Ice Lake) runs avx512vnni: the int8-activation GGUF tiles on VNNI, the rest as
+# avx512.
 X86_LEVELS: dict[str, tuple[frozenset[str], list[str]]] = {
     "avx512bf16": (frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vnni", "avx2",
                               "fma", "f16c"}),
                    ["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"]),
+    "avx512vnni": (frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"}),
+                   ["-march=x86-64-v4", "-mavx512vnni"]),
     "avx512": (frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"}),
                ["-march=x86-64-v4"]),
     "avx2": (frozenset({"avx2", "fma", "f16c"}), ["-march=x86-64-v3"]),
