@@ -391,3 +391,48 @@ def test_schemathesis_finds_no_server_errors(engine) -> None:
             given(case=operation.as_strategy())(check)()
         assert not failures, failures[:3]
     wait_idle(engine)
+
+
+def test_after_runs_right_after_the_step_that_finished_the_group(tiny_model) -> None:
+    """`submit(after=fn)` sees the engine as the group's last step left it, whatever else keeps the engine busy:
+    what a prefill replica needs to export a prompt's blocks before another request's allocation can evict them."""
+    from tokenmill.server.async_engine import EngineRequest
+    from tokenmill.server.protocol import CompletionRequest
+
+    engine = AsyncEngine.from_config(engine_config(tiny_model))
+    finished_at: dict[str, int] = {}
+    step = engine.engine.step
+
+    def recording_step() -> list[RequestOutput]:
+        outputs = step()
+        finished_at.update({o.request_id: engine.engine.stats().steps for o in outputs if o.finished})
+        return outputs
+
+    engine.engine.step = recording_step  # the engine thread is the only caller
+    engine.start()
+    long = CompletionRequest(prompt=[5], max_tokens=2000, ignore_eos=True).sampling_params(2000, None)
+    short = CompletionRequest(prompt=[5], max_tokens=3, ignore_eos=True).sampling_params(3, None)
+    prompt = list(range(3, 40))
+
+    async def scenario() -> tuple[int, object]:
+        hog = await engine.submit([EngineRequest("hog", [9, 8, 7], long)])  # keeps stepping meanwhile
+        stream = await engine.submit([EngineRequest("a", prompt, short), EngineRequest("b", prompt[:20], short)],
+                                     after=lambda e: (e.stats().steps, e.export_prefix(prompt)))
+        async for _ in stream:
+            pass
+        result = await asyncio.wrap_future(stream.after)
+        failing = await engine.submit([EngineRequest("c", prompt, short)], after=lambda e: 1 / 0)
+        async for _ in failing:
+            pass
+        with pytest.raises(ZeroDivisionError):
+            await asyncio.wrap_future(failing.after)
+        engine.abort(hog.request_ids)
+        return result
+
+    try:
+        steps, transfer = asyncio.run(scenario())
+        assert steps == max(finished_at["a"], finished_at["b"])  # no step ran in between
+        assert transfer.num_blocks == len(prompt) // 16  # every full block of the prompt, still cached
+        assert "hog" not in finished_at  # it kept the engine stepping until it was aborted
+    finally:
+        engine.shutdown()

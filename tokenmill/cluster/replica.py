@@ -102,16 +102,18 @@ class EngineReplica:
         its full blocks for a decode replica to import."""
         request = EngineRequest(f"prefill-{uuid.uuid4().hex}", list(token_ids), SamplingParams(max_tokens=1),
                                 cache_salt=cache_salt)
-        stream = await self.engine.submit([request], self.serving.request_timeout)
+        # Exported right after the step that finished the request, before any other step: its blocks were freed
+        # with it but are still cached, and no allocation can have evicted them yet.
+        stream = await self.engine.submit([request], self.serving.request_timeout,
+                                          after=lambda e: e.export_prefix(token_ids, cache_salt))
         try:
             async for _ in stream:
                 pass
         finally:
             if not stream.finished:  # the call was cancelled
                 self.engine.abort(stream.request_ids)
-        # The blocks were freed with the request and stay cached, at the back of the eviction order; a step that
-        # ran in between under memory pressure may still have taken some, which the count below shows.
-        transfer = await self.engine.call(lambda e: e.export_prefix(token_ids, cache_salt))
+        assert stream.after is not None
+        transfer: KVTransfer = await asyncio.wrap_future(stream.after)
         self.transfer_stats["exported_blocks"] += transfer.num_blocks
         if transfer.num_blocks < (len(token_ids) - 1) // transfer.block_size:
             self.transfer_stats["short_exports"] += 1

@@ -10,6 +10,9 @@ to that thread through a command list guarded by a condition variable:
   step; they land in the `OutputStream` of the HTTP request that owns them, which merges what its reader has not
   taken yet and cuts off a reader that falls too far behind.
 * `abort()` posts an "abort" command; the engine frees the requests' KV blocks before its next step.
+* `submit(..., after=fn)` runs `fn(engine)` on the engine thread right after the step that finished the group's
+  last request, before any other step: it sees the cache as those requests left it (their freed blocks still
+  cached), which a later `call()` cannot promise once other requests have taken blocks in between.
 * Requests past their deadline are aborted by the engine thread between steps.
 * A failure is kept to its request where the engine can tell which one it is (`LLMEngine.step`); if the engine
   thread itself dies, every waiter gets EngineStoppedError and `has_failed` tells the server to exit.
@@ -113,6 +116,8 @@ class OutputStream:
         self.request_ids = request_ids
         self.max_backlog = max_backlog
         self.on_overflow: Callable[[], None] | None = None
+        # submit(after=fn): fn's result once every request finished (it is not run if one was aborted or failed)
+        self.after: concurrent.futures.Future[Any] | None = None
         self._index = {request_id: i for i, request_id in enumerate(request_ids)}
         self._pending: dict[str, RequestOutput] = {}  # insertion order = arrival order of each request's first item
         self._backlog = 0  # tokens in _pending
@@ -171,6 +176,20 @@ class OutputStream:
 
 
 @dataclass
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    future: concurrent.futures.Future[Any]
+
+
+@dataclass
+class _After:
+    """A group's `after` call, run when the last of its `remaining` requests has finished."""
+
+    call: _Call
+    remaining: int
+
+
+@dataclass
 class _Route:
     """Where a request's outputs go, and its timings (engine thread only)."""
 
@@ -179,6 +198,7 @@ class _Route:
     arrival: float
     deadline: float | None = None
     last_token: float | None = None
+    after: _After | None = None
 
 
 @dataclass
@@ -189,17 +209,12 @@ class _Add:
     future: concurrent.futures.Future[None]
     arrival: float = field(default_factory=time.monotonic)
     timeout: float | None = None
+    after: _Call | None = None
 
 
 @dataclass
 class _Abort:
     request_ids: list[str]
-
-
-@dataclass
-class _Call:
-    fn: Callable[[LLMEngine], Any]
-    future: concurrent.futures.Future[Any]
 
 
 _Command = _Add | _Abort | _Call
@@ -322,10 +337,13 @@ class AsyncEngine:
 
     # ---- requests ----------------------------------------------------------------------------------------------
 
-    async def submit(self, requests: list[EngineRequest], timeout: float | None = None) -> OutputStream:
+    async def submit(self, requests: list[EngineRequest], timeout: float | None = None,
+                     after: Callable[[LLMEngine], Any] | None = None) -> OutputStream:
         """Queue a group of requests (all or none); raises InvalidRequestError, EngineOverloadedError or
         EngineStoppedError without queueing anything. Outputs come as deltas. After `timeout` seconds the requests
-        still running are aborted and the stream raises RequestTimeoutError."""
+        still running are aborted and the stream raises RequestTimeoutError. `after(engine)` runs on the engine
+        thread right after the step that finished the last of them, before the next step; `stream.after` holds
+        its result (module docstring)."""
         if not requests:
             raise ValueError("no requests to submit")
         requests = [r if r.params.output_kind == "delta" else
@@ -333,8 +351,12 @@ class AsyncEngine:
                     for r in requests]
         stream = OutputStream([r.request_id for r in requests], self.max_stream_backlog)
         stream.on_overflow = lambda: self.abort(stream.request_ids)
+        call = None
+        if after is not None:
+            stream.after = concurrent.futures.Future()
+            call = _Call(after, stream.after)
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._post(_Add(requests, stream, asyncio.get_running_loop(), future, timeout=timeout))
+        self._post(_Add(requests, stream, asyncio.get_running_loop(), future, timeout=timeout, after=call))
         try:
             await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -433,6 +455,10 @@ class AsyncEngine:
                     continue
                 if out.finished:
                     del self._routes[out.request_id]
+                    if route.after is not None and out.finish_reason != "error":
+                        route.after.remaining -= 1
+                        if route.after.remaining == 0:
+                            self._call(route.after.call)
                 self._observe(route, out)
                 if out.finish_reason == "error":  # this request failed on its own; the reason is in the log
                     deliveries[route.loop].append((route.stream, _request_failed(out.request_id)))
@@ -490,8 +516,9 @@ class AsyncEngine:
             command.future.set_exception(exc)
             return
         deadline = command.arrival + command.timeout if command.timeout is not None else None
+        after = _After(command.after, len(added)) if command.after is not None else None
         for request_id in added:
-            self._routes[request_id] = _Route(command.stream, command.loop, command.arrival, deadline)
+            self._routes[request_id] = _Route(command.stream, command.loop, command.arrival, deadline, after=after)
             if deadline is not None:
                 heapq.heappush(self._deadlines, (deadline, request_id))
         command.future.set_result(None)
