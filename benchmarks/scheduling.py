@@ -68,7 +68,7 @@ class Trace:
 def make_engine(args: argparse.Namespace, policy: str, num_kv_blocks: int | None = None) -> LLMEngine:
     return LLMEngine(EngineConfig(dtype=args.dtype, num_threads=args.threads, max_num_seqs=args.max_num_seqs,
                                   num_kv_blocks=num_kv_blocks or args.num_kv_blocks, scheduling_policy=policy,
-                                  sjf_aging=args.sjf_aging))
+                                  sjf_aging=args.sjf_aging, sjf_wait_bound=args.sjf_wait_bound))
 
 
 def drive(engine: LLMEngine, arrivals: list[Arrival], horizon: float | None = None, tags: bool = True,
@@ -308,6 +308,7 @@ def main() -> None:
     parser.add_argument("--sjf-requests", type=int, default=48)
     parser.add_argument("--sjf-load", default="1.5,3", help="arrival rates, times the capacity (comma-separated)")
     parser.add_argument("--sjf-aging", type=float, default=1.0)
+    parser.add_argument("--sjf-wait-bound", type=float, default=0.0, help="sjf_wait_bound (0: off)")
     parser.add_argument("--sjf-kv-blocks", type=int, default=1024, help="ShareGPT requests are longer")
     parser.add_argument("--sharegpt-max-input", type=int, default=512)
     parser.add_argument("--sharegpt-output-scale", type=float, default=0.25,

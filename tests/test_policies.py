@@ -240,6 +240,35 @@ def test_sjf_aging_bounds_the_wait_of_a_long_request() -> None:
     assert long_request_start(2.0) == 15
 
 
+def test_sjf_wait_bound_lets_shorter_requests_pass_only_so_far() -> None:
+    def order(bound: float) -> list[str]:
+        sched = make("sjf", max_num_seqs=1, sjf_wait_bound=bound)
+        sched.add_request(req("a", max_tokens=5))
+        step(sched)  # a holds the only seat: admitted work 5 + 2/16
+        for rid, max_tokens in [("m", 4), ("l", 20), ("s1", 2), ("s2", 2), ("s3", 2)]:
+            sched.add_request(req(rid, max_tokens=max_tokens))
+        return admission_order(sched)
+
+    assert order(0.0) == ["a", "s1", "s2", "s3", "m", "l"]  # off: shortest first
+    # m found the queue empty: due at once. l found m's 4.125 ahead: due once 2 x 4.125 more work is admitted
+    # (m, s1 and s2 add 8.375), so s3 no longer passes it.
+    assert order(2.0) == ["a", "m", "s1", "s2", "l", "s3"]
+    assert order(1.0) == ["a", "m", "l", "s1", "s2", "s3"]  # b = 1: FCFS
+
+
+def test_sjf_wait_bound_requeues_a_preempted_request_as_due() -> None:
+    sched = make("sjf", num_blocks=4, block_size=4, sjf_wait_bound=2.0)
+    long, short = req("long", prompt_len=7, max_tokens=50), req("short", prompt_len=8, max_tokens=3)
+    sched.add_request(long)
+    step(sched)
+    sched.add_request(short)
+    step(sched)
+    plan = sched.schedule()
+    assert plan.preempted_request_ids == ("long",)
+    sched.add_request(req("later", max_tokens=1))  # shorter, but the preempted request is due first
+    assert sched.policy.head() is long and [r.request_id for r in sched.policy] == ["later", "long"]
+
+
 # ---- every policy: chunked prefill, prefix hits, preemption, nothing leaks -------------------------------------
 
 
@@ -314,10 +343,11 @@ def test_cli_flags_and_config_validation() -> None:
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     config = engine_config(parser.parse_args(["--scheduling-policy", "sjf", "--sjf-aging", "0.5",
-                                              "--fair-input-weight", "2", "--fair-output-weight", "3"]))
-    assert (config.scheduling_policy, config.sjf_aging, config.fair_input_weight, config.fair_output_weight) == (
-        "sjf", 0.5, 2.0, 3.0)
-    for bad in ({"scheduling_policy": "lifo"}, {"sjf_aging": -1.0}, {"fair_input_weight": 0.0,
-                                                                       "fair_output_weight": 0.0}):
+                                              "--sjf-wait-bound", "3", "--fair-input-weight", "2",
+                                              "--fair-output-weight", "3"]))
+    assert (config.scheduling_policy, config.sjf_aging, config.sjf_wait_bound, config.fair_input_weight,
+            config.fair_output_weight) == ("sjf", 0.5, 3.0, 2.0, 3.0)
+    for bad in ({"scheduling_policy": "lifo"}, {"sjf_aging": -1.0}, {"sjf_wait_bound": 0.5},
+                {"fair_input_weight": 0.0, "fair_output_weight": 0.0}):
         with pytest.raises(ValueError):
             EngineConfig(**bad)

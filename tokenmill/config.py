@@ -79,9 +79,12 @@ class EngineConfig:
     speculative_adaptive: bool = True
     # Who goes first (tokenmill/scheduler): fcfs; priority (lower value first, may preempt lower priorities); fair
     # (VTC: the least-served client's requests first, charged fair_input_weight per prompt token and
-    # fair_output_weight per output token); sjf (shortest predicted remaining work first, aged by sjf_aging).
+    # fair_output_weight per output token); sjf (shortest predicted remaining work first, aged by sjf_aging; with
+    # sjf_wait_bound = b > 0 a request is due, and goes first, once b times the work queued ahead of it at its arrival
+    # has been admitted since: scheduler/sjf.py).
     scheduling_policy: str = "fcfs"
     sjf_aging: float = 1.0
+    sjf_wait_bound: float = 0.0
     fair_input_weight: float = 1.0
     fair_output_weight: float = 2.0
     # Structured output (tokenmill/structured): a request's grammar is compiled within this many seconds or the
@@ -165,7 +168,8 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if not self.structured_outputs_timeout_s > 0:
             raise ValueError(f"structured_outputs_timeout_s must be > 0, got {self.structured_outputs_timeout_s}")
-        check_scheduling(self.scheduling_policy, self.sjf_aging, self.fair_input_weight, self.fair_output_weight)
+        check_scheduling(self.scheduling_policy, self.sjf_aging, self.fair_input_weight, self.fair_output_weight,
+                         self.sjf_wait_bound)
         if self.attention_sinks and self.sliding_window is None:
             raise ValueError("attention_sinks needs a sliding_window: sinks are what a window keeps besides itself")
         if self.sliding_window is not None:
@@ -224,12 +228,15 @@ class EngineConfig:
         return torch.float32, "auto: the CPU has no native bf16 matmul, where fp32 is faster"
 
 
-def check_scheduling(policy: str, sjf_aging: float, fair_input_weight: float, fair_output_weight: float) -> None:
+def check_scheduling(policy: str, sjf_aging: float, fair_input_weight: float, fair_output_weight: float,
+                     sjf_wait_bound: float = 0.0) -> None:
     """Shared by EngineConfig and SchedulerConfig."""
     if policy not in SCHEDULING_POLICIES:
         raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {policy!r}")
     if not sjf_aging >= 0:
         raise ValueError(f"sjf_aging must be >= 0, got {sjf_aging}")
+    if not (sjf_wait_bound == 0 or sjf_wait_bound >= 1):
+        raise ValueError(f"sjf_wait_bound must be 0 (off) or >= 1, got {sjf_wait_bound}")
     if not (fair_input_weight >= 0 and fair_output_weight >= 0 and fair_input_weight + fair_output_weight > 0):
         raise ValueError(f"fair weights must be >= 0 and not both 0, got {fair_input_weight} and {fair_output_weight}")
 

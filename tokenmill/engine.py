@@ -143,7 +143,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.enable_chunked_prefill, config.scheduling_policy, config.sjf_aging,
-                            config.fair_input_weight, config.fair_output_weight),
+                            config.fair_input_weight, config.fair_output_weight, config.sjf_wait_bound),
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
                            cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}|"
                                       f"kv-{config.kv_cache_dtype}",

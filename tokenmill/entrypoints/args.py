@@ -51,6 +51,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "remaining work (max_tokens) first, with aging")
     g.add_argument("--sjf-aging", type=float, default=1.0,
                    help="sjf: steps of predicted work forgiven per step a request waits (0: no aging)")
+    g.add_argument("--sjf-wait-bound", type=float, default=0.0,
+                   help="sjf: a request goes first once this many times the work queued ahead of it when it arrived "
+                        "has been admitted since (0: off)")
     g.add_argument("--fair-input-weight", type=float, default=1.0, help="fair: service charged per prompt token")
     g.add_argument("--fair-output-weight", type=float, default=2.0, help="fair: service charged per output token")
     g = parser.add_argument_group("speculative decoding")
@@ -107,7 +110,8 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         speculative_layers=args.speculative_layers,
         num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
         prompt_lookup_max=args.prompt_lookup_max, speculative_adaptive=not args.no_speculative_adaptive,
-        scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, fair_input_weight=args.fair_input_weight,
+        scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, sjf_wait_bound=args.sjf_wait_bound,
+        fair_input_weight=args.fair_input_weight,
         fair_output_weight=args.fair_output_weight, structured_outputs_timeout_s=args.structured_outputs_timeout,
         structured_outputs_overlap=not args.no_structured_outputs_overlap, sliding_window=args.sliding_window,
         attention_sinks=args.attention_sinks, kv_cache_dtype=args.kv_cache_dtype, h2o_budget=args.h2o_budget,

@@ -43,12 +43,14 @@ class SchedulerConfig:
     sjf_aging: float = 1.0  # steps of predicted work forgiven per step waited (sjf.py)
     fair_input_weight: float = 1.0  # VTC's charge per prompt token (fair.py)
     fair_output_weight: float = 2.0  # and per output token
+    sjf_wait_bound: float = 0.0  # 0: off; else how much later than FCFS a request may be admitted (sjf.py)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        check_scheduling(self.policy, self.sjf_aging, self.fair_input_weight, self.fair_output_weight)
+        check_scheduling(self.policy, self.sjf_aging, self.fair_input_weight, self.fair_output_weight,
+                         self.sjf_wait_bound)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
                              f"({self.max_num_batched_tokens} < {self.max_model_len})")
@@ -379,5 +381,5 @@ def make_policy(config: SchedulerConfig) -> SchedulingPolicy:
     if config.policy == "fair":
         return FairPolicy(config.fair_input_weight, config.fair_output_weight)
     if config.policy == "sjf":
-        return SJFPolicy(config.max_num_batched_tokens, config.max_model_len, config.sjf_aging)
+        return SJFPolicy(config.max_num_batched_tokens, config.max_model_len, config.sjf_aging, config.sjf_wait_bound)
     return FCFSPolicy()
