@@ -57,9 +57,9 @@
 #define TOKENMILL_GGUF_AVX2 1
 #endif
 // The int8-activation tiles need integer dot products only: 16-lane tiles on VNNI's fused vpdpwssd where the level
-// has it (avx512bf16, avx512vnni), 8-lane AVX2 tiles from avx2 up. Without VNNI a 16-lane tile needs a vpmaddwd and a vpaddd per
-// dot product, on the two ports Intel cores keep for 512-bit work, and measured slower than the AVX2 tiles at few
-// rows (benchmarks/gguf_tiles.py, docs/benchmarks.md), so the avx512 level keeps the AVX2 ones.
+// has it (avx512bf16, avx512vnni), 8-lane AVX2 tiles from avx2 up. Without VNNI a 16-lane tile needs a vpmaddwd and
+// a vpaddd per dot product, on the two ports Intel cores keep for 512-bit work, and measured slower than the AVX2
+// tiles at few rows (benchmarks/gguf_tiles.py, docs/benchmarks.md), so the avx512 level keeps the AVX2 ones.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define TOKENMILL_GGUF_INT8_AVX512 1
 #elif defined(__AVX2__) && defined(__F16C__)
