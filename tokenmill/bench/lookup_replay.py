@@ -35,6 +35,15 @@ class Replay:
     def __add__(self, other: Replay) -> Replay:
         return Replay(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
 
+    def add_step(self, rows: int, accepted: int, cost: Callable[[int], float]) -> None:
+        """One verify step of `rows` rows (1 + draft tokens) that accepted `accepted` drafts."""
+        self.steps += 1
+        self.rows += rows
+        self.drafted += rows - 1
+        self.accepted += accepted
+        self.tokens += accepted + 1
+        self.seconds += cost(rows)
+
     @property
     def tokens_per_step(self) -> float:
         return self.tokens / self.steps if self.steps else 0.0
@@ -72,12 +81,7 @@ def replay_chain(prompt: Sequence[int], output: Sequence[int], guess: Guess, max
         accepted = _matched(draft, output[i:])
         if draft:
             rate.observe(len(draft), accepted)
-        out.steps += 1
-        out.rows += 1 + len(draft)
-        out.drafted += len(draft)
-        out.accepted += accepted
-        out.tokens += accepted + 1
-        out.seconds += cost(1 + len(draft))
+        out.add_step(1 + len(draft), accepted, cost)
         i += accepted + 1
     return out
 
@@ -114,13 +118,7 @@ def replay_tree(prompt: Sequence[int], output: Sequence[int], width: int, max_dr
         context = [*prompt, *output[:i]]
         branches = lookup_branches(context, width, min(max_draft, len(output) - i - 1), min_n, max_n)
         accepted = max((_matched(b, output[i:]) for b in branches), default=0)
-        rows = tree_rows(branches)
-        out.steps += 1
-        out.rows += rows
-        out.drafted += rows - 1
-        out.accepted += accepted
-        out.tokens += accepted + 1
-        out.seconds += cost(rows)
+        out.add_step(tree_rows(branches), accepted, cost)
         i += accepted + 1
     return out
 

@@ -74,32 +74,29 @@ class SJFPolicy(SchedulingPolicy):
             heapq.heappush(self._by_due, (due, self._entries, request))
 
     def remove(self, request: Request) -> None:
-        self._leave(request)
-
-    def _leave(self, request: Request) -> None:
         _, work = self._live.pop(id(request))
         self._queued_work = self._queued_work - work if self._live else 0.0  # no float drift once empty
 
+    def _is_live(self, entry: _Entry) -> bool:
+        return self._live.get(id(entry[2]), (None,))[0] == entry[1]
+
     def _top(self, heap: list[_Entry]) -> _Entry | None:
-        while heap and self._live.get(id(heap[0][2]), (None,))[0] != heap[0][1]:
+        while heap and not self._is_live(heap[0]):
             heapq.heappop(heap)  # admitted, aborted or re-entered since
         return heap[0] if heap else None
 
-    def _next(self) -> Request | None:
+    def head(self) -> Request | None:
         due = self._top(self._by_due)
         if due is not None and due[0] <= self.admitted_work:
             return due[2]
         top = self._top(self._by_work)
         return top[2] if top is not None else None
 
-    def head(self) -> Request | None:
-        return self._next()
-
     def pop(self) -> Request:
-        request = self._next()
+        request = self.head()
         if request is None:
             raise IndexError("pop from an empty queue")
-        self._leave(request)
+        self.remove(request)
         self.admitted_work += self.predicted_work(request)
         return request
 
@@ -108,4 +105,4 @@ class SJFPolicy(SchedulingPolicy):
 
     def __iter__(self) -> Iterator[Request]:
         """Live requests by SJF key (a sort: for inspection, not for the step loop); a due one is admitted first."""
-        return (r for _, n, r in sorted(self._by_work, key=lambda e: e[:2]) if self._live.get(id(r), (None,))[0] == n)
+        return (entry[2] for entry in sorted(self._by_work, key=lambda e: e[:2]) if self._is_live(entry))
