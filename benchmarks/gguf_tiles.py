@@ -1,7 +1,6 @@
 """The GGUF block matmuls (`q4_matmul`, `q8_matmul`, tokenmill/kernels/gguf_matmul.cpp) A/B across the ISA levels
 this CPU can run and both activation modes (bf16, int8), on the default model's layer shapes (SmolLM2-135M: Q4_1
-layers, the Q8_0 LM head) at the row counts of decode, batched decode and prefill; and Q4_K layers of
-Qwen2.5-Coder-1.5B with their scales in both forms (`q4_matmul` reads the compact, file-like one and the fp32 one).
+layers, the Q8_0 LM head) at the row counts of decode, batched decode and prefill.
 
 Each level is its own build of the kernels (`TOKENMILL_CPU_ISA` picks one for the engine; here all are loaded side by
 side), so the same process times, for example, the int8 tiles on AVX-512 VNNI against the AVX2 ones. Weights are
@@ -11,7 +10,6 @@ copy; the variants run alternately (A, B, C, ..., A, B, C, ...) and each cell is
 
     .venv/bin/python benchmarks/gguf_tiles.py
     .venv/bin/python benchmarks/gguf_tiles.py --levels avx512bf16,avx2 --rows 1,16 --shapes gate_up,lm_head
-    .venv/bin/python benchmarks/gguf_tiles.py --shapes qwen15_gate_up,qwen15_down   # Q4_K: compact vs fp32 scales
 """
 
 from __future__ import annotations
@@ -30,15 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenmill.bench.machine import machine_description, start_benchmark  # noqa: E402
 from tokenmill.bench.report import write_json  # noqa: E402
 from tokenmill.kernels import cpu_kernels, isa  # noqa: E402
-from tokenmill.model.gguf_blocks import SuperBlockValues  # noqa: E402
 from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear  # noqa: E402
 
-# (format, out_features, in_features) of SmolLM2-135M's Q4_1 file: attention and MLP in Q4_1, the tied LM head Q8_0;
-# and Q4_K layers of Qwen2.5-Coder-1.5B (q4k: timed in both forms of their scales, compact and fp32).
+# (format, out_features, in_features) of SmolLM2-135M's Q4_1 file: attention and MLP in Q4_1, the tied LM head Q8_0.
 SHAPES = {"qkv": ("q4", 960, 576), "o": ("q4", 576, 576), "gate_up": ("q4", 3072, 576), "down": ("q4", 576, 1536),
-          "lm_head": ("q8", 49152, 576), "qwen15_gate_up": ("q4k", 17920, 1536), "qwen15_o": ("q4k", 1536, 1536),
-          "qwen15_down": ("q4k", 1536, 8960)}
-DEFAULT_SHAPES = "qkv,o,gate_up,down,lm_head"
+          "lm_head": ("q8", 49152, 576)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,25 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", default=",".join(levels), help="ISA levels to compare (default: all but scalar)")
     p.add_argument("--modes", default="bf16,int8", help="activation modes: bf16, int8")
-    p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"layers among {', '.join(SHAPES)}")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"layers among {', '.join(SHAPES)}")
     p.add_argument("--rows", default="1,4,16,64", help="activation rows per matmul")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--span-mb", type=float, default=128.0, help="weight copies per shape span this many MB")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/gguf_tiles.json"))
     return p.parse_args(argv)
-
-
-def random_layers(fmt: str, n: int, k: int, gen: torch.Generator) -> dict[str, GgufQ4Linear | GgufQ8Linear]:
-    """One random layer per form of its format: q4k gives the same weights with compact and with fp32 scales."""
-    if fmt != "q4k":
-        return {"": random_layer(fmt, n, k, gen)}
-    codes = torch.randint(0, 16, (n, k), generator=gen)
-    scales, minimums = (SuperBlockValues(torch.randint(0, 64, (n, k // 32), generator=gen, dtype=torch.uint8),
-                                         (torch.rand(n, k // 256, generator=gen) * sign * 1e-3).half().float())
-                        for sign in (1, -1))
-    return {"compact": GgufQ4Linear(codes, scales, minimums),
-            "fp32": GgufQ4Linear(codes, scales.values(), minimums.values())}
 
 
 def random_layer(fmt: str, n: int, k: int, gen: torch.Generator) -> GgufQ4Linear | GgufQ8Linear:
@@ -112,46 +94,39 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for shape in args.shapes.split(","):
         fmt, n, k = SHAPES[shape]
-        first = random_layers(fmt, n, k, gen)
-        copies = max(1, round(args.span_mb * 2**20 / max(layer_bytes(layer) for layer in first.values())))
-        sets = [first] + [random_layers(fmt, n, k, gen) for _ in range(copies - 1)]
-        layers = {form: [s[form] for s in sets] for form in first}
-        nbytes = {form: layer_bytes(layer) for form, layer in first.items()}
-        cells = [(v, form, f"{v['name']}/{form}" if form else v["name"]) for v in variants for form in layers]
+        first = random_layer(fmt, n, k, gen)
+        nbytes = layer_bytes(first)
+        copies = max(1, round(args.span_mb * 2**20 / nbytes))
+        layers = [first] + [random_layer(fmt, n, k, gen) for _ in range(copies - 1)]
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
-            for v, form, _ in cells:  # warm up every variant
-                pass_seconds(v["kernels"], layers[form][:2], x, v["mode"] == "int8")
-            times: dict[str, list[float]] = {name: [] for *_, name in cells}
+            for v in variants:  # warm up every variant
+                pass_seconds(v["kernels"], layers[:2], x, v["mode"] == "int8")
+            times: dict[str, list[float]] = {v["name"]: [] for v in variants}
             for _ in range(args.repeats):
-                for v, form, name in cells:
-                    times[name].append(pass_seconds(v["kernels"], layers[form], x, v["mode"] == "int8"))
+                for v in variants:
+                    times[v["name"]].append(pass_seconds(v["kernels"], layers, x, v["mode"] == "int8"))
             row = {"shape": shape, "format": fmt, "out_features": n, "in_features": k, "rows": rows,
-                   "copies": len(sets), "weight_bytes": nbytes, "variants": {}}
-            for v, form, name in cells:
-                seconds = statistics.median(times[name])
-                row["variants"][name] = {"tiles": v["tiles"], "us": seconds * 1e6, "weight_bytes": nbytes[form],
-                                         "gb_s": nbytes[form] / seconds / 1e9, "gmac_s": rows * n * k / seconds / 1e9}
+                   "copies": len(layers), "weight_bytes": nbytes, "variants": {}}
+            for v in variants:
+                seconds = statistics.median(times[v["name"]])
+                row["variants"][v["name"]] = {"tiles": v["tiles"], "us": seconds * 1e6,
+                                              "gb_s": nbytes / seconds / 1e9, "gmac_s": rows * n * k / seconds / 1e9}
             results.append(row)
             print(f"{shape} rows={rows}: " + ", ".join(f"{name} {r['us']:.0f} µs"
                                                        for name, r in row["variants"].items()),
                   file=sys.stderr, flush=True)
         del layers
 
+    names = [v["name"] for v in variants]
     print(f"\n{torch.get_num_threads()} threads; tiles per variant: "
           + ", ".join(f"{v['name']} = {v['tiles']}" for v in variants)
           + f"; weights spanning {args.span_mb:.0f} MB; median of {args.repeats}, interleaved\n")
-    for shapes in ([r for r in results if r["format"] != "q4k"], [r for r in results if r["format"] == "q4k"]):
-        if not shapes:
-            continue
-        names = list(shapes[0]["variants"])
-        print("| layer | N×K | rows | " + " | ".join(f"{name} µs (GB/s, GMAC/s)" for name in names) + " |")
-        print("|---|---|---|" + "---|" * len(names))
-        for r in shapes:
-            cells = [f"{c['us']:.0f} ({c['gb_s']:.1f}, {c['gmac_s']:.0f})" for c in r["variants"].values()]
-            print(f"| {r['shape']} | {r['out_features']}×{r['in_features']} | {r['rows']} | " + " | ".join(cells)
-                  + " |")
-        print()
+    print("| layer | N×K | rows | " + " | ".join(f"{name} µs (GB/s, GMAC/s)" for name in names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for r in results:
+        cells = [f"{c['us']:.0f} ({c['gb_s']:.1f}, {c['gmac_s']:.0f})" for c in r["variants"].values()]
+        print(f"| {r['shape']} | {r['out_features']}×{r['in_features']} | {r['rows']} | " + " | ".join(cells) + " |")
     report = {"machine": machine_description(), "busy_warning": warning, "threads": torch.get_num_threads(),
               "variants": [{k: v for k, v in variant.items() if k != "kernels"} for variant in variants],
               "args": {k: str(v) for k, v in vars(args).items()}, "results": results}

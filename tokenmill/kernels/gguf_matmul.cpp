@@ -17,12 +17,7 @@
 // A Q4 tile-block is 8 chunks of 32 bytes: byte 2r + e of chunk c holds row r's code for k = 2c + e in its low nibble
 // and for k = 16 + 2c + e in its high one; the nibbles index a 16-entry bf16 table (vpermw). A Q8 tile-block is 16
 // chunks of 32 int8 codes, byte 2r + e of chunk j for k = 2j + e. Scales (and Q4 minimums) are [tiles, blocks, 16],
-// f16 as the file stores them, or fp32 for Q4_K (a sub-block's d · sc is exact in fp32 only). Q4_K has a compact
-// form too, as the file keeps it: per tile and super-block of 8 blocks, the 8 × 16 sub-block codes (6-bit integers,
-// one byte each, block-major) then the 16 rows' fp32 factors (d for the scales, −dmin for the minimums), 192 bytes
-// [tiles, blocks / 8, 192] uint8. The tiles form each block's fp32 values d · code as they read it (`SuperScales`),
-// the same exact products as the fp32 form, so both give the same bits; the compact one reads 4.75 bits per weight
-// where the fp32 one reads 6 (the file: 4.5).
+// f16 as the file stores them, or fp32 for Q4_K (a sub-block's d · sc is exact in fp32 only).
 //
 // int8 activations (the second mode, `int8_activations`): each row of activations is rounded per block of 32 to int8
 // codes with an fp32 scale (amax / 127), as llama.cpp does for its Q8 dot products, so the weights stay the file's
@@ -53,7 +48,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 // The instruction set the tiles below are built for: AVX512-BF16 dot products, AVX2 + FMA, or portable C++.
@@ -82,8 +76,6 @@ constexpr int kActTile = 6;                // activation rows sharing one unpack
 constexpr int64_t kSerialWork = 1 << 18;   // multiply-adds below which waking the thread pool costs more than it saves
 constexpr int64_t kQ4TileBlockBytes = kRows * kBlock / 2;
 constexpr int64_t kQ8TileBlockBytes = kRows * kBlock;
-constexpr int64_t kSuperBlocks = 8;  // Q4_K's 32-weight sub-blocks per super-block
-constexpr int64_t kSuperBytes = kSuperBlocks * kRows + kRows * static_cast<int64_t>(sizeof(float));
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -138,39 +130,6 @@ inline __m256 half_scales(const at::Half* p) {
 inline __m256 half_scales(const float* p) { return _mm256_loadu_ps(p); }
 #endif
 
-// Q4_K's compact scales (or minimums) of one row tile, addressed like the flat [blocks, 16] fp32 array they stand
-// for: p + b · 16 + r is block b, row r. Reads form d · code in fp32, the same exact product the fp32 form stores.
-struct SuperScales {
-  const uint8_t* tile;  // the tile's [blocks / 8, kSuperBytes]
-  int64_t offset = 0;   // b · 16 + r
-
-  SuperScales operator+(int64_t n) const { return {tile, offset + n}; }
-  const uint8_t* super_block() const { return tile + offset / (kRows * kSuperBlocks) * kSuperBytes; }
-  const uint8_t* codes() const { return super_block() + offset % (kRows * kSuperBlocks); }
-  const uint8_t* factors() const { return super_block() + kSuperBlocks * kRows + 4 * (offset % kRows); }
-  float operator[](int64_t n) const {
-    const SuperScales p = *this + n;
-    float factor;
-    std::memcpy(&factor, p.factors(), sizeof factor);
-    return factor * static_cast<float>(*p.codes());
-  }
-};
-
-#if defined(__AVX512F__)
-inline __m512 widen_scales(SuperScales p) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.codes()));
-  const __m512 codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
-  return _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(p.factors())), codes);
-}
-#endif
-#if defined(__AVX2__) && defined(__F16C__)
-inline __m256 half_scales(SuperScales p) {
-  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.codes()));
-  const __m256 codes = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-  return _mm256_mul_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(p.factors())), codes);
-}
-#endif
-
 // Runs fn(first_tile, end_tile) over row tiles, split across torch's thread pool when the matmul is large enough.
 template <typename F>
 void over_row_tiles(int64_t tiles, int64_t work, const F& fn) {
@@ -220,8 +179,8 @@ inline __m512bh pair_of(const uint16_t* x, int64_t k) {
 }
 
 // One Q4 row tile against Tile activation rows (x: stride K; sums: each block's Σx, stride blocks).
-template <int Tile, typename P>
-void q4_tile(const uint8_t* w, P d, P m, int64_t blocks, const uint16_t* x, int64_t K,
+template <int Tile, typename S>
+void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const uint16_t* x, int64_t K,
              const float* sums, float* out) {
   const __m512i table = code_table(), low_nibble = _mm512_set1_epi16(0x0F);
   __m512 acc[Tile];
@@ -310,8 +269,8 @@ inline void fma_pair(const __m256 w[2][2], const float* x, int64_t K, int64_t k,
 }
 
 // One Q4 row tile against Tile activation rows (x: fp32, stride K; sums: each block's Σx, stride blocks).
-template <int Tile, typename P>
-void q4_tile_avx2(const uint8_t* w, P d, P m, int64_t blocks, const float* x, int64_t K,
+template <int Tile, typename S>
+void q4_tile_avx2(const uint8_t* w, const S* d, const S* m, int64_t blocks, const float* x, int64_t K,
                   const float* sums, float* out) {
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[Tile][2];
@@ -367,8 +326,8 @@ void q8_tile_avx2(const int8_t* w, const at::Half* d, int64_t blocks, const floa
 #else
 
 // Portable fallback with the same arithmetic (per-block fp32 sums scaled by d), without the vector instructions.
-template <typename P>
-void q4_tile_scalar(const uint8_t* w, P d, P m, int64_t blocks, const uint16_t* x,
+template <typename S>
+void q4_tile_scalar(const uint8_t* w, const S* d, const S* m, int64_t blocks, const uint16_t* x,
                     int64_t K, const float* sums, int act_rows, float* out) {
   for (int i = 0; i < act_rows; ++i)
     for (int64_t r = 0; r < kRows; ++r) {
@@ -450,7 +409,7 @@ constexpr bool kWideQ4 = false, kWideQ8 = true;
 constexpr bool kWideQ4 = false, kWideQ8 = false;
 #endif
 
-constexpr std::nullptr_t kNoMinimums = nullptr;  // the Q8 tiles' blocks have no minimum term
+const at::Half* const kNoMinimums = nullptr;  // the Q8 tiles' blocks have no minimum term
 
 // The rows of one tile-block's result, in the same fp32 operations on every path: acc += float(Σ) · (d · dx), then
 // acc += m · (dx · Σ codes) for Q4.
@@ -476,8 +435,8 @@ template <int Tile>
 constexpr int kInt8Chains = Tile <= 3 ? 2 : 1;
 
 // acc[i] gets one block of the 16 rows: chains[.][i] its exact integer sums; m (Q4 only) adds m · dx · Σ codes.
-template <int Tile, int Chains, typename P, typename M>
-inline void add_block16(const __m512i chains[][Tile], P d, M m, const float* dx,
+template <int Tile, int Chains, typename S>
+inline void add_block16(const __m512i chains[][Tile], const S* d, const S* m, const float* dx,
                         const float* xs, int64_t blocks, int64_t b, __m512 acc[]) {
   const __m512 scale = widen_scales(d);
   for (int i = 0; i < Tile; ++i) {
@@ -485,7 +444,7 @@ inline void add_block16(const __m512i chains[][Tile], P d, M m, const float* dx,
     for (int c = 1; c < Chains; ++c) dot = _mm512_add_epi32(dot, chains[c][i]);
     const __m512 block_scale = _mm512_mul_ps(scale, _mm512_set1_ps(dx[i * blocks + b]));
     acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_cvtepi32_ps(dot), block_scale));
-    if constexpr (!std::is_same_v<M, std::nullptr_t>)
+    if (m != nullptr)
       acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(widen_scales(m), _mm512_set1_ps(xs[i * blocks + b])));
   }
 }
@@ -493,8 +452,8 @@ inline void add_block16(const __m512i chains[][Tile], P d, M m, const float* dx,
 // One Q4 row tile against Tile rows of int16 activation codes. A chunk's bytes widen to words in place (word 2r + e is
 // row r, k-offset e), so lane r of vpdpwssd against the activation pair of their k is row r's pair sum; the low
 // nibbles hold k = 2c + e, the high ones k = 16 + 2c + e.
-template <int Tile, typename P>
-void q4_tile_int8(const uint8_t* w, P d, P m, int64_t blocks, const int16_t* xw, int64_t K,
+template <int Tile, typename S>
+void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int16_t* xw, int64_t K,
                   const float* dx, const float* xs, float* out) {
   constexpr int Chains = kInt8Chains<Tile>;
   const __m512i low_nibble = _mm512_set1_epi16(0x0F);
@@ -558,8 +517,8 @@ inline int32_t pair32(const int16_t* x) {
 }
 
 // acc[i][h] (rows 8h..8h+7) gets one block: dot[i][h] its exact integer sums.
-template <int Tile, typename P, typename M>
-inline void add_block(const __m256i dot[][2], P d, M m, const float* dx, const float* xs,
+template <int Tile, typename S>
+inline void add_block(const __m256i dot[][2], const S* d, const S* m, const float* dx, const float* xs,
                       int64_t blocks, int64_t b, __m256 acc[][2]) {
   for (int h = 0; h < 2; ++h) {
     const __m256 scale = half_scales(d + 8 * h);
@@ -567,7 +526,7 @@ inline void add_block(const __m256i dot[][2], P d, M m, const float* dx, const f
       const __m256 term = _mm256_mul_ps(_mm256_cvtepi32_ps(dot[i][h]),
                                         _mm256_mul_ps(scale, _mm256_set1_ps(dx[i * blocks + b])));
       acc[i][h] = _mm256_add_ps(acc[i][h], term);
-      if constexpr (!std::is_same_v<M, std::nullptr_t>)
+      if (m != nullptr)
         acc[i][h] = _mm256_add_ps(acc[i][h], _mm256_mul_ps(half_scales(m + 8 * h), _mm256_set1_ps(xs[i * blocks + b])));
     }
   }
@@ -576,8 +535,8 @@ inline void add_block(const __m256i dot[][2], P d, M m, const float* dx, const f
 // One Q4 row tile against Tile rows of int8 activations. vpmaddubsw multiplies the unsigned codes by the signed
 // activation pair of their k (byte 2r + e of a chunk is row r, k-offset e), giving row r's pair sum in 16-bit lane r;
 // eight chunks of one nibble half sum to at most 8 · 2 · 15 · 127 < 2^15, so each half sums in 16 bits and widens once.
-template <int Tile, typename P>
-void q4_tile_int8(const uint8_t* w, P d, P m, int64_t blocks, const int8_t* xq, int64_t K,
+template <int Tile, typename S>
+void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int8_t* xq, int64_t K,
                   const float* dx, const float* xs, float* out) {
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[Tile][2];
@@ -640,8 +599,8 @@ void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int1
 #else
 
 // Portable loops with the AVX2 tiles' exact integer sums and fp32 operations (bit-identical results).
-template <typename P>
-void q4_tile_int8_scalar(const uint8_t* w, P d, P m, int64_t blocks, const int8_t* xq,
+template <typename S>
+void q4_tile_int8_scalar(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int8_t* xq,
                          int64_t K, const float* dx, const float* xs, int act_rows, float* out) {
   for (int i = 0; i < act_rows; ++i)
     for (int64_t r = 0; r < kRows; ++r) {
@@ -760,24 +719,17 @@ const char* gguf_isa() {
 
 namespace {
 
-void check_super_scales(const at::Tensor& s, int64_t tiles, const char* what) {
-  TORCH_CHECK(s.is_contiguous() && s.dim() == 3 && s.size(0) == tiles && s.size(2) == kSuperBytes, what,
-              " in the compact form must be contiguous uint8 [tiles, blocks / 8, ", kSuperBytes, "]");
-}
-
-// q4_matmul for f16 (Q4_0/Q4_1), fp32 or compact (Q4_K) scales and minimums; tile_scales(t) gives tile t's
-// [blocks, 16] of each (pointers, or SuperScales that read like them).
-template <typename TileScales>
-at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, int64_t N, int64_t tiles, int64_t blocks,
-                           bool fp32_output, bool int8_activations, const TileScales& tile_scales) {
+// q4_matmul for f16 (Q4_0/Q4_1) or fp32 (Q4_K) scales and minimums.
+template <typename S>
+at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, const S* ms, int64_t N, int64_t tiles,
+                           int64_t blocks, bool fp32_output, bool int8_activations) {
   const int64_t K = blocks * kBlock;
   const uint16_t* xs = activations(x, K);
   if (int8_activations) {
     const Int8Rows q = quantize_rows(xs, x.size(0), blocks, kWideQ4);
     return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
       const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
-      const auto scales = tile_scales(t);
-      const auto dt = scales.first, mt = scales.second;
+      const S *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
       const float *dx = q.scales.data() + i0 * blocks, *sums = q.sums.data() + i0 * blocks;
 #if defined(TOKENMILL_GGUF_INT8_AVX512)
       with_tile(act_rows, [&](auto tile) {
@@ -798,8 +750,7 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, int64_t N, int
   const std::vector<float> xf = widened(xs, x.numel());
   return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
     const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
-    const auto scales = tile_scales(t);
-    const auto dt = scales.first, mt = scales.second;
+    const S *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
 #if defined(TOKENMILL_GGUF_AVX512BF16)
     with_tile(act_rows, [&](auto tile) {
       q4_tile<decltype(tile)::value>(wt, dt, mt, blocks, xs + i0 * K, K, sums.data() + i0 * blocks, out);
@@ -820,36 +771,18 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, int64_t N, int
 at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,
                      int64_t N, bool fp32_output, bool int8_activations) {
   RECORD_FUNCTION("tokenmill::q4_matmul", std::vector<c10::IValue>());  // named in torch profiler tables
-  TORCH_CHECK(d.scalar_type() == m.scalar_type(), "Q4 scales and minimums must have one dtype");
-  const bool super = d.scalar_type() == at::kByte;
-  const int64_t tiles = packed.size(0), blocks = super ? d.size(1) * kSuperBlocks : d.size(1);
+  const int64_t tiles = packed.size(0), blocks = d.size(1);
   check_codes(packed, at::kByte, kQ4TileBlockBytes, blocks, N, "Q4 codes");
-  if (super) {
-    check_super_scales(d, tiles, "Q4_K scales");
-    check_super_scales(m, tiles, "Q4_K minimums");
-  } else {
-    check_scales(d, tiles, blocks, "Q4 scales", true);
-    check_scales(m, tiles, blocks, "Q4 minimums", true);
-  }
+  check_scales(d, tiles, blocks, "Q4 scales", true);
+  check_scales(m, tiles, blocks, "Q4 minimums", true);
+  TORCH_CHECK(d.scalar_type() == m.scalar_type(), "Q4 scales and minimums must have one dtype");
   const at::Tensor x = x_in.contiguous();
   const uint8_t* w = packed.data_ptr<uint8_t>();
-  if (super) {
-    const uint8_t *dp = d.data_ptr<uint8_t>(), *mp = m.data_ptr<uint8_t>();
-    return q4_matmul_typed(x, w, N, tiles, blocks, fp32_output, int8_activations, [&](int64_t t) {
-      const int64_t tile_bytes = blocks / kSuperBlocks * kSuperBytes;
-      return std::pair{SuperScales{dp + t * tile_bytes}, SuperScales{mp + t * tile_bytes}};
-    });
-  }
-  if (d.scalar_type() == at::kFloat) {
-    const float *ds = d.data_ptr<float>(), *ms = m.data_ptr<float>();
-    return q4_matmul_typed(x, w, N, tiles, blocks, fp32_output, int8_activations, [&](int64_t t) {
-      return std::pair{ds + t * blocks * kRows, ms + t * blocks * kRows};
-    });
-  }
-  const at::Half *ds = d.data_ptr<at::Half>(), *ms = m.data_ptr<at::Half>();
-  return q4_matmul_typed(x, w, N, tiles, blocks, fp32_output, int8_activations, [&](int64_t t) {
-    return std::pair{ds + t * blocks * kRows, ms + t * blocks * kRows};
-  });
+  if (d.scalar_type() == at::kFloat)
+    return q4_matmul_typed(x, w, d.data_ptr<float>(), m.data_ptr<float>(), N, tiles, blocks, fp32_output,
+                           int8_activations);
+  return q4_matmul_typed(x, w, d.data_ptr<at::Half>(), m.data_ptr<at::Half>(), N, tiles, blocks, fp32_output,
+                         int8_activations);
 }
 
 at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, int64_t N,

@@ -12,9 +12,8 @@ const char* gguf_int8_isa();
 
 // y = x Wᵀ for x [M, K] bf16 and W [N, K] in 4-bit blocks of 32, W[n, 32b + j] = d · q + m with the block's d and m,
 // repacked by row tiles (layout in gguf_matmul.cpp): packed [ceil(N / 16), K / 32 · 256] uint8, d and m
-// [ceil(N / 16), K / 32, 16] float16 (Q4_0/Q4_1: the file's values) or float32 (Q4_K's sub-block products), or
-// Q4_K's compact form [ceil(N / 16), K / 256, 192] uint8 (sub-block codes and per-row factors, gguf_matmul.cpp).
-// Returns [M, N] in bf16, or fp32 (the sums before rounding) when asked.
+// [ceil(N / 16), K / 32, 16] float16 (Q4_0/Q4_1: the file's values) or float32 (Q4_K's sub-block products). Returns
+// [M, N] in bf16, or fp32 (the sums before rounding) when asked.
 // `int8_activations`: x is first rounded per block of 32 to int8 codes with an fp32 scale (llama.cpp's Q8 scheme) and
 // the products are integer dot products (gguf_matmul.cpp).
 at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,

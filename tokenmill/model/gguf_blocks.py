@@ -3,9 +3,8 @@
 Two kernel families take them (tokenmill/kernels/gguf_matmul.cpp, `GgufQ4Linear` / `GgufQ8Linear`):
 - Q4 tiles, W = d · q + m with 4-bit codes q and per-block d, m: Q4_0, Q4_1, and Q4_K, whose 256-weight super-block
   holds eight 32-weight sub-blocks with 6-bit scales and minimums under an f16 d and dmin. A sub-block's d · sc and
-  dmin · m are products of an 11-bit and a 6-bit integer significand, exact in fp32 but not in f16. A layer of
-  Q4_K tensors only keeps them as the file does (`SuperBlockValues`: a byte per sub-block, an fp32 factor per
-  super-block); a stack mixing Q4_K with Q4_0/Q4_1 keeps fp32 values; f16 where every value is one.
+  dmin · m are products of an 11-bit and a 6-bit integer significand, exact in fp32 but not in f16, so Q4_K's
+  scales and minimums are fp32 (`GgufQ4Linear` keeps f16 where every value is one).
 - Q8 tiles, W = d · q with int8 codes: Q8_0, and Q5_0 (f16 d, 5-bit q − 16 in [-16, 15], exact in int8).
 
 Formats with 16-weight sub-blocks (Q6_K, Q3_K, Q2_K) and Q5_1 / Q5_K have no tile here; the loader gives such
@@ -14,14 +13,11 @@ tensors the int8 fallback (`loader.py`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 Q4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 Q8_TYPES = frozenset({"Q8_0", "Q5_0"})
-SUPER_BLOCKS = 8  # Q4_K's 32-weight sub-blocks per 256-weight super-block
 
 
 def _blocks(raw: np.ndarray, block_bytes: int) -> np.ndarray:
@@ -64,59 +60,30 @@ def _q4k_sub_blocks(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return low, mins
 
 
-@dataclass(frozen=True)
-class SuperBlockValues:
-    """Q4_K's scales (or minimums) as the file keeps them: value[n, b] = factor[n, b // 8] · code[n, b], with
-    6-bit integer codes [rows, blocks] uint8 and fp32 factors [rows, blocks / 8] (d for scales, −dmin for
-    minimums). The products are exact in fp32."""
-
-    codes: torch.Tensor
-    factors: torch.Tensor
-
-    def values(self) -> torch.Tensor:
-        """The fp32 values [rows, blocks]."""
-        return (self.codes.reshape(self.codes.shape[0], -1, SUPER_BLOCKS).float()
-                * self.factors[..., None]).reshape(self.codes.shape)
-
-
-def gguf_q4k_parts(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, SuperBlockValues,
-                                                                         SuperBlockValues]:
-    """A Q4_K tensor as codes [rows, cols] uint8 in 0..15 and its scales and minimums in super-block form.
-
-    Q4_K = f16 d, f16 dmin, 12 bytes of sub-block scales, 128 bytes of nibbles: bytes 32j..32j+31 hold sub-block 2j
-    in their low nibbles and 2j + 1 in their high ones; w = d·sc·q − dmin·m."""
-    rows, cols = shape
-    blocks = _blocks(raw, 144)
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    sc, mins = _q4k_sub_blocks(blocks[:, 4:16])
-    nibbles = blocks[:, 16:].reshape(-1, 4, 32)
-    codes = np.stack([nibbles & 0x0F, nibbles >> 4], axis=2).reshape(rows, cols)
-
-    def values(sub: np.ndarray, factor: np.ndarray) -> SuperBlockValues:
-        return SuperBlockValues(torch.from_numpy(sub.astype(np.uint8)).reshape(rows, cols // 32),
-                                torch.from_numpy(np.ascontiguousarray(factor)).reshape(rows, cols // 256))
-
-    return torch.from_numpy(np.ascontiguousarray(codes)), values(sc, d), values(mins, -dmin)
-
-
 def gguf_q4_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
     """Codes [rows, cols] uint8 in 0..15, fp32 scales and minimums [rows, cols / 32], exactly as stored.
 
     Q4_1 = f16 d, f16 m, 16 bytes of nibbles, w = d·q + m; Q4_0 = f16 d, 16 bytes, w = d·(q - 8) (byte j: weight
-    j low, j + 16 high). Q4_K: `gguf_q4k_parts`, its fp32 products of small integers (exact, as llama.cpp forms
-    them) as the values."""
+    j low, j + 16 high). Q4_K = f16 d, f16 dmin, 12 bytes of sub-block scales, 128 bytes of nibbles: bytes 32j..32j+31
+    hold sub-block 2j in their low nibbles and 2j + 1 in their high ones; w = d·sc·q − dmin·m."""
     rows, cols = shape
     if type_name == "Q4_K":
-        codes, scales, minimums = gguf_q4k_parts(raw, shape)
-        return codes, scales.values(), minimums.values()
-    if type_name in ("Q4_0", "Q4_1"):
+        blocks = _blocks(raw, 144)
+        d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+        sc, mins = _q4k_sub_blocks(blocks[:, 4:16])
+        nibbles = blocks[:, 16:].reshape(-1, 4, 32)
+        codes = np.stack([nibbles & 0x0F, nibbles >> 4], axis=2).reshape(-1, 256)
+        # fp32 products of small integers: exact, as llama.cpp forms them.
+        scales = (d[:, None] * sc.astype(np.float32)).reshape(-1)
+        minimums = -(dmin[:, None] * mins.astype(np.float32)).reshape(-1)
+    elif type_name in ("Q4_0", "Q4_1"):
         header = 2 if type_name == "Q4_0" else 4
         blocks = _blocks(raw, header + 16)
         scales = _f16(blocks, 0)
         nibbles = blocks[:, header:]
         codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1)
         minimums = -8.0 * scales if header == 2 else _f16(blocks, 2)
-        return (torch.from_numpy(np.ascontiguousarray(codes)).reshape(rows, cols),
-                torch.from_numpy(scales).reshape(rows, cols // 32),
-                torch.from_numpy(minimums).reshape(rows, cols // 32))
-    raise ValueError(f"expected a Q4_0, Q4_1 or Q4_K tensor, got {type_name}")
+    else:
+        raise ValueError(f"expected a Q4_0, Q4_1 or Q4_K tensor, got {type_name}")
+    return (torch.from_numpy(np.ascontiguousarray(codes)).reshape(rows, cols),
+            torch.from_numpy(scales).reshape(rows, cols // 32), torch.from_numpy(minimums).reshape(rows, cols // 32))

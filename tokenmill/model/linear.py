@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import INT4_GROUP_SIZES, WEIGHT_FORMATS
-from tokenmill.model.gguf_blocks import SUPER_BLOCKS, SuperBlockValues
 
 
 class Linear(nn.Module):
@@ -215,15 +214,14 @@ class _GgufBlockLinear(Linear):
 
 class GgufQ4Linear(_GgufBlockLinear):
     """The file's 4-bit blocks of 32 (Q4_0/Q4_1, Q4_K sub-blocks): W[n, 32b + j] = d[n, b] · q + m[n, b], d and m
-    kept in f16 where every value is one (the file's own), as Q4_K keeps them (`SuperBlockValues`: a byte per block
-    and an fp32 factor per 8 blocks) where given so, and in fp32 otherwise.
+    kept in f16 where every value is one (the file's own) and in fp32 otherwise (Q4_K's products).
 
     Stored repacked for tokenmill/kernels/gguf_matmul.cpp (its header describes the layout): rows in tiles of 16
     (the last tile padded with zero rows) and, per tile and block, the 16 rows' codes of each k-pair side by side.
     """
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor | SuperBlockValues,
-                 minimums: torch.Tensor | SuperBlockValues, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
         _check_blocks(self.in_features)
@@ -232,15 +230,10 @@ class GgufQ4Linear(_GgufBlockLinear):
         tiles = tiles.permute(0, 2, 3, 4, 1, 5)
         packed = tiles[:, :, 0] | (tiles[:, :, 1] << 4)  # k = 2c + e in the low nibble, 16 + 2c + e in the high
         self.register_buffer("packed", packed.reshape(packed.shape[0], -1).contiguous())
-        if isinstance(scales, SuperBlockValues) and isinstance(minimums, SuperBlockValues):
-            self.register_buffer("scales", _tiled_super_blocks(scales))
-            self.register_buffer("minimums", _tiled_super_blocks(minimums))
-        else:
-            scales, minimums = (v.values() if isinstance(v, SuperBlockValues) else v for v in (scales, minimums))
-            # f16 where every value is one (Q4_0/Q4_1: the file's own), else fp32 (Q4_K's products): exact either way.
-            dtype = torch.float16 if all(_is_half(v) for v in (scales, minimums)) else torch.float32
-            self.register_buffer("scales", _tiled_scales(scales, "scales", dtype))
-            self.register_buffer("minimums", _tiled_scales(minimums, "minimums", dtype))
+        # f16 where every value is one (Q4_0/Q4_1: the file's own), else fp32 (Q4_K's products): exact either way.
+        dtype = torch.float16 if all(_is_half(v) for v in (scales, minimums)) else torch.float32
+        self.register_buffer("scales", _tiled_scales(scales, "scales", dtype))
+        self.register_buffer("minimums", _tiled_scales(minimums, "minimums", dtype))
         self.register_buffer("bias", bias)
 
     def dequantized(self) -> torch.Tensor:
@@ -315,26 +308,7 @@ def _tiled_scales(values: torch.Tensor, what: str, dtype: torch.dtype = torch.fl
     return exact.reshape(-1, TILE_ROWS, exact.shape[1]).transpose(1, 2).contiguous()
 
 
-SUPER_FACTOR_BYTES = TILE_ROWS * 4  # a tile's 16 fp32 factors per super-block
-
-
-def _tiled_super_blocks(values: SuperBlockValues) -> torch.Tensor:
-    """[N, blocks] codes and [N, blocks / 8] factors as [tiles, blocks / 8, 192] uint8: per tile and super-block,
-    the 8 blocks' 16 codes, then the 16 fp32 factors' bytes (the kernel's compact Q4_K form)."""
-    codes, factors = _row_tiles(values.codes.to(torch.uint8)), _row_tiles(values.factors.float())
-    tiles, supers = codes.shape[0] // TILE_ROWS, factors.shape[1]
-    codes = codes.reshape(tiles, TILE_ROWS, supers, SUPER_BLOCKS).permute(0, 2, 3, 1)
-    factors = factors.reshape(tiles, TILE_ROWS, supers).transpose(1, 2).contiguous().view(torch.uint8)
-    return torch.cat([codes.reshape(tiles, supers, -1), factors], dim=2).contiguous()
-
-
 def _untiled(values: torch.Tensor, rows: int) -> torch.Tensor:
-    """[tiles, blocks, 16] values, or the compact Q4_K form, as fp32 [rows, blocks]."""
-    if values.dtype == torch.uint8:
-        tiles, supers = values.shape[:2]
-        codes = values[..., :-SUPER_FACTOR_BYTES].reshape(tiles, supers, SUPER_BLOCKS, TILE_ROWS).float()
-        factors = values[..., -SUPER_FACTOR_BYTES:].contiguous().view(torch.float32)
-        values = (codes * factors[:, :, None, :]).reshape(tiles, supers * SUPER_BLOCKS, TILE_ROWS)
     return values.transpose(1, 2).reshape(-1, values.shape[1])[:rows].float()
 
 

@@ -7,14 +7,7 @@ import struct
 import torch
 
 from tokenmill.model.config import ModelConfig
-from tokenmill.model.gguf_blocks import (
-    Q4_TYPES,
-    Q8_TYPES,
-    SuperBlockValues,
-    gguf_q4_codes,
-    gguf_q4k_parts,
-    gguf_q8_codes,
-)
+from tokenmill.model.gguf_blocks import Q4_TYPES, Q8_TYPES, gguf_q4_codes, gguf_q8_codes
 from tokenmill.model.gguf_file import GGUFFile, ModelLoadError
 from tokenmill.model.linear import (
     FloatLinear,
@@ -66,13 +59,7 @@ class _LayerBuilder:
         8-bit ones (Q8_0/Q5_0): gguf_blocks.py."""
         types = {self.file.tensor_type(n) for n in names}
         layer: GgufQ4Linear | GgufQ8Linear
-        if types == {"Q4_K"}:
-            parts = [gguf_q4k_parts(self.file.raw_tensor(n)[0], self.file.raw_tensor(n)[2]) for n in names]
-            codes = self._stack(names, [(p[0],) for p in parts])[0]
-            scales, minimums = (SuperBlockValues(*self._stack(names, [(p[i].codes, p[i].factors) for p in parts]))
-                                for i in (1, 2))
-            layer = GgufQ4Linear(codes, scales, minimums, bias=bias)
-        elif types <= Q4_TYPES:
+        if types <= Q4_TYPES:
             layer = GgufQ4Linear(*self._stack(names, [gguf_q4_codes(*self.file.raw_tensor(n)) for n in names]),
                                  bias=bias)
         elif types <= Q8_TYPES:
