@@ -72,6 +72,9 @@ class EngineConfig:
     speculative_weight_format: str | None = None
     speculative_layers: tuple[int, ...] | None = None
     num_speculative_tokens: int = 5  # the most draft tokens a request gets per step
+    # > 1: a draft model ("draft", "self") drafts token trees (spec/tree.py): besides its argmax chain, its next
+    # speculative_tree_width - 1 likeliest tokens at each depth, all verified in one step (at most 15 tokens).
+    speculative_tree_width: int = 1
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     # True: draft lengths per request and step from its acceptance rate and a step-time model measured at start-up
@@ -166,6 +169,7 @@ class EngineConfig:
                              f"{self.speculative_weight_format!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        self._check_tree()
         if not self.structured_outputs_timeout_s > 0:
             raise ValueError(f"structured_outputs_timeout_s must be > 0, got {self.structured_outputs_timeout_s}")
         check_scheduling(self.scheduling_policy, self.sjf_aging, self.fair_input_weight, self.fair_output_weight,
@@ -189,6 +193,20 @@ class EngineConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    def _check_tree(self) -> None:
+        if self.speculative_tree_width < 1:
+            raise ValueError(f"speculative_tree_width must be >= 1, got {self.speculative_tree_width}")
+        if self.speculative_tree_width == 1:
+            return
+        if self.speculative not in ("draft", "self"):
+            raise ValueError("speculative_tree_width > 1 needs a draft model (speculative='draft' or 'self'): prompt "
+                             f"lookup drafts chains, got speculative={self.speculative!r}")
+        for off, reason in ((self.kv_cache_dtype == "auto", "kv_cache_dtype (a tree's accepted rows are moved in a "
+                             "plain cache)"), (self.h2o_budget is None, "h2o_budget"),
+                            (self.sliding_window is None, "sliding_window")):
+            if not off:
+                raise ValueError(f"speculative_tree_width > 1 does not combine with {reason} yet")
 
     def _check_h2o(self) -> None:
         if self.h2o_budget is None:

@@ -242,7 +242,7 @@ class LLMEngine:
             logger.info("step-time model for adaptive draft lengths measured in %.1fs: %s",
                         time.perf_counter() - started, table)
         return Speculator(proposer, config.num_speculative_tokens, self.max_model_len, config.max_num_batched_tokens,
-                          cost)
+                          cost, config.speculative_tree_width)
 
     def _self_draft(self) -> DraftModelProposer:
         config = self.config

@@ -56,6 +56,9 @@ class Request:
     # Guessed next tokens (speculative decoding), scheduled after the real ones and verified by the step; they are
     # consumed when scheduled, and never part of `num_tokens`, the token lists or the prefix cache.
     draft_token_ids: list[int] = field(default_factory=list)
+    # With a token tree (spec/tree.py): the row each draft follows; empty for a chain. Read only with the drafts it
+    # came with (set together), as far as they are kept.
+    draft_parents: list[int] = field(default_factory=list)
     # Where the request is in its structured-output grammar (tokenmill.structured.grammar.Matcher), or None.
     grammar: Any = None
     # The output side's bookkeeping (tokenmill.output.processor.RequestState: stop checks, text so far), kept on the

@@ -52,8 +52,10 @@ def build_group(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device,
+    visible: list[list[int] | None] | None = None,
 ) -> AttentionGroup:
-    """Index tensors for one group. `context_lens[i]` counts the keys of sequence i including its new tokens."""
+    """Index tensors for one group. `context_lens[i]` counts the keys of sequence i including its new tokens;
+    `visible[i]`, for a token tree, how many of its keys each of its rows sees besides its own."""
     num_seqs = len(query_lens)
     max_q = max(query_lens)
     max_blocks = max(-(-c // block_size) for c in context_lens)
@@ -75,6 +77,11 @@ def build_group(
     q_pos = (ctx_lens - q_lens)[:, None] + q_idx[None, :]
     q_valid = q_idx[None, :] < q_lens[:, None]
     mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :]
+    for i, rows in enumerate(visible or ()):
+        if rows is not None:  # a tree's row: its own key and the first `rows[j]` keys
+            seen = torch.tensor(rows, dtype=torch.long)
+            own = kv_pos[None, :] == q_pos[i, : len(rows), None]
+            mask[i, : len(rows)] = (kv_pos[None, :] < seen[:, None]) | own
     # Padded query rows attend to key 0 only so softmax stays finite; their outputs are dropped.
     mask = torch.where(q_valid[:, :, None], mask, kv_pos[None, None, :] == 0)
 
@@ -194,7 +201,8 @@ class EagerBackend(AttentionBackend):
 
     def _group(self, seqs: list[ScheduledSeq]) -> AttentionGroup:
         return build_group(seqs[0].query_start, [s.num_tokens for s in seqs], [s.context_len for s in seqs],
-                           [list(s.block_table) for s in seqs], self.kv_cache.block_size, self.device)
+                           [list(s.block_table) for s in seqs], self.kv_cache.block_size, self.device,
+                           [s.visible_entries() for s in seqs])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         kv = self.kv_cache

@@ -56,6 +56,20 @@ class SequenceBatch:
     residual_slots: torch.Tensor | None = None  # [S] with a quantized cache: where each open block lives
     # When the plan collects it: [S, kv_heads, max_blocks * block_size], or [layers, S, ...] with lane tables
     attention_mass: torch.Tensor | None = None
+    row_visible: torch.Tensor | None = None  # [T] with a token tree: entries each row sees (-1: all before it)
+
+
+def row_visible(plan: StepPlan) -> torch.Tensor | None:
+    """[T] int64: per row, the entries of its sequence it sees besides its own, or -1 for every one before it; None
+    when the plan has no token tree."""
+    if not any(s.draft_parents for s in plan.seqs):
+        return None
+    out = torch.full((plan.num_tokens,), -1, dtype=torch.long)
+    for seq in plan.seqs:
+        visible = seq.visible_entries()
+        if visible is not None:
+            out[seq.query_start : seq.query_start + seq.num_tokens] = torch.tensor(visible, dtype=torch.long)
+    return out
 
 
 class FusedCPUBackend(AttentionBackend):
@@ -107,6 +121,7 @@ class FusedCPUBackend(AttentionBackend):
             torch.tensor(self.kv_cache.residual_slots(plan), dtype=torch.long)
             if isinstance(self.kv_cache, QuantizedKVCache) else None,
             mass,
+            row_visible(plan),
         )
 
     @torch.inference_mode()
@@ -114,11 +129,14 @@ class FusedCPUBackend(AttentionBackend):
         x = self.model.embed.rows(input_ids)
         kv = self.kv_cache
         if isinstance(kv, QuantizedKVCache):
+            if metadata.row_visible is not None:
+                raise ValueError("token trees need a plain KV cache")
             return self.step.forward_quantized(x, positions, metadata.query_starts, metadata.block_tables,
                                                metadata.context_lens, self.quant_kv, metadata.residual_slots,
                                                metadata.attention_mass)
         return self.step.forward(x, positions, metadata.slot_mapping, metadata.query_starts, metadata.block_tables,
-                                 metadata.context_lens, kv.k, kv.v, kv.block_size, metadata.attention_mass)
+                                 metadata.context_lens, kv.k, kv.v, kv.block_size, metadata.attention_mass,
+                                 metadata.row_visible)
 
     def attention_mass(self, metadata: SequenceBatch) -> torch.Tensor | None:
         mass = metadata.attention_mass

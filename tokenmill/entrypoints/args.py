@@ -67,6 +67,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-weight-format", default=None, choices=list(WEIGHT_FORMATS),
                    help="the draft model's weight format (default: --weight-format's)")
     g.add_argument("--num-speculative-tokens", type=int, default=5, help="most draft tokens per request and step")
+    g.add_argument("--speculative-tree-width", type=int, default=1,
+                   help="with --speculative draft or self: verify token trees, the draft's N likeliest tokens at "
+                        "each depth (1: a chain)")
     g.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram matched")
     g.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram matched (tried first)")
     g.add_argument("--no-speculative-adaptive", action="store_true",
@@ -108,7 +111,8 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         kv_huge_pages=not args.no_kv_huge_pages, speculative=args.speculative,
         speculative_model=args.speculative_model, speculative_weight_format=args.speculative_weight_format,
         speculative_layers=args.speculative_layers,
-        num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
+        num_speculative_tokens=args.num_speculative_tokens, speculative_tree_width=args.speculative_tree_width,
+        prompt_lookup_min=args.prompt_lookup_min,
         prompt_lookup_max=args.prompt_lookup_max, speculative_adaptive=not args.no_speculative_adaptive,
         scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, sjf_wait_bound=args.sjf_wait_bound,
         fair_input_weight=args.fair_input_weight,

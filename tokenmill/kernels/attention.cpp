@@ -499,6 +499,13 @@ struct Batch {
   float* mass;                    // H2O's side output [S, kv_heads, mass_entries], or nullptr
   int64_t mass_entries;
   bool exact_rows;                // every row as a one-token decode computes it: never the chunk kernel
+  const int64_t* visible;         // per row: the entries it sees besides its own (-1: all before it), or nullptr
+
+  // How many of sequence s's entries row j sees besides its own: all before it, unless a token tree says fewer.
+  int64_t cached(int64_t s, int64_t j) const {
+    const int64_t row = query_starts[s] + j, before = context_lens[s] - (query_starts[s + 1] - query_starts[s]) + j;
+    return visible != nullptr && visible[row] >= 0 ? visible[row] : before;
+  }
 
   // Sequence s's block table as KV head h reads it.
   const int64_t* table(int64_t s, int64_t h) const {
@@ -549,11 +556,12 @@ void scaled_queries(const Batch<T>& b, int64_t r, int64_t h, float* dst) {
 }
 
 // One query row j of sequence s attended as a decode at its entry, for KV head h: the cache entries before it
-// (the sequence's earlier rows of this step included) as its cached keys, its own key and value from k/v.
+// (the sequence's earlier rows of this step included; a token tree's row: the first b.cached of them) as its cached
+// keys, its own key and value from k/v.
 template <typename T, int D>
 void attend_decode(const Batch<T>& b, int64_t s, int64_t h, int64_t j, Scratch& scratch) {
   const int64_t row0 = b.query_starts[s], r = row0 + j, group = b.group;
-  const int64_t cached = b.context_lens[s] - (b.query_starts[s + 1] - row0) + j, len = cached + 1;
+  const int64_t cached = b.cached(s, j), len = cached + 1;
   float* query = grow(scratch.query, group * D);
   scaled_queries<T, D>(b, r, h, query);
   float* own_k = grow(scratch.own_k, D);
@@ -592,9 +600,10 @@ void attend_decode(const Batch<T>& b, int64_t s, int64_t h, int64_t j, Scratch& 
 // the first ctx - q_len + j cache entries (the earlier rows' keys included, stored before attention runs) as its
 // cached keys, its own key and value from k/v. But the sequence's keys and values are read once per pass for all
 // its rows, as a decode reads them once for its group: the (row, query head) pairs are scored together as one large
-// group over the keys the last row sees, each pair's scores past its own count left unused.
+// group over the keys the last row sees, each pair's scores past its own count left unused. Only the first `spine`
+// rows (a token tree's chain; all rows otherwise).
 template <typename T, int D>
-void attend_rows(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
+void attend_rows(const Batch<T>& b, int64_t s, int64_t h, int64_t spine, Scratch& scratch) {
   constexpr int kChunks = D / 16;
   constexpr bool kDotBf16 = kHaveDotBf16 && std::is_same_v<T, c10::BFloat16>;
   const int64_t row0 = b.query_starts[s], q_len = b.query_starts[s + 1] - row0, group = b.group;
@@ -602,8 +611,8 @@ void attend_rows(const Batch<T>& b, int64_t s, int64_t h, Scratch& scratch) {
   const T* k_head = b.k_cache + h * b.num_slots * D;
   const T* v_head = b.v_cache + h * b.num_slots * D;
   const int64_t rows_per_pass = std::max<int64_t>(1, kPassPairs / group);
-  for (int64_t j0 = 0; j0 < q_len; j0 += rows_per_pass) {
-    const int64_t rows = std::min(rows_per_pass, q_len - j0), pairs = rows * group;
+  for (int64_t j0 = 0; j0 < spine; j0 += rows_per_pass) {
+    const int64_t rows = std::min(rows_per_pass, spine - j0), pairs = rows * group;
     // The pass's row jj (sequence row j0 + jj) has base + jj cached keys; `keys` is the last row's count.
     const int64_t base = b.context_lens[s] - q_len + j0, keys = base + rows - 1, len = keys + 1;
     float* query = grow(scratch.query, pairs * D);
@@ -863,7 +872,11 @@ void attend_batch(const Batch<T>& b, int64_t num_seqs) {
           // keys. Exact rows past a short run: attend_rows' shared passes score keys that later rows alone need.
           for (int64_t j = 0; j < q_len; ++j) attend_decode<T, D>(b, s, h, j, scratch);
         } else if (q_len <= kMultiRowMax) {
-          attend_rows<T, D>(b, s, h, scratch);
+          // A token tree: its chain rows share passes over the keys, each leaf (seeing a shorter prefix) is a decode.
+          int64_t spine = 0;
+          while (spine < q_len && b.cached(s, spine) == b.context_lens[s] - q_len + spine) ++spine;
+          attend_rows<T, D>(b, s, h, spine, scratch);
+          for (int64_t j = spine; j < q_len; ++j) attend_decode<T, D>(b, s, h, j, scratch);
         } else {
           attend_chunk<T, D>(b, s, h, scratch);
         }
@@ -874,7 +887,8 @@ template <typename T>
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const T* k_cache, const T* v_cache,
                   int64_t num_slots, const at::Tensor& query_starts, const at::Tensor& block_tables,
                   const at::Tensor& context_lens, int64_t block_size, const std::optional<at::Tensor>& mass,
-                  bool exact_rows, const QuantLayer<T>* quant = nullptr, const int64_t* residual_slots = nullptr) {
+                  bool exact_rows, const QuantLayer<T>* quant = nullptr, const int64_t* residual_slots = nullptr,
+                  const int64_t* visible = nullptr) {
   const int64_t num_heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
   at::Tensor out = at::empty({q.size(0), num_heads, head_dim}, q.options());
   const Batch<T> batch{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), q.stride(0), k.stride(0), v.stride(0),
@@ -883,7 +897,7 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        num_heads, kv_heads,
                        num_heads / kv_heads, 1.f / std::sqrt(static_cast<float>(head_dim)), out.data_ptr<T>(), quant,
                        residual_slots, mass ? mass->data_ptr<float>() : nullptr, mass ? mass->size(2) : 0,
-                       exact_rows};
+                       exact_rows, visible};
   if (head_dim == 64)
     attend_batch<T, 64>(batch, block_tables.size(0));
   else
@@ -951,24 +965,50 @@ void check_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   }
 }
 
+// row_visible [T] int64: per row -1 (every entry before it) or how many of its sequence's first entries it sees
+// instead, at most those before it; fewer only where the few-row or row-exact paths run (they honour it, the chunk
+// kernel does not).
+const int64_t* check_visible(const at::Tensor& row_visible, const at::Tensor& query_starts,
+                             const at::Tensor& context_lens, bool exact_rows) {
+  TORCH_CHECK(row_visible.scalar_type() == at::kLong && row_visible.is_contiguous() && row_visible.dim() == 1 &&
+                  row_visible.size(0) == query_starts.data_ptr<int64_t>()[query_starts.size(0) - 1],
+              "row_visible must be contiguous int64, one per row");
+  const int64_t* visible = row_visible.data_ptr<int64_t>();
+  const int64_t* starts = query_starts.data_ptr<int64_t>();
+  const int64_t* ctx = context_lens.data_ptr<int64_t>();
+  for (int64_t s = 0; s + 1 < query_starts.size(0); ++s) {
+    const int64_t q_len = starts[s + 1] - starts[s];
+    for (int64_t j = 0; j < q_len; ++j) {
+      const int64_t seen = visible[starts[s] + j], before = ctx[s] - q_len + j;
+      TORCH_CHECK(seen == -1 || (seen >= 0 && seen <= before && (q_len <= kMultiRowMax || exact_rows)),
+                  "row ", j, " of sequence ", s, " cannot see ", seen, " entries (", before,
+                  " before it; fewer only in runs of at most ", kMultiRowMax, " rows)");
+    }
+  }
+  return visible;
+}
+
 }  // namespace
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
                            const at::Tensor& context_lens, int64_t block_size,
-                           const std::optional<at::Tensor>& attention_mass, bool exact_rows) {
+                           const std::optional<at::Tensor>& attention_mass, bool exact_rows,
+                           const std::optional<at::Tensor>& row_visible) {
   RECORD_FUNCTION("tokenmill::paged_attention", std::vector<c10::IValue>());  // named in torch profiler tables
   check_batch(q, k, v, query_starts, block_tables, context_lens, block_size, attention_mass);
+  const int64_t* visible = row_visible ? check_visible(*row_visible, query_starts, context_lens, exact_rows) : nullptr;
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "caches must be contiguous [kv_heads, slots, head_dim]");
   for (const at::Tensor* t : {&k_cache, &v_cache})
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and the caches must share one dtype");
   if (q.scalar_type() == at::kFloat)
     return attend<float>(q, k, v, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), query_starts,
-                         block_tables, context_lens, block_size, attention_mass, exact_rows);
+                         block_tables, context_lens, block_size, attention_mass, exact_rows, nullptr, nullptr,
+                         visible);
   return attend<c10::BFloat16>(q, k, v, k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
                                k_cache.size(1), query_starts, block_tables, context_lens, block_size, attention_mass,
-                               exact_rows);
+                               exact_rows, nullptr, nullptr, visible);
 }
 
 at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

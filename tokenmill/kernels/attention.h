@@ -24,10 +24,14 @@ namespace tokenmill {
 // attention_mass, when given (H2O, kv/h2o.py): fp32 [S, Hkv, E >= every context length]; each row's attention
 // probabilities are added into it, mass[s][h][e] gaining what entry e of sequence s received from the query heads
 // that share KV head h (the fp32 probabilities the value pass weighs with).
+// row_visible, when given (a token tree, spec/tree.py): int64 [T], per row -1 or how many of its sequence's first
+// entries the row sees besides its own (at most those before it; fewer only in runs of up to 16 rows, or with
+// exact_rows): such a row is computed as the decode kernel computes a one-token sequence with that many cached keys.
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& query_starts, const at::Tensor& block_tables,
                            const at::Tensor& context_lens, int64_t block_size,
-                           const std::optional<at::Tensor>& attention_mass = std::nullopt, bool exact_rows = false);
+                           const std::optional<at::Tensor>& attention_mass = std::nullopt, bool exact_rows = false,
+                           const std::optional<at::Tensor>& row_visible = std::nullopt);
 
 // paged_attention over one layer of a quantized cache (kv_quant.h), storing the step's K/V first: each sequence's
 // open block is its residual slot residual_slots[s].

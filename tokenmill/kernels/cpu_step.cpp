@@ -261,14 +261,16 @@ class FusedStep {
   at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& slots,
                      const at::Tensor& query_starts, const at::Tensor& block_tables, const at::Tensor& context_lens,
                      at::Tensor k_cache, at::Tensor v_cache, int64_t block_size,
-                     const std::optional<at::Tensor>& attention_mass) const {
+                     const std::optional<at::Tensor>& attention_mass,
+                     const std::optional<at::Tensor>& row_visible) const {
     TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a [tokens, hidden] CPU tensor");
     TORCH_CHECK(k_cache.size(0) == static_cast<int64_t>(layers_.size()), "cache has the wrong number of layers");
     for (const at::Tensor* t : {&positions, &slots})
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->size(0) == x.size(0),
                   "positions and slots must be contiguous int64, one per token");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
-    const Sequences seqs{query_starts, block_tables, context_lens, block_size, attention_mass};
+    const Sequences seqs{query_starts, block_tables, context_lens, block_size, attention_mass, nullptr, nullptr,
+                         row_visible};
     if (x.scalar_type() == at::kFloat) return run<float>(x, positions, slots, seqs, k_cache, v_cache);
     TORCH_CHECK(x.scalar_type() == at::kBFloat16, "the fused step supports float32 and bfloat16");
     return run<c10::BFloat16>(x, positions, slots, seqs, k_cache, v_cache);
@@ -284,7 +286,7 @@ class FusedStep {
     TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.size(0) == x.size(0),
                 "positions must be contiguous int64, one per token");
     const Sequences seqs{query_starts, block_tables, context_lens, kv.block_size, attention_mass, &kv,
-                         &residual_slots};
+                         &residual_slots, std::nullopt};
     at::Tensor unused;
     if (x.scalar_type() == at::kFloat) return run<float>(x, positions, unused, seqs, unused, unused);
     TORCH_CHECK(x.scalar_type() == at::kBFloat16, "the fused step supports float32 and bfloat16");
@@ -300,6 +302,7 @@ class FusedStep {
     const std::optional<at::Tensor>& mass;  // H2O's side output, summed over the layers (attention.h)
     const QuantKV* quant = nullptr;  // set: the cache is quantized, k_cache and v_cache unused
     const at::Tensor* residual_slots = nullptr;
+    std::optional<at::Tensor> row_visible;  // a token tree's rows (attention.h); plain caches only
   };
 
   template <typename T>
@@ -327,7 +330,8 @@ class FusedStep {
                                                                seqs.query_starts, tables, seqs.context_lens,
                                                                *seqs.residual_slots, mass, exact_rows_)
                                    : paged_attention(q, k, v, k_layer, v_layer, seqs.query_starts, tables,
-                                                     seqs.context_lens, seqs.block_size, mass, exact_rows_);
+                                                     seqs.context_lens, seqs.block_size, mass, exact_rows_,
+                                                     seqs.row_visible);
       const at::Tensor attn_out = layer.o.apply(attn.view({rows, q_size})).contiguous();
       normed = rms_norm<T>(x, layer.ffn_norm, eps_, &attn_out);
       const at::Tensor gate_up = layer.gate_up.apply(normed).contiguous();
@@ -362,7 +366,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &tokenmill::paged_attention, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("query_starts"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("block_size"), py::arg("attention_mass") = py::none(),
-        py::arg("exact_rows") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("exact_rows") = false, py::arg("row_visible") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.def("linear_rows", &tokenmill::linear_rows, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.attr("SMALL_ROWS") = tokenmill::kSmallRows;
@@ -391,7 +396,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &tokenmill::FusedStep::forward, py::arg("x"), py::arg("positions"), py::arg("slots"),
            py::arg("query_starts"), py::arg("block_tables"), py::arg("context_lens"), py::arg("k_cache"),
            py::arg("v_cache"), py::arg("block_size"), py::arg("attention_mass") = py::none(),
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("row_visible") = py::none(), py::call_guard<py::gil_scoped_release>())
       .def("forward_quantized", &tokenmill::FusedStep::forward_quantized, py::arg("x"), py::arg("positions"),
            py::arg("query_starts"), py::arg("block_tables"), py::arg("context_lens"), py::arg("kv"),
            py::arg("residual_slots"), py::arg("attention_mass") = py::none(),

@@ -8,6 +8,7 @@ table entries), a small fraction of any step.
 from __future__ import annotations
 
 from tokenmill.scheduler.plan import StepPlan
+from tokenmill.spec.tree import MAX_TREE_ROWS, check_tree
 
 
 class InvalidPlanError(ValueError):
@@ -40,6 +41,15 @@ def check_plan(plan: StepPlan, num_blocks: int, block_size: int, max_positions: 
         if seq.num_samples and seq.num_samples != 1 + len(seq.draft_token_ids):
             raise InvalidPlanError(f"{seq.request_id}: {seq.num_samples} sample rows for "
                                    f"{len(seq.draft_token_ids)} draft tokens")
+        if seq.draft_parents:
+            try:
+                check_tree(seq.draft_parents, len(seq.draft_token_ids))
+            except ValueError as error:
+                raise InvalidPlanError(f"{seq.request_id}: {error}") from None
+            if seq.num_tokens != seq.num_samples or seq.num_tokens > MAX_TREE_ROWS:
+                raise InvalidPlanError(f"{seq.request_id}: a token tree is verified alone in its rows, at most "
+                                       f"{MAX_TREE_ROWS} of them, not {seq.num_tokens} rows with {seq.num_samples} "
+                                       "sampled")
         end = seq.query_start + seq.num_tokens
         if seq.draft_token_ids and plan.token_ids[end - len(seq.draft_token_ids) : end] != seq.draft_token_ids:
             raise InvalidPlanError(f"{seq.request_id}: the draft tokens are not its last rows' tokens")

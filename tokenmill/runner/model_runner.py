@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import torch
@@ -17,6 +17,7 @@ from tokenmill.runner.checks import check_plan
 from tokenmill.sampler.sampler import Sampler, SamplingRow, TokenLogprobs, has_penalties, score_tokens
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, SeqSamples, StepPlan, StepResult
+from tokenmill.spec.tree import path_tokens
 from tokenmill.spec.verifier import verify
 from tokenmill.structured.masks import TokenMasks
 
@@ -61,7 +62,7 @@ class ModelRunner:
         if token_masks is not None:
             token_masks.result().apply(logits)
         rows_of = [[self._sampling_row(s, i) for i in range(s.num_samples)] for s in sampled]
-        samples = self._sample(logits, sampled, rows_of)
+        samples = self._sample(logits, sampled, rows_of, plan.slot_mapping)
         return StepResult(samples, logits.float() if plan.return_logits else None, prompt_logprobs, mass)
 
     @torch.inference_mode()
@@ -113,8 +114,8 @@ class ModelRunner:
                 scored.extend(score_tokens(logits, targets, [rows.num_top] * len(targets)))
         return out
 
-    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledSeq],
-                rows_of: list[list[SamplingRow]]) -> list[SeqSamples]:
+    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledSeq], rows_of: list[list[SamplingRow]],
+                slots: Sequence[int]) -> list[SeqSamples]:
         """One token per plain sequence; the verifier's accepted drafts and next token per drafted one."""
         starts = list(itertools.accumulate((s.num_samples for s in sampled), initial=0))
         plain = [i for i, s in enumerate(sampled) if not s.draft_token_ids]
@@ -128,17 +129,29 @@ class ModelRunner:
                                                                                              device=logits.device)]
             rows = [row for i in group for row in rows_of[i]]
             if verifying:
-                for i, v in zip(group, verify(self.sampler, group_logits, rows,
-                                              [sampled[i].draft_token_ids for i in group]), strict=True):
+                verified = verify(self.sampler, group_logits, rows, [sampled[i].draft_token_ids for i in group],
+                                  [sampled[i].draft_parents for i in group])
+                for i, v in zip(group, verified, strict=True):
                     out[i] = SeqSamples(sampled[i].request_id, v.token_ids, v.logprobs)
+                    self._keep_path(sampled[i], v.path, slots)
             else:
                 picked = self.sampler(group_logits, rows)
                 for j, i in enumerate(group):
                     out[i] = SeqSamples(sampled[i].request_id, picked.token_ids[j : j + 1], picked.logprobs[j : j + 1])
         return [out[i] for i in range(len(sampled))]
 
+    def _keep_path(self, seq: ScheduledSeq, path: list[int], slots: Sequence[int]) -> None:
+        """A token tree's accepted rows `path` (sample rows, in order): their K/V moves to the entries right after
+        the last real token's, where the scheduler keeps them (it rolls back the rest); a chain's already are."""
+        first = seq.query_start + seq.num_tokens - seq.num_samples
+        moves = [(first + row, first + depth) for depth, row in enumerate(path, 1) if row != depth]
+        if moves:
+            self.kv_cache.move_rows(torch.tensor([[-1, slots[src], slots[dst]] for src, dst in moves],
+                                                 dtype=torch.long))
+
     def _sampling_row(self, seq: ScheduledSeq, i: int) -> SamplingRow:
-        """Sample row i of the sequence: after its first i drafts, which join the history penalties read."""
+        """Sample row i of the sequence: after the drafts on its way (a chain's first i), which join the history
+        penalties read."""
         inputs = seq.sampling
         assert inputs is not None, "a plan's sampled sequence carries its sampling inputs"
         params = inputs.params
@@ -148,11 +161,13 @@ class ModelRunner:
             if generator is None:
                 generator = self._generators[seq.request_id] = torch.Generator().manual_seed(params.seed)
         output = inputs.output_token_ids
+        way = path_tokens(seq.draft_parents, seq.draft_token_ids, i) if i and (output or has_penalties(params)) else ()
         if i and output:  # the history is only filled in when a penalty reads it
-            output = (*output, *seq.draft_token_ids[:i])
+            output = (*output, *way)
         elif i and has_penalties(params):
-            output = seq.draft_token_ids[:i]
-        blocked = inputs.blocked_token_ids if i < inputs.blocked_rows else ()
+            output = tuple(way)
+        depth = len(path_tokens(seq.draft_parents, seq.draft_token_ids, i)) if seq.draft_parents else i
+        blocked = inputs.blocked_token_ids if depth < inputs.blocked_rows else ()
         return SamplingRow(params, inputs.prompt_token_ids, output, generator, blocked)
 
     def time_rows(self, num_rows: int, rows_per_seq: int = 8, context: int = 256) -> float:

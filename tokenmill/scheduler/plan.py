@@ -14,6 +14,7 @@ import torch
 from tokenmill.kv.streaming import KVShift
 from tokenmill.sampler.sampler import TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec.tree import visible_entries
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class ScheduledSeq:
     query j sits at entry context_len - num_tokens + j and sees the entries up to it. The last `num_samples` rows
     yield a token each (0: a prefill chunk that has not caught up; 1 + k where k drafted tokens are verified): the
     last 1 + k rows hold the last real token, then the drafts `draft_token_ids`, whose tokens the step verifies.
+    With `draft_parents` the drafts form a token tree (spec/tree.py): a draft's row then sees only the entries up to
+    its parent's (`visible_entries`) besides its own, and its position is its depth past the last real token's.
     """
 
     request_id: str
@@ -59,6 +62,17 @@ class ScheduledSeq:
     # H2O per head (kv/h2o.py): [lanes, blocks] each layer's KV head's own table (lane = layer * kv_heads + head),
     # the same blocks as `block_table` in its own order; None when every lane reads `block_table`.
     lane_tables: torch.Tensor | None = None
+    draft_parents: tuple[int, ...] = ()  # empty: the drafts are a chain
+
+    def visible_entries(self) -> list[int] | None:
+        """Per row, how many of the sequence's KV entries it sees besides its own; None when every row sees all
+        entries before it (no tree)."""
+        if not self.draft_parents:
+            return None
+        first = self.context_len - self.num_tokens
+        root = self.num_tokens - self.num_samples
+        drafts = visible_entries(self.draft_parents, first, root, len(self.draft_token_ids))
+        return [first + j for j in range(root + 1)] + drafts
 
 
 @dataclass(frozen=True)

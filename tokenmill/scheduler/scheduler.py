@@ -31,6 +31,7 @@ from tokenmill.scheduler.fair import FairPolicy
 from tokenmill.scheduler.plan import PromptLogprobRows, SamplingInputs, ScheduledSeq, StepPlan, StepResult
 from tokenmill.scheduler.policy import FCFSPolicy, PriorityPolicy, SchedulingPolicy
 from tokenmill.scheduler.sjf import SJFPolicy
+from tokenmill.spec.tree import depths
 
 
 @dataclass(frozen=True)
@@ -263,21 +264,24 @@ class Scheduler:
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
             real_end = min(end, request.num_tokens)
             drafts = tuple(request.draft_token_ids[: end - real_end])
-            request.draft_token_ids = []  # consumed: the next step's are proposed afresh
+            parents = tuple(request.draft_parents[: len(drafts)]) if drafts and request.draft_parents else ()
+            request.draft_token_ids, request.draft_parents = [], []  # consumed: the next step's are proposed afresh
             entries = self.kv_cache.num_entries(request.request_id)
             samples = 1 + len(drafts) if end >= request.num_tokens else 0
             seqs.append(ScheduledSeq(request.request_id, len(token_ids), num_new, entries + num_new,
                                      tuple(self.kv_cache.block_table(request.request_id)), samples,
                                      _sampling_inputs(request) if samples else None, drafts,
                                      _prompt_logprob_rows(request, start, real_end),
-                                     self.kv_cache.lane_tables(request.request_id)))
+                                     self.kv_cache.lane_tables(request.request_id), parents))
             moves = self.kv_cache.pop_lane_copies(request.request_id)
             if moves is not None:
                 lane_copies.append(moves)
             token_ids.extend(request.token_ids(start, real_end))
             token_ids.extend(drafts)
             shift = self.kv_cache.position_shift(request.request_id)
-            positions.extend(range(start - shift, end - shift))
+            positions.extend(range(start - shift, real_end - shift))
+            # A draft sits at its depth past the last real token (a chain's i-th draft at depth i + 1).
+            positions.extend(real_end - 1 - shift + d for d in depths(parents, len(drafts)))
             slot_mapping.extend(self.kv_cache.slots(request.request_id, entries, entries + num_new))
         finished, self._finished_ids = self._finished_ids, []
         # A request preempted since its eviction had its blocks freed: its rotation is moot.

@@ -36,6 +36,7 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, StepPlan
 from tokenmill.spec.adaptive import StepCostModel
 from tokenmill.spec.proposer import DraftRequest, Proposer
+from tokenmill.spec.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class _Work:
     pending: list[int]
     wanted: int
     guesses: list[int] = field(default_factory=list)
+    runners_up: list[list[int]] = field(default_factory=list)  # per guess, the draft's next likeliest tokens
 
 
 class DraftModelProposer(Proposer):
@@ -138,6 +140,24 @@ class DraftModelProposer(Proposer):
         return depth * self.cost(num_seqs)
 
     def propose_batch(self, requests: Sequence[DraftRequest]) -> list[list[int]]:
+        return [w.guesses if w is not None else [] for w in self._draft(requests, 1)]
+
+    def propose_trees(self, requests: Sequence[DraftRequest], width: int, max_drafts: int) -> list[DraftTree]:
+        """The argmax chain, and the draft's next `width - 1` likeliest tokens at each depth as leaves beside it
+        (shallow ones first: they are the likelier to be reached), at most `max_drafts` tokens in all."""
+        trees = []
+        for w in self._draft(requests, width):
+            if w is None:
+                trees.append(DraftTree(()))
+                continue
+            chain = w.guesses[:max_drafts]
+            leaves = [(depth, token) for depth, others in enumerate(w.runners_up[: len(chain)]) for token in others]
+            leaves = leaves[: max_drafts - len(chain)]
+            parents = (*range(len(chain)), *(depth for depth, _ in leaves))
+            trees.append(DraftTree((*chain, *(token for _, token in leaves)), parents if leaves else ()))
+        return trees
+
+    def _draft(self, requests: Sequence[DraftRequest], width: int) -> list[_Work | None]:
         asked = {r.request_id for r in requests}  # decoding now, drafts or not: their state is kept
         work: dict[int, _Work] = {}
         for i, request in enumerate(requests):
@@ -145,13 +165,13 @@ class DraftModelProposer(Proposer):
             if item is not None:
                 work[i] = item
         items = list(work.values())
-        self._catch_up(items)
+        self._catch_up(items, width)
         for depth in range(1, max((w.wanted for w in items), default=0)):
             deeper = [w for w in items if w.wanted > depth]
             for w in deeper:
                 w.pending = [w.guesses[-1]]
-            self._catch_up(deeper)
-        return [work[i].guesses if i in work else [] for i in range(len(requests))]
+            self._catch_up(deeper, width)
+        return [work.get(i) for i in range(len(requests))]
 
     def _prepare(self, request: DraftRequest, asked: set[str]) -> _Work | None:
         """Roll the request's draft state back to the tokens it still shares with the request and reserve the KV
@@ -187,9 +207,9 @@ class DraftModelProposer(Proposer):
         seq.blocks.extend(self.pool.allocate(need))
         return True
 
-    def _catch_up(self, items: list[_Work]) -> None:
+    def _catch_up(self, items: list[_Work], width: int) -> None:
         """Feed every item's pending tokens through the draft model, in steps of at most `max_step_tokens` rows;
-        each item's last fed token yields its next guess."""
+        each item's last fed token yields its next guess (and, for `width` > 1, its runners-up)."""
         while any(w.pending for w in items):
             step, budget = [], self.max_step_tokens
             for w in items:
@@ -198,12 +218,14 @@ class DraftModelProposer(Proposer):
                     step.append((w, w.pending[:take], take == len(w.pending)))
                     w.pending = w.pending[take:]
                     budget -= take
-            guesses = self._run(step)
+            guesses = self._run(step, width)
             for w, _, last in step:
                 if last:
-                    w.guesses.append(guesses[w.seq.request_id])
+                    token, others = guesses[w.seq.request_id]
+                    w.guesses.append(token)
+                    w.runners_up.append(others)
 
-    def _run(self, step: list[tuple[_Work, list[int], bool]]) -> dict[str, int]:
+    def _run(self, step: list[tuple[_Work, list[int], bool]], width: int) -> dict[str, tuple[int, list[int]]]:
         seqs, token_ids, positions, slots = [], [], [], []
         bs = self.block_size
         step = sorted(step, key=lambda item: len(item[1]) != 1)  # a plan lists its one-token sequences first
@@ -216,12 +238,17 @@ class DraftModelProposer(Proposer):
             positions += range(start, end)
             slots += [seq.blocks[p // bs] * bs + p % bs for p in range(start, end)]
         plan = StepPlan(tuple(seqs), tuple(token_ids), tuple(positions), tuple(slots),
-                        finished_request_ids=tuple(self._released))
+                        finished_request_ids=tuple(self._released), return_logits=width > 1)
         result = self.runner.execute(plan)
         self._released = []
         for w, new, _ in step:  # only now does the cache hold their entries
             w.seq.tokens += new
-        return {s.request_id: s.token_ids[0] for s in result.samples}
+        others: list[list[int]] = [[] for _ in result.samples]
+        if result.logits is not None:  # the next likeliest tokens besides each argmax guess
+            top = result.logits.topk(width, dim=-1).indices.tolist()
+            others = [[t for t in row if t != s.token_ids[0]][: width - 1]
+                      for row, s in zip(top, result.samples, strict=True)]
+        return {s.request_id: (s.token_ids[0], o) for s, o in zip(result.samples, others, strict=True)}
 
 
 def affordable_blocks(cfg: ModelConfig, dtype: torch.dtype, num_blocks: int, block_size: int,

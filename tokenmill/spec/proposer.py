@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tokenmill.spec.tree import DraftTree
+
 
 @dataclass(frozen=True)
 class DraftRequest:
@@ -35,6 +37,9 @@ class Proposer(ABC):
       acceptance rates, the target's step cost and `draft_seconds`) and the proposer fills it whenever it can.
     - `draft_seconds(num_seqs, depth)`: the time to guess `depth` tokens for each of `num_seqs` requests (0 for a
       free proposer).
+    - `propose_trees(requests, width)`: token trees (spec/tree.py) instead of chains, with up to `width` tokens
+      per depth where the drafter has that many candidates; a chain is a tree of width 1, which every drafter
+      returns by default. A tree keeps tree.py's shape (a chain with leaves off it) and at most `max_drafts` tokens.
     - Draft distributions: `one_hot` says the guesses are deterministic given the tokens (q is one-hot), which the
       verifier's rejection rule relies on; a sampled drafter would hand back its probabilities instead.
     """
@@ -51,6 +56,9 @@ class Proposer(ABC):
 
     def propose_batch(self, requests: Sequence[DraftRequest]) -> list[list[int]]:
         return [self.propose(r.request_id, r.prompt_token_ids, r.output_token_ids, r.max_tokens) for r in requests]
+
+    def propose_trees(self, requests: Sequence[DraftRequest], width: int, max_drafts: int) -> list[DraftTree]:
+        return [DraftTree(tuple(chain[:max_drafts])) for chain in self.propose_batch(requests)]
 
     def draft_seconds(self, num_seqs: int, depth: int) -> float:
         return 0.0

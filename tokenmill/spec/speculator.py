@@ -12,6 +12,7 @@ from tokenmill.request import Request, RequestStatus
 from tokenmill.scheduler.plan import StepPlan, StepResult
 from tokenmill.spec.adaptive import Acceptance, choose_draft_lengths
 from tokenmill.spec.proposer import DraftRequest, Proposer
+from tokenmill.spec.tree import MAX_TREE_ROWS, DraftTree, spine_length
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,11 @@ PROBE_TOKENS = 2
 
 class Speculator:
     """`cost(rows)`: the step-time model for adaptive lengths, or None for a fixed `max_draft_tokens` whenever the
-    proposer has that many."""
+    proposer has that many. `tree_width` > 1: token trees of that many tokens per depth (spec/tree.py) where the
+    proposer has candidates; lengths are then chosen for the tree's chain, its leaves riding along."""
 
     def __init__(self, proposer: Proposer, max_draft_tokens: int, max_model_len: int, max_step_tokens: int,
-                 cost: Callable[[int], float] | None = None) -> None:
+                 cost: Callable[[int], float] | None = None, tree_width: int = 1) -> None:
         if max_draft_tokens < 1:
             raise ValueError(f"max_draft_tokens must be >= 1, got {max_draft_tokens}")
         self.proposer = proposer
@@ -55,6 +57,7 @@ class Speculator:
         self.max_model_len = max_model_len
         self.max_step_tokens = max_step_tokens
         self.cost = cost
+        self.tree_width = tree_width
         self.stats = SpecDecodeStats(accepted_per_position=[0] * max_draft_tokens)
         self._acceptance: dict[str, Acceptance] = {}
         self._idle: dict[str, int] = {}  # steps since a request last drafted, for the probes of costly drafters
@@ -66,6 +69,7 @@ class Speculator:
         # Rows the step has without drafts: prefill chunks too, as far as the token budget lets them in.
         base_rows = min(sum(max(1, r.num_tokens - r.num_computed_tokens) for r in running), self.max_step_tokens)
         limits = [self._limit(r) for r in decoding]
+        guesses: Sequence[list[int] | DraftTree]
         try:
             if self.proposer.free:  # guesses cost nothing: take all there are, then keep what pays
                 guesses = self.proposer.propose_batch(self._asks(decoding, limits))
@@ -76,16 +80,25 @@ class Speculator:
                 lengths = limits
                 if self.cost is not None:
                     lengths = self._probe(decoding, limits, self._lengths(decoding, limits, base_rows))
-                guesses = self.proposer.propose_batch(self._asks(decoding, lengths))
+                guesses = self._guess(decoding, lengths)
         except Exception:  # a drafter's failure (a draft model's step) costs this step its drafts, nothing more
             logger.exception("%s failed; this step runs without drafts", type(self.proposer).__name__)
             guesses = [[] for _ in decoding]
         if self.cost is not None:
             for request, guess in zip(decoding, guesses, strict=True):
-                if not guess:
+                if not (guess.token_ids if isinstance(guess, DraftTree) else guess):
                     self._acceptance.setdefault(request.request_id, Acceptance()).forget()
         for request, guess in zip(decoding, guesses, strict=True):
-            request.draft_token_ids = guess
+            if isinstance(guess, DraftTree):
+                request.draft_token_ids, request.draft_parents = list(guess.token_ids), list(guess.parents)
+            else:
+                request.draft_token_ids, request.draft_parents = guess, []
+
+    def _guess(self, decoding: Sequence[Request], lengths: Sequence[int]) -> Sequence[list[int] | DraftTree]:
+        """A costly proposer's drafts of the chosen lengths: chains, or trees around chains of those lengths."""
+        if self.tree_width == 1:
+            return self.proposer.propose_batch(self._asks(decoding, lengths))
+        return self.proposer.propose_trees(self._asks(decoding, lengths), self.tree_width, MAX_TREE_ROWS - 1)
 
     def _lengths(self, decoding: Sequence[Request], available: Sequence[int], base_rows: int) -> list[int]:
         assert self.cost is not None
@@ -134,6 +147,8 @@ class Speculator:
             self.stats.num_drafts += 1
             self.stats.num_draft_tokens += len(seq.draft_token_ids)
             self.stats.num_accepted_tokens += accepted
-            for i in range(accepted):
+            for i in range(min(accepted, len(self.stats.accepted_per_position))):
                 self.stats.accepted_per_position[i] += 1
-            self._acceptance.setdefault(seq.request_id, Acceptance()).observe(len(seq.draft_token_ids), accepted)
+            # A tree's acceptance is its chain's: the depth it was drafted to, and how deep it was accepted.
+            depth = spine_length(seq.draft_parents) if seq.draft_parents else len(seq.draft_token_ids)
+            self._acceptance.setdefault(seq.request_id, Acceptance()).observe(depth, min(accepted, depth))

@@ -9,6 +9,11 @@ The first row that does not accept yields the sequence's last token, or, when ev
 token drawn from row k. Each emitted token is thereby distributed exactly as the target would sample it, for every
 sampling parameter the rows' distributions carry (temperature, top-k/p, min-p, penalties over the history up to that
 row, blocked tokens), and seeded requests draw only from their own generator.
+
+A token tree (spec/tree.py) is walked from row 0 down: greedy takes the child carrying the target's choice; sampling
+applies SpecInfer's multi-branch rule with one-hot drafts: the row's children are tried in order, child c accepted
+with probability p'(c), where p' is the row's distribution with the children tried before removed and renormalized;
+when none is accepted the token is drawn from that residual. A row with one child is the chain's rule above.
 """
 
 from __future__ import annotations
@@ -19,24 +24,29 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.sampler.sampler import Sampler, SamplingRow, TokenLogprobs
+from tokenmill.spec.tree import children
 
 
 @dataclass
 class Verified:
-    """One sequence's outcome: the emitted tokens (accepted drafts, then one from the target) and their logprobs."""
+    """One sequence's outcome: the emitted tokens (accepted drafts, then one from the target), their logprobs, and
+    the sample rows of the accepted drafts (a chain's: 1, 2, ...)."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    path: list[int]
 
     @property
     def num_accepted(self) -> int:
         return len(self.token_ids) - 1
 
 
-def verify(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow],
-           drafts: Sequence[Sequence[int]]) -> list[Verified]:
+def verify(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow], drafts: Sequence[Sequence[int]],
+           parents: Sequence[Sequence[int]] | None = None) -> list[Verified]:
     """`logits` [sum(len(d) + 1), vocab]: each sequence's rows in order, `rows` their sampling rows (histories
-    including the drafts before each row); `drafts` per sequence. Returns one `Verified` per sequence."""
+    including the drafts on the way to each row); `drafts` per sequence, `parents` per sequence its tree's (empty
+    for a chain). Returns one `Verified` per sequence."""
+    trees = parents or [()] * len(drafts)
     starts = [0]
     for d in drafts:
         starts.append(starts[-1] + len(d) + 1)
@@ -52,13 +62,21 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow],
         for s in greedy:
             count = len(drafts[s]) + 1
             tokens = picked.token_ids[at : at + count]
-            accepted = _matching_prefix(tokens, drafts[s])
-            out[s] = Verified(tokens[: accepted + 1], picked.logprobs[at : at + accepted + 1])
+            if trees[s]:
+                path = _greedy_path(tokens, drafts[s], trees[s])
+                last = path[-1] if path else 0
+                out[s] = Verified([drafts[s][r - 1] for r in path] + [tokens[last]],
+                                  [picked.logprobs[at + r] for r in (0, *path)], path)
+            else:
+                accepted = _matching_prefix(tokens, drafts[s])
+                out[s] = Verified(tokens[: accepted + 1], picked.logprobs[at : at + accepted + 1],
+                                  list(range(1, accepted + 1)))
             at += count
     for s in range(len(drafts)):
         if out[s] is None:
-            out[s] = _rejection_sample(sampler, logits[starts[s] : starts[s + 1]], rows[starts[s] : starts[s + 1]],
-                                       drafts[s])
+            sample = _tree_sample if trees[s] else _rejection_sample
+            out[s] = sample(sampler, logits[starts[s] : starts[s + 1]], rows[starts[s] : starts[s + 1]], drafts[s],
+                            trees[s])
     return [v for v in out if v is not None]
 
 
@@ -69,8 +87,50 @@ def _matching_prefix(choices: Sequence[int], draft: Sequence[int]) -> int:
     return accepted
 
 
+def _greedy_path(choices: Sequence[int], draft: Sequence[int], parents: Sequence[int]) -> list[int]:
+    """The rows accepted walking down from row 0, each the child carrying its parent row's choice."""
+    kids = children(parents, len(draft))
+    path, row = [], 0
+    while True:
+        row = next((c for c in kids[row] if draft[c - 1] == choices[row]), 0)
+        if not row:
+            return path
+        path.append(row)
+
+
+def _tree_sample(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow], draft: Sequence[int],
+                 parents: Sequence[int]) -> Verified:
+    probs = sampler.probabilities(logits, rows)
+    generator = rows[0].generator or sampler.generator
+    kids = children(parents, len(draft))
+    path: list[int] = []
+    tokens: list[int] = []
+    row = 0
+    while True:
+        residual, mass, accepted = probs[row : row + 1].clone(), 1.0, 0
+        for child in kids[row]:
+            token = draft[child - 1]
+            u = torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu")
+            weight = float(residual[0, token])
+            if mass > 0 and float(u) < weight / mass:
+                accepted = child
+                break
+            mass -= weight
+            residual[0, token] = 0.0
+        if not accepted:
+            tokens.append(sampler.draw(residual, rows[row : row + 1]))
+            break
+        tokens.append(draft[accepted - 1])
+        path.append(accepted)
+        row = accepted
+    used = torch.tensor([0, *path], dtype=torch.long, device=logits.device)
+    logprobs = sampler.logprobs(logits[used], torch.tensor(tokens, dtype=torch.long, device=logits.device),
+                                [rows[r] for r in (0, *path)])
+    return Verified(tokens, logprobs, path)
+
+
 def _rejection_sample(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow],
-                      draft: Sequence[int]) -> Verified:
+                      draft: Sequence[int], parents: Sequence[int] = ()) -> Verified:
     probs = sampler.probabilities(logits, rows)
     generator = rows[0].generator or sampler.generator
     tokens: list[int] = []
@@ -89,4 +149,4 @@ def _rejection_sample(sampler: Sampler, logits: torch.Tensor, rows: Sequence[Sam
     used = len(tokens)
     logprobs = sampler.logprobs(logits[:used], torch.tensor(tokens, dtype=torch.long, device=logits.device),
                                 rows[:used])
-    return Verified(tokens, logprobs)
+    return Verified(tokens, logprobs, list(range(1, used)))

@@ -14,6 +14,7 @@ import torch
 
 from tokenmill.request import Request
 from tokenmill.scheduler.plan import StepPlan
+from tokenmill.spec.tree import spine_length
 from tokenmill.structured.grammar import GrammarCompiler
 
 
@@ -65,9 +66,13 @@ class StructuredOutputManager:
     @staticmethod
     def trim_drafts(requests: Iterable[Request]) -> None:
         """Drops each grammar-bound request's drafts from the first one its grammar forbids: such a draft could
-        never be accepted, and the rows after it would have no grammar state to mask with."""
+        never be accepted, and the rows after it would have no grammar state to mask with. A token tree keeps its
+        spine only (the grammar's draft masks follow one line of tokens)."""
         for request in requests:
             if request.grammar is not None and request.draft_token_ids:
+                if request.draft_parents:
+                    del request.draft_token_ids[spine_length(request.draft_parents):]
+                    request.draft_parents = []
                 del request.draft_token_ids[request.grammar.num_valid(request.draft_token_ids):]
 
     def start(self, plan: StepPlan, lookup: Callable[[str], Request | None]) -> Future[TokenMasks] | None:
