@@ -22,8 +22,8 @@
 // int8 activations (the second mode, `int8_activations`): each row of activations is rounded per block of 32 to int8
 // codes with an fp32 scale (amax / 127), as llama.cpp does for its Q8 dot products, so the weights stay the file's
 // while the products become integer dot products (AVX2 vpmaddubsw / vpmaddwd on 8 rows per vector; AVX-512 VNNI's
-// fused vpdpwssd on a whole 16-row tile per vector), several times fewer instructions than widening every code to
-// fp32. The integer sums are exact; each block adds float(Σ q·c) · (d · dx) and, for Q4, m · dx · Σc. Every path
+// fused vpdpbusd (Q4: four products per lane) or vpdpwssd (Q8: two) on a whole 16-row tile per vector), several
+// times fewer instructions than widening every code to fp32. The integer sums are exact; each block adds float(Σ q·c) · (d · dx) and, for Q4, m · dx · Σc. Every path
 // (AVX-512, AVX2, the portable loop) performs the same fp32 operations in the same order, so they agree bit for bit,
 // and the mode is batch invariant like the other. The result is the exact product of the file's weights with the
 // rounded activations; its effect on quality is measured (benchmarks/cpu_decode.py, docs/benchmarks.md).
@@ -372,6 +372,7 @@ struct Int8Rows {
   std::vector<int8_t> codes;
   std::vector<int16_t> wide;
   std::vector<float> scales, sums;
+  std::vector<int32_t> totals;  // per row and block Σ codes (the Q8 tile's vpdpbusd offset)
 };
 
 Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool with_wide) {
@@ -380,6 +381,7 @@ Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool wit
   q.codes.resize(n * kBlock);
   q.scales.resize(n);
   q.sums.resize(n);
+  q.totals.resize(n);
   for (int64_t rb = 0; rb < n; ++rb) {
     const uint16_t* xb = x + rb * kBlock;
     float amax = 0.0f;
@@ -393,6 +395,7 @@ Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool wit
       q.codes[rb * kBlock + k] = code;
       total += code;
     }
+    q.totals[rb] = total;
     q.scales[rb] = amax / 127.0f;
     q.sums[rb] = q.scales[rb] * static_cast<float>(total);
   }
@@ -400,9 +403,9 @@ Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool wit
   return q;
 }
 
-// Which tiles take the codes widened to int16: the 16-lane ones both, the 8-lane Q8 tile (vpmaddwd) only.
+// Which tiles take the codes widened to int16: the 8-lane Q8 tile (vpmaddwd of signed codes) only.
 #if defined(TOKENMILL_GGUF_INT8_AVX512)
-constexpr bool kWideQ4 = true, kWideQ8 = true;
+constexpr bool kWideQ4 = false, kWideQ8 = false;
 #elif defined(TOKENMILL_GGUF_INT8_AVX2)
 constexpr bool kWideQ4 = false, kWideQ8 = true;
 #else
@@ -449,14 +452,26 @@ inline void add_block16(const __m512i chains[][Tile], const S* d, const S* m, co
   }
 }
 
-// One Q4 row tile against Tile rows of int16 activation codes. A chunk's bytes widen to words in place (word 2r + e is
-// row r, k-offset e), so lane r of vpdpwssd against the activation pair of their k is row r's pair sum; the low
-// nibbles hold k = 2c + e, the high ones k = 16 + 2c + e.
+// 32-bit lane r += row r's four unsigned codes (bytes 4r..4r+3) times the four activation codes, summed (exact in
+// int32: vpdpbusd does not saturate).
+inline __m512i add_quads(__m512i acc, __m512i codes, const int8_t* x) {
+  int32_t four;
+  std::memcpy(&four, x, sizeof four);
+  return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(four));
+}
+
+// One Q4 row tile against Tile rows of int8 activation codes. Two chunks (k-pairs c and c + 1) are loaded together
+// and their 16-bit words interleaved (word 2r: chunk c's row r, word 2r + 1: chunk c + 1's), so lane r holds row r's
+// codes for four consecutive k and one vpdpbusd adds 64 products (twice vpdpwssd's, with no widening). The low
+// nibbles hold k = 2c..2c + 3, the high ones k = 16 + 2c..; the integer sums are those of every other path.
 template <int Tile, typename S>
-void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int16_t* xw, int64_t K,
+void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int8_t* xq, int64_t K,
                   const float* dx, const float* xs, float* out) {
   constexpr int Chains = kInt8Chains<Tile>;
-  const __m512i low_nibble = _mm512_set1_epi16(0x0F);
+  alignas(64) static constexpr uint16_t kQuads[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i quads = _mm512_load_si512(kQuads);
+  const __m512i low_nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[Tile];
   for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
@@ -464,14 +479,15 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
     for (auto& chain : chains)
       for (int i = 0; i < Tile; ++i) chain[i] = _mm512_setzero_si512();
     const uint8_t* chunk = w + b * kQ4TileBlockBytes;
-    for (int64_t c = 0; c < 8; ++c) {
-      const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * c)));
-      const __m512i low = _mm512_and_si512(codes, low_nibble), high = _mm512_srli_epi16(codes, 4);
-      const int chain = 2 * static_cast<int>(c % Chains);
+    for (int64_t c = 0; c < 8; c += 2) {
+      const __m512i both = _mm512_permutexvar_epi16(quads, _mm512_loadu_si512(chunk + 32 * c));
+      const __m512i low = _mm512_and_si512(both, low_nibble);
+      const __m512i high = _mm512_and_si512(_mm512_srli_epi16(both, 4), low_nibble);
+      const int chain = 2 * static_cast<int>((c / 2) % Chains);
       for (int i = 0; i < Tile; ++i) {
-        const int16_t* xb = xw + i * K + b * kBlock;
-        chains[chain][i] = add_pairs(chains[chain][i], low, xb + 2 * c);
-        chains[chain + 1][i] = add_pairs(chains[chain + 1][i], high, xb + 16 + 2 * c);
+        const int8_t* xb = xq + i * K + b * kBlock;
+        chains[chain][i] = add_quads(chains[chain][i], low, xb + 2 * c);
+        chains[chain + 1][i] = add_quads(chains[chain + 1][i], high, xb + 16 + 2 * c);
       }
     }
     add_block16<Tile, 2 * Chains>(chains, d + b * kRows, m + b * kRows, dx, xs, blocks, b, acc);
@@ -479,11 +495,17 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
   for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
 }
 
-// One Q8_0 row tile against Tile rows of int16 activation codes: the signed codes widen to words, then as for Q4.
+// One Q8_0 row tile against Tile rows of int8 activation codes, four products per lane as for Q4: the signed codes
+// flipped to unsigned ones 128 higher (c ^ 0x80 = c + 128), whose vpdpbusd sums exceed the true ones by exactly
+// 128 · Σ x over the block, subtracted before the block is scaled.
 template <int Tile>
-void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int16_t* xw, int64_t K, const float* dx,
-                  float* out) {
+void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
+                  const int32_t* totals, float* out) {
   constexpr int Chains = kInt8Chains<Tile>;
+  alignas(64) static constexpr uint16_t kQuads[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i quads = _mm512_load_si512(kQuads);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[Tile];
   for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
@@ -491,12 +513,14 @@ void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int1
     for (auto& chain : chains)
       for (int i = 0; i < Tile; ++i) chain[i] = _mm512_setzero_si512();
     const int8_t* chunk = w + b * kQ8TileBlockBytes;
-    for (int64_t j = 0; j < 16; ++j) {
-      const __m512i codes = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * j)));
-      const int chain = static_cast<int>(j % Chains);
+    for (int64_t j = 0; j < 16; j += 2) {
+      const __m512i codes = _mm512_xor_si512(_mm512_permutexvar_epi16(quads, _mm512_loadu_si512(chunk + 32 * j)), flip);
+      const int chain = static_cast<int>((j / 2) % Chains);
       for (int i = 0; i < Tile; ++i)
-        chains[chain][i] = add_pairs(chains[chain][i], codes, xw + i * K + b * kBlock + 2 * j);
+        chains[chain][i] = add_quads(chains[chain][i], codes, xq + i * K + b * kBlock + 2 * j);
     }
+    for (int i = 0; i < Tile; ++i)
+      chains[0][i] = _mm512_sub_epi32(chains[0][i], _mm512_set1_epi32(128 * totals[i * blocks + b]));
     add_block16<Tile, Chains>(chains, d + b * kRows, kNoMinimums, dx, nullptr, blocks, b, acc);
   }
   for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
@@ -733,7 +757,7 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, c
       const float *dx = q.scales.data() + i0 * blocks, *sums = q.sums.data() + i0 * blocks;
 #if defined(TOKENMILL_GGUF_INT8_AVX512)
       with_tile(act_rows, [&](auto tile) {
-        q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, q.wide.data() + i0 * K, K, dx, sums, out);
+        q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, q.codes.data() + i0 * K, K, dx, sums, out);
       });
 #elif defined(TOKENMILL_GGUF_INT8_AVX2)
       in_row_groups(act_rows, [&](auto tile, int i) {
@@ -803,7 +827,8 @@ at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
       const float* dx = q.scales.data() + i0 * blocks;
 #if defined(TOKENMILL_GGUF_INT8_AVX512)
       with_tile(act_rows, [&](auto tile) {
-        q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.wide.data() + i0 * K, K, dx, out);
+        q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.codes.data() + i0 * K, K, dx,
+                                            q.totals.data() + i0 * blocks, out);
       });
 #elif defined(TOKENMILL_GGUF_INT8_AVX2)
       in_row_groups(act_rows, [&](auto tile, int i) {

@@ -87,3 +87,16 @@ def gguf_q4_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tu
         raise ValueError(f"expected a Q4_0, Q4_1 or Q4_K tensor, got {type_name}")
     return (torch.from_numpy(np.ascontiguousarray(codes)).reshape(rows, cols),
             torch.from_numpy(scales).reshape(rows, cols // 32), torch.from_numpy(minimums).reshape(rows, cols // 32))
+
+
+def q8_requantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 weights [rows, cols] (cols a multiple of 32) as 8-bit blocks of 32 in Q8_0's form: an f16 scale
+    d = amax / 127 per block (rounded to f16 first) and codes round(w / d) in [-127, 127]. Lossy: the tensor types the
+    tiles do not read (Q6_K, the other K-quants, float) become blocks the 8-bit tiles do."""
+    rows, cols = weight.shape
+    blocks = weight.float().reshape(rows, cols // 32, 32)
+    d = (blocks.abs().amax(dim=-1) / 127).to(torch.float16)
+    safe = torch.where(d > 0, d.float(), torch.ones_like(d, dtype=torch.float32))
+    codes = torch.round(blocks / safe[..., None]).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(rows, cols), d
+

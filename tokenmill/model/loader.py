@@ -7,7 +7,7 @@ import struct
 import torch
 
 from tokenmill.model.config import ModelConfig
-from tokenmill.model.gguf_blocks import Q4_TYPES, Q8_TYPES, gguf_q4_codes, gguf_q8_codes
+from tokenmill.model.gguf_blocks import Q4_TYPES, Q8_TYPES, gguf_q4_codes, gguf_q8_codes, q8_requantize
 from tokenmill.model.gguf_file import GGUFFile, ModelLoadError
 from tokenmill.model.linear import (
     FloatLinear,
@@ -56,7 +56,9 @@ class _LayerBuilder:
 
     def _file_blocks(self, names: list[str], bias: torch.Tensor | None) -> Linear | None:
         """The file's own blocks of tensors stacked by rows, when all of them have 4-bit tiles (Q4_0/Q4_1/Q4_K) or all
-        8-bit ones (Q8_0/Q5_0): gguf_blocks.py."""
+        8-bit ones (Q8_0/Q5_0): gguf_blocks.py. Any other stack (Q6_K, the other K-quants, float tensors, or a mix
+        of types) is requantized into 8-bit blocks of 32 for the 8-bit tiles; None only when its width is not a
+        multiple of 32."""
         types = {self.file.tensor_type(n) for n in names}
         layer: GgufQ4Linear | GgufQ8Linear
         if types <= Q4_TYPES:
@@ -66,7 +68,10 @@ class _LayerBuilder:
             layer = GgufQ8Linear(*self._stack(names, [gguf_q8_codes(*self.file.raw_tensor(n)) for n in names]),
                                  bias=bias)
         else:
-            return None
+            weight = torch.cat([self._unpermute(n, self.file.tensor(n, torch.float32)) for n in names])
+            if weight.shape[1] % 32:
+                return None
+            layer = GgufQ8Linear(*q8_requantize(weight), bias=bias)
         layer.int8_activations = self.int8_activations
         return layer
 
