@@ -108,16 +108,20 @@ def test_mixed_k_quant_stacks_load_as_the_files_exact_blocks(mixed_model_path) -
     layers = model.layers
     assert [type(layer.qkv) for layer in layers] == [GgufQ8Linear, GgufQ8Linear]
     assert [type(layer.gate_up) for layer in layers] == [GgufQ4Linear, GgufQ4Linear]
-    assert type(layers[0].down) is GgufQ4Linear and type(layers[1].down) is GgufQ8Linear
+    assert type(layers[0].down) is GgufQ4Linear and type(layers[1].down) is Int8Linear  # bf16: PyTorch's int8
     assert layers[0].gate_up.scales.dtype == torch.float32  # Q4_K rows beside Q4_1 ones: fp32 for all
     gguf_file = GGUFFile(mixed_model_path)
     gate_up = torch.cat([gguf_file.tensor(f"blk.0.ffn_{n}.weight") for n in ("gate", "up")])
     assert torch.equal(layers[0].gate_up.dequantized(), gate_up)
     assert torch.equal(layers[0].o.dequantized(), gguf_file.tensor("blk.0.attn_output.weight"))
-    # Q6_K has no tile: its weights requantized into 8-bit blocks of 32, each within half its block's step
+    # With int8 activations Q6_K, which has no tile, is requantized into 8-bit blocks of 32 for the 8-bit tiles,
+    # each weight within half its block's step
+    down = load_model(gguf_file, torch.bfloat16, torch.device("cpu"), weight_format="gguf",
+                      int8_activations=True).layers[1].down
+    assert type(down) is GgufQ8Linear and down.int8_activations
     q6 = gguf_file.tensor("blk.1.ffn_down.weight")
-    step = layers[1].down.scales.float().permute(0, 2, 1).reshape(-1, q6.shape[1] // 32)[: q6.shape[0]]
-    error = (layers[1].down.dequantized() - q6).abs().reshape(q6.shape[0], -1, 32).amax(-1)
+    step = down.scales.float().permute(0, 2, 1).reshape(-1, q6.shape[1] // 32)[: q6.shape[0]]
+    error = (down.dequantized() - q6).abs().reshape(q6.shape[0], -1, 32).amax(-1)
     assert bool((error <= step * 0.5 + 1e-6).all()) and float(error.max()) > 0
 
 
@@ -157,5 +161,5 @@ def test_qwen_draft_runs_its_q5_0_q8_0_and_q4_k_tensors_on_the_block_tiles() -> 
     model = load_model(GGUFFile(CACHE / DRAFT.file_name), torch.bfloat16, torch.device("cpu"), weight_format="gguf")
     tiled = [m for m in model.modules() if isinstance(m, GgufQ4Linear | GgufQ8Linear)]
     fallback = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    # 24 layers of qkv, o, gate_up and down, and the LM head; the 12 Q6_K ffn_down tensors requantized to 8-bit blocks
-    assert len(tiled) == 24 * 4 + 1 and not fallback
+    # 24 layers of qkv, o, gate_up and down, the LM head; only the 12 Q6_K ffn_down tensors have no tile.
+    assert len(tiled) == 24 * 4 - 12 + 1 and len(fallback) == 12

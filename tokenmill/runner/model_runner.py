@@ -161,13 +161,12 @@ class ModelRunner:
             if generator is None:
                 generator = self._generators[seq.request_id] = torch.Generator().manual_seed(params.seed)
         output = inputs.output_token_ids
-        way = path_tokens(seq.draft_parents, seq.draft_token_ids, i) if i and (output or has_penalties(params)) else ()
+        way = path_tokens(seq.draft_parents, seq.draft_token_ids, i)
         if i and output:  # the history is only filled in when a penalty reads it
             output = (*output, *way)
         elif i and has_penalties(params):
             output = tuple(way)
-        depth = len(path_tokens(seq.draft_parents, seq.draft_token_ids, i)) if seq.draft_parents else i
-        blocked = inputs.blocked_token_ids if depth < inputs.blocked_rows else ()
+        blocked = inputs.blocked_token_ids if len(way) < inputs.blocked_rows else ()
         return SamplingRow(params, inputs.prompt_token_ids, output, generator, blocked)
 
     def time_rows(self, num_rows: int, rows_per_seq: int = 8, context: int = 256) -> float:
