@@ -404,12 +404,10 @@ Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool wit
 }
 
 // Which tiles take the codes widened to int16: the 8-lane Q8 tile (vpmaddwd of signed codes) only.
-#if defined(TOKENMILL_GGUF_INT8_AVX512)
-constexpr bool kWideQ4 = false, kWideQ8 = false;
-#elif defined(TOKENMILL_GGUF_INT8_AVX2)
-constexpr bool kWideQ4 = false, kWideQ8 = true;
+#if defined(TOKENMILL_GGUF_INT8_AVX2)
+constexpr bool kWideQ8 = true;
 #else
-constexpr bool kWideQ4 = false, kWideQ8 = false;
+constexpr bool kWideQ8 = false;
 #endif
 
 const at::Half* const kNoMinimums = nullptr;  // the Q8 tiles' blocks have no minimum term
@@ -460,17 +458,21 @@ inline __m512i add_quads(__m512i acc, __m512i codes, const int8_t* x) {
   return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(four));
 }
 
-// One Q4 row tile against Tile rows of int8 activation codes. Two chunks (k-pairs c and c + 1) are loaded together
-// and their 16-bit words interleaved (word 2r: chunk c's row r, word 2r + 1: chunk c + 1's), so lane r holds row r's
-// codes for four consecutive k and one vpdpbusd adds 64 products (twice vpdpwssd's, with no widening). The low
-// nibbles hold k = 2c..2c + 3, the high ones k = 16 + 2c..; the integer sums are those of every other path.
+// Chunks c and c + 1 (64 bytes) with their 16-bit words interleaved (word 2r: chunk c's row r, word 2r + 1: chunk
+// c + 1's), so 32-bit lane r holds row r's codes for four consecutive k.
+inline __m512i quad_codes(const void* chunks) {
+  alignas(64) static constexpr uint16_t kQuads[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kQuads), _mm512_loadu_si512(chunks));
+}
+
+// One Q4 row tile against Tile rows of int8 activation codes, two chunks at a time as quad_codes lays them out: one
+// vpdpbusd adds 64 products (twice vpdpwssd's, with no widening). The low nibbles hold k = 2c..2c + 3, the high ones
+// k = 16 + 2c..; the integer sums are those of every other path.
 template <int Tile, typename S>
 void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int8_t* xq, int64_t K,
                   const float* dx, const float* xs, float* out) {
   constexpr int Chains = kInt8Chains<Tile>;
-  alignas(64) static constexpr uint16_t kQuads[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i quads = _mm512_load_si512(kQuads);
   const __m512i low_nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[Tile];
   for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
@@ -480,7 +482,7 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
       for (int i = 0; i < Tile; ++i) chain[i] = _mm512_setzero_si512();
     const uint8_t* chunk = w + b * kQ4TileBlockBytes;
     for (int64_t c = 0; c < 8; c += 2) {
-      const __m512i both = _mm512_permutexvar_epi16(quads, _mm512_loadu_si512(chunk + 32 * c));
+      const __m512i both = quad_codes(chunk + 32 * c);
       const __m512i low = _mm512_and_si512(both, low_nibble);
       const __m512i high = _mm512_and_si512(_mm512_srli_epi16(both, 4), low_nibble);
       const int chain = 2 * static_cast<int>((c / 2) % Chains);
@@ -502,9 +504,6 @@ template <int Tile>
 void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
                   const int32_t* totals, float* out) {
   constexpr int Chains = kInt8Chains<Tile>;
-  alignas(64) static constexpr uint16_t kQuads[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i quads = _mm512_load_si512(kQuads);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[Tile];
   for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
@@ -514,7 +513,7 @@ void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int8
       for (int i = 0; i < Tile; ++i) chain[i] = _mm512_setzero_si512();
     const int8_t* chunk = w + b * kQ8TileBlockBytes;
     for (int64_t j = 0; j < 16; j += 2) {
-      const __m512i codes = _mm512_xor_si512(_mm512_permutexvar_epi16(quads, _mm512_loadu_si512(chunk + 32 * j)), flip);
+      const __m512i codes = _mm512_xor_si512(quad_codes(chunk + 32 * j), flip);
       const int chain = static_cast<int>((j / 2) % Chains);
       for (int i = 0; i < Tile; ++i)
         chains[chain][i] = add_quads(chains[chain][i], codes, xq + i * K + b * kBlock + 2 * j);
@@ -750,7 +749,7 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, c
   const int64_t K = blocks * kBlock;
   const uint16_t* xs = activations(x, K);
   if (int8_activations) {
-    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, kWideQ4);
+    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, false);  // every Q4 tile takes the int8 codes
     return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
       const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
       const S *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;

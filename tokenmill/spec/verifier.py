@@ -62,33 +62,20 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow], 
         for s in greedy:
             count = len(drafts[s]) + 1
             tokens = picked.token_ids[at : at + count]
-            if trees[s]:
-                path = _greedy_path(tokens, drafts[s], trees[s])
-                last = path[-1] if path else 0
-                out[s] = Verified([drafts[s][r - 1] for r in path] + [tokens[last]],
-                                  [picked.logprobs[at + r] for r in (0, *path)], path)
-            else:
-                accepted = _matching_prefix(tokens, drafts[s])
-                out[s] = Verified(tokens[: accepted + 1], picked.logprobs[at : at + accepted + 1],
-                                  list(range(1, accepted + 1)))
+            path = _greedy_path(tokens, drafts[s], trees[s])
+            out[s] = Verified([drafts[s][r - 1] for r in path] + [tokens[path[-1] if path else 0]],
+                              [picked.logprobs[at + r] for r in (0, *path)], path)
             at += count
     for s in range(len(drafts)):
         if out[s] is None:
-            sample = _tree_sample if trees[s] else _rejection_sample
-            out[s] = sample(sampler, logits[starts[s] : starts[s + 1]], rows[starts[s] : starts[s + 1]], drafts[s],
-                            trees[s])
+            out[s] = _sample(sampler, logits[starts[s] : starts[s + 1]], rows[starts[s] : starts[s + 1]], drafts[s],
+                             trees[s])
     return [v for v in out if v is not None]
 
 
-def _matching_prefix(choices: Sequence[int], draft: Sequence[int]) -> int:
-    accepted = 0
-    while accepted < len(draft) and choices[accepted] == draft[accepted]:
-        accepted += 1
-    return accepted
-
-
 def _greedy_path(choices: Sequence[int], draft: Sequence[int], parents: Sequence[int]) -> list[int]:
-    """The rows accepted walking down from row 0, each the child carrying its parent row's choice."""
+    """The rows accepted walking down from row 0, each the child carrying its parent row's choice (a chain: the
+    drafts matching the target's choices, up to the first that does not)."""
     kids = children(parents, len(draft))
     path, row = [], 0
     while True:
@@ -98,8 +85,9 @@ def _greedy_path(choices: Sequence[int], draft: Sequence[int], parents: Sequence
         path.append(row)
 
 
-def _tree_sample(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow], draft: Sequence[int],
-                 parents: Sequence[int]) -> Verified:
+def _sample(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow], draft: Sequence[int],
+            parents: Sequence[int]) -> Verified:
+    """The rejection rule down the tree (a chain: one child per row), one uniform per child tried."""
     probs = sampler.probabilities(logits, rows)
     generator = rows[0].generator or sampler.generator
     kids = children(parents, len(draft))
@@ -127,26 +115,3 @@ def _tree_sample(sampler: Sampler, logits: torch.Tensor, rows: Sequence[Sampling
     logprobs = sampler.logprobs(logits[used], torch.tensor(tokens, dtype=torch.long, device=logits.device),
                                 [rows[r] for r in (0, *path)])
     return Verified(tokens, logprobs, path)
-
-
-def _rejection_sample(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow],
-                      draft: Sequence[int], parents: Sequence[int] = ()) -> Verified:
-    probs = sampler.probabilities(logits, rows)
-    generator = rows[0].generator or sampler.generator
-    tokens: list[int] = []
-    for i, token in enumerate(draft):
-        # One uniform per draft token, from the request's own generator when it has one.
-        u = torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu")
-        if float(u) < float(probs[i, token]):
-            tokens.append(token)
-            continue
-        residual = probs[i : i + 1].clone()
-        residual[0, token] = 0.0
-        tokens.append(sampler.draw(residual, rows[i : i + 1]))
-        break
-    else:
-        tokens.append(sampler.draw(probs[len(draft) : len(draft) + 1], rows[len(draft) :]))
-    used = len(tokens)
-    logprobs = sampler.logprobs(logits[:used], torch.tensor(tokens, dtype=torch.long, device=logits.device),
-                                rows[:used])
-    return Verified(tokens, logprobs, list(range(1, used)))
