@@ -13,7 +13,8 @@ row, blocked tokens), and seeded requests draw only from their own generator.
 A token tree (spec/tree.py) is walked from row 0 down: greedy takes the child carrying the target's choice; sampling
 applies SpecInfer's multi-branch rule with one-hot drafts: the row's children are tried in order, child c accepted
 with probability p'(c), where p' is the row's distribution with the children tried before removed and renormalized;
-when none is accepted the token is drawn from that residual. A row with one child is the chain's rule above.
+when none is accepted the token is drawn from that residual. A row with one child is the chain's rule above, and
+a chain is verified as the tree with one child per row (the same uniforms and draws).
 """
 
 from __future__ import annotations
