@@ -6,7 +6,8 @@ prompt's blocks), then again (every prompt cached but its tail), then the first 
 the batch once, the reference. A cached prompt's tail is computed by other kernels than a whole prefill
 (docs/architecture.md, "Prefix caching"): in fp32 they agree closely enough that greedy tokens match; this measures
 what bf16 does, and what `batch_invariant` (every attention row computed as a one-token decode computes it)
-changes with row-invariant matmuls (`--weight-format gguf`). Its price: prefill tokens/s of 8 prompts of 1,000
+changes with row-invariant matmuls (`--weight-format gguf`, or bf16 float weights on tokenmill's packed kernel, the
+default `--bf16-kernel`). Its price: prefill tokens/s of 8 prompts of 1,000
 tokens with the mode off and on, alternated (--prefill-repeats rounds, medians).
 
     .venv/bin/python benchmarks/cache_identity.py
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.bench.machine import busy_warning, machine_description  # noqa: E402
 from tokenmill.bench.report import write_json  # noqa: E402
+from tokenmill.config import BF16_KERNELS  # noqa: E402
 
 SYSTEM = "You are a helpful assistant. Answer briefly and precisely, in plain English, without lists unless asked."
 DATA = Path(__file__).resolve().parents[2] / "shared/data/sharegpt_v3_first_turn.jsonl"
@@ -44,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weight-format", default="float", help="float, or gguf: the file's blocks (row-invariant tiles)")
     p.add_argument("--batch-invariant", default="off", help="off, on, or off,on: the engine's batch_invariant")
+    p.add_argument("--bf16-kernel", default="tokenmill", choices=BF16_KERNELS,
+                   help="bf16 float weights' matmul: tokenmill's row-exact one or oneDNN's")
     p.add_argument("--prefill-repeats", type=int, default=3, help="rounds of the prefill price (0: skip it)")
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/cache_identity.json"))
     return p.parse_args(argv)
@@ -58,7 +62,8 @@ def questions(count: int) -> list[str]:
 def agreement(dtype: str, invariant: bool, prompts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     options: dict[str, Any] = {"dtype": dtype, "num_threads": args.threads, "max_num_seqs": len(prompts),
-                               "weight_format": args.weight_format, "batch_invariant": invariant}
+                               "weight_format": args.weight_format, "batch_invariant": invariant,
+                               "bf16_kernel": args.bf16_kernel}
     cached = LLM(**options)
     chats = [cached.tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM},
                                                    {"role": "user", "content": q}]) for q in prompts]
@@ -82,7 +87,8 @@ def prefill_price(dtype: str, args: argparse.Namespace) -> dict[str, list[float]
     and on alternated."""
     rates: dict[str, list[float]] = {"off": [], "on": []}
     llms = {mode: LLM(dtype=dtype, num_threads=args.threads, weight_format=args.weight_format,
-                      enable_prefix_caching=False, batch_invariant=mode == "on") for mode in rates}
+                      bf16_kernel=args.bf16_kernel, enable_prefix_caching=False, batch_invariant=mode == "on")
+            for mode in rates}
     ids = llms["off"].tokenizer.encode((DATA.parents[0] / "tinyshakespeare_first_half.txt").read_text())
     prompts = [ids[i * 1000:(i + 1) * 1000] for i in range(8)]
     for _ in range(args.prefill_repeats):
@@ -94,7 +100,7 @@ def prefill_price(dtype: str, args: argparse.Namespace) -> dict[str, list[float]
 
 
 def linear_row_invariance(rows: tuple[int, ...] = (1, 2, 5, 16, 17, 33, 64)) -> dict[str, list[int]]:
-    """For bf16 weights prepacked as the engine packs them (oneDNN), which row counts M give the last M rows of a
+    """For bf16 weights prepacked for oneDNN (`bf16_kernel="onednn"`), which row counts M give the last M rows of a
     300-row product bit for bit: per (in, out) shape of SmolLM2-135M's layers."""
     gen = torch.Generator().manual_seed(0)
     out = {}

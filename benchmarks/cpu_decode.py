@@ -6,9 +6,10 @@ Prints a table, writes JSON.
     .venv/bin/python benchmarks/cpu_decode.py                       # all settings + llama.cpp if installed
     .venv/bin/python benchmarks/cpu_decode.py --settings gguf,gguf:eager --no-quality --profile gguf
 
-A setting is FORMAT[@GROUP][+int8][:eager]: a weight format, the int4 group size, `+int8` for gguf weights with int8
-activations (`--gguf-activations int8`), and `:eager` for the plain PyTorch operators instead of the fused C++ decode
-step (the A/B of that optimization).
+A setting is FORMAT[@GROUP][+int8|+onednn][:eager]: a weight format, the int4 group size, `+int8` for gguf weights
+with int8 activations (`--gguf-activations int8`), `+onednn` for float weights in bf16 on oneDNN's matmul instead of
+tokenmill's row-exact one (`--bf16-kernel onednn`), and `:eager` for the plain PyTorch operators instead of the fused
+C++ decode step (the A/B of that optimization).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Setting:
     group_size: int = 32
     eager: bool = False
     gguf_activations: str = "bf16"
+    bf16_kernel: str = "tokenmill"
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -55,15 +57,17 @@ class Setting:
         body, _, activations = body.partition("+")
         fmt, _, group = body.partition("@")
         if (fmt not in WEIGHT_FORMATS or mode not in ("", "eager") or (group and fmt != "int4")
-                or activations not in ("", "int8") or (activations and fmt != "gguf")):
-            raise ValueError(f"bad setting {text!r}: expected FORMAT[@GROUP][+int8][:eager], FORMAT in "
-                             f"{WEIGHT_FORMATS}, a group only for int4, +int8 only for gguf")
-        return cls(fmt, int(group) if group else 32, mode == "eager", activations or "bf16")
+                or activations not in ("", "int8", "onednn") or (activations == "int8" and fmt != "gguf")
+                or (activations == "onednn" and fmt != "float")):
+            raise ValueError(f"bad setting {text!r}: expected FORMAT[@GROUP][+int8|+onednn][:eager], FORMAT in "
+                             f"{WEIGHT_FORMATS}, a group only for int4, +int8 only for gguf, +onednn only for float")
+        return cls(fmt, int(group) if group else 32, mode == "eager", "int8" if activations == "int8" else "bf16",
+                   "onednn" if activations == "onednn" else "tokenmill")
 
     @property
     def name(self) -> str:
         group = f"@{self.group_size}" if self.weight_format == "int4" and self.group_size != 32 else ""
-        activations = "+int8" if self.gguf_activations == "int8" else ""
+        activations = "+int8" if self.gguf_activations == "int8" else "+onednn" if self.bf16_kernel == "onednn" else ""
         return f"{self.weight_format}{group}{activations}{':eager' if self.eager else ''}"
 
 
@@ -84,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--settings", default=DEFAULT_SETTINGS,
-                   help="comma-separated FORMAT[@GROUP][+int8][:eager] (see the module docstring)")
+                   help="comma-separated FORMAT[@GROUP][+int8|+onednn][:eager] (see the module docstring)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prefill-len", type=int, default=256, help="prompt tokens for the prefill measurement")
     p.add_argument("--decode-prompt-len", type=int, default=32)
@@ -142,7 +146,7 @@ def measure_tokenmill(setting: Setting, prompts: dict[str, list[list[int]]],
     started = time.perf_counter()
     engine = LLMEngine(EngineConfig(model=args.model, weight_format=setting.weight_format,
                                     int4_group_size=setting.group_size, enforce_eager=setting.eager,
-                                    gguf_activations=setting.gguf_activations,
+                                    gguf_activations=setting.gguf_activations, bf16_kernel=setting.bf16_kernel,
                                     num_threads=args.threads,
                                     enable_prefix_caching=False, max_num_batched_tokens=1024,
                                     kv_cache_memory_gib=1.0))

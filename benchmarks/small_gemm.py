@@ -1,5 +1,7 @@
-"""The row-exact fp32 matmul (`linear_rows`, tokenmill/kernels/small_gemm.cpp) A/B against PyTorch's `F.linear`
-(MKL) on the default model's layer shapes (SmolLM2-135M) at the row counts of decode and speculative verify steps.
+"""The row-exact matmul (`linear_rows`, tokenmill/kernels/small_gemm.cpp) A/B against PyTorch's: in fp32 `F.linear`
+(MKL), in bf16 oneDNN's linear on a prepacked weight (what the engine runs by default, `FloatLinear.prepack`), on the
+default model's layer shapes (SmolLM2-135M) at the row counts of decode and speculative verify steps, and with
+--rows up to prefill chunks (what `batch_invariant` runs through it).
 
 Each shape is timed over enough copies of its weight to span --span-mb (default 128 MB, past the last-level cache),
 one call per copy, so that the weights come from memory as in a real step where every layer has its own; --span-mb 0
@@ -9,6 +11,7 @@ row the bits it gives that row alone; writes JSON.
 
     .venv/bin/python benchmarks/small_gemm.py
     .venv/bin/python benchmarks/small_gemm.py --rows 1,4,9 --shapes qkv,lm_head --span-mb 0
+    .venv/bin/python benchmarks/small_gemm.py --dtype bfloat16 --rows 1,4,16,64,96,256,1024
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--span-mb", type=float, default=128.0, help="weight copies per shape span this many MB")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/small_gemm.json"))
     return p.parse_args(argv)
 
@@ -66,10 +70,20 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"the CPU kernels did not build: {build.error}")
     kernels = build.module
 
+    dtype = getattr(torch, args.dtype)
+    bf16 = dtype == torch.bfloat16
+    peer_name = "oneDNN prepacked" if bf16 else "F.linear"
+    packed: dict[int, torch.Tensor] = {}  # id of a plain weight -> its oneDNN copy
+    ours_packed: dict[int, torch.Tensor] = {}  # id of a plain weight -> its `pack_bf16` copy
+
     def ours(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if bf16:
+            return kernels.linear_packed(x, ours_packed[id(w)], None, w.shape[0])
         return kernels.linear_rows(x, w)
 
     def mkl(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if bf16:
+            return torch.ops.mkldnn._linear_pointwise(x, packed[id(w)], None, "none", [], "")
         return F.linear(x, w)
 
     rows_list = [int(r) for r in args.rows.split(",")]
@@ -77,11 +91,14 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
-        weight_bytes = n * k * 4
+        weight_bytes = n * k * dtype.itemsize
         copies = max(1, round(args.span_mb * 2**20 / weight_bytes))
-        weights = [torch.randn(n, k, generator=generator) for _ in range(copies)]
+        weights = [torch.randn(n, k, generator=generator).to(dtype) for _ in range(copies)]
+        if bf16:
+            packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w, 256) for w in weights}
+            ours_packed = {id(w): kernels.pack_bf16(w) for w in weights}
         for rows in rows_list:
-            x = torch.randn(rows, k, generator=generator)
+            x = torch.randn(rows, k, generator=generator).to(dtype)
             for fn in (ours, mkl, ours, mkl):  # warm up both
                 pass_seconds(fn, x, weights[:2])
             times: dict[str, list[float]] = {"ours": [], "mkl": []}
@@ -102,12 +119,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name} {n}x{k} rows={rows}: linear_rows {r['linear_rows_ms']:.3f} ms, "
                   f"F.linear {r['f_linear_ms']:.3f} ms", file=sys.stderr, flush=True)
         del weights
+        packed, ours_packed = {}, {}
 
     where = f"weights spanning {args.span_mb:.0f} MB (from memory)" if args.span_mb > 0 else "one weight (in cache)"
-    print(f"\nfp32, {torch.get_num_threads()} threads, ISA level {build.isa}, {where}; median of {args.repeats}, "
-          f"interleaved\n")
-    print("| layer | N×K | rows | linear_rows ms | F.linear ms | speed-up | linear_rows GB/s | F.linear GB/s "
-          "| linear_rows GFLOP/s | F.linear GFLOP/s | row-exact (ours / F.linear) |")
+    ours_name = "linear_packed" if bf16 else "linear_rows"
+    print(f"\n{args.dtype}, {ours_name} vs {peer_name}, {torch.get_num_threads()} threads, ISA level {build.isa}, "
+          f"{where}; median of {args.repeats}, interleaved\n")
+    print(f"| layer | N×K | rows | {ours_name} ms | {peer_name} ms | speed-up | {ours_name} GB/s | {peer_name} GB/s "
+          f"| {ours_name} GFLOP/s | {peer_name} GFLOP/s | row-exact ({ours_name} / {peer_name}) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['shape']} | {r['out_features']}×{r['in_features']} | {r['rows']} | {r['linear_rows_ms']:.3f} "
@@ -115,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['f_linear_gb_s']:.1f} | {r['linear_rows_gflop_s']:.1f} | {r['f_linear_gflop_s']:.1f} | "
               f"{'yes' if r['linear_rows_row_exact'] else 'NO'} / {'yes' if r['f_linear_row_exact'] else 'no'} |")
     report = {"machine": machine_description(), "busy_warning": warning, "isa": build.isa,
-              "threads": torch.get_num_threads(), "small_rows": kernels.SMALL_ROWS, "args": vars(args),
-              "results": results}
+              "threads": torch.get_num_threads(), "dtype": args.dtype, "peer": peer_name,
+              "small_rows": kernels.SMALL_ROWS, "args": vars(args), "results": results}
     write_json(report, args.output)
     print(f"\nwrote {args.output}")
 

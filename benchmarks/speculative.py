@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gguf-activations", choices=GGUF_ACTIVATIONS, default="bf16",
                    help="activations of the GGUF block layers, the target's and a gguf draft's (engine default bf16)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="both engines with batch_invariant=True (every row rounds as it would alone)")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--speculative", choices=["ngram", "draft", "self"], default="ngram",
                    help="the proposer: ngram (prompt lookup), draft (a draft model, --speculative-model) or self "
@@ -652,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
 
     block_size = 16
     common = {"dtype": args.dtype, "weight_format": args.weight_format, "gguf_activations": args.gguf_activations,
-              "num_threads": args.threads,
+              "num_threads": args.threads, "batch_invariant": args.batch_invariant,
               "block_size": block_size, "num_kv_blocks": kv_blocks_needed(workload, args, block_size),
               "max_num_seqs": max(args.batch_sizes), "max_num_batched_tokens": args.max_num_batched_tokens}
     engines = {mode: LLM(model=str(path), **common, **mode_options(args, mode == "speculative"))

@@ -461,6 +461,50 @@ def test_linear_rows_rejects_what_it_does_not_compute(kernels) -> None:
     assert kernels.linear_rows(torch.empty(0, 16), weight).shape == (0, 8)
 
 
+# Odd K (padded to pairs), N not a multiple of the 16-output blocks or of a tile, and two of the model's shapes; row
+# counts across the 64-row blocks of x.
+@pytest.mark.parametrize(("out_features", "in_features"), [(37, 29), (79, 64), (5, 3), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_packed_is_row_exact_at_every_batch_size(kernels, out_features, in_features, with_bias) -> None:
+    generator = torch.Generator().manual_seed(out_features * in_features + 1)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=generator).to(torch.bfloat16) if with_bias else None
+    packed = kernels.pack_bf16(weight)
+    x = torch.randn(150, in_features, generator=generator).to(torch.bfloat16)
+    alone = torch.cat([kernels.linear_packed(x[i:i + 1], packed, bias, out_features, fp32_out=True)
+                       for i in range(len(x))])
+    for rows in [*range(1, 18), 31, 64, 65, 100, 150]:
+        for first in sorted({0, min(1, len(x) - rows), len(x) - rows}):
+            got = kernels.linear_packed(x[first:first + rows], packed, bias, out_features, fp32_out=True)
+            assert got.shape == (rows, out_features) and got.dtype == torch.float32
+            assert torch.equal(got, alone[first:first + rows]), f"{rows} rows from row {first}"
+    # The bf16 output is the fp32 sum rounded to nearest even, once.
+    rounded = kernels.linear_packed(x, packed, bias, out_features)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, alone.to(torch.bfloat16))
+    want = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    # bf16 products are exact in fp32; any order of adding K of them and a bias is within (K + 1) · 2^-24 of the sum
+    # of their magnitudes (denormals, which the AVX512-BF16 instruction flushes, do not occur here).
+    magnitude = x.double().abs() @ weight.double().abs().T + (0 if bias is None else bias.double().abs())
+    assert bool(((alone.double() - want).abs() <= (in_features + 1) * 2**-24 * magnitude).all())
+
+
+def test_linear_packed_rejects_what_it_does_not_compute(kernels) -> None:
+    weight = torch.randn(8, 16).to(torch.bfloat16)
+    packed = kernels.pack_bf16(weight)
+    assert packed.shape == (1, 8, 16, 2)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernels.pack_bf16(weight.float())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernels.linear_packed(torch.randn(2, 16), packed, None, 8)
+    with pytest.raises(RuntimeError, match="does not match"):
+        kernels.linear_packed(torch.randn(2, 14).to(torch.bfloat16), packed, None, 8)
+    with pytest.raises(RuntimeError, match="does not match"):
+        kernels.linear_packed(torch.randn(2, 16).to(torch.bfloat16), packed, None, 17)
+    with pytest.raises(RuntimeError, match="bias"):
+        kernels.linear_packed(torch.randn(2, 16).to(torch.bfloat16), packed, torch.zeros(8), 8)
+    assert kernels.linear_packed(torch.empty(0, 16, dtype=torch.bfloat16), packed, None, 8).shape == (0, 8)
+
+
 def test_float_lm_head_logits_are_row_exact_and_fall_back_without_the_kernels(monkeypatch) -> None:
     import tokenmill.model.linear as linear
 

@@ -183,7 +183,7 @@ def test_a_draft_step_that_costs_more_than_it_saves_is_not_taken() -> None:
 
 def load_proposer(path: Path, num_blocks: int) -> DraftModelProposer:
     return DraftModelProposer.load(path, GGUFFile(path), torch.float32, torch.device("cpu"), weight_format="float",
-                                   int4_group_size=32, prepack=False, enforce_eager=True, num_blocks=num_blocks,
+                                   int4_group_size=32, prepack=None, enforce_eager=True, num_blocks=num_blocks,
                                    block_size=4, max_step_tokens=8, max_positions=1024, measure_cost=False)
 
 

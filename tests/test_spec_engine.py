@@ -91,6 +91,23 @@ def test_greedy_output_is_identical_batched(tiny_model, reference, options) -> N
     assert_no_leak(llm)
 
 
+@pytest.mark.parametrize("options", [{}, {"batch_invariant": True, "max_num_batched_tokens": 24}],
+                         ids=["batched", "batch-invariant-chunked"])
+def test_greedy_output_is_identical_in_bf16(tiny_model, options) -> None:
+    """In bf16 a step's outputs are rounded to 8 bits, so a last-bit difference between a verify step and the decode
+    steps it replaces would soon change a token: the packed bf16 kernel gives every row its bits alone, and verify
+    rows attend as decodes do. With batch_invariant the chunks of prefill (which differ between the runs) do not
+    matter either."""
+    bf16 = {"dtype": "bfloat16", **options}
+    plain = make_llm(tiny_model, spec=False, **{k: v for k, v in bf16.items() if k != "max_num_batched_tokens"})
+    assert isinstance(plain.engine.runner.backend, FusedCPUBackend) or pytest.skip("fused CPU step not built here")
+    want = [plain.generate(p, GREEDY, use_tqdm=False)[0].token_ids for p in prompts()]
+    llm = make_llm(tiny_model, spec=True, **bf16)
+    assert token_ids(llm) == want
+    assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+    assert_no_leak(llm)
+
+
 def test_prefix_cache_hits_and_forks_keep_identity(tiny_model, plain) -> None:
     llm = make_llm(tiny_model, spec=True)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, n=3)

@@ -270,15 +270,15 @@ needs_onednn_bf16 = pytest.mark.skipif(not linear_module._has_onednn(),
 
 @needs_onednn_bf16
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_prepacked_float_weights_give_bit_identical_results_at_every_batch_size(with_bias) -> None:
+def test_onednn_prepacked_float_weights_give_bit_identical_results_at_every_batch_size(with_bias) -> None:
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(960, 576, generator=gen).to(BF16)
     bias = torch.randn(960, generator=gen).to(BF16) if with_bias else None
     x = torch.randn(300, 576, generator=gen).to(BF16)
     plain = FloatLinear(weight, bias)
     packed = FloatLinear(weight, bias)
-    assert packed.prepack(keep_weight=False) and packed.weight is None and packed.packed is not None
-    assert packed.weight_bytes() == plain.weight_bytes()
+    assert packed.prepack(keep_weight=False, kernel="onednn") and packed.packing == "onednn"
+    assert packed.weight is None and packed.weight_bytes() == plain.weight_bytes()
     whole = packed(x)
     assert torch.equal(whole, plain(x))
     for rows in (1, 7, 64, 256):  # and each row the same alone as in a batch
@@ -287,32 +287,64 @@ def test_prepacked_float_weights_give_bit_identical_results_at_every_batch_size(
         packed.rows(torch.tensor([0]))
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_tokenmill_prepacked_float_weights_are_row_exact_at_every_batch_size(with_bias) -> None:
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(576, 1536, generator=gen).to(BF16)  # the down projection, where oneDNN is not row-exact
+    bias = torch.randn(576, generator=gen).to(BF16) if with_bias else None
+    x = torch.randn(300, 1536, generator=gen).to(BF16)
+    packed = FloatLinear(weight, bias)
+    assert packed.prepack(keep_weight=False) and packed.packing == "tokenmill" and packed.weight is None
+    assert packed.weight_bytes() == FloatLinear(weight, bias).weight_bytes()
+    whole, logits = packed(x), packed.logits(x)
+    assert whole.dtype == BF16 and logits.dtype == torch.float32
+    for first, rows in ((0, 1), (5, 1), (0, 7), (3, 64), (0, 65), (10, 256)):
+        part = x[first:first + rows].contiguous()
+        assert torch.equal(packed(part), whole[first:first + rows])
+        assert torch.equal(packed.logits(part), logits[first:first + rows])
+    assert torch.equal(logits.to(BF16), whole)  # one rounding, of the logits' fp32 sums
+    assert within_output_rounding(whole, x.double() @ weight.double().T + (0 if bias is None else bias.double()))
+
+
 def test_prepack_leaves_other_dtypes_and_devices_alone() -> None:
     layer = FloatLinear(torch.randn(8, 16))  # fp32: F.linear's own kernel stays the reference there
     assert not layer.prepack(keep_weight=False) and layer.packed is None and layer.weight is not None
+    with pytest.raises(ValueError, match="kernel"):
+        FloatLinear(torch.randn(8, 16).to(BF16)).prepack(keep_weight=True, kernel="mkl")
 
 
 def test_prepack_declines_on_a_cpu_without_onednn_bf16(monkeypatch) -> None:
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     weight = torch.randn(8, 16).to(BF16)
     layer = FloatLinear(weight)
-    assert not layer.prepack(keep_weight=False) and layer.packed is None
+    assert not layer.prepack(keep_weight=False, kernel="onednn") and layer.packed is None
     x = torch.randn(3, 16).to(BF16)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, weight))
+    # tokenmill's kernel needs no oneDNN; without the C++ kernels it falls back to oneDNN, here absent too.
+    assert FloatLinear(weight).prepack(keep_weight=True)
+    monkeypatch.setattr(linear_module, "_cpu_kernels", lambda: None)
+    assert not FloatLinear(weight).prepack(keep_weight=True)
 
 
-@needs_onednn_bf16
-def test_engine_greedy_output_is_identical_with_and_without_prepacked_weights(model_path) -> None:
+def test_engine_greedy_output_in_bf16_does_not_depend_on_the_batch(model_path) -> None:
+    """With tokenmill's packed kernel each prompt's greedy tokens are the same alone as in a batch (its rows meet
+    other prompts' rows in every step of the batch); oneDNN's packed weights are bit-identical to the plain ones."""
     from conftest import RAW_PROMPTS
 
     from tokenmill import LLM
 
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    outputs = []
-    for prepack in (True, False):
-        llm = LLM(str(model_path), dtype="bfloat16", device="cpu", num_kv_blocks=256, prepack_weights=prepack)
-        packed_layers = [m for m in llm.engine.model.modules() if isinstance(m, FloatLinear) and m.packed is not None]
-        assert len(packed_layers) == (121 if prepack else 0)  # 4 per layer and the tied embedding/LM head
-        assert llm.engine.model.embed.weight is not None  # the embedding keeps its rows
-        outputs.append([r.token_ids for r in llm.generate(RAW_PROMPTS, params, use_tqdm=False)])
-    assert outputs[0] == outputs[1]  # bf16, fused step, mixed prefill and decode steps
+    # No prefix cache: a prompt found cached in part attends its other tokens as a chunk over the cached ones, which
+    # rounds differently in bf16 unless batch_invariant (test_fused_step.py).
+    llm = LLM(str(model_path), dtype="bfloat16", device="cpu", num_kv_blocks=256, enable_prefix_caching=False)
+    packed_layers = [m for m in llm.engine.model.modules() if isinstance(m, FloatLinear) and m.packed is not None]
+    assert len(packed_layers) == 121 and {m.packing for m in packed_layers} == {"tokenmill"}  # 4 a layer, the head
+    assert llm.engine.model.embed.weight is not None  # the embedding keeps its rows
+    # Eight copies: steps of over a hundred rows, where oneDNN's kernels change how they split the sums.
+    batched = [r.token_ids for r in llm.generate(RAW_PROMPTS * 8, params, use_tqdm=False)]
+    assert batched == [llm.generate(p, params, use_tqdm=False)[0].token_ids for p in RAW_PROMPTS] * 8
+    if linear_module._has_onednn():
+        outputs = [[r.token_ids for r in LLM(str(model_path), dtype="bfloat16", device="cpu", num_kv_blocks=256,
+                                             prepack_weights=prepack, bf16_kernel="onednn").generate(
+                        RAW_PROMPTS, params, use_tqdm=False)] for prepack in (True, False)]
+        assert outputs[0] == outputs[1]

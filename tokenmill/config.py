@@ -17,6 +17,7 @@ GGUF_ACTIVATIONS = ("bf16", "int8")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 SPECULATIVE_METHODS = (None, "ngram", "draft", "self")
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "sjf")
+BF16_KERNELS = ("tokenmill", "onednn")
 
 # Names accepted for a dtype wherever one is configured (engine, benchmarks).
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -51,11 +52,14 @@ class EngineConfig:
     # True: every step runs the eager PyTorch operators (the reference path, and the fallback without a compiler).
     enforce_eager: bool = False
     # True: the fused step attends every row as a one-token decode computes it (never the tiled chunk kernel), so a
-    # sequence's attention does not depend on how its tokens were batched, chunked or found in the prefix cache; with
-    # row-invariant matmuls (the gguf block tiles) its tokens do not either, bf16 included (docs/architecture.md).
+    # sequence's attention does not depend on how its tokens were batched, chunked or found in the prefix cache, and
+    # runs fp32 float matmuls row-exact at every size; with the other row-invariant matmuls (the gguf block tiles, the
+    # packed bf16 kernel) its tokens do not either, bf16 included (docs/architecture.md).
     batch_invariant: bool = False
-    # CPU bf16 float weights kept in oneDNN's blocked layout (FloatLinear.prepack): same results, faster matmuls.
+    # CPU bf16 float weights kept packed for their matmul kernel (FloatLinear.prepack), by default tokenmill's
+    # row-exact one ("tokenmill": a row's bits do not depend on its batch), or oneDNN's ("onednn").
     prepack_weights: bool = True
+    bf16_kernel: str = "tokenmill"
     # CPU KV cache on 2 MiB transparent huge pages where Linux grants them (tokenmill/model/huge_pages.py).
     kv_huge_pages: bool = True
     seed: int = 0
@@ -164,6 +168,8 @@ class EngineConfig:
                 self.speculative_layers) != sorted(set(self.speculative_layers)) or self.speculative_layers[0] < 0):
             raise ValueError("speculative_layers are increasing layer indices, for speculative='self', got "
                              f"{self.speculative_layers}")
+        if self.bf16_kernel not in BF16_KERNELS:
+            raise ValueError(f"bf16_kernel must be one of {BF16_KERNELS}, got {self.bf16_kernel!r}")
         if self.speculative_weight_format not in (None, *WEIGHT_FORMATS):
             raise ValueError(f"speculative_weight_format must be one of {WEIGHT_FORMATS}, got "
                              f"{self.speculative_weight_format!r}")

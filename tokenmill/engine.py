@@ -132,7 +132,7 @@ class LLMEngine:
                                             self.tensor_parallel.all_reduce)
             logger.info("tensor parallel rank %d of %d: %d of the model's heads", parallel.rank, parallel.world,
                         self.model_config.num_heads)
-        packed = self.model.prepack_weights() if config.prepack_weights else 0
+        packed = self.model.prepack_weights(config.bf16_kernel) if config.prepack_weights else 0
         self.kv_cache: KVStorage
         if self.kv_format is None:
             self.kv_cache = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device,
@@ -169,9 +169,10 @@ class LLMEngine:
         self._generation_tokens = 0
         self._steps = 0
         logger.info("loaded %s (%s, %s weights, %s) in %.1fs: %d KV blocks of %d tokens, context %d, "
-                    "%d layers' weights prepacked for oneDNN",
+                    "%d layers' weights prepacked (%s)",
                     self.model_path.name, self.dtype, self._weight_format_name(), self.device,
-                    time.perf_counter() - started, num_blocks, block_size, self.max_positions, packed)
+                    time.perf_counter() - started, num_blocks, block_size, self.max_positions, packed,
+                    config.bf16_kernel)
 
     def _backend(self) -> tuple[AttentionBackend, Callable[[torch.Tensor], torch.Tensor] | None]:
         if isinstance(self.kv_cache, QuantizedKVCache):
@@ -221,7 +222,8 @@ class LLMEngine:
             proposer = DraftModelProposer.load(
                 resolve_model_path(config.speculative_model), gguf_file, dtype, self.device,
                 weight_format=weight_format, int4_group_size=config.int4_group_size,
-                int8_activations=config.gguf_activations == "int8", prepack=config.prepack_weights,
+                int8_activations=config.gguf_activations == "int8",
+                prepack=config.bf16_kernel if config.prepack_weights else None,
                 enforce_eager=config.enforce_eager,
                 num_blocks=self.kv_cache.num_blocks, block_size=config.block_size,
                 max_step_tokens=config.max_num_batched_tokens, max_positions=self.max_positions,

@@ -28,8 +28,9 @@ def supports(model: LlamaModel) -> bool:
 def _linear(kernels: ModuleType, layer: Linear) -> Any:
     unused = torch.empty(0)
     if isinstance(layer, FloatLinear):
-        if layer.packed is not None:
-            return kernels.make_linear(5, layer.packed, unused, unused, layer.bias, 0, layer.out_features)
+        if layer.packing is not None:
+            kind = 6 if layer.packing == "tokenmill" else 5
+            return kernels.make_linear(kind, layer.packed, unused, unused, layer.bias, 0, layer.out_features)
         return kernels.make_linear(0, layer.weight, unused, unused, layer.bias, 0, layer.out_features)
     if isinstance(layer, Int8Linear):
         return kernels.make_linear(1, layer.qweight, layer.scales, unused, layer.bias, 0, layer.out_features)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from tokenmill.config import GGUF_ACTIVATIONS, INT4_GROUP_SIZES, SCHEDULING_POLICIES, WEIGHT_FORMATS, EngineConfig
+from tokenmill.config import (
+    BF16_KERNELS,
+    GGUF_ACTIVATIONS,
+    INT4_GROUP_SIZES,
+    SCHEDULING_POLICIES,
+    WEIGHT_FORMATS,
+    EngineConfig,
+)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -37,11 +44,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step with PyTorch operators instead of the fused C++ step (CPU)")
     g.add_argument("--batch-invariant", action="store_true",
-                   help="attend every row as a one-token decode computes it (fused CPU step): a sequence's tokens then "
-                        "do not depend on batching, chunking or prefix-cache hits where the matmuls are row-invariant "
-                        "too (--weight-format gguf)")
+                   help="attend every row as a one-token decode computes it, and fp32 matmuls row-exact at every size "
+                        "(fused CPU step): a sequence's tokens then do not depend on batching, chunking or "
+                        "prefix-cache hits (with --weight-format gguf or bf16 float weights on the default "
+                        "--bf16-kernel)")
     g.add_argument("--no-prepack-weights", action="store_true",
-                   help="keep float weights in their plain layout instead of oneDNN's blocked one (CPU bf16)")
+                   help="keep float weights in their plain layout instead of packed for the bf16 kernel (CPU bf16)")
+    g.add_argument("--bf16-kernel", default="tokenmill", choices=BF16_KERNELS,
+                   help="CPU bf16 matmuls of float weights: tokenmill's row-exact kernel (a token's output does not "
+                        "depend on its batch) or oneDNN's")
     g.add_argument("--no-kv-huge-pages", action="store_true",
                    help="keep the CPU KV cache on ordinary 4 KiB pages instead of 2 MiB transparent huge pages")
     g = parser.add_argument_group("scheduling")
@@ -107,7 +118,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads, weight_format=args.weight_format, int4_group_size=args.int4_group_size,
         gguf_activations=args.gguf_activations, batch_invariant=args.batch_invariant,
-        enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights,
+        enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights, bf16_kernel=args.bf16_kernel,
         kv_huge_pages=not args.no_kv_huge_pages, speculative=args.speculative,
         speculative_model=args.speculative_model, speculative_weight_format=args.speculative_weight_format,
         speculative_layers=args.speculative_layers,

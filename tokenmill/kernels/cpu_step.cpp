@@ -5,7 +5,8 @@
 // from Python, spent ~5 ms more in ~2,500 small operators (norms, RoPE, KV writes, gathers, softmax, SwiGLU) and their
 // dispatch; prefill chunks spent more time in the eager path's padded, masked attention than in their matmuls. Here
 // the layer loop runs in C++: the matmuls are PyTorch's own kernels (dense, int8 and int4 weight-only), the GGUF
-// block kernel (gguf_matmul.cpp) or, for fp32 steps of a few rows, the row-exact kernel (small_gemm.cpp), and the
+// block kernel (gguf_matmul.cpp), the row-exact bf16 kernel on packed weights (bf16_gemm.cpp) or, for fp32 steps of
+// a few rows (of any size with `batch_invariant`), the row-exact fp32 kernel (small_gemm.cpp), and the
 // small operators are fused loops — RMSNorm, RoPE rotating q and k in place, the KV write, attention reading each
 // sequence's blocks where they lie (attention.cpp), SwiGLU, residual adds.
 //
@@ -20,6 +21,7 @@
 #include <torch/extension.h>
 
 #include "attention.h"
+#include "bf16_gemm.h"
 #include "gguf_matmul.h"
 #include "simd.h"
 #include "small_gemm.h"
@@ -33,13 +35,16 @@
 namespace tokenmill {
 namespace {
 
-enum class WeightKind : int64_t { Float = 0, Int8 = 1, Int4 = 2, GgufQ4 = 3, GgufQ8 = 4, FloatPacked = 5 };
+enum class WeightKind : int64_t {
+  Float = 0, Int8 = 1, Int4 = 2, GgufQ4 = 3, GgufQ8 = 4, FloatPacked = 5, Bf16Packed = 6
+};
 
 // A linear layer in one of the weight formats of tokenmill/model/linear.py.
 struct LinearWeights {
   WeightKind kind;
-  at::Tensor weight;        // Float: [N, K]; FloatPacked: oneDNN's blocked copy (FloatLinear.prepack); Int8: qweight
-                            // [N, K]; Int4: the int4pack-packed codes; GgufQ4: nibbles; GgufQ8: codes [N, K]
+  at::Tensor weight;        // Float: [N, K]; FloatPacked: oneDNN's blocked copy; Bf16Packed: pack_bf16's (both
+                            // FloatLinear.prepack); Int8: qweight [N, K]; Int4: the int4pack-packed codes; GgufQ4:
+                            // nibbles; GgufQ8: codes [N, K]
   at::Tensor scales;        // Int8: [N]; Int4: scales_and_zeros [K / group, N, 2]; Gguf: d [N, K / 32]; Float: unused
   at::Tensor minimums;      // GgufQ4: m [N, K / 32]; others: unused
   std::optional<at::Tensor> bias;
@@ -47,15 +52,20 @@ struct LinearWeights {
   int64_t out_features;
   bool int8_activations;    // Gguf: activations rounded to int8 per block of 32 (gguf_matmul.h)
 
-  at::Tensor apply(const at::Tensor& x) const {
+  // `exact_rows`: every row rounds as it would alone at any row count (batch_invariant), not only in small steps.
+  at::Tensor apply(const at::Tensor& x, bool exact_rows) const {
     at::Tensor y;
     switch (kind) {
       case WeightKind::Float:
-        // Up to kSmallRows rows (decodes, speculative verify steps) each row rounds the same in any batch.
-        if (x.size(0) <= kSmallRows && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
-            weight.is_contiguous() && (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous())))
+        // fp32 up to kSmallRows rows (decodes, speculative verify steps), where it is as fast as MKL, or at every
+        // size when asked: then each row rounds the same in any batch.
+        if ((exact_rows || x.size(0) <= kSmallRows) && x.scalar_type() == at::kFloat &&
+            weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+            (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous())))
           return linear_rows(x.contiguous(), weight, bias);
         return at::linear(x, weight, bias);
+      case WeightKind::Bf16Packed:
+        return linear_packed(x.contiguous(), weight, bias, out_features);
       case WeightKind::FloatPacked:
         return packed_linear(x);
       case WeightKind::Int8:
@@ -315,7 +325,7 @@ class FusedStep {
       const LayerWeights& layer = layers_[i];
       at::Tensor k_layer = seqs.quant ? k_cache : k_cache.select(0, i);
       at::Tensor v_layer = seqs.quant ? v_cache : v_cache.select(0, i);
-      at::Tensor qkv = layer.qkv.apply(normed).contiguous();
+      at::Tensor qkv = layer.qkv.apply(normed, exact_rows_).contiguous();
       rope_and_store_kv<T>(qkv, positions, cos_, sin_, k_layer, v_layer, slots, num_heads_, kv_heads_, head_dim_,
                            seqs.quant == nullptr);
       const int64_t rows = qkv.size(0);
@@ -332,10 +342,10 @@ class FusedStep {
                                    : paged_attention(q, k, v, k_layer, v_layer, seqs.query_starts, tables,
                                                      seqs.context_lens, seqs.block_size, mass, exact_rows_,
                                                      seqs.row_visible);
-      const at::Tensor attn_out = layer.o.apply(attn.view({rows, q_size})).contiguous();
+      const at::Tensor attn_out = layer.o.apply(attn.view({rows, q_size}), exact_rows_).contiguous();
       normed = rms_norm<T>(x, layer.ffn_norm, eps_, &attn_out);
-      const at::Tensor gate_up = layer.gate_up.apply(normed).contiguous();
-      const at::Tensor mlp_out = layer.down.apply(silu_mul<T>(gate_up)).contiguous();
+      const at::Tensor gate_up = layer.gate_up.apply(normed, exact_rows_).contiguous();
+      const at::Tensor mlp_out = layer.down.apply(silu_mul<T>(gate_up), exact_rows_).contiguous();
       // The residual add closing this layer, fused with the norm opening the next one (or the final norm).
       normed = rms_norm<T>(x, i + 1 < layers_.size() ? layers_[i + 1].attn_norm : final_norm_, eps_, &mlp_out);
     }
@@ -352,7 +362,7 @@ class FusedStep {
 LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, at::Tensor minimums,
                           std::optional<at::Tensor> bias, int64_t group_size, int64_t out_features,
                           bool int8_activations) {
-  TORCH_CHECK(kind >= 0 && kind <= 5, "unknown weight kind ", kind);
+  TORCH_CHECK(kind >= 0 && kind <= 6, "unknown weight kind ", kind);
   return LinearWeights{static_cast<WeightKind>(kind), std::move(weight), std::move(scales), std::move(minimums),
                        std::move(bias), group_size, out_features, int8_activations};
 }
@@ -361,7 +371,7 @@ LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, at
 }  // namespace tokenmill
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "tokenmill's CPU kernels: the fused model step, paged attention, GGUF block matmuls, row-exact fp32 matmul";
+  m.doc() = "tokenmill's CPU kernels: the fused model step, paged attention, GGUF block matmuls, row-exact matmuls";
   py::class_<tokenmill::LinearWeights>(m, "LinearWeights");
   m.def("paged_attention", &tokenmill::paged_attention, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("query_starts"), py::arg("block_tables"),
@@ -370,6 +380,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_rows", &tokenmill::linear_rows, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
         py::call_guard<py::gil_scoped_release>());
+  m.def("pack_bf16", &tokenmill::pack_bf16, py::arg("weight"), py::call_guard<py::gil_scoped_release>());
+  m.def("linear_packed", &tokenmill::linear_packed, py::arg("x"), py::arg("packed"), py::arg("bias") = py::none(),
+        py::arg("out_features"), py::arg("fp32_out") = false, py::call_guard<py::gil_scoped_release>());
   m.attr("SMALL_ROWS") = tokenmill::kSmallRows;
   m.def("greedy", &tokenmill::greedy, py::arg("logits"), py::call_guard<py::gil_scoped_release>());
   m.def("make_linear", &tokenmill::make_linear, py::arg("kind"), py::arg("weight"), py::arg("scales"),

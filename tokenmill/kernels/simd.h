@@ -210,6 +210,23 @@ inline float max_of(const float* a, int64_t n) {
   return top;
 }
 
+// Runs fn(std::integral_constant<int, size>{}, first_row) for `rows` rows split into `groups` consecutive groups of at
+// most 4 whose sizes differ by at most one, so that a tile kernel gets its row count as a compile-time constant.
+template <typename F>
+void for_row_groups(int64_t rows, int64_t groups, const F& fn) {
+  int64_t first = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t size = rows / groups + (g < rows % groups ? 1 : 0);
+    switch (size) {
+      case 1: fn(std::integral_constant<int, 1>{}, first); break;
+      case 2: fn(std::integral_constant<int, 2>{}, first); break;
+      case 3: fn(std::integral_constant<int, 3>{}, first); break;
+      default: fn(std::integral_constant<int, 4>{}, first); break;
+    }
+    first += size;
+  }
+}
+
 // Runs fn(begin, end) over [0, n) on torch's thread pool when the work is large enough to repay waking it.
 template <typename F>
 void parallel_rows(int64_t n, int64_t work_per_row, const F& fn) {

@@ -12,9 +12,9 @@
 // thread computes it change only what runs next to what, never this order. (kWidth and the multiply-add differ
 // between ISA builds: results are exact within one build.)
 //
-// Tiles: the input rows are split into groups of at most 4, and each task takes a tile of NT consecutive rows of W
-// and runs every group over it: W streams from memory once, stays in L1 between the groups, and each vector of W
-// loaded serves every row of a group. NT is picked for the largest group so that the accumulators, the W vectors
+// Tiles: the input rows are taken in blocks of kRowBlock (which then stay in L2) and split into groups of at most 4;
+// each task takes a tile of NT consecutive rows of W and runs every group of the block over it: W streams from memory
+// once per block, stays in L1 between the groups, and each vector of W loaded serves every row of a group. NT is picked for the largest group so that the accumulators, the W vectors
 // and one x vector fill the register file; for one row, 8 rows of W give the 8 independent multiply-add chains that
 // hide their latency.
 
@@ -38,6 +38,7 @@ typedef float vec __attribute__((vector_size(32)));
 typedef float vec __attribute__((vector_size(16)));
 #endif
 constexpr int kWidth = sizeof(vec) / sizeof(float);
+constexpr int64_t kRowBlock = 64;
 
 inline vec load_vec(const float* p) {
   vec v;
@@ -112,33 +113,22 @@ void tiles_of(const float* x, int64_t rows, int64_t groups, int64_t k_len, const
       // ones' mostly hits): the requests then run through the whole time spent on this tile, not only its first
       // group's share.
       const float* ahead = n + 3 * NT <= n_len ? wt + 2 * NT * k_len : nullptr;
-      int64_t m = 0;
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t size = rows / groups + (g < rows % groups ? 1 : 0);
+      for_row_groups(rows, groups, [&](auto group_rows, int64_t m) {
+        constexpr int MT = decltype(group_rows)::value;
         const float* xg = x + m * k_len;
         float* yg = y + m * n_len + n;
-        auto run = [&](auto group_rows) {
-          constexpr int MT = decltype(group_rows)::value;
-          if (cols == NT) {
-            tile<MT, NT>(xg, wt, k_len, bt, yg, n_len, ahead);
-          } else {
-            for (int64_t j = 0; j < cols; ++j)
-              tile<MT, 1>(xg, wt + j * k_len, k_len, bt ? bt + j : nullptr, yg + j, n_len, nullptr);
-          }
-        };
-        switch (size) {
-          case 1: run(std::integral_constant<int, 1>{}); break;
-          case 2: run(std::integral_constant<int, 2>{}); break;
-          case 3: run(std::integral_constant<int, 3>{}); break;
-          default: run(std::integral_constant<int, 4>{}); break;
+        if (cols == NT) {
+          tile<MT, NT>(xg, wt, k_len, bt, yg, n_len, ahead);
+        } else {
+          for (int64_t j = 0; j < cols; ++j)
+            tile<MT, 1>(xg, wt + j * k_len, k_len, bt ? bt + j : nullptr, yg + j, n_len, nullptr);
         }
-        m += size;
-      }
+      });
     }
   });
 }
 
-void small_gemm(const float* x, int64_t rows, int64_t k_len, const float* w, int64_t n_len, const float* bias,
+void block_gemm(const float* x, int64_t rows, int64_t k_len, const float* w, int64_t n_len, const float* bias,
                 float* y) {
   // Groups of 3 and 4 rows load about as many vectors per multiply-add, 1 and 2 more: rows are spread evenly over
   // the fewest groups of at most 4 (9 rows: 3 + 3 + 3, not 4 + 4 + 1). All groups run over the same tile of W, as
@@ -151,6 +141,13 @@ void small_gemm(const float* x, int64_t rows, int64_t k_len, const float* w, int
     case 4: return tiles_of<4>(x, rows, groups, k_len, w, n_len, bias, y);
     default: return tiles_of<3>(x, rows, groups, k_len, w, n_len, bias, y);
   }
+}
+
+// Many rows (`batch_invariant` prefill chunks): blocks of kRowBlock, each against all of W.
+void small_gemm(const float* x, int64_t rows, int64_t k_len, const float* w, int64_t n_len, const float* bias,
+                float* y) {
+  for (int64_t first = 0; first < rows; first += kRowBlock)
+    block_gemm(x + first * k_len, std::min(kRowBlock, rows - first), k_len, w, n_len, bias, y + first * n_len);
 }
 
 }  // namespace

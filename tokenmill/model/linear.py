@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.config import INT4_GROUP_SIZES, WEIGHT_FORMATS
+from tokenmill.config import BF16_KERNELS, INT4_GROUP_SIZES, WEIGHT_FORMATS
 
 
 class Linear(nn.Module):
@@ -60,32 +60,49 @@ class FloatLinear(Linear):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
-        self.packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout, see `prepack`
+        self.packed: torch.Tensor | None = None  # the weight in a packed layout, see `prepack`
+        self.packing: str | None = None  # whose layout: "tokenmill" (kernels/bf16_gemm.cpp) or "onednn"
 
-    def prepack(self, keep_weight: bool) -> bool:
-        """Keep the weight in oneDNN's blocked layout for CPU bf16 matmuls, as PyTorch's own CPU compiler does when
-        freezing a model: `F.linear` re-lays the plain weight out on every call. Results are bit-identical to
-        `F.linear` at every batch size (tested). `keep_weight=False` drops the plain copy (then no `rows`). Returns
-        whether it packed: only CPU bf16 weights, where PyTorch has oneDNN and the CPU its bf16 path."""
+    def prepack(self, keep_weight: bool, kernel: str = "tokenmill") -> bool:
+        """Keep a CPU bf16 weight packed for its matmul kernel: `F.linear` re-lays the plain weight out on every
+        call. `kernel="tokenmill"`: the row-exact kernel (kernels/bf16_gemm.cpp), whose every row is the bits it
+        would be alone at any batch size, so a speculative verify step or a batch reproduces a decode step; it falls
+        back to oneDNN where the C++ kernels cannot be built. `"onednn"`: oneDNN's blocked layout, as PyTorch's own
+        CPU compiler does when freezing a model, bit-identical to `F.linear` (tested) but not row-invariant at every
+        row count. `keep_weight=False` drops the plain copy (then no `rows`). Returns whether it packed."""
+        if kernel not in BF16_KERNELS:
+            raise ValueError(f"kernel must be one of {BF16_KERNELS}, got {kernel!r}")
         weight = self.weight
-        if weight is None or weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not _has_onednn():
+        if weight is None or weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
             return False
-        # The batch size only guides oneDNN's choice of layout; any batch size works with it (256: measured best or
-        # equal from 1 to 1,024 rows on the dev CPU).
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 256)
+        kernels = _cpu_kernels() if kernel == "tokenmill" else None
+        if kernels is not None:
+            self.packed, self.packing = kernels.pack_bf16(weight), "tokenmill"
+        elif _has_onednn():
+            # The batch size only guides oneDNN's choice of layout; any batch size works with it (256: measured best
+            # or equal from 1 to 1,024 rows on the dev CPU).
+            self.packed, self.packing = torch.ops.mkldnn._reorder_linear_weight(weight, 256), "onednn"
+        else:
+            return False
         if not keep_weight:
             self.weight = None
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.packing == "tokenmill":
+            return _cpu_kernels().linear_packed(x.contiguous(), self.packed, self.bias, self.out_features)
+        if self.packing == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 on CPU with at most the kernels' SMALL_ROWS rows: the row-exact kernel (kernels/small_gemm.cpp), so
-        that a token's logits are the same bits whatever else is in its step (a speculative verify step reproduces
-        a decode step's logits), as the fused step's own layers are; otherwise as `forward`."""
+        """Row-exact where a kernel is: a token's logits are then the same bits whatever else is in its step (a
+        speculative verify step reproduces a decode step's logits), as the fused step's own layers are. bf16 packed
+        for tokenmill's kernel: its fp32 sums, before the rounding to bf16; fp32 with at most the kernels'
+        SMALL_ROWS rows: the row-exact fp32 kernel (kernels/small_gemm.cpp); otherwise as `forward`."""
+        if self.packing == "tokenmill":
+            return _cpu_kernels().linear_packed(x.contiguous(), self.packed, self.bias, self.out_features,
+                                                fp32_out=True)
         weight = self.weight
         if (weight is not None and weight.dtype == torch.float32 and x.dtype == torch.float32 and x.dim() == 2
                 and x.device.type == "cpu" and weight.device.type == "cpu"

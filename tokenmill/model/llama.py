@@ -119,13 +119,13 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, attend, i)
         return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
 
-    def prepack_weights(self) -> int:
-        """Float layers' weights in oneDNN's blocked layout (`FloatLinear.prepack`; CPU bf16 only), the plain copy
-        dropped except for the embedding table. Returns how many layers were packed."""
+    def prepack_weights(self, kernel: str = "tokenmill") -> int:
+        """Float layers' weights packed for `kernel`'s bf16 matmul (`FloatLinear.prepack`; CPU bf16 only), the plain
+        copy dropped except for the embedding table. Returns how many layers were packed."""
         packed = 0
         for module in self.modules():
             if isinstance(module, FloatLinear):
-                packed += module.prepack(keep_weight=module is self.embed)
+                packed += module.prepack(keep_weight=module is self.embed, kernel=kernel)
         return packed
 
     @property

@@ -81,12 +81,13 @@ class DraftModelProposer(Proposer):
 
     @classmethod
     def load(cls, path: str | Path, target: GGUFFile, dtype: torch.dtype, device: torch.device, *,
-             weight_format: str, int4_group_size: int, prepack: bool, enforce_eager: bool, num_blocks: int,
+             weight_format: str, int4_group_size: int, prepack: str | None, enforce_eager: bool, num_blocks: int,
              block_size: int, max_step_tokens: int, max_positions: int, measure_cost: bool,
              max_kv_bytes: int | None = None, int8_activations: bool = False) -> DraftModelProposer:
         """The draft model at `path` for the `target` model's file: same vocabulary (checked token by token), the
-        target's dtype and weight format (`int8_activations`: the GGUF layers' int8 mode), `num_blocks` KV blocks of
-        its own (fewer if they would take more than `max_kv_bytes`)."""
+        target's dtype and weight format (`int8_activations`: the GGUF layers' int8 mode; `prepack`: the bf16 kernel
+        float weights are packed for, or None), `num_blocks` KV blocks of its own (fewer if they would take more than
+        `max_kv_bytes`)."""
         started = time.perf_counter()
         gguf_file = GGUFFile(path)
         check_same_vocabulary(gguf_file, target)
@@ -99,8 +100,8 @@ class DraftModelProposer(Proposer):
         positions = min(max_positions, cfg.max_position, num_blocks * block_size)
         model = load_model(gguf_file, dtype, device, weight_format, int4_group_size, max_positions=positions,
                            int8_activations=int8_activations)
-        if prepack:
-            model.prepack_weights()
+        if prepack is not None:
+            model.prepack_weights(prepack)
         proposer = cls.for_model(model, device, enforce_eager=enforce_eager, num_blocks=num_blocks,
                                  block_size=block_size, max_step_tokens=max_step_tokens, measure_cost=measure_cost)
         logger.info("draft model %s loaded in %.1fs", Path(path).name, time.perf_counter() - started)
