@@ -299,3 +299,19 @@ def test_the_engine_drafts_with_the_calibrated_layers(pair, monkeypatch) -> None
     llm = make_llm(pair[0], None, speculative="self", num_speculative_tokens=3, speculative_adaptive=False)
     assert llm.engine.speculator.proposer.runner.backend.model.cfg.num_layers == 1
     assert asked == [(f"target.gguf|{pair[0].stat().st_size}|torch.float32|float", 3)]
+
+
+def test_self_speculation_is_off_when_no_calibrated_subset_pays(pair, reference, monkeypatch) -> None:
+    """Adaptive lengths would draft nothing but probes, while the draft still prefilled every prompt through its
+    layers: the engine runs without speculation instead. Forced lengths or layers still draft."""
+    def calibration(model, key, encode, max_k):  # noqa: ANN001, ANN202 - cached_calibration's signature
+        return Calibration((0,), (Candidate((0,), 0.05, 0.6, 1.0, 0),))
+
+    monkeypatch.setattr("tokenmill.engine.cached_calibration", calibration)
+    llm = make_llm(pair[0], None, speculative="self", num_speculative_tokens=3)
+    assert llm.engine.speculator is None and llm.engine.stats().spec_decode is None
+    assert [r.token_ids for r in llm.generate(prompts(), GREEDY, use_tqdm=False)] == reference
+    assert make_llm(pair[0], None, speculative="self", num_speculative_tokens=3,
+                    speculative_adaptive=False).engine.speculator is not None
+    assert make_llm(pair[0], None, speculative="self", speculative_layers=(0,),
+                    num_speculative_tokens=3).engine.speculator is not None

@@ -55,6 +55,7 @@ from tokenmill.spec.adaptive import StepCostModel
 from tokenmill.spec.draft_model import DraftModelProposer, affordable_blocks
 from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.proposer import Proposer
+from tokenmill.spec.self_draft import CACHE as SELF_DRAFT_CACHE
 from tokenmill.spec.self_draft import cached_calibration, subset_model
 from tokenmill.spec.speculator import SpecDecodeStats, Speculator
 from tokenmill.structured.grammar import GrammarCompiler
@@ -229,7 +230,10 @@ class LLMEngine:
                 max_step_tokens=config.max_num_batched_tokens, max_positions=self.max_positions,
                 measure_cost=config.speculative_adaptive, max_kv_bytes=int(config.kv_cache_memory_gib * 2**30))
         elif config.speculative == "self":
-            proposer = self._self_draft()
+            self_draft = self._self_draft()
+            if self_draft is None:
+                return None
+            proposer = self_draft
         else:
             proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         cost = None
@@ -246,7 +250,10 @@ class LLMEngine:
         return Speculator(proposer, config.num_speculative_tokens, self.max_model_len, config.max_num_batched_tokens,
                           cost, config.speculative_tree_width)
 
-    def _self_draft(self) -> DraftModelProposer:
+    def _self_draft(self) -> DraftModelProposer | None:
+        """The self-speculative proposer, or None when its calibration found that no subset of the layers pays and
+        draft lengths are adaptive: such a proposer would draft nothing but its probes, and still prefill every
+        prompt through its layers and pay for the probes, for nothing."""
         config = self.config
         layers = config.speculative_layers
         if layers is None:
@@ -257,6 +264,11 @@ class LLMEngine:
             for best in (c for c in calibration.table if c.layers == layers):
                 logger.info("self-speculation drafts with layers %s: agreement %.2f at %.2f of a step's bytes "
                             "promises %.2fx", list(layers), best.agreement, best.cost, best.speedup)
+                if best.k == 0 and config.speculative_adaptive:
+                    logger.warning("self-speculation is off: no subset of the model's layers promises a speedup "
+                                   "(calibration table in %s); speculative_layers forces a subset, "
+                                   "speculative_adaptive=False a fixed draft length", SELF_DRAFT_CACHE)
+                    return None
         if layers[-1] >= self.model_config.num_layers:
             raise ValueError(f"speculative_layers {list(layers)} name a layer the model's "
                              f"{self.model_config.num_layers} do not have")
