@@ -14,9 +14,9 @@
 //
 // Tiles: the input rows are taken in blocks of kRowBlock (which then stay in L2) and split into groups of at most 4;
 // each task takes a tile of NT consecutive rows of W and runs every group of the block over it: W streams from memory
-// once per block, stays in L1 between the groups, and each vector of W loaded serves every row of a group. NT is picked for the largest group so that the accumulators, the W vectors
-// and one x vector fill the register file; for one row, 8 rows of W give the 8 independent multiply-add chains that
-// hide their latency.
+// once per block, stays in L1 between the groups, and each vector of W loaded serves every row of a group. NT is
+// picked for the largest group so that the accumulators, the W vectors and one x vector fill the register file; for
+// one row, 8 rows of W give the 8 independent multiply-add chains that hide their latency.
 
 #include "small_gemm.h"
 
