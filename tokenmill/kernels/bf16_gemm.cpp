@@ -38,26 +38,27 @@ using bf16 = c10::BFloat16;
 constexpr int64_t kBlock = 16;     // outputs per packed block: the lanes of one accumulator
 constexpr int64_t kRowBlock = 64;  // rows of x that share one pass over W
 
+// wreg: pair p of 16 outputs' weights as loaded; xreg: pair p of one row of x, in every lane, as the multiply-add
+// takes it.
 #if defined(__AVX512BF16__)
 using wreg = __m512bh;
+using xreg = __m512bh;
 inline wreg load_pairs(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
-inline wreg splat_pair(const bf16* x) {
+inline xreg splat_pair(const bf16* x) {
   int32_t pair;
   std::memcpy(&pair, x, sizeof(pair));
   return (__m512bh)_mm512_set1_epi32(pair);
 }
-inline f32x16 madd(f32x16 acc, wreg x, wreg w) { return (f32x16)_mm512_dpbf16_ps((__m512)acc, x, w); }
+inline f32x16 madd(f32x16 acc, xreg x, wreg w) { return (f32x16)_mm512_dpbf16_ps((__m512)acc, x, w); }
 #else
 using wreg = u32x16;  // 16 pairs of bf16, the even k in the low half of each 32-bit lane
+struct xreg {
+  f32x16 odd, even;  // x[2p + 1] and x[2p] widened, once per row and pair rather than once per block
+};
 inline wreg load_pairs(const bf16* p) {
   wreg v;
   std::memcpy(&v, p, sizeof(v));
   return v;
-}
-inline wreg splat_pair(const bf16* x) {
-  uint32_t pair;
-  std::memcpy(&pair, x, sizeof(pair));
-  return pair + wreg{};
 }
 inline f32x16 high_as_f32(wreg v) {
   const wreg bits = v & 0xFFFF0000u;
@@ -65,10 +66,13 @@ inline f32x16 high_as_f32(wreg v) {
   std::memcpy(&out, &bits, sizeof(out));
   return out;
 }
+inline xreg splat_pair(const bf16* x) {
+  return {splat16(to_f(x[1])), splat16(to_f(x[0]))};
+}
 // A product of two bf16 values is exact in fp32, so fused or not each step rounds once, at its sum.
-inline f32x16 madd(f32x16 acc, wreg x, wreg w) {
-  acc = fma16(high_as_f32(x), high_as_f32(w), acc);
-  return fma16(high_as_f32(x << 16), high_as_f32(w << 16), acc);
+inline f32x16 madd(f32x16 acc, const xreg& x, wreg w) {
+  acc = fma16(x.odd, high_as_f32(w), acc);
+  return fma16(x.even, high_as_f32(w << 16), acc);
 }
 #endif
 
@@ -82,7 +86,7 @@ inline void tile(const bf16* x, int64_t x_stride, int64_t pairs, const bf16* wp,
     wreg w[NB];
     for (int b = 0; b < NB; ++b) w[b] = load_pairs(wp + b * block_stride + p * 2 * kBlock);
     for (int i = 0; i < MT; ++i) {
-      const wreg xv = splat_pair(x + i * x_stride + 2 * p);
+      const xreg xv = splat_pair(x + i * x_stride + 2 * p);
       for (int b = 0; b < NB; ++b) acc[i][b] = madd(acc[i][b], xv, w[b]);
     }
   }

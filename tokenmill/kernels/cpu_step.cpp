@@ -65,7 +65,7 @@ struct LinearWeights {
           return linear_rows(x.contiguous(), weight, bias);
         return at::linear(x, weight, bias);
       case WeightKind::Bf16Packed:
-        return linear_packed(x.contiguous(), weight, bias, out_features);
+        return linear_packed(x, weight, bias, out_features);
       case WeightKind::FloatPacked:
         return packed_linear(x);
       case WeightKind::Int8:

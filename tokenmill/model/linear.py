@@ -90,7 +90,7 @@ class FloatLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packing == "tokenmill":
-            return _cpu_kernels().linear_packed(x.contiguous(), self.packed, self.bias, self.out_features)
+            return _cpu_kernels().linear_packed(x, self.packed, self.bias, self.out_features)
         if self.packing == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -101,8 +101,7 @@ class FloatLinear(Linear):
         for tokenmill's kernel: its fp32 sums, before the rounding to bf16; fp32 with at most the kernels'
         SMALL_ROWS rows: the row-exact fp32 kernel (kernels/small_gemm.cpp); otherwise as `forward`."""
         if self.packing == "tokenmill":
-            return _cpu_kernels().linear_packed(x.contiguous(), self.packed, self.bias, self.out_features,
-                                                fp32_out=True)
+            return _cpu_kernels().linear_packed(x, self.packed, self.bias, self.out_features, fp32_out=True)
         weight = self.weight
         if (weight is not None and weight.dtype == torch.float32 and x.dtype == torch.float32 and x.dim() == 2
                 and x.device.type == "cpu" and weight.device.type == "cpu"
