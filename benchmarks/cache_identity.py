@@ -4,14 +4,14 @@ ShareGPT first turns (`../shared/data/sharegpt_v3_first_turn.jsonl`, 50 to 1,500
 prompt, chat-templated, greedy, all in one `generate` call. Cache on: the batch once (later requests hit the system
 prompt's blocks), then again (every prompt cached but its tail), then the first 8 one at a time (cached). Cache off:
 the batch once, the reference. A cached prompt's tail is computed by other kernels than a whole prefill
-(docs/architecture.md, "Prefix caching"): in fp32 they agree closely enough that greedy tokens match; this measures
-what bf16 does, and what `batch_invariant` (every attention row computed as a one-token decode computes it)
-changes with row-invariant matmuls (`--weight-format gguf`, or bf16 float weights on tokenmill's packed kernel, the
-default `--bf16-kernel`). Its price: prefill tokens/s of 8 prompts of 1,000
-tokens with the mode off and on, alternated (--prefill-repeats rounds, medians).
+(docs/architecture.md, "Prefix caching") unless every attention row is computed as a one-token decode computes it
+(`chunk_attention="rows"`, the default in bf16) and the matmuls are row-invariant (`--weight-format gguf`, bf16 float
+weights on tokenmill's packed kernel, the default `--bf16-kernel`, or fp32 with `batch_invariant`). Modes: `tiled`
+(the tiled chunk kernel), `rows`, `invariant` (`batch_invariant`). Their price: prefill tokens/s of 8,000 prompt
+tokens (8 prompts of 1,000 tokens, and 80 of 100) in each mode, alternated (--prefill-repeats rounds, medians).
 
     .venv/bin/python benchmarks/cache_identity.py
-    .venv/bin/python benchmarks/cache_identity.py --dtypes bfloat16 --weight-format gguf --batch-invariant off,on
+    .venv/bin/python benchmarks/cache_identity.py --dtypes bfloat16 --weight-format gguf --modes tiled,invariant
     .venv/bin/python benchmarks/cache_identity.py --dtypes bfloat16 --prompts 8 --max-tokens 16 --prefill-repeats 0
 """
 
@@ -45,10 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weight-format", default="float", help="float, or gguf: the file's blocks (row-invariant tiles)")
-    p.add_argument("--batch-invariant", default="off", help="off, on, or off,on: the engine's batch_invariant")
+    p.add_argument("--modes", default="tiled,rows", help="comma-separated: tiled, rows, invariant")
     p.add_argument("--bf16-kernel", default="tokenmill", choices=BF16_KERNELS,
                    help="bf16 float weights' matmul: tokenmill's row-exact one or oneDNN's")
     p.add_argument("--prefill-repeats", type=int, default=3, help="rounds of the prefill price (0: skip it)")
+    p.add_argument("--prefill-lengths", default="1000,100", help="prompt lengths of the prefill price")
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/cache_identity.json"))
     return p.parse_args(argv)
 
@@ -59,11 +60,14 @@ def questions(count: int) -> list[str]:
     return [t for t in texts if 50 < len(t) < 1500][:count]
 
 
-def agreement(dtype: str, invariant: bool, prompts: list[str], args: argparse.Namespace) -> dict[str, Any]:
+MODES = {"tiled": {"chunk_attention": "tiled"}, "rows": {"chunk_attention": "rows"},
+         "invariant": {"batch_invariant": True}}
+
+
+def agreement(dtype: str, mode: str, prompts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     options: dict[str, Any] = {"dtype": dtype, "num_threads": args.threads, "max_num_seqs": len(prompts),
-                               "weight_format": args.weight_format, "batch_invariant": invariant,
-                               "bf16_kernel": args.bf16_kernel}
+                               "weight_format": args.weight_format, "bf16_kernel": args.bf16_kernel, **MODES[mode]}
     cached = LLM(**options)
     chats = [cached.tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM},
                                                    {"role": "user", "content": q}]) for q in prompts]
@@ -78,24 +82,24 @@ def agreement(dtype: str, invariant: bool, prompts: list[str], args: argparse.Na
     def same(outs: list[list[int]]) -> int:
         return sum(a == b for a, b in zip(outs, reference, strict=False))
 
-    return {"dtype": dtype, "batch_invariant": invariant, "prompts": len(chats), "cached_tokens": hits,
+    return {"dtype": dtype, "mode": mode, "prompts": len(chats), "cached_tokens": hits,
             "first_batch": same(first), "batch_again": same(again), "alone": same(alone), "alone_of": len(alone)}
 
 
-def prefill_price(dtype: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Prefill tokens/s of 8 prompts of 1,000 tokens (one output token each, no prefix cache), batch_invariant off
-    and on alternated."""
-    rates: dict[str, list[float]] = {"off": [], "on": []}
+def prefill_price(dtype: str, modes: list[str], length: int, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Prefill tokens/s of 8,000 tokens in prompts of `length` (one output token each, no prefix cache), the modes
+    alternated."""
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
     llms = {mode: LLM(dtype=dtype, num_threads=args.threads, weight_format=args.weight_format,
-                      bf16_kernel=args.bf16_kernel, enable_prefix_caching=False, batch_invariant=mode == "on")
+                      bf16_kernel=args.bf16_kernel, enable_prefix_caching=False, **MODES[mode])
             for mode in rates}
-    ids = llms["off"].tokenizer.encode((DATA.parents[0] / "tinyshakespeare_first_half.txt").read_text())
-    prompts = [ids[i * 1000:(i + 1) * 1000] for i in range(8)]
+    ids = llms[modes[0]].tokenizer.encode((DATA.parents[0] / "tinyshakespeare_first_half.txt").read_text())
+    prompts = [ids[i * length:(i + 1) * length] for i in range(8000 // length)]
     for _ in range(args.prefill_repeats):
         for mode, llm in llms.items():
             started = time.perf_counter()
             llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
-            rates[mode].append(8000 / (time.perf_counter() - started))
+            rates[mode].append(len(prompts) * length / (time.perf_counter() - started))
     return rates
 
 
@@ -119,24 +123,29 @@ def main(argv: list[str] | None = None) -> None:
     if (warning := busy_warning()) is not None:
         print(warning)
     prompts = questions(args.prompts)
-    rows = [agreement(d, mode == "on", prompts, args) for d in args.dtypes.split(",")
-            for mode in args.batch_invariant.split(",")]
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        raise SystemExit(f"unknown modes {sorted(unknown)}: choose from {list(MODES)}")
+    rows = [agreement(d, mode, prompts, args) for d in args.dtypes.split(",") for mode in modes]
     print(f"weights {args.weight_format}; outputs equal to the cache-off batch's:")
-    print("| dtype | batch_invariant | first batch (system prompt cached) | batch again (prompts cached) | "
+    print("| dtype | mode | first batch (system prompt cached) | batch again (prompts cached) | "
           "one at a time (cached) |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['batch_invariant']} | {r['first_batch']}/{r['prompts']} | "
+        print(f"| {r['dtype']} | {r['mode']} | {r['first_batch']}/{r['prompts']} | "
               f"{r['batch_again']}/{r['prompts']} | {r['alone']}/{r['alone_of']} |")
-    price = prefill_price(args.dtypes.split(",")[-1], args) if args.prefill_repeats else {}
-    if price:
-        off, on = statistics.median(price["off"]), statistics.median(price["on"])
-        print(f"prefill tok/s, batch_invariant off {off:.1f}, on {on:.1f} ({on / off - 1:+.1%}); rounds {price}")
+    prices = {length: prefill_price(args.dtypes.split(",")[-1], modes, length, args)
+              for length in map(int, args.prefill_lengths.split(","))} if args.prefill_repeats else {}
+    for length, price in prices.items():
+        first = statistics.median(price[modes[0]])
+        print(f"prefill tok/s, prompts of {length}: " + ", ".join(
+            f"{mode} {statistics.median(r):.1f} ({statistics.median(r) / first:.2f}×)" for mode, r in price.items())
+            + f"; rounds {price}")
     invariant = linear_row_invariance()
     for shape, ms in invariant.items():
         print(f"bf16 oneDNN linear {shape}: row counts equal to the same rows of a 300-row product: {ms}")
     report = {"machine": machine_description(), "rows": rows, "linear_rows_invariant": invariant,
-              "prefill_tok_s": price}
+              "prefill_tok_s": prices}
     write_json(report | {"args": vars(args) | {"output": str(args.output)}}, args.output)
     print(f"wrote {args.output}")
 

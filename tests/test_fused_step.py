@@ -13,12 +13,14 @@ from tests.conftest import RAW_PROMPTS, write_tiny_gguf
 from tests.plans import make_plan
 from tokenmill import LLM, SamplingParams
 from tokenmill.attention.eager import EagerBackend
-from tokenmill.attention.fused_cpu import FusedCPUBackend
+from tokenmill.attention.fused_cpu import FusedCPUBackend, rows_attention
+from tokenmill.config import EngineConfig
 from tokenmill.kernels import KernelBuild, cpu_kernels, isa
 from tokenmill.kv.cache import KVCache
 from tokenmill.model.gguf_file import GGUFFile
 from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear, int8_blocks
 from tokenmill.model.loader import load_model
+from tokenmill.scheduler.plan import StepPlan
 
 BLOCK = 16
 CPU = torch.device("cpu")
@@ -89,19 +91,13 @@ def test_fused_step_matches_the_eager_forward_on_a_mixed_batch(kernels, model_pa
         pytest.skip("bf16 formats are checked on the CPU's best ISA level")
     fmt, _, activations = weight_format.partition("+")
     model = load_model(GGUFFile(model_path), dtype, CPU, fmt, int8_activations=activations == "int8")
-    # Three cached sequences of 20, 3 and 33 tokens at scattered blocks (the first ends just before a block boundary)
-    # decode one token each; a fourth prefills 21 new tokens after its 12 cached ones, a fifth its first 18 tokens.
-    prompts = [[1, 504, 3458, 314] * 4, [9906, 28, 905], list(range(200, 233)), list(range(700, 712))]
-    tables = [[3, 7], [0], [1, 4, 9], [10, 2, 12]]
-    eager_cache = filled_cache(model, prompts, tables, num_blocks=16)
+    eager_cache, plan = mixed_batch(model)
     fused_cache = copy_of(eager_cache)
-    tables.append([14, 5])
-    cached = [20, 3, 33, 12, 0]
-    new = [[42], [1000], [7], list(range(3000, 3021)), list(range(5000, 5018))]
-    plan = make_plan(cached, new, tables, BLOCK)
     slots = torch.tensor(plan.slot_mapping)
     want = run_backend(EagerBackend(model, eager_cache), plan)
-    fused = FusedCPUBackend(kernels, model, fused_cache)
+    # The tiled chunk kernel sums a chunk's rows in the eager chunk path's order; "rows" (bf16's default) rounds them
+    # as decodes do, no further from fp32 (the next test) but further from the eager path than these tolerances.
+    fused = FusedCPUBackend(kernels, model, fused_cache, chunk_attention="tiled")
     assert fused.build_metadata(plan).query_starts.tolist() == [0, 1, 2, 3, 24, 42]
     got = run_backend(fused, plan)
     assert got.dtype == want.dtype and got.shape == want.shape
@@ -112,6 +108,38 @@ def test_fused_step_matches_the_eager_forward_on_a_mixed_batch(kernels, model_pa
     untouched = torch.ones(fused_cache.k.shape[2], dtype=torch.bool)
     untouched[slots] = False
     assert torch.equal(fused_cache.k[:, :, untouched], eager_cache.k[:, :, untouched])
+
+
+def mixed_batch(model) -> tuple[KVCache, StepPlan]:
+    """Three cached sequences of 20, 3 and 33 tokens at scattered blocks (the first ends just before a block
+    boundary) decode one token each; a fourth prefills 21 new tokens after its 12 cached ones, a fifth its first 18
+    tokens (rows 3 to 41 of the plan)."""
+    prompts = [[1, 504, 3458, 314] * 4, [9906, 28, 905], list(range(200, 233)), list(range(700, 712))]
+    tables = [[3, 7], [0], [1, 4, 9], [10, 2, 12]]
+    cache = filled_cache(model, prompts, tables, num_blocks=16)
+    tables.append([14, 5])
+    new = [[42], [1000], [7], list(range(3000, 3021)), list(range(5000, 5018))]
+    return cache, make_plan([20, 3, 33, 12, 0], new, tables, BLOCK)
+
+
+@pytest.mark.parametrize("weight_format", ["float", "gguf"])
+@torch.inference_mode()
+def test_rows_chunk_attention_is_as_close_to_fp32_as_the_eager_path(model_path, weight_format) -> None:
+    """bf16's chunk rows attended as decodes (chunk_attention="rows") against the fp32 model (float weights): their
+    mean absolute error is at most 10% above the eager path's (each a different rounding of the same sums)."""
+    kernels = cpu_kernels().module
+    if kernels is None:
+        pytest.skip("CPU kernels unavailable")
+    reference = load_model(GGUFFile(model_path), torch.float32, CPU, "float")
+    cache, plan = mixed_batch(reference)
+    want = run_backend(FusedCPUBackend(kernels, reference, cache), plan).double()
+    model = load_model(GGUFFile(model_path), torch.bfloat16, CPU, weight_format)
+    cache, plan = mixed_batch(model)
+    eager = run_backend(EagerBackend(model, copy_of(cache)), plan).double()
+    rows = run_backend(FusedCPUBackend(kernels, model, cache, chunk_attention="rows"), plan).double()
+    chunk = slice(3, 42)
+    eager_error = float((eager[chunk] - want[chunk]).abs().mean())
+    assert float((rows[chunk] - want[chunk]).abs().mean()) <= 1.1 * eager_error
 
 
 def reference_attention(q, k_cache, v_cache, starts, tables, context_lens) -> torch.Tensor:
@@ -396,13 +424,18 @@ def test_exact_rows_make_every_row_a_one_row_decode(kernels, dtype, num_heads, k
     assert not torch.equal(chunked, got) or dtype == torch.float32  # the chunk kernel rounds otherwise in bf16
 
 
-def test_batch_invariant_tokens_do_not_depend_on_cache_hits_or_chunks(tmp_path) -> None:
-    """bf16 on the gguf tiles (row-invariant matmuls) with batch_invariant: greedy tokens with the prompts served
-    from the prefix cache, or prefilled in 24-token chunks, are those of whole prefills with the cache off."""
+@pytest.mark.parametrize(("tensor_type", "options"), [
+    ("Q8_0", {"weight_format": "gguf", "batch_invariant": True}),
+    ("F32", {}),  # bf16 defaults: rows attention for chunks, the packed row-exact bf16 matmul
+])
+def test_bf16_tokens_do_not_depend_on_cache_hits_or_chunks(tmp_path, tensor_type, options) -> None:
+    """bf16 with row-invariant matmuls (the gguf tiles, or float weights on tokenmill's bf16 kernel) and every
+    attention row computed as a decode computes it (batch_invariant, or chunk_attention's default in bf16): greedy
+    tokens with the prompts served from the prefix cache, or prefilled in 24-token chunks, are those of whole
+    prefills with the cache off."""
     path = write_tiny_gguf(tmp_path / "blocks.gguf", layers=2, hidden=256, heads=4, kv_heads=2, ff=256, vocab=300,
-                           tensor_type="Q8_0")
-    base = {"dtype": "bfloat16", "device": "cpu", "num_kv_blocks": 128, "weight_format": "gguf",
-            "batch_invariant": True}
+                           tensor_type=tensor_type)
+    base = {"dtype": "bfloat16", "device": "cpu", "num_kv_blocks": 128, **options}
     gen = torch.Generator().manual_seed(3)
     shared = torch.randint(1, 300, (40,), generator=gen).tolist()
     prompts = [shared + torch.randint(1, 300, (n,), generator=gen).tolist() for n in (3, 17, 30, 1)]
@@ -422,8 +455,20 @@ def test_batch_invariant_tokens_do_not_depend_on_cache_hits_or_chunks(tmp_path) 
         assert run(cached) == want
     assert cached.engine.stats().prefix_cache.hits > 0
     assert run(LLM(str(path), **base, enable_prefix_caching=False, max_num_batched_tokens=24)) == want
+
+
+def test_chunk_attention_is_checked_and_resolved() -> None:
     with pytest.raises(ValueError, match="batch_invariant"):
-        LLM(str(path), **base, enforce_eager=True)
+        EngineConfig(batch_invariant=True, enforce_eager=True)
+    with pytest.raises(ValueError, match="batch_invariant"):
+        EngineConfig(batch_invariant=True, chunk_attention="tiled")
+    with pytest.raises(ValueError, match="chunk_attention"):
+        EngineConfig(chunk_attention="fast")
+    assert rows_attention("auto", torch.bfloat16, quantized=False)
+    assert not rows_attention("auto", torch.float32, quantized=False)
+    assert not rows_attention("auto", torch.bfloat16, quantized=True)
+    assert rows_attention("rows", torch.float32, quantized=True)
+    assert not rows_attention("tiled", torch.bfloat16, quantized=False)
 
 
 # Odd shapes: K not a multiple of the vector width (4, 8 or 16 lanes), N not a multiple of the tiles or of the 24

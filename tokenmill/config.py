@@ -18,6 +18,7 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 SPECULATIVE_METHODS = (None, "ngram", "draft", "self")
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "sjf")
 BF16_KERNELS = ("tokenmill", "onednn")
+CHUNK_ATTENTION = ("auto", "rows", "tiled")
 
 # Names accepted for a dtype wherever one is configured (engine, benchmarks).
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -56,6 +57,13 @@ class EngineConfig:
     # runs fp32 float matmuls row-exact at every size; with the other row-invariant matmuls (the gguf block tiles, the
     # packed bf16 kernel) its tokens do not either, bf16 included (docs/architecture.md).
     batch_invariant: bool = False
+    # Prefill chunks' attention in the fused step: "rows" attends each row as a one-token decode computes it, so a
+    # sequence's attention does not depend on how its prompt was chunked, batched or found in the prefix cache;
+    # "tiled" runs the tiled chunk kernel, which rounds otherwise. "auto": "rows" in bf16 with a plain KV cache, where
+    # the decode kernel is not slower on long chunks and, with the row-exact bf16 matmul, makes greedy output
+    # independent of batching by default; "tiled" in fp32 and for quantized caches, where it is the faster one
+    # (docs/architecture.md). batch_invariant implies "rows".
+    chunk_attention: str = "auto"
     # CPU bf16 float weights kept packed for their matmul kernel (FloatLinear.prepack), by default tokenmill's
     # row-exact one ("tokenmill": a row's bits do not depend on its batch), or oneDNN's ("onednn").
     prepack_weights: bool = True
@@ -168,6 +176,11 @@ class EngineConfig:
                 self.speculative_layers) != sorted(set(self.speculative_layers)) or self.speculative_layers[0] < 0):
             raise ValueError("speculative_layers are increasing layer indices, for speculative='self', got "
                              f"{self.speculative_layers}")
+        if self.chunk_attention not in CHUNK_ATTENTION:
+            raise ValueError(f"chunk_attention must be one of {CHUNK_ATTENTION}, got {self.chunk_attention!r}")
+        if self.batch_invariant and self.chunk_attention == "tiled":
+            raise ValueError("batch_invariant attends every row as a decode does, so chunk_attention='tiled' cannot "
+                             "go with it")
         if self.bf16_kernel not in BF16_KERNELS:
             raise ValueError(f"bf16_kernel must be one of {BF16_KERNELS}, got {self.bf16_kernel!r}")
         if self.speculative_weight_format not in (None, *WEIGHT_FORMATS):

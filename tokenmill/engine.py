@@ -181,7 +181,8 @@ class LLMEngine:
         # The fused step is one C++ call for the whole layer stack: no place in it for tensor parallelism's
         # all-reduces.
         eager = self.config.enforce_eager or self.tensor_parallel is not None
-        return plain_backend(self.model, self.kv_cache, self.device, eager, self.config.batch_invariant)
+        return plain_backend(self.model, self.kv_cache, self.device, eager, self.config.batch_invariant,
+                             self.config.chunk_attention)
 
     def _quantized_kv_backend(self, kv: QuantizedKVCache) -> tuple[AttentionBackend, Callable[..., torch.Tensor]]:
         """Only the fused CPU step reads quantized blocks: without it a quantized cache is refused, not emulated."""
@@ -194,7 +195,9 @@ class LLMEngine:
             if build.module is not None:
                 logger.info("KV cache %s: %d quantized blocks of %d tokens, %d residual slots in %s", kv.format.name,
                             kv.num_blocks, kv.block_size, kv.num_residual, self.dtype)
-                return FusedCPUBackend(build.module, self.model, kv, self.config.batch_invariant), build.module.greedy
+                backend = FusedCPUBackend(build.module, self.model, kv, self.config.batch_invariant,
+                                          self.config.chunk_attention)
+                return backend, build.module.greedy
             why = f"the CPU kernels could not be built: {build.error}"
         raise ValueError(f"kv_cache_dtype={kv.format.name!r} needs the fused CPU step, and {why}")
 

@@ -25,6 +25,15 @@ def supports(model: LlamaModel) -> bool:
     return model.dtype in FUSED_DTYPES and model.cfg.head_dim in FUSED_HEAD_DIMS
 
 
+def rows_attention(mode: str, dtype: torch.dtype, quantized: bool) -> bool:
+    """Whether prefill chunks are attended row by row as one-token decodes (EngineConfig.chunk_attention). "auto":
+    in bf16 on a plain cache, where the decode kernel keeps up with the tiled one on long chunks; fp32's decode
+    kernel and the quantized cache's per-row unpacking are slower there (benchmarks/attention.py)."""
+    if mode == "auto":
+        return dtype == torch.bfloat16 and not quantized
+    return mode == "rows"
+
+
 def _linear(kernels: ModuleType, layer: Linear) -> Any:
     unused = torch.empty(0)
     if isinstance(layer, FloatLinear):
@@ -77,7 +86,9 @@ class FusedCPUBackend(AttentionBackend):
     """The whole layer loop runs in the kernel, attention included; same contract as the eager backend."""
 
     def __init__(self, kernels: ModuleType, model: LlamaModel, kv_cache: KVCache | QuantizedKVCache,
-                 exact_rows: bool = False) -> None:
+                 exact_rows: bool = False, chunk_attention: str = "auto") -> None:
+        """`exact_rows`: batch_invariant (every matmul and attention row as each row alone computes it);
+        `chunk_attention`: EngineConfig's."""
         if not supports(model):
             raise ValueError(f"the fused step supports dtypes {FUSED_DTYPES} and head sizes {FUSED_HEAD_DIMS}, "
                              f"not {model.dtype} and {model.cfg.head_dim}")
@@ -90,7 +101,9 @@ class FusedCPUBackend(AttentionBackend):
                   for layer in model.layers]
         self.step = kernels.FusedStep(layers, model.final_norm, model.rope_cos.contiguous(),
                                       model.rope_sin.contiguous(), cfg.rms_norm_eps, cfg.num_heads,
-                                      cfg.num_kv_heads, cfg.head_dim, exact_rows)
+                                      cfg.num_kv_heads, cfg.head_dim, exact_rows,
+                                      rows_attention(chunk_attention, model.dtype,
+                                                     isinstance(kv_cache, QuantizedKVCache)))
         self.quant_kv = None
         if isinstance(kv_cache, QuantizedKVCache):
             self.quant_kv = kernels.QuantKV(kv_cache.format.bits, kv_cache.block_size, kv_cache.k_data,

@@ -20,10 +20,11 @@ logger = logging.getLogger(__name__)
 
 
 def plain_backend(model: LlamaModel, kv_cache: KVCache, device: torch.device, enforce_eager: bool,
-                  exact_rows: bool = False) -> tuple[AttentionBackend, Callable[[torch.Tensor], torch.Tensor] | None]:
+                  exact_rows: bool = False, chunk_attention: str = "auto",
+                  ) -> tuple[AttentionBackend, Callable[[torch.Tensor], torch.Tensor] | None]:
     """The fused CPU step (and the kernels' greedy argmax) unless `enforce_eager`; the eager backend off CPU, for
     dtypes or head sizes the kernels are not built for, or when they cannot be built here (with a warning).
-    `exact_rows`: the step attends every row as a one-token decode would (attention.h)."""
+    `exact_rows` and `chunk_attention`: FusedCPUBackend's."""
     eager = EagerBackend(model, kv_cache)
     if enforce_eager or device.type != "cpu" or not fused_step_supports(model):
         return eager, None
@@ -33,4 +34,4 @@ def plain_backend(model: LlamaModel, kv_cache: KVCache, device: torch.device, en
         return eager, None
     logger.info("fused CPU step ready in %.1fs (compiled on first use, then loaded from the cache): ISA level %s, "
                 "GGUF block tiles for %s", build.seconds, build.isa, build.module.gguf_isa())
-    return FusedCPUBackend(build.module, model, kv_cache, exact_rows), build.module.greedy
+    return FusedCPUBackend(build.module, model, kv_cache, exact_rows, chunk_attention), build.module.greedy

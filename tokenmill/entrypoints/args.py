@@ -10,6 +10,7 @@ import argparse
 
 from tokenmill.config import (
     BF16_KERNELS,
+    CHUNK_ATTENTION,
     GGUF_ACTIVATIONS,
     INT4_GROUP_SIZES,
     SCHEDULING_POLICIES,
@@ -48,6 +49,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "(fused CPU step): a sequence's tokens then do not depend on batching, chunking or "
                         "prefix-cache hits (with --weight-format gguf or bf16 float weights on the default "
                         "--bf16-kernel)")
+    g.add_argument("--chunk-attention", default="auto", choices=CHUNK_ATTENTION,
+                   help="prefill chunks' attention: each row as a one-token decode computes it (rows), so a prompt's "
+                        "tokens do not depend on its chunking, batch or prefix-cache hits, or the tiled chunk kernel "
+                        "(tiled); auto: rows in bf16 with a plain KV cache, tiled otherwise")
     g.add_argument("--no-prepack-weights", action="store_true",
                    help="keep float weights in their plain layout instead of packed for the bf16 kernel (CPU bf16)")
     g.add_argument("--bf16-kernel", default="tokenmill", choices=BF16_KERNELS,
@@ -118,6 +123,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads, weight_format=args.weight_format, int4_group_size=args.int4_group_size,
         gguf_activations=args.gguf_activations, batch_invariant=args.batch_invariant,
+        chunk_attention=args.chunk_attention,
         enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights, bf16_kernel=args.bf16_kernel,
         kv_huge_pages=not args.no_kv_huge_pages, speculative=args.speculative,
         speculative_model=args.speculative_model, speculative_weight_format=args.speculative_weight_format,

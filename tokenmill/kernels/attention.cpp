@@ -601,9 +601,10 @@ void attend_decode(const Batch<T>& b, int64_t s, int64_t h, int64_t j, Scratch& 
 // cached keys, its own key and value from k/v. But the sequence's keys and values are read once per pass for all
 // its rows, as a decode reads them once for its group: the (row, query head) pairs are scored together as one large
 // group over the keys the last row sees, each pair's scores past its own count left unused. Only the first `spine`
-// rows (a token tree's chain; all rows otherwise).
+// rows (a token tree's chain; all rows otherwise), from row `first`: a long chunk's rows are split into spans, one
+// task each.
 template <typename T, int D>
-void attend_rows(const Batch<T>& b, int64_t s, int64_t h, int64_t spine, Scratch& scratch) {
+void attend_rows(const Batch<T>& b, int64_t s, int64_t h, int64_t first, int64_t spine, Scratch& scratch) {
   constexpr int kChunks = D / 16;
   constexpr bool kDotBf16 = kHaveDotBf16 && std::is_same_v<T, c10::BFloat16>;
   const int64_t row0 = b.query_starts[s], q_len = b.query_starts[s + 1] - row0, group = b.group;
@@ -611,7 +612,7 @@ void attend_rows(const Batch<T>& b, int64_t s, int64_t h, int64_t spine, Scratch
   const T* k_head = b.k_cache + h * b.num_slots * D;
   const T* v_head = b.v_cache + h * b.num_slots * D;
   const int64_t rows_per_pass = std::max<int64_t>(1, kPassPairs / group);
-  for (int64_t j0 = 0; j0 < spine; j0 += rows_per_pass) {
+  for (int64_t j0 = first; j0 < spine; j0 += rows_per_pass) {
     const int64_t rows = std::min(rows_per_pass, spine - j0), pairs = rows * group;
     // The pass's row jj (sequence row j0 + jj) has base + jj cached keys; `keys` is the last row's count.
     const int64_t base = b.context_lens[s] - q_len + j0, keys = base + rows - 1, len = keys + 1;
@@ -854,28 +855,44 @@ void run_tasks(const std::vector<int64_t>& cost, const F& fn) {
     at::parallel_for(0, threads, 1, work);
 }
 
+// A task of attend_batch: KV head h of sequence s, its rows [first, end).
+struct Span {
+  int64_t s, h, first, end;
+};
+
 template <typename T, int D>
 void attend_batch(const Batch<T>& b, int64_t num_seqs) {
-  std::vector<int64_t> cost(num_seqs * b.kv_heads);
+  // A long run of rows attended row-exact is split into spans, so that a single long prefill chunk keeps every
+  // thread busy; not with H2O's mass, which each (s, h) task adds up alone.
+  const int64_t span_rows = 4 * std::max<int64_t>(1, kPassPairs / b.group);
+  std::vector<Span> spans;
+  std::vector<int64_t> cost;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t q_len = b.query_starts[s + 1] - b.query_starts[s];
-    for (int64_t h = 0; h < b.kv_heads; ++h) cost[s * b.kv_heads + h] = q_len * b.context_lens[s] * b.group * D;
+    const bool split = q_len > kMultiRowMax && b.exact_rows && b.mass == nullptr;
+    for (int64_t h = 0; h < b.kv_heads; ++h)
+      for (int64_t first = 0; first < q_len; first += split ? span_rows : q_len) {
+        spans.push_back({s, h, first, split ? std::min(q_len, first + span_rows) : q_len});
+        cost.push_back((spans.back().end - first) * b.context_lens[s] * b.group * D);
+      }
   }
   run_tasks(
       cost,
       [&](int64_t task, Scratch& scratch) {
-        const int64_t s = task / b.kv_heads, h = task % b.kv_heads, q_len = b.query_starts[s + 1] - b.query_starts[s];
+        const auto [s, h, first, end] = spans[task];
+        const int64_t q_len = b.query_starts[s + 1] - b.query_starts[s];
         if (q_len == 1) {
           attend_decode<T, D>(b, s, h, 0, scratch);
         } else if ((q_len <= kMultiRowMax && b.quant != nullptr) || (q_len > kMultiRowMax && b.exact_rows)) {
           // Quantized: rows in different blocks read a key in different precisions, so no shared pass over the
-          // keys. Exact rows past a short run: attend_rows' shared passes score keys that later rows alone need.
-          for (int64_t j = 0; j < q_len; ++j) attend_decode<T, D>(b, s, h, j, scratch);
+          // keys. Exact rows past a short run: attend_rows' passes of many (row, head) pairs keep their scores and
+          // accumulators in memory, not registers, and were slower there than a decode per row.
+          for (int64_t j = first; j < end; ++j) attend_decode<T, D>(b, s, h, j, scratch);
         } else if (q_len <= kMultiRowMax) {
           // A token tree: its chain rows share passes over the keys, each leaf (seeing a shorter prefix) is a decode.
           int64_t spine = 0;
           while (spine < q_len && b.cached(s, spine) == b.context_lens[s] - q_len + spine) ++spine;
-          attend_rows<T, D>(b, s, h, spine, scratch);
+          attend_rows<T, D>(b, s, h, 0, spine, scratch);
           for (int64_t j = spine; j < q_len; ++j) attend_decode<T, D>(b, s, h, j, scratch);
         } else {
           attend_chunk<T, D>(b, s, h, scratch);

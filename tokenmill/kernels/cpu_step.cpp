@@ -254,10 +254,10 @@ at::Tensor greedy(const at::Tensor& logits) {
 class FusedStep {
  public:
   FusedStep(std::vector<LayerWeights> layers, at::Tensor final_norm, at::Tensor rope_cos, at::Tensor rope_signed_sin,
-            double eps, int64_t num_heads, int64_t kv_heads, int64_t head_dim, bool exact_rows)
+            double eps, int64_t num_heads, int64_t kv_heads, int64_t head_dim, bool exact_rows, bool exact_attention)
       : layers_(std::move(layers)), final_norm_(std::move(final_norm)), cos_(std::move(rope_cos)),
         sin_(std::move(rope_signed_sin)), eps_(eps), num_heads_(num_heads), kv_heads_(kv_heads),
-        head_dim_(head_dim), exact_rows_(exact_rows) {
+        head_dim_(head_dim), exact_rows_(exact_rows), exact_attention_(exact_rows || exact_attention) {
     TORCH_CHECK(num_heads % kv_heads == 0, "num_heads must be a multiple of kv_heads");
     TORCH_CHECK(head_dim == 64 || head_dim == 128, "the fused step is built for head sizes 64 and 128");
   }
@@ -338,9 +338,9 @@ class FusedStep {
       if (mass && mass->dim() == 4) mass = mass->select(0, i);
       at::Tensor attn = seqs.quant ? paged_attention_quantized(q, k, v, *seqs.quant, static_cast<int64_t>(i),
                                                                seqs.query_starts, tables, seqs.context_lens,
-                                                               *seqs.residual_slots, mass, exact_rows_)
+                                                               *seqs.residual_slots, mass, exact_attention_)
                                    : paged_attention(q, k, v, k_layer, v_layer, seqs.query_starts, tables,
-                                                     seqs.context_lens, seqs.block_size, mass, exact_rows_,
+                                                     seqs.context_lens, seqs.block_size, mass, exact_attention_,
                                                      seqs.row_visible);
       const at::Tensor attn_out = layer.o.apply(attn.view({rows, q_size}), exact_rows_).contiguous();
       normed = rms_norm<T>(x, layer.ffn_norm, eps_, &attn_out);
@@ -356,7 +356,8 @@ class FusedStep {
   at::Tensor final_norm_, cos_, sin_;
   double eps_;
   int64_t num_heads_, kv_heads_, head_dim_;
-  bool exact_rows_;  // attention rows as one-token decodes compute them (attention.h)
+  bool exact_rows_;       // matmul rows as each row alone computes it, at every row count (batch_invariant)
+  bool exact_attention_;  // attention rows as one-token decodes compute them (attention.h)
 };
 
 LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, at::Tensor minimums,
@@ -403,9 +404,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("ffn_norm"));
   py::class_<tokenmill::FusedStep>(m, "FusedStep")
       .def(py::init<std::vector<tokenmill::LayerWeights>, at::Tensor, at::Tensor, at::Tensor, double, int64_t, int64_t,
-                    int64_t, bool>(),
+                    int64_t, bool, bool>(),
            py::arg("layers"), py::arg("final_norm"), py::arg("rope_cos"), py::arg("rope_signed_sin"), py::arg("eps"),
-           py::arg("num_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("exact_rows") = false)
+           py::arg("num_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("exact_rows") = false,
+           py::arg("exact_attention") = false)
       .def("forward", &tokenmill::FusedStep::forward, py::arg("x"), py::arg("positions"), py::arg("slots"),
            py::arg("query_starts"), py::arg("block_tables"), py::arg("context_lens"), py::arg("k_cache"),
            py::arg("v_cache"), py::arg("block_size"), py::arg("attention_mass") = py::none(),
