@@ -533,6 +533,23 @@ def test_linear_packed_is_row_exact_at_every_batch_size(kernels, out_features, i
     assert bool(((alone.double() - want).abs() <= (in_features + 1) * 2**-24 * magnitude).all())
 
 
+@pytest.mark.skipif(not {"avx512", "avx2"} <= set(LEVELS), reason="needs both the avx512 and the avx2 build")
+def test_linear_packed_avx2_tiles_give_the_16_lane_bits() -> None:
+    """The AVX2 build's 8-lane tiles take each output's multiply-adds in the order of the 16-lane code that the
+    avx512 build runs (without AVX512-BF16): the same bits, at every row-group size and in both output types."""
+    generator = torch.Generator().manual_seed(7)
+    narrow, wide = cpu_kernels("avx2").module, cpu_kernels("avx512").module
+    for out_features, in_features in [(37, 29), (960, 576), (576, 1536)]:
+        weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+        bias = torch.randn(out_features, generator=generator).to(torch.bfloat16)
+        packed = narrow.pack_bf16(weight)
+        for rows in (1, 2, 3, 4, 5, 70):
+            x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+            for fp32_out in (False, True):
+                assert torch.equal(narrow.linear_packed(x, packed, bias, out_features, fp32_out),
+                                   wide.linear_packed(x, packed, bias, out_features, fp32_out))
+
+
 def test_linear_packed_rejects_what_it_does_not_compute(kernels) -> None:
     weight = torch.randn(8, 16).to(torch.bfloat16)
     packed = kernels.pack_bf16(weight)

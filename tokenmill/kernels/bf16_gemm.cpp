@@ -30,6 +30,7 @@
 #include <ATen/ops/constant_pad_nd.h>
 
 #include <cstring>
+#include <vector>
 
 namespace tokenmill {
 namespace {
@@ -76,6 +77,24 @@ inline f32x16 madd(f32x16 acc, const xreg& x, wreg w) {
 }
 #endif
 
+// Outputs [first, first + 16) of one row (those below n_len): the block's sums, plus the bias, rounded once to Out.
+template <typename Out>
+inline void store_block(f32x16 v, const bf16* bias, int64_t first, int64_t n_len, Out* y_row) {
+  const int64_t cols = std::min<int64_t>(kBlock, n_len - first);
+  if (bias) {
+    bf16 lanes[kBlock] = {};
+    std::memcpy(lanes, bias + first, cols * sizeof(bf16));
+    v = v + load16(lanes);
+  }
+  if (cols == kBlock) {
+    store16(y_row + first, v);
+  } else {
+    Out lanes[kBlock];
+    store16(lanes, v);
+    std::memcpy(y_row + first, lanes, cols * sizeof(Out));
+  }
+}
+
 // y rows [0, MT) and outputs [n, n + 16 · NB) from x rows of `k_len` (stride `x_stride`) and NB packed blocks.
 template <typename Out, int MT, int NB>
 inline void tile(const bf16* x, int64_t x_stride, int64_t pairs, const bf16* wp, const bf16* bias, int64_t n,
@@ -90,35 +109,56 @@ inline void tile(const bf16* x, int64_t x_stride, int64_t pairs, const bf16* wp,
       for (int b = 0; b < NB; ++b) acc[i][b] = madd(acc[i][b], xv, w[b]);
     }
   }
-  for (int b = 0; b < NB; ++b) {
-    const int64_t first = n + b * kBlock, cols = std::min<int64_t>(kBlock, n_len - first);
-    f32x16 add = {};
-    if (bias) {
-      bf16 lanes[kBlock] = {};
-      std::memcpy(lanes, bias + first, cols * sizeof(bf16));
-      add = load16(lanes);
-    }
-    for (int i = 0; i < MT; ++i) {
-      const f32x16 v = bias ? acc[i][b] + add : acc[i][b];
-      Out* dst = y + i * y_stride + first;
-      if (cols == kBlock) {
-        store16(dst, v);
-      } else {
-        Out lanes[kBlock];
-        store16(lanes, v);
-        std::memcpy(dst, lanes, cols * sizeof(Out));
+  for (int b = 0; b < NB; ++b)
+    for (int i = 0; i < MT; ++i) store_block(acc[i][b], bias, n + b * kBlock, n_len, y + i * y_stride);
+}
+
+#if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__)
+#define TOKENMILL_BF16_NARROW 1
+// AVX2 builds: the multiply-adds of `tile` on native 8-lane registers, each block of 16 outputs as two halves. On
+// 16-lane values the accumulators, W and x did not fit AVX2's 16 registers and spilled on every multiply-add. x
+// comes widened to fp32 once per row block (xw) and is broadcast from memory. Each output takes the same fused
+// multiply-adds in the same order as in `tile`, so the bits are those of the 16-lane code.
+template <typename Out, int MT, int NB>
+inline void tile8(const float* xw, int64_t xw_stride, int64_t pairs, const bf16* wp, const bf16* bias, int64_t n,
+                  int64_t n_len, Out* y, int64_t y_stride) {
+  __m256 acc[MT][2 * NB];
+  for (int i = 0; i < MT; ++i)
+    for (int h = 0; h < 2 * NB; ++h) acc[i][h] = _mm256_setzero_ps();
+  const int64_t block_stride = pairs * 2 * kBlock;
+  const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t p = 0; p < pairs; ++p) {
+    for (int h = 0; h < 2 * NB; ++h) {
+      // Pair p of outputs 8 (h mod 2) to 8 (h mod 2) + 7 of block h / 2: the odd k in the high half of each lane.
+      const __m256i w = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(wp + (h / 2) * block_stride + p * 2 * kBlock + (h % 2) * kBlock));
+      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+      for (int i = 0; i < MT; ++i) {
+        acc[i][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(xw + i * xw_stride + 2 * p + 1), odd, acc[i][h]);
+        acc[i][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(xw + i * xw_stride + 2 * p), even, acc[i][h]);
       }
     }
   }
+  for (int b = 0; b < NB; ++b)
+    for (int i = 0; i < MT; ++i) {
+      f32x16 v;
+      std::memcpy(&v, &acc[i][2 * b], sizeof(v));  // the two halves are adjacent
+      store_block(v, bias, n + b * kBlock, n_len, y + i * y_stride);
+    }
 }
 
+// Blocks per tile by the largest row group: rows × 2 NB accumulators and a block half's two W vectors in 16 ymm.
+constexpr int kTileBlocks[5] = {0, 4, 2, 2, 1};
+#else
 // Output blocks per tile by the largest row group: rows × NB accumulators, NB W vectors and one x broadcast within
 // the vector registers (32 with AVX-512; elsewhere a 16-lane vector takes two or four registers and some spill).
 constexpr int kTileBlocks[5] = {0, 8, 8, 6, 6};
+#endif
 
 template <typename Out, int NB>
-void block_tiles(const bf16* x, int64_t rows, int64_t k_len, const bf16* packed, int64_t pairs, const bf16* bias,
-                 int64_t n_len, Out* y) {
+void block_tiles(const bf16* x, const float* xw, int64_t rows, int64_t k_len, const bf16* packed, int64_t pairs,
+                 const bf16* bias, int64_t n_len, Out* y) {
   const int64_t blocks = (n_len + kBlock - 1) / kBlock, tiles = (blocks + NB - 1) / NB;
   const int64_t groups = (rows + 3) / 4;
   const int64_t block_elems = pairs * 2 * kBlock;
@@ -127,14 +167,24 @@ void block_tiles(const bf16* x, int64_t rows, int64_t k_len, const bf16* packed,
       const int64_t first_block = t * NB, count = std::min<int64_t>(NB, blocks - first_block);
       for_row_groups(rows, groups, [&](auto group_rows, int64_t m) {
         constexpr int MT = decltype(group_rows)::value;
-        const bf16* xg = x + m * k_len;
         Out* yg = y + m * n_len;
+#ifdef TOKENMILL_BF16_NARROW
+        const float* xg = xw + m * k_len;
+        auto run = [&](auto blocks, int64_t b) {
+          tile8<Out, MT, decltype(blocks)::value>(xg, k_len, pairs, packed + b * block_elems, bias, b * kBlock, n_len,
+                                                  yg, n_len);
+        };
+#else
+        const bf16* xg = x + m * k_len;
+        auto run = [&](auto blocks, int64_t b) {
+          tile<Out, MT, decltype(blocks)::value>(xg, k_len, pairs, packed + b * block_elems, bias, b * kBlock, n_len,
+                                                 yg, n_len);
+        };
+#endif
         if (count == NB) {
-          tile<Out, MT, NB>(xg, k_len, pairs, packed + first_block * block_elems, bias, first_block * kBlock, n_len,
-                            yg, n_len);
+          run(std::integral_constant<int, NB>{}, first_block);
         } else {
-          for (int64_t b = first_block; b < first_block + count; ++b)
-            tile<Out, MT, 1>(xg, k_len, pairs, packed + b * block_elems, bias, b * kBlock, n_len, yg, n_len);
+          for (int64_t b = first_block; b < first_block + count; ++b) run(std::integral_constant<int, 1>{}, b);
         }
       });
     }
@@ -150,9 +200,21 @@ void packed_gemm(const bf16* x, int64_t rows, int64_t k_len, const bf16* packed,
     const int64_t groups = (block_rows + 3) / 4, largest = (block_rows + groups - 1) / groups;
     const bf16* xb = x + first * k_len;
     Out* yb = y + first * n_len;
+    const float* xw = nullptr;
+#ifdef TOKENMILL_BF16_NARROW
+    std::vector<float> widened(block_rows * k_len);
+    for (int64_t i = 0; i < block_rows * k_len; ++i) widened[i] = to_f(xb[i]);
+    xw = widened.data();
+#endif
     switch (kTileBlocks[largest]) {
-      case 8: block_tiles<Out, 8>(xb, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
-      default: block_tiles<Out, 6>(xb, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+#ifdef TOKENMILL_BF16_NARROW
+      case 4: block_tiles<Out, 4>(xb, xw, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      case 2: block_tiles<Out, 2>(xb, xw, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      default: block_tiles<Out, 1>(xb, xw, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+#else
+      case 8: block_tiles<Out, 8>(xb, xw, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      default: block_tiles<Out, 6>(xb, xw, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+#endif
     }
   }
 }
