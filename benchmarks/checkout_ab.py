@@ -9,6 +9,7 @@ Each measurement is a fresh subprocess whose working directory is the checkout, 
   token after it (TPOT) and tokens per second.
 
     .venv/bin/python benchmarks/checkout_ab.py --a /path/to/base --b . --repeats 2
+    .venv/bin/python benchmarks/checkout_ab.py --a . --b . --dtype float32 --b-dtype bfloat16   # two dtypes
 
 Prints a Markdown table with the paired ratios (B / A) and writes JSON with the machine description.
 """
@@ -73,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable, help="interpreter with tokenmill's dependencies")
     p.add_argument("--repeats", type=int, default=2, help="A, B pairs")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--b-dtype", default=None, help="B's dtype when it differs from A's (--dtype): with --a and --b "
+                                                    "the same checkout, an A/B of two dtypes")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--input-len-range", default="32,128")
@@ -84,8 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_child(checkout: Path, args: argparse.Namespace, ext_dir: Path) -> dict[str, float]:
-    config = {"threads": args.threads, "dtype": args.dtype, "seed": args.seed, "num_requests": args.num_requests,
+def run_child(checkout: Path, args: argparse.Namespace, ext_dir: Path, dtype: str) -> dict[str, float]:
+    config = {"threads": args.threads, "dtype": dtype, "seed": args.seed, "num_requests": args.num_requests,
               "input": [int(v) for v in args.input_len_range.split(",")],
               "output": [int(v) for v in args.output_len_range.split(",")],
               "stream_prompt": args.stream_prompt_len, "stream_tokens": args.stream_tokens}
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     for i in range(args.repeats):
         for name, checkout in checkouts.items():
-            result = run_child(checkout, args, ext_dirs[name])
+            dtype = args.b_dtype if name == "B" and args.b_dtype else args.dtype
+            result = run_child(checkout, args, ext_dirs[name], dtype)
             runs[name].append(result)
             print(f"repeat {i + 1} {name}: {result}", file=sys.stderr)
     rows = []
@@ -116,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((label, statistics.median(r[metric] for r in runs["A"]),
                      statistics.median(r[metric] for r in runs["B"]), ratios))
     print(f"A = {checkouts['A']} ({git_revision(checkouts['A'])}), B = {checkouts['B']} "
-          f"({git_revision(checkouts['B'])}), dtype {runs['A'][0]['dtype']}, {args.threads} threads\n")
+          f"({git_revision(checkouts['B'])}), dtype {runs['A'][0]['dtype']} / {runs['B'][0]['dtype']}, "
+          f"{args.threads} threads\n")
     print("| metric | A (median) | B (median) | paired B/A |\n|---|---|---|---|")
     for label, a, b, ratios in rows:
         print(f"| {label} | {a:,.1f} | {b:,.1f} | {', '.join(f'{r:.3f}' for r in ratios)} |")

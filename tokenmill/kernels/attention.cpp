@@ -601,10 +601,9 @@ void attend_decode(const Batch<T>& b, int64_t s, int64_t h, int64_t j, Scratch& 
 // cached keys, its own key and value from k/v. But the sequence's keys and values are read once per pass for all
 // its rows, as a decode reads them once for its group: the (row, query head) pairs are scored together as one large
 // group over the keys the last row sees, each pair's scores past its own count left unused. Only the first `spine`
-// rows (a token tree's chain; all rows otherwise), from row `first`: a long chunk's rows are split into spans, one
-// task each.
+// rows (a token tree's chain; all rows otherwise).
 template <typename T, int D>
-void attend_rows(const Batch<T>& b, int64_t s, int64_t h, int64_t first, int64_t spine, Scratch& scratch) {
+void attend_rows(const Batch<T>& b, int64_t s, int64_t h, int64_t spine, Scratch& scratch) {
   constexpr int kChunks = D / 16;
   constexpr bool kDotBf16 = kHaveDotBf16 && std::is_same_v<T, c10::BFloat16>;
   const int64_t row0 = b.query_starts[s], q_len = b.query_starts[s + 1] - row0, group = b.group;
@@ -612,7 +611,7 @@ void attend_rows(const Batch<T>& b, int64_t s, int64_t h, int64_t first, int64_t
   const T* k_head = b.k_cache + h * b.num_slots * D;
   const T* v_head = b.v_cache + h * b.num_slots * D;
   const int64_t rows_per_pass = std::max<int64_t>(1, kPassPairs / group);
-  for (int64_t j0 = first; j0 < spine; j0 += rows_per_pass) {
+  for (int64_t j0 = 0; j0 < spine; j0 += rows_per_pass) {
     const int64_t rows = std::min(rows_per_pass, spine - j0), pairs = rows * group;
     // The pass's row jj (sequence row j0 + jj) has base + jj cached keys; `keys` is the last row's count.
     const int64_t base = b.context_lens[s] - q_len + j0, keys = base + rows - 1, len = keys + 1;
@@ -892,7 +891,7 @@ void attend_batch(const Batch<T>& b, int64_t num_seqs) {
           // A token tree: its chain rows share passes over the keys, each leaf (seeing a shorter prefix) is a decode.
           int64_t spine = 0;
           while (spine < q_len && b.cached(s, spine) == b.context_lens[s] - q_len + spine) ++spine;
-          attend_rows<T, D>(b, s, h, 0, spine, scratch);
+          attend_rows<T, D>(b, s, h, spine, scratch);
           for (int64_t j = spine; j < q_len; ++j) attend_decode<T, D>(b, s, h, j, scratch);
         } else {
           attend_chunk<T, D>(b, s, h, scratch);
