@@ -117,11 +117,11 @@ inline void tile(const bf16* x, int64_t x_stride, int64_t pairs, const bf16* wp,
 #define TOKENMILL_BF16_NARROW 1
 // AVX2 builds: the multiply-adds of `tile` on native 8-lane registers, each block of 16 outputs as two halves. On
 // 16-lane values the accumulators, W and x did not fit AVX2's 16 registers and spilled on every multiply-add. x
-// comes widened to fp32 once per row block (xw) and is broadcast from memory. Each output takes the same fused
-// multiply-adds in the same order as in `tile`, so the bits are those of the 16-lane code.
+// comes widened to fp32 once per row block and is broadcast from memory. Each output takes the same fused
+// multiply-adds in the same order as the bf16 `tile`, so the bits are those of the 16-lane code.
 template <typename Out, int MT, int NB>
-inline void tile8(const float* xw, int64_t xw_stride, int64_t pairs, const bf16* wp, const bf16* bias, int64_t n,
-                  int64_t n_len, Out* y, int64_t y_stride) {
+inline void tile(const float* xw, int64_t xw_stride, int64_t pairs, const bf16* wp, const bf16* bias, int64_t n,
+                 int64_t n_len, Out* y, int64_t y_stride) {
   __m256 acc[MT][2 * NB];
   for (int i = 0; i < MT; ++i)
     for (int h = 0; h < 2 * NB; ++h) acc[i][h] = _mm256_setzero_ps();
@@ -156,9 +156,10 @@ constexpr int kTileBlocks[5] = {0, 4, 2, 2, 1};
 constexpr int kTileBlocks[5] = {0, 8, 8, 6, 6};
 #endif
 
-template <typename Out, int NB>
-void block_tiles(const bf16* x, const float* xw, int64_t rows, int64_t k_len, const bf16* packed, int64_t pairs,
-                 const bf16* bias, int64_t n_len, Out* y) {
+// x: the row block as bf16, or widened to fp32 for the AVX2 tiles.
+template <typename Out, int NB, typename In>
+void block_tiles(const In* x, int64_t rows, int64_t k_len, const bf16* packed, int64_t pairs, const bf16* bias,
+                 int64_t n_len, Out* y) {
   const int64_t blocks = (n_len + kBlock - 1) / kBlock, tiles = (blocks + NB - 1) / NB;
   const int64_t groups = (rows + 3) / 4;
   const int64_t block_elems = pairs * 2 * kBlock;
@@ -167,20 +168,12 @@ void block_tiles(const bf16* x, const float* xw, int64_t rows, int64_t k_len, co
       const int64_t first_block = t * NB, count = std::min<int64_t>(NB, blocks - first_block);
       for_row_groups(rows, groups, [&](auto group_rows, int64_t m) {
         constexpr int MT = decltype(group_rows)::value;
+        const In* xg = x + m * k_len;
         Out* yg = y + m * n_len;
-#ifdef TOKENMILL_BF16_NARROW
-        const float* xg = xw + m * k_len;
-        auto run = [&](auto blocks, int64_t b) {
-          tile8<Out, MT, decltype(blocks)::value>(xg, k_len, pairs, packed + b * block_elems, bias, b * kBlock, n_len,
-                                                  yg, n_len);
-        };
-#else
-        const bf16* xg = x + m * k_len;
         auto run = [&](auto blocks, int64_t b) {
           tile<Out, MT, decltype(blocks)::value>(xg, k_len, pairs, packed + b * block_elems, bias, b * kBlock, n_len,
                                                  yg, n_len);
         };
-#endif
         if (count == NB) {
           run(std::integral_constant<int, NB>{}, first_block);
         } else {
@@ -200,20 +193,21 @@ void packed_gemm(const bf16* x, int64_t rows, int64_t k_len, const bf16* packed,
     const int64_t groups = (block_rows + 3) / 4, largest = (block_rows + groups - 1) / groups;
     const bf16* xb = x + first * k_len;
     Out* yb = y + first * n_len;
-    const float* xw = nullptr;
 #ifdef TOKENMILL_BF16_NARROW
     std::vector<float> widened(block_rows * k_len);
     for (int64_t i = 0; i < block_rows * k_len; ++i) widened[i] = to_f(xb[i]);
-    xw = widened.data();
+    const float* xin = widened.data();
+#else
+    const bf16* xin = xb;
 #endif
     switch (kTileBlocks[largest]) {
 #ifdef TOKENMILL_BF16_NARROW
-      case 4: block_tiles<Out, 4>(xb, xw, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
-      case 2: block_tiles<Out, 2>(xb, xw, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
-      default: block_tiles<Out, 1>(xb, xw, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      case 4: block_tiles<Out, 4>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      case 2: block_tiles<Out, 2>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      default: block_tiles<Out, 1>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
 #else
-      case 8: block_tiles<Out, 8>(xb, xw, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
-      default: block_tiles<Out, 6>(xb, xw, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      case 8: block_tiles<Out, 8>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      default: block_tiles<Out, 6>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
 #endif
     }
   }
