@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-token-id", type=int, default=100, help="prompt ids are drawn from [this, vocab), non-special")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N], for both backends")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per backend, interleaved A,B,A,B")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -156,7 +157,8 @@ class TokenmillBackend:
             longest / BLOCK_SIZE) + 1
         self.llm = LLM(model=str(path), dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=blocks,
-                       block_size=BLOCK_SIZE, num_threads=args.threads, kv_huge_pages=not args.no_kv_huge_pages)
+                       block_size=BLOCK_SIZE, num_threads=args.threads, kv_huge_pages=not args.no_kv_huge_pages,
+                       device=args.device)
         self.use_tqdm = not args.no_tqdm
         engine = self.llm.engine
         self.description = {"dtype": str(engine.dtype), "num_kv_blocks": blocks, "block_size": BLOCK_SIZE,
@@ -198,12 +200,13 @@ class TransformersBackend:
         options = {"quantization_config": transformers.GgufConfig(dequantize=True)} if hasattr(
             transformers, "GgufConfig") else {}
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=DTYPES[args.dtype], **options).eval()
+            str(path.parent), gguf_file=path.name, dtype=DTYPES[args.dtype], **options).eval().to(args.device)
         self.description = {"transformers": transformers.__version__, "weights": sorted(
             {f"{type(m).__name__}:{m.weight.dtype}" for m in self.model.modules() if isinstance(m, torch.nn.Linear)}),
             "attn_implementation": self.model.config._attn_implementation}
         self.batch_size = args.hf_batch_size
         self.pad_id = pad_id
+        self.device = torch.device(args.device)
 
     def _generate(self, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
         width = max(map(len, prompts))
@@ -213,8 +216,9 @@ class TransformersBackend:
             ids[row, width - len(prompt):] = torch.tensor(prompt)
             mask[row, width - len(prompt):] = 1
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, pad_token_id=self.pad_id)
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      pad_token_id=self.pad_id)
         return out[:, width:]
 
     def warm_up(self) -> None:
@@ -308,8 +312,9 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, float]]:
 
 
 def describe_machine(args: argparse.Namespace, load: list[float]) -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else None
     return machine_description() | {"torch_threads": torch.get_num_threads(), "dtype": args.dtype,
-                                    "load_average_at_start": load}
+                                    "load_average_at_start": load, "device": args.device, "gpu": gpu}
 
 
 # ---- running and reporting ------------------------------------------------------------------------------------
@@ -359,7 +364,8 @@ def print_notes(report: dict[str, Any]) -> None:
           f"{workload['input_tokens']['max']} (total {workload['input_tokens']['total']}), output "
           f"{workload['output_tokens']['min']}–{workload['output_tokens']['max']} (total "
           f"{workload['output_tokens']['total']}) tokens; {machine['cpu']}, {machine['cores']} cores, "
-          f"torch threads {machine['torch_threads']}, {machine['dtype']}, torch {machine['versions']['torch']}")
+          f"torch threads {machine['torch_threads']}, {machine['dtype']}, torch {machine['versions']['torch']}"
+          + (f", on {machine['gpu']}" if machine["gpu"] else ""))
     if report["ratio_output_tok_per_s"]:
         r = report["ratio_output_tok_per_s"]
         print(f"tokenmill / transformers output tok/s: {r['median']:.2f}× (paired repeats: {r['min']:.2f}–"
@@ -400,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     workload = make_workload(args, tokenizer, facts.config["vocab_size"])
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     backends = make_backends(args, path, workload, pad_id)
-    ceilings = None if args.no_ceilings else measure_ceilings(args.dtype)
+    # The ceilings are the CPU's (memory read, matmul): not measured for a GPU run.
+    ceilings = None if args.no_ceilings or args.device != "cpu" else measure_ceilings(args.dtype)
     runs, outputs = run_interleaved(backends, workload, facts, args.repeats)
     names = list(outputs)
     report = {
