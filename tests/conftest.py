@@ -177,6 +177,17 @@ def random_k_quant(kind: str, shape: tuple[int, ...], rng: np.random.Generator) 
     return blocks.reshape(rows, -1)
 
 
+def lookup_prompts(vocab: int) -> list[list[int]]:
+    """Token-id prompts that repeat themselves (drafts for prompt lookup to find) and ones that do not, of 5 to 59
+    tokens, over ids in [1, vocab)."""
+    out = []
+    for i in range(8):
+        phrase = [(7 * i + 3 * j) % (vocab - 1) + 1 for j in range(5 + i)]
+        out.append(phrase * (2 + i % 3) + phrase[: i % 4])
+    out += [[(31 * j + 11 * i) % (vocab - 1) + 1 for j in range(20 + 13 * i)] for i in range(4)]
+    return out
+
+
 def two_token_distribution(plain: Any, prompt: list[int]) -> dict[tuple[int, int], float]:
     """The exact probability of each (first, second) token pair under top-k 2 sampling at temperature 1, from a
     plain engine's top-2 logprobs: the reference for sampling-lossless tests."""

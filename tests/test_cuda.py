@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_gguf
+from conftest import lookup_prompts, write_tiny_gguf
 
 from tokenmill import LLM, SamplingParams
 
@@ -32,13 +32,7 @@ def make_llm(path: Path, device: str, **options: object) -> LLM:
 
 
 def prompts() -> list[list[int]]:
-    """Prompts that repeat themselves (drafts for prompt lookup), and ones that do not, of 5 to 70 tokens."""
-    out = []
-    for i in range(6):
-        phrase = [(7 * i + 3 * j) % (VOCAB - 1) + 1 for j in range(5 + i)]
-        out.append(phrase * (2 + i % 3) + phrase[: i % 4])
-    out += [[(31 * j + 11 * i) % (VOCAB - 1) + 1 for j in range(5 + 13 * i)] for i in range(6)]
-    return out
+    return lookup_prompts(VOCAB)
 
 
 def batched(llm: LLM, params: SamplingParams = GREEDY) -> list[list[int]]:

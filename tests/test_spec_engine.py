@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import two_token_distribution, write_tiny_gguf
+from conftest import lookup_prompts, two_token_distribution, write_tiny_gguf
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.attention.fused_cpu import FusedCPUBackend
@@ -32,13 +32,7 @@ def make_llm(path: Path, spec: bool, **options: object) -> LLM:
 
 
 def prompts() -> list[list[int]]:
-    """Token-id prompts that repeat themselves (drafts to find) and ones that do not."""
-    out = []
-    for i in range(8):
-        phrase = [(7 * i + 3 * j) % (VOCAB - 1) + 1 for j in range(5 + i)]
-        out.append(phrase * (2 + i % 3) + phrase[: i % 4])
-    out += [[(31 * j + 11 * i) % (VOCAB - 1) + 1 for j in range(20 + 13 * i)] for i in range(4)]
-    return out
+    return lookup_prompts(VOCAB)
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
