@@ -104,9 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-invariant", action="store_true",
                    help="both engines with batch_invariant=True (every row rounds as it would alone)")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    p.add_argument("--speculative", choices=["ngram", "draft", "self"], default="ngram",
-                   help="the proposer: ngram (prompt lookup), draft (a draft model, --speculative-model) or self "
-                        "(a subset of the model's layers: --speculative-layers, or calibrated)")
+    p.add_argument("--speculative", choices=["ngram", "draft", "self", "lookahead"], default="ngram",
+                   help="the proposer: ngram (prompt lookup), draft (a draft model, --speculative-model), self "
+                        "(a subset of the model's layers: --speculative-layers, or calibrated) or lookahead "
+                        "(Jacobi iteration and an n-gram pool)")
+    p.add_argument("--lookahead-ngram-size", type=int, default=None, help="--speculative lookahead: N (engine "
+                                                                           "default)")
     p.add_argument("--speculative-layers", default=None, type=lambda t: tuple(int(v) for v in t.split(",")),
                    help="--speculative self: the drafting layers (default: the engine's calibration)")
     p.add_argument("--speculative-model", default=None, help="the draft model's GGUF file (--speculative draft)")
@@ -164,6 +167,9 @@ def mode_options(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
         return options
     if args.speculative == "self":
         return options | {"speculative_layers": args.speculative_layers}
+    if args.speculative == "lookahead":
+        size = args.lookahead_ngram_size
+        return options | ({"lookahead_ngram_size": size} if size is not None else {})
     # Unset bounds stay the engine's defaults, which the JSON records from the loaded engine's config.
     for name in ("prompt_lookup_min", "prompt_lookup_max"):
         if getattr(args, name) is not None:
@@ -496,8 +502,8 @@ def make_peer(args: argparse.Namespace, path: Path, workload: dict[str, list[lis
         return None, "llama_cpp not importable"
     longest = max(len(p) for pool in workload.values() for p in pool[:args.num_prompts])
     n_ctx = 256 * math.ceil((longest + args.max_tokens + args.num_speculative_tokens + 16) / 256)
-    if args.speculative == "self":
-        return None, "llama.cpp has no self-speculation to run beside it"
+    if args.speculative in ("self", "lookahead"):
+        return None, f"llama-cpp-python has no {args.speculative} speculation to run beside it"
     if args.speculative == "draft":
         if args.llama_speculative is None:
             return None, "no --llama-speculative tool given (llama.cpp's draft-model speculation)"

@@ -15,7 +15,7 @@ from tokenmill.kv.streaming import StreamingWindow
 WEIGHT_FORMATS = ("float", "int8", "int4", "gguf")
 GGUF_ACTIVATIONS = ("bf16", "int8")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-SPECULATIVE_METHODS = (None, "ngram", "draft", "self")
+SPECULATIVE_METHODS = (None, "ngram", "draft", "self", "lookahead")
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "sjf")
 BF16_KERNELS = ("tokenmill", "onednn")
 CHUNK_ATTENTION = ("auto", "rows", "tiled")
@@ -76,7 +76,8 @@ class EngineConfig:
     # model with the same vocabulary, the GGUF file speculative_model, guesses greedily with a KV cache of its own:
     # as many tokens as the target's, within another kv_cache_memory_gib)
     # or "self" (a subset of the model's own layers drafts: speculative_layers, or chosen by a calibration pass and
-    # cached), verified losslessly.
+    # cached) or "lookahead" (Jacobi iteration on the verify rows and a pool of lookahead_ngram_size-grams from them:
+    # spec/lookahead.py), verified losslessly.
     speculative: str | None = None
     speculative_model: str | None = None
     # The draft model's weight format (default: the target's); a quantized draft runs with bf16 activations, which
@@ -89,6 +90,7 @@ class EngineConfig:
     speculative_tree_width: int = 1
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    lookahead_ngram_size: int = 4
     # True: draft lengths per request and step from its acceptance rate and a step-time model measured at start-up
     # (0 where speculation would not pay); False: every request gets all the guesses it has, up to the maximum.
     speculative_adaptive: bool = True
@@ -188,6 +190,8 @@ class EngineConfig:
                              f"{self.speculative_weight_format!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.lookahead_ngram_size < 2:
+            raise ValueError(f"lookahead_ngram_size must be >= 2, got {self.lookahead_ngram_size}")
         self._check_tree()
         if not self.structured_outputs_timeout_s > 0:
             raise ValueError(f"structured_outputs_timeout_s must be > 0, got {self.structured_outputs_timeout_s}")

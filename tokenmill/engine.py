@@ -53,6 +53,7 @@ from tokenmill.scheduler.plan import SeqSamples
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 from tokenmill.spec.adaptive import StepCostModel
 from tokenmill.spec.draft_model import DraftModelProposer, affordable_blocks
+from tokenmill.spec.lookahead import LookaheadProposer
 from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.proposer import Proposer
 from tokenmill.spec.self_draft import CACHE as SELF_DRAFT_CACHE
@@ -237,6 +238,8 @@ class LLMEngine:
             if self_draft is None:
                 return None
             proposer = self_draft
+        elif config.speculative == "lookahead":
+            proposer = LookaheadProposer(config.lookahead_ngram_size)
         else:
             proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         cost = None

@@ -73,9 +73,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fair-input-weight", type=float, default=1.0, help="fair: service charged per prompt token")
     g.add_argument("--fair-output-weight", type=float, default=2.0, help="fair: service charged per output token")
     g = parser.add_argument_group("speculative decoding")
-    g.add_argument("--speculative", default=None, choices=["ngram", "draft", "self"],
+    g.add_argument("--speculative", default=None, choices=["ngram", "draft", "self", "lookahead"],
                    help="ngram: draft tokens by prompt lookup; draft: by a smaller model (--speculative-model); "
-                        "self: by a subset of the model's own layers; verified in the step (greedy output unchanged)")
+                        "self: by a subset of the model's own layers; lookahead: by Jacobi iteration and an n-gram "
+                        "pool; verified in the step (greedy output unchanged)")
     g.add_argument("--speculative-layers", default=None, type=lambda text: tuple(int(v) for v in text.split(",")),
                    help="with --speculative self: the layers that draft, e.g. 0,1,2,3 (default: calibrated)")
     g.add_argument("--speculative-model", default=None,
@@ -88,6 +89,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "each depth (1: a chain)")
     g.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram matched")
     g.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram matched (tried first)")
+    g.add_argument("--lookahead-ngram-size", type=int, default=4,
+                   help="with --speculative lookahead: N of the pooled n-grams (a hit drafts N - 1 tokens)")
     g.add_argument("--no-speculative-adaptive", action="store_true",
                    help="always use every draft token found, instead of lengths chosen per step from acceptance "
                         "and a step-time model measured at start-up")
@@ -130,7 +133,8 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         speculative_layers=args.speculative_layers,
         num_speculative_tokens=args.num_speculative_tokens, speculative_tree_width=args.speculative_tree_width,
         prompt_lookup_min=args.prompt_lookup_min,
-        prompt_lookup_max=args.prompt_lookup_max, speculative_adaptive=not args.no_speculative_adaptive,
+        prompt_lookup_max=args.prompt_lookup_max, lookahead_ngram_size=args.lookahead_ngram_size,
+        speculative_adaptive=not args.no_speculative_adaptive,
         scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, sjf_wait_bound=args.sjf_wait_bound,
         fair_input_weight=args.fair_input_weight,
         fair_output_weight=args.fair_output_weight, structured_outputs_timeout_s=args.structured_outputs_timeout,

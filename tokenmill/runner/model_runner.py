@@ -132,7 +132,7 @@ class ModelRunner:
                 verified = verify(self.sampler, group_logits, rows, [sampled[i].draft_token_ids for i in group],
                                   [sampled[i].draft_parents for i in group])
                 for i, v in zip(group, verified, strict=True):
-                    out[i] = SeqSamples(sampled[i].request_id, v.token_ids, v.logprobs)
+                    out[i] = SeqSamples(sampled[i].request_id, v.token_ids, v.logprobs, v.choices)
                     self._keep_path(sampled[i], v.path, slots)
             else:
                 picked = self.sampler(group_logits, rows)

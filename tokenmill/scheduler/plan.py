@@ -118,6 +118,9 @@ class SeqSamples:
     request_id: str
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    # A drafted sequence's target choice at each of its sample rows (the verifier's `choices`), for drafters that
+    # learn from the rows past the accepted ones; None otherwise.
+    choices: list[int] | None = None
 
 
 @dataclass

@@ -42,6 +42,10 @@ class Proposer(ABC):
       returns by default. A tree keeps tree.py's shape (a chain with leaves off it) and at most `max_drafts` tokens.
     - Draft distributions: `one_hot` says the guesses are deterministic given the tokens (q is one-hot), which the
       verifier's rejection rule relies on; a sampled drafter would hand back its probabilities instead.
+    - `observe(request_id, draft, choices, num_accepted)`: after a step verified a chain `draft` that this proposer
+      gave the request, the target's choice at each of the k + 1 rows (row i: after the last token and draft[:i])
+      and how many drafts were accepted. Only drafters that learn from the rows past the accepted ones (lookahead)
+      use it; by default it does nothing.
     """
 
     one_hot: bool = True
@@ -62,3 +66,6 @@ class Proposer(ABC):
 
     def draft_seconds(self, num_seqs: int, depth: int) -> float:
         return 0.0
+
+    def observe(self, request_id: str, draft: Sequence[int], choices: Sequence[int], num_accepted: int) -> None:
+        return None

@@ -139,11 +139,14 @@ class Speculator:
         """Count what the step verified and forget finished requests."""
         for request_id in plan.finished_request_ids:
             self.release(request_id)
-        emitted = {s.request_id: len(s.token_ids) for s in result.samples}
+        samples = {s.request_id: s for s in result.samples}
         for seq in plan.seqs:
-            if not seq.draft_token_ids or seq.request_id not in emitted:
+            sample = samples.get(seq.request_id)
+            if not seq.draft_token_ids or sample is None:
                 continue
-            accepted = emitted[seq.request_id] - 1
+            accepted = len(sample.token_ids) - 1
+            if sample.choices is not None and not seq.draft_parents:
+                self.proposer.observe(seq.request_id, seq.draft_token_ids, sample.choices, accepted)
             self.stats.num_drafts += 1
             self.stats.num_draft_tokens += len(seq.draft_token_ids)
             self.stats.num_accepted_tokens += accepted

@@ -30,12 +30,14 @@ from tokenmill.spec.tree import children
 
 @dataclass
 class Verified:
-    """One sequence's outcome: the emitted tokens (accepted drafts, then one from the target), their logprobs, and
-    the sample rows of the accepted drafts (a chain's: 1, 2, ...)."""
+    """One sequence's outcome: the emitted tokens (accepted drafts, then one from the target), their logprobs, the
+    sample rows of the accepted drafts (a chain's: 1, 2, ...), and the target's choice at every row (greedy: its
+    token; sampling: the likeliest token of the row's distribution), rows past the rejected ones included."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
     path: list[int]
+    choices: list[int]
 
     @property
     def num_accepted(self) -> int:
@@ -65,7 +67,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow], 
             tokens = picked.token_ids[at : at + count]
             path = _greedy_path(tokens, drafts[s], trees[s])
             out[s] = Verified([drafts[s][r - 1] for r in path] + [tokens[path[-1] if path else 0]],
-                              [picked.logprobs[at + r] for r in (0, *path)], path)
+                              [picked.logprobs[at + r] for r in (0, *path)], path, list(tokens))
             at += count
     for s in range(len(drafts)):
         if out[s] is None:
@@ -115,4 +117,4 @@ def _sample(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow],
     used = torch.tensor([0, *path], dtype=torch.long, device=logits.device)
     logprobs = sampler.logprobs(logits[used], torch.tensor(tokens, dtype=torch.long, device=logits.device),
                                 [rows[r] for r in (0, *path)])
-    return Verified(tokens, logprobs, path)
+    return Verified(tokens, logprobs, path, probs.argmax(-1).tolist())
