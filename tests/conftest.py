@@ -177,6 +177,12 @@ def random_k_quant(kind: str, shape: tuple[int, ...], rng: np.random.Generator) 
     return blocks.reshape(rows, -1)
 
 
+def write_head64_gguf(path: Path, vocab: int = 300) -> Path:
+    """A tiny random llama of head size 64, so that the fused C++ step runs it where it can be built; EOS is id 0."""
+    return write_tiny_gguf(path, hidden=256, heads=4, kv_heads=2, ff=256, vocab=vocab, context=1024,
+                           metadata={"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0})
+
+
 def lookup_prompts(vocab: int) -> list[list[int]]:
     """Token-id prompts that repeat themselves (drafts for prompt lookup to find) and ones that do not, of 5 to 59
     tokens, over ids in [1, vocab)."""
@@ -186,6 +192,34 @@ def lookup_prompts(vocab: int) -> list[list[int]]:
         out.append(phrase * (2 + i % 3) + phrase[: i % 4])
     out += [[(31 * j + 11 * i) % (vocab - 1) + 1 for j in range(20 + 13 * i)] for i in range(4)]
     return out
+
+
+def loop_prompt(plain: Any, vocab: int) -> list[int]:
+    """The model's own greedy continuation of a prompt: where it repeats, so that drafts are often among the tokens
+    sampling can pick."""
+    from tokenmill import SamplingParams
+
+    seed = [(13 * j) % (vocab - 1) + 1 for j in range(12)]
+    return plain.generate(seed, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
+                          use_tqdm=False)[0].token_ids[20:]
+
+
+def two_token_chi_square(llm: Any, plain: Any, prompt: list[int], trials: int = 600) -> float:
+    """Samples the first two tokens of `prompt` `trials` times with `llm` (top-k 2, temperature 1, a seed per trial;
+    max_tokens 3, so that the second can go through verification of a draft) and returns the chi-square statistic
+    of the four outcomes' counts against their exact probabilities from `plain` (3 degrees of freedom)."""
+    from tokenmill import SamplingParams
+
+    target = two_token_distribution(plain, prompt)
+    params = [SamplingParams(temperature=1.0, top_k=2, max_tokens=3, ignore_eos=True, seed=i) for i in range(trials)]
+    counts = dict.fromkeys(target, 0)
+    for result in llm.generate([prompt] * trials, params, use_tqdm=False):
+        counts[tuple(result.token_ids[:2])] += 1
+    return sum((counts[c] - trials * p) ** 2 / (trials * p) for c, p in target.items())
+
+
+# chi-square with 3 degrees of freedom: P(stat > 16.27) = 0.001
+CHI_SQUARE_3_DOF_P001 = 16.27
 
 
 def two_token_distribution(plain: Any, prompt: list[int]) -> dict[tuple[int, int], float]:

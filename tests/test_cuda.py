@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lookup_prompts, write_tiny_gguf
+from conftest import lookup_prompts, write_head64_gguf
 
 from tokenmill import LLM, SamplingParams
 
@@ -21,9 +21,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cuda") / "tiny.gguf"
-    return write_tiny_gguf(path, hidden=256, heads=4, kv_heads=2, ff=256, vocab=VOCAB, context=1024,
-                           metadata={"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0})
+    return write_head64_gguf(tmp_path_factory.mktemp("cuda") / "tiny.gguf", VOCAB)
 
 
 def make_llm(path: Path, device: str, **options: object) -> LLM:

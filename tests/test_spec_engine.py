@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import lookup_prompts, two_token_distribution, write_tiny_gguf
+from conftest import CHI_SQUARE_3_DOF_P001, lookup_prompts, loop_prompt, two_token_chi_square, write_head64_gguf
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.attention.fused_cpu import FusedCPUBackend
@@ -17,10 +17,7 @@ VOCAB = 300
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    """Head size 64, so that the fused C++ step runs it where it can be built."""
-    path = tmp_path_factory.mktemp("spec") / "tiny64.gguf"
-    return write_tiny_gguf(path, hidden=256, heads=4, kv_heads=2, ff=256, vocab=VOCAB, context=1024,
-                           metadata={"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0})
+    return write_head64_gguf(tmp_path_factory.mktemp("spec") / "tiny64.gguf", VOCAB)
 
 
 def make_llm(path: Path, spec: bool, **options: object) -> LLM:
@@ -174,31 +171,14 @@ def test_adaptive_lengths_run_and_stay_identical(tiny_model, reference) -> None:
     assert_no_leak(llm)
 
 
-def _loop_prompt(plain: LLM) -> list[int]:
-    """The model's own greedy continuation of a prompt: where it repeats, so that n-gram drafts are often among the
-    tokens sampling can pick."""
-    seed = [(13 * j) % (VOCAB - 1) + 1 for j in range(12)]
-    return plain.generate(seed, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
-                          use_tqdm=False)[0].token_ids[20:]
-
-
 def test_sampling_with_drafts_keeps_the_target_distribution(tiny_model, plain) -> None:
     """End to end: the first two sampled tokens (top-k 2, so four outcomes) against their exact probabilities from
     the plain engine's logprobs; the second goes through verification whenever a draft was proposed."""
-    prompt = _loop_prompt(plain)
-    target = two_token_distribution(plain, prompt)
     llm = make_llm(tiny_model, spec=True)
-    trials = 600
-    # max_tokens 3: after the first token a request may draft one (the third is always the target's own)
-    params = [SamplingParams(temperature=1.0, top_k=2, max_tokens=3, ignore_eos=True, seed=i) for i in range(trials)]
-    counts = dict.fromkeys(target, 0)
-    for result in llm.generate([prompt] * trials, params, use_tqdm=False):
-        counts[tuple(result.token_ids[:2])] += 1
+    stat = two_token_chi_square(llm, plain, loop_prompt(plain, VOCAB))
     stats = llm.engine.stats().spec_decode
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # both branches of the rejection rule ran
-    stat = sum((counts[c] - trials * p) ** 2 / (trials * p) for c, p in target.items())
-    # chi-square with 3 degrees of freedom: P(stat > 16.27) = 0.001
-    assert stat < 16.27, (counts, target)
+    assert stat < CHI_SQUARE_3_DOF_P001
 
 
 def test_metrics_and_cli_expose_speculation(tiny_model) -> None:

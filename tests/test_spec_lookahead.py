@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lookup_prompts, two_token_distribution, write_tiny_gguf
+from conftest import CHI_SQUARE_3_DOF_P001, lookup_prompts, loop_prompt, two_token_chi_square, write_head64_gguf
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.sampler.sampler import Sampler, SamplingRow
@@ -109,9 +109,7 @@ def test_verifier_reports_the_target_choice_at_every_row() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("lookahead") / "tiny64.gguf"
-    return write_tiny_gguf(path, hidden=256, heads=4, kv_heads=2, ff=256, vocab=VOCAB, context=1024,
-                           metadata={"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0})
+    return write_head64_gguf(tmp_path_factory.mktemp("lookahead") / "tiny64.gguf", VOCAB)
 
 
 def make_llm(path: Path, spec: bool, **options: object) -> LLM:
@@ -145,16 +143,7 @@ def test_greedy_output_is_identical_with_lookahead(tiny_model, options) -> None:
 def test_sampling_with_lookahead_keeps_the_target_distribution(tiny_model, plain) -> None:
     """The first two sampled tokens (top-k 2: four outcomes) against their exact probabilities; the second goes
     through verification of the lookahead's first guess."""
-    seed = [(13 * j) % (VOCAB - 1) + 1 for j in range(12)]
-    prompt = plain.generate(seed, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
-                            use_tqdm=False)[0].token_ids[20:]
-    target = two_token_distribution(plain, prompt)
     llm = make_llm(tiny_model, spec=True)
-    trials = 600
-    params = [SamplingParams(temperature=1.0, top_k=2, max_tokens=3, ignore_eos=True, seed=i) for i in range(trials)]
-    counts = dict.fromkeys(target, 0)
-    for result in llm.generate([prompt] * trials, params, use_tqdm=False):
-        counts[tuple(result.token_ids[:2])] += 1
+    stat = two_token_chi_square(llm, plain, loop_prompt(plain, VOCAB))
     assert llm.engine.stats().spec_decode.num_draft_tokens > 0
-    stat = sum((counts[c] - trials * p) ** 2 / (trials * p) for c, p in target.items())
-    assert stat < 16.27, (counts, target)  # chi-square, 3 degrees of freedom: P(stat > 16.27) = 0.001
+    assert stat < CHI_SQUARE_3_DOF_P001
