@@ -24,7 +24,8 @@ timeout 170 python3 benchmarks/offline_throughput.py "${common[@]}" --num-reques
 timeout 120 python3 benchmarks/offline_throughput.py "${common[@]}" --num-requests 1 --repeats 2 \
   --input-len-range 32,32 --output-len-range 256,256 --output "$OUT/single_cuda.json" 2>&1 | tee "$OUT/single.log"
 if [ "$(left)" -gt 30 ]; then
-  timeout "$(left)" python3 -m pytest -q -p no:cacheprovider -n 12 --timeout 90 --junitxml="$OUT/suite.xml" tests \
-    > "$OUT/suite.log" 2>&1
+  # SIGINT at the deadline: pytest then stops like on Ctrl-C and still writes its summary and the JUnit report.
+  timeout -s INT "$(left)" python3 -m pytest -q -p no:cacheprovider -n 12 --timeout 90 -rfE \
+    --junitxml="$OUT/suite.xml" tests > "$OUT/suite.log" 2>&1
   tail -5 "$OUT/suite.log"
 fi
