@@ -183,6 +183,15 @@ def write_head64_gguf(path: Path, vocab: int = 300) -> Path:
                            metadata={"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0})
 
 
+def tiny_llm(path: Path, **options: Any) -> Any:
+    """An `LLM` over a tiny model file with the small-engine defaults of the engine-level tests (fp32 on the CPU,
+    256 KV blocks of 16 tokens); `options` add or override any EngineConfig field."""
+    from tokenmill import LLM
+
+    base: dict[str, Any] = {"dtype": "float32", "device": "cpu", "num_kv_blocks": 256, "block_size": 16}
+    return LLM(str(path), **(base | options))
+
+
 def lookup_prompts(vocab: int) -> list[list[int]]:
     """Token-id prompts that repeat themselves (drafts for prompt lookup to find) and ones that do not, of 5 to 59
     tokens, over ids in [1, vocab)."""

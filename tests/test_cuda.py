@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lookup_prompts, write_head64_gguf
+from conftest import lookup_prompts, tiny_llm, write_head64_gguf
 
 from tokenmill import LLM, SamplingParams
 
@@ -25,8 +25,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def make_llm(path: Path, device: str, **options: object) -> LLM:
-    base: dict[str, object] = {"dtype": "float32", "device": device, "num_kv_blocks": 256, "block_size": 16}
-    return LLM(str(path), **(base | options))
+    return tiny_llm(path, device=device, **options)
 
 
 def prompts() -> list[list[int]]:
@@ -100,7 +99,7 @@ def test_seeded_sampling_on_cuda_does_not_depend_on_the_batch(cuda_plain) -> Non
 
 
 def test_bf16_on_cuda_is_the_auto_dtype_and_close_to_fp32(tiny_model, cuda_plain) -> None:
-    llm = LLM(str(tiny_model), device="cuda", num_kv_blocks=256, block_size=16)
+    llm = tiny_llm(tiny_model, device="cuda", dtype="auto")
     assert llm.engine.dtype == torch.bfloat16
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     for ours, theirs in zip(llm.generate(prompts(), params, use_tqdm=False),

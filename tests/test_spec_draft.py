@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import two_token_distribution, write_tiny_gguf
+from conftest import tiny_llm, two_token_distribution, write_tiny_gguf
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.attention.fused_cpu import FusedCPUBackend
@@ -42,11 +42,10 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def make_llm(model: Path, draft: Path | None, **options: object) -> LLM:
-    base: dict[str, object] = {"dtype": "float32", "device": "cpu", "num_kv_blocks": 256, "block_size": 16}
-    if draft is not None:
-        base |= {"speculative": "draft", "speculative_model": str(draft), "num_speculative_tokens": 4,
-                 "speculative_adaptive": False}
-    return LLM(str(model), **(base | options))
+    spec: dict[str, object] = {} if draft is None else {
+        "speculative": "draft", "speculative_model": str(draft), "num_speculative_tokens": 4,
+        "speculative_adaptive": False}
+    return tiny_llm(model, **(spec | options))
 
 
 def prompts() -> list[list[int]]:

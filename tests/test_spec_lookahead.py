@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHI_SQUARE_3_DOF_P001, lookup_prompts, loop_prompt, two_token_chi_square, write_head64_gguf
+from conftest import (
+    CHI_SQUARE_3_DOF_P001,
+    lookup_prompts,
+    loop_prompt,
+    tiny_llm,
+    two_token_chi_square,
+    write_head64_gguf,
+)
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.sampler.sampler import Sampler, SamplingRow
@@ -112,11 +119,11 @@ def tiny_model(tmp_path_factory) -> Path:
     return write_head64_gguf(tmp_path_factory.mktemp("lookahead") / "tiny64.gguf", VOCAB)
 
 
+SPEC = {"speculative": "lookahead", "num_speculative_tokens": 4, "speculative_adaptive": False}
+
+
 def make_llm(path: Path, spec: bool, **options: object) -> LLM:
-    base: dict[str, object] = {"dtype": "float32", "device": "cpu", "num_kv_blocks": 256, "block_size": 16}
-    if spec:
-        base |= {"speculative": "lookahead", "num_speculative_tokens": 4, "speculative_adaptive": False}
-    return LLM(str(path), **(base | options))
+    return tiny_llm(path, **((SPEC if spec else {}) | options))
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow], 
             tokens = picked.token_ids[at : at + count]
             path = _greedy_path(tokens, drafts[s], trees[s])
             out[s] = Verified([drafts[s][r - 1] for r in path] + [tokens[path[-1] if path else 0]],
-                              [picked.logprobs[at + r] for r in (0, *path)], path, list(tokens))
+                              [picked.logprobs[at + r] for r in (0, *path)], path, tokens)
             at += count
     for s in range(len(drafts)):
         if out[s] is None:
