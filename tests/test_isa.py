@@ -19,7 +19,9 @@ def test_levels_follow_the_cpu_flags() -> None:
     assert isa.supported_levels(ZEN4 - {"avx512_vnni"}, "x86_64") == ["avx512", "avx2", "scalar"]
     assert isa.supported_levels(ZEN3, "x86_64") == ["avx2", "scalar"]
     assert isa.supported_levels(frozenset({"avx2"}), "x86_64") == ["scalar"]  # AVX2 without FMA: not the AVX2 path
-    assert isa.supported_levels(frozenset({"asimd", "asimddp"}), "aarch64") == [isa.GENERIC]
+    assert isa.supported_levels(frozenset({"fp", "asimd", "asimddp"}), "aarch64") == ["neon_dotprod", "neon"]
+    assert isa.supported_levels(frozenset({"fp", "asimd"}), "aarch64") == ["neon"]  # Cortex-A72 (Raspberry Pi 4)
+    assert isa.supported_levels(frozenset({"fp", "asimd", "asimddp"}), "riscv64") == [isa.GENERIC]
 
 
 def test_an_override_can_lower_the_level_but_never_raise_it(caplog) -> None:
@@ -28,6 +30,8 @@ def test_an_override_can_lower_the_level_but_never_raise_it(caplog) -> None:
     assert isa.choose_level(ZEN4, "avx512vnni", "x86_64") == "avx512vnni"
     assert isa.choose_level(SKYLAKE_X, "avx512vnni", "x86_64") == "avx512"  # no VNNI: the highest it has
     assert isa.choose_level(ZEN4, "scalar", "x86_64") == "scalar"
+    assert isa.choose_level(frozenset({"asimd", "asimddp"}), None, "aarch64") == "neon_dotprod"
+    assert isa.choose_level(frozenset({"asimd", "asimddp"}), "neon", "aarch64") == "neon"
     with caplog.at_level(logging.WARNING, logger="tokenmill.kernels.isa"):
         assert isa.choose_level(ZEN3, "avx512bf16", "x86_64") == "avx2"
     assert "not available on this CPU" in caplog.text
@@ -37,5 +41,6 @@ def test_flags_are_read_from_cpuinfo_and_every_level_has_a_target() -> None:
     assert isa.cpu_flags("processor\t: 0\nflags\t\t: fpu avx2 fma\n") == frozenset({"fpu", "avx2", "fma"})
     assert isa.cpu_flags("Features\t: fp asimd asimddp\n") == frozenset({"fp", "asimd", "asimddp"})
     assert isa.build_flags("avx2") == ["-march=x86-64-v3"]
+    assert isa.build_flags("neon_dotprod") == ["-march=armv8.2-a+dotprod"]
     assert isa.build_flags(isa.GENERIC) == []
-    assert all("-march=native" not in isa.build_flags(level) for level in isa.X86_LEVELS)
+    assert all("-march=native" not in isa.build_flags(level) for level in [*isa.X86_LEVELS, *isa.ARM_LEVELS])

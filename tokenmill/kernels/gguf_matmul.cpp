@@ -5,8 +5,9 @@
 // row where Q8_0 has one per 32 weights. Here each weight is the file's d · q + m with d and m the stored f16 values.
 //
 // Arithmetic: activations are bf16 and the codes are small integers, which bf16 holds exactly, so AVX512-BF16 dot
-// products give exact x · q products summed in fp32. Without AVX512-BF16, AVX2 + FMA widens codes and activations to
-// fp32 (the products are still exact) and sums with FMAs; other CPUs run a portable loop with the same arithmetic.
+// products give exact x · q products summed in fp32. Without AVX512-BF16, AVX2 + FMA (or NEON on aarch64,
+// gguf_neon.h) widens codes and activations to fp32 (the products are still exact) and sums with FMAs; other CPUs run
+// a portable loop with the same arithmetic.
 // The three paths sum in different orders, so they agree to fp32 rounding, not bit for bit. Each 32-weight block's
 // sum is scaled by its d in fp32 and a Q4 block adds m · Σx. Within a path every output element goes through the same
 // sequence of operations whatever the batch size or the thread count, so results are batch invariant.
@@ -22,10 +23,11 @@
 // int8 activations (the second mode, `int8_activations`): each row of activations is rounded per block of 32 to int8
 // codes with an fp32 scale (amax / 127), as llama.cpp does for its Q8 dot products, so the weights stay the file's
 // while the products become integer dot products (AVX2 vpmaddubsw / vpmaddwd on 8 rows per vector; AVX-512 VNNI's
-// fused vpdpbusd (Q4: four products per lane) or vpdpwssd (Q8: two) on a whole 16-row tile per vector), several
-// times fewer instructions than widening every code to fp32. The integer sums are exact; each block adds float(Σ q·c) · (d · dx) and, for Q4, m · dx · Σc. Every path
-// (AVX-512, AVX2, the portable loop) performs the same fp32 operations in the same order, so they agree bit for bit,
-// and the mode is batch invariant like the other. The result is the exact product of the file's weights with the
+// fused vpdpbusd (Q4: four products per lane) or vpdpwssd (Q8: two) on a whole 16-row tile per vector; NEON's SDOT,
+// four products per lane, on 4 rows per vector), several times fewer instructions than widening every code to fp32.
+// The integer sums are exact; each block adds float(Σ q·c) · (d · dx) and, for Q4, m · dx · Σc. Every path (AVX-512,
+// AVX2, NEON, the portable loop) performs the same fp32 operations in the same order, so they agree bit for bit, and
+// the mode is batch invariant like the other. The result is the exact product of the file's weights with the
 // rounded activations; its effect on quality is measured (benchmarks/cpu_decode.py, docs/benchmarks.md).
 //
 // Speed: one decode token reads each weight once, so with one activation row the unpacking has to keep up with
@@ -33,6 +35,9 @@
 // stays in cache while all activation tiles pass over it.
 
 #include "gguf_matmul.h"
+
+#include "gguf_layout.h"
+#include "gguf_neon.h"  // TOKENMILL_GGUF_NEON and TOKENMILL_GGUF_INT8_NEON on aarch64
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -50,7 +55,8 @@
 #include <type_traits>
 #include <vector>
 
-// The instruction set the tiles below are built for: AVX512-BF16 dot products, AVX2 + FMA, or portable C++.
+// The instruction set the tiles below are built for: AVX512-BF16 dot products, AVX2 + FMA, NEON (gguf_neon.h), or
+// portable C++.
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define TOKENMILL_GGUF_AVX512BF16 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -69,13 +75,13 @@
 namespace tokenmill {
 namespace {
 
-constexpr int64_t kBlock = 32;
-constexpr int64_t kRows = 16;              // weight rows per tile: one fp32 lane each
+using gguf::kBlock;
+using gguf::kQ4TileBlockBytes;
+using gguf::kQ8TileBlockBytes;
+using gguf::kRows;
 constexpr int64_t kTileGroup = 4;          // row tiles kept in cache while every activation tile passes over them
 constexpr int kActTile = 6;                // activation rows sharing one unpacked chunk (registers: 2 chains each)
 constexpr int64_t kSerialWork = 1 << 18;   // multiply-adds below which waking the thread pool costs more than it saves
-constexpr int64_t kQ4TileBlockBytes = kRows * kBlock / 2;
-constexpr int64_t kQ8TileBlockBytes = kRows * kBlock;
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -84,8 +90,8 @@ inline float bf16_to_float(uint16_t bits) {
   return v;
 }
 
-// The 8-lane AVX2 tiles (both modes) pass over an unpacked chunk with this many activation rows at a time: sixteen
-// vector registers hold their sums beside the codes.
+// The 8-lane AVX2 tiles and the NEON tiles (both modes) pass over an unpacked chunk with this many activation rows at
+// a time: the vector registers (16 on AVX2, 32 on NEON) hold their sums beside the codes.
 constexpr int kRowGroup = 3;
 
 // Runs kernel(integral_constant<int, n>, first_row) over act_rows in groups of at most kRowGroup.
@@ -323,7 +329,7 @@ void q8_tile_avx2(const int8_t* w, const at::Half* d, int64_t blocks, const floa
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + i * kRows + 8 * h, acc[i][h]);
 }
 
-#else
+#elif !defined(TOKENMILL_GGUF_NEON)
 
 // Portable fallback with the same arithmetic (per-block fp32 sums scaled by d), without the vector instructions.
 template <typename S>
@@ -619,7 +625,7 @@ void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int1
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + i * kRows + 8 * h, acc[i][h]);
 }
 
-#else
+#elif !defined(TOKENMILL_GGUF_INT8_NEON)
 
 // Portable loops with the AVX2 tiles' exact integer sums and fp32 operations (bit-identical results).
 template <typename S>
@@ -666,9 +672,9 @@ const uint16_t* activations(const at::Tensor& x, int64_t K) {
   return reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
 }
 
-// The activations widened to fp32, for the AVX2 tiles (empty where they are not used).
+// The activations widened to fp32, for the AVX2 and NEON tiles (empty where they are not used).
 std::vector<float> widened(const uint16_t* x, int64_t n) {
-#if defined(TOKENMILL_GGUF_AVX2)
+#if defined(TOKENMILL_GGUF_AVX2) || defined(TOKENMILL_GGUF_NEON)
   std::vector<float> out(n);
   for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(x[i]);
   return out;
@@ -725,6 +731,8 @@ const char* gguf_int8_isa() {
   return "avx512vnni";
 #elif defined(TOKENMILL_GGUF_INT8_AVX2)
   return "avx2";
+#elif defined(TOKENMILL_GGUF_INT8_NEON)
+  return "neon_dotprod";
 #else
   return "scalar";
 #endif
@@ -735,6 +743,8 @@ const char* gguf_isa() {
   return "avx512bf16";
 #elif defined(TOKENMILL_GGUF_AVX2)
   return "avx2";
+#elif defined(TOKENMILL_GGUF_NEON)
+  return "neon";
 #else
   return "scalar";
 #endif
@@ -763,6 +773,11 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, c
         q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, q.codes.data() + (i0 + i) * K, K, dx + i * blocks,
                                             sums + i * blocks, out + i * kRows);
       });
+#elif defined(TOKENMILL_GGUF_INT8_NEON)
+      in_row_groups(act_rows, [&](auto tile, int i) {
+        gguf::neon::q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, q.codes.data() + (i0 + i) * K, K,
+                                                        dx + i * blocks, sums + i * blocks, out + i * kRows);
+      });
 #else
       q4_tile_int8_scalar(wt, dt, mt, blocks, q.codes.data() + i0 * K, K, dx, sums, act_rows, out);
 #endif
@@ -782,6 +797,11 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, c
     in_row_groups(act_rows, [&](auto tile, int i) {
       q4_tile_avx2<decltype(tile)::value>(wt, dt, mt, blocks, xf.data() + (i0 + i) * K, K,
                                           sums.data() + (i0 + i) * blocks, out + i * kRows);
+    });
+#elif defined(TOKENMILL_GGUF_NEON)
+    in_row_groups(act_rows, [&](auto tile, int i) {
+      gguf::neon::q4_tile<decltype(tile)::value>(wt, dt, mt, blocks, xf.data() + (i0 + i) * K, K,
+                                                 sums.data() + (i0 + i) * blocks, out + i * kRows);
     });
 #else
     q4_tile_scalar(wt, dt, mt, blocks, xs + i0 * K, K, sums.data() + i0 * blocks, act_rows, out);
@@ -834,6 +854,11 @@ at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
         q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.wide.data() + (i0 + i) * K, K, dx + i * blocks,
                                             out + i * kRows);
       });
+#elif defined(TOKENMILL_GGUF_INT8_NEON)
+      in_row_groups(act_rows, [&](auto tile, int i) {
+        gguf::neon::q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.codes.data() + (i0 + i) * K, K,
+                                                        dx + i * blocks, out + i * kRows);
+      });
 #else
       q8_tile_int8_scalar(wt, dt, blocks, q.codes.data() + i0 * K, K, dx, act_rows, out);
 #endif
@@ -848,6 +873,10 @@ at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
 #elif defined(TOKENMILL_GGUF_AVX2)
     in_row_groups(act_rows, [&](auto tile, int i) {
       q8_tile_avx2<decltype(tile)::value>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows);
+    });
+#elif defined(TOKENMILL_GGUF_NEON)
+    in_row_groups(act_rows, [&](auto tile, int i) {
+      gguf::neon::q8_tile<decltype(tile)::value>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows);
     });
 #else
     q8_tile_scalar(wt, dt, blocks, xs + i0 * K, K, act_rows, out);

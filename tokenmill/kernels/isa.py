@@ -31,7 +31,16 @@ X86_LEVELS: dict[str, tuple[frozenset[str], list[str]]] = {
     "avx2": (frozenset({"avx2", "fma", "f16c"}), ["-march=x86-64-v3"]),
     "scalar": (frozenset(), ["-march=x86-64"]),
 }
+# aarch64: Advanced SIMD (NEON) is part of the base architecture; the int8 dot product (SDOT, `asimddp`: Apple M1
+# on, Graviton 2 on, Ampere Altra, Cortex-A55/A76 on) adds the int8-activation GGUF tiles.
+ARM_LEVELS: dict[str, tuple[frozenset[str], list[str]]] = {
+    "neon_dotprod": (frozenset({"asimd", "asimddp"}), ["-march=armv8.2-a+dotprod"]),
+    "neon": (frozenset(), ["-march=armv8-a"]),
+}
 GENERIC = "generic"  # other architectures: the compiler's default target
+
+
+_LEVELS_BY_MACHINE = {"x86_64": X86_LEVELS, "AMD64": X86_LEVELS, "aarch64": ARM_LEVELS, "arm64": ARM_LEVELS}
 
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
@@ -50,9 +59,10 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
 def supported_levels(flags: frozenset[str], machine: str | None = None) -> list[str]:
     """Every level this CPU can run, highest first."""
     machine = machine or platform.machine()
-    if machine not in ("x86_64", "AMD64"):
+    table = _LEVELS_BY_MACHINE.get(machine)
+    if table is None:
         return [GENERIC]
-    return [level for level, (needs, _) in X86_LEVELS.items() if needs <= flags]
+    return [level for level, (needs, _) in table.items() if needs <= flags]
 
 
 def choose_level(flags: frozenset[str], requested: str | None, machine: str | None = None) -> str:
@@ -69,7 +79,7 @@ def choose_level(flags: frozenset[str], requested: str | None, machine: str | No
 
 
 def build_flags(level: str) -> list[str]:
-    return [] if level == GENERIC else list(X86_LEVELS[level][1])
+    return [] if level == GENERIC else list({**X86_LEVELS, **ARM_LEVELS}[level][1])
 
 
 def current_level() -> str:

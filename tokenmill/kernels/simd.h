@@ -6,6 +6,8 @@
 #include <c10/util/BFloat16.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 #include <algorithm>
@@ -140,6 +142,16 @@ inline f32x16 fma16(f32x16 a, f32x16 b, f32x16 c) {
   const __m256 r8[2] = {_mm256_fmadd_ps(a8[0], b8[0], c8[0]), _mm256_fmadd_ps(a8[1], b8[1], c8[1])};
   f32x16 r;
   std::memcpy(&r, r8, sizeof(r));
+  return r;
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+  // Four 4-lane quarters: FMA is part of aarch64's base NEON.
+  float32x4_t a4[4], b4[4], c4[4];
+  std::memcpy(a4, &a, sizeof(a));
+  std::memcpy(b4, &b, sizeof(b));
+  std::memcpy(c4, &c, sizeof(c));
+  for (int q = 0; q < 4; ++q) c4[q] = vfmaq_f32(c4[q], a4[q], b4[q]);
+  f32x16 r;
+  std::memcpy(&r, c4, sizeof(r));
   return r;
 #else
   return a * b + c;
