@@ -8,9 +8,10 @@ with `prompt_logprobs` (teacher forcing, chunks of `--chunk` tokens), under
 Per segment of `--segment` tokens: perplexity; per mode: the most KV blocks held, process RSS as the stream goes,
 tokens/s. Each scored token sees between W - chunk and W + chunk earlier tokens in the window modes.
 
-decode: single-stream decode time per token with a window that evicts (sinks + W, prompt longer than W) against
-the full cache on the same prompt, run alternately (window, full, window, full), plus the time of one eviction's
-key rotation measured apart, with the bytes it moves.
+decode: single-stream decode time per token with a window that evicts (sinks + W, prompt longer than W), its key
+rotations done in place by the CPU kernel and by the PyTorch path, against the full cache on the same prompt, run
+alternately (window, window with the PyTorch rotation, full, and again), plus the time of one eviction's key rotation
+on each path measured apart, with the bytes it moves.
 
 h2o: heavy-hitter eviction (H2O) at a per-request budget of `--h2o-budget` (a fraction) of `--h2o-length`-token
 segments of the same text, each scored with `prompt_logprobs` in chunks of `--h2o-chunk` tokens (one block: each
@@ -50,6 +51,7 @@ import torch
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.machine import machine_description
 from tokenmill.bench.report import write_json
+from tokenmill.kernels import cpu_kernels
 from tokenmill.kv.cache import KVCache
 from tokenmill.model.llama import rope_rotation
 
@@ -147,27 +149,43 @@ def rotation_seconds(llm: LLM, num_blocks: int, repeats: int = 20) -> float:
 
 
 def part_decode(args: argparse.Namespace) -> dict[str, Any]:
+    """Decode TPOT with the window (its key rotations in place by the CPU kernel, and by the PyTorch path) and with
+    the full cache, alternated; and one eviction's rotation alone on each path."""
     window = make_llm(args, "sinks")
     full = LLM(args.model, kv_cache_memory_gib=args.kv_gib)
     prompt = window.tokenizer.encode(DATA.read_text())[: args.window + 64]
-    runs: dict[str, list[float]] = {"window": [], "full": []}
-    for _ in range(args.repeats):
-        for name, llm in (("window", window), ("full", full)):
-            runs[name].append(decode_tpot(llm, prompt, args.decode_tokens))
-    window_blocks = -(-args.window // window.engine.kv_cache.block_size)
-    rotate = rotation_seconds(window, window_blocks)
     cache = window.engine.kv_cache
+    kernels = cpu_kernels().module
+    rotations = {"window": kernels, "window, PyTorch rotation": None}
+    runs: dict[str, list[float]] = {"window": [], "window, PyTorch rotation": [], "full": []}
+    for llm in (window, full):  # untimed: the first decode in a process or on fresh KV pages pays one-time costs
+        decode_tpot(llm, prompt, args.decode_tokens)
+    for _ in range(args.repeats):
+        for name in runs:
+            if name in rotations:
+                cache.use_kernels(rotations[name])
+            runs[name].append(decode_tpot(full if name == "full" else window, prompt, args.decode_tokens))
+    window_blocks = -(-args.window // cache.block_size)
+    rotate: dict[str, float] = {}
+    for name, module in rotations.items():
+        cache.use_kernels(module)
+        rotate[name] = rotation_seconds(window, window_blocks)
+    cache.use_kernels(kernels)
     moved = 2 * window_blocks * cache.block_size * cache.k.shape[0] * cache.k.shape[1] * cache.k.shape[3] * \
         cache.k.element_size()  # read and write the window's keys
     tpot = {name: statistics.median(values) for name, values in runs.items()}
-    result = {"prompt_tokens": len(prompt), "decode_tokens": args.decode_tokens, "tpot_s": runs,
-              "median_tpot_s": tpot, "window_over_full": tpot["window"] / tpot["full"],
-              "rotation_s_per_eviction": rotate, "rotation_bytes": moved, "rotation_gb_s": moved / rotate / 1e9,
-              "rotation_s_per_token": rotate / cache.block_size}
-    print(f"decode TPOT: window {tpot['window'] * 1e3:.2f} ms, full {tpot['full'] * 1e3:.2f} ms "
-          f"(ratio {result['window_over_full']:.3f}); one eviction's rotation {rotate * 1e3:.2f} ms "
-          f"({moved / 2**20:.1f} MiB moved, {result['rotation_gb_s']:.1f} GB/s), "
-          f"{rotate / cache.block_size * 1e3:.3f} ms per token")
+    result = {"prompt_tokens": len(prompt), "decode_tokens": args.decode_tokens, "dtype": str(cache.k.dtype),
+              "tpot_s": runs, "median_tpot_s": tpot, "window_over_full": tpot["window"] / tpot["full"],
+              "pytorch_rotation_over_full": tpot["window, PyTorch rotation"] / tpot["full"],
+              "rotation_bytes": moved, "rotation_s_per_eviction": rotate,
+              "rotation_gb_s": {name: moved / s / 1e9 for name, s in rotate.items()},
+              "rotation_s_per_token": {name: s / cache.block_size for name, s in rotate.items()}}
+    print(f"decode TPOT ({cache.k.dtype}): " + ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in tpot.items()) +
+          f" (window / full {result['window_over_full']:.3f}, with the PyTorch rotation "
+          f"{result['pytorch_rotation_over_full']:.3f})")
+    for name, seconds in rotate.items():
+        print(f"one eviction's rotation, {name}: {seconds * 1e3:.2f} ms ({moved / 2**20:.1f} MiB moved, "
+              f"{moved / seconds / 1e9:.1f} GB/s), {seconds / cache.block_size * 1e3:.3f} ms per token")
     return result
 
 

@@ -13,6 +13,8 @@ from conftest import write_tiny_gguf
 from tests.test_scheduler import run_step
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import EngineConfig
+from tokenmill.kernels import cpu_kernels, isa
+from tokenmill.kv.cache import KVCache
 from tokenmill.kv.manager import KVCacheManager
 from tokenmill.kv.streaming import KVShift, StreamingWindow
 from tokenmill.model.config import ModelConfig
@@ -131,6 +133,33 @@ def test_rope_rotation_moves_keys_by_an_offset() -> None:
     # The model's tables compute angles in fp32: at position 3000 they are off by up to 3000 * 2**-24 radians.
     assert (back - apply_rope(raw, cos[10], sin[10])).abs().max() < 1e-3
     assert (apply_rope(back, *rope_rotation(cfg, 2990)) - at_3000).abs().max() < 1e-5  # and back again
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("level", isa.supported_levels(isa.cpu_flags()))
+def test_the_in_place_key_rotation_kernel_is_bit_identical_to_the_pytorch_path(level: str, dtype: torch.dtype) -> None:
+    build = cpu_kernels(level)
+    assert build.module is not None, build.error
+    cfg = ModelConfig("llama", num_layers=2, hidden_size=192, intermediate_size=8, num_heads=3, num_kv_heads=3,
+                      head_dim=64, vocab_size=10, max_position=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+                      attention_bias=False, tie_word_embeddings=True)
+    torch_path, kernel = (KVCache(cfg, 8, BS, dtype, torch.device("cpu")) for _ in range(2))
+    kernel.use_kernels(build.module)
+    for cache in (torch_path, kernel):
+        cache.k.copy_(torch.linspace(-3, 3, cache.k.numel()).view_as(cache.k).sin() * 2)
+        cache.v.fill_(0.5)
+    before = kernel.k.clone()
+    for cache in (torch_path, kernel):
+        cache.rotate_keys([5, 1, 6], *rope_rotation(cfg, -24))
+    assert torch.equal(kernel.k, torch_path.k)
+    moved = torch.zeros(8, dtype=torch.bool)
+    moved[[5, 1, 6]] = True
+    slots_moved = moved.repeat_interleave(BS)
+    assert not torch.equal(kernel.k[:, :, slots_moved], before[:, :, slots_moved])
+    assert torch.equal(kernel.k[:, :, ~slots_moved], before[:, :, ~slots_moved])  # other blocks untouched
+    assert bool((kernel.v == 0.5).all())
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        kernel.rotate_keys([8], *rope_rotation(cfg, -24))
 
 
 # ---- a tiny model against the paper's formulation ----------------------------------------------------------------

@@ -34,4 +34,5 @@ def plain_backend(model: LlamaModel, kv_cache: KVCache, device: torch.device, en
         return eager, None
     logger.info("fused CPU step ready in %.1fs (compiled on first use, then loaded from the cache): ISA level %s, "
                 "GGUF block tiles for %s", build.seconds, build.isa, build.module.gguf_isa())
+    kv_cache.use_kernels(build.module)
     return FusedCPUBackend(build.module, model, kv_cache, exact_rows, chunk_attention), build.module.greedy

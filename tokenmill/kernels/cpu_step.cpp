@@ -23,6 +23,7 @@
 #include "attention.h"
 #include "bf16_gemm.h"
 #include "gguf_matmul.h"
+#include "kv_rotate.h"
 #include "simd.h"
 #include "small_gemm.h"
 
@@ -423,6 +424,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("bits"), py::arg("block_size"), py::arg("k_data"), py::arg("k_params"), py::arg("v_data"),
            py::arg("v_params"), py::arg("k_residual"), py::arg("v_residual"));
+  m.def("rotate_key_blocks", &tokenmill::rotate_key_blocks, py::arg("k_cache"), py::arg("blocks"), py::arg("cos"),
+        py::arg("sin"), py::arg("block_size"), py::call_guard<py::gil_scoped_release>());
   m.def("paged_attention_quantized", &tokenmill::paged_attention_quantized, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("kv"), py::arg("layer"), py::arg("query_starts"), py::arg("block_tables"), py::arg("context_lens"),
         py::arg("residual_slots"), py::arg("attention_mass") = py::none(), py::arg("exact_rows") = false,

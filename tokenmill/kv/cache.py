@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from types import ModuleType
 
 import torch
 
@@ -50,6 +51,14 @@ class KVCache(KVStorage):
         self.v = huge_pages_zeros(shape, dtype, device, huge_pages)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self._kernels: ModuleType | None = None
+
+    def use_kernels(self, module: ModuleType | None) -> None:
+        """Rotate keys with the CPU kernels' in-place `rotate_key_blocks` (bit-identical to the PyTorch path, which
+        gathers, widens and scatters the blocks); None: the PyTorch path. The fused CPU backend sets it, so
+        `enforce_eager` turns it off with the rest of the kernels."""
+        usable = self.k.device.type == "cpu" and self.k.dtype in (torch.float32, torch.bfloat16)
+        self._kernels = module if usable else None
 
     def release(self, request_ids: Iterable[str]) -> None:
         """A full-precision cache keeps nothing per request."""
@@ -85,11 +94,15 @@ class KVCache(KVStorage):
         if not blocks:
             return
         layers, heads, num_slots, dim = self.k.shape
-        by_block = self.k.view(layers, heads, num_slots // self.block_size, self.block_size, dim)
-        index = torch.tensor(list(blocks), device=self.k.device)
-        keys = by_block.index_select(2, index).float()
         half = dim // 2
-        cos, sin = cos[:half].to(keys.device), signed_sin[half:].to(keys.device)  # the half-split rotation's terms
+        index = torch.tensor(list(blocks), device=self.k.device)
+        cos, sin = cos[:half].to(self.k.device), signed_sin[half:].to(self.k.device)  # the half-split rotation's terms
+        if self._kernels is not None:
+            self._kernels.rotate_key_blocks(self.k, index, cos.float().contiguous(), sin.float().contiguous(),
+                                            self.block_size)
+            return
+        by_block = self.k.view(layers, heads, num_slots // self.block_size, self.block_size, dim)
+        keys = by_block.index_select(2, index).float()
         first, second = keys[..., :half], keys[..., half:]
         rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
         by_block.index_copy_(2, index, rotated.to(self.k.dtype))
