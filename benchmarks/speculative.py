@@ -257,13 +257,38 @@ def kv_blocks_needed(workload: dict[str, list[list[int]]], args: argparse.Namesp
 # ---- tokenmill runs -------------------------------------------------------------------------------------------
 
 
+# Seconds the engine spends in its speculator (drafting and lengths, then bookkeeping), per engine: the Python cost
+# speculation adds to every step whether or not it drafts, measured directly where an end-to-end ratio is noise.
+_speculator_clock: dict[int, float] = {}
+
+
+def clock_speculator(llm: LLM) -> None:
+    speculator = getattr(llm.engine, "speculator", None)
+    if speculator is None:
+        return
+    key = id(llm)
+    _speculator_clock[key] = 0.0
+    for name in ("propose", "observe"):
+        method = getattr(speculator, name)
+
+        def timed(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                _speculator_clock[key] += time.perf_counter() - start
+
+        setattr(speculator, name, timed)
+
+
 def counters(llm: LLM) -> dict[str, Any]:
     stats = llm.engine.stats()
     spec = getattr(stats, "spec_decode", None)
     if spec is not None:
         spec = {k: int(getattr(spec, k)) for k in SPEC_COUNTERS} | {
             "accepted_per_position": list(getattr(spec, "accepted_per_position", None) or [])}
-    return {"steps": stats.steps, "preemptions": stats.num_preemptions, "spec": spec}
+    return {"steps": stats.steps, "preemptions": stats.num_preemptions, "spec": spec,
+            "speculator_s": _speculator_clock.get(id(llm), 0.0)}
 
 
 def counter_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -273,7 +298,8 @@ def counter_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
         spec["accepted_per_position"] = [a - b for a, b in zip(after["spec"]["accepted_per_position"],
                                                                before["spec"]["accepted_per_position"], strict=False)]
     return {"forward_steps": after["steps"] - before["steps"],
-            "preemptions": after["preemptions"] - before["preemptions"], "spec_decode": spec}
+            "preemptions": after["preemptions"] - before["preemptions"], "spec_decode": spec,
+            "speculator_s": after["speculator_s"] - before["speculator_s"]}
 
 
 def single_stream(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[Run, list[list[int]]]:
@@ -593,7 +619,8 @@ def ratio_cell(summary: dict[str, float] | None) -> str:
 def print_tables(results: dict[int, dict[str, Any]], peer: bool) -> None:
     for batch, by_category in results.items():
         mode = "single stream (one request at a time)" if batch == 1 else f"batch of {batch} (one generate call)"
-        head = ["category", "plain tok/s", "spec tok/s", "speedup", "acceptance", "mean acc. len", "identical"]
+        head = ["category", "plain tok/s", "spec tok/s", "speedup", "acceptance", "mean acc. len", "identical",
+                "speculator share"]
         if batch == 1:
             head += ["decode speedup"]
             if peer:
@@ -608,7 +635,7 @@ def print_tables(results: dict[int, dict[str, Any]], peer: bool) -> None:
                      fmt(med(r["summary"]["speculative"]["output_tok_per_s"])), ratio_cell(r["speedup"]),
                      "no drafts" if acc.get("num_drafts") == 0 else fmt(None if rate is None else 100 * rate, 0, "%"),
                      fmt(acc.get("mean_accepted_length"), 2),
-                     f"{ident['identical']}/{ident['compared']}"]
+                     f"{ident['identical']}/{ident['compared']}", fmt(r["speculator_share"], 2, "%")]
             if batch == 1:
                 cells.append(ratio_cell(r["decode_speedup"]))
                 if peer:
@@ -667,6 +694,7 @@ def main(argv: list[str] | None = None) -> None:
                for mode in ("plain", "speculative")}
     for llm in engines.values():
         warm_up(llm)
+    clock_speculator(engines["speculative"])
     peer, peer_skipped = make_peer(args, path, workload, engines["speculative"])
     if peer is not None:
         peer.warm_up()
@@ -707,6 +735,9 @@ def main(argv: list[str] | None = None) -> None:
                 "summary": {mode: summarize_runs(r) for mode, r in runs.items()},
                 "speedup": paired(runs["plain"], runs["speculative"], "output_tok_per_s"),
                 "acceptance": acceptance(runs["speculative"]), "identity": same,
+                # Wall time inside the speculator, over the speculative runs' wall time, in percent.
+                "speculator_share": 100 * sum(r["speculator_s"] for r in runs["speculative"]) /
+                sum(r["wall_s"] for r in runs["speculative"]),
                 "preemptions": sum(r["preemptions"] for mode_runs in runs.values() for r in mode_runs),
                 "output_tokens_per_forward_step": {
                     mode: sum(r["output_tokens"] for r in rs) / max(1, sum(r["forward_steps"] for r in rs))
