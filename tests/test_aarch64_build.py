@@ -30,7 +30,8 @@ def compile_for(source: str, out: Path, march: str) -> subprocess.CompletedProce
     includes = [flag for path in [*include_paths(), sysconfig.get_paths()["include"]] for flag in ("-isystem", path)]
     # -O1: what is checked is that the code builds; full optimisation would double the time for no more coverage.
     flags = [flag for flag in kernels._CFLAGS if not flag.startswith("-O")]
-    return subprocess.run([CROSS, "-std=c++20", "-fPIC", "-O1", *flags, march, "-DTORCH_EXTENSION_NAME=t",
+    # C++17: what older torch releases' extension builders compile with (torch 2.11 on NVIDIA's images does).
+    return subprocess.run([CROSS, "-std=c++17", "-fPIC", "-O1", *flags, march, "-DTORCH_EXTENSION_NAME=t",
                            *includes, "-c", source, "-o", str(out)], capture_output=True, text=True, check=False)
 
 
@@ -54,7 +55,7 @@ def test_every_kernel_source_compiles_for_aarch64(tmp_path) -> None:
 @pytest.mark.parametrize("level", list(isa.ARM_LEVELS))
 def test_neon_gguf_tiles_match_their_references_under_qemu(tmp_path, level: str) -> None:
     binary = tmp_path / "gguf_neon_test"
-    build = subprocess.run([CROSS, "-std=c++20", "-O2", "-ffp-contract=off", *isa.build_flags(level), "-static",
+    build = subprocess.run([CROSS, "-std=c++17", "-O2", "-ffp-contract=off", *isa.build_flags(level), "-static",
                             f"-I{ROOT}", str(ROOT / "tests" / "cpp" / "gguf_neon_test.cpp"), "-o", str(binary)],
                            capture_output=True, text=True, check=False)
     assert build.returncode == 0, build.stderr[-3000:]

@@ -14,6 +14,7 @@
 // and the output are rounded to the model dtype; sums accumulate in fp32.
 
 #include "attention.h"
+#include "check.h"
 
 #include "kv_quant.h"
 #include "simd.h"
@@ -947,36 +948,36 @@ void check_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
                  const std::optional<at::Tensor>& mass) {
   for (const at::Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2) && t->size(0) == q.size(0),
+    TM_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2) && t->size(0) == q.size(0),
                 "q, k and v must be [tokens, heads, head_dim] with contiguous heads");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= kMaxGroup,
+  TM_CHECK(q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= kMaxGroup,
               "query heads must be a multiple of KV heads, at most ", kMaxGroup, " per KV head");
-  TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "paged attention is built for head sizes 64 and 128");
+  TM_CHECK(q.size(2) == 64 || q.size(2) == 128, "paged attention is built for head sizes 64 and 128");
   for (const at::Tensor* t : {&k, &v})
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k and v must share one dtype");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+    TM_CHECK(t->scalar_type() == q.scalar_type(), "q, k and v must share one dtype");
+  TM_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
               "paged attention supports float32 and bfloat16");
   for (const at::Tensor* t : {&query_starts, &block_tables, &context_lens})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
+    TM_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
   const int64_t num_seqs = block_tables.size(0);
-  TORCH_CHECK((block_tables.dim() == 2 || (block_tables.dim() == 3 && block_tables.size(1) == k.size(1))) &&
+  TM_CHECK((block_tables.dim() == 2 || (block_tables.dim() == 3 && block_tables.size(1) == k.size(1))) &&
                   context_lens.size(0) == num_seqs && query_starts.size(0) == num_seqs + 1,
               "one block table (or one per KV head) and context length per sequence, query_starts one longer");
   const int64_t* starts = query_starts.data_ptr<int64_t>();
   const int64_t* ctx = context_lens.data_ptr<int64_t>();
-  TORCH_CHECK(starts[0] == 0 && starts[num_seqs] == q.size(0), "query_starts must span the batch's rows");
+  TM_CHECK(starts[0] == 0 && starts[num_seqs] == q.size(0), "query_starts must span the batch's rows");
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t q_len = starts[s + 1] - starts[s];
-    TORCH_CHECK(q_len >= 1 && q_len <= ctx[s], "sequence ", s, " has ", q_len, " new tokens for ", ctx[s], " keys");
-    TORCH_CHECK((ctx[s] + block_size - 1) / block_size <= block_tables.size(-1), "sequence ", s,
+    TM_CHECK(q_len >= 1 && q_len <= ctx[s], "sequence ", s, " has ", q_len, " new tokens for ", ctx[s], " keys");
+    TM_CHECK((ctx[s] + block_size - 1) / block_size <= block_tables.size(-1), "sequence ", s,
                 "'s block table is too short for its keys");
   }
   if (mass) {
-    TORCH_CHECK(mass->scalar_type() == at::kFloat && mass->is_contiguous() && mass->dim() == 3 &&
+    TM_CHECK(mass->scalar_type() == at::kFloat && mass->is_contiguous() && mass->dim() == 3 &&
                     mass->size(0) == num_seqs && mass->size(1) == k.size(1),
                 "attention_mass must be a contiguous float32 [sequences, kv_heads, entries] tensor");
     for (int64_t s = 0; s < num_seqs; ++s)
-      TORCH_CHECK(ctx[s] <= mass->size(2), "attention_mass has ", mass->size(2), " entries, sequence ", s, " ",
+      TM_CHECK(ctx[s] <= mass->size(2), "attention_mass has ", mass->size(2), " entries, sequence ", s, " ",
                   ctx[s]);
   }
 }
@@ -986,7 +987,7 @@ void check_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 // kernel does not).
 const int64_t* check_visible(const at::Tensor& row_visible, const at::Tensor& query_starts,
                              const at::Tensor& context_lens, bool exact_rows) {
-  TORCH_CHECK(row_visible.scalar_type() == at::kLong && row_visible.is_contiguous() && row_visible.dim() == 1 &&
+  TM_CHECK(row_visible.scalar_type() == at::kLong && row_visible.is_contiguous() && row_visible.dim() == 1 &&
                   row_visible.size(0) == query_starts.data_ptr<int64_t>()[query_starts.size(0) - 1],
               "row_visible must be contiguous int64, one per row");
   const int64_t* visible = row_visible.data_ptr<int64_t>();
@@ -996,7 +997,7 @@ const int64_t* check_visible(const at::Tensor& row_visible, const at::Tensor& qu
     const int64_t q_len = starts[s + 1] - starts[s];
     for (int64_t j = 0; j < q_len; ++j) {
       const int64_t seen = visible[starts[s] + j], before = ctx[s] - q_len + j;
-      TORCH_CHECK(seen == -1 || (seen >= 0 && seen <= before && (q_len <= kMultiRowMax || exact_rows)),
+      TM_CHECK(seen == -1 || (seen >= 0 && seen <= before && (q_len <= kMultiRowMax || exact_rows)),
                   "row ", j, " of sequence ", s, " cannot see ", seen, " entries (", before,
                   " before it; fewer only in runs of at most ", kMultiRowMax, " rows)");
     }
@@ -1014,10 +1015,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   RECORD_FUNCTION("tokenmill::paged_attention", std::vector<c10::IValue>());  // named in torch profiler tables
   check_batch(q, k, v, query_starts, block_tables, context_lens, block_size, attention_mass);
   const int64_t* visible = row_visible ? check_visible(*row_visible, query_starts, context_lens, exact_rows) : nullptr;
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+  TM_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "caches must be contiguous [kv_heads, slots, head_dim]");
   for (const at::Tensor* t : {&k_cache, &v_cache})
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and the caches must share one dtype");
+    TM_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and the caches must share one dtype");
   if (q.scalar_type() == at::kFloat)
     return attend<float>(q, k, v, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), query_starts,
                          block_tables, context_lens, block_size, attention_mass, exact_rows, nullptr, nullptr,
@@ -1034,19 +1035,19 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, c
                                      const std::optional<at::Tensor>& attention_mass, bool exact_rows) {
   RECORD_FUNCTION("tokenmill::paged_attention_quantized", std::vector<c10::IValue>());
   check_batch(q, k, v, query_starts, block_tables, context_lens, kv.block_size, attention_mass);
-  TORCH_CHECK(block_tables.dim() == 2, "a quantized cache takes one block table per sequence");
+  TM_CHECK(block_tables.dim() == 2, "a quantized cache takes one block table per sequence");
   check_quant_kv(kv, q.scalar_type(), k.size(1), q.size(2));
-  TORCH_CHECK(layer >= 0 && layer < kv.k_data.size(0), "no layer ", layer, " in the quantized cache");
-  TORCH_CHECK(residual_slots.scalar_type() == at::kLong && residual_slots.is_contiguous() &&
+  TM_CHECK(layer >= 0 && layer < kv.k_data.size(0), "no layer ", layer, " in the quantized cache");
+  TM_CHECK(residual_slots.scalar_type() == at::kLong && residual_slots.is_contiguous() &&
                   residual_slots.size(0) == block_tables.size(0),
               "one residual slot (int64) per sequence");
   const int64_t* slots = residual_slots.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* ctx = context_lens.data_ptr<int64_t>();
   for (int64_t s = 0; s < block_tables.size(0); ++s) {
-    TORCH_CHECK(slots[s] >= 0 && slots[s] < kv.k_residual.size(2), "residual slot ", slots[s], " out of range");
+    TM_CHECK(slots[s] >= 0 && slots[s] < kv.k_residual.size(2), "residual slot ", slots[s], " out of range");
     for (int64_t i = 0; i < (ctx[s] + kv.block_size - 1) / kv.block_size; ++i)
-      TORCH_CHECK(tables[s * block_tables.size(1) + i] >= 0 && tables[s * block_tables.size(1) + i] < kv.k_data.size(2),
+      TM_CHECK(tables[s * block_tables.size(1) + i] >= 0 && tables[s * block_tables.size(1) + i] < kv.k_data.size(2),
                   "sequence ", s, " names a block outside the cache");
   }
   if (q.scalar_type() == at::kFloat)

@@ -21,6 +21,7 @@
 #include <torch/extension.h>
 
 #include "attention.h"
+#include "check.h"
 #include "bf16_gemm.h"
 #include "gguf_matmul.h"
 #include "kv_rotate.h"
@@ -245,10 +246,10 @@ at::Tensor greedy_tokens(const at::Tensor& logits) {
 }
 
 at::Tensor greedy(const at::Tensor& logits) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0 && logits.size(1) < (1LL << 31),
+  TM_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0 && logits.size(1) < (1LL << 31),
               "logits must be a contiguous [rows, vocab] tensor");
   if (logits.scalar_type() == at::kFloat) return greedy_tokens<float>(logits);
-  TORCH_CHECK(logits.scalar_type() == at::kBFloat16, "greedy supports float32 and bfloat16 logits");
+  TM_CHECK(logits.scalar_type() == at::kBFloat16, "greedy supports float32 and bfloat16 logits");
   return greedy_tokens<c10::BFloat16>(logits);
 }
 
@@ -259,8 +260,8 @@ class FusedStep {
       : layers_(std::move(layers)), final_norm_(std::move(final_norm)), cos_(std::move(rope_cos)),
         sin_(std::move(rope_signed_sin)), eps_(eps), num_heads_(num_heads), kv_heads_(kv_heads),
         head_dim_(head_dim), exact_rows_(exact_rows), exact_attention_(exact_rows || exact_attention) {
-    TORCH_CHECK(num_heads % kv_heads == 0, "num_heads must be a multiple of kv_heads");
-    TORCH_CHECK(head_dim == 64 || head_dim == 128, "the fused step is built for head sizes 64 and 128");
+    TM_CHECK(num_heads % kv_heads == 0, "num_heads must be a multiple of kv_heads");
+    TM_CHECK(head_dim == 64 || head_dim == 128, "the fused step is built for head sizes 64 and 128");
   }
 
   // x: [T, hidden] embeddings of the step's new tokens, at `positions`, their K/V stored at `slots` of k_cache/v_cache
@@ -274,16 +275,16 @@ class FusedStep {
                      at::Tensor k_cache, at::Tensor v_cache, int64_t block_size,
                      const std::optional<at::Tensor>& attention_mass,
                      const std::optional<at::Tensor>& row_visible) const {
-    TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a [tokens, hidden] CPU tensor");
-    TORCH_CHECK(k_cache.size(0) == static_cast<int64_t>(layers_.size()), "cache has the wrong number of layers");
+    TM_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a [tokens, hidden] CPU tensor");
+    TM_CHECK(k_cache.size(0) == static_cast<int64_t>(layers_.size()), "cache has the wrong number of layers");
     for (const at::Tensor* t : {&positions, &slots})
-      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->size(0) == x.size(0),
+      TM_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->size(0) == x.size(0),
                   "positions and slots must be contiguous int64, one per token");
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
+    TM_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
     const Sequences seqs{query_starts, block_tables, context_lens, block_size, attention_mass, nullptr, nullptr,
                          row_visible};
     if (x.scalar_type() == at::kFloat) return run<float>(x, positions, slots, seqs, k_cache, v_cache);
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "the fused step supports float32 and bfloat16");
+    TM_CHECK(x.scalar_type() == at::kBFloat16, "the fused step supports float32 and bfloat16");
     return run<c10::BFloat16>(x, positions, slots, seqs, k_cache, v_cache);
   }
 
@@ -292,15 +293,15 @@ class FusedStep {
                                const at::Tensor& block_tables, const at::Tensor& context_lens, const QuantKV& kv,
                                const at::Tensor& residual_slots,
                                const std::optional<at::Tensor>& attention_mass) const {
-    TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a [tokens, hidden] CPU tensor");
-    TORCH_CHECK(kv.k_data.size(0) == static_cast<int64_t>(layers_.size()), "cache has the wrong number of layers");
-    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.size(0) == x.size(0),
+    TM_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a [tokens, hidden] CPU tensor");
+    TM_CHECK(kv.k_data.size(0) == static_cast<int64_t>(layers_.size()), "cache has the wrong number of layers");
+    TM_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.size(0) == x.size(0),
                 "positions must be contiguous int64, one per token");
     const Sequences seqs{query_starts, block_tables, context_lens, kv.block_size, attention_mass, &kv,
                          &residual_slots, std::nullopt};
     at::Tensor unused;
     if (x.scalar_type() == at::kFloat) return run<float>(x, positions, unused, seqs, unused, unused);
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "the fused step supports float32 and bfloat16");
+    TM_CHECK(x.scalar_type() == at::kBFloat16, "the fused step supports float32 and bfloat16");
     return run<c10::BFloat16>(x, positions, unused, seqs, unused, unused);
   }
 
@@ -364,7 +365,7 @@ class FusedStep {
 LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, at::Tensor minimums,
                           std::optional<at::Tensor> bias, int64_t group_size, int64_t out_features,
                           bool int8_activations) {
-  TORCH_CHECK(kind >= 0 && kind <= 6, "unknown weight kind ", kind);
+  TM_CHECK(kind >= 0 && kind <= 6, "unknown weight kind ", kind);
   return LinearWeights{static_cast<WeightKind>(kind), std::move(weight), std::move(scales), std::move(minimums),
                        std::move(bias), group_size, out_features, int8_activations};
 }

@@ -35,6 +35,7 @@
 // stays in cache while all activation tiles pass over it.
 
 #include "gguf_matmul.h"
+#include "check.h"
 
 #include "gguf_layout.h"
 #include "gguf_neon.h"  // TOKENMILL_GGUF_NEON and TOKENMILL_GGUF_INT8_NEON on aarch64
@@ -666,9 +667,9 @@ void q8_tile_int8_scalar(const int8_t* w, const at::Half* d, int64_t blocks, con
 #endif
 
 const uint16_t* activations(const at::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+  TM_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
               "GGUF block matmuls take contiguous [tokens, in_features] bf16 CPU activations");
-  TORCH_CHECK(x.size(1) == K, "activations have ", x.size(1), " features, the weight ", K);
+  TM_CHECK(x.size(1) == K, "activations have ", x.size(1), " features, the weight ", K);
   return reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
 }
 
@@ -697,7 +698,7 @@ void block_sums(const uint16_t* x, int64_t blocks, float* sums) {
 void check_codes(const at::Tensor& packed, at::ScalarType type, int64_t tile_block_bytes, int64_t blocks, int64_t N,
                  const char* what) {
   const int64_t tiles = packed.size(0);
-  TORCH_CHECK(packed.scalar_type() == type && packed.is_contiguous() && packed.dim() == 2 &&
+  TM_CHECK(packed.scalar_type() == type && packed.is_contiguous() && packed.dim() == 2 &&
                   packed.size(1) == blocks * tile_block_bytes && N > (tiles - 1) * kRows && N <= tiles * kRows,
               what, " must be contiguous [ceil(N / 16), blocks * ", tile_block_bytes, "] of ", type);
 }
@@ -705,7 +706,7 @@ void check_codes(const at::Tensor& packed, at::ScalarType type, int64_t tile_blo
 // Scales are the file's f16 values, or fp32 where `fp32_allowed` (Q4_K's sub-block products are exact only there).
 void check_scales(const at::Tensor& s, int64_t tiles, int64_t blocks, const char* what, bool fp32_allowed = false) {
   const bool dtype_ok = s.scalar_type() == at::kHalf || (fp32_allowed && s.scalar_type() == at::kFloat);
-  TORCH_CHECK(dtype_ok && s.is_contiguous() && s.dim() == 3 && s.size(0) == tiles && s.size(1) == blocks &&
+  TM_CHECK(dtype_ok && s.is_contiguous() && s.dim() == 3 && s.size(0) == tiles && s.size(1) == blocks &&
                   s.size(2) == kRows,
               what, " must be contiguous float16", fp32_allowed ? " or float32" : "", " [tiles, blocks, 16]");
 }
@@ -818,7 +819,7 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
   check_codes(packed, at::kByte, kQ4TileBlockBytes, blocks, N, "Q4 codes");
   check_scales(d, tiles, blocks, "Q4 scales", true);
   check_scales(m, tiles, blocks, "Q4 minimums", true);
-  TORCH_CHECK(d.scalar_type() == m.scalar_type(), "Q4 scales and minimums must have one dtype");
+  TM_CHECK(d.scalar_type() == m.scalar_type(), "Q4 scales and minimums must have one dtype");
   const at::Tensor x = x_in.contiguous();
   const uint8_t* w = packed.data_ptr<uint8_t>();
   if (d.scalar_type() == at::kFloat)

@@ -3,6 +3,7 @@
 // to fp16 before the codes are computed against them, codes rounded half to even.
 
 #include "kv_quant.h"
+#include "check.h"
 
 #include <cmath>
 #include <vector>
@@ -49,22 +50,22 @@ inline float symmetric_code(float x, float scale) {
 }  // namespace
 
 void check_quant_kv(const QuantKV& kv, at::ScalarType dtype, int64_t kv_heads, int64_t head_dim) {
-  TORCH_CHECK(kv.bits == 8 || kv.bits == 4 || kv.bits == 2, "quantized KV has 8, 4 or 2 bits, not ", kv.bits);
+  TM_CHECK(kv.bits == 8 || kv.bits == 4 || kv.bits == 2, "quantized KV has 8, 4 or 2 bits, not ", kv.bits);
   const int64_t layers = kv.k_data.size(0), blocks = kv.k_data.size(2), bs = kv.block_size;
   const int64_t row_bytes = head_dim * kv.bits / 8;
   const int64_t k_params = kv.bits == 8 ? bs : 2 * head_dim, v_params = kv.bits == 8 ? bs : 2 * bs;
   for (const at::Tensor* t : {&kv.k_data, &kv.v_data})
-    TORCH_CHECK(t->scalar_type() == at::kByte && t->is_contiguous() &&
+    TM_CHECK(t->scalar_type() == at::kByte && t->is_contiguous() &&
                     t->sizes() == at::IntArrayRef({layers, kv_heads, blocks, bs * row_bytes}),
                 "quantized KV data must be contiguous uint8 [layers, kv_heads, blocks, block_size * row bytes]");
-  TORCH_CHECK(kv.k_params.scalar_type() == at::kHalf && kv.v_params.scalar_type() == at::kHalf &&
+  TM_CHECK(kv.k_params.scalar_type() == at::kHalf && kv.v_params.scalar_type() == at::kHalf &&
                   kv.k_params.is_contiguous() && kv.v_params.is_contiguous() &&
                   kv.k_params.sizes() == at::IntArrayRef({layers, kv_heads, blocks, k_params}) &&
                   kv.v_params.sizes() == at::IntArrayRef({layers, kv_heads, blocks, v_params}),
               "quantized KV parameters must be contiguous fp16 [layers, kv_heads, blocks, parameters per block]");
   const int64_t slots = kv.k_residual.size(2);
   for (const at::Tensor* t : {&kv.k_residual, &kv.v_residual})
-    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous() &&
+    TM_CHECK(t->scalar_type() == dtype && t->is_contiguous() &&
                     t->sizes() == at::IntArrayRef({layers, kv_heads, slots, bs, head_dim}),
                 "residual slots must be contiguous [layers, kv_heads, slots, block_size, head_dim] in the model dtype");
 }

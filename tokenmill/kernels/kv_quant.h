@@ -22,7 +22,7 @@ struct QuantKV {
   at::Tensor k_residual, v_residual;  // model dtype [layers, kv_heads, residual slots, block_size, head_dim]
 };
 
-// Shapes and dtypes of a QuantKV for a model of `dtype` with kv_heads heads of head_dim (TORCH_CHECK on mismatch).
+// Shapes and dtypes of a QuantKV for a model of `dtype` with kv_heads heads of head_dim (TM_CHECK on mismatch).
 void check_quant_kv(const QuantKV& kv, at::ScalarType dtype, int64_t kv_heads, int64_t head_dim);
 
 // One layer of a QuantKV as raw pointers; T is the model dtype (the residual's).

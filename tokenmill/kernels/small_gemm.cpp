@@ -19,6 +19,7 @@
 // one row, 8 rows of W give the 8 independent multiply-add chains that hide their latency.
 
 #include "small_gemm.h"
+#include "check.h"
 
 #include "simd.h"
 
@@ -155,14 +156,14 @@ void small_gemm(const float* x, int64_t rows, int64_t k_len, const float* w, int
 }  // namespace
 
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+  TM_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "linear_rows: x must be [rows, K] and weight [N, K]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "linear_rows is for float32");
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_rows runs on CPU tensors");
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "linear_rows needs contiguous x and weight");
+  TM_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "linear_rows is for float32");
+  TM_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_rows runs on CPU tensors");
+  TM_CHECK(x.is_contiguous() && weight.is_contiguous(), "linear_rows needs contiguous x and weight");
   const int64_t rows = x.size(0), k_len = x.size(1), n_len = weight.size(0);
   if (bias) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 &&
+    TM_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 &&
                     bias->size(0) == n_len,
                 "linear_rows: bias must be a contiguous float32 [N]");
   }
