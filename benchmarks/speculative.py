@@ -2,8 +2,8 @@
 
 Spec-Bench-like categories from ../shared/data (summarization and RAG from Spec-Bench, HumanEval completions,
 MT-bench and ShareGPT questions), greedy. Two engines that differ only in `speculative` are loaded once and run
-alternately (plain, spec, plain, spec...) on the same prompt token ids, one request at a time (batch 1) and in
-batches submitted in one `generate` call. Reported per category and batch size: output tokens/s of both, the
+alternately in ABBA order (plain, spec, spec, plain...) on the same prompt token ids, one request at a time (batch 1)
+and in batches submitted in one `generate` call. Reported per category and batch size: output tokens/s of both, the
 speedup, the acceptance rate, the mean accepted length and whether the speculative outputs are the plain ones token
 for token. At batch 1, llama.cpp (llama-cpp-python in process) runs the same prompt ids without and with its
 `LlamaPromptLookupDecoding` draft model.
@@ -713,7 +713,10 @@ def main(argv: list[str] | None = None) -> None:
             llama_runs: dict[str, list[Run]] = {"plain": [], "lookup": []}
             llama_outputs: dict[str, list[list[list[int]]]] = {"plain": [], "lookup": []}
             for repeat in range(args.repeats):
-                for mode, llm in engines.items():
+                # ABBA: the arm that runs second in a pair is not always the same one (a drift over a pair, or
+                # whatever the first run leaves in caches, would otherwise count against one arm every time).
+                order = list(engines.items()) if repeat % 2 == 0 else list(reversed(engines.items()))
+                for mode, llm in order:
                     run, outs = measure(llm, prompts, params)
                     runs[mode].append(run)
                     outputs[mode].append(outs)
