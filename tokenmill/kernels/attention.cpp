@@ -949,20 +949,20 @@ void check_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                  const std::optional<at::Tensor>& mass) {
   for (const at::Tensor* t : {&q, &k, &v})
     TM_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2) && t->size(0) == q.size(0),
-                "q, k and v must be [tokens, heads, head_dim] with contiguous heads");
+             "q, k and v must be [tokens, heads, head_dim] with contiguous heads");
   TM_CHECK(q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= kMaxGroup,
-              "query heads must be a multiple of KV heads, at most ", kMaxGroup, " per KV head");
+           "query heads must be a multiple of KV heads, at most ", kMaxGroup, " per KV head");
   TM_CHECK(q.size(2) == 64 || q.size(2) == 128, "paged attention is built for head sizes 64 and 128");
   for (const at::Tensor* t : {&k, &v})
     TM_CHECK(t->scalar_type() == q.scalar_type(), "q, k and v must share one dtype");
   TM_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
-              "paged attention supports float32 and bfloat16");
+           "paged attention supports float32 and bfloat16");
   for (const at::Tensor* t : {&query_starts, &block_tables, &context_lens})
     TM_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
   const int64_t num_seqs = block_tables.size(0);
   TM_CHECK((block_tables.dim() == 2 || (block_tables.dim() == 3 && block_tables.size(1) == k.size(1))) &&
-                  context_lens.size(0) == num_seqs && query_starts.size(0) == num_seqs + 1,
-              "one block table (or one per KV head) and context length per sequence, query_starts one longer");
+               context_lens.size(0) == num_seqs && query_starts.size(0) == num_seqs + 1,
+           "one block table (or one per KV head) and context length per sequence, query_starts one longer");
   const int64_t* starts = query_starts.data_ptr<int64_t>();
   const int64_t* ctx = context_lens.data_ptr<int64_t>();
   TM_CHECK(starts[0] == 0 && starts[num_seqs] == q.size(0), "query_starts must span the batch's rows");
@@ -970,15 +970,15 @@ void check_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     const int64_t q_len = starts[s + 1] - starts[s];
     TM_CHECK(q_len >= 1 && q_len <= ctx[s], "sequence ", s, " has ", q_len, " new tokens for ", ctx[s], " keys");
     TM_CHECK((ctx[s] + block_size - 1) / block_size <= block_tables.size(-1), "sequence ", s,
-                "'s block table is too short for its keys");
+             "'s block table is too short for its keys");
   }
   if (mass) {
     TM_CHECK(mass->scalar_type() == at::kFloat && mass->is_contiguous() && mass->dim() == 3 &&
-                    mass->size(0) == num_seqs && mass->size(1) == k.size(1),
-                "attention_mass must be a contiguous float32 [sequences, kv_heads, entries] tensor");
+                 mass->size(0) == num_seqs && mass->size(1) == k.size(1),
+             "attention_mass must be a contiguous float32 [sequences, kv_heads, entries] tensor");
     for (int64_t s = 0; s < num_seqs; ++s)
       TM_CHECK(ctx[s] <= mass->size(2), "attention_mass has ", mass->size(2), " entries, sequence ", s, " ",
-                  ctx[s]);
+               ctx[s]);
   }
 }
 
@@ -988,8 +988,8 @@ void check_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 const int64_t* check_visible(const at::Tensor& row_visible, const at::Tensor& query_starts,
                              const at::Tensor& context_lens, bool exact_rows) {
   TM_CHECK(row_visible.scalar_type() == at::kLong && row_visible.is_contiguous() && row_visible.dim() == 1 &&
-                  row_visible.size(0) == query_starts.data_ptr<int64_t>()[query_starts.size(0) - 1],
-              "row_visible must be contiguous int64, one per row");
+               row_visible.size(0) == query_starts.data_ptr<int64_t>()[query_starts.size(0) - 1],
+           "row_visible must be contiguous int64, one per row");
   const int64_t* visible = row_visible.data_ptr<int64_t>();
   const int64_t* starts = query_starts.data_ptr<int64_t>();
   const int64_t* ctx = context_lens.data_ptr<int64_t>();
@@ -998,8 +998,8 @@ const int64_t* check_visible(const at::Tensor& row_visible, const at::Tensor& qu
     for (int64_t j = 0; j < q_len; ++j) {
       const int64_t seen = visible[starts[s] + j], before = ctx[s] - q_len + j;
       TM_CHECK(seen == -1 || (seen >= 0 && seen <= before && (q_len <= kMultiRowMax || exact_rows)),
-                  "row ", j, " of sequence ", s, " cannot see ", seen, " entries (", before,
-                  " before it; fewer only in runs of at most ", kMultiRowMax, " rows)");
+               "row ", j, " of sequence ", s, " cannot see ", seen, " entries (", before,
+               " before it; fewer only in runs of at most ", kMultiRowMax, " rows)");
     }
   }
   return visible;
@@ -1016,7 +1016,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   check_batch(q, k, v, query_starts, block_tables, context_lens, block_size, attention_mass);
   const int64_t* visible = row_visible ? check_visible(*row_visible, query_starts, context_lens, exact_rows) : nullptr;
   TM_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "caches must be contiguous [kv_heads, slots, head_dim]");
+           "caches must be contiguous [kv_heads, slots, head_dim]");
   for (const at::Tensor* t : {&k_cache, &v_cache})
     TM_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and the caches must share one dtype");
   if (q.scalar_type() == at::kFloat)
@@ -1039,8 +1039,8 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, c
   check_quant_kv(kv, q.scalar_type(), k.size(1), q.size(2));
   TM_CHECK(layer >= 0 && layer < kv.k_data.size(0), "no layer ", layer, " in the quantized cache");
   TM_CHECK(residual_slots.scalar_type() == at::kLong && residual_slots.is_contiguous() &&
-                  residual_slots.size(0) == block_tables.size(0),
-              "one residual slot (int64) per sequence");
+               residual_slots.size(0) == block_tables.size(0),
+           "one residual slot (int64) per sequence");
   const int64_t* slots = residual_slots.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* ctx = context_lens.data_ptr<int64_t>();
@@ -1048,7 +1048,7 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, c
     TM_CHECK(slots[s] >= 0 && slots[s] < kv.k_residual.size(2), "residual slot ", slots[s], " out of range");
     for (int64_t i = 0; i < (ctx[s] + kv.block_size - 1) / kv.block_size; ++i)
       TM_CHECK(tables[s * block_tables.size(1) + i] >= 0 && tables[s * block_tables.size(1) + i] < kv.k_data.size(2),
-                  "sequence ", s, " names a block outside the cache");
+               "sequence ", s, " names a block outside the cache");
   }
   if (q.scalar_type() == at::kFloat)
     return attend_quantized<float>(q, k, v, kv, layer, query_starts, block_tables, context_lens, residual_slots,

@@ -218,7 +218,7 @@ void packed_gemm(const bf16* x, int64_t rows, int64_t k_len, const bf16* packed,
 
 at::Tensor pack_bf16(const at::Tensor& weight) {
   TM_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.device().is_cpu(),
-              "pack_bf16: weight must be a CPU bfloat16 [N, K]");
+           "pack_bf16: weight must be a CPU bfloat16 [N, K]");
   const int64_t n_len = weight.size(0), k_len = weight.size(1);
   const int64_t blocks = (n_len + kBlock - 1) / kBlock, pairs = (k_len + 1) / 2;
   // [N, K] zero-padded to [16 · blocks, 2 · pairs], then [blocks, 16, pairs, 2] -> [blocks, pairs, 16, 2].
@@ -229,18 +229,18 @@ at::Tensor pack_bf16(const at::Tensor& weight) {
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                          int64_t out_features, bool fp32_out) {
   TM_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
-              "linear_packed: x must be a CPU bfloat16 [rows, K]");
+           "linear_packed: x must be a CPU bfloat16 [rows, K]");
   TM_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 && packed.size(2) == kBlock &&
-                  packed.size(3) == 2 && packed.is_contiguous(),
-              "linear_packed: packed must come from pack_bf16");
+               packed.size(3) == 2 && packed.is_contiguous(),
+           "linear_packed: packed must come from pack_bf16");
   const int64_t rows = x.size(0), k_len = x.size(1), pairs = packed.size(1);
   TM_CHECK(pairs == (k_len + 1) / 2 && out_features <= packed.size(0) * kBlock &&
-                  out_features > (packed.size(0) - 1) * kBlock,
-              "linear_packed: x's K or out_features does not match the packed weight");
+               out_features > (packed.size(0) - 1) * kBlock,
+           "linear_packed: x's K or out_features does not match the packed weight");
   if (bias) {
     TM_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->dim() == 1 &&
-                    bias->size(0) == out_features,
-                "linear_packed: bias must be a contiguous bfloat16 [N]");
+                 bias->size(0) == out_features,
+             "linear_packed: bias must be a contiguous bfloat16 [N]");
   }
   at::Tensor y = at::empty({rows, out_features}, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
   if (rows == 0 || out_features == 0) return y;

@@ -247,7 +247,7 @@ at::Tensor greedy_tokens(const at::Tensor& logits) {
 
 at::Tensor greedy(const at::Tensor& logits) {
   TM_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0 && logits.size(1) < (1LL << 31),
-              "logits must be a contiguous [rows, vocab] tensor");
+           "logits must be a contiguous [rows, vocab] tensor");
   if (logits.scalar_type() == at::kFloat) return greedy_tokens<float>(logits);
   TM_CHECK(logits.scalar_type() == at::kBFloat16, "greedy supports float32 and bfloat16 logits");
   return greedy_tokens<c10::BFloat16>(logits);
@@ -279,7 +279,7 @@ class FusedStep {
     TM_CHECK(k_cache.size(0) == static_cast<int64_t>(layers_.size()), "cache has the wrong number of layers");
     for (const at::Tensor* t : {&positions, &slots})
       TM_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->size(0) == x.size(0),
-                  "positions and slots must be contiguous int64, one per token");
+               "positions and slots must be contiguous int64, one per token");
     TM_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
     const Sequences seqs{query_starts, block_tables, context_lens, block_size, attention_mass, nullptr, nullptr,
                          row_visible};
@@ -296,7 +296,7 @@ class FusedStep {
     TM_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a [tokens, hidden] CPU tensor");
     TM_CHECK(kv.k_data.size(0) == static_cast<int64_t>(layers_.size()), "cache has the wrong number of layers");
     TM_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.size(0) == x.size(0),
-                "positions must be contiguous int64, one per token");
+             "positions must be contiguous int64, one per token");
     const Sequences seqs{query_starts, block_tables, context_lens, kv.block_size, attention_mass, &kv,
                          &residual_slots, std::nullopt};
     at::Tensor unused;

@@ -668,7 +668,7 @@ void q8_tile_int8_scalar(const int8_t* w, const at::Half* d, int64_t blocks, con
 
 const uint16_t* activations(const at::Tensor& x, int64_t K) {
   TM_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-              "GGUF block matmuls take contiguous [tokens, in_features] bf16 CPU activations");
+           "GGUF block matmuls take contiguous [tokens, in_features] bf16 CPU activations");
   TM_CHECK(x.size(1) == K, "activations have ", x.size(1), " features, the weight ", K);
   return reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
 }
@@ -699,16 +699,16 @@ void check_codes(const at::Tensor& packed, at::ScalarType type, int64_t tile_blo
                  const char* what) {
   const int64_t tiles = packed.size(0);
   TM_CHECK(packed.scalar_type() == type && packed.is_contiguous() && packed.dim() == 2 &&
-                  packed.size(1) == blocks * tile_block_bytes && N > (tiles - 1) * kRows && N <= tiles * kRows,
-              what, " must be contiguous [ceil(N / 16), blocks * ", tile_block_bytes, "] of ", type);
+               packed.size(1) == blocks * tile_block_bytes && N > (tiles - 1) * kRows && N <= tiles * kRows,
+           what, " must be contiguous [ceil(N / 16), blocks * ", tile_block_bytes, "] of ", type);
 }
 
 // Scales are the file's f16 values, or fp32 where `fp32_allowed` (Q4_K's sub-block products are exact only there).
 void check_scales(const at::Tensor& s, int64_t tiles, int64_t blocks, const char* what, bool fp32_allowed = false) {
   const bool dtype_ok = s.scalar_type() == at::kHalf || (fp32_allowed && s.scalar_type() == at::kFloat);
   TM_CHECK(dtype_ok && s.is_contiguous() && s.dim() == 3 && s.size(0) == tiles && s.size(1) == blocks &&
-                  s.size(2) == kRows,
-              what, " must be contiguous float16", fp32_allowed ? " or float32" : "", " [tiles, blocks, 16]");
+               s.size(2) == kRows,
+           what, " must be contiguous float16", fp32_allowed ? " or float32" : "", " [tiles, blocks, 16]");
 }
 
 // y = x Wᵀ [M, N] in bf16 or fp32, filled tile by tile (on torch's thread pool when the matmul is large enough).

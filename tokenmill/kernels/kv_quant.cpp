@@ -56,18 +56,18 @@ void check_quant_kv(const QuantKV& kv, at::ScalarType dtype, int64_t kv_heads, i
   const int64_t k_params = kv.bits == 8 ? bs : 2 * head_dim, v_params = kv.bits == 8 ? bs : 2 * bs;
   for (const at::Tensor* t : {&kv.k_data, &kv.v_data})
     TM_CHECK(t->scalar_type() == at::kByte && t->is_contiguous() &&
-                    t->sizes() == at::IntArrayRef({layers, kv_heads, blocks, bs * row_bytes}),
-                "quantized KV data must be contiguous uint8 [layers, kv_heads, blocks, block_size * row bytes]");
+                 t->sizes() == at::IntArrayRef({layers, kv_heads, blocks, bs * row_bytes}),
+             "quantized KV data must be contiguous uint8 [layers, kv_heads, blocks, block_size * row bytes]");
   TM_CHECK(kv.k_params.scalar_type() == at::kHalf && kv.v_params.scalar_type() == at::kHalf &&
-                  kv.k_params.is_contiguous() && kv.v_params.is_contiguous() &&
-                  kv.k_params.sizes() == at::IntArrayRef({layers, kv_heads, blocks, k_params}) &&
-                  kv.v_params.sizes() == at::IntArrayRef({layers, kv_heads, blocks, v_params}),
-              "quantized KV parameters must be contiguous fp16 [layers, kv_heads, blocks, parameters per block]");
+               kv.k_params.is_contiguous() && kv.v_params.is_contiguous() &&
+               kv.k_params.sizes() == at::IntArrayRef({layers, kv_heads, blocks, k_params}) &&
+               kv.v_params.sizes() == at::IntArrayRef({layers, kv_heads, blocks, v_params}),
+           "quantized KV parameters must be contiguous fp16 [layers, kv_heads, blocks, parameters per block]");
   const int64_t slots = kv.k_residual.size(2);
   for (const at::Tensor* t : {&kv.k_residual, &kv.v_residual})
     TM_CHECK(t->scalar_type() == dtype && t->is_contiguous() &&
-                    t->sizes() == at::IntArrayRef({layers, kv_heads, slots, bs, head_dim}),
-                "residual slots must be contiguous [layers, kv_heads, slots, block_size, head_dim] in the model dtype");
+                 t->sizes() == at::IntArrayRef({layers, kv_heads, slots, bs, head_dim}),
+             "residual slots must be contiguous [layers, kv_heads, slots, block_size, head_dim] in the model dtype");
 }
 
 template <typename T>

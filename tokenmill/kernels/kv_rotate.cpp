@@ -45,15 +45,15 @@ void rotate_rows(T* k, const int64_t* blocks, int64_t count, int64_t lanes, int6
 void rotate_key_blocks(const at::Tensor& k_cache, const at::Tensor& blocks, const at::Tensor& cos, const at::Tensor& sin,
                        int64_t block_size) {
   TM_CHECK(k_cache.device().is_cpu() && k_cache.dim() == 4 && k_cache.is_contiguous() &&
-                  (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
-              "rotate_key_blocks takes a contiguous fp32 or bf16 CPU cache [layers, kv_heads, slots, head_dim]");
+               (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
+           "rotate_key_blocks takes a contiguous fp32 or bf16 CPU cache [layers, kv_heads, slots, head_dim]");
   const int64_t layers = k_cache.size(0), heads = k_cache.size(1), slots = k_cache.size(2), dim = k_cache.size(3);
   TM_CHECK(dim % 2 == 0 && block_size > 0 && slots % block_size == 0, "head_dim must be even and slots whole blocks");
   TM_CHECK(blocks.scalar_type() == at::kLong && blocks.dim() == 1 && blocks.is_contiguous(),
-              "blocks must be a contiguous int64 vector");
+           "blocks must be a contiguous int64 vector");
   TM_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
-                  sin.is_contiguous() && cos.numel() == dim / 2 && sin.numel() == dim / 2,
-              "cos and sin must be contiguous fp32 vectors of head_dim / 2");
+               sin.is_contiguous() && cos.numel() == dim / 2 && sin.numel() == dim / 2,
+           "cos and sin must be contiguous fp32 vectors of head_dim / 2");
   const int64_t* ids = blocks.data_ptr<int64_t>();
   const int64_t count = blocks.numel(), num_blocks = slots / block_size;
   for (int64_t i = 0; i < count; ++i) TM_CHECK(ids[i] >= 0 && ids[i] < num_blocks, "block id out of range");

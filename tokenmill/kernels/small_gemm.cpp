@@ -157,15 +157,15 @@ void small_gemm(const float* x, int64_t rows, int64_t k_len, const float* w, int
 
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TM_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
-              "linear_rows: x must be [rows, K] and weight [N, K]");
+           "linear_rows: x must be [rows, K] and weight [N, K]");
   TM_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "linear_rows is for float32");
   TM_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_rows runs on CPU tensors");
   TM_CHECK(x.is_contiguous() && weight.is_contiguous(), "linear_rows needs contiguous x and weight");
   const int64_t rows = x.size(0), k_len = x.size(1), n_len = weight.size(0);
   if (bias) {
     TM_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 &&
-                    bias->size(0) == n_len,
-                "linear_rows: bias must be a contiguous float32 [N]");
+                 bias->size(0) == n_len,
+             "linear_rows: bias must be a contiguous float32 [N]");
   }
   at::Tensor y = at::empty({rows, n_len}, x.options());
   if (rows > 0 && n_len > 0)
