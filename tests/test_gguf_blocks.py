@@ -143,7 +143,7 @@ def test_mixed_k_quant_model_decodes_the_same_fused_and_eager(mixed_model_path) 
     prompts = [[5, 9, 33, 2, 71], [100, 4, 4, 8, 250, 17, 3]]
     outputs = []
     for eager in (True, False):
-        llm = LLM(str(mixed_model_path), dtype="bfloat16", weight_format="gguf", num_kv_blocks=64,
+        llm = LLM(str(mixed_model_path), dtype="bfloat16", weight_format="gguf", device="cpu", num_kv_blocks=64,
                   enforce_eager=eager)
         assert isinstance(llm.engine.runner.backend, FusedCPUBackend) != eager
         outputs.append([o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)])
