@@ -1,5 +1,6 @@
 """Tensor parallelism on one machine: TP=2 (two processes, one thread each, gloo all-reduces) against TP=1 (one
-process, two threads) on the same cores, alternated (A, B, A, B).
+process, two threads) on the same cores, alternated (A, B, A, B), on the eager step, the fused CPU step, or both
+(`--steps`; the fused step all-reduces through a callback from its C++ layer loop).
 
 The model is random, of the llama architecture and SmolLM2-135M's size class but with 16 heads and 4 KV heads
 (SmolLM2's 9 and 3 do not split in two): what is measured is the cost of the split and the all-reduces, not
@@ -7,7 +8,7 @@ text. Single stream: TPOT of 128 generated tokens after a 128-token prompt; batc
 such requests at once. Bandwidth: the weight bytes a decode step reads (a rank reads its half and the whole LM
 head) over TPOT.
 
-    .venv/bin/python benchmarks/tensor_parallel.py [--repeats 2]
+    .venv/bin/python benchmarks/tensor_parallel.py [--repeats 2] [--steps eager,fused] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", default="eager,fused", help="comma-separated: eager, fused")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16: the fused step's weights prepacked (after the split)")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
 
@@ -64,27 +68,33 @@ def main() -> None:
     from tokenmill.bench.report import write_json
 
     model = build_model(ROOT / "benchmarks" / "results" / "tp_random_llama.gguf")
-    common = {"enforce_eager": True, "dtype": "float32", "num_kv_blocks": 512, "prepack_weights": False}
-    engines = {"TP=1, 2 threads": LLM(str(model), num_threads=2, **common),
-               "TP=2, 1 thread each": LLM(str(model), num_threads=1, tensor_parallel_size=2, **common)}
-    bytes_per_step = {label: llm.engine.model.weight_bytes() for label, llm in engines.items()}
-    rows: dict[str, list[dict[str, float]]] = {label: [] for label in engines}
-    try:
-        for llm in engines.values():  # warm-up, not measured
-            measure(llm, 2, 16, 4)
-        for repeat in range(args.repeats):
-            for label, llm in engines.items():
+    # One engine at a time, built for its measurement and closed after it: a process holds one tensor-parallel
+    # group, and an engine sets the process's thread count when it is built.
+    arms = {}
+    for step in args.steps.split(","):
+        common = {"enforce_eager": step == "eager", "dtype": args.dtype, "num_kv_blocks": 512,
+                  "prepack_weights": step == "fused"}
+        arms[f"{step}, TP=1, 2 threads"] = {"num_threads": 2, **common}
+        arms[f"{step}, TP=2, 1 thread each"] = {"num_threads": 1, "tensor_parallel_size": 2, **common}
+    bytes_per_step: dict[str, int] = {}
+    rows: dict[str, list[dict[str, float]]] = {label: [] for label in arms}
+    for repeat in range(args.repeats):
+        for label, options in arms.items():
+            llm = LLM(str(model), **options)
+            try:
+                bytes_per_step[label] = llm.engine.model.weight_bytes()
+                measure(llm, 2, 16, 4)  # warm-up, not measured
                 tpot = single_stream(llm, 128, args.tokens)
                 batch = measure(llm, args.batch, 128, args.tokens)["output_tok_s"]
-                gbs = bytes_per_step[label] / (tpot / 1000) / 1e9
-                rows[label].append({"tpot_ms": tpot, "batch_output_tok_s": batch, "weights_gb_s": gbs})
-                print(f"repeat {repeat} {label}: TPOT {tpot:.1f} ms ({gbs:.1f} GB/s of weights), batch of "
-                      f"{args.batch}: {batch:.1f} output tok/s", flush=True)
-    finally:
-        for llm in engines.values():
-            llm.engine.close()
+            finally:
+                llm.engine.close()
+            gbs = bytes_per_step[label] / (tpot / 1000) / 1e9
+            rows[label].append({"tpot_ms": tpot, "batch_output_tok_s": batch, "weights_gb_s": gbs})
+            print(f"repeat {repeat} {label}: TPOT {tpot:.1f} ms ({gbs:.1f} GB/s of weights), batch of "
+                  f"{args.batch}: {batch:.1f} output tok/s", flush=True)
     median = {label: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for label, runs in rows.items()}
-    print("\n| configuration | TPOT (ms) | weights GB/s per rank | batch of 16, output tok/s |")
+    print(f"\n{args.dtype}\n| configuration | TPOT (ms) | weights GB/s per rank | "
+          f"batch of {args.batch}, output tok/s |")
     print("|---|---|---|---|")
     for label, m in median.items():
         print(f"| {label} | {m['tpot_ms']:.1f} | {m['weights_gb_s']:.1f} | {m['batch_output_tok_s']:.1f} |")

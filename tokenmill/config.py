@@ -125,8 +125,11 @@ class EngineConfig:
     h2o_recent: int | None = None
     h2o_per_head: bool = True
     # Tensor parallelism (tokenmill/parallel/tensor.py): this many processes each hold 1/N of every layer's heads
-    # and MLP columns, with two all-reduces per layer (gloo on CPU, NCCL on CUDA). Float weights, eager steps.
+    # and MLP columns, with two all-reduces per layer (NCCL on CUDA; on CPU shared memory or gloo). Float weights,
+    # on the eager or the fused CPU step.
     tensor_parallel_size: int = 1  # threads per process, unless num_threads: the cores divided among them
+    # CPU ranks all-reduce in a shared memory mapping (parallel/shm.py) instead of over gloo's loopback TCP.
+    shared_memory_all_reduce: bool = True
 
     def h2o(self) -> HeavyHitterBudget | None:
         if self.h2o_budget is None:

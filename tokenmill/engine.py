@@ -129,7 +129,10 @@ class LLMEngine:
         self.model = load_model(gguf_file, self.dtype, self.device, config.weight_format, config.int4_group_size,
                                 max_positions=self.max_positions, int8_activations=config.gguf_activations == "int8")
         if parallel is not None:
-            self.tensor_parallel = TensorParallelGroup(parallel, self.device)
+            shm = config.shared_memory_all_reduce and self.device.type == "cpu"
+            self.tensor_parallel = TensorParallelGroup(
+                parallel, self.device, cpu_kernels().module if shm else None,
+                config.max_num_batched_tokens * self.model_config.hidden_size if shm else 0)
             self.model_config = shard_model(self.model, self.model_config, parallel.rank, parallel.world,
                                             self.tensor_parallel.all_reduce)
             logger.info("tensor parallel rank %d of %d: %d of the model's heads", parallel.rank, parallel.world,
@@ -179,11 +182,8 @@ class LLMEngine:
     def _backend(self) -> tuple[AttentionBackend, Callable[[torch.Tensor], torch.Tensor] | None]:
         if isinstance(self.kv_cache, QuantizedKVCache):
             return self._quantized_kv_backend(self.kv_cache)
-        # The fused step is one C++ call for the whole layer stack: no place in it for tensor parallelism's
-        # all-reduces.
-        eager = self.config.enforce_eager or self.tensor_parallel is not None
-        return plain_backend(self.model, self.kv_cache, self.device, eager, self.config.batch_invariant,
-                             self.config.chunk_attention)
+        return plain_backend(self.model, self.kv_cache, self.device, self.config.enforce_eager,
+                             self.config.batch_invariant, self.config.chunk_attention)
 
     def _quantized_kv_backend(self, kv: QuantizedKVCache) -> tuple[AttentionBackend, Callable[..., torch.Tensor]]:
         """Only the fused CPU step reads quantized blocks: without it a quantized cache is refused, not emulated."""

@@ -88,11 +88,12 @@ class FusedCPUBackend(AttentionBackend):
     def __init__(self, kernels: ModuleType, model: LlamaModel, kv_cache: KVCache | QuantizedKVCache,
                  exact_rows: bool = False, chunk_attention: str = "auto") -> None:
         """`exact_rows`: batch_invariant (every matmul and attention row as each row alone computes it);
-        `chunk_attention`: EngineConfig's."""
+        `chunk_attention`: EngineConfig's. A tensor-parallel shard (parallel/tensor.py) runs with its layers' head
+        counts and all-reduce."""
         if not supports(model):
             raise ValueError(f"the fused step supports dtypes {FUSED_DTYPES} and head sizes {FUSED_HEAD_DIMS}, "
                              f"not {model.dtype} and {model.cfg.head_dim}")
-        cfg = model.cfg
+        cfg = self.cfg = model.layers[0].cfg  # this rank's heads
         self.model = model
         self.kv_cache = kv_cache
         layers = [kernels.LayerWeights(_linear(kernels, layer.qkv), _linear(kernels, layer.o),
@@ -103,7 +104,8 @@ class FusedCPUBackend(AttentionBackend):
                                       model.rope_sin.contiguous(), cfg.rms_norm_eps, cfg.num_heads,
                                       cfg.num_kv_heads, cfg.head_dim, exact_rows,
                                       rows_attention(chunk_attention, model.dtype,
-                                                     isinstance(kv_cache, QuantizedKVCache)))
+                                                     isinstance(kv_cache, QuantizedKVCache)),
+                                      model.layers[0].all_reduce)
         self.quant_kv = None
         if isinstance(kv_cache, QuantizedKVCache):
             self.quant_kv = kernels.QuantKV(kv_cache.format.bits, kv_cache.block_size, kv_cache.k_data,
@@ -112,7 +114,7 @@ class FusedCPUBackend(AttentionBackend):
 
     def build_metadata(self, plan: StepPlan) -> SequenceBatch:
         seqs = plan.seqs
-        block_size, cfg = self.kv_cache.block_size, self.model.cfg
+        block_size, cfg = self.kv_cache.block_size, self.cfg
         width = max(-(-s.context_len // block_size) for s in seqs)
         tables = torch.tensor([list(s.block_table[:width]) + [0] * (width - min(width, len(s.block_table)))
                                for s in seqs], dtype=torch.long)

@@ -33,8 +33,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached KV blocks")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="split every layer over this many processes (float weights, eager steps; the threads "
-                        "are per process)")
+                   help="split every layer over this many processes (float weights; the threads are per "
+                        "process)")
+    g.add_argument("--no-shared-memory-all-reduce", action="store_true",
+                   help="tensor parallelism on CPU: all-reduce over gloo instead of a shared memory mapping")
     g.add_argument("--weight-format", default="float", choices=WEIGHT_FORMATS,
                    help="float: dequantized to --dtype; int8/int4: weight-only quantized; gguf: the file's own Q4 "
                         "codes (quantized formats run bf16 on CPU)")
@@ -142,4 +144,5 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         attention_sinks=args.attention_sinks, kv_cache_dtype=args.kv_cache_dtype, h2o_budget=args.h2o_budget,
         h2o_recent=args.h2o_recent, h2o_per_head=not args.no_h2o_per_head,
         tensor_parallel_size=args.tensor_parallel_size,
+        shared_memory_all_reduce=not args.no_shared_memory_all_reduce,
     )

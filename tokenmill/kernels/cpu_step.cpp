@@ -25,6 +25,7 @@
 #include "bf16_gemm.h"
 #include "gguf_matmul.h"
 #include "kv_rotate.h"
+#include "shm_all_reduce.h"
 #include "simd.h"
 #include "small_gemm.h"
 
@@ -255,11 +256,16 @@ at::Tensor greedy(const at::Tensor& logits) {
 
 class FusedStep {
  public:
+  // all_reduce: tensor parallelism (tokenmill/parallel/tensor.py). The layers hold one rank's heads and MLP columns,
+  // so the attention and MLP outputs are partial sums; this Python callable returns their sum over the ranks. It is
+  // called twice per layer, with the GIL taken back for the call, and every rank calls it in the same order.
   FusedStep(std::vector<LayerWeights> layers, at::Tensor final_norm, at::Tensor rope_cos, at::Tensor rope_signed_sin,
-            double eps, int64_t num_heads, int64_t kv_heads, int64_t head_dim, bool exact_rows, bool exact_attention)
+            double eps, int64_t num_heads, int64_t kv_heads, int64_t head_dim, bool exact_rows, bool exact_attention,
+            std::optional<py::function> all_reduce)
       : layers_(std::move(layers)), final_norm_(std::move(final_norm)), cos_(std::move(rope_cos)),
         sin_(std::move(rope_signed_sin)), eps_(eps), num_heads_(num_heads), kv_heads_(kv_heads),
-        head_dim_(head_dim), exact_rows_(exact_rows), exact_attention_(exact_rows || exact_attention) {
+        head_dim_(head_dim), exact_rows_(exact_rows), exact_attention_(exact_rows || exact_attention),
+        all_reduce_(std::move(all_reduce)) {
     TM_CHECK(num_heads % kv_heads == 0, "num_heads must be a multiple of kv_heads");
     TM_CHECK(head_dim == 64 || head_dim == 128, "the fused step is built for head sizes 64 and 128");
   }
@@ -344,14 +350,24 @@ class FusedStep {
                                    : paged_attention(q, k, v, k_layer, v_layer, seqs.query_starts, tables,
                                                      seqs.context_lens, seqs.block_size, mass, exact_attention_,
                                                      seqs.row_visible);
-      const at::Tensor attn_out = layer.o.apply(attn.view({rows, q_size}), exact_rows_).contiguous();
+      const at::Tensor attn_out = summed(layer.o.apply(attn.view({rows, q_size}), exact_rows_).contiguous());
       normed = rms_norm<T>(x, layer.ffn_norm, eps_, &attn_out);
       const at::Tensor gate_up = layer.gate_up.apply(normed, exact_rows_).contiguous();
-      const at::Tensor mlp_out = layer.down.apply(silu_mul<T>(gate_up), exact_rows_).contiguous();
+      const at::Tensor mlp_out = summed(layer.down.apply(silu_mul<T>(gate_up), exact_rows_).contiguous());
       // The residual add closing this layer, fused with the norm opening the next one (or the final norm).
       normed = rms_norm<T>(x, i + 1 < layers_.size() ? layers_[i + 1].attn_norm : final_norm_, eps_, &mlp_out);
     }
     return normed;
+  }
+
+  // A layer's output summed over the tensor-parallel ranks (the partial sum itself without tensor parallelism).
+  at::Tensor summed(const at::Tensor& partial) const {
+    if (!all_reduce_) return partial;
+    py::gil_scoped_acquire gil;
+    at::Tensor total = (*all_reduce_)(partial).cast<at::Tensor>();
+    TM_CHECK(total.sizes() == partial.sizes() && total.scalar_type() == partial.scalar_type(),
+             "all_reduce must return a tensor of its argument's shape and dtype");
+    return total.contiguous();
   }
 
   std::vector<LayerWeights> layers_;
@@ -360,6 +376,7 @@ class FusedStep {
   int64_t num_heads_, kv_heads_, head_dim_;
   bool exact_rows_;       // matmul rows as each row alone computes it, at every row count (batch_invariant)
   bool exact_attention_;  // attention rows as one-token decodes compute them (attention.h)
+  std::optional<py::function> all_reduce_;
 };
 
 LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, at::Tensor minimums,
@@ -406,10 +423,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("ffn_norm"));
   py::class_<tokenmill::FusedStep>(m, "FusedStep")
       .def(py::init<std::vector<tokenmill::LayerWeights>, at::Tensor, at::Tensor, at::Tensor, double, int64_t, int64_t,
-                    int64_t, bool, bool>(),
+                    int64_t, bool, bool, std::optional<py::function>>(),
            py::arg("layers"), py::arg("final_norm"), py::arg("rope_cos"), py::arg("rope_signed_sin"), py::arg("eps"),
            py::arg("num_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("exact_rows") = false,
-           py::arg("exact_attention") = false)
+           py::arg("exact_attention") = false, py::arg("all_reduce") = py::none())
       .def("forward", &tokenmill::FusedStep::forward, py::arg("x"), py::arg("positions"), py::arg("slots"),
            py::arg("query_starts"), py::arg("block_tables"), py::arg("context_lens"), py::arg("k_cache"),
            py::arg("v_cache"), py::arg("block_size"), py::arg("attention_mass") = py::none(),
@@ -425,6 +442,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("bits"), py::arg("block_size"), py::arg("k_data"), py::arg("k_params"), py::arg("v_data"),
            py::arg("v_params"), py::arg("k_residual"), py::arg("v_residual"));
+  m.def("shm_all_reduce_bytes", &tokenmill::shm_all_reduce_bytes, py::arg("world"), py::arg("capacity"));
+  m.def("shm_all_reduce", &tokenmill::shm_all_reduce, py::arg("shared"), py::arg("x"), py::arg("rank"),
+        py::arg("world"), py::arg("seq"), py::arg("capacity"), py::arg("timeout_s"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("rotate_key_blocks", &tokenmill::rotate_key_blocks, py::arg("k_cache"), py::arg("blocks"), py::arg("cos"),
         py::arg("sin"), py::arg("block_size"), py::call_guard<py::gil_scoped_release>());
   m.def("paged_attention_quantized", &tokenmill::paged_attention_quantized, py::arg("q"), py::arg("k"), py::arg("v"),

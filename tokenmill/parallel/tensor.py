@@ -6,11 +6,12 @@ Rank 0 is the engine: it schedules, samples and answers. The other ranks are wor
 that only runs the plans rank 0 sends it, so that every process makes the same collective calls in the same
 order. What crosses is the plan itself (plain, picklable data) and the all-reduced activations; the KV cache of
 each process holds its own heads, in the blocks rank 0's scheduler hands out. Collectives run over
-torch.distributed: gloo on CPU, NCCL on CUDA.
+torch.distributed: gloo on CPU, NCCL on CUDA; on CPU the layers' all-reduces go through a shared memory mapping
+instead (parallel/shm.py), since gloo's loopback TCP costs about a millisecond per call whatever its size. The fused
+CPU step calls the same all-reduce from its C++ layer loop (kernels/cpu_step.cpp, `FusedStep`'s `all_reduce`).
 
-Limits of this first version: float weights only (the linear layers are sliced by rows and columns), the eager
-step (the fused CPU step is one C++ call for the whole layer stack, with no place for an all-reduce), and no
-speculative decoding (a drafter's timing and draft steps would run on rank 0 alone).
+Limits: float weights only (the linear layers are sliced by rows and columns), and no speculative decoding (a
+drafter's timing and draft steps would run on rank 0 alone).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import multiprocessing
 import weakref
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,6 +30,7 @@ import torch.distributed as dist
 
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.linear import FloatLinear
+from tokenmill.parallel.shm import SharedMemoryAllReduce
 from tokenmill.ports import free_port
 
 if TYPE_CHECKING:
@@ -52,15 +55,24 @@ class TensorParallelContext:
 class TensorParallelGroup:
     """This process's place in the group: the all-reduce the layers call, and the plan channel from rank 0."""
 
-    def __init__(self, context: TensorParallelContext, device: torch.device) -> None:
+    def __init__(self, context: TensorParallelContext, device: torch.device, kernels: ModuleType | None = None,
+                 shm_capacity: int = 0) -> None:
+        """`kernels` and `shm_capacity` > 0 (CPU): all-reduces of up to that many elements go through a shared memory
+        mapping (parallel/shm.py), larger ones over gloo."""
         self.rank, self.world = context.rank, context.world
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=context.init_method, rank=context.rank,
                                 world_size=context.world, timeout=COLLECTIVE_TIMEOUT)
         # gloo sums float32 natively; other dtypes are summed in float32 and rounded back once.
         self._widen = backend == "gloo"
+        self.shm = None
+        if backend == "gloo" and shm_capacity > 0:
+            self.shm = SharedMemoryAllReduce.create(kernels, self.rank, self.world, shm_capacity,
+                                                    COLLECTIVE_TIMEOUT.total_seconds())
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shm is not None and self.shm.fits(x):  # the same choice on every rank: same sizes, same order
+            return self.shm(x)
         if self._widen and x.dtype != torch.float32:
             wide = x.float()
             dist.all_reduce(wide)
