@@ -27,8 +27,12 @@ timeout 120 python3 benchmarks/offline_throughput.py "${common[@]}" --num-reques
 timeout 90 python3 benchmarks/step_profile.py --model /tmp/random.gguf --device cuda --dtype bfloat16 --batch 1 \
   --output "$OUT/step_profile.json" 2>&1 | tee -a "$OUT/single.log"
 if [ "$(left)" -gt 30 ]; then
+  # Every ISA level's kernels built once, one after the other, before the workers start: a build that a test's
+  # timeout kills leaves the workers waiting on its lock with no library (seen on the H200 host).
+  timeout "$(left)" python3 -c "from tokenmill.kernels import cpu_kernels, isa
+for level in isa.supported_levels(isa.cpu_flags()): print(level, cpu_kernels(level).error)" 2>&1 | tail -8
   # SIGINT at the deadline: pytest then stops like on Ctrl-C and still writes its summary and the JUnit report.
-  timeout -s INT "$(left)" python3 -m pytest -q -p no:cacheprovider -n 12 --timeout 90 -rfE \
+  timeout -s INT "$(left)" python3 -m pytest -q -p no:cacheprovider -n 12 --timeout 300 -rfE \
     --junitxml="$OUT/suite.xml" tests > "$OUT/suite.log" 2>&1
   tail -5 "$OUT/suite.log"
 fi

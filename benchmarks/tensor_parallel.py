@@ -8,7 +8,7 @@ text. Single stream: TPOT of 128 generated tokens after a 128-token prompt; batc
 such requests at once. Bandwidth: the weight bytes a decode step reads (a rank reads its half and the whole LM
 head) over TPOT.
 
-    .venv/bin/python benchmarks/tensor_parallel.py [--repeats 2] [--steps eager,fused] [--dtype float32]
+    .venv/bin/python benchmarks/tensor_parallel.py [--repeats 2] [--steps eager,fused] [--dtype float32] [--gloo]
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--steps", default="eager,fused", help="comma-separated: eager, fused")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="bfloat16: the fused step's weights prepacked (after the split)")
+    parser.add_argument("--gloo", action="store_true",
+                        help="also TP=2 with its all-reduces over gloo instead of shared memory")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
 
@@ -76,6 +78,9 @@ def main() -> None:
                   "prepack_weights": step == "fused"}
         arms[f"{step}, TP=1, 2 threads"] = {"num_threads": 2, **common}
         arms[f"{step}, TP=2, 1 thread each"] = {"num_threads": 1, "tensor_parallel_size": 2, **common}
+        if args.gloo:
+            arms[f"{step}, TP=2 over gloo"] = {"num_threads": 1, "tensor_parallel_size": 2,
+                                               "shared_memory_all_reduce": False, **common}
     bytes_per_step: dict[str, int] = {}
     rows: dict[str, list[dict[str, float]]] = {label: [] for label in arms}
     for repeat in range(args.repeats):
