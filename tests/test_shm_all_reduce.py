@@ -8,8 +8,11 @@ import threading
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from tokenmill.kernels import cpu_kernels
+from tokenmill.parallel import shm
+from tokenmill.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +76,21 @@ def test_it_refuses_what_does_not_fit(kernels) -> None:
         kernels.shm_all_reduce(shared, torch.ones(16), 0, 2, 1, 32, 1.0)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         kernels.shm_all_reduce(shared, torch.ones(16, dtype=torch.float64), 0, 2, 1, 16, 1.0)
+
+
+def test_setup_caps_the_mapping_and_leaves_no_file(kernels) -> None:
+    """One rank: the collective setup maps a file under /dev/shm, unlinks it, and lowers a capacity whose mapping
+    would pass MAX_BYTES; a call returns the rank's own tensor."""
+    if not shm.SHM_DIR.is_dir():
+        pytest.skip("no /dev/shm")
+    before = set(shm.SHM_DIR.iterdir())
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        reduce = shm.SharedMemoryAllReduce.create(kernels, 0, 1, 1 << 30, 5.0)
+    finally:
+        dist.destroy_process_group()
+    assert reduce is not None and set(shm.SHM_DIR.iterdir()) == before
+    assert kernels.shm_all_reduce_bytes(1, reduce.capacity) <= shm.MAX_BYTES < kernels.shm_all_reduce_bytes(
+        1, 2 * reduce.capacity)
+    x = torch.randn(3, 100)
+    assert reduce.fits(x) and torch.equal(reduce(x), x) and torch.equal(reduce(x.bfloat16()), x.bfloat16())

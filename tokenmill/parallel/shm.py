@@ -20,6 +20,9 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
+# The mapping's size at most: containers often give /dev/shm 64 MiB. Larger sums (long prefill chunks, where one
+# call's latency matters little) go over the process group.
+MAX_BYTES = 32 << 20
 
 
 class SharedMemoryAllReduce:
@@ -44,16 +47,23 @@ class SharedMemoryAllReduce:
     def create(cls, kernels: ModuleType | None, rank: int, world: int, capacity: int,
                timeout_s: float) -> SharedMemoryAllReduce | None:
         """Collective over the default process group: the mapping on every rank, or None on every rank when any of
-        them cannot have it (no kernels, no /dev/shm, a failed mapping)."""
+        them cannot have it (no kernels, no /dev/shm, no room there, a failed mapping). `capacity` is lowered to what
+        fits MAX_BYTES."""
+        if kernels is not None:
+            while capacity > 1 and kernels.shm_all_reduce_bytes(world, capacity) > MAX_BYTES:
+                capacity //= 2
         size = 0 if kernels is None else kernels.shm_all_reduce_bytes(world, capacity)
         box: list[str | None] = [None]
         if rank == 0 and kernels is not None and SHM_DIR.is_dir():
             path = SHM_DIR / f"tokenmill-tp-{os.getpid()}-{uuid.uuid4().hex}"
             try:
                 with open(path, "wb") as f:
-                    f.truncate(size)  # zero-filled: every flag starts at 0
+                    # The pages reserved now (zero-filled: every flag starts at 0), so a full /dev/shm fails here
+                    # rather than with SIGBUS at the first write.
+                    os.posix_fallocate(f.fileno(), 0, size)
                 box[0] = str(path)
             except OSError as exc:
+                path.unlink(missing_ok=True)
                 logger.warning("no shared memory for the all-reduce: %s", exc)
         dist.broadcast_object_list(box, src=0)
         shared = None
