@@ -15,6 +15,7 @@
 #include <cstring>
 #include <sched.h>
 #include <string>
+#include <vector>
 
 namespace tokenmill {
 namespace {
@@ -42,11 +43,12 @@ void wait_for(uint8_t* base, int64_t world, int64_t seq, double timeout_s) {
 
 template <typename T>
 void reduce(uint8_t* base, int64_t world, int64_t capacity, int64_t set, T* out, int64_t n) {
-  const float* first = slot(base, world, capacity, set, 0);
+  std::vector<const float*> slots(world);
+  for (int64_t j = 0; j < world; ++j) slots[j] = slot(base, world, capacity, set, j);
   at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      float sum = first[i];
-      for (int64_t j = 1; j < world; ++j) sum += slot(base, world, capacity, set, j)[i];
+      float sum = slots[0][i];
+      for (int64_t j = 1; j < world; ++j) sum += slots[j][i];
       out[i] = static_cast<T>(sum);
     }
   });

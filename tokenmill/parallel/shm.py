@@ -49,9 +49,10 @@ class SharedMemoryAllReduce:
         """Collective over the default process group: the mapping on every rank, or None on every rank when any of
         them cannot have it (no kernels, no /dev/shm, no room there, a failed mapping). `capacity` is lowered to what
         fits MAX_BYTES."""
-        if kernels is not None:
-            while capacity > 1 and kernels.shm_all_reduce_bytes(world, capacity) > MAX_BYTES:
-                capacity //= 2
+        if kernels is not None:  # the mapping's bytes are header + capacity · per element
+            header = kernels.shm_all_reduce_bytes(world, 0)
+            per_element = kernels.shm_all_reduce_bytes(world, 1) - header
+            capacity = min(capacity, (MAX_BYTES - header) // per_element)
         size = 0 if kernels is None else kernels.shm_all_reduce_bytes(world, capacity)
         box: list[str | None] = [None]
         if rank == 0 and kernels is not None and SHM_DIR.is_dir():

@@ -65,7 +65,7 @@ class TensorParallelGroup:
                                 world_size=context.world, timeout=COLLECTIVE_TIMEOUT)
         # gloo sums float32 natively; other dtypes are summed in float32 and rounded back once.
         self._widen = backend == "gloo"
-        self.shm = None
+        self.shm: SharedMemoryAllReduce | None = None
         if backend == "gloo" and shm_capacity > 0:
             self.shm = SharedMemoryAllReduce.create(kernels, self.rank, self.world, shm_capacity,
                                                     COLLECTIVE_TIMEOUT.total_seconds())
