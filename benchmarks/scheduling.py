@@ -307,8 +307,8 @@ def main() -> None:
     parser.add_argument("--high-fraction", type=float, default=0.2)
     parser.add_argument("--sjf-requests", type=int, default=48)
     parser.add_argument("--sjf-load", default="1.5,3", help="arrival rates, times the capacity (comma-separated)")
-    parser.add_argument("--sjf-aging", type=float, default=1.0)
-    parser.add_argument("--sjf-wait-bound", type=float, default=0.0, help="sjf_wait_bound (0: off)")
+    parser.add_argument("--sjf-aging", type=float, default=0.0, help="sjf_aging, as the engine")
+    parser.add_argument("--sjf-wait-bound", type=float, default=2.0, help="sjf_wait_bound (0: off), as the engine")
     parser.add_argument("--sjf-kv-blocks", type=int, default=1024, help="ShareGPT requests are longer")
     parser.add_argument("--sharegpt-max-input", type=int, default=512)
     parser.add_argument("--sharegpt-output-scale", type=float, default=0.25,

@@ -203,11 +203,16 @@ def test_vtc_admits_from_the_least_served_backlogged_client() -> None:
 
 
 def test_sjf_runs_the_shortest_predicted_work_first() -> None:
-    sched = make("sjf", max_num_seqs=1)
-    for rid, max_tokens in [("long", 40), ("short", 3), ("mid", 10)]:
-        sched.add_request(req(rid, max_tokens=max_tokens))
-    assert admission_order(sched) == ["short", "mid", "long"]
-    assert sched.policy.predicted_work(req("p", prompt_len=8, max_tokens=5)) == pytest.approx(8 / 16 + 5)
+    def order(**cfg: float) -> list[str]:
+        sched = make("sjf", max_num_seqs=1, **cfg)
+        for rid, max_tokens in [("long", 40), ("short", 3), ("mid", 10)]:
+            sched.add_request(req(rid, max_tokens=max_tokens))
+        return admission_order(sched)
+
+    assert order(sjf_wait_bound=0.0) == ["short", "mid", "long"]
+    # The default wait bound (2): "long" found the queue empty, so FCFS's next seat is its due point.
+    assert order() == ["long", "short", "mid"]
+    assert make("sjf").policy.predicted_work(req("p", prompt_len=8, max_tokens=5)) == pytest.approx(8 / 16 + 5)
 
 
 def test_sjf_kv_victim_is_the_request_with_the_most_work_left() -> None:
@@ -223,9 +228,12 @@ def test_sjf_kv_victim_is_the_request_with_the_most_work_left() -> None:
 
 
 def test_sjf_aging_bounds_the_wait_of_a_long_request() -> None:
-    def long_request_start(aging: float) -> int | None:
-        """A long request at step 0, then a short one every step: the step the long one is first scheduled."""
-        sched = make("sjf", max_num_seqs=1, sjf_aging=aging)
+    def long_request_start(aging: float, bound: float = 0.0, ahead: int = 0) -> int | None:
+        """`ahead` short requests and a long one at step 0, then a short one every step: the step the long one is
+        first scheduled."""
+        sched = make("sjf", max_num_seqs=1, sjf_aging=aging, sjf_wait_bound=bound)
+        for i in range(ahead):
+            sched.add_request(req(f"ahead{i}", max_tokens=1))
         sched.add_request(req("long", max_tokens=30))
         for t in range(200):
             sched.add_request(req(f"s{t}", max_tokens=1))
@@ -233,11 +241,15 @@ def test_sjf_aging_bounds_the_wait_of_a_long_request() -> None:
                 return t
         return None
 
-    assert long_request_start(0.0) is None  # without aging, a steady stream of short work starves it
+    assert long_request_start(0.0) is None  # without aging or a wait bound, a steady stream of short work starves it
     # Work 30 + 2/16 against 1 + 2/16 for each short one: shorts that arrive less than 29 steps after it go first
     # (at 29 the keys tie, and the earlier push wins).
     assert long_request_start(1.0) == 29
     assert long_request_start(2.0) == 15
+    # The default wait bound (2) without aging: with two short requests (2 x 1.125 of work) queued ahead, the long one
+    # is due once 4.5 more work has been admitted: after the two and two of the later shorts.
+    assert long_request_start(0.0, bound=2.0, ahead=2) == 4
+    assert long_request_start(0.0, bound=2.0, ahead=0) == 0  # an empty queue: due at once
 
 
 def test_sjf_wait_bound_lets_shorter_requests_pass_only_so_far() -> None:

@@ -96,12 +96,13 @@ class EngineConfig:
     speculative_adaptive: bool = True
     # Who goes first (tokenmill/scheduler): fcfs; priority (lower value first, may preempt lower priorities); fair
     # (VTC: the least-served client's requests first, charged fair_input_weight per prompt token and
-    # fair_output_weight per output token); sjf (shortest predicted remaining work first, aged by sjf_aging; with
-    # sjf_wait_bound = b > 0 a request is due, and goes first, once b times the work queued ahead of it at its arrival
-    # has been admitted since: scheduler/sjf.py).
+    # fair_output_weight per output token); sjf (shortest predicted remaining work first; with sjf_wait_bound = b > 0
+    # a request is due, and goes first, once b times the work queued ahead of it at its arrival has been admitted
+    # since, which also keeps it from starving; sjf_aging > 0 ages waiting requests instead or as well:
+    # scheduler/sjf.py; why these defaults: docs/benchmarks.md, "sjf's frontier").
     scheduling_policy: str = "fcfs"
-    sjf_aging: float = 1.0
-    sjf_wait_bound: float = 0.0
+    sjf_aging: float = 0.0
+    sjf_wait_bound: float = 2.0
     fair_input_weight: float = 1.0
     fair_output_weight: float = 2.0
     # Structured output (tokenmill/structured): a request's grammar is compiled within this many seconds or the

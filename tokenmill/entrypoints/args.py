@@ -66,12 +66,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES,
                    help="fcfs: arrival order; priority: lower `priority` first, preempting lower priorities; fair: "
                         "per-client fairness (VTC) by the client's `user` or API key; sjf: shortest predicted "
-                        "remaining work (max_tokens) first, with aging")
-    g.add_argument("--sjf-aging", type=float, default=1.0,
+                        "remaining work (max_tokens) first, each request due within --sjf-wait-bound")
+    g.add_argument("--sjf-aging", type=float, default=0.0,
                    help="sjf: steps of predicted work forgiven per step a request waits (0: no aging)")
-    g.add_argument("--sjf-wait-bound", type=float, default=0.0,
+    g.add_argument("--sjf-wait-bound", type=float, default=2.0,
                    help="sjf: a request goes first once this many times the work queued ahead of it when it arrived "
-                        "has been admitted since (0: off)")
+                        "has been admitted since (0: off; then set --sjf-aging, or long requests may starve)")
     g.add_argument("--fair-input-weight", type=float, default=1.0, help="fair: service charged per prompt token")
     g.add_argument("--fair-output-weight", type=float, default=2.0, help="fair: service charged per output token")
     g = parser.add_argument_group("speculative decoding")

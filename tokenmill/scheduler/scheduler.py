@@ -41,10 +41,10 @@ class SchedulerConfig:
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # fcfs | priority | fair | sjf
-    sjf_aging: float = 1.0  # steps of predicted work forgiven per step waited (sjf.py)
+    sjf_aging: float = 0.0  # steps of predicted work forgiven per step waited (sjf.py)
     fair_input_weight: float = 1.0  # VTC's charge per prompt token (fair.py)
     fair_output_weight: float = 2.0  # and per output token
-    sjf_wait_bound: float = 0.0  # 0: off; else how much later than FCFS a request may be admitted (sjf.py)
+    sjf_wait_bound: float = 2.0  # 0: off; else how much later than FCFS a request may be admitted (sjf.py)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):

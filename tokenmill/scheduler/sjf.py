@@ -32,8 +32,8 @@ _Entry = tuple[float, int, Request]  # (key, entry number, request); live while 
 class SJFPolicy(SchedulingPolicy):
     name = "sjf"
 
-    def __init__(self, max_num_batched_tokens: int, max_model_len: int, aging: float = 1.0,
-                 wait_bound: float = 0.0) -> None:
+    def __init__(self, max_num_batched_tokens: int, max_model_len: int, aging: float = 0.0,
+                 wait_bound: float = 2.0) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.aging = aging

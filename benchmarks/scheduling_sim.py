@@ -1,0 +1,171 @@
+"""SJF's trade-off between mean latency and each request's wait, swept in simulated time (tokenmill.bench.schedsim).
+
+1. Fit: the ShareGPT requests of `benchmarks/scheduling.py --experiments sjf` (same filter, seed, prompt cut and reply
+   scale) sent at once to the real engine under FCFS, every step timed; a linear step-cost model is fitted on those
+   steps, and the simulated makespan of the same run is printed beside the measured one.
+2. Sweep: Poisson arrivals at each `--load` times the capacity (the same arrivals as scheduling.py), replayed through
+   the engine's scheduler under FCFS, SJF with each aging and wait bound, and `DeadlineSJF` with deadlines of b times
+   each request's own simulated FCFS wait (a wait bound whose estimate of the FCFS wait is exact).
+3. `--validate AGING,BOUND`: the first load on the real engine too (FCFS, then SJF with that aging and wait bound,
+   through scheduling.py's drive loop), to set beside its simulation.
+
+    .venv/bin/python benchmarks/scheduling_sim.py [--requests 192] [--load 1.5,2,3] [--validate 0,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokenmill.bench.machine import machine_description
+from tokenmill.bench.metrics import percentile
+from tokenmill.bench.report import write_json
+from tokenmill.bench.schedsim import FEATURES, DeadlineSJF, SimRequest, Simulation, StepCost, timed_steps
+from tokenmill.bench.workloads import sharegpt
+from tokenmill.config import EngineConfig
+from tokenmill.engine import LLMEngine
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.scheduler.scheduler import SchedulerConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scheduling  # noqa: E402  (the real-engine drive loop, for --validate)
+
+
+def make_engine(args: argparse.Namespace, policy: str = "fcfs", aging: float = 1.0, bound: float = 0.0) -> LLMEngine:
+    return LLMEngine(EngineConfig(dtype=args.dtype, num_threads=args.threads, max_num_seqs=args.max_num_seqs,
+                                  num_kv_blocks=args.kv_blocks, scheduling_policy=policy, sjf_aging=aging,
+                                  sjf_wait_bound=bound))
+
+
+def fit(args: argparse.Namespace, engine: LLMEngine, shape: list[SimRequest]) -> tuple[StepCost, dict[str, Any]]:
+    for i, r in enumerate(shape):
+        engine.add_request(list(r.prompt), SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True),
+                           request_id=f"fit{i}")
+    start = time.perf_counter()
+    rows = timed_steps(engine)
+    measured = time.perf_counter() - start
+    cost = StepCost.fit(rows)
+    simulated = simulation(args, engine, cost).run(shape).seconds
+    info = {"coefficients_ms": dict(zip(FEATURES, (c * 1e3 for c in cost.coefficients), strict=True)),
+            "steps": len(rows), "relative_error": cost.relative_error(rows),
+            "makespan_measured_s": measured, "makespan_simulated_s": simulated}
+    print(f"fit: {len(rows)} steps, per-step error {info['relative_error']:.1%}; all at once: measured "
+          f"{measured:.1f}s, simulated {simulated:.1f}s; ms per " +
+          ", ".join(f"{k} {v:.5f}" for k, v in info["coefficients_ms"].items()))
+    return cost, info
+
+
+def simulation(args: argparse.Namespace, engine: LLMEngine, cost: StepCost) -> Simulation:
+    config = engine.scheduler.config
+    return Simulation(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
+                                      config.enable_chunked_prefill, "fcfs"),
+                      cost, args.kv_blocks, engine.config.block_size, engine.config.enable_prefix_caching)
+
+
+def summarize(waits: list[float], latencies: list[float], fcfs: dict[str, Any] | None) -> dict[str, Any]:
+    out = {"mean_latency": statistics.fmean(latencies), "p99_latency": percentile(latencies, 99),
+           "longest_wait": max(waits), "waits": waits}
+    if fcfs is not None:
+        # Per request, as scheduling.py: its wait over its FCFS wait, where the FCFS wait is at least a second.
+        ratios = [b / a for a, b in zip(fcfs["waits"], waits, strict=True) if a >= 1.0]
+        out |= {"mean_change": out["mean_latency"] / fcfs["mean_latency"] - 1, "ratio_max": max(ratios, default=0.0),
+                "over_3x": sum(r > 3 for r in ratios), "compared": len(ratios)}
+    return out
+
+
+def line(label: str, r: dict[str, Any]) -> str:
+    tail = (f"  {r['mean_change']:+.0%}  wait ratio max {r['ratio_max']:.2f} ({r['over_3x']} of {r['compared']} "
+            "over 3x)") if "mean_change" in r else ""
+    return (f"{label:<28} mean {r['mean_latency']:5.1f}s  p99 {r['p99_latency']:5.1f}s  longest wait "
+            f"{r['longest_wait']:5.1f}s{tail}")
+
+
+def sweep(args: argparse.Namespace, sim: Simulation, arrivals: list[SimRequest]) -> dict[str, Any]:
+    config = sim.config
+    fcfs_run = sim.run(arrivals)
+    fcfs = summarize([t.wait for t in fcfs_run.traces], [t.latency for t in fcfs_run.traces], None)
+    results = {"fcfs": fcfs}
+    print(line("fcfs", fcfs))
+    for aging in (float(x) for x in args.aging.split(",")):
+        for bound in (float(x) for x in args.bound.split(",")):
+            sjf = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
+                                  config.enable_chunked_prefill, "sjf", sjf_aging=aging, sjf_wait_bound=bound)
+            run = dataclasses.replace(sim, config=sjf).run(arrivals)
+            results[f"sjf aging {aging:g} bound {bound:g}"] = r = summarize(
+                [t.wait for t in run.traces], [t.latency for t in run.traces], fcfs)
+            print(line(f"sjf aging {aging:g} bound {bound:g}", r))
+    for b in (float(x) for x in args.oracle.split(",")):
+        deadlines = [t.arrival + b * t.wait for t in fcfs_run.traces]
+        run = sim.run(arrivals, lambda d=deadlines: DeadlineSJF(config.max_num_batched_tokens, config.max_model_len,
+                                                                 d, sim.clock))
+        results[f"exact deadline b {b:g}"] = r = summarize([t.wait for t in run.traces],
+                                                           [t.latency for t in run.traces], fcfs)
+        print(line(f"exact deadline b {b:g}", r))
+    return results
+
+
+def validate(args: argparse.Namespace, sim: Simulation, arrivals: list[SimRequest]) -> dict[str, Any]:
+    """The real engine on the same arrivals: FCFS, then SJF with the `--validate` aging and wait bound."""
+    aging, bound = (float(x) for x in args.validate.split(","))
+    real = [scheduling.Arrival(a.arrival, list(a.prompt), a.max_tokens) for a in arrivals]
+    out: dict[str, Any] = {}
+    for policy in ("fcfs", "sjf"):
+        traces, _ = scheduling.drive(make_engine(args, policy, aging, bound), real, tags=False)
+        out[f"real {policy}"] = summarize([t.ttft for t in traces], [t.latency for t in traces],
+                                          out.get("real fcfs"))
+        print(line(f"real {policy}" + (f" aging {aging:g} bound {bound:g}" if policy == "sjf" else ""),
+                   out[f"real {policy}"]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=192)
+    parser.add_argument("--load", default="1.5,2,3", help="arrival rates, times the capacity (comma-separated)")
+    parser.add_argument("--aging", default="1,0.25,0", help="sjf_aging values swept")
+    parser.add_argument("--bound", default="0,2,3", help="sjf_wait_bound values swept")
+    parser.add_argument("--oracle", default="2,2.5,3", help="b of the exact-deadline policy")
+    parser.add_argument("--validate", default=None, metavar="AGING,BOUND",
+                        help="also run the first load on the real engine: FCFS and SJF with this aging and bound")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--kv-blocks", type=int, default=1024)
+    parser.add_argument("--max-input", type=int, default=512)
+    parser.add_argument("--output-scale", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scheduling_sim.json"))
+    args = parser.parse_args()
+    engine = make_engine(args)
+    tokenizer = engine.tokenizer
+    workload = sharegpt(tokenizer, scheduling.DATA / "sharegpt_v3_first_turn.jsonl", args.requests, args.seed)
+    shape = [SimRequest(0.0, tuple(tokenizer.encode(s.turns[0].prompt)[: args.max_input]),
+                        max(2, round(s.turns[0].output_len * args.output_scale))) for s in workload.sessions]
+    cost, info = fit(args, engine, shape)
+    sim = simulation(args, engine, cost)
+    capacity = len(shape) / info["makespan_measured_s"]
+    report: dict[str, Any] = {"machine": machine_description(), "args": {k: str(v) for k, v in vars(args).items()},
+                              "fit": info, "capacity_rps": capacity}
+    for n, load in enumerate(float(x) for x in args.load.split(",")):
+        rng = np.random.default_rng(args.seed + 2)  # scheduling.py's arrivals
+        gaps = rng.exponential(1.0 / (load * capacity), size=len(shape))
+        arrivals = [SimRequest(float(t), a.prompt, a.max_tokens) for t, a in zip(np.cumsum(gaps) - gaps[0], shape,
+                                                                                 strict=True)]
+        print(f"-- load {load:g} ({load * capacity:.2f} req/s), simulated")
+        report[f"load {load:g}"] = sweep(args, sim, arrivals)
+        if args.validate is not None and n == 0:
+            report[f"load {load:g}"] |= validate(args, sim, arrivals)
+        write_json(report, args.out)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("machine", "args")}, default=str)[:600])
+
+
+if __name__ == "__main__":
+    main()

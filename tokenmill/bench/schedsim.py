@@ -1,0 +1,216 @@
+"""Scheduling policies in simulated time: the engine's own Scheduler and KV manager, a fitted step-cost model instead
+of the model.
+
+A policy comparison on the real engine takes minutes per arm and one run is noisy; the scheduler is pure Python, so
+the same arrivals can be replayed through it with each step's duration predicted from its plan. `StepCost` is a
+linear model of a step's seconds in what the plan holds (decoding sequences, prefill tokens, context entries read),
+fitted by least squares on steps timed on the machine itself (`timed_steps`). Every scheduling decision (admission,
+budget, chunked prefill, prefix hits, preemption) is the engine's; only the forward pass and the sampler are not run:
+each sample row yields one token and requests stop at `max_tokens`, as `ignore_eos` runs do.
+
+`DeadlineSJF` is an analysis policy, not an engine one: SJF whose requests are due by a deadline given from outside
+(for example b times each request's wait in a simulated FCFS run of the same arrivals): what a wait bound with a
+perfect estimate of the FCFS wait would give.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tokenmill.kv.manager import KVCacheManager
+from tokenmill.request import Request, RequestStatus
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.scheduler.plan import SeqSamples, StepPlan, StepResult
+from tokenmill.scheduler.policy import SchedulingPolicy
+from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
+from tokenmill.scheduler.sjf import SJFPolicy
+
+FEATURES = ("step", "decoding sequence", "prefill token", "context entry", "step with prefill")
+
+
+def plan_features(plan: StepPlan) -> tuple[float, ...]:
+    """What a step's time is modelled on, in `FEATURES` order."""
+    prefill = sum(s.num_tokens for s in plan.seqs if s.num_tokens > 1)
+    return (1.0, float(sum(s.num_tokens == 1 for s in plan.seqs)), float(prefill),
+            float(sum(s.context_len for s in plan.seqs)), float(prefill > 0))
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Seconds of one step: `coefficients` (one per `FEATURES` entry) dotted with the plan's features."""
+
+    coefficients: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.coefficients) != len(FEATURES):
+            raise ValueError(f"need {len(FEATURES)} coefficients ({', '.join(FEATURES)}), got "
+                             f"{len(self.coefficients)}")
+
+    def seconds(self, plan: StepPlan) -> float:
+        return max(0.0, float(np.dot(self.coefficients, plan_features(plan))))
+
+    @classmethod
+    def fit(cls, rows: Sequence[tuple[tuple[float, ...], float]]) -> StepCost:
+        """Least squares over (features, seconds) rows."""
+        if len(rows) < len(FEATURES):
+            raise ValueError(f"need at least {len(FEATURES)} timed steps to fit, got {len(rows)}")
+        x = np.array([features for features, _ in rows], dtype=np.float64)
+        y = np.array([seconds for _, seconds in rows], dtype=np.float64)
+        coefficients, *_ = np.linalg.lstsq(x, y, rcond=None)
+        return cls(tuple(float(c) for c in coefficients))
+
+    def relative_error(self, rows: Sequence[tuple[tuple[float, ...], float]]) -> float:
+        """Standard deviation of (predicted - measured) / measured over the rows."""
+        errors = [(float(np.dot(self.coefficients, f)) - s) / s for f, s in rows if s > 0]
+        return float(np.std(errors)) if errors else 0.0
+
+
+def timed_steps(engine: object) -> list[tuple[tuple[float, ...], float]]:
+    """Step an LLMEngine until it has no work, timing each step with the features of its plan."""
+    scheduler = engine.scheduler  # type: ignore[attr-defined]
+    schedule = scheduler.schedule
+    plans: list[StepPlan] = []
+
+    def recording() -> StepPlan:
+        plan = schedule()
+        plans.append(plan)
+        return plan
+
+    scheduler.schedule = recording
+    rows = []
+    try:
+        while engine.has_unfinished_requests():  # type: ignore[attr-defined]
+            start = time.perf_counter()
+            engine.step()  # type: ignore[attr-defined]
+            seconds = time.perf_counter() - start
+            if plans and not plans[-1].is_empty:
+                rows.append((plan_features(plans[-1]), seconds))
+    finally:
+        del scheduler.schedule  # the bound method again
+    return rows
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    arrival: float  # seconds
+    prompt: tuple[int, ...]
+    max_tokens: int
+
+
+@dataclass
+class SimTrace:
+    arrival: float
+    first_token: float = float("nan")
+    last_token: float = float("nan")
+    running: float = 0.0  # seconds spent in the running list
+
+    @property
+    def wait(self) -> float:
+        """Arrival to the first token."""
+        return self.first_token - self.arrival
+
+    @property
+    def latency(self) -> float:
+        return self.last_token - self.arrival
+
+    @property
+    def queued(self) -> float:
+        """Every second not in the running list: the first wait and any wait after a preemption."""
+        return self.latency - self.running
+
+
+@dataclass
+class SimRun:
+    traces: list[SimTrace]
+    seconds: float  # the last step's end
+    steps: int
+    preemptions: int
+
+
+@dataclass
+class SimClock:
+    """The simulated time, readable by an analysis policy while the run goes."""
+
+    now: float = 0.0
+
+
+@dataclass
+class Simulation:
+    """One engine-shaped setting; `run` replays arrivals through a fresh scheduler."""
+
+    config: SchedulerConfig
+    cost: StepCost
+    num_kv_blocks: int
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    clock: SimClock = field(default_factory=SimClock)
+
+    def run(self, requests: Sequence[SimRequest],
+            policy: Callable[[], SchedulingPolicy] | None = None) -> SimRun:
+        scheduler = Scheduler(self.config, KVCacheManager(self.num_kv_blocks, self.block_size,
+                                                          self.enable_prefix_caching))
+        if policy is not None:
+            scheduler.policy = policy()
+        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
+        traces = [SimTrace(r.arrival) for r in requests]
+        live: dict[str, Request] = {}
+        self.clock.now, sent = 0.0, 0
+        while sent < len(order) or scheduler.has_unfinished:
+            while sent < len(order) and requests[order[sent]].arrival <= self.clock.now:
+                i = order[sent]
+                sent += 1
+                request = Request(str(i), list(requests[i].prompt),
+                                  SamplingParams(temperature=0.0, max_tokens=requests[i].max_tokens, ignore_eos=True),
+                                  arrival_time=requests[i].arrival)
+                live[request.request_id] = request
+                scheduler.add_request(request)
+            if not scheduler.has_unfinished:
+                self.clock.now = requests[order[sent]].arrival  # idle until the next arrival
+                continue
+            self._step(scheduler, live, traces)
+        return SimRun(traces, self.clock.now, scheduler.num_steps, scheduler.num_preemptions)
+
+    def _step(self, scheduler: Scheduler, live: dict[str, Request], traces: list[SimTrace]) -> None:
+        plan = scheduler.schedule()
+        seconds = self.cost.seconds(plan)
+        self.clock.now += seconds
+        for request in scheduler.running:
+            traces[int(request.request_id)].running += seconds
+        samples = [SeqSamples(s.request_id, [0], [None]) for s in plan.seqs if s.num_samples]
+        scheduler.update(plan, StepResult(samples=samples))
+        for sample in samples:
+            request, trace = live[sample.request_id], traces[int(sample.request_id)]
+            request.output_token_ids.append(0)
+            if request.num_output_tokens == 1:
+                trace.first_token = self.clock.now
+            if request.num_output_tokens >= request.params.max_tokens:
+                trace.last_token = self.clock.now
+                scheduler.finish(sample.request_id, RequestStatus.FINISHED_STOPPED)
+                del live[sample.request_id]
+
+
+class DeadlineSJF(SJFPolicy):
+    """SJF without aging, but a request whose deadline (`deadlines[int(request_id)]`, seconds on `clock`) has passed
+    goes first, earliest deadline first. For analysis: the deadlines come from outside the engine."""
+
+    def __init__(self, max_num_batched_tokens: int, max_model_len: int, deadlines: Sequence[float],
+                 clock: SimClock) -> None:
+        super().__init__(max_num_batched_tokens, max_model_len, aging=0.0, wait_bound=0.0)
+        self.deadlines = deadlines
+        self.clock = clock
+        self._by_deadline: list[tuple[float, int, Request]] = []
+
+    def _enter(self, request: Request, due: float) -> None:
+        super()._enter(request, due)
+        heapq.heappush(self._by_deadline, (self.deadlines[int(request.request_id)], self._entries, request))
+
+    def head(self) -> Request | None:
+        due = self._top(self._by_deadline)
+        if due is not None and due[0] <= self.clock.now:
+            return due[2]
+        return super().head()
