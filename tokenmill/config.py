@@ -274,7 +274,7 @@ class EngineConfig:
 
 
 def check_scheduling(policy: str, sjf_aging: float, fair_input_weight: float, fair_output_weight: float,
-                     sjf_wait_bound: float = 0.0) -> None:
+                     sjf_wait_bound: float) -> None:
     """Shared by EngineConfig and SchedulerConfig."""
     if policy not in SCHEDULING_POLICIES:
         raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {policy!r}")

@@ -9,16 +9,18 @@ budget, chunked prefill, prefix hits, preemption) is the engine's; only the forw
 each sample row yields one token and requests stop at `max_tokens`, as `ignore_eos` runs do.
 
 `DeadlineSJF` is an analysis policy, not an engine one: SJF whose requests are due by a deadline given from outside
-(for example b times each request's wait in a simulated FCFS run of the same arrivals): what a wait bound with a
-perfect estimate of the FCFS wait would give.
+(for example arrival + b times each request's queueing time, arrival to admission, in a simulated FCFS run of the
+same arrivals): what a wait bound with a perfect estimate of the FCFS wait would give.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +31,9 @@ from tokenmill.scheduler.plan import SeqSamples, StepPlan, StepResult
 from tokenmill.scheduler.policy import SchedulingPolicy
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 from tokenmill.scheduler.sjf import SJFPolicy
+
+if TYPE_CHECKING:
+    from tokenmill.engine import LLMEngine
 
 FEATURES = ("step", "decoding sequence", "prefill token", "context entry", "step with prefill")
 
@@ -64,34 +69,41 @@ class StepCost:
         coefficients, *_ = np.linalg.lstsq(x, y, rcond=None)
         return cls(tuple(float(c) for c in coefficients))
 
-    def relative_error(self, rows: Sequence[tuple[tuple[float, ...], float]]) -> float:
-        """Standard deviation of (predicted - measured) / measured over the rows."""
-        errors = [(float(np.dot(self.coefficients, f)) - s) / s for f, s in rows if s > 0]
-        return float(np.std(errors)) if errors else 0.0
+    def relative_error(self, rows: Sequence[tuple[tuple[float, ...], float]]) -> tuple[float, float]:
+        """Mean and root mean square of (predicted - measured) / measured over the rows: bias and spread."""
+        errors = np.array([(float(np.dot(self.coefficients, f)) - s) / s for f, s in rows if s > 0])
+        if not errors.size:
+            return 0.0, 0.0
+        return float(errors.mean()), float(np.sqrt((errors**2).mean()))
 
 
-def timed_steps(engine: object) -> list[tuple[tuple[float, ...], float]]:
-    """Step an LLMEngine until it has no work, timing each step with the features of its plan."""
-    scheduler = engine.scheduler  # type: ignore[attr-defined]
+def timed_steps(engine: LLMEngine, plans: list[StepPlan] | None = None) -> list[tuple[tuple[float, ...], float]]:
+    """Step the engine until it has no work, timing each step with the features of its plan (non-empty plans; each
+    plan is also appended to `plans` when given)."""
+    scheduler = engine.scheduler
+    recorded: list[StepPlan] = [] if plans is None else plans
     schedule = scheduler.schedule
-    plans: list[StepPlan] = []
+    own = vars(scheduler).get("schedule")  # an instance-level override to put back, if there was one
 
     def recording() -> StepPlan:
         plan = schedule()
-        plans.append(plan)
+        recorded.append(plan)
         return plan
 
-    scheduler.schedule = recording
     rows = []
+    scheduler.schedule = recording  # type: ignore[method-assign]
     try:
-        while engine.has_unfinished_requests():  # type: ignore[attr-defined]
+        while engine.has_unfinished_requests():
             start = time.perf_counter()
-            engine.step()  # type: ignore[attr-defined]
+            engine.step()
             seconds = time.perf_counter() - start
-            if plans and not plans[-1].is_empty:
-                rows.append((plan_features(plans[-1]), seconds))
+            if recorded and not recorded[-1].is_empty:
+                rows.append((plan_features(recorded[-1]), seconds))
     finally:
-        del scheduler.schedule  # the bound method again
+        if own is None:
+            del scheduler.schedule  # the class's method again
+        else:
+            scheduler.schedule = own  # type: ignore[method-assign]
     return rows
 
 
@@ -105,8 +117,9 @@ class SimRequest:
 @dataclass
 class SimTrace:
     arrival: float
-    first_token: float = float("nan")
-    last_token: float = float("nan")
+    admitted: float = math.nan  # the start of the first step that scheduled it
+    first_token: float = math.nan
+    last_token: float = math.nan
     running: float = 0.0  # seconds spent in the running list
 
     @property
@@ -177,6 +190,12 @@ class Simulation:
 
     def _step(self, scheduler: Scheduler, live: dict[str, Request], traces: list[SimTrace]) -> None:
         plan = scheduler.schedule()
+        if plan.is_empty and not scheduler.running:
+            raise RuntimeError("no waiting request can be admitted (a prompt larger than the KV cache?)")
+        for seq in plan.seqs:
+            trace = traces[int(seq.request_id)]
+            if math.isnan(trace.admitted):
+                trace.admitted = self.clock.now
         seconds = self.cost.seconds(plan)
         self.clock.now += seconds
         for request in scheduler.running:
@@ -188,7 +207,9 @@ class Simulation:
             request.output_token_ids.append(0)
             if request.num_output_tokens == 1:
                 trace.first_token = self.clock.now
-            if request.num_output_tokens >= request.params.max_tokens:
+            # The engine's two length stops (output/processor.py); no EOS is drawn here.
+            limit = request.num_tokens >= self.config.max_model_len
+            if request.num_output_tokens >= request.params.max_tokens or limit:
                 trace.last_token = self.clock.now
                 scheduler.finish(sample.request_id, RequestStatus.FINISHED_STOPPED)
                 del live[sample.request_id]

@@ -1,5 +1,5 @@
-"""Shortest predicted remaining work first, with aging so that long requests are not starved, and optionally a bound
-on how much later than FCFS any request is admitted.
+"""Shortest predicted remaining work first, with a bound on how much later than FCFS any request is admitted (on by
+default: b = 2), and optionally aging; either one keeps long requests from starving.
 
 The prediction, in steps: the tokens still to compute (prompt, or prompt and output again after a preemption)
 divided by the step's token budget, plus the output tokens the request may still produce, which is its own bound
