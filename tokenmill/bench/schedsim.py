@@ -3,10 +3,11 @@ of the model.
 
 A policy comparison on the real engine takes minutes per arm and one run is noisy; the scheduler is pure Python, so
 the same arrivals can be replayed through it with each step's duration predicted from its plan. `StepCost` is a
-linear model of a step's seconds in what the plan holds (decoding sequences, prefill tokens, context entries read),
-fitted by least squares on steps timed on the machine itself (`timed_steps`). Every scheduling decision (admission,
-budget, chunked prefill, prefix hits, preemption) is the engine's; only the forward pass and the sampler are not run:
-each sample row yields one token and requests stop at `max_tokens`, as `ignore_eos` runs do.
+linear model of a step's seconds in what the plan holds (`FEATURES`: decoding sequences, prefill tokens, context
+entries read, whether it prefills), fitted by least squares on steps timed on the machine itself (`timed_steps`).
+Every scheduling decision (admission, budget, chunked prefill, prefix hits, preemption) is the engine's; only the
+forward pass and the sampler are not run: each sample row yields one token, and requests stop at `max_tokens` or the
+context limit, as `ignore_eos` runs do.
 
 `DeadlineSJF` is an analysis policy, not an engine one: SJF whose requests are due by a deadline given from outside
 (for example arrival + b times each request's queueing time, arrival to admission, in a simulated FCFS run of the
