@@ -37,6 +37,7 @@ from tokenmill.bench.workloads import TextSampler, sharegpt
 from tokenmill.config import EngineConfig
 from tokenmill.engine import LLMEngine
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.tokenizer import Tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -254,17 +255,35 @@ def summary(values: list[float]) -> dict[str, float]:
 # ---- sjf -------------------------------------------------------------------------------------------------------
 
 
+def sharegpt_shape(tokenizer: Tokenizer, num_requests: int, seed: int, max_input: int,
+                   output_scale: float) -> list[tuple[list[int], int]]:
+    """(prompt ids, max_tokens) of ShareGPT first turns: prompts cut at `max_input` tokens, replies scaled."""
+    workload = sharegpt(tokenizer, DATA / "sharegpt_v3_first_turn.jsonl", num_requests, seed)
+    return [(tokenizer.encode(s.turns[0].prompt)[:max_input], max(2, round(s.turns[0].output_len * output_scale)))
+            for s in workload.sessions]
+
+
+def arrival_times(seed: int, rate: float, n: int) -> list[float]:
+    """n Poisson arrivals at `rate` per second, the first at 0 (the same seed gives the same sequence, scaled)."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
+    return [float(t) for t in np.cumsum(gaps) - gaps[0]]
+
+
+def wait_ratios(fcfs: list[float], other: list[float]) -> dict[str, Any]:
+    """Per request (the same arrivals in both runs): its wait under another policy over its wait under FCFS, for
+    requests that waited at least a second under FCFS (a ratio to a near-zero wait says nothing)."""
+    ratios = [b / a for a, b in zip(fcfs, other, strict=True) if a >= 1.0]
+    return {"max": max(ratios, default=None), "over_3x": sum(r > 3 for r in ratios), "compared": len(ratios)}
+
+
 def sjf_experiment(args: argparse.Namespace, tokens: TextSampler) -> dict[str, Any]:
-    workload = sharegpt(tokens.tokenizer, DATA / "sharegpt_v3_first_turn.jsonl", args.sjf_requests, args.seed)
-    shape = [Arrival(0.0, tokens.tokenizer.encode(s.turns[0].prompt)[: args.sharegpt_max_input],
-                     max(2, round(s.turns[0].output_len * args.sharegpt_output_scale))) for s in workload.sessions]
+    shape = [Arrival(0.0, prompt, max_tokens) for prompt, max_tokens in sharegpt_shape(
+        tokens.tokenizer, args.sjf_requests, args.seed, args.sharegpt_max_input, args.sharegpt_output_scale)]
     cap = capacity(args, shape, args.sjf_kv_blocks)
     results: dict[str, Any] = {"capacity_rps": cap, "output_lens": summary([float(a.max_tokens) for a in shape])}
     for load in (float(x) for x in args.sjf_load.split(",")):
-        rng = np.random.default_rng(args.seed + 2)
-        gaps = rng.exponential(1.0 / (load * cap), size=len(shape))
-        arrivals = [Arrival(float(t), a.prompt, a.max_tokens) for t, a in zip(np.cumsum(gaps) - gaps[0], shape,
-                                                                                strict=True)]
+        times = arrival_times(args.seed + 2, load * cap, len(shape))
+        arrivals = [Arrival(t, a.prompt, a.max_tokens) for t, a in zip(times, shape, strict=True)]
         results[f"load {load:g}"] = sjf_runs(args, arrivals, f"load {load:g}")
     return results
 
@@ -281,11 +300,7 @@ def sjf_runs(args: argparse.Namespace, arrivals: list[Arrival], label: str) -> d
             print(f"sjf/{label}/{policy} #{repeat}: latency mean {statistics.fmean(latencies):.1f}s p99 "
                   f"{percentile(latencies, 99):.1f}s, longest wait {max(waits):.1f}s, {seconds:.0f}s")
         fcfs, sjf = results[f"fcfs#{repeat}"]["waits"], results[f"sjf#{repeat}"]["waits"]
-        # Per request (the same arrivals in both runs): its wait under SJF over its wait under FCFS, for requests
-        # that waited at least a second under FCFS (a ratio to a near-zero wait says nothing).
-        ratios = [b / a for a, b in zip(fcfs, sjf, strict=True) if a >= 1.0]
-        results[f"wait_ratio#{repeat}"] = {"max": max(ratios, default=None), "over_3x": sum(r > 3 for r in ratios),
-                                          "compared": len(ratios), "longest_over_longest": max(sjf) / max(fcfs)}
+        results[f"wait_ratio#{repeat}"] = wait_ratios(fcfs, sjf) | {"longest_over_longest": max(sjf) / max(fcfs)}
         print(f"sjf/{label}/wait ratios #{repeat}: {results[f'wait_ratio#{repeat}']}")
     return results
 

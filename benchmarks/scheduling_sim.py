@@ -25,13 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tokenmill.bench.machine import machine_description
 from tokenmill.bench.metrics import percentile
 from tokenmill.bench.report import write_json
 from tokenmill.bench.schedsim import FEATURES, DeadlineSJF, SimRequest, Simulation, StepCost, timed_steps
-from tokenmill.bench.workloads import sharegpt
 from tokenmill.config import EngineConfig
 from tokenmill.engine import LLMEngine
 from tokenmill.sampling_params import SamplingParams
@@ -80,16 +77,15 @@ def summarize(waits: list[float], latencies: list[float], fcfs: dict[str, Any] |
     out = {"mean_latency": statistics.fmean(latencies), "p99_latency": percentile(latencies, 99),
            "longest_wait": max(waits), "waits": waits}
     if fcfs is not None:
-        # Per request, as scheduling.py: its wait over its FCFS wait, where the FCFS wait is at least a second.
-        ratios = [b / a for a, b in zip(fcfs["waits"], waits, strict=True) if a >= 1.0]
-        out |= {"mean_change": out["mean_latency"] / fcfs["mean_latency"] - 1, "ratio_max": max(ratios, default=0.0),
-                "over_3x": sum(r > 3 for r in ratios), "compared": len(ratios)}
+        out |= {"mean_change": out["mean_latency"] / fcfs["mean_latency"] - 1,
+                "wait_ratio": scheduling.wait_ratios(fcfs["waits"], waits)}
     return out
 
 
 def line(label: str, r: dict[str, Any]) -> str:
-    tail = (f"  {r['mean_change']:+.0%}  wait ratio max {r['ratio_max']:.2f} ({r['over_3x']} of {r['compared']} "
-            "over 3x)") if "mean_change" in r else ""
+    ratio = r.get("wait_ratio")
+    tail = (f"  {r['mean_change']:+.0%}  wait ratio max {ratio['max'] or 0:.2f} ({ratio['over_3x']} of "
+            f"{ratio['compared']} over 3x)") if ratio is not None else ""
     return (f"{label:<28} mean {r['mean_latency']:5.1f}s  p99 {r['p99_latency']:5.1f}s  longest wait "
             f"{r['longest_wait']:5.1f}s{tail}")
 
@@ -154,20 +150,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scheduling_sim.json"))
     args = parser.parse_args()
     engine = make_engine(args)
-    tokenizer = engine.tokenizer
-    workload = sharegpt(tokenizer, scheduling.DATA / "sharegpt_v3_first_turn.jsonl", args.requests, args.seed)
-    shape = [SimRequest(0.0, tuple(tokenizer.encode(s.turns[0].prompt)[: args.max_input]),
-                        max(2, round(s.turns[0].output_len * args.output_scale))) for s in workload.sessions]
+    shape = [SimRequest(0.0, tuple(prompt), max_tokens) for prompt, max_tokens in scheduling.sharegpt_shape(
+        engine.tokenizer, args.requests, args.seed, args.max_input, args.output_scale)]
     cost, info = fit(args, engine, shape)
     sim = simulation(args, engine, cost)
     capacity = len(shape) / info["makespan_measured_s"]
     report: dict[str, Any] = {"machine": machine_description(), "args": {k: str(v) for k, v in vars(args).items()},
                               "fit": info, "capacity_rps": capacity}
     for n, load in enumerate(float(x) for x in args.load.split(",")):
-        rng = np.random.default_rng(args.seed + 2)  # scheduling.py's arrivals
-        gaps = rng.exponential(1.0 / (load * capacity), size=len(shape))
-        arrivals = [SimRequest(float(t), a.prompt, a.max_tokens) for t, a in zip(np.cumsum(gaps) - gaps[0], shape,
-                                                                                 strict=True)]
+        times = scheduling.arrival_times(args.seed + 2, load * capacity, len(shape))  # scheduling.py's arrivals
+        arrivals = [SimRequest(t, a.prompt, a.max_tokens) for t, a in zip(times, shape, strict=True)]
         print(f"-- load {load:g} ({load * capacity:.2f} req/s), simulated")
         report[f"load {load:g}"] = sweep(args, sim, arrivals)
         if args.validate is not None and n == 0:
