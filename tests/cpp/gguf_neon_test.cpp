@@ -100,29 +100,30 @@ void exact_q4(int64_t blocks) {
   expect_close(sizeof(S) == 4 ? "q4_tile (fp32 scales)" : "q4_tile", Tile, blocks, out, ref, magnitude);
 }
 
-template <int Tile>
+// Groups scales per block of 32 (2: Q6_K's per-16 fp32 scales), scale g of a block for its k in [32g / Groups, ...).
+template <int Tile, int Groups, typename S>
 void exact_q8(int64_t blocks) {
-  const int64_t K = blocks * kBlock;
+  const int64_t K = blocks * kBlock, span = kBlock / Groups;
   std::vector<int8_t> w(blocks * kQ8TileBlockBytes);
   for (auto& v : w) v = static_cast<int8_t>(rng());
-  const auto d = scales<__fp16>(blocks, 0.001f, 0.05f);
+  const auto d = scales<S>(blocks * Groups, 0.001f, 0.05f);
   std::vector<float> x(Tile * K);
   for (auto& v : x) v = uniform(-2.0f, 2.0f);
   std::vector<double> ref(Tile * kRows), magnitude(Tile * kRows);
   for (int i = 0; i < Tile; ++i)
     for (int64_t r = 0; r < kRows; ++r)
-      for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t g = 0; g < blocks * Groups; ++g) {
         double dot = 0.0, absdot = 0.0;
-        for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) {
+        for (int64_t k = g * span; k < (g + 1) * span; ++k) {
           dot += double(x[i * K + k]) * q8_code(w, r, k);
           absdot += std::fabs(double(x[i * K + k]) * q8_code(w, r, k));
         }
-        ref[i * kRows + r] += double(float(d[b * kRows + r])) * dot;
-        magnitude[i * kRows + r] += double(float(d[b * kRows + r])) * absdot;
+        ref[i * kRows + r] += double(float(d[g * kRows + r])) * dot;
+        magnitude[i * kRows + r] += double(float(d[g * kRows + r])) * absdot;
       }
   float out[Tile * kRows];
-  neon::q8_tile<Tile>(w.data(), d.data(), blocks, x.data(), K, out);
-  expect_close("q8_tile", Tile, blocks, out, ref, magnitude);
+  neon::q8_tile<Tile, Groups>(w.data(), d.data(), blocks, x.data(), K, out);
+  expect_close(Groups == 2 ? "q8_tile (per-16 scales)" : "q8_tile", Tile, blocks, out, ref, magnitude);
 }
 
 #if defined(TOKENMILL_GGUF_INT8_NEON)
@@ -169,28 +170,28 @@ void int8_q4(int64_t blocks) {
   expect_bits("q4_tile_int8", Tile, blocks, out, ref);
 }
 
-template <int Tile>
+template <int Tile, int Groups, typename S>
 void int8_q8(int64_t blocks) {
-  const int64_t K = blocks * kBlock;
+  const int64_t K = blocks * kBlock, span = kBlock / Groups;
   std::vector<int8_t> w(blocks * kQ8TileBlockBytes);
   for (auto& v : w) v = static_cast<int8_t>(rng());
   w[0] = -128;  // the extreme code: Q8_0 files hold -127..127, SDOT takes -128 too
-  const auto d = scales<__fp16>(blocks, 0.001f, 0.05f);
+  const auto d = scales<S>(blocks * Groups, 0.001f, 0.05f);
   const Int8Acts a = int8_acts(Tile, blocks);
   std::vector<float> ref(Tile * kRows);
   for (int i = 0; i < Tile; ++i)
     for (int64_t r = 0; r < kRows; ++r) {
       float acc = 0.0f;
-      for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t g = 0; g < blocks * Groups; ++g) {
         int32_t dot = 0;
-        for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) dot += q8_code(w, r, k) * a.codes[i * K + k];
-        acc = acc + static_cast<float>(dot) * (float(d[b * kRows + r]) * a.dx[i * blocks + b]);
+        for (int64_t k = g * span; k < (g + 1) * span; ++k) dot += q8_code(w, r, k) * a.codes[i * K + k];
+        acc = acc + static_cast<float>(dot) * (float(d[g * kRows + r]) * a.dx[i * blocks + g / Groups]);
       }
       ref[i * kRows + r] = acc;
     }
   float out[Tile * kRows];
-  neon::q8_tile_int8<Tile>(w.data(), d.data(), blocks, a.codes.data(), K, a.dx.data(), out);
-  expect_bits("q8_tile_int8", Tile, blocks, out, ref);
+  neon::q8_tile_int8<Tile, Groups>(w.data(), d.data(), blocks, a.codes.data(), K, a.dx.data(), out);
+  expect_bits(Groups == 2 ? "q8_tile_int8 (per-16 scales)" : "q8_tile_int8", Tile, blocks, out, ref);
 }
 #endif
 
@@ -198,10 +199,12 @@ template <int Tile>
 void every_tile(int64_t blocks) {
   exact_q4<Tile, __fp16>(blocks);
   exact_q4<Tile, float>(blocks);
-  exact_q8<Tile>(blocks);
+  exact_q8<Tile, 1, __fp16>(blocks);
+  exact_q8<Tile, 2, float>(blocks);
 #if defined(TOKENMILL_GGUF_INT8_NEON)
   int8_q4<Tile>(blocks);
-  int8_q8<Tile>(blocks);
+  int8_q8<Tile, 1, __fp16>(blocks);
+  int8_q8<Tile, 2, float>(blocks);
 #endif
 }
 

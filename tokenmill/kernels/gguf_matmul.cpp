@@ -1,4 +1,5 @@
-// Matmuls over the GGUF file's own Q4_0/Q4_1 and Q8_0 blocks, with the file's exact weights.
+// Matmuls over the GGUF file's own Q4 (Q4_0, Q4_1, Q4_K) and 8-bit-code (Q8_0, Q5_0, Q6_K) blocks, with the file's
+// exact weights.
 //
 // Why our own kernel: PyTorch's int4 weight-only kernel takes bf16 scales and zeros, so running the file's Q4_1 codes
 // through it rounds every block's f16 scale and minimum to 8 significant bits, and its int8 kernel has one scale per
@@ -18,7 +19,8 @@
 // A Q4 tile-block is 8 chunks of 32 bytes: byte 2r + e of chunk c holds row r's code for k = 2c + e in its low nibble
 // and for k = 16 + 2c + e in its high one; the nibbles index a 16-entry bf16 table (vpermw). A Q8 tile-block is 16
 // chunks of 32 int8 codes, byte 2r + e of chunk j for k = 2j + e. Scales (and Q4 minimums) are [tiles, blocks, 16],
-// f16 as the file stores them, or fp32 for Q4_K (a sub-block's d · sc is exact in fp32 only).
+// f16 as the file stores them, or fp32 for Q4_K (a sub-block's d · sc is exact in fp32 only); Q6_K's sub-blocks of
+// 16 give a Q8 tile-block two fp32 scales, [tiles, 2 · blocks, 16], one for chunks 0-7 and one for chunks 8-15.
 //
 // int8 activations (the second mode, `int8_activations`): each row of activations is rounded per block of 32 to int8
 // codes with an fp32 scale (amax / 127), as llama.cpp does for its Q8 dot products, so the weights stay the file's
@@ -83,6 +85,10 @@ using gguf::kRows;
 constexpr int64_t kTileGroup = 4;          // row tiles kept in cache while every activation tile passes over them
 constexpr int kActTile = 6;                // activation rows sharing one unpacked chunk (registers: 2 chains each)
 constexpr int64_t kSerialWork = 1 << 18;   // multiply-adds below which waking the thread pool costs more than it saves
+// Chunks (k-pairs) of a Q8 tile-block under one scale: all 16, or 8 where a block has Groups = 2 scales (Q6_K's
+// sub-blocks of 16 weights).
+template <int Groups>
+constexpr int64_t kQ8Pairs = 16 / Groups;
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -216,27 +222,30 @@ void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const uin
   for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
 }
 
-// One Q8_0 row tile against Tile activation rows. Codes widen to fp32 and pack to bf16 (exact for -128..127).
-template <int Tile>
-void q8_tile(const int8_t* w, const at::Half* d, int64_t blocks, const uint16_t* x, int64_t K, float* out) {
+// One Q8 row tile against Tile activation rows, one scale per 32 / Groups weights (Groups 2: Q6_K's sub-blocks of
+// 16, kQ8Pairs<2> chunks each). Codes widen to fp32 and pack to bf16 (exact for -128..127).
+template <int Tile, int Groups, typename S>
+void q8_tile(const int8_t* w, const S* d, int64_t blocks, const uint16_t* x, int64_t K, float* out) {
   __m512 acc[Tile];
   for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    __m512 even[Tile], odd[Tile];
-    for (int i = 0; i < Tile; ++i) even[i] = odd[i] = _mm512_setzero_ps();
     const int8_t* chunk = w + b * kQ8TileBlockBytes;
-    for (int64_t j = 0; j < 16; ++j) {
-      const __m128i* p = reinterpret_cast<const __m128i*>(chunk + 32 * j);
-      const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
-      const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)));
-      const __m512bh codes = _mm512_cvtne2ps_pbh(second, first);
-      for (int i = 0; i < Tile; ++i) {
-        __m512& chain = (j % 2 == 0) ? even[i] : odd[i];
-        chain = _mm512_dpbf16_ps(chain, pair_of(x + i * K + b * kBlock, 2 * j), codes);
+    for (int part = 0; part < Groups; ++part) {
+      __m512 even[Tile], odd[Tile];
+      for (int i = 0; i < Tile; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+      for (int64_t j = part * kQ8Pairs<Groups>; j < (part + 1) * kQ8Pairs<Groups>; ++j) {
+        const __m128i* p = reinterpret_cast<const __m128i*>(chunk + 32 * j);
+        const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
+        const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)));
+        const __m512bh codes = _mm512_cvtne2ps_pbh(second, first);
+        for (int i = 0; i < Tile; ++i) {
+          __m512& chain = (j % 2 == 0) ? even[i] : odd[i];
+          chain = _mm512_dpbf16_ps(chain, pair_of(x + i * K + b * kBlock, 2 * j), codes);
+        }
       }
+      const __m512 scale = widen_scales(d + (b * Groups + part) * kRows);
+      for (int i = 0; i < Tile; ++i) acc[i] = _mm512_fmadd_ps(_mm512_add_ps(even[i], odd[i]), scale, acc[i]);
     }
-    const __m512 scale = widen_scales(d + b * kRows);
-    for (int i = 0; i < Tile; ++i) acc[i] = _mm512_fmadd_ps(_mm512_add_ps(even[i], odd[i]), scale, acc[i]);
   }
   for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
 }
@@ -307,23 +316,25 @@ void q4_tile_avx2(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + i * kRows + 8 * h, acc[i][h]);
 }
 
-// One Q8_0 row tile against Tile activation rows.
-template <int Tile>
-void q8_tile_avx2(const int8_t* w, const at::Half* d, int64_t blocks, const float* x, int64_t K, float* out) {
+// One Q8 row tile against Tile activation rows, one scale per 32 / Groups weights.
+template <int Tile, int Groups, typename S>
+void q8_tile_avx2(const int8_t* w, const S* d, int64_t blocks, const float* x, int64_t K, float* out) {
   __m256 acc[Tile][2];
   for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    __m256 dot[Tile][2];
-    for (int i = 0; i < Tile; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_ps();
     const int8_t* chunk = w + b * kQ8TileBlockBytes;
-    for (int64_t j = 0; j < 16; ++j) {
-      __m256 wk[2][2];
-      widen_split<true>(split_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * j))), wk);
-      fma_pair<Tile>(wk, x + b * kBlock, K, 2 * j, dot);
-    }
-    for (int h = 0; h < 2; ++h) {
-      const __m256 scale = half_scales(d + b * kRows + 8 * h);
-      for (int i = 0; i < Tile; ++i) acc[i][h] = _mm256_fmadd_ps(dot[i][h], scale, acc[i][h]);
+    for (int part = 0; part < Groups; ++part) {
+      __m256 dot[Tile][2];
+      for (int i = 0; i < Tile; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_ps();
+      for (int64_t j = part * kQ8Pairs<Groups>; j < (part + 1) * kQ8Pairs<Groups>; ++j) {
+        __m256 wk[2][2];
+        widen_split<true>(split_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * j))), wk);
+        fma_pair<Tile>(wk, x + b * kBlock, K, 2 * j, dot);
+      }
+      for (int h = 0; h < 2; ++h) {
+        const __m256 scale = half_scales(d + (b * Groups + part) * kRows + 8 * h);
+        for (int i = 0; i < Tile; ++i) acc[i][h] = _mm256_fmadd_ps(dot[i][h], scale, acc[i][h]);
+      }
     }
   }
   for (int i = 0; i < Tile; ++i)
@@ -353,18 +364,21 @@ void q4_tile_scalar(const uint8_t* w, const S* d, const S* m, int64_t blocks, co
     }
 }
 
-void q8_tile_scalar(const int8_t* w, const at::Half* d, int64_t blocks, const uint16_t* x, int64_t K, int act_rows,
+template <int Groups, typename S>
+void q8_tile_scalar(const int8_t* w, const S* d, int64_t blocks, const uint16_t* x, int64_t K, int act_rows,
                     float* out) {
+  constexpr int64_t span = kBlock / Groups;
   for (int i = 0; i < act_rows; ++i)
     for (int64_t r = 0; r < kRows; ++r) {
       float acc = 0.0f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        float dot = 0.0f;
-        for (int64_t k = 0; k < kBlock; ++k)
-          dot += bf16_to_float(x[i * K + b * kBlock + k]) *
-                 static_cast<float>(w[b * kQ8TileBlockBytes + 32 * (k / 2) + 2 * r + k % 2]);
-        acc += dot * static_cast<float>(d[b * kRows + r]);
-      }
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int part = 0; part < Groups; ++part) {
+          float dot = 0.0f;
+          for (int64_t k = part * span; k < (part + 1) * span; ++k)
+            dot += bf16_to_float(x[i * K + b * kBlock + k]) *
+                   static_cast<float>(w[b * kQ8TileBlockBytes + 32 * (k / 2) + 2 * r + k % 2]);
+          acc += dot * static_cast<float>(d[(b * Groups + part) * kRows + r]);
+        }
       out[i * kRows + r] = acc;
     }
 }
@@ -379,16 +393,16 @@ struct Int8Rows {
   std::vector<int8_t> codes;
   std::vector<int16_t> wide;
   std::vector<float> scales, sums;
-  std::vector<int32_t> totals;  // per row and block Σ codes (the Q8 tile's vpdpbusd offset)
+  std::vector<int32_t> totals;  // per row, block and scale group (`groups` per block) Σ codes: vpdpbusd's offset
 };
 
-Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool with_wide) {
+Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool with_wide, int groups = 1) {
   Int8Rows q;
   const int64_t n = rows * blocks;
   q.codes.resize(n * kBlock);
   q.scales.resize(n);
   q.sums.resize(n);
-  q.totals.resize(n);
+  q.totals.assign(n * groups, 0);
   for (int64_t rb = 0; rb < n; ++rb) {
     const uint16_t* xb = x + rb * kBlock;
     float amax = 0.0f;
@@ -401,8 +415,8 @@ Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool wit
       const auto code = static_cast<int8_t>(std::nearbyint(v));
       q.codes[rb * kBlock + k] = code;
       total += code;
+      q.totals[rb * groups + k * groups / kBlock] += code;
     }
-    q.totals[rb] = total;
     q.scales[rb] = amax / 127.0f;
     q.sums[rb] = q.scales[rb] * static_cast<float>(total);
   }
@@ -416,8 +430,6 @@ constexpr bool kWideQ8 = true;
 #else
 constexpr bool kWideQ8 = false;
 #endif
-
-const at::Half* const kNoMinimums = nullptr;  // the Q8 tiles' blocks have no minimum term
 
 // The rows of one tile-block's result, in the same fp32 operations on every path: acc += float(Σ) · (d · dx), then
 // acc += m · (dx · Σ codes) for Q4.
@@ -504,30 +516,35 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
   for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
 }
 
-// One Q8_0 row tile against Tile rows of int8 activation codes, four products per lane as for Q4: the signed codes
+// One Q8 row tile against Tile rows of int8 activation codes, four products per lane as for Q4: the signed codes
 // flipped to unsigned ones 128 higher (c ^ 0x80 = c + 128), whose vpdpbusd sums exceed the true ones by exactly
 // 128 · Σ x over the block, subtracted before the block is scaled.
-template <int Tile>
-void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
+// Groups scales per block as in q8_tile; `totals` holds Σx per row, block and group.
+template <int Tile, int Groups, typename S>
+void q8_tile_int8(const int8_t* w, const S* d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
                   const int32_t* totals, float* out) {
   constexpr int Chains = kInt8Chains<Tile>;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[Tile];
   for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    __m512i chains[Chains][Tile];
-    for (auto& chain : chains)
-      for (int i = 0; i < Tile; ++i) chain[i] = _mm512_setzero_si512();
     const int8_t* chunk = w + b * kQ8TileBlockBytes;
-    for (int64_t j = 0; j < 16; j += 2) {
-      const __m512i codes = _mm512_xor_si512(quad_codes(chunk + 32 * j), flip);
-      const int chain = static_cast<int>((j / 2) % Chains);
+    for (int part = 0; part < Groups; ++part) {
+      __m512i chains[Chains][Tile];
+      for (auto& chain : chains)
+        for (int i = 0; i < Tile; ++i) chain[i] = _mm512_setzero_si512();
+      for (int64_t j = part * kQ8Pairs<Groups>; j < (part + 1) * kQ8Pairs<Groups>; j += 2) {
+        const __m512i codes = _mm512_xor_si512(quad_codes(chunk + 32 * j), flip);
+        const int chain = static_cast<int>((j / 2) % Chains);
+        for (int i = 0; i < Tile; ++i)
+          chains[chain][i] = add_quads(chains[chain][i], codes, xq + i * K + b * kBlock + 2 * j);
+      }
       for (int i = 0; i < Tile; ++i)
-        chains[chain][i] = add_quads(chains[chain][i], codes, xq + i * K + b * kBlock + 2 * j);
+        chains[0][i] = _mm512_sub_epi32(chains[0][i],
+                                        _mm512_set1_epi32(128 * totals[(i * blocks + b) * Groups + part]));
+      add_block16<Tile, Chains>(chains, d + (b * Groups + part) * kRows, static_cast<const S*>(nullptr), dx,
+                                nullptr, blocks, b, acc);
     }
-    for (int i = 0; i < Tile; ++i)
-      chains[0][i] = _mm512_sub_epi32(chains[0][i], _mm512_set1_epi32(128 * totals[i * blocks + b]));
-    add_block16<Tile, Chains>(chains, d + b * kRows, kNoMinimums, dx, nullptr, blocks, b, acc);
   }
   for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
 }
@@ -599,28 +616,31 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + i * kRows + 8 * h, acc[i][h]);
 }
 
-// One Q8_0 row tile against Tile rows of int8 activations (as int16). The signed codes widen to 16 bits, 8 rows per
+// One Q8 row tile against Tile rows of int8 activations (as int16). The signed codes widen to 16 bits, 8 rows per
 // half; vpmaddwd against the activation pair of their k gives each row's pair sum in 32-bit lane r.
-template <int Tile>
-void q8_tile_int8(const int8_t* w, const at::Half* d, int64_t blocks, const int16_t* xw, int64_t K, const float* dx,
+template <int Tile, int Groups, typename S>
+void q8_tile_int8(const int8_t* w, const S* d, int64_t blocks, const int16_t* xw, int64_t K, const float* dx,
                   float* out) {
   __m256 acc[Tile][2];
   for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    __m256i dot[Tile][2];
-    for (int i = 0; i < Tile; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
     const int8_t* chunk = w + b * kQ8TileBlockBytes;
-    for (int64_t j = 0; j < 16; ++j) {
-      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * j));
-      const __m256i rows_low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
-      const __m256i rows_high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
-      for (int i = 0; i < Tile; ++i) {
-        const __m256i xp = _mm256_set1_epi32(pair32(xw + i * K + b * kBlock + 2 * j));
-        dot[i][0] = _mm256_add_epi32(dot[i][0], _mm256_madd_epi16(rows_low, xp));
-        dot[i][1] = _mm256_add_epi32(dot[i][1], _mm256_madd_epi16(rows_high, xp));
+    for (int part = 0; part < Groups; ++part) {
+      __m256i dot[Tile][2];
+      for (int i = 0; i < Tile; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
+      for (int64_t j = part * kQ8Pairs<Groups>; j < (part + 1) * kQ8Pairs<Groups>; ++j) {
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * j));
+        const __m256i rows_low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
+        const __m256i rows_high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
+        for (int i = 0; i < Tile; ++i) {
+          const __m256i xp = _mm256_set1_epi32(pair32(xw + i * K + b * kBlock + 2 * j));
+          dot[i][0] = _mm256_add_epi32(dot[i][0], _mm256_madd_epi16(rows_low, xp));
+          dot[i][1] = _mm256_add_epi32(dot[i][1], _mm256_madd_epi16(rows_high, xp));
+        }
       }
+      add_block<Tile>(dot, d + (b * Groups + part) * kRows, static_cast<const S*>(nullptr), dx, nullptr, blocks, b,
+                      acc);
     }
-    add_block<Tile>(dot, d + b * kRows, kNoMinimums, dx, nullptr, blocks, b, acc);
   }
   for (int i = 0; i < Tile; ++i)
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + i * kRows + 8 * h, acc[i][h]);
@@ -649,17 +669,20 @@ void q4_tile_int8_scalar(const uint8_t* w, const S* d, const S* m, int64_t block
     }
 }
 
-void q8_tile_int8_scalar(const int8_t* w, const at::Half* d, int64_t blocks, const int8_t* xq, int64_t K,
+template <int Groups, typename S>
+void q8_tile_int8_scalar(const int8_t* w, const S* d, int64_t blocks, const int8_t* xq, int64_t K,
                          const float* dx, int act_rows, float* out) {
+  constexpr int64_t span = kBlock / Groups;
   for (int i = 0; i < act_rows; ++i)
     for (int64_t r = 0; r < kRows; ++r) {
       float acc = 0.0f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        int32_t dot = 0;
-        for (int64_t k = 0; k < kBlock; ++k)
-          dot += w[b * kQ8TileBlockBytes + 32 * (k / 2) + 2 * r + k % 2] * xq[i * K + b * kBlock + k];
-        acc = block_term(acc, dot, static_cast<float>(d[b * kRows + r]), dx[i * blocks + b]);
-      }
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int part = 0; part < Groups; ++part) {
+          int32_t dot = 0;
+          for (int64_t k = part * span; k < (part + 1) * span; ++k)
+            dot += w[b * kQ8TileBlockBytes + 32 * (k / 2) + 2 * r + k % 2] * xq[i * K + b * kBlock + k];
+          acc = block_term(acc, dot, static_cast<float>(d[(b * Groups + part) * kRows + r]), dx[i * blocks + b]);
+        }
       out[i * kRows + r] = acc;
     }
 }
@@ -829,60 +852,82 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
                          int8_activations);
 }
 
-at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, int64_t N,
-                     bool fp32_output, bool int8_activations) {
-  RECORD_FUNCTION("tokenmill::q8_matmul", std::vector<c10::IValue>());
-  const int64_t tiles = packed.size(0), blocks = d.size(1), K = blocks * kBlock;
-  check_codes(packed, at::kChar, kQ8TileBlockBytes, blocks, N, "Q8_0 codes");
-  check_scales(d, tiles, blocks, "Q8_0 scales");
-  const at::Tensor x = x_in.contiguous();
+namespace {
+
+// q8_matmul for one scale per block (Groups 1: Q8_0, Q5_0, f16) or per 16 weights (Groups 2: Q6_K, fp32).
+template <int Groups, typename S>
+at::Tensor q8_matmul_typed(const at::Tensor& x, const int8_t* w, const S* ds, int64_t N, int64_t tiles,
+                           int64_t blocks, bool fp32_output, bool int8_activations) {
+  const int64_t K = blocks * kBlock;
   const uint16_t* xs = activations(x, K);
-  const int8_t* w = packed.data_ptr<int8_t>();
-  const at::Half* ds = d.data_ptr<at::Half>();
   if (int8_activations) {
-    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, kWideQ8);
+    const Int8Rows q = quantize_rows(xs, x.size(0), blocks, kWideQ8, Groups);
     return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
       const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
-      const at::Half* dt = ds + t * blocks * kRows;
+      const S* dt = ds + t * blocks * Groups * kRows;
       const float* dx = q.scales.data() + i0 * blocks;
 #if defined(TOKENMILL_GGUF_INT8_AVX512)
       with_tile(act_rows, [&](auto tile) {
-        q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.codes.data() + i0 * K, K, dx,
-                                            q.totals.data() + i0 * blocks, out);
+        q8_tile_int8<decltype(tile)::value, Groups>(wt, dt, blocks, q.codes.data() + i0 * K, K, dx,
+                                                    q.totals.data() + i0 * blocks * Groups, out);
       });
 #elif defined(TOKENMILL_GGUF_INT8_AVX2)
       in_row_groups(act_rows, [&](auto tile, int i) {
-        q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.wide.data() + (i0 + i) * K, K, dx + i * blocks,
-                                            out + i * kRows);
+        q8_tile_int8<decltype(tile)::value, Groups>(wt, dt, blocks, q.wide.data() + (i0 + i) * K, K, dx + i * blocks,
+                                                    out + i * kRows);
       });
 #elif defined(TOKENMILL_GGUF_INT8_NEON)
       in_row_groups(act_rows, [&](auto tile, int i) {
-        gguf::neon::q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.codes.data() + (i0 + i) * K, K,
-                                                        dx + i * blocks, out + i * kRows);
+        gguf::neon::q8_tile_int8<decltype(tile)::value, Groups>(wt, dt, blocks, q.codes.data() + (i0 + i) * K, K,
+                                                                dx + i * blocks, out + i * kRows);
       });
 #else
-      q8_tile_int8_scalar(wt, dt, blocks, q.codes.data() + i0 * K, K, dx, act_rows, out);
+      q8_tile_int8_scalar<Groups>(wt, dt, blocks, q.codes.data() + i0 * K, K, dx, act_rows, out);
 #endif
     });
   }
   const std::vector<float> xf = widened(xs, x.numel());
   return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
     const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
-    const at::Half* dt = ds + t * blocks * kRows;
+    const S* dt = ds + t * blocks * Groups * kRows;
 #if defined(TOKENMILL_GGUF_AVX512BF16)
-    with_tile(act_rows, [&](auto tile) { q8_tile<decltype(tile)::value>(wt, dt, blocks, xs + i0 * K, K, out); });
+    with_tile(act_rows, [&](auto tile) {
+      q8_tile<decltype(tile)::value, Groups>(wt, dt, blocks, xs + i0 * K, K, out);
+    });
 #elif defined(TOKENMILL_GGUF_AVX2)
     in_row_groups(act_rows, [&](auto tile, int i) {
-      q8_tile_avx2<decltype(tile)::value>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows);
+      q8_tile_avx2<decltype(tile)::value, Groups>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows);
     });
 #elif defined(TOKENMILL_GGUF_NEON)
     in_row_groups(act_rows, [&](auto tile, int i) {
-      gguf::neon::q8_tile<decltype(tile)::value>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows);
+      gguf::neon::q8_tile<decltype(tile)::value, Groups>(wt, dt, blocks, xf.data() + (i0 + i) * K, K,
+                                                         out + i * kRows);
     });
 #else
-    q8_tile_scalar(wt, dt, blocks, xs + i0 * K, K, act_rows, out);
+    q8_tile_scalar<Groups>(wt, dt, blocks, xs + i0 * K, K, act_rows, out);
 #endif
   });
+}
+
+}  // namespace
+
+at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, int64_t N,
+                     bool fp32_output, bool int8_activations) {
+  RECORD_FUNCTION("tokenmill::q8_matmul", std::vector<c10::IValue>());
+  TM_CHECK(packed.dim() == 2 && packed.size(1) % kQ8TileBlockBytes == 0,
+           "Q8 codes must be [ceil(N / 16), blocks * ", kQ8TileBlockBytes, "]");
+  const int64_t tiles = packed.size(0), blocks = packed.size(1) / kQ8TileBlockBytes;
+  check_codes(packed, at::kChar, kQ8TileBlockBytes, blocks, N, "Q8 codes");
+  // One f16 scale per 32 weights (Q8_0, Q5_0: the file's values), or one fp32 scale per 16 (Q6_K: d · sc, exact
+  // in fp32 only).
+  const bool per16 = d.dim() == 3 && d.size(1) == 2 * blocks;
+  check_scales(d, tiles, per16 ? 2 * blocks : blocks, "Q8 scales", per16);
+  TM_CHECK(!per16 || d.scalar_type() == at::kFloat, "Q8 scales per 16 weights must be float32");
+  const at::Tensor x = x_in.contiguous();
+  const int8_t* w = packed.data_ptr<int8_t>();
+  if (per16)
+    return q8_matmul_typed<2>(x, w, d.data_ptr<float>(), N, tiles, blocks, fp32_output, int8_activations);
+  return q8_matmul_typed<1>(x, w, d.data_ptr<at::Half>(), N, tiles, blocks, fp32_output, int8_activations);
 }
 
 }  // namespace tokenmill

@@ -111,26 +111,29 @@ void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const flo
   store_tile<Tile>(acc, out);
 }
 
-// One Q8_0 row tile against Tile activation rows.
-template <int Tile, typename S>
+// One Q8 row tile against Tile activation rows: one scale per 32 / Groups weights (Groups 2: Q6_K's 16).
+template <int Tile, int Groups, typename S>
 void q8_tile(const int8_t* w, const S* d, int64_t blocks, const float* x, int64_t K, float* out) {
+  constexpr int64_t kPairs = 16 / Groups;  // k-pairs (chunks) under one scale
   float32x4_t acc[Tile][4];
   fill<Tile>(acc, vdupq_n_f32(0.0f));
   for (int64_t b = 0; b < blocks; ++b) {
-    float32x4_t dot[Tile][4];
-    fill<Tile>(dot, vdupq_n_f32(0.0f));
     const int8_t* chunk = w + b * kQ8TileBlockBytes;
-    for (int64_t j = 0; j < 16; ++j) {
-      const int8x16x2_t halves = vld2q_s8(chunk + 32 * j);
-      for (int e = 0; e < 2; ++e) {
-        float32x4_t codes[4];
-        widen(halves.val[e], codes);
-        fma_codes<Tile>(codes, x + b * kBlock, K, 2 * j + e, dot);
+    for (int part = 0; part < Groups; ++part) {
+      float32x4_t dot[Tile][4];
+      fill<Tile>(dot, vdupq_n_f32(0.0f));
+      for (int64_t j = part * kPairs; j < (part + 1) * kPairs; ++j) {
+        const int8x16x2_t halves = vld2q_s8(chunk + 32 * j);
+        for (int e = 0; e < 2; ++e) {
+          float32x4_t codes[4];
+          widen(halves.val[e], codes);
+          fma_codes<Tile>(codes, x + b * kBlock, K, 2 * j + e, dot);
+        }
       }
-    }
-    for (int g = 0; g < 4; ++g) {
-      const float32x4_t scale = scales4(d + b * kRows + 4 * g);
-      for (int i = 0; i < Tile; ++i) acc[i][g] = vfmaq_f32(acc[i][g], dot[i][g], scale);
+      for (int g = 0; g < 4; ++g) {
+        const float32x4_t scale = scales4(d + (b * Groups + part) * kRows + 4 * g);
+        for (int i = 0; i < Tile; ++i) acc[i][g] = vfmaq_f32(acc[i][g], dot[i][g], scale);
+      }
     }
   }
   store_tile<Tile>(acc, out);
@@ -201,24 +204,27 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
   store_tile<Tile>(acc, out);
 }
 
-// One Q8_0 row tile against Tile rows of int8 activations.
-template <int Tile, typename S>
+// One Q8 row tile against Tile rows of int8 activations, one scale per 32 / Groups weights.
+template <int Tile, int Groups, typename S>
 void q8_tile_int8(const int8_t* w, const S* d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
                   float* out) {
+  constexpr int64_t kQuads = 8 / Groups;  // chunk pairs under one scale
   float32x4_t acc[Tile][4];
   fill<Tile>(acc, vdupq_n_f32(0.0f));
   for (int64_t b = 0; b < blocks; ++b) {
-    int32x4_t dot[Tile][4];
-    fill<Tile>(dot, vdupq_n_s32(0));
-    for (int64_t q = 0; q < 8; ++q) {
-      uint8x16_t quads[4];
-      zip_quads(reinterpret_cast<const uint8_t*>(w + b * kQ8TileBlockBytes + 64 * q), quads);
-      for (int i = 0; i < Tile; ++i) {
-        const int8x16_t xq4 = quad_of(xq + i * K + b * kBlock + 4 * q);
-        for (int g = 0; g < 4; ++g) dot[i][g] = vdotq_s32(dot[i][g], vreinterpretq_s8_u8(quads[g]), xq4);
+    for (int part = 0; part < Groups; ++part) {
+      int32x4_t dot[Tile][4];
+      fill<Tile>(dot, vdupq_n_s32(0));
+      for (int64_t q = part * kQuads; q < (part + 1) * kQuads; ++q) {
+        uint8x16_t quads[4];
+        zip_quads(reinterpret_cast<const uint8_t*>(w + b * kQ8TileBlockBytes + 64 * q), quads);
+        for (int i = 0; i < Tile; ++i) {
+          const int8x16_t xq4 = quad_of(xq + i * K + b * kBlock + 4 * q);
+          for (int g = 0; g < 4; ++g) dot[i][g] = vdotq_s32(dot[i][g], vreinterpretq_s8_u8(quads[g]), xq4);
+        }
       }
+      add_block<Tile, S>(dot, d + (b * Groups + part) * kRows, nullptr, dx, nullptr, blocks, b, acc);
     }
-    add_block<Tile, S>(dot, d + b * kRows, nullptr, dx, nullptr, blocks, b, acc);
   }
   store_tile<Tile>(acc, out);
 }

@@ -267,27 +267,32 @@ class GgufQ4Linear(_GgufBlockLinear):
 
 
 class GgufQ8Linear(_GgufBlockLinear):
-    """The file's 8-bit blocks of 32 (Q8_0, Q5_0 as q - 16): W[n, 32b + j] = d[n, b] · q[n, 32b + j] with d the
-    stored f16 value; stored in row tiles of 16 like `GgufQ4Linear`, each k-pair's 16 rows side by side."""
+    """The file's 8-bit codes (Q8_0; Q5_0 as q - 16; Q6_K as q - 32): W[n, k] = d[n, g] · q[n, k] with one scale per
+    group g of 32 weights (f16, the stored value: Q8_0, Q5_0) or of 16 (fp32: Q6_K's d · sc, exact only there);
+    stored in row tiles of 16 like `GgufQ4Linear`, each k-pair's 16 rows side by side."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
         _check_blocks(self.in_features)
+        if scales.shape[1] not in (self.in_features // 32, self.in_features // 16):
+            raise ValueError(f"Q8 scales {tuple(scales.shape)} are neither per 32 nor per 16 of {self.in_features} "
+                             "inputs")
         tiles = _row_tiles(codes.to(torch.int8)).reshape(-1, TILE_ROWS, self.in_features // 32, 16, 2)
         packed = tiles.permute(0, 2, 3, 1, 4)  # [tiles, blocks, pair j, row, element e]
         self.register_buffer("packed", packed.reshape(packed.shape[0], -1).contiguous())
-        self.register_buffer("scales", _tiled_scales(scales, "scales"))
+        per16 = scales.shape[1] == self.in_features // 16
+        self.register_buffer("scales", _tiled_scales(scales, "scales", torch.float32 if per16 else torch.float16))
         self.register_buffer("bias", bias)
 
     def dequantized(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Rows `ids` (all by default) of the file's weights in fp32."""
         ids = torch.arange(self.out_features) if ids is None else ids
-        blocks = self.in_features // 32
+        blocks, groups = self.in_features // 32, self.scales.shape[1]
         tiles = self.packed.reshape(-1, blocks, 16, TILE_ROWS, 2)
-        codes = tiles[ids // TILE_ROWS, :, :, ids % TILE_ROWS, :].reshape(-1, blocks, 32).float()
+        codes = tiles[ids // TILE_ROWS, :, :, ids % TILE_ROWS, :].reshape(-1, groups, self.in_features // groups)
         scales = self.scales[ids // TILE_ROWS, :, ids % TILE_ROWS].float()
-        return (codes * scales[..., None]).reshape(-1, self.in_features)
+        return (codes.float() * scales[..., None]).reshape(-1, self.in_features)
 
     def _kernel(self, kernels: Any, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
         return kernels.q8_matmul(x, self.packed, self.scales, self.out_features, fp32_output, self.int8_activations)
