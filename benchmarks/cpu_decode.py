@@ -205,7 +205,7 @@ def measure_llama_cpp(model_path: Path, prompts: dict[str, list[list[int]]], arg
     started = time.perf_counter()
     llm = Llama(model_path=str(model_path), n_ctx=2048, n_batch=512, n_threads=args.threads,
                 n_threads_batch=args.threads, verbose=False)
-    result = Result("llama.cpp (Q4_1/Q8_0 file)", file_bytes, startup_s=time.perf_counter() - started)
+    result = Result("llama.cpp (the same file)", file_bytes, startup_s=time.perf_counter() - started)
 
     def generate(prompt: list[int], count: int) -> list[float]:
         times = []

@@ -1,6 +1,8 @@
 """The GGUF block matmuls (`q4_matmul`, `q8_matmul`, tokenmill/kernels/gguf_matmul.cpp) A/B across the ISA levels
 this CPU can run and both activation modes (bf16, int8), on the default model's layer shapes (SmolLM2-135M: Q4_1
-layers, the Q8_0 LM head) at the row counts of decode, batched decode and prefill.
+layers, the Q8_0 LM head) and Qwen2.5-Coder-1.5B's `ffn_down` as Q6_K (codes q - 32, the file's d and sc) and as
+the 8-bit blocks of 32 a requantization gives (`qwen15_down_q6k`, `qwen15_down_q8`), at the row counts of
+decode, batched decode and prefill.
 
 Each level is its own build of the kernels (`TOKENMILL_CPU_ISA` picks one for the engine; here all are loaded side by
 side), so the same process times, for example, the int8 tiles on AVX-512 VNNI against the AVX2 ones. Weights are
@@ -30,9 +32,10 @@ from tokenmill.bench.report import write_json  # noqa: E402
 from tokenmill.kernels import cpu_kernels, isa  # noqa: E402
 from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear  # noqa: E402
 
-# (format, out_features, in_features) of SmolLM2-135M's Q4_1 file: attention and MLP in Q4_1, the tied LM head Q8_0.
+# (format, out_features, in_features) of SmolLM2-135M's Q4_1 file: attention and MLP in Q4_1, the tied LM head Q8_0;
+# and the 1.5B's Q6_K down projection, as stored and requantized.
 SHAPES = {"qkv": ("q4", 960, 576), "o": ("q4", 576, 576), "gate_up": ("q4", 3072, 576), "down": ("q4", 576, 1536),
-          "lm_head": ("q8", 49152, 576)}
+          "lm_head": ("q8", 49152, 576), "qwen15_down_q6k": ("q6", 1536, 8960), "qwen15_down_q8": ("q8", 1536, 8960)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", default=",".join(levels), help="ISA levels to compare (default: all but scalar)")
     p.add_argument("--modes", default="bf16,int8", help="activation modes: bf16, int8")
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"layers among {', '.join(SHAPES)}")
+    p.add_argument("--shapes", default="qkv,o,gate_up,down,lm_head", help=f"layers among {', '.join(SHAPES)}")
     p.add_argument("--rows", default="1,4,16,64", help="activation rows per matmul")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--span-mb", type=float, default=128.0, help="weight copies per shape span this many MB")
@@ -55,6 +58,10 @@ def random_layer(fmt: str, n: int, k: int, gen: torch.Generator) -> GgufQ4Linear
         return GgufQ4Linear(torch.randint(0, 16, (n, k), generator=gen),
                             (torch.rand(blocks, generator=gen) * 0.01).half().float(),
                             (-torch.rand(blocks, generator=gen) * 0.08).half().float())
+    if fmt == "q6":
+        return GgufQ8Linear(torch.randint(-32, 32, (n, k), generator=gen),
+                            (torch.rand((n, k // 256), generator=gen) * 1e-3).half(),
+                            sub_scales=torch.randint(-128, 128, (n, k // 16), generator=gen, dtype=torch.int8))
     return GgufQ8Linear(torch.randint(-128, 128, (n, k), generator=gen),
                         (torch.rand(blocks, generator=gen) * 0.01).half())
 

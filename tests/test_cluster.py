@@ -104,13 +104,20 @@ def test_openai_sdk_works_unchanged(two_replicas) -> None:
 
 
 def test_requests_spread_over_replicas_and_nodes(two_replicas) -> None:
-    prompts = [f"Story number {i}: once upon a time a {word} lived" for i, word in
-               enumerate(["fox", "baker", "river", "sailor"])]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        replies = list(pool.map(lambda p: complete(two_replicas, p, 24), prompts))
-    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
-    assert len({r.headers["x-tokenmill-replica"] for r in replies}) == 2
-    assert len({r.headers["x-tokenmill-node"] for r in replies}) == 2
+    """Four requests at once, up to three rounds: Serve's queue-length cache, which the least-loaded choice reads, can
+    lag a burst that arrives before any of it is sent, so one round alone may land on one replica."""
+    replicas, nodes = set(), set()
+    for round_ in range(3):
+        prompts = [f"Story number {i}: once upon a time a {word} lived (round {round_})" for i, word in
+                   enumerate(["fox", "baker", "river", "sailor"])]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda p: complete(two_replicas, p, 24), prompts))
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+        replicas |= {r.headers["x-tokenmill-replica"] for r in replies}
+        nodes |= {r.headers["x-tokenmill-node"] for r in replies}
+        if len(replicas) == 2 and len(nodes) == 2:
+            break
+    assert len(replicas) == 2 and len(nodes) == 2, (replicas, nodes)
 
 
 def test_cluster_metrics_label_every_replica(two_replicas) -> None:

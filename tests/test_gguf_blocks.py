@@ -13,7 +13,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.attention.fused_cpu import FusedCPUBackend
 from tokenmill.bench.qwen_pair import CACHE, DRAFT
 from tokenmill.kernels import cpu_kernels, isa
-from tokenmill.model.gguf_blocks import gguf_q4_codes, gguf_q8_codes, q8_requantize, same_q8_scales
+from tokenmill.model.gguf_blocks import gguf_q4_codes, gguf_q6k_codes, gguf_q8_codes, q8_requantize
 from tokenmill.model.gguf_file import GGUFFile
 from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear, Int8Linear, int8_blocks
 from tokenmill.model.loader import load_model, unpermute_rope_rows
@@ -35,35 +35,25 @@ def q4_k_layer(rows: int = 40, cols: int = 512, seed: int = 3) -> tuple[GgufQ4Li
 def q6_k_layer(rows: int = 40, cols: int = 512, seed: int = 5) -> tuple[GgufQ8Linear, torch.Tensor]:
     """A Q6_K layer of random blocks and the gguf package's dequantization of the same bytes."""
     raw = random_k_quant("Q6_K", (rows, cols), np.random.default_rng(seed))
-    return GgufQ8Linear(*gguf_q8_codes(raw, "Q6_K", (rows, cols))), dequantized_by_gguf(raw, "Q6_K", (rows, cols))
+    codes, d, sc = gguf_q6k_codes(raw, "Q6_K", (rows, cols))
+    return GgufQ8Linear(codes, d, sub_scales=sc), dequantized_by_gguf(raw, "Q6_K", (rows, cols))
 
 
-def test_q6_k_codes_and_per_16_scales_reproduce_the_gguf_packages_dequantization_exactly() -> None:
+def test_q6_k_codes_d_and_sc_reproduce_the_gguf_packages_dequantization_exactly() -> None:
     rows, cols = 24, 512
     raw = random_k_quant("Q6_K", (rows, cols), np.random.default_rng(6))
-    codes, scales = gguf_q8_codes(raw, "Q6_K", (rows, cols))
+    codes, d, sc = gguf_q6k_codes(raw, "Q6_K", (rows, cols))
     assert codes.dtype == torch.int8 and int(codes.min()) == -32 and int(codes.max()) == 31
-    assert scales.dtype == torch.float32 and scales.shape == (rows, cols // 16)
-    rebuilt = codes.reshape(rows, -1, 16).float() * scales[..., None]
+    assert d.dtype == torch.float16 and d.shape == (rows, 2) and sc.dtype == torch.int8 and sc.shape == (rows, 32)
+    per16 = d.float().repeat_interleave(16, dim=1) * sc.float()
+    assert not torch.equal(per16.half().float(), per16)  # d · sc: exact in fp32, not in f16
+    rebuilt = codes.reshape(rows, -1, 16).float() * per16[..., None]
     assert torch.equal(rebuilt.reshape(rows, cols), dequantized_by_gguf(raw, "Q6_K", (rows, cols)))
-    assert not torch.equal(scales.half().float(), scales)  # d · sc: not f16 values, hence fp32
     layer, want = q6_k_layer()
-    assert layer.scales.dtype == torch.float32 and layer.scales.shape == (3, 512 // 16, 16)
+    # Per tile of 16 rows and super-block of 256 weights: 16 f16 d, then 16 sub-blocks × 16 rows of int8 sc.
+    assert layer.scales.dtype == torch.uint8 and layer.scales.shape == (3, 2, 2 * 16 + 16 * 16)
     assert torch.equal(layer.dequantized(), want)
     assert torch.equal(layer.dequantized(torch.tensor([39, 2])), want[[39, 2]])
-
-
-def test_a_stack_with_q6_k_rows_keeps_every_rows_scales_per_16_weights() -> None:
-    data = np.random.default_rng(7).standard_normal((16, 512)).astype(np.float32)
-    q8 = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-    q6 = random_k_quant("Q6_K", (8, 512), np.random.default_rng(8))
-    parts = same_q8_scales([gguf_q8_codes(q8, "Q8_0", (16, 512)), gguf_q8_codes(q6, "Q6_K", (8, 512))])
-    assert [scales.dtype for _, scales in parts] == [torch.float32, torch.float32]
-    layer = GgufQ8Linear(torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts]))
-    want = torch.cat([dequantized_by_gguf(q8, "Q8_0", (16, 512)), dequantized_by_gguf(q6, "Q6_K", (8, 512))])
-    assert torch.equal(layer.dequantized(), want)
-    alone = [gguf_q8_codes(q8, "Q8_0", (16, 512))]
-    assert same_q8_scales(alone)[0][1].dtype == torch.float16  # no Q6_K: the file's f16 scales as they are
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -93,16 +83,17 @@ def test_q6_k_int8_matmuls_are_bitwise_equal_on_every_level() -> None:
     assert all(torch.equal(results[0], other) for other in results[1:])
 
 
-def test_the_q8_kernel_takes_f16_scales_per_32_or_fp32_per_16_only() -> None:
+def test_the_q8_kernel_checks_its_scale_layouts() -> None:
     layer, _ = q6_k_layer()
     x = torch.zeros(1, layer.in_features, dtype=torch.bfloat16)
     module = cpu_kernels().module
-    with pytest.raises(RuntimeError, match="per 16 weights must be float32"):
-        module.q8_matmul(x, layer.packed, layer.scales.half(), layer.out_features, True)
-    with pytest.raises(RuntimeError, match="Q8 scales"):
-        module.q8_matmul(x, layer.packed, layer.scales[:, ::2].float().contiguous(), layer.out_features, True)
-    with pytest.raises(ValueError, match="neither per 32 nor per 16"):
-        GgufQ8Linear(torch.zeros(16, 512, dtype=torch.int8), torch.ones(16, 8))
+    with pytest.raises(RuntimeError, match="Q6_K scales must be"):
+        module.q8_matmul(x, layer.packed, layer.scales[:, :1].contiguous(), layer.out_features, True)
+    with pytest.raises(RuntimeError, match="Q8 scales must be contiguous float16"):
+        module.q8_matmul(x, layer.packed, torch.ones(3, 16, 16), layer.out_features, True)
+    with pytest.raises(ValueError, match="do not fit"):
+        GgufQ8Linear(torch.zeros(16, 512, dtype=torch.int8), torch.ones(16, 2).half(),
+                     sub_scales=torch.ones(16, 16, dtype=torch.int8))
 
 
 def test_q4_k_and_q5_0_codes_reproduce_the_gguf_packages_dequantization_exactly() -> None:
@@ -162,10 +153,10 @@ def test_the_kernel_rejects_mismatched_scale_dtypes() -> None:
                                        layer.scales, layer.minimums.half(), layer.out_features)
 
 
-# A tiny llama whose stacks mix types the way Q4_K_M files do: qkv of Q4_K and Q6_K (Qwen2.5-Coder-1.5B's: two
-# families, no tile, the int8 fallback) and of Q5_0 and Q6_K, gate_up of Q4_K and Q4_1, Q4_K o, Q4_K and Q6_K down.
+# A tiny llama whose stacks mix types the way Q4_K_M files do: qkv of Q4_K and Q6_K (Qwen2.5-Coder-1.5B's: no tile,
+# the int8 fallback) and of Q5_0 and Q8_0, gate_up of Q4_K and Q4_1, Q4_K o, Q4_K and Q6_K down.
 MIXED = {"blk.0.attn_q.weight": "Q4_K", "blk.0.attn_k.weight": "Q4_K", "blk.0.attn_v.weight": "Q6_K",
-         "blk.1.attn_q.weight": "Q5_0", "blk.1.attn_k.weight": "Q5_0", "blk.1.attn_v.weight": "Q6_K",
+         "blk.1.attn_q.weight": "Q5_0", "blk.1.attn_k.weight": "Q5_0", "blk.1.attn_v.weight": "Q8_0",
          "blk.0.ffn_gate.weight": "Q4_K", "blk.0.ffn_up.weight": "Q4_1", "blk.1.ffn_gate.weight": "Q4_K",
          "blk.1.ffn_up.weight": "Q4_K", "blk.0.attn_output.weight": "Q4_K", "blk.1.attn_output.weight": "Q4_K",
          "blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q6_K"}
@@ -184,14 +175,12 @@ def test_mixed_k_quant_stacks_load_as_the_files_exact_blocks(mixed_model_path) -
     assert [type(layer.gate_up) for layer in layers] == [GgufQ4Linear, GgufQ4Linear]
     assert [type(layer.down) for layer in layers] == [GgufQ4Linear, GgufQ8Linear]
     assert layers[0].gate_up.scales.dtype == torch.float32  # Q4_K rows beside Q4_1 ones: fp32 for all
-    assert layers[1].qkv.scales.dtype == torch.float32  # Q5_0 rows beside Q6_K ones: fp32 per 16 for all
+    assert layers[1].qkv.scales.dtype == torch.float16 and layers[1].down.scales.dtype == torch.uint8  # Q6_K's d, sc
     gguf_file = GGUFFile(mixed_model_path)
     gate_up = torch.cat([gguf_file.tensor(f"blk.0.ffn_{n}.weight") for n in ("gate", "up")])
     assert torch.equal(layers[0].gate_up.dequantized(), gate_up)
     assert torch.equal(layers[0].o.dequantized(), gguf_file.tensor("blk.0.attn_output.weight"))
     assert torch.equal(layers[1].down.dequantized(), gguf_file.tensor("blk.1.ffn_down.weight"))
-    v = layers[1].qkv.dequantized()[-gguf_file.tensor("blk.1.attn_v.weight").shape[0]:]
-    assert torch.equal(v, gguf_file.tensor("blk.1.attn_v.weight"))
     # With int8 activations the stack of two families, which has no tile, is requantized into 8-bit blocks of 32 for
     # the 8-bit tiles, each weight within half its block's step
     qkv = load_model(gguf_file, torch.bfloat16, torch.device("cpu"), weight_format="gguf",

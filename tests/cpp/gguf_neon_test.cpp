@@ -47,6 +47,42 @@ std::vector<S> scales(int64_t blocks, float lo, float hi) {
   return s;
 }
 
+// A tile's Q8 scales: one f16 per block, or Q6_K's f16 d per super-block and int8 sc per 16 weights in the layout of
+// gguf_layout.h; scale(b, part, r) is the value the tiles must use (d · sc for Q6_K, exact in float).
+struct Q8Scales {
+  std::vector<__fp16> d;
+  std::vector<uint8_t> q6k;
+  bool is_q6k = false;
+
+  float scale(int64_t b, int part, int64_t r) const {
+    if (!is_q6k) return float(d[b * kRows + r]);
+    const uint8_t* super = q6k.data() + (b / kQ6KBlocks) * kQ6KScaleBytes;
+    __fp16 dd;
+    std::memcpy(&dd, super + 2 * r, 2);
+    const auto sc = static_cast<int8_t>(super[2 * kRows + ((b % kQ6KBlocks) * 2 + part) * kRows + r]);
+    return float(dd) * float(sc);
+  }
+};
+
+Q8Scales q8_scales(int64_t blocks, bool q6k) {
+  Q8Scales s;
+  s.is_q6k = q6k;
+  if (!q6k) {
+    s.d = scales<__fp16>(blocks, 0.001f, 0.05f);
+    return s;
+  }
+  s.q6k.resize(blocks / kQ6KBlocks * kQ6KScaleBytes);
+  for (int64_t super = 0; super < blocks / kQ6KBlocks; ++super) {
+    uint8_t* p = s.q6k.data() + super * kQ6KScaleBytes;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const __fp16 d = static_cast<__fp16>(uniform(0.0001f, 0.0004f));
+      std::memcpy(p + 2 * r, &d, 2);
+    }
+    for (int64_t j = 2 * kRows; j < kQ6KScaleBytes; ++j) p[j] = static_cast<uint8_t>(rng());
+  }
+  return s;
+}
+
 void expect_close(const char* what, int tile, int64_t blocks, const float* out, const std::vector<double>& ref,
                   const std::vector<double>& magnitude) {
   for (size_t j = 0; j < ref.size(); ++j)
@@ -100,13 +136,14 @@ void exact_q4(int64_t blocks) {
   expect_close(sizeof(S) == 4 ? "q4_tile (fp32 scales)" : "q4_tile", Tile, blocks, out, ref, magnitude);
 }
 
-// Groups scales per block of 32 (2: Q6_K's per-16 fp32 scales), scale g of a block for its k in [32g / Groups, ...).
-template <int Tile, int Groups, typename S>
+// Q6K: two scales per block of 32 (Q6_K's sub-blocks of 16), part g of a block for its k in [16g, 16g + 16).
+template <int Tile, bool Q6K>
 void exact_q8(int64_t blocks) {
+  constexpr int Groups = Q6K ? 2 : 1;
   const int64_t K = blocks * kBlock, span = kBlock / Groups;
   std::vector<int8_t> w(blocks * kQ8TileBlockBytes);
   for (auto& v : w) v = static_cast<int8_t>(rng());
-  const auto d = scales<S>(blocks * Groups, 0.001f, 0.05f);
+  const Q8Scales d = q8_scales(blocks, Q6K);
   std::vector<float> x(Tile * K);
   for (auto& v : x) v = uniform(-2.0f, 2.0f);
   std::vector<double> ref(Tile * kRows), magnitude(Tile * kRows);
@@ -118,12 +155,16 @@ void exact_q8(int64_t blocks) {
           dot += double(x[i * K + k]) * q8_code(w, r, k);
           absdot += std::fabs(double(x[i * K + k]) * q8_code(w, r, k));
         }
-        ref[i * kRows + r] += double(float(d[g * kRows + r])) * dot;
-        magnitude[i * kRows + r] += double(float(d[g * kRows + r])) * absdot;
+        const double scale = d.scale(g / Groups, static_cast<int>(g % Groups), r);
+        ref[i * kRows + r] += scale * dot;
+        magnitude[i * kRows + r] += std::fabs(scale) * absdot;
       }
   float out[Tile * kRows];
-  neon::q8_tile<Tile, Groups>(w.data(), d.data(), blocks, x.data(), K, out);
-  expect_close(Groups == 2 ? "q8_tile (per-16 scales)" : "q8_tile", Tile, blocks, out, ref, magnitude);
+  if constexpr (Q6K)
+    neon::q8_tile<Tile>(w.data(), Q6KTileScales{d.q6k.data()}, blocks, x.data(), K, out);
+  else
+    neon::q8_tile<Tile>(w.data(), d.d.data(), blocks, x.data(), K, out);
+  expect_close(Q6K ? "q8_tile (Q6_K scales)" : "q8_tile", Tile, blocks, out, ref, magnitude);
 }
 
 #if defined(TOKENMILL_GGUF_INT8_NEON)
@@ -170,13 +211,14 @@ void int8_q4(int64_t blocks) {
   expect_bits("q4_tile_int8", Tile, blocks, out, ref);
 }
 
-template <int Tile, int Groups, typename S>
+template <int Tile, bool Q6K>
 void int8_q8(int64_t blocks) {
+  constexpr int Groups = Q6K ? 2 : 1;
   const int64_t K = blocks * kBlock, span = kBlock / Groups;
   std::vector<int8_t> w(blocks * kQ8TileBlockBytes);
   for (auto& v : w) v = static_cast<int8_t>(rng());
   w[0] = -128;  // the extreme code: Q8_0 files hold -127..127, SDOT takes -128 too
-  const auto d = scales<S>(blocks * Groups, 0.001f, 0.05f);
+  const Q8Scales d = q8_scales(blocks, Q6K);
   const Int8Acts a = int8_acts(Tile, blocks);
   std::vector<float> ref(Tile * kRows);
   for (int i = 0; i < Tile; ++i)
@@ -185,13 +227,17 @@ void int8_q8(int64_t blocks) {
       for (int64_t g = 0; g < blocks * Groups; ++g) {
         int32_t dot = 0;
         for (int64_t k = g * span; k < (g + 1) * span; ++k) dot += q8_code(w, r, k) * a.codes[i * K + k];
-        acc = acc + static_cast<float>(dot) * (float(d[g * kRows + r]) * a.dx[i * blocks + g / Groups]);
+        const float scale = d.scale(g / Groups, static_cast<int>(g % Groups), r);
+        acc = acc + static_cast<float>(dot) * (scale * a.dx[i * blocks + g / Groups]);
       }
       ref[i * kRows + r] = acc;
     }
   float out[Tile * kRows];
-  neon::q8_tile_int8<Tile, Groups>(w.data(), d.data(), blocks, a.codes.data(), K, a.dx.data(), out);
-  expect_bits(Groups == 2 ? "q8_tile_int8 (per-16 scales)" : "q8_tile_int8", Tile, blocks, out, ref);
+  if constexpr (Q6K)
+    neon::q8_tile_int8<Tile>(w.data(), Q6KTileScales{d.q6k.data()}, blocks, a.codes.data(), K, a.dx.data(), out);
+  else
+    neon::q8_tile_int8<Tile>(w.data(), d.d.data(), blocks, a.codes.data(), K, a.dx.data(), out);
+  expect_bits(Q6K ? "q8_tile_int8 (Q6_K scales)" : "q8_tile_int8", Tile, blocks, out, ref);
 }
 #endif
 
@@ -199,19 +245,19 @@ template <int Tile>
 void every_tile(int64_t blocks) {
   exact_q4<Tile, __fp16>(blocks);
   exact_q4<Tile, float>(blocks);
-  exact_q8<Tile, 1, __fp16>(blocks);
-  exact_q8<Tile, 2, float>(blocks);
+  exact_q8<Tile, false>(blocks);
+  if (blocks % kQ6KBlocks == 0) exact_q8<Tile, true>(blocks);  // whole super-blocks of 256 weights
 #if defined(TOKENMILL_GGUF_INT8_NEON)
   int8_q4<Tile>(blocks);
-  int8_q8<Tile, 1, __fp16>(blocks);
-  int8_q8<Tile, 2, float>(blocks);
+  int8_q8<Tile, false>(blocks);
+  if (blocks % kQ6KBlocks == 0) int8_q8<Tile, true>(blocks);
 #endif
 }
 
 }  // namespace
 
 int main() {
-  for (const int64_t blocks : {1, 2, 3, 8}) {
+  for (const int64_t blocks : {1, 2, 3, 8, 16}) {
     every_tile<1>(blocks);
     every_tile<2>(blocks);
     every_tile<3>(blocks);

@@ -19,8 +19,9 @@
 // A Q4 tile-block is 8 chunks of 32 bytes: byte 2r + e of chunk c holds row r's code for k = 2c + e in its low nibble
 // and for k = 16 + 2c + e in its high one; the nibbles index a 16-entry bf16 table (vpermw). A Q8 tile-block is 16
 // chunks of 32 int8 codes, byte 2r + e of chunk j for k = 2j + e. Scales (and Q4 minimums) are [tiles, blocks, 16],
-// f16 as the file stores them, or fp32 for Q4_K (a sub-block's d · sc is exact in fp32 only); Q6_K's sub-blocks of
-// 16 give a Q8 tile-block two fp32 scales, [tiles, 2 · blocks, 16], one for chunks 0-7 and one for chunks 8-15.
+// f16 as the file stores them, or fp32 for Q4_K (a sub-block's d · sc is exact in fp32 only). Q6_K's sub-blocks of
+// 16 give a Q8 tile-block two scales, one for chunks 0-7 and one for chunks 8-15, each d · sc formed in fp32 from
+// the super-block's f16 d and the sub-block's int8 sc as stored (gguf_layout.h: 8.56 bits per weight in all).
 //
 // int8 activations (the second mode, `int8_activations`): each row of activations is rounded per block of 32 to int8
 // codes with an fp32 scale (amax / 127), as llama.cpp does for its Q8 dot products, so the weights stay the file's
@@ -85,6 +86,8 @@ using gguf::kRows;
 constexpr int64_t kTileGroup = 4;          // row tiles kept in cache while every activation tile passes over them
 constexpr int kActTile = 6;                // activation rows sharing one unpacked chunk (registers: 2 chains each)
 constexpr int64_t kSerialWork = 1 << 18;   // multiply-adds below which waking the thread pool costs more than it saves
+using gguf::kScaleGroups;
+using gguf::Q6KTileScales;
 // Chunks (k-pairs) of a Q8 tile-block under one scale: all 16, or 8 where a block has Groups = 2 scales (Q6_K's
 // sub-blocks of 16 weights).
 template <int Groups>
@@ -142,6 +145,33 @@ inline __m256 half_scales(const at::Half* p) {
 }
 inline __m256 half_scales(const float* p) { return _mm256_loadu_ps(p); }
 #endif
+
+// The scales of part `part` of a Q8 tile-block b (rows as lanes): the stored f16 per block (Q8_0, Q5_0), or Q6_K's
+// d · sc of that sub-block, the same fp32 values on every path (the products are exact).
+#if defined(__AVX512F__)
+inline __m512 part_scales(const at::Half* d, int64_t b, int) { return widen_scales(d + b * kRows); }
+inline __m512 part_scales(const Q6KTileScales& s, int64_t b, int part) {
+  const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s.sc(b, part)));
+  return _mm512_mul_ps(widen_scales(reinterpret_cast<const at::Half*>(s.d_bits(b))),
+                       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+}
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
+// Rows 8h..8h+7 of them.
+inline __m256 part_scales8(const at::Half* d, int64_t b, int, int h) { return half_scales(d + b * kRows + 8 * h); }
+inline __m256 part_scales8(const Q6KTileScales& s, int64_t b, int part, int h) {
+  const __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s.sc(b, part) + 8 * h));
+  return _mm256_mul_ps(half_scales(reinterpret_cast<const at::Half*>(s.d_bits(b)) + 8 * h),
+                       _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+}
+#endif
+// Row r's.
+inline float part_scale(const at::Half* d, int64_t b, int, int64_t r) { return static_cast<float>(d[b * kRows + r]); }
+inline float part_scale(const Q6KTileScales& s, int64_t b, int part, int64_t r) {
+  at::Half d;
+  std::memcpy(&d, s.d_bits(b) + 2 * r, sizeof d);
+  return static_cast<float>(d) * static_cast<float>(s.sc(b, part)[r]);
+}
 
 // Runs fn(first_tile, end_tile) over row tiles, split across torch's thread pool when the matmul is large enough.
 template <typename F>
@@ -224,8 +254,9 @@ void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const uin
 
 // One Q8 row tile against Tile activation rows, one scale per 32 / Groups weights (Groups 2: Q6_K's sub-blocks of
 // 16, kQ8Pairs<2> chunks each). Codes widen to fp32 and pack to bf16 (exact for -128..127).
-template <int Tile, int Groups, typename S>
-void q8_tile(const int8_t* w, const S* d, int64_t blocks, const uint16_t* x, int64_t K, float* out) {
+template <int Tile, typename Scales>
+void q8_tile(const int8_t* w, const Scales& d, int64_t blocks, const uint16_t* x, int64_t K, float* out) {
+  constexpr int Groups = kScaleGroups<Scales>;
   __m512 acc[Tile];
   for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
@@ -243,7 +274,7 @@ void q8_tile(const int8_t* w, const S* d, int64_t blocks, const uint16_t* x, int
           chain = _mm512_dpbf16_ps(chain, pair_of(x + i * K + b * kBlock, 2 * j), codes);
         }
       }
-      const __m512 scale = widen_scales(d + (b * Groups + part) * kRows);
+      const __m512 scale = part_scales(d, b, part);
       for (int i = 0; i < Tile; ++i) acc[i] = _mm512_fmadd_ps(_mm512_add_ps(even[i], odd[i]), scale, acc[i]);
     }
   }
@@ -317,8 +348,9 @@ void q4_tile_avx2(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
 }
 
 // One Q8 row tile against Tile activation rows, one scale per 32 / Groups weights.
-template <int Tile, int Groups, typename S>
-void q8_tile_avx2(const int8_t* w, const S* d, int64_t blocks, const float* x, int64_t K, float* out) {
+template <int Tile, typename Scales>
+void q8_tile_avx2(const int8_t* w, const Scales& d, int64_t blocks, const float* x, int64_t K, float* out) {
+  constexpr int Groups = kScaleGroups<Scales>;
   __m256 acc[Tile][2];
   for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
@@ -332,7 +364,7 @@ void q8_tile_avx2(const int8_t* w, const S* d, int64_t blocks, const float* x, i
         fma_pair<Tile>(wk, x + b * kBlock, K, 2 * j, dot);
       }
       for (int h = 0; h < 2; ++h) {
-        const __m256 scale = half_scales(d + (b * Groups + part) * kRows + 8 * h);
+        const __m256 scale = part_scales8(d, b, part, h);
         for (int i = 0; i < Tile; ++i) acc[i][h] = _mm256_fmadd_ps(dot[i][h], scale, acc[i][h]);
       }
     }
@@ -364,9 +396,10 @@ void q4_tile_scalar(const uint8_t* w, const S* d, const S* m, int64_t blocks, co
     }
 }
 
-template <int Groups, typename S>
-void q8_tile_scalar(const int8_t* w, const S* d, int64_t blocks, const uint16_t* x, int64_t K, int act_rows,
+template <typename Scales>
+void q8_tile_scalar(const int8_t* w, const Scales& d, int64_t blocks, const uint16_t* x, int64_t K, int act_rows,
                     float* out) {
+  constexpr int Groups = kScaleGroups<Scales>;
   constexpr int64_t span = kBlock / Groups;
   for (int i = 0; i < act_rows; ++i)
     for (int64_t r = 0; r < kRows; ++r) {
@@ -377,7 +410,7 @@ void q8_tile_scalar(const int8_t* w, const S* d, int64_t blocks, const uint16_t*
           for (int64_t k = part * span; k < (part + 1) * span; ++k)
             dot += bf16_to_float(x[i * K + b * kBlock + k]) *
                    static_cast<float>(w[b * kQ8TileBlockBytes + 32 * (k / 2) + 2 * r + k % 2]);
-          acc += dot * static_cast<float>(d[(b * Groups + part) * kRows + r]);
+          acc += dot * part_scale(d, b, part, r);
         }
       out[i * kRows + r] = acc;
     }
@@ -454,11 +487,11 @@ inline __m512i add_pairs(__m512i acc, __m512i codes, const int16_t* x) {
 template <int Tile>
 constexpr int kInt8Chains = Tile <= 3 ? 2 : 1;
 
-// acc[i] gets one block of the 16 rows: chains[.][i] its exact integer sums; m (Q4 only) adds m · dx · Σ codes.
+// acc[i] gets one block (or part) of the 16 rows: chains[.][i] its exact integer sums, `scale` its weight scales;
+// m (Q4 only) adds m · dx · Σ codes.
 template <int Tile, int Chains, typename S>
-inline void add_block16(const __m512i chains[][Tile], const S* d, const S* m, const float* dx,
+inline void add_block16(const __m512i chains[][Tile], __m512 scale, const S* m, const float* dx,
                         const float* xs, int64_t blocks, int64_t b, __m512 acc[]) {
-  const __m512 scale = widen_scales(d);
   for (int i = 0; i < Tile; ++i) {
     __m512i dot = chains[0][i];
     for (int c = 1; c < Chains; ++c) dot = _mm512_add_epi32(dot, chains[c][i]);
@@ -511,7 +544,7 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
         chains[chain + 1][i] = add_quads(chains[chain + 1][i], high, xb + 16 + 2 * c);
       }
     }
-    add_block16<Tile, 2 * Chains>(chains, d + b * kRows, m + b * kRows, dx, xs, blocks, b, acc);
+    add_block16<Tile, 2 * Chains>(chains, widen_scales(d + b * kRows), m + b * kRows, dx, xs, blocks, b, acc);
   }
   for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
 }
@@ -520,9 +553,10 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
 // flipped to unsigned ones 128 higher (c ^ 0x80 = c + 128), whose vpdpbusd sums exceed the true ones by exactly
 // 128 · Σ x over the block, subtracted before the block is scaled.
 // Groups scales per block as in q8_tile; `totals` holds Σx per row, block and group.
-template <int Tile, int Groups, typename S>
-void q8_tile_int8(const int8_t* w, const S* d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
+template <int Tile, typename Scales>
+void q8_tile_int8(const int8_t* w, const Scales& d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
                   const int32_t* totals, float* out) {
+  constexpr int Groups = kScaleGroups<Scales>;
   constexpr int Chains = kInt8Chains<Tile>;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[Tile];
@@ -542,8 +576,8 @@ void q8_tile_int8(const int8_t* w, const S* d, int64_t blocks, const int8_t* xq,
       for (int i = 0; i < Tile; ++i)
         chains[0][i] = _mm512_sub_epi32(chains[0][i],
                                         _mm512_set1_epi32(128 * totals[(i * blocks + b) * Groups + part]));
-      add_block16<Tile, Chains>(chains, d + (b * Groups + part) * kRows, static_cast<const S*>(nullptr), dx,
-                                nullptr, blocks, b, acc);
+      add_block16<Tile, Chains>(chains, part_scales(d, b, part), static_cast<const at::Half*>(nullptr), dx, nullptr,
+                                blocks, b, acc);
     }
   }
   for (int i = 0; i < Tile; ++i) _mm512_storeu_ps(out + i * kRows, acc[i]);
@@ -563,15 +597,14 @@ inline int32_t pair32(const int16_t* x) {
   return both;
 }
 
-// acc[i][h] (rows 8h..8h+7) gets one block: dot[i][h] its exact integer sums.
+// acc[i][h] (rows 8h..8h+7) gets one block (or part): dot[i][h] its exact integer sums, scale[h] its weight scales.
 template <int Tile, typename S>
-inline void add_block(const __m256i dot[][2], const S* d, const S* m, const float* dx, const float* xs,
+inline void add_block(const __m256i dot[][2], const __m256 scale[2], const S* m, const float* dx, const float* xs,
                       int64_t blocks, int64_t b, __m256 acc[][2]) {
   for (int h = 0; h < 2; ++h) {
-    const __m256 scale = half_scales(d + 8 * h);
     for (int i = 0; i < Tile; ++i) {
       const __m256 term = _mm256_mul_ps(_mm256_cvtepi32_ps(dot[i][h]),
-                                        _mm256_mul_ps(scale, _mm256_set1_ps(dx[i * blocks + b])));
+                                        _mm256_mul_ps(scale[h], _mm256_set1_ps(dx[i * blocks + b])));
       acc[i][h] = _mm256_add_ps(acc[i][h], term);
       if (m != nullptr)
         acc[i][h] = _mm256_add_ps(acc[i][h], _mm256_mul_ps(half_scales(m + 8 * h), _mm256_set1_ps(xs[i * blocks + b])));
@@ -610,7 +643,8 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
         const __m128i hi = h == 0 ? _mm256_castsi256_si128(high[i]) : _mm256_extracti128_si256(high[i], 1);
         dot[i][h] = _mm256_add_epi32(_mm256_cvtepi16_epi32(lo), _mm256_cvtepi16_epi32(hi));
       }
-    add_block<Tile>(dot, d + b * kRows, m + b * kRows, dx, xs, blocks, b, acc);
+    const __m256 scale[2] = {half_scales(d + b * kRows), half_scales(d + b * kRows + 8)};
+    add_block<Tile>(dot, scale, m + b * kRows, dx, xs, blocks, b, acc);
   }
   for (int i = 0; i < Tile; ++i)
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + i * kRows + 8 * h, acc[i][h]);
@@ -618,9 +652,10 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
 
 // One Q8 row tile against Tile rows of int8 activations (as int16). The signed codes widen to 16 bits, 8 rows per
 // half; vpmaddwd against the activation pair of their k gives each row's pair sum in 32-bit lane r.
-template <int Tile, int Groups, typename S>
-void q8_tile_int8(const int8_t* w, const S* d, int64_t blocks, const int16_t* xw, int64_t K, const float* dx,
+template <int Tile, typename Scales>
+void q8_tile_int8(const int8_t* w, const Scales& d, int64_t blocks, const int16_t* xw, int64_t K, const float* dx,
                   float* out) {
+  constexpr int Groups = kScaleGroups<Scales>;
   __m256 acc[Tile][2];
   for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
@@ -638,8 +673,8 @@ void q8_tile_int8(const int8_t* w, const S* d, int64_t blocks, const int16_t* xw
           dot[i][1] = _mm256_add_epi32(dot[i][1], _mm256_madd_epi16(rows_high, xp));
         }
       }
-      add_block<Tile>(dot, d + (b * Groups + part) * kRows, static_cast<const S*>(nullptr), dx, nullptr, blocks, b,
-                      acc);
+      const __m256 scale[2] = {part_scales8(d, b, part, 0), part_scales8(d, b, part, 1)};
+      add_block<Tile>(dot, scale, static_cast<const at::Half*>(nullptr), dx, nullptr, blocks, b, acc);
     }
   }
   for (int i = 0; i < Tile; ++i)
@@ -669,9 +704,10 @@ void q4_tile_int8_scalar(const uint8_t* w, const S* d, const S* m, int64_t block
     }
 }
 
-template <int Groups, typename S>
-void q8_tile_int8_scalar(const int8_t* w, const S* d, int64_t blocks, const int8_t* xq, int64_t K,
+template <typename Scales>
+void q8_tile_int8_scalar(const int8_t* w, const Scales& d, int64_t blocks, const int8_t* xq, int64_t K,
                          const float* dx, int act_rows, float* out) {
+  constexpr int Groups = kScaleGroups<Scales>;
   constexpr int64_t span = kBlock / Groups;
   for (int i = 0; i < act_rows; ++i)
     for (int64_t r = 0; r < kRows; ++r) {
@@ -681,7 +717,7 @@ void q8_tile_int8_scalar(const int8_t* w, const S* d, int64_t blocks, const int8
           int32_t dot = 0;
           for (int64_t k = part * span; k < (part + 1) * span; ++k)
             dot += w[b * kQ8TileBlockBytes + 32 * (k / 2) + 2 * r + k % 2] * xq[i * K + b * kBlock + k];
-          acc = block_term(acc, dot, static_cast<float>(d[(b * Groups + part) * kRows + r]), dx[i * blocks + b]);
+          acc = block_term(acc, dot, part_scale(d, b, part, r), dx[i * blocks + b]);
         }
       out[i * kRows + r] = acc;
     }
@@ -854,57 +890,57 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
 
 namespace {
 
-// q8_matmul for one scale per block (Groups 1: Q8_0, Q5_0, f16) or per 16 weights (Groups 2: Q6_K, fp32).
-template <int Groups, typename S>
-at::Tensor q8_matmul_typed(const at::Tensor& x, const int8_t* w, const S* ds, int64_t N, int64_t tiles,
-                           int64_t blocks, bool fp32_output, bool int8_activations) {
+// q8_matmul for one f16 scale per block (Q8_0, Q5_0: `tile_scales(t)` a pointer) or Q6_K's per-16 scales
+// (`Q6KTileScales`).
+template <typename TileScales>
+at::Tensor q8_matmul_typed(const at::Tensor& x, const int8_t* w, const TileScales& tile_scales, int64_t N,
+                           int64_t tiles, int64_t blocks, bool fp32_output, bool int8_activations) {
   const int64_t K = blocks * kBlock;
   const uint16_t* xs = activations(x, K);
+  using Scales = decltype(tile_scales(0));
+  constexpr int Groups = kScaleGroups<Scales>;
   if (int8_activations) {
     const Int8Rows q = quantize_rows(xs, x.size(0), blocks, kWideQ8, Groups);
     return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
       const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
-      const S* dt = ds + t * blocks * Groups * kRows;
+      const Scales dt = tile_scales(t);
       const float* dx = q.scales.data() + i0 * blocks;
 #if defined(TOKENMILL_GGUF_INT8_AVX512)
       with_tile(act_rows, [&](auto tile) {
-        q8_tile_int8<decltype(tile)::value, Groups>(wt, dt, blocks, q.codes.data() + i0 * K, K, dx,
-                                                    q.totals.data() + i0 * blocks * Groups, out);
+        q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.codes.data() + i0 * K, K, dx,
+                                            q.totals.data() + i0 * blocks * Groups, out);
       });
 #elif defined(TOKENMILL_GGUF_INT8_AVX2)
       in_row_groups(act_rows, [&](auto tile, int i) {
-        q8_tile_int8<decltype(tile)::value, Groups>(wt, dt, blocks, q.wide.data() + (i0 + i) * K, K, dx + i * blocks,
-                                                    out + i * kRows);
+        q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.wide.data() + (i0 + i) * K, K, dx + i * blocks,
+                                            out + i * kRows);
       });
 #elif defined(TOKENMILL_GGUF_INT8_NEON)
       in_row_groups(act_rows, [&](auto tile, int i) {
-        gguf::neon::q8_tile_int8<decltype(tile)::value, Groups>(wt, dt, blocks, q.codes.data() + (i0 + i) * K, K,
-                                                                dx + i * blocks, out + i * kRows);
+        gguf::neon::q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.codes.data() + (i0 + i) * K, K,
+                                                        dx + i * blocks, out + i * kRows);
       });
 #else
-      q8_tile_int8_scalar<Groups>(wt, dt, blocks, q.codes.data() + i0 * K, K, dx, act_rows, out);
+      q8_tile_int8_scalar(wt, dt, blocks, q.codes.data() + i0 * K, K, dx, act_rows, out);
 #endif
     });
   }
   const std::vector<float> xf = widened(xs, x.numel());
   return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
     const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
-    const S* dt = ds + t * blocks * Groups * kRows;
+    const Scales dt = tile_scales(t);
 #if defined(TOKENMILL_GGUF_AVX512BF16)
-    with_tile(act_rows, [&](auto tile) {
-      q8_tile<decltype(tile)::value, Groups>(wt, dt, blocks, xs + i0 * K, K, out);
-    });
+    with_tile(act_rows, [&](auto tile) { q8_tile<decltype(tile)::value>(wt, dt, blocks, xs + i0 * K, K, out); });
 #elif defined(TOKENMILL_GGUF_AVX2)
     in_row_groups(act_rows, [&](auto tile, int i) {
-      q8_tile_avx2<decltype(tile)::value, Groups>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows);
+      q8_tile_avx2<decltype(tile)::value>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows);
     });
 #elif defined(TOKENMILL_GGUF_NEON)
     in_row_groups(act_rows, [&](auto tile, int i) {
-      gguf::neon::q8_tile<decltype(tile)::value, Groups>(wt, dt, blocks, xf.data() + (i0 + i) * K, K,
-                                                         out + i * kRows);
+      gguf::neon::q8_tile<decltype(tile)::value>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows);
     });
 #else
-    q8_tile_scalar<Groups>(wt, dt, blocks, xs + i0 * K, K, act_rows, out);
+    q8_tile_scalar(wt, dt, blocks, xs + i0 * K, K, act_rows, out);
 #endif
   });
 }
@@ -918,16 +954,21 @@ at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at:
            "Q8 codes must be [ceil(N / 16), blocks * ", kQ8TileBlockBytes, "]");
   const int64_t tiles = packed.size(0), blocks = packed.size(1) / kQ8TileBlockBytes;
   check_codes(packed, at::kChar, kQ8TileBlockBytes, blocks, N, "Q8 codes");
-  // One f16 scale per 32 weights (Q8_0, Q5_0: the file's values), or one fp32 scale per 16 (Q6_K: d · sc, exact
-  // in fp32 only).
-  const bool per16 = d.dim() == 3 && d.size(1) == 2 * blocks;
-  check_scales(d, tiles, per16 ? 2 * blocks : blocks, "Q8 scales", per16);
-  TM_CHECK(!per16 || d.scalar_type() == at::kFloat, "Q8 scales per 16 weights must be float32");
   const at::Tensor x = x_in.contiguous();
   const int8_t* w = packed.data_ptr<int8_t>();
-  if (per16)
-    return q8_matmul_typed<2>(x, w, d.data_ptr<float>(), N, tiles, blocks, fp32_output, int8_activations);
-  return q8_matmul_typed<1>(x, w, d.data_ptr<at::Half>(), N, tiles, blocks, fp32_output, int8_activations);
+  if (d.scalar_type() == at::kByte) {  // Q6_K: per tile and super-block, f16 d and int8 sc (gguf_layout.h)
+    const int64_t supers = blocks / gguf::kQ6KBlocks;
+    TM_CHECK(blocks % gguf::kQ6KBlocks == 0 && d.is_contiguous() && d.dim() == 3 && d.size(0) == tiles &&
+                 d.size(1) == supers && d.size(2) == gguf::kQ6KScaleBytes,
+             "Q6_K scales must be contiguous uint8 [tiles, K / 256, ", gguf::kQ6KScaleBytes, "]");
+    const uint8_t* p = d.data_ptr<uint8_t>();
+    return q8_matmul_typed(x, w, [&](int64_t t) { return Q6KTileScales{p + t * supers * gguf::kQ6KScaleBytes}; }, N,
+                           tiles, blocks, fp32_output, int8_activations);
+  }
+  check_scales(d, tiles, blocks, "Q8 scales");
+  const at::Half* ds = d.data_ptr<at::Half>();
+  return q8_matmul_typed(x, w, [&](int64_t t) { return ds + t * blocks * kRows; }, N, tiles, blocks, fp32_output,
+                         int8_activations);
 }
 
 }  // namespace tokenmill

@@ -19,9 +19,10 @@ const char* gguf_int8_isa();
 at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,
                      int64_t N, bool fp32_output, bool int8_activations = false);
 
-// The same for 8-bit codes (Q8_0; Q5_0 as q - 16; Q6_K as q - 32), W[n, k] = d · q: packed [ceil(N / 16), K / 32 · 512]
-// int8, d [ceil(N / 16), K / 32, 16] float16 (one scale per 32 weights: Q8_0, Q5_0) or [ceil(N / 16), K / 16, 16]
-// float32 (one per 16: Q6_K's sub-block products d · sc).
+// The same for 8-bit codes (Q8_0; Q5_0 as q - 16; Q6_K as q - 32), W[n, k] = s · q: packed [ceil(N / 16), K / 32 · 512]
+// int8; d either [ceil(N / 16), K / 32, 16] float16, one scale s per 32 weights (Q8_0, Q5_0), or Q6_K's
+// [ceil(N / 16), K / 256, 288] uint8, per super-block the rows' f16 d and per 16 weights their int8 sc, s = d · sc
+// (gguf_layout.h).
 at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, int64_t N,
                      bool fp32_output, bool int8_activations = false);
 

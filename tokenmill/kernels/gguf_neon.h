@@ -39,6 +39,19 @@ inline float32x4_t scales4(const S* p) {
   }
 }
 
+// Rows 4g..4g+3 of the scales of part `part` of Q8 tile-block b: the stored f16 (or fp32) per block, or Q6_K's
+// d · sc of that sub-block in fp32 (exact).
+template <typename S>
+inline float32x4_t part_scales4(const S* d, int64_t b, int, int g) {
+  return scales4(d + b * kRows + 4 * g);
+}
+inline float32x4_t part_scales4(const Q6KTileScales& s, int64_t b, int part, int g) {
+  int8_t sc[8] = {};
+  std::memcpy(sc, s.sc(b, part) + 4 * g, 4);
+  const float32x4_t scf = vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vld1_s8(sc)))));
+  return vmulq_f32(scales4(reinterpret_cast<const uint16_t*>(s.d_bits(b)) + 4 * g), scf);
+}
+
 // Every vector of a tile's sums set to v.
 template <int Tile, typename V>
 inline void fill(V sums[][4], V v) {
@@ -112,8 +125,9 @@ void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const flo
 }
 
 // One Q8 row tile against Tile activation rows: one scale per 32 / Groups weights (Groups 2: Q6_K's 16).
-template <int Tile, int Groups, typename S>
-void q8_tile(const int8_t* w, const S* d, int64_t blocks, const float* x, int64_t K, float* out) {
+template <int Tile, typename Scales>
+void q8_tile(const int8_t* w, const Scales& d, int64_t blocks, const float* x, int64_t K, float* out) {
+  constexpr int Groups = kScaleGroups<Scales>;
   constexpr int64_t kPairs = 16 / Groups;  // k-pairs (chunks) under one scale
   float32x4_t acc[Tile][4];
   fill<Tile>(acc, vdupq_n_f32(0.0f));
@@ -131,7 +145,7 @@ void q8_tile(const int8_t* w, const S* d, int64_t blocks, const float* x, int64_
         }
       }
       for (int g = 0; g < 4; ++g) {
-        const float32x4_t scale = scales4(d + (b * Groups + part) * kRows + 4 * g);
+        const float32x4_t scale = part_scales4(d, b, part, g);
         for (int i = 0; i < Tile; ++i) acc[i][g] = vfmaq_f32(acc[i][g], dot[i][g], scale);
       }
     }
@@ -162,14 +176,15 @@ inline int8x16_t quad_of(const int8_t* x) {
   return vreinterpretq_s8_s32(vdupq_n_s32(four));
 }
 
-// acc[i][g] gets one block: dot[i][g] its exact integer sums, as block_term and the minimum term do per lane.
+// acc[i][g] gets one block (or part): dot[i][g] its exact integer sums, scale[g] its weight scales, as block_term and
+// the minimum term do per lane.
 template <int Tile, typename S>
-inline void add_block(const int32x4_t dot[][4], const S* d, const S* m, const float* dx, const float* xs,
-                      int64_t blocks, int64_t b, float32x4_t acc[][4]) {
+inline void add_block(const int32x4_t dot[][4], const float32x4_t scale[4], const S* m, const float* dx,
+                      const float* xs, int64_t blocks, int64_t b, float32x4_t acc[][4]) {
   for (int g = 0; g < 4; ++g) {
-    const float32x4_t scale = scales4(d + 4 * g);
     for (int i = 0; i < Tile; ++i) {
-      const float32x4_t term = vmulq_f32(vcvtq_f32_s32(dot[i][g]), vmulq_f32(scale, vdupq_n_f32(dx[i * blocks + b])));
+      const float32x4_t term =
+          vmulq_f32(vcvtq_f32_s32(dot[i][g]), vmulq_f32(scale[g], vdupq_n_f32(dx[i * blocks + b])));
       acc[i][g] = vaddq_f32(acc[i][g], term);
       if (m != nullptr)
         acc[i][g] = vaddq_f32(acc[i][g], vmulq_f32(scales4(m + 4 * g), vdupq_n_f32(xs[i * blocks + b])));
@@ -199,15 +214,18 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
         }
       }
     }
-    add_block<Tile>(dot, d + b * kRows, m + b * kRows, dx, xs, blocks, b, acc);
+    float32x4_t scale[4];
+    for (int g = 0; g < 4; ++g) scale[g] = scales4(d + b * kRows + 4 * g);
+    add_block<Tile>(dot, scale, m + b * kRows, dx, xs, blocks, b, acc);
   }
   store_tile<Tile>(acc, out);
 }
 
 // One Q8 row tile against Tile rows of int8 activations, one scale per 32 / Groups weights.
-template <int Tile, int Groups, typename S>
-void q8_tile_int8(const int8_t* w, const S* d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
+template <int Tile, typename Scales>
+void q8_tile_int8(const int8_t* w, const Scales& d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
                   float* out) {
+  constexpr int Groups = kScaleGroups<Scales>;
   constexpr int64_t kQuads = 8 / Groups;  // chunk pairs under one scale
   float32x4_t acc[Tile][4];
   fill<Tile>(acc, vdupq_n_f32(0.0f));
@@ -223,7 +241,9 @@ void q8_tile_int8(const int8_t* w, const S* d, int64_t blocks, const int8_t* xq,
           for (int g = 0; g < 4; ++g) dot[i][g] = vdotq_s32(dot[i][g], vreinterpretq_s8_u8(quads[g]), xq4);
         }
       }
-      add_block<Tile, S>(dot, d + (b * Groups + part) * kRows, nullptr, dx, nullptr, blocks, b, acc);
+      float32x4_t scale[4];
+      for (int g = 0; g < 4; ++g) scale[g] = part_scales4(d, b, part, g);
+      add_block<Tile, float>(dot, scale, nullptr, dx, nullptr, blocks, b, acc);
     }
   }
   store_tile<Tile>(acc, out);

@@ -5,13 +5,13 @@ Two kernel families take them (tokenmill/kernels/gguf_matmul.cpp, `GgufQ4Linear`
   holds eight 32-weight sub-blocks with 6-bit scales and minimums under an f16 d and dmin. A sub-block's d · sc and
   dmin · m are products of an 11-bit and a 6-bit integer significand, exact in fp32 but not in f16, so Q4_K's
   scales and minimums are fp32 (`GgufQ4Linear` keeps f16 where every value is one).
-- Q8 tiles, W = d · q with int8 codes: Q8_0, Q5_0 (f16 d, 5-bit q − 16 in [-16, 15], exact in int8), and Q6_K,
-  whose 256-weight super-block holds sixteen 16-weight sub-blocks of 6-bit q − 32 (in [-32, 31]) with int8 scales
-  under an f16 d: one scale d · sc per 16 weights, exact in fp32 (an 11-bit times an 8-bit significand), not in f16.
-  A stack holding Q6_K rows keeps every row's scales per 16 weights in fp32 (a Q8_0 or Q5_0 scale twice).
+- Q8 tiles, W = d · q with int8 codes: Q8_0 and Q5_0 (f16 d, 5-bit q − 16 in [-16, 15], exact in int8), one f16
+  scale per 32 weights; and Q6_K, whose 256-weight super-block holds sixteen 16-weight sub-blocks of 6-bit q − 32 (in
+  [-32, 31]) under an int8 sc each and an f16 d: the tiles read d and sc as stored and form d · sc in fp32 (exact: an
+  11-bit times an 8-bit significand; not exact in f16).
 
-Q5_1, Q5_K, Q3_K and Q2_K have no tile here, nor does a stack mixing Q4 and 8-bit types; the loader gives such
-tensors the int8 fallback (`loader.py`).
+Q5_1, Q5_K, Q3_K and Q2_K have no tile here, nor does a stack mixing tile families or Q6_K with Q8_0/Q5_0; the loader
+gives such tensors the int8 fallback (`loader.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 Q4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
-Q8_TYPES = frozenset({"Q8_0", "Q5_0", "Q6_K"})
+Q8_TYPES = frozenset({"Q8_0", "Q5_0"})
 
 
 def _blocks(raw: np.ndarray, block_bytes: int) -> np.ndarray:
@@ -33,13 +33,10 @@ def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
 
 
 def gguf_q8_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes [rows, cols] int8 and scales: f16 [rows, cols / 32] for Q8_0 and Q5_0, fp32 [rows, cols / 16] for Q6_K.
-    Q8_0 = f16 d, 32 int8 codes. Q5_0 = f16 d, 4 bytes of high bits (bit j: weight j's fifth bit), 16 bytes of
-    nibbles (byte j: weight j low, j + 16 high); w = d · (q - 16). Q6_K: `_q6k_codes`."""
+    """Codes [rows, cols] int8 and f16 scales [rows, cols / 32]. Q8_0 = f16 d, 32 int8 codes. Q5_0 = f16 d, 4 bytes
+    of high bits (bit j: weight j's fifth bit), 16 bytes of nibbles (byte j: weight j low, j + 16 high);
+    w = d · (q - 16)."""
     rows, cols = shape
-    if type_name == "Q6_K":
-        codes, scales = _q6k_codes(_blocks(raw, 210))
-        return torch.from_numpy(codes).reshape(rows, cols), torch.from_numpy(scales).reshape(rows, cols // 16)
     if type_name == "Q8_0":
         blocks = _blocks(raw, 34)
         codes = blocks[:, 2:].copy().view(np.int8)
@@ -51,34 +48,31 @@ def gguf_q8_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tu
         codes = (np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1) | fifth) - 16
         codes = codes.astype(np.int8)
     else:
-        raise ValueError(f"expected a Q8_0, Q5_0 or Q6_K tensor, got {type_name}")
+        raise ValueError(f"expected a Q8_0 or Q5_0 tensor, got {type_name}")
     d = blocks[:, 0:2].copy().view(np.float16)[:, 0]
     return torch.from_numpy(codes).reshape(rows, cols), torch.from_numpy(d).reshape(rows, cols // 32)
 
 
-def _q6k_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q6_K super-blocks (210 bytes: 128 of low nibbles, 64 of high bit pairs, 16 int8 scales, f16 d) → codes
-    [blocks, 256] int8 (q - 32) and fp32 scales [blocks, 16] (d · sc, sub-block s of 16 weights under sc[s]).
-    Each 128-weight half n has 64 low-nibble bytes L and 32 high-bit bytes H; for l < 32, weight l + 32i of the half
-    takes its low 4 bits from L[l] (i = 0, 2: low, high nibble) or L[l + 32] (i = 1, 3), and its top 2 from bits
-    2i, 2i + 1 of H[l]."""
+def gguf_q6k_codes(raw: np.ndarray, type_name: str,
+                   shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q6_K as stored: codes [rows, cols] int8 (q - 32), f16 d [rows, cols / 256] and int8 sc [rows, cols / 16];
+    W[n, 16s + j] = d[n, s // 16] · sc[n, s] · code. A super-block is 210 bytes: 128 of low nibbles, 64 of high bit
+    pairs, 16 int8 sc (sub-block s of 16 weights under sc[s]), f16 d. Each 128-weight half has 64 low-nibble bytes L
+    and 32 high-bit bytes H; for l < 32, weight l + 32i of the half takes its low 4 bits from L[l] (i = 0, 2: low,
+    high nibble) or L[l + 32] (i = 1, 3), and its top 2 from bits 2i, 2i + 1 of H[l]."""
+    if type_name != "Q6_K":
+        raise ValueError(f"expected a Q6_K tensor, got {type_name}")
+    rows, cols = shape
+    blocks = _blocks(raw, 210)
     low = blocks[:, :128].reshape(-1, 2, 2, 32)  # [block, half, L[0:32] or L[32:64], l]
     high = blocks[:, 128:192].reshape(-1, 2, 1, 32)
     nibbles = np.stack([low[:, :, 0] & 0x0F, low[:, :, 1] & 0x0F, low[:, :, 0] >> 4, low[:, :, 1] >> 4], axis=2)
     tops = (high >> (2 * np.arange(4, dtype=np.uint8)[None, None, :, None])) & 3
-    codes = (nibbles.astype(np.int16) | (tops.astype(np.int16) << 4)) - 32
-    sc = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)
-    # fp32 products of an f16 and an int8: exact, as llama.cpp forms them.
-    return codes.reshape(-1, 256).astype(np.int8), _f16(blocks, 208)[:, None] * sc
-
-
-def same_q8_scales(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`gguf_q8_codes` results of a stack with one scale layout for all: as they are if every part has f16 scales per
-    32 weights, else fp32 per 16 (each per-32 scale twice, exact)."""
-    if all(scales.dtype == torch.float16 for _, scales in parts):
-        return parts
-    return [(codes, scales.float().repeat_interleave(2, dim=1) if scales.dtype == torch.float16 else scales)
-            for codes, scales in parts]
+    codes = ((nibbles.astype(np.int16) | (tops.astype(np.int16) << 4)) - 32).astype(np.int8)
+    sc = blocks[:, 192:208].copy().view(np.int8)
+    d = blocks[:, 208:210].copy().view(np.float16)
+    return (torch.from_numpy(codes).reshape(rows, cols), torch.from_numpy(d).reshape(rows, cols // 256),
+            torch.from_numpy(sc).reshape(rows, cols // 16))
 
 
 def _q4k_sub_blocks(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

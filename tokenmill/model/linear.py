@@ -267,32 +267,40 @@ class GgufQ4Linear(_GgufBlockLinear):
 
 
 class GgufQ8Linear(_GgufBlockLinear):
-    """The file's 8-bit codes (Q8_0; Q5_0 as q - 16; Q6_K as q - 32): W[n, k] = d[n, g] · q[n, k] with one scale per
-    group g of 32 weights (f16, the stored value: Q8_0, Q5_0) or of 16 (fp32: Q6_K's d · sc, exact only there);
-    stored in row tiles of 16 like `GgufQ4Linear`, each k-pair's 16 rows side by side."""
+    """The file's 8-bit codes: W[n, k] = d[n, k // 32] · q[n, k] with d the stored f16 value (Q8_0; Q5_0 as q - 16),
+    or Q6_K (`sub_scales` given): W[n, k] = d[n, k // 256] · sc[n, k // 16] · q[n, k] with q - 32 as the code and
+    the stored f16 d and int8 sc, whose product the kernel forms in fp32 (exact). Stored in row tiles of 16 like
+    `GgufQ4Linear`, each k-pair's 16 rows side by side; Q6_K's scales per tile and super-block as one byte buffer,
+    the 16 rows' d then each sub-block's 16 sc (tokenmill/kernels/gguf_layout.h)."""
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                 sub_scales: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
         _check_blocks(self.in_features)
-        if scales.shape[1] not in (self.in_features // 32, self.in_features // 16):
-            raise ValueError(f"Q8 scales {tuple(scales.shape)} are neither per 32 nor per 16 of {self.in_features} "
-                             "inputs")
         tiles = _row_tiles(codes.to(torch.int8)).reshape(-1, TILE_ROWS, self.in_features // 32, 16, 2)
         packed = tiles.permute(0, 2, 3, 1, 4)  # [tiles, blocks, pair j, row, element e]
         self.register_buffer("packed", packed.reshape(packed.shape[0], -1).contiguous())
-        per16 = scales.shape[1] == self.in_features // 16
-        self.register_buffer("scales", _tiled_scales(scales, "scales", torch.float32 if per16 else torch.float16))
+        if sub_scales is None:
+            self.register_buffer("scales", _tiled_scales(scales, "scales"))
+        else:
+            self.register_buffer("scales", _q6k_scales(scales, sub_scales, self.in_features))
         self.register_buffer("bias", bias)
 
     def dequantized(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Rows `ids` (all by default) of the file's weights in fp32."""
         ids = torch.arange(self.out_features) if ids is None else ids
-        blocks, groups = self.in_features // 32, self.scales.shape[1]
+        blocks = self.in_features // 32
         tiles = self.packed.reshape(-1, blocks, 16, TILE_ROWS, 2)
-        codes = tiles[ids // TILE_ROWS, :, :, ids % TILE_ROWS, :].reshape(-1, groups, self.in_features // groups)
-        scales = self.scales[ids // TILE_ROWS, :, ids % TILE_ROWS].float()
-        return (codes.float() * scales[..., None]).reshape(-1, self.in_features)
+        codes = tiles[ids // TILE_ROWS, :, :, ids % TILE_ROWS, :].reshape(len(ids), -1, 32).float()
+        if self.scales.dtype != torch.uint8:
+            scales = self.scales[ids // TILE_ROWS, :, ids % TILE_ROWS].float()
+            return (codes * scales[..., None]).reshape(-1, self.in_features)
+        d = self.scales[..., :2 * TILE_ROWS].contiguous().view(torch.float16)  # [tiles, supers, rows]
+        sc = self.scales[..., 2 * TILE_ROWS:].contiguous().view(torch.int8).reshape(*d.shape[:2], 16, TILE_ROWS)
+        per16 = d[:, :, None, :].float() * sc.float()  # [tiles, supers, sub-block, row]: exact products
+        per16 = per16.reshape(per16.shape[0], -1, TILE_ROWS)[ids // TILE_ROWS, :, ids % TILE_ROWS]
+        return (codes.reshape(len(ids), -1, 16) * per16[..., None]).reshape(-1, self.in_features)
 
     def _kernel(self, kernels: Any, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
         return kernels.q8_matmul(x, self.packed, self.scales, self.out_features, fp32_output, self.int8_activations)
@@ -327,6 +335,17 @@ def _tiled_scales(values: torch.Tensor, what: str, dtype: torch.dtype = torch.fl
     """[N, blocks] values, exact in `dtype`, as [tiles, blocks, 16]: one vector per tile and block."""
     exact = _row_tiles(_exact_half(values, what) if dtype == torch.float16 else values.float())
     return exact.reshape(-1, TILE_ROWS, exact.shape[1]).transpose(1, 2).contiguous()
+
+
+def _q6k_scales(d: torch.Tensor, sc: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Q6_K's f16 d [N, K / 256] and int8 sc [N, K / 16] as uint8 [tiles, K / 256, 16 · 2 + 16 · 16]: per tile and
+    super-block the 16 rows' d, then per sub-block the 16 rows' sc (the kernel's layout, gguf_layout.h)."""
+    if in_features % 256 or d.shape[1] != in_features // 256 or sc.shape[1] != in_features // 16:
+        raise ValueError(f"Q6_K scales {tuple(d.shape)} and {tuple(sc.shape)} do not fit {in_features} inputs")
+    d_tiles = _row_tiles(d.to(torch.float16)).reshape(-1, TILE_ROWS, d.shape[1]).transpose(1, 2)
+    sc_tiles = _row_tiles(sc.to(torch.int8)).reshape(-1, TILE_ROWS, d.shape[1], 16).permute(0, 2, 3, 1)
+    parts = [d_tiles.contiguous().view(torch.uint8), sc_tiles.reshape(*d_tiles.shape[:2], -1).view(torch.uint8)]
+    return torch.cat(parts, dim=-1).contiguous()
 
 
 def _untiled(values: torch.Tensor, rows: int) -> torch.Tensor:

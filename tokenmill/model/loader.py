@@ -7,14 +7,7 @@ import struct
 import torch
 
 from tokenmill.model.config import ModelConfig
-from tokenmill.model.gguf_blocks import (
-    Q4_TYPES,
-    Q8_TYPES,
-    gguf_q4_codes,
-    gguf_q8_codes,
-    q8_requantize,
-    same_q8_scales,
-)
+from tokenmill.model.gguf_blocks import Q4_TYPES, Q8_TYPES, gguf_q4_codes, gguf_q6k_codes, gguf_q8_codes, q8_requantize
 from tokenmill.model.gguf_file import GGUFFile, ModelLoadError
 from tokenmill.model.linear import (
     FloatLinear,
@@ -63,8 +56,8 @@ class _LayerBuilder:
 
     def _file_blocks(self, names: list[str], bias: torch.Tensor | None) -> Linear | None:
         """The file's own blocks of tensors stacked by rows, when all of them have 4-bit tiles (Q4_0/Q4_1/Q4_K) or all
-        8-bit-code ones (Q8_0/Q5_0/Q6_K): gguf_blocks.py. With int8 activations any other stack (the other K-quants,
-        float tensors, or a mix of the two families) is requantized into 8-bit blocks of 32 for the 8-bit tiles,
+        8-bit ones (Q8_0/Q5_0), or all Q6_K: gguf_blocks.py. With int8 activations any other stack (the other
+        K-quants, float tensors, or a mix of those groups) is requantized into 8-bit blocks of 32 for the 8-bit tiles,
         whose integer dot products beat PyTorch's int8 kernel there; with bf16 activations that kernel is the faster
         one, and None leaves such a stack to it (as it does a width that is not a multiple of 32)."""
         types = {self.file.tensor_type(n) for n in names}
@@ -73,8 +66,11 @@ class _LayerBuilder:
             layer = GgufQ4Linear(*self._stack(names, [gguf_q4_codes(*self.file.raw_tensor(n)) for n in names]),
                                  bias=bias)
         elif types <= Q8_TYPES:
-            parts = same_q8_scales([gguf_q8_codes(*self.file.raw_tensor(n)) for n in names])
-            layer = GgufQ8Linear(*self._stack(names, parts), bias=bias)
+            layer = GgufQ8Linear(*self._stack(names, [gguf_q8_codes(*self.file.raw_tensor(n)) for n in names]),
+                                 bias=bias)
+        elif types == {"Q6_K"}:
+            codes, d, sc = self._stack(names, [gguf_q6k_codes(*self.file.raw_tensor(n)) for n in names])
+            layer = GgufQ8Linear(codes, d, bias=bias, sub_scales=sc)
         elif not self.int8_activations:
             return None
         else:
