@@ -32,6 +32,38 @@ def q4_k_layer(rows: int = 40, cols: int = 512, seed: int = 3) -> tuple[GgufQ4Li
     return GgufQ4Linear(codes, scales, minimums), dequantized_by_gguf(raw, "Q4_K", (rows, cols))
 
 
+def block_matmul(kernels: object, layer: GgufQ4Linear | GgufQ8Linear, x: torch.Tensor,
+                 int8_activations: bool) -> torch.Tensor:
+    """The layer's block kernel from one build (`kernels`), fp32 outputs."""
+    layer.int8_activations = int8_activations
+    return layer._kernel(kernels, x, True)
+
+
+def assert_matches_float64(level: str, layer: GgufQ4Linear | GgufQ8Linear, weight: torch.Tensor, rows: int,
+                           seed: int) -> None:
+    """Both activation modes of one level against x · Wᵀ in float64 (for int8, of the rounded x), within 1e-5 of the
+    largest output; the int8 mode batch invariant."""
+    kernels = cpu_kernels(level).module
+    assert kernels is not None
+    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    got = block_matmul(kernels, layer, x, False)
+    want = x.double() @ weight.double().T
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+    codes, scales = int8_blocks(x)
+    rounded = (codes.double() * scales.double()).reshape(x.shape)
+    got = block_matmul(kernels, layer, x, True)
+    want = rounded @ weight.double().T
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+    alone = torch.cat([block_matmul(kernels, layer, x[i:i + 1], True) for i in range(len(x))])
+    assert torch.equal(alone, got)  # batch invariant
+
+
+def assert_int8_bitwise_equal_on_every_level(layer: GgufQ4Linear | GgufQ8Linear, rows: int, seed: int) -> None:
+    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    results = [block_matmul(cpu_kernels(level).module, layer, x, True) for level in LEVELS]
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
 def q6_k_layer(rows: int = 40, cols: int = 512, seed: int = 5) -> tuple[GgufQ8Linear, torch.Tensor]:
     """A Q6_K layer of random blocks and the gguf package's dequantization of the same bytes."""
     raw = random_k_quant("Q6_K", (rows, cols), np.random.default_rng(seed))
@@ -58,29 +90,12 @@ def test_q6_k_codes_d_and_sc_reproduce_the_gguf_packages_dequantization_exactly(
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_q6_k_matmuls_match_a_float64_reference_on_every_level(level) -> None:
-    kernels = cpu_kernels(level).module
-    assert kernels is not None
     layer, weight = q6_k_layer()
-    x = torch.randn(8, layer.in_features, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
-    got = kernels.q8_matmul(x, layer.packed, layer.scales, layer.out_features, True)
-    want = x.double() @ weight.double().T
-    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
-    codes, scales = int8_blocks(x)
-    rounded = (codes.double() * scales.double()).reshape(x.shape)
-    got = kernels.q8_matmul(x, layer.packed, layer.scales, layer.out_features, True, True)
-    want = rounded @ weight.double().T
-    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
-    alone = torch.cat([kernels.q8_matmul(x[i:i + 1], layer.packed, layer.scales, layer.out_features, True, True)
-                       for i in range(len(x))])
-    assert torch.equal(alone, got)  # batch invariant
+    assert_matches_float64(level, layer, weight, rows=8, seed=9)
 
 
 def test_q6_k_int8_matmuls_are_bitwise_equal_on_every_level() -> None:
-    layer, _ = q6_k_layer()
-    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
-    results = [cpu_kernels(level).module.q8_matmul(x, layer.packed, layer.scales, layer.out_features, True, True)
-               for level in LEVELS]
-    assert all(torch.equal(results[0], other) for other in results[1:])
+    assert_int8_bitwise_equal_on_every_level(q6_k_layer()[0], rows=5, seed=10)
 
 
 def test_the_q8_kernel_checks_its_scale_layouts() -> None:
@@ -120,30 +135,12 @@ def test_q4_k_layers_keep_fp32_scales_and_the_files_exact_weights() -> None:
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_q4_k_matmuls_match_a_float64_reference_on_every_level(level) -> None:
-    kernels = cpu_kernels(level).module
-    assert kernels is not None
     layer, weight = q4_k_layer()
-    x = torch.randn(7, layer.in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    got = kernels.q4_matmul(x, layer.packed, layer.scales, layer.minimums, layer.out_features, True)
-    want = x.double() @ weight.double().T
-    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
-    layer.int8_activations = True
-    codes, scales = int8_blocks(x)
-    rounded = (codes.double() * scales.double()).reshape(x.shape)
-    got = kernels.q4_matmul(x, layer.packed, layer.scales, layer.minimums, layer.out_features, True, True)
-    want = rounded @ weight.double().T
-    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
-    alone = torch.cat([kernels.q4_matmul(x[i:i + 1], layer.packed, layer.scales, layer.minimums,
-                                         layer.out_features, True, True) for i in range(len(x))])
-    assert torch.equal(alone, got)  # batch invariant
+    assert_matches_float64(level, layer, weight, rows=7, seed=2)
 
 
 def test_q4_k_int8_matmuls_are_bitwise_equal_on_every_level() -> None:
-    layer, _ = q4_k_layer()
-    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    results = [cpu_kernels(level).module.q4_matmul(x, layer.packed, layer.scales, layer.minimums,
-                                                   layer.out_features, True, True) for level in LEVELS]
-    assert all(torch.equal(results[0], other) for other in results[1:])
+    assert_int8_bitwise_equal_on_every_level(q4_k_layer()[0], rows=5, seed=4)
 
 
 def test_the_kernel_rejects_mismatched_scale_dtypes() -> None:
