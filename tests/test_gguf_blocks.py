@@ -15,7 +15,7 @@ from tokenmill.bench.qwen_pair import CACHE, DRAFT
 from tokenmill.kernels import cpu_kernels, isa
 from tokenmill.model.gguf_blocks import gguf_q4_codes, gguf_q6k_codes, gguf_q8_codes, q8_requantize
 from tokenmill.model.gguf_file import GGUFFile
-from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear, Int8Linear, int8_blocks
+from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear, Int8Linear, StackedLinear, int8_blocks
 from tokenmill.model.loader import load_model, unpermute_rope_rows
 
 LEVELS = isa.supported_levels(isa.cpu_flags())
@@ -150,11 +150,12 @@ def test_the_kernel_rejects_mismatched_scale_dtypes() -> None:
                                        layer.scales, layer.minimums.half(), layer.out_features)
 
 
-# A tiny llama whose stacks mix types the way Q4_K_M files do: qkv of Q4_K and Q6_K (Qwen2.5-Coder-1.5B's: no tile,
-# the int8 fallback) and of Q5_0 and Q8_0, gate_up of Q4_K and Q4_1, Q4_K o, Q4_K and Q6_K down.
+# A tiny llama whose stacks mix types the way Q4_K_M files do: qkv of Q4_K and Q6_K (Qwen2.5-Coder-1.5B's: two tile
+# families, one layer each) and of Q5_0 and Q8_0, gate_up of Q4_K and Q4_1 and of F16 and Q4_K (no tile for F16: the
+# fallback), Q4_K o, Q4_K and Q6_K down.
 MIXED = {"blk.0.attn_q.weight": "Q4_K", "blk.0.attn_k.weight": "Q4_K", "blk.0.attn_v.weight": "Q6_K",
          "blk.1.attn_q.weight": "Q5_0", "blk.1.attn_k.weight": "Q5_0", "blk.1.attn_v.weight": "Q8_0",
-         "blk.0.ffn_gate.weight": "Q4_K", "blk.0.ffn_up.weight": "Q4_1", "blk.1.ffn_gate.weight": "Q4_K",
+         "blk.0.ffn_gate.weight": "Q4_K", "blk.0.ffn_up.weight": "Q4_1", "blk.1.ffn_gate.weight": "F16",
          "blk.1.ffn_up.weight": "Q4_K", "blk.0.attn_output.weight": "Q4_K", "blk.1.attn_output.weight": "Q4_K",
          "blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q6_K"}
 
@@ -165,30 +166,57 @@ def mixed_model_path(tmp_path_factory):
                            ff=512, tensor_type="Q8_0", tensor_types=MIXED)
 
 
-def test_mixed_k_quant_stacks_load_as_the_files_exact_blocks(mixed_model_path) -> None:
-    model = load_model(GGUFFile(mixed_model_path), torch.bfloat16, torch.device("cpu"), weight_format="gguf")
+def _file_qkv(gguf_file: GGUFFile, layer: int) -> torch.Tensor:
+    """The file's q, k and v weights of `layer` stacked, q/k rows in the loader's rotary order."""
+    return torch.cat([unpermute_rope_rows(gguf_file.tensor(f"blk.{layer}.attn_q.weight"), 4),
+                      unpermute_rope_rows(gguf_file.tensor(f"blk.{layer}.attn_k.weight"), 2),
+                      gguf_file.tensor(f"blk.{layer}.attn_v.weight")])
+
+
+@pytest.mark.parametrize("int8_activations", [False, True])
+def test_mixed_k_quant_stacks_load_as_the_files_exact_blocks(mixed_model_path, int8_activations) -> None:
+    gguf_file = GGUFFile(mixed_model_path)
+    model = load_model(gguf_file, torch.bfloat16, torch.device("cpu"), weight_format="gguf",
+                       int8_activations=int8_activations)
     layers = model.layers
-    assert [type(layer.qkv) for layer in layers] == [Int8Linear, GgufQ8Linear]  # bf16: PyTorch's int8 for a mix
-    assert [type(layer.gate_up) for layer in layers] == [GgufQ4Linear, GgufQ4Linear]
+    assert [type(layer.qkv) for layer in layers] == [StackedLinear, GgufQ8Linear]
     assert [type(layer.down) for layer in layers] == [GgufQ4Linear, GgufQ8Linear]
+    # Q4_K q and k on the 4-bit tiles, the Q6_K v on the 8-bit ones: every weight the file's.
+    q_k, v = layers[0].qkv.parts
+    assert type(q_k) is GgufQ4Linear and type(v) is GgufQ8Linear and v.scales.dtype == torch.uint8
+    assert (q_k.out_features, v.out_features, layers[0].qkv.out_features) == (256 + 128, 128, 512)
+    assert q_k.int8_activations == v.int8_activations == int8_activations
+    assert torch.equal(torch.cat([q_k.dequantized(), v.dequantized()]), _file_qkv(gguf_file, 0))
     assert layers[0].gate_up.scales.dtype == torch.float32  # Q4_K rows beside Q4_1 ones: fp32 for all
     assert layers[1].qkv.scales.dtype == torch.float16 and layers[1].down.scales.dtype == torch.uint8  # Q6_K's d, sc
-    gguf_file = GGUFFile(mixed_model_path)
     gate_up = torch.cat([gguf_file.tensor(f"blk.0.ffn_{n}.weight") for n in ("gate", "up")])
     assert torch.equal(layers[0].gate_up.dequantized(), gate_up)
     assert torch.equal(layers[0].o.dequantized(), gguf_file.tensor("blk.0.attn_output.weight"))
     assert torch.equal(layers[1].down.dequantized(), gguf_file.tensor("blk.1.ffn_down.weight"))
-    # With int8 activations the stack of two families, which has no tile, is requantized into 8-bit blocks of 32 for
-    # the 8-bit tiles, each weight within half its block's step
-    qkv = load_model(gguf_file, torch.bfloat16, torch.device("cpu"), weight_format="gguf",
-                     int8_activations=True).layers[0].qkv
-    assert type(qkv) is GgufQ8Linear and qkv.int8_activations
-    weight = torch.cat([unpermute_rope_rows(gguf_file.tensor("blk.0.attn_q.weight"), 4),
-                        unpermute_rope_rows(gguf_file.tensor("blk.0.attn_k.weight"), 2),
-                        gguf_file.tensor("blk.0.attn_v.weight")])  # the loader's q/k rows, in rotary order
-    step = qkv.scales.float().permute(0, 2, 1).reshape(-1, weight.shape[1] // 32)[: weight.shape[0]]
-    error = (qkv.dequantized() - weight).abs().reshape(weight.shape[0], -1, 32).amax(-1)
+    gate_up = torch.cat([gguf_file.tensor(f"blk.1.ffn_{n}.weight") for n in ("gate", "up")])
+    if not int8_activations:  # an F16 tensor has no tile: the stack goes to PyTorch's int8 kernel with bf16
+        assert type(layers[1].gate_up) is Int8Linear
+        return
+    # With int8 activations it is requantized into 8-bit blocks of 32 for the 8-bit tiles, each weight within half
+    # its block's step
+    requantized = layers[1].gate_up
+    assert type(requantized) is GgufQ8Linear and requantized.int8_activations
+    step = requantized.scales.float().permute(0, 2, 1).reshape(-1, gate_up.shape[1] // 32)[: gate_up.shape[0]]
+    error = (requantized.dequantized() - gate_up).abs().reshape(gate_up.shape[0], -1, 32).amax(-1)
     assert bool((error <= step * 0.5 + 1e-6).all()) and float(error.max()) > 0
+
+
+def test_stacked_layer_is_its_parts_side_by_side(mixed_model_path) -> None:
+    qkv = load_model(GGUFFile(mixed_model_path), torch.bfloat16, torch.device("cpu"),
+                     weight_format="gguf").layers[0].qkv
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
+    bias = torch.randn(qkv.out_features).bfloat16()
+    stacked = StackedLinear(list(qkv.parts), bias)
+    assert torch.equal(stacked(x), torch.cat([p(x) for p in qkv.parts], dim=1) + bias)
+    assert torch.equal(stacked.logits(x), torch.cat([p.logits(x) for p in qkv.parts], dim=1) + bias)
+    assert stacked.weight_bytes() == sum(p.weight_bytes() for p in qkv.parts) + bias.numel() * 2
+    with pytest.raises(ValueError, match="two or more parts"):
+        StackedLinear([qkv.parts[0]])
 
 
 def test_q8_requantize_rounds_each_block_to_its_own_f16_step() -> None:
@@ -202,7 +230,8 @@ def test_q8_requantize_rounds_each_block_to_its_own_f16_step() -> None:
     assert bool(((back - weight).abs().reshape(3, 3, 32) <= d.float()[..., None] * 0.5 + 1e-9).all())
 
 
-def test_mixed_k_quant_model_decodes_the_same_fused_and_eager(mixed_model_path) -> None:
+@pytest.mark.parametrize("activations", ["bf16", "int8"])
+def test_mixed_k_quant_model_decodes_the_same_fused_and_eager(mixed_model_path, activations) -> None:
     """bf16 steps agree up to the last bit (attention and norms sum in other orders), so greedy outputs agree token for
     token until a near tie, where both engines' top two are the same pair within bf16 rounding."""
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
@@ -210,7 +239,7 @@ def test_mixed_k_quant_model_decodes_the_same_fused_and_eager(mixed_model_path) 
     outputs = []
     for eager in (True, False):
         llm = LLM(str(mixed_model_path), dtype="bfloat16", weight_format="gguf", device="cpu", num_kv_blocks=64,
-                  enforce_eager=eager)
+                  enforce_eager=eager, gguf_activations=activations)
         assert isinstance(llm.engine.runner.backend, FusedCPUBackend) != eager
         outputs.append([o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)])
     for eager, fused in zip(*outputs, strict=True):

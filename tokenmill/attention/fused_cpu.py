@@ -13,7 +13,15 @@ import torch
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.kv.cache import KVCache
 from tokenmill.kv.quantized_cache import QuantizedKVCache
-from tokenmill.model.linear import FloatLinear, GgufQ4Linear, GgufQ8Linear, Int4Linear, Int8Linear, Linear
+from tokenmill.model.linear import (
+    FloatLinear,
+    GgufQ4Linear,
+    GgufQ8Linear,
+    Int4Linear,
+    Int8Linear,
+    Linear,
+    StackedLinear,
+)
 from tokenmill.model.llama import LlamaModel
 from tokenmill.scheduler.plan import StepPlan
 
@@ -49,6 +57,8 @@ def _linear(kernels: ModuleType, layer: Linear) -> Any:
     if isinstance(layer, GgufQ4Linear):
         return kernels.make_linear(3, layer.packed, layer.scales, layer.minimums, layer.bias, 32, layer.out_features,
                                    layer.int8_activations)
+    if isinstance(layer, StackedLinear):
+        return kernels.make_stacked([_linear(kernels, part) for part in layer.parts], layer.bias)
     if isinstance(layer, GgufQ8Linear):
         return kernels.make_linear(4, layer.packed, layer.scales, unused, layer.bias, 32, layer.out_features,
                                    layer.int8_activations)

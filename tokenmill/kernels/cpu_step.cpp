@@ -39,7 +39,7 @@ namespace tokenmill {
 namespace {
 
 enum class WeightKind : int64_t {
-  Float = 0, Int8 = 1, Int4 = 2, GgufQ4 = 3, GgufQ8 = 4, FloatPacked = 5, Bf16Packed = 6
+  Float = 0, Int8 = 1, Int4 = 2, GgufQ4 = 3, GgufQ8 = 4, FloatPacked = 5, Bf16Packed = 6, Stacked = 7
 };
 
 // A linear layer in one of the weight formats of tokenmill/model/linear.py.
@@ -54,6 +54,7 @@ struct LinearWeights {
   int64_t group_size;
   int64_t out_features;
   bool int8_activations;    // Gguf: activations rounded to int8 per block of 32 (gguf_matmul.h)
+  std::vector<LinearWeights> parts;  // Stacked: layers whose outputs sit side by side (linear.py's StackedLinear)
 
   // `exact_rows`: every row rounds as it would alone at any row count (batch_invariant), not only in small steps.
   at::Tensor apply(const at::Tensor& x, bool exact_rows) const {
@@ -83,6 +84,13 @@ struct LinearWeights {
       case WeightKind::GgufQ8:
         y = tokenmill::q8_matmul(x, weight, scales, out_features, false, int8_activations);
         break;
+      case WeightKind::Stacked: {
+        std::vector<at::Tensor> outputs;
+        outputs.reserve(parts.size());
+        for (const LinearWeights& part : parts) outputs.push_back(part.apply(x, exact_rows));
+        y = at::cat(outputs, 1);
+        break;
+      }
     }
     return bias ? y + *bias : y;
   }
@@ -384,7 +392,15 @@ LinearWeights make_linear(int64_t kind, at::Tensor weight, at::Tensor scales, at
                           bool int8_activations) {
   TM_CHECK(kind >= 0 && kind <= 6, "unknown weight kind ", kind);
   return LinearWeights{static_cast<WeightKind>(kind), std::move(weight), std::move(scales), std::move(minimums),
-                       std::move(bias), group_size, out_features, int8_activations};
+                       std::move(bias), group_size, out_features, int8_activations, {}};
+}
+
+LinearWeights make_stacked(std::vector<LinearWeights> parts, std::optional<at::Tensor> bias) {
+  TM_CHECK(parts.size() >= 2, "a stacked layer needs two or more parts, got ", parts.size());
+  int64_t out_features = 0;
+  for (const LinearWeights& part : parts) out_features += part.out_features;
+  return LinearWeights{WeightKind::Stacked, at::Tensor(), at::Tensor(), at::Tensor(), std::move(bias), 0,
+                       out_features, false, std::move(parts)};
 }
 
 }  // namespace
@@ -405,6 +421,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_features"), py::arg("fp32_out") = false, py::call_guard<py::gil_scoped_release>());
   m.attr("SMALL_ROWS") = tokenmill::kSmallRows;
   m.def("greedy", &tokenmill::greedy, py::arg("logits"), py::call_guard<py::gil_scoped_release>());
+  m.def("make_stacked", &tokenmill::make_stacked, py::arg("parts"), py::arg("bias"));
   m.def("make_linear", &tokenmill::make_linear, py::arg("kind"), py::arg("weight"), py::arg("scales"),
         py::arg("minimums"), py::arg("bias"), py::arg("group_size"), py::arg("out_features"),
         py::arg("int8_activations") = false);

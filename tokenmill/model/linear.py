@@ -13,8 +13,9 @@ Formats:
 - ``int8``: per-output-channel symmetric int8, the embedding/LM head included.
 - ``int4``: grouped asymmetric int4 (round to nearest) for the decoder layers; the LM head in int8, as 4-bit GGUF
   files themselves keep it at 8 bits.
-- ``gguf``: the file's Q4_0/Q4_1/Q4_K and Q8_0/Q5_0 blocks as stored — codes, scales and minimums
-  (`gguf_blocks.py`) — so every weight is exactly the file's value; other tensor types as in ``int8``. Activations
+- ``gguf``: the file's Q4_0/Q4_1/Q4_K, Q8_0/Q5_0 and Q6_K blocks as stored — codes, scales and minimums
+  (`gguf_blocks.py`) — so every weight is exactly the file's value, a stack of several types as one layer per
+  run of a type family (`StackedLinear`); other tensor types as in ``int8``. Activations
   are bf16 by default; with ``int8_activations`` (``EngineConfig.gguf_activations="int8"``) each row is first
   rounded per block of 32 to int8 with an fp32 scale, llama.cpp's scheme, and the kernel multiplies with integer
   dot products (`int8_blocks`).
@@ -307,6 +308,27 @@ class GgufQ8Linear(_GgufBlockLinear):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.dequantized(ids).to(torch.bfloat16)
+
+
+class StackedLinear(Linear):
+    """Layers whose outputs sit side by side: y = [part₀(x), part₁(x), ...] (+ b). A fused qkv whose tensors have
+    different GGUF types (Q4_K q and k beside a Q6_K v) keeps each run of one tile family in its own block layer, so
+    every weight stays the file's, instead of requantizing the whole stack to one format."""
+
+    def __init__(self, parts: list[Linear], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if len(parts) < 2 or len({p.in_features for p in parts}) != 1 or any(p.bias is not None for p in parts):
+            raise ValueError("a stack needs two or more parts without biases of one input size")
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_bias(torch.cat([p(x) for p in self.parts], dim=-1))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_bias(torch.cat([p.logits(x) for p in self.parts], dim=-1))
 
 
 def int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import torch
@@ -16,9 +17,19 @@ from tokenmill.model.linear import (
     Int4Linear,
     Int8Linear,
     Linear,
+    StackedLinear,
     check_weight_format,
 )
 from tokenmill.model.llama import DecoderLayer, LlamaModel
+
+
+def _tile_family(tensor_type: str) -> str | None:
+    """Which block tiles run a GGUF tensor type as stored: "q4", "q8" (Q8_0, Q5_0), "q6k", or None (none do)."""
+    if tensor_type in Q4_TYPES:
+        return "q4"
+    if tensor_type in Q8_TYPES:
+        return "q8"
+    return "q6k" if tensor_type == "Q6_K" else None
 
 
 def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -55,29 +66,41 @@ class _LayerBuilder:
         return rows
 
     def _file_blocks(self, names: list[str], bias: torch.Tensor | None) -> Linear | None:
-        """The file's own blocks of tensors stacked by rows, when all of them have 4-bit tiles (Q4_0/Q4_1/Q4_K) or all
-        8-bit ones (Q8_0/Q5_0), or all Q6_K: gguf_blocks.py. With int8 activations any other stack (the other
-        K-quants, float tensors, or a mix of those groups) is requantized into 8-bit blocks of 32 for the 8-bit tiles,
-        whose integer dot products beat PyTorch's int8 kernel there; with bf16 activations that kernel is the faster
-        one, and None leaves such a stack to it (as it does a width that is not a multiple of 32)."""
-        types = {self.file.tensor_type(n) for n in names}
+        """The file's own blocks of tensors stacked by rows, when every one has a tile (Q4_0/Q4_1/Q4_K: 4-bit,
+        Q8_0/Q5_0: 8-bit, Q6_K: gguf_blocks.py); a stack mixing those families keeps each run of one family in a
+        layer of its own behind one `StackedLinear`. With int8 activations any other stack (the other K-quants,
+        float tensors) is requantized into 8-bit blocks of 32 for the 8-bit tiles, whose integer dot products beat
+        PyTorch's int8 kernel there; with bf16 activations that kernel is the faster one, and None leaves such a
+        stack to it (as it does a width that is not a multiple of 32)."""
+        families = [_tile_family(self.file.tensor_type(n)) for n in names]
+        if None not in families:
+            runs = [[n for n, _ in run] for _, run in itertools.groupby(zip(names, families, strict=True),
+                                                                         key=lambda item: item[1])]
+            if len(runs) == 1:
+                return self._block_layer(names, bias)
+            return StackedLinear([self._block_layer(run, None) for run in runs], bias)
+        if not self.int8_activations:
+            return None
+        weight = torch.cat([self._unpermute(n, self.file.tensor(n, torch.float32)) for n in names])
+        if weight.shape[1] % 32:
+            return None
+        layer = GgufQ8Linear(*q8_requantize(weight), bias=bias)
+        layer.int8_activations = True
+        return layer
+
+    def _block_layer(self, names: list[str], bias: torch.Tensor | None) -> GgufQ4Linear | GgufQ8Linear:
+        """Tensors of one tile family (`_tile_family`) stacked by rows in their own blocks."""
+        family = _tile_family(self.file.tensor_type(names[0]))
         layer: GgufQ4Linear | GgufQ8Linear
-        if types <= Q4_TYPES:
+        if family == "q4":
             layer = GgufQ4Linear(*self._stack(names, [gguf_q4_codes(*self.file.raw_tensor(n)) for n in names]),
                                  bias=bias)
-        elif types <= Q8_TYPES:
+        elif family == "q8":
             layer = GgufQ8Linear(*self._stack(names, [gguf_q8_codes(*self.file.raw_tensor(n)) for n in names]),
                                  bias=bias)
-        elif types == {"Q6_K"}:
+        else:
             codes, d, sc = self._stack(names, [gguf_q6k_codes(*self.file.raw_tensor(n)) for n in names])
             layer = GgufQ8Linear(codes, d, bias=bias, sub_scales=sc)
-        elif not self.int8_activations:
-            return None
-        else:
-            weight = torch.cat([self._unpermute(n, self.file.tensor(n, torch.float32)) for n in names])
-            if weight.shape[1] % 32:
-                return None
-            layer = GgufQ8Linear(*q8_requantize(weight), bias=bias)
         layer.int8_activations = self.int8_activations
         return layer
 
