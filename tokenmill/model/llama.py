@@ -134,8 +134,8 @@ class LlamaModel(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes one decode step reads: every decoder weight and the LM head (the embedding only by row)."""
-        return sum(m.weight_bytes() for m in self.modules() if isinstance(m, Linear) and m is not self.embed) + (
-            self.embed.weight_bytes() if self.output is None else 0)
+        linears = (m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        return sum(m.weight_bytes() for m in linears) + self.lm_head.weight_bytes()
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
