@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-speculative-tokens", type=int, default=5, help="draft tokens per step (K)")
     p.add_argument("--speculative-tree-width", type=int, default=1,
                    help="draft/self: token trees with the draft's N likeliest tokens per depth (1: chains)")
+    p.add_argument("--speculative-draft-vocab", type=int, default=None, metavar="N",
+                   help="--speculative draft or self: the draft's LM head over the N lowest token ids (and the stop "
+                        "tokens) only")
     p.add_argument("--prompt-lookup-min", type=int, default=None, help="shortest n-gram matched (engine default)")
     p.add_argument("--prompt-lookup-max", type=int, default=None, help="longest n-gram matched (engine default)")
     p.add_argument("--no-adaptive", action="store_true", help="speculative_adaptive=False")
@@ -161,6 +164,8 @@ def mode_options(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
                                "speculative_adaptive": not args.no_adaptive}
     if args.speculative_tree_width > 1:
         options["speculative_tree_width"] = args.speculative_tree_width
+    if args.speculative_draft_vocab is not None:
+        options["speculative_draft_vocab"] = args.speculative_draft_vocab
     if args.speculative == "draft":
         options |= {"speculative_model": args.speculative_model,
                     "speculative_weight_format": args.speculative_weight_format}

@@ -88,6 +88,9 @@ class EngineConfig:
     # > 1: a draft model ("draft", "self") drafts token trees (spec/tree.py): besides its argmax chain, its next
     # speculative_tree_width - 1 likeliest tokens at each depth, all verified in one step (at most 15 tokens).
     speculative_tree_width: int = 1
+    # A draft model's ("draft", "self") LM head over the speculative_draft_vocab lowest token ids and the stop tokens
+    # only (spec/draft_vocab.py): a cheaper draft step that can guess no other token; None: the whole vocabulary.
+    speculative_draft_vocab: int | None = None
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     lookahead_ngram_size: int = 4
@@ -194,6 +197,11 @@ class EngineConfig:
                              f"{self.speculative_weight_format!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.speculative_draft_vocab is not None and (
+                self.speculative not in ("draft", "self") or self.speculative_draft_vocab < 1):
+            raise ValueError("speculative_draft_vocab is a positive number of tokens for a draft model "
+                             f"(speculative='draft' or 'self'), got {self.speculative_draft_vocab} with "
+                             f"speculative={self.speculative!r}")
         if self.lookahead_ngram_size < 2:
             raise ValueError(f"lookahead_ngram_size must be >= 2, got {self.lookahead_ngram_size}")
         self._check_tree()

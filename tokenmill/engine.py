@@ -53,6 +53,7 @@ from tokenmill.scheduler.plan import SeqSamples
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 from tokenmill.spec.adaptive import StepCostModel
 from tokenmill.spec.draft_model import DraftModelProposer, affordable_blocks
+from tokenmill.spec.draft_vocab import draft_vocabulary
 from tokenmill.spec.lookahead import LookaheadProposer
 from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.proposer import Proposer
@@ -232,7 +233,8 @@ class LLMEngine:
                 enforce_eager=config.enforce_eager,
                 num_blocks=self.kv_cache.num_blocks, block_size=config.block_size,
                 max_step_tokens=config.max_num_batched_tokens, max_positions=self.max_positions,
-                measure_cost=config.speculative_adaptive, max_kv_bytes=int(config.kv_cache_memory_gib * 2**30))
+                measure_cost=config.speculative_adaptive, max_kv_bytes=int(config.kv_cache_memory_gib * 2**30),
+                vocab_size=config.speculative_draft_vocab, stop_token_ids=self.tokenizer.stop_token_ids)
         elif config.speculative == "self":
             self_draft = self._self_draft()
             if self_draft is None:
@@ -283,7 +285,9 @@ class LLMEngine:
             draft, self.device, enforce_eager=config.enforce_eager,
             num_blocks=affordable_blocks(draft.cfg, self.dtype, self.kv_cache.num_blocks, config.block_size,
                                          int(config.kv_cache_memory_gib * 2**30)), block_size=config.block_size,
-            max_step_tokens=config.max_num_batched_tokens, measure_cost=config.speculative_adaptive)
+            max_step_tokens=config.max_num_batched_tokens, measure_cost=config.speculative_adaptive,
+            vocab=None if config.speculative_draft_vocab is None else draft_vocabulary(
+                self.model_config.vocab_size, config.speculative_draft_vocab, self.tokenizer.stop_token_ids))
 
     @property
     def structured(self) -> StructuredOutputManager:

@@ -85,6 +85,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="with --speculative draft: the draft model's GGUF file (same vocabulary as the model)")
     g.add_argument("--speculative-weight-format", default=None, choices=list(WEIGHT_FORMATS),
                    help="the draft model's weight format (default: --weight-format's)")
+    g.add_argument("--speculative-draft-vocab", type=int, default=None, metavar="N",
+                   help="with --speculative draft or self: the draft's LM head over the N lowest token ids and the "
+                        "stop tokens only (cheaper draft steps; default: the whole vocabulary)")
     g.add_argument("--num-speculative-tokens", type=int, default=5, help="most draft tokens per request and step")
     g.add_argument("--speculative-tree-width", type=int, default=1,
                    help="with --speculative draft or self: verify token trees, the draft's N likeliest tokens at "
@@ -132,7 +135,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         enforce_eager=args.enforce_eager, prepack_weights=not args.no_prepack_weights, bf16_kernel=args.bf16_kernel,
         kv_huge_pages=not args.no_kv_huge_pages, speculative=args.speculative,
         speculative_model=args.speculative_model, speculative_weight_format=args.speculative_weight_format,
-        speculative_layers=args.speculative_layers,
+        speculative_layers=args.speculative_layers, speculative_draft_vocab=args.speculative_draft_vocab,
         num_speculative_tokens=args.num_speculative_tokens, speculative_tree_width=args.speculative_tree_width,
         prompt_lookup_min=args.prompt_lookup_min,
         prompt_lookup_max=args.prompt_lookup_max, lookahead_ngram_size=args.lookahead_ngram_size,

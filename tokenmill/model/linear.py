@@ -54,6 +54,14 @@ class Linear(nn.Module):
         """Rows of W as activations, for an embedding table tied to the LM head."""
         raise NotImplementedError(f"{type(self).__name__} cannot serve as an embedding table")
 
+    def select_rows(self, ids: torch.Tensor) -> Linear:
+        """A layer of the same format computing outputs `ids` only, with the same weights (a draft model's LM head
+        over part of the vocabulary: spec/draft_vocab.py)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot select output rows")
+
+    def _bias_rows(self, ids: torch.Tensor) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias[ids]
+
 
 class FloatLinear(Linear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -117,6 +125,12 @@ class FloatLinear(Linear):
             raise RuntimeError("this layer's plain weight was dropped by prepack(keep_weight=False)")
         return self.weight[ids]
 
+    def select_rows(self, ids: torch.Tensor) -> FloatLinear:
+        layer = FloatLinear(self.rows(ids).contiguous(), self._bias_rows(ids))
+        if self.packing is not None:
+            layer.prepack(keep_weight=False, kernel=self.packing)
+        return layer
+
     def weight_bytes(self) -> int:
         element = torch.empty((), dtype=self.packed.dtype if self.weight is None else self.weight.dtype).element_size()
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
@@ -151,6 +165,9 @@ class Int8Linear(Linear):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.qweight[ids].to(self.scales.dtype) * self.scales[ids, None]
+
+    def select_rows(self, ids: torch.Tensor) -> Int8Linear:
+        return Int8Linear(self.qweight[ids].contiguous(), self.scales[ids].contiguous(), self._bias_rows(ids))
 
 
 class Int4Linear(Linear):
@@ -253,14 +270,23 @@ class GgufQ4Linear(_GgufBlockLinear):
         self.register_buffer("minimums", _tiled_scales(minimums, "minimums", dtype))
         self.register_buffer("bias", bias)
 
-    def dequantized(self) -> torch.Tensor:
-        """The file's weights in fp32 (exact: an f16 scale times a 4-bit code plus an f16 minimum fits fp32)."""
+    def codes(self) -> torch.Tensor:
+        """The 4-bit codes as uint8 [out_features, in_features / 32, 32]."""
         blocks = self.in_features // 32
         packed = self.packed.reshape(-1, blocks, 8, TILE_ROWS, 2)
         codes = torch.stack([packed & 0x0F, packed >> 4], dim=2)  # [tiles, blocks, half, c, row, e]
-        codes = codes.permute(0, 4, 1, 2, 3, 5).reshape(-1, blocks, 32)[:self.out_features].float()
-        return (codes * _untiled(self.scales, self.out_features)[..., None]
+        return codes.permute(0, 4, 1, 2, 3, 5).reshape(-1, blocks, 32)[:self.out_features]
+
+    def dequantized(self) -> torch.Tensor:
+        """The file's weights in fp32 (exact: an f16 scale times a 4-bit code plus an f16 minimum fits fp32)."""
+        return (self.codes().float() * _untiled(self.scales, self.out_features)[..., None]
                 + _untiled(self.minimums, self.out_features)[..., None]).reshape(self.out_features, -1)
+
+    def select_rows(self, ids: torch.Tensor) -> GgufQ4Linear:
+        layer = GgufQ4Linear(self.codes()[ids].reshape(len(ids), -1), _untiled(self.scales, self.out_features)[ids],
+                             _untiled(self.minimums, self.out_features)[ids], self._bias_rows(ids))
+        layer.int8_activations = self.int8_activations
+        return layer
 
     def _kernel(self, kernels: Any, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
         return kernels.q4_matmul(x, self.packed, self.scales, self.minimums, self.out_features, fp32_output,
@@ -308,6 +334,19 @@ class GgufQ8Linear(_GgufBlockLinear):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.dequantized(ids).to(torch.bfloat16)
+
+    def select_rows(self, ids: torch.Tensor) -> GgufQ8Linear:
+        tiles = self.packed.reshape(-1, self.in_features // 32, 16, TILE_ROWS, 2)
+        codes = tiles[ids // TILE_ROWS, :, :, ids % TILE_ROWS, :].reshape(len(ids), -1)
+        if self.scales.dtype != torch.uint8:
+            layer = GgufQ8Linear(codes, self.scales[ids // TILE_ROWS, :, ids % TILE_ROWS], self._bias_rows(ids))
+        else:  # Q6_K: the rows' f16 d per super-block and int8 sc per sub-block, as stored
+            d = self.scales[..., :2 * TILE_ROWS].contiguous().view(torch.float16)  # [tiles, supers, rows]
+            sc = self.scales[..., 2 * TILE_ROWS:].contiguous().view(torch.int8).reshape(*d.shape[:2], 16, TILE_ROWS)
+            layer = GgufQ8Linear(codes, d[ids // TILE_ROWS, :, ids % TILE_ROWS], self._bias_rows(ids),
+                                 sub_scales=sc[ids // TILE_ROWS, :, :, ids % TILE_ROWS].reshape(len(ids), -1))
+        layer.int8_activations = self.int8_activations
+        return layer
 
 
 class StackedLinear(Linear):

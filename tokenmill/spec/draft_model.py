@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, StepPlan
 from tokenmill.spec.adaptive import StepCostModel
+from tokenmill.spec.draft_vocab import SubsetHead, draft_vocabulary
 from tokenmill.spec.proposer import DraftRequest, Proposer
 from tokenmill.spec.tree import DraftTree
 
@@ -83,11 +84,13 @@ class DraftModelProposer(Proposer):
     def load(cls, path: str | Path, target: GGUFFile, dtype: torch.dtype, device: torch.device, *,
              weight_format: str, int4_group_size: int, prepack: str | None, enforce_eager: bool, num_blocks: int,
              block_size: int, max_step_tokens: int, max_positions: int, measure_cost: bool,
-             max_kv_bytes: int | None = None, int8_activations: bool = False) -> DraftModelProposer:
+             max_kv_bytes: int | None = None, int8_activations: bool = False,
+             vocab_size: int | None = None, stop_token_ids: Iterable[int] = ()) -> DraftModelProposer:
         """The draft model at `path` for the `target` model's file: same vocabulary (checked token by token), the
         target's dtype and weight format (`int8_activations`: the GGUF layers' int8 mode; `prepack`: the bf16 kernel
         float weights are packed for, or None), `num_blocks` KV blocks of its own (fewer if they would take more than
-        `max_kv_bytes`)."""
+        `max_kv_bytes`); `vocab_size`: its LM head over that many of the lowest ids and the `stop_token_ids` only
+        (spec/draft_vocab.py), or None for the whole head."""
         started = time.perf_counter()
         gguf_file = GGUFFile(path)
         check_same_vocabulary(gguf_file, target)
@@ -102,26 +105,33 @@ class DraftModelProposer(Proposer):
                            int8_activations=int8_activations)
         if prepack is not None:
             model.prepack_weights(prepack)
+        vocab = None if vocab_size is None else draft_vocabulary(cfg.vocab_size, vocab_size, stop_token_ids)
         proposer = cls.for_model(model, device, enforce_eager=enforce_eager, num_blocks=num_blocks,
-                                 block_size=block_size, max_step_tokens=max_step_tokens, measure_cost=measure_cost)
+                                 block_size=block_size, max_step_tokens=max_step_tokens, measure_cost=measure_cost,
+                                 vocab=vocab)
         logger.info("draft model %s loaded in %.1fs", Path(path).name, time.perf_counter() - started)
         return proposer
 
     @classmethod
     def for_model(cls, model: LlamaModel, device: torch.device, *, enforce_eager: bool, num_blocks: int,
-                  block_size: int, max_step_tokens: int, measure_cost: bool) -> DraftModelProposer:
+                  block_size: int, max_step_tokens: int, measure_cost: bool,
+                  vocab: torch.Tensor | None = None) -> DraftModelProposer:
         """A proposer drafting with `model` (loaded, or the target's own layers: spec/self_draft.py) over a KV
-        cache of `num_blocks` blocks of its own."""
+        cache of `num_blocks` blocks of its own; `vocab`: the only token ids it may guess (draft_vocab.py), or None
+        for all."""
         kv_cache = KVCache(model.cfg, num_blocks, block_size, model.dtype, device)
         backend, greedy = plain_backend(model, kv_cache, device, enforce_eager)
-        runner = ModelRunner(backend, model.lm_head, kv_cache, device, greedy,
+        head = model.lm_head if vocab is None else SubsetHead(model.lm_head, vocab)
+        runner = ModelRunner(backend, head, kv_cache, device, greedy,
                              max_positions=model.rope_cos.shape[0], vocab_size=model.embed.out_features)
         cost = None
         if measure_cost:
             counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max(2, min(max_step_tokens, 64))]
             cost = StepCostModel.measure(lambda n: runner.time_rows(n, rows_per_seq=1), counts, repeats=2)
-        logger.info("draft: %d layers on %s, %d KV blocks of its own%s", model.cfg.num_layers,
-                    type(backend).__name__, num_blocks, "" if cost is None else ", one step " + ", ".join(
+        logger.info("draft: %d layers on %s, %d KV blocks of its own, %s%s", model.cfg.num_layers,
+                    type(backend).__name__, num_blocks,
+                    "the whole vocabulary" if vocab is None else f"{len(vocab)} of {head.out_features} tokens",
+                    "" if cost is None else ", one step " + ", ".join(
                         f"{n} seqs {t * 1e3:.1f} ms" for n, t in zip(cost.rows, cost.seconds, strict=True)))
         return cls(runner, num_blocks, block_size, max_step_tokens, model.rope_cos.shape[0], cost)
 
