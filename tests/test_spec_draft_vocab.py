@@ -126,15 +126,41 @@ def test_a_reduced_draft_head_keeps_greedy_output_identical(pair, reference, met
     assert_no_leak(llm)
 
 
-def test_a_reduced_head_guesses_only_its_tokens(pair) -> None:  # noqa: F811
-    def guesses(vocab_size: int | None) -> list[int]:
+def test_a_reduced_head_guesses_only_its_tokens_and_its_requests(pair) -> None:  # noqa: F811
+    """Each guess is the whole head's wherever that one is in the subset or among its own request's tokens, and
+    never any other token."""
+    def guesses(vocab_size: int | None, asked: list[DraftRequest]) -> list[list[int]]:
         proposer = DraftModelProposer.load(
             pair[1], GGUFFile(pair[0]), torch.float32, torch.device("cpu"), weight_format="float",
             int4_group_size=32, prepack=None, enforce_eager=True, num_blocks=64, block_size=16, max_step_tokens=64,
             max_positions=1024, measure_cost=False, vocab_size=vocab_size, stop_token_ids=[VOCAB - 1])
-        asked = [DraftRequest(str(i), prompt, [], 6) for i, prompt in enumerate(prompts())]
-        return [t for chain in proposer.propose_batch(asked) for t in chain]
+        return proposer.propose_batch(asked)
 
-    whole, reduced = guesses(None), guesses(SUBSET)
-    assert max(whole) >= SUBSET  # the whole head would guess outside the subset here
-    assert all(t < SUBSET or t == VOCAB - 1 for t in reduced) and len(reduced) == len(whole)
+    # Half the prompts from the upper ids, which only the requests' own tokens can bring back.
+    asked = [DraftRequest(str(i), [t if i % 2 else VOCAB - 2 - t for t in prompt], [], 6)
+             for i, prompt in enumerate(prompts())]
+    whole, reduced = guesses(None, asked), guesses(SUBSET, asked)
+    allowed = [set(range(SUBSET)) | {VOCAB - 1} | set(r.prompt_token_ids) for r in asked]
+    assert any(t >= SUBSET and t not in allowed[i] for i, chain in enumerate(whole) for t in chain)
+    assert any(t >= SUBSET for chain in reduced for t in chain)  # a prompt's own upper tokens were guessed
+    for chain, wanted, ok in zip(reduced, whole, allowed, strict=True):
+        assert len(chain) == len(wanted) and set(chain) <= ok
+        if wanted[0] in ok:  # the first guess follows the same tokens in both
+            assert chain[0] == wanted[0]
+
+
+def test_row_tokens_add_only_their_own_rows_scores() -> None:
+    head = _layers(False)["q8"]
+    reduced = SubsetHead(head, draft_vocabulary(N, 20))
+    x = torch.randn(3, K, generator=_gen(14)).bfloat16()
+    whole = head.logits(x)
+    reduced.set_row_tokens([[5, 30, 31, 30], [], [69, 2]])
+    logits = reduced.logits(x)
+    for r, extra in ((0, [30, 31]), (2, [69])):
+        torch.testing.assert_close(logits[r, extra], whole[r, extra], rtol=1e-5, atol=1e-4)  # fp32 sums, other order
+    assert torch.equal(logits[:, :20], whole[:, :20])
+    assert bool(torch.isneginf(logits[1, 20:]).all()) and bool(torch.isneginf(logits[0, [32, 69]]).all())
+    assert bool(torch.isneginf(reduced.logits(x)[0, 30]))  # the row tokens hold for one call only
+    with pytest.raises(ValueError, match="rows"):
+        reduced.set_row_tokens([[30]])
+        reduced.logits(x)

@@ -250,6 +250,8 @@ class DraftModelProposer(Proposer):
             slots += [seq.blocks[p // bs] * bs + p % bs for p in range(start, end)]
         plan = StepPlan(tuple(seqs), tuple(token_ids), tuple(positions), tuple(slots),
                         finished_request_ids=tuple(self._released), return_logits=width > 1)
+        if isinstance(self.runner.lm_head, SubsetHead):  # each sampled row may also guess its own request's tokens
+            self.runner.lm_head.set_row_tokens([w.seq.tokens + new for w, new, sample in step if sample])
         result = self.runner.execute(plan)
         self._released = []
         for w, new, _ in step:  # only now does the cache hold their entries
