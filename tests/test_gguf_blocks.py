@@ -11,7 +11,7 @@ import torch
 from tests.conftest import random_k_quant, write_tiny_gguf
 from tokenmill import LLM, SamplingParams
 from tokenmill.attention.fused_cpu import FusedCPUBackend
-from tokenmill.bench.qwen_pair import CACHE, DRAFT
+from tokenmill.bench.qwen_pair import CACHE, DRAFT, TARGET
 from tokenmill.kernels import cpu_kernels, isa
 from tokenmill.model.gguf_blocks import gguf_q4_codes, gguf_q6k_codes, gguf_q8_codes, q8_requantize
 from tokenmill.model.gguf_file import GGUFFile
@@ -249,6 +249,17 @@ def test_mixed_k_quant_model_decodes_the_same_fused_and_eager(mixed_model_path, 
         for out in (eager, fused):
             (a, first), (b, second) = out.logprobs[i].top[:2]
             assert {a, b} == {eager.token_ids[i], fused.token_ids[i]} and first - second < 0.02
+
+
+@pytest.mark.skipif(not (CACHE / TARGET.file_name).exists(), reason="the optional Qwen pair is not assembled")
+def test_qwen_target_runs_every_linear_layer_from_its_own_blocks() -> None:
+    model = load_model(GGUFFile(CACHE / TARGET.file_name), torch.bfloat16, torch.device("cpu"), weight_format="gguf")
+    layers = [m for layer in model.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    stacked = [m for m in layers if isinstance(m, StackedLinear)]
+    # The 14 qkv stacks with a Q6_K v beside Q4_K q and k: one 4-bit and one Q6_K part each.
+    assert len(stacked) == 14 and all([type(p) for p in m.parts] == [GgufQ4Linear, GgufQ8Linear] for m in stacked)
+    assert all(isinstance(m, GgufQ4Linear | GgufQ8Linear | StackedLinear) for m in [*layers, model.lm_head])
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
 
 
 @pytest.mark.skipif(not (CACHE / DRAFT.file_name).exists(), reason="the optional Qwen pair is not assembled")
