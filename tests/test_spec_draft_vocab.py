@@ -154,13 +154,18 @@ def test_row_tokens_add_only_their_own_rows_scores() -> None:
     reduced = SubsetHead(head, draft_vocabulary(N, 20))
     x = torch.randn(3, K, generator=_gen(14)).bfloat16()
     whole = head.logits(x)
-    reduced.set_row_tokens([[5, 30, 31, 30], [], [69, 2]])
+    reduced.set_rows([("a", [5, 30, 31, 30]), ("b", []), ("c", [69, 2])])
     logits = reduced.logits(x)
     for r, extra in ((0, [30, 31]), (2, [69])):
         torch.testing.assert_close(logits[r, extra], whole[r, extra], rtol=1e-5, atol=1e-4)  # fp32 sums, other order
     assert torch.equal(logits[:, :20], whole[:, :20])
     assert bool(torch.isneginf(logits[1, 20:]).all()) and bool(torch.isneginf(logits[0, [32, 69]]).all())
-    assert bool(torch.isneginf(reduced.logits(x)[0, 30]))  # the row tokens hold for one call only
+    assert bool(torch.isneginf(reduced.logits(x)[0, 30]))  # the rows hold for one call only
+    # A request's tokens are read once; later calls add only the new ones; a forgotten id starts afresh.
+    reduced.set_rows([("a", [5, 30, 31, 30, 40]), ("b", [33]), ("a", [5, 30])])
+    assert reduced._row_extras == [[30, 31, 40], [33], [30]]
+    reduced.forget("b")
     with pytest.raises(ValueError, match="rows"):
-        reduced.set_row_tokens([[30]])
+        reduced.set_rows([("b", [34])])
         reduced.logits(x)
+    assert reduced._seen["b"] == (1, [34])

@@ -56,6 +56,7 @@ class _Work:
     """One request's part of a call: tokens still to feed the draft model, and the guesses so far."""
 
     seq: _DraftSeq
+    request_tokens: list[int]  # the request's prompt and output
     pending: list[int]
     wanted: int
     guesses: list[int] = field(default_factory=list)
@@ -140,6 +141,8 @@ class DraftModelProposer(Proposer):
         return self.propose_batch([DraftRequest(request_id, prompt_token_ids, output_token_ids, max_tokens)])[0]
 
     def drop(self, request_id: str) -> None:
+        if isinstance(self.runner.lm_head, SubsetHead):
+            self.runner.lm_head.forget(request_id)
         seq = self._seqs.pop(request_id, None)
         if seq is not None:
             self.pool.free(seq.blocks)
@@ -202,7 +205,7 @@ class DraftModelProposer(Proposer):
         del seq.tokens[min(kept, len(tokens) - 1):]  # the last token is always fed: its logits give guess 1
         if not self._reserve(seq, len(tokens) + wanted - 1, asked):
             return None
-        return _Work(seq, tokens[len(seq.tokens):], wanted)
+        return _Work(seq, tokens, tokens[len(seq.tokens):], wanted)
 
     def _reserve(self, seq: _DraftSeq, entries: int, asked: set[str]) -> bool:
         need = -(-entries // self.block_size) - len(seq.blocks)
@@ -251,7 +254,7 @@ class DraftModelProposer(Proposer):
         plan = StepPlan(tuple(seqs), tuple(token_ids), tuple(positions), tuple(slots),
                         finished_request_ids=tuple(self._released), return_logits=width > 1)
         if isinstance(self.runner.lm_head, SubsetHead):  # each sampled row may also guess its own request's tokens
-            self.runner.lm_head.set_row_tokens([w.seq.tokens + new for w, new, sample in step if sample])
+            self.runner.lm_head.set_rows([(w.seq.request_id, w.request_tokens) for w, _, sample in step if sample])
         result = self.runner.execute(plan)
         self._released = []
         for w, new, _ in step:  # only now does the cache hold their entries

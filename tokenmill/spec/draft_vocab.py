@@ -34,10 +34,10 @@ class SubsetHead(Linear):
     """`head`'s outputs `ids` computed by a layer of the same format holding only those rows; every other output is
     -inf, so greedy choice, top-k and softmax over the whole vocabulary see only the subset.
 
-    A row may also score tokens of its own sequence that the subset lacks (`set_row_tokens`): a draft that copies
-    an identifier from the prompt can still name it. Those few scores come from the whole head's rows, dequantized
-    (`Linear.rows`) and multiplied in fp32, so they may round differently from the subset's; a guess stays a
-    function of its own sequence's tokens, which is what the verifier's one-hot rule needs.
+    A row may also score tokens of its own request that the subset lacks (`set_rows`): a draft that copies an
+    identifier from the prompt can still name it. Those few scores come from the whole head's rows, dequantized
+    and multiplied in fp32, so they may round differently from the subset's; a guess stays a function of its own
+    request's tokens, which is what the verifier's one-hot rule needs.
     """
 
     _CACHED_ROWS = 4096  # dequantized rows of the whole head kept for tokens the subset lacks
@@ -52,6 +52,7 @@ class SubsetHead(Linear):
         self._member = torch.zeros(self.out_features, dtype=torch.bool)
         self._member[ids] = True
         self._rows: dict[int, torch.Tensor] = {}
+        self._seen: dict[str, tuple[int, list[int]]] = {}  # per request: tokens read so far, those outside the subset
         self._row_extras: list[list[int]] | None = None
         try:  # a layer that cannot give its rows (GGUF 4-bit heads, dropped float weights) keeps to the subset
             head.rows(ids[:1])
@@ -59,16 +60,26 @@ class SubsetHead(Linear):
         except (NotImplementedError, RuntimeError):
             self.extends = False
 
-    def set_row_tokens(self, rows: Sequence[Sequence[int]] | None) -> None:
-        """For the next call: per output row, the tokens of its sequence (None: the subset alone)."""
+    def set_rows(self, rows: Sequence[tuple[str, Sequence[int]]] | None) -> None:
+        """For the next call: per output row, its request's id and tokens (prompt and output: they only grow, so
+        each call reads only the new ones); None: the subset alone."""
         if rows is None or not self.extends:
             self._row_extras = None
             return
         extras = []
-        for tokens in rows:
-            seen = torch.tensor(sorted(set(tokens)), dtype=torch.long)
-            extras.append(seen[~self._member[seen]].tolist() if len(seen) else [])
+        for request_id, tokens in rows:
+            read, outside = self._seen.get(request_id, (0, []))
+            if read > len(tokens):  # a new request under an id that was not forgotten
+                read, outside = 0, []
+            new = torch.tensor(tokens[read:], dtype=torch.long)
+            if len(new):
+                outside = outside + sorted(set(new[~self._member[new]].tolist()) - set(outside))
+            self._seen[request_id] = (len(tokens), outside)
+            extras.append(outside)
         self._row_extras = extras
+
+    def forget(self, request_id: str) -> None:
+        self._seen.pop(request_id, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._spread(self.inner(x), x)
@@ -83,7 +94,7 @@ class SubsetHead(Linear):
         if extras is None or not any(extras):
             return out
         if len(extras) != x.shape[0]:
-            raise ValueError(f"set_row_tokens gave {len(extras)} rows for a call with {x.shape[0]}")
+            raise ValueError(f"set_rows gave {len(extras)} rows for a call with {x.shape[0]}")
         union = sorted({t for row in extras for t in row})
         at = {t: i for i, t in enumerate(union)}
         whole = self.__dict__["whole"]
