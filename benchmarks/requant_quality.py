@@ -1,9 +1,9 @@
 """How much a requantization of Q6_K tensors costs in perplexity (what the `gguf` format did to them before they had
-a tile, and still does to a stack that mixes them with Q4_K rows), with nothing else changed: the exact fp32 path
-(float weights = the file's values), once as is and once with every Q6_K tensor replaced
-by its requantized values, dequantized back to fp32 — `q8` (8-bit blocks of 32, an f16 scale each:
-`gguf_blocks.q8_requantize`, what the int8-activation `gguf` mode runs) and `rows` (the `int8` format's one scale per
-output row, what the bf16 `gguf` mode runs). Kernels and activation rounding are out of the picture.
+a tile, and to a stack mixing them with Q4_K rows before such stacks ran one block layer per family), with nothing
+else changed: the exact fp32 path (float weights = the file's values), once as is and once with every Q6_K tensor
+replaced by its requantized values, dequantized back to fp32 — `q8` (8-bit blocks of 32, an f16 scale each:
+`gguf_blocks.q8_requantize`, what the int8-activation `gguf` mode ran) and `rows` (the `int8` format's one scale per
+output row, what the bf16 `gguf` mode ran). Kernels and activation rounding are out of the picture.
 
     .venv/bin/python benchmarks/requant_quality.py \\
         --model ~/.cache/tokenmill/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf

@@ -88,14 +88,22 @@ def test_q6_k_codes_d_and_sc_reproduce_the_gguf_packages_dequantization_exactly(
     assert torch.equal(layer.dequantized(torch.tensor([39, 2])), want[[39, 2]])
 
 
+# Each K-quant layer with its activation rows and seeds: the float64 check, and the int8 bits across levels.
+K_QUANTS = {"q4_k": (q4_k_layer, (7, 2), (5, 4)), "q6_k": (q6_k_layer, (8, 9), (5, 10))}
+
+
 @pytest.mark.parametrize("level", LEVELS)
-def test_q6_k_matmuls_match_a_float64_reference_on_every_level(level) -> None:
-    layer, weight = q6_k_layer()
-    assert_matches_float64(level, layer, weight, rows=8, seed=9)
+@pytest.mark.parametrize("quant", K_QUANTS)
+def test_k_quant_matmuls_match_a_float64_reference_on_every_level(quant, level) -> None:
+    make, (rows, seed), _ = K_QUANTS[quant]
+    layer, weight = make()
+    assert_matches_float64(level, layer, weight, rows=rows, seed=seed)
 
 
-def test_q6_k_int8_matmuls_are_bitwise_equal_on_every_level() -> None:
-    assert_int8_bitwise_equal_on_every_level(q6_k_layer()[0], rows=5, seed=10)
+@pytest.mark.parametrize("quant", K_QUANTS)
+def test_k_quant_int8_matmuls_are_bitwise_equal_on_every_level(quant) -> None:
+    make, _, (rows, seed) = K_QUANTS[quant]
+    assert_int8_bitwise_equal_on_every_level(make()[0], rows=rows, seed=seed)
 
 
 def test_the_q8_kernel_checks_its_scale_layouts() -> None:
@@ -131,16 +139,6 @@ def test_q4_k_layers_keep_fp32_scales_and_the_files_exact_weights() -> None:
     layer, want = q4_k_layer()
     assert layer.scales.dtype == torch.float32 and layer.minimums.dtype == torch.float32  # not exact in f16
     assert torch.equal(layer.dequantized(), want)
-
-
-@pytest.mark.parametrize("level", LEVELS)
-def test_q4_k_matmuls_match_a_float64_reference_on_every_level(level) -> None:
-    layer, weight = q4_k_layer()
-    assert_matches_float64(level, layer, weight, rows=7, seed=2)
-
-
-def test_q4_k_int8_matmuls_are_bitwise_equal_on_every_level() -> None:
-    assert_int8_bitwise_equal_on_every_level(q4_k_layer()[0], rows=5, seed=4)
 
 
 def test_the_kernel_rejects_mismatched_scale_dtypes() -> None:

@@ -133,7 +133,8 @@ def test_a_reduced_head_guesses_only_its_tokens_and_its_requests(pair) -> None: 
         proposer = DraftModelProposer.load(
             pair[1], GGUFFile(pair[0]), torch.float32, torch.device("cpu"), weight_format="float",
             int4_group_size=32, prepack=None, enforce_eager=True, num_blocks=64, block_size=16, max_step_tokens=64,
-            max_positions=1024, measure_cost=False, vocab_size=vocab_size, stop_token_ids=[VOCAB - 1])
+            max_positions=1024, measure_cost=False,
+            vocab=None if vocab_size is None else draft_vocabulary(VOCAB, vocab_size, [VOCAB - 1]))
         return proposer.propose_batch(asked)
 
     # Half the prompts from the upper ids, which only the requests' own tokens can bring back.

@@ -220,6 +220,9 @@ class LLMEngine:
         if config.speculative is None:
             return None
         proposer: Proposer
+        # A draft's guesses are the target's token ids (the draft model's vocabulary is checked to be the target's).
+        vocab = None if config.speculative_draft_vocab is None else draft_vocabulary(
+            self.model_config.vocab_size, config.speculative_draft_vocab, self.tokenizer.stop_token_ids)
         if config.speculative == "draft":
             assert config.speculative_model is not None  # the config checks it
             weight_format = config.speculative_weight_format or config.weight_format
@@ -234,9 +237,9 @@ class LLMEngine:
                 num_blocks=self.kv_cache.num_blocks, block_size=config.block_size,
                 max_step_tokens=config.max_num_batched_tokens, max_positions=self.max_positions,
                 measure_cost=config.speculative_adaptive, max_kv_bytes=int(config.kv_cache_memory_gib * 2**30),
-                vocab_size=config.speculative_draft_vocab, stop_token_ids=self.tokenizer.stop_token_ids)
+                vocab=vocab)
         elif config.speculative == "self":
-            self_draft = self._self_draft()
+            self_draft = self._self_draft(vocab)
             if self_draft is None:
                 return None
             proposer = self_draft
@@ -258,7 +261,7 @@ class LLMEngine:
         return Speculator(proposer, config.num_speculative_tokens, self.max_model_len, config.max_num_batched_tokens,
                           cost, config.speculative_tree_width)
 
-    def _self_draft(self) -> DraftModelProposer | None:
+    def _self_draft(self, vocab: torch.Tensor | None) -> DraftModelProposer | None:
         """The self-speculative proposer, or None when its calibration found that no subset of the layers pays and
         draft lengths are adaptive: such a proposer would draft nothing but its probes, and still prefill every
         prompt through its layers and pay for the probes, for nothing."""
@@ -285,9 +288,7 @@ class LLMEngine:
             draft, self.device, enforce_eager=config.enforce_eager,
             num_blocks=affordable_blocks(draft.cfg, self.dtype, self.kv_cache.num_blocks, config.block_size,
                                          int(config.kv_cache_memory_gib * 2**30)), block_size=config.block_size,
-            max_step_tokens=config.max_num_batched_tokens, measure_cost=config.speculative_adaptive,
-            vocab=None if config.speculative_draft_vocab is None else draft_vocabulary(
-                self.model_config.vocab_size, config.speculative_draft_vocab, self.tokenizer.stop_token_ids))
+            max_step_tokens=config.max_num_batched_tokens, measure_cost=config.speculative_adaptive, vocab=vocab)
 
     @property
     def structured(self) -> StructuredOutputManager:

@@ -34,4 +34,9 @@ constexpr int kScaleGroups = 1;
 template <>
 constexpr int kScaleGroups<Q6KTileScales> = 2;
 
+// Chunks (k-pairs) of a Q8 tile-block under one scale: all 16, or 8 where a block has Groups = 2 scales (Q6_K's
+// sub-blocks of 16 weights).
+template <int Groups>
+constexpr int64_t kQ8Pairs = 16 / Groups;
+
 }  // namespace tokenmill::gguf

@@ -86,12 +86,9 @@ using gguf::kRows;
 constexpr int64_t kTileGroup = 4;          // row tiles kept in cache while every activation tile passes over them
 constexpr int kActTile = 6;                // activation rows sharing one unpacked chunk (registers: 2 chains each)
 constexpr int64_t kSerialWork = 1 << 18;   // multiply-adds below which waking the thread pool costs more than it saves
+using gguf::kQ8Pairs;
 using gguf::kScaleGroups;
 using gguf::Q6KTileScales;
-// Chunks (k-pairs) of a Q8 tile-block under one scale: all 16, or 8 where a block has Groups = 2 scales (Q6_K's
-// sub-blocks of 16 weights).
-template <int Groups>
-constexpr int64_t kQ8Pairs = 16 / Groups;
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;

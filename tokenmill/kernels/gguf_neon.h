@@ -128,7 +128,6 @@ void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const flo
 template <int Tile, typename Scales>
 void q8_tile(const int8_t* w, const Scales& d, int64_t blocks, const float* x, int64_t K, float* out) {
   constexpr int Groups = kScaleGroups<Scales>;
-  constexpr int64_t kPairs = 16 / Groups;  // k-pairs (chunks) under one scale
   float32x4_t acc[Tile][4];
   fill<Tile>(acc, vdupq_n_f32(0.0f));
   for (int64_t b = 0; b < blocks; ++b) {
@@ -136,7 +135,7 @@ void q8_tile(const int8_t* w, const Scales& d, int64_t blocks, const float* x, i
     for (int part = 0; part < Groups; ++part) {
       float32x4_t dot[Tile][4];
       fill<Tile>(dot, vdupq_n_f32(0.0f));
-      for (int64_t j = part * kPairs; j < (part + 1) * kPairs; ++j) {
+      for (int64_t j = part * kQ8Pairs<Groups>; j < (part + 1) * kQ8Pairs<Groups>; ++j) {
         const int8x16x2_t halves = vld2q_s8(chunk + 32 * j);
         for (int e = 0; e < 2; ++e) {
           float32x4_t codes[4];
@@ -226,7 +225,7 @@ template <int Tile, typename Scales>
 void q8_tile_int8(const int8_t* w, const Scales& d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
                   float* out) {
   constexpr int Groups = kScaleGroups<Scales>;
-  constexpr int64_t kQuads = 8 / Groups;  // chunk pairs under one scale
+  constexpr int64_t kQuads = kQ8Pairs<Groups> / 2;  // chunk pairs under one scale
   float32x4_t acc[Tile][4];
   fill<Tile>(acc, vdupq_n_f32(0.0f));
   for (int64_t b = 0; b < blocks; ++b) {

@@ -10,8 +10,8 @@ Two kernel families take them (tokenmill/kernels/gguf_matmul.cpp, `GgufQ4Linear`
   [-32, 31]) under an int8 sc each and an f16 d: the tiles read d and sc as stored and form d · sc in fp32 (exact: an
   11-bit times an 8-bit significand; not exact in f16).
 
-Q5_1, Q5_K, Q3_K and Q2_K have no tile here, nor does a stack mixing tile families or Q6_K with Q8_0/Q5_0; the loader
-gives such tensors the int8 fallback (`loader.py`).
+Q5_1, Q5_K, Q3_K and Q2_K have no tile here; the loader gives a stack holding one of them the int8 fallback, and a
+stack mixing the tile families one block layer per family (`loader.py`).
 """
 
 from __future__ import annotations

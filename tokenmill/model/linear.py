@@ -314,20 +314,26 @@ class GgufQ8Linear(_GgufBlockLinear):
             self.register_buffer("scales", _q6k_scales(scales, sub_scales, self.in_features))
         self.register_buffer("bias", bias)
 
-    def dequantized(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows `ids` (all by default) of the file's weights in fp32."""
+    def stored(self, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Rows `ids` (all by default) as the constructor takes them: int8 codes [n, K], the f16 scales (one per 32
+        weights, or Q6_K's d per 256) and Q6_K's int8 sc per 16 weights (None for the others)."""
         ids = torch.arange(self.out_features) if ids is None else ids
-        blocks = self.in_features // 32
-        tiles = self.packed.reshape(-1, blocks, 16, TILE_ROWS, 2)
-        codes = tiles[ids // TILE_ROWS, :, :, ids % TILE_ROWS, :].reshape(len(ids), -1, 32).float()
+        tile, row = ids // TILE_ROWS, ids % TILE_ROWS
+        codes = self.packed.reshape(-1, self.in_features // 32, 16, TILE_ROWS, 2)[tile, :, :, row, :]
+        codes = codes.reshape(len(ids), -1)
         if self.scales.dtype != torch.uint8:
-            scales = self.scales[ids // TILE_ROWS, :, ids % TILE_ROWS].float()
-            return (codes * scales[..., None]).reshape(-1, self.in_features)
+            return codes, self.scales[tile, :, row], None
         d = self.scales[..., :2 * TILE_ROWS].contiguous().view(torch.float16)  # [tiles, supers, rows]
         sc = self.scales[..., 2 * TILE_ROWS:].contiguous().view(torch.int8).reshape(*d.shape[:2], 16, TILE_ROWS)
-        per16 = d[:, :, None, :].float() * sc.float()  # [tiles, supers, sub-block, row]: exact products
-        per16 = per16.reshape(per16.shape[0], -1, TILE_ROWS)[ids // TILE_ROWS, :, ids % TILE_ROWS]
-        return (codes.reshape(len(ids), -1, 16) * per16[..., None]).reshape(-1, self.in_features)
+        return codes, d[tile, :, row], sc[tile, :, :, row].reshape(len(ids), -1)
+
+    def dequantized(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `ids` (all by default) of the file's weights in fp32."""
+        codes, d, sc = self.stored(ids)
+        if sc is None:
+            return (codes.reshape(len(codes), -1, 32).float() * d.float()[..., None]).reshape(-1, self.in_features)
+        per16 = d.float().repeat_interleave(16, dim=1) * sc.float()  # d · sc per sub-block: exact in fp32
+        return (codes.reshape(len(codes), -1, 16).float() * per16[..., None]).reshape(-1, self.in_features)
 
     def _kernel(self, kernels: Any, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
         return kernels.q8_matmul(x, self.packed, self.scales, self.out_features, fp32_output, self.int8_activations)
@@ -336,15 +342,8 @@ class GgufQ8Linear(_GgufBlockLinear):
         return self.dequantized(ids).to(torch.bfloat16)
 
     def select_rows(self, ids: torch.Tensor) -> GgufQ8Linear:
-        tiles = self.packed.reshape(-1, self.in_features // 32, 16, TILE_ROWS, 2)
-        codes = tiles[ids // TILE_ROWS, :, :, ids % TILE_ROWS, :].reshape(len(ids), -1)
-        if self.scales.dtype != torch.uint8:
-            layer = GgufQ8Linear(codes, self.scales[ids // TILE_ROWS, :, ids % TILE_ROWS], self._bias_rows(ids))
-        else:  # Q6_K: the rows' f16 d per super-block and int8 sc per sub-block, as stored
-            d = self.scales[..., :2 * TILE_ROWS].contiguous().view(torch.float16)  # [tiles, supers, rows]
-            sc = self.scales[..., 2 * TILE_ROWS:].contiguous().view(torch.int8).reshape(*d.shape[:2], 16, TILE_ROWS)
-            layer = GgufQ8Linear(codes, d[ids // TILE_ROWS, :, ids % TILE_ROWS], self._bias_rows(ids),
-                                 sub_scales=sc[ids // TILE_ROWS, :, :, ids % TILE_ROWS].reshape(len(ids), -1))
+        codes, d, sc = self.stored(ids)
+        layer = GgufQ8Linear(codes, d, self._bias_rows(ids), sub_scales=sc)
         layer.int8_activations = self.int8_activations
         return layer
 

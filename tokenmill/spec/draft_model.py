@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, StepPlan
 from tokenmill.spec.adaptive import StepCostModel
-from tokenmill.spec.draft_vocab import SubsetHead, draft_vocabulary
+from tokenmill.spec.draft_vocab import SubsetHead
 from tokenmill.spec.proposer import DraftRequest, Proposer
 from tokenmill.spec.tree import DraftTree
 
@@ -86,12 +86,11 @@ class DraftModelProposer(Proposer):
              weight_format: str, int4_group_size: int, prepack: str | None, enforce_eager: bool, num_blocks: int,
              block_size: int, max_step_tokens: int, max_positions: int, measure_cost: bool,
              max_kv_bytes: int | None = None, int8_activations: bool = False,
-             vocab_size: int | None = None, stop_token_ids: Iterable[int] = ()) -> DraftModelProposer:
+             vocab: torch.Tensor | None = None) -> DraftModelProposer:
         """The draft model at `path` for the `target` model's file: same vocabulary (checked token by token), the
         target's dtype and weight format (`int8_activations`: the GGUF layers' int8 mode; `prepack`: the bf16 kernel
         float weights are packed for, or None), `num_blocks` KV blocks of its own (fewer if they would take more than
-        `max_kv_bytes`); `vocab_size`: its LM head over that many of the lowest ids and the `stop_token_ids` only
-        (spec/draft_vocab.py), or None for the whole head."""
+        `max_kv_bytes`); `vocab`: the only token ids it may guess (draft_vocab.py), or None for all."""
         started = time.perf_counter()
         gguf_file = GGUFFile(path)
         check_same_vocabulary(gguf_file, target)
@@ -106,7 +105,6 @@ class DraftModelProposer(Proposer):
                            int8_activations=int8_activations)
         if prepack is not None:
             model.prepack_weights(prepack)
-        vocab = None if vocab_size is None else draft_vocabulary(cfg.vocab_size, vocab_size, stop_token_ids)
         proposer = cls.for_model(model, device, enforce_eager=enforce_eager, num_blocks=num_blocks,
                                  block_size=block_size, max_step_tokens=max_step_tokens, measure_cost=measure_cost,
                                  vocab=vocab)

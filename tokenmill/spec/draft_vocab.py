@@ -55,7 +55,7 @@ class SubsetHead(Linear):
         self._seen: dict[str, tuple[int, list[int]]] = {}  # per request: tokens read so far, those outside the subset
         self._row_extras: list[list[int]] | None = None
         try:  # a layer that cannot give its rows (GGUF 4-bit heads, dropped float weights) keeps to the subset
-            head.rows(ids[:1])
+            _float_rows(head, ids[:1])
             self.extends = True
         except (NotImplementedError, RuntimeError):
             self.extends = False
@@ -101,9 +101,9 @@ class SubsetHead(Linear):
         extra_scores = x.float() @ self._whole_rows(union).T  # [rows, union]
         if whole.bias is not None:
             extra_scores += whole.bias[union].float()
-        for r, row in enumerate(extras):
-            if row:
-                out[r, torch.tensor(row)] = extra_scores[r, [at[t] for t in row]].to(out.dtype)
+        rows = torch.tensor([r for r, row in enumerate(extras) for _ in row])
+        tokens = [t for row in extras for t in row]
+        out[rows, torch.tensor(tokens)] = extra_scores[rows, torch.tensor([at[t] for t in tokens])].to(out.dtype)
         return out
 
     def _whole_rows(self, tokens: list[int]) -> torch.Tensor:
