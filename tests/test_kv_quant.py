@@ -264,6 +264,18 @@ def test_speculative_decoding_keeps_greedy_tokens_and_never_fills_a_block_with_d
     kv.free(request)
 
 
+def test_adaptive_speculation_measures_its_step_times_within_the_residual_slots(tiny_model) -> None:
+    """The start-up step-time model times up to 64 rows; with 2 seats a quantized cache has 2 residual slots, so the
+    timed steps must put their rows into at most 2 sequences (this once failed to start)."""
+    options = dict(dtype="float32", device="cpu", num_kv_blocks=64, block_size=BS, kv_cache_dtype="int8",
+                   max_num_seqs=2)
+    spec = LLM(str(tiny_model), speculative="ngram", prompt_lookup_min=1, **options)
+    assert spec.engine.speculator.cost is not None and spec.engine.speculator.cost.rows[-1] == 64
+    assert greedy(spec, PROMPTS) == greedy(LLM(str(tiny_model), **options), PROMPTS)
+    spec.engine.step()
+    assert spec.engine.kv_cache.num_held == 0
+
+
 def test_engine_refuses_what_a_quantized_cache_does_not_do(tiny_model, monkeypatch) -> None:
     import argparse
 

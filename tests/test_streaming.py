@@ -43,6 +43,8 @@ def test_window_arithmetic() -> None:
     assert WINDOW.blocks_to_evict(10, 6) == 1  # one full window block ([4, 8)) frees room; the partial one stays
     assert WINDOW.max_new(0) == 12 and WINDOW.max_new(3) == 9
     assert WINDOW.max_new(12) == 8 and WINDOW.max_new(10) == 6  # sinks plus the partial block stay
+    # Drafts evict nothing the real token alone would not: full, one block goes and the rows may refill it.
+    assert [WINDOW.max_drafts(n) for n in (12, 11, 10, 8, 5, 2)] == [3, 0, 1, 3, 6, 9]
     with pytest.raises(ValueError, match="sliding_window"):
         StreamingWindow(4, 2, BS)
     with pytest.raises(ValueError, match="attention_sinks"):
@@ -234,3 +236,20 @@ def test_stream_past_the_context_matches_the_papers_formulation(tiny_model, eage
     assert max(abs(a - b) for a, b in zip(got, ref_logprobs, strict=True)) < 1e-5
     assert final.token_ids == ref_tokens
     assert llm.engine.stats().num_free_blocks == 32
+
+
+@pytest.mark.parametrize("sinks", [SINKS, 0], ids=["sinks", "window-only"])
+def test_speculation_under_a_window_gives_the_tokens_of_plain_decoding(tiny_model, sinks: int) -> None:
+    """A verify step's rows must each see the entries that decoding them one at a time keeps: drafts that made the
+    step evict early would change what the first rows attend to (and a rejected one would have cost a block)."""
+    prompt = [(7 * (j % 9) + 3) % (VOCAB - 1) + 1 for j in range(30)]  # repeats itself: prompt lookup finds drafts
+    params = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)  # past the context, many evictions
+    options = dict(dtype="float32", device="cpu", num_kv_blocks=32, block_size=MODEL_BS, max_num_batched_tokens=16,
+                   sliding_window=WINDOW_TOKENS, attention_sinks=sinks)
+    plain = LLM(str(tiny_model), **options).generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    spec = LLM(str(tiny_model), speculative="ngram", num_speculative_tokens=5, prompt_lookup_min=1,
+               speculative_adaptive=False, **options)
+    assert spec.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == plain
+    stats = spec.engine.stats()
+    assert stats.spec_decode is not None and stats.spec_decode.num_accepted_tokens > 0
+    assert stats.num_free_blocks == 32

@@ -238,8 +238,7 @@ class EngineConfig:
             raise ValueError("speculative_tree_width > 1 needs a draft model (speculative='draft' or 'self'): prompt "
                              f"lookup drafts chains, got speculative={self.speculative!r}")
         for off, reason in ((self.kv_cache_dtype == "auto", "kv_cache_dtype (a tree's accepted rows are moved in a "
-                             "plain cache)"), (self.h2o_budget is None, "h2o_budget"),
-                            (self.sliding_window is None, "sliding_window")):
+                             "plain cache)"), (self.sliding_window is None, "sliding_window")):
             if not off:
                 raise ValueError(f"speculative_tree_width > 1 does not combine with {reason} yet")
 
@@ -255,7 +254,10 @@ class EngineConfig:
                              "a quantized kv_cache_dtype yet (eviction moves single rows between blocks, which "
                              "a quantized block cannot take)"),
                             (self.enable_chunked_prefill, "chunked prefill off (a prompt longer than the budget is "
-                                                          "computed in chunks that fit it)")):
+                                                          "computed in chunks that fit it)"),
+                            (self.speculative is None, "speculative decoding yet (a verify step's rejected rows would "
+                                                       "add their attention to the scores that choose what is "
+                                                       "evicted: the output would not be the one without drafts)")):
             if not off:
                 raise ValueError(f"h2o_budget does not combine with {reason}")
 

@@ -254,7 +254,8 @@ class LLMEngine:
             limit = min(config.max_num_batched_tokens, 64)
             counts = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n <= limit] or [1]
             counts = counts if len(counts) > 1 else [1, 2]
-            cost = StepCostModel.measure(self.runner.time_rows, counts, repeats=2)
+            cost = StepCostModel.measure(lambda n: self.runner.time_rows(n, max_seqs=config.max_num_seqs), counts,
+                                         repeats=2)
             table = ", ".join(f"{n} rows {t * 1e3:.1f} ms" for n, t in zip(cost.rows, cost.seconds, strict=True))
             logger.info("step-time model for adaptive draft lengths measured in %.1fs: %s",
                         time.perf_counter() - started, table)

@@ -158,10 +158,13 @@ class KVCacheManager:
 
     def max_drafts(self, request: Request) -> int | None:
         """The most draft tokens the request's next step may verify after its real token (None: no limit but the
-        budget): with `drafts_fill_blocks` off, the step's rows stay inside its open block without filling it."""
-        if self.drafts_fill_blocks:
-            return None
-        return max(0, self.block_size - 2 - self.num_entries(request.request_id) % self.block_size)
+        budget): with `drafts_fill_blocks` off, the step's rows stay inside its open block without filling it; under
+        a streaming window, they evict nothing that the real token alone would not (`StreamingWindow.max_drafts`)."""
+        entries = self.num_entries(request.request_id)
+        limits = [] if self.drafts_fill_blocks else [max(0, self.block_size - 2 - entries % self.block_size)]
+        if self.window is not None:
+            limits.append(self.window.max_drafts(entries))
+        return min(limits, default=None)
 
     def evict(self, request: Request, num_new: int) -> KVShift | None:
         """Drop blocks of the request so that `num_new` more entries stay within its eviction policy's room: the

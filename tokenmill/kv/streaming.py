@@ -61,6 +61,13 @@ class StreamingWindow:
         full_window_blocks = (entries - sink_entries) // self.block_size
         return min(-(-over // self.block_size), full_window_blocks)
 
+    def max_drafts(self, entries: int) -> int:
+        """The most draft tokens a decode step at `entries` may verify after its real token without evicting more
+        than that token alone would. Each of the step's rows then attends to the entries that decoding it alone
+        would have kept, so speculation under a window stays lossless; a rejected draft never cost a block."""
+        kept = entries - self.blocks_to_evict(entries, 1) * self.block_size
+        return max(0, self.capacity - kept - 1)
+
     def max_new(self, entries: int) -> int:
         """The most entries one step may add after `entries`: what fits once every evictable block is gone (a
         prefill chunk must not overrun the window its own queries attend to)."""

@@ -169,10 +169,13 @@ class ModelRunner:
         blocked = inputs.blocked_token_ids if len(way) < inputs.blocked_rows else ()
         return SamplingRow(params, inputs.prompt_token_ids, output, generator, blocked)
 
-    def time_rows(self, num_rows: int, rows_per_seq: int = 8, context: int = 256) -> float:
+    def time_rows(self, num_rows: int, rows_per_seq: int = 8, context: int = 256, max_seqs: int | None = None) -> float:
         """Seconds one step of `num_rows` rows takes: sequences of `rows_per_seq` rows verified greedily over
-        `context` KV entries each (as far as the cache holds them), the shape of a speculative decode batch. Writes
-        K/V into block 0 and up, so it runs before any request does."""
+        `context` KV entries each (as far as the cache holds them), the shape of a speculative decode batch; more
+        rows per sequence where `max_seqs` (what the engine runs at once, and a quantized cache has open blocks
+        for) would be exceeded. Writes K/V into block 0 and up, so it runs before any request does."""
+        if max_seqs is not None:
+            rows_per_seq = max(rows_per_seq, -(-num_rows // max_seqs))
         bs = self.kv_cache.block_size
         context = max(min(context, self.kv_cache.num_blocks * bs, self.max_positions or context), rows_per_seq)
         seqs, start = [], 0
