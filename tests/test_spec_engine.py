@@ -157,6 +157,26 @@ def test_penalties_logprobs_and_seeds(tiny_model, plain) -> None:
     assert_no_leak(llm)
 
 
+def test_seeded_sampling_gives_the_tokens_of_decoding_without_drafts(tiny_model, plain) -> None:
+    """Verification draws each emitted token as decoding without drafts draws it (one row's noise from the
+    request's generator) and accepts the draft it equals, so a seeded request's tokens depend neither on its drafts
+    nor on their lengths nor on the batch."""
+    # top-k 2 keeps this random model's continuations likely enough for drafts to be accepted at all.
+    params = [SamplingParams(temperature=0.8, top_k=2, max_tokens=30, ignore_eos=True, seed=i,
+                             repetition_penalty=1.2 if i % 2 else 1.0) for i in range(len(prompts()))]
+    want = [r.token_ids for r in plain.generate(prompts(), params, use_tqdm=False)]
+    for batched, k in ((True, 4), (False, 2)):
+        llm = make_llm(tiny_model, spec=True, num_speculative_tokens=k)
+        if batched:
+            got = [r.token_ids for r in llm.generate(prompts(), params, use_tqdm=False)]
+        else:
+            got = [llm.generate(p, sp, use_tqdm=False)[0].token_ids for p, sp in zip(prompts(), params, strict=True)]
+        assert got == want
+        stats = llm.engine.stats().spec_decode
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+        assert_no_leak(llm)
+
+
 def test_abort_during_verification_frees_everything(tiny_model) -> None:
     llm = make_llm(tiny_model, spec=True)
     engine = llm.engine

@@ -247,6 +247,16 @@ def test_sampling_with_trees_keeps_the_target_distribution(pair) -> None:
     assert dof >= 2 and stat < dof + 4 * (2 * dof) ** 0.5
 
 
+def test_seeded_sampling_with_trees_gives_the_tokens_without_drafts(pair) -> None:
+    """A reached row's draw picks the child it equals, so a seeded request's tokens are those it samples without
+    speculation (spec/verifier.py)."""
+    params = [SamplingParams(temperature=0.7, top_k=3, max_tokens=30, ignore_eos=True, seed=i) for i in range(6)]
+    want = [r.token_ids for r in _llm(pair[0]).generate(_prompts(), params, use_tqdm=False)]
+    llm = _llm(*pair, speculative_tree_width=3)
+    assert [r.token_ids for r in llm.generate(_prompts(), params, use_tqdm=False)] == want
+    assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+
+
 def test_tree_width_is_checked() -> None:
     with pytest.raises(ValueError, match="needs a draft model"):
         EngineConfig(model="m", speculative="ngram", speculative_tree_width=2)

@@ -178,6 +178,24 @@ def test_seeded_verification_does_not_depend_on_the_batch() -> None:
     assert alone[0].token_ids == batched[0].token_ids
 
 
+def test_seeded_verification_draws_as_decoding_without_drafts() -> None:
+    """Each reached row draws its token as a row without drafts would (the request's generator, one row's noise);
+    a draft is accepted when it is that token. So the drafts change how many rows one step emits, never which."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 20)
+
+    def rows() -> list[SamplingRow]:  # one request: its rows share its generator
+        gen = torch.Generator().manual_seed(11)
+        return [SamplingRow(SamplingParams(seed=11, temperature=1.0), (), (), gen) for _ in range(4)]
+
+    one_at_a_time = rows()
+    plain = [Sampler()(logits[r : r + 1], one_at_a_time[r : r + 1]).token_ids[0] for r in range(4)]
+    [v] = verify(Sampler(), logits, rows(), [plain[:3]])
+    assert (v.token_ids, v.path) == (plain, [1, 2, 3])  # every draft accepted, the bonus as the fourth draw
+    [v] = verify(Sampler(), logits, rows(), [[plain[0], (plain[1] + 1) % 20, plain[2]]])
+    assert (v.token_ids, v.path) == (plain[:2], [1])  # rejected at row 1: its own draw is the token
+
+
 # ---- the scheduler's 1 + k rule ---------------------------------------------------------------------------------
 
 

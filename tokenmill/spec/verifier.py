@@ -5,16 +5,21 @@ token after d_1..d_i (row 0: after the last accepted token). Verification walks 
 - greedy: d_{i+1} is accepted while it is the target's own choice at row i;
 - sampling (Leviathan et al. 2023, with a one-hot draft distribution q): d_{i+1} is accepted with probability
   min(1, p(d)/q(d)) = p(d); on rejection the row's token is drawn from norm(max(0, p - q)), which is p without d.
+  Both at once, by coupling: the row's token t is drawn from p exactly as decoding without drafts draws it (the same
+  function, the same generator), and d_{i+1} is accepted when t = d_{i+1}; otherwise t is the rejection's draw.
 The first row that does not accept yields the sequence's last token, or, when every draft is accepted, the bonus
 token drawn from row k. Each emitted token is thereby distributed exactly as the target would sample it, for every
 sampling parameter the rows' distributions carry (temperature, top-k/p, min-p, penalties over the history up to that
-row, blocked tokens), and seeded requests draw only from their own generator.
+row, blocked tokens). More: a seeded request draws one row's noise per emitted token from its own generator, as it
+would without drafts, so its tokens are those it gets without speculation, whatever the drafts and whatever else is
+batched.
 
 A token tree (spec/tree.py) is walked from row 0 down: greedy takes the child carrying the target's choice; sampling
-applies SpecInfer's multi-branch rule with one-hot drafts: the row's children are tried in order, child c accepted
-with probability p'(c), where p' is the row's distribution with the children tried before removed and renormalized;
-when none is accepted the token is drawn from that residual. A row with one child is the chain's rule above, and
-a chain is verified as the tree with one child per row (the same uniforms and draws).
+takes the child carrying the row's draw t, if any. That is SpecInfer's multi-branch rule with one-hot drafts (the
+row's children tried in order, child c accepted with probability p'(c), p' being the row's distribution with the
+children tried before removed and renormalized; when none is accepted the token is drawn from that residual): child
+c is accepted with probability p(c) either way, and t outside the children follows that residual. A chain is the
+tree with one child per row.
 """
 
 from __future__ import annotations
@@ -90,30 +95,19 @@ def _greedy_path(choices: Sequence[int], draft: Sequence[int], parents: Sequence
 
 def _sample(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow], draft: Sequence[int],
             parents: Sequence[int]) -> Verified:
-    """The rejection rule down the tree (a chain: one child per row), one uniform per child tried."""
+    """Down the tree (a chain: one child per row), one draw per row reached, each as a row without drafts draws."""
     probs = sampler.probabilities(logits, rows)
-    generator = rows[0].generator or sampler.generator
     kids = children(parents, len(draft))
     path: list[int] = []
     tokens: list[int] = []
     row = 0
     while True:
-        residual, mass, accepted = probs[row : row + 1].clone(), 1.0, 0
-        for child in kids[row]:
-            token = draft[child - 1]
-            u = torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu")
-            weight = float(residual[0, token])
-            if mass > 0 and float(u) < weight / mass:
-                accepted = child
-                break
-            mass -= weight
-            residual[0, token] = 0.0
-        if not accepted:
-            tokens.append(sampler.draw(residual, rows[row : row + 1]))
+        token = sampler.draw(probs[row : row + 1], rows[row : row + 1])
+        tokens.append(token)
+        row = next((c for c in kids[row] if draft[c - 1] == token), 0)
+        if not row:
             break
-        tokens.append(draft[accepted - 1])
-        path.append(accepted)
-        row = accepted
+        path.append(row)
     used = torch.tensor([0, *path], dtype=torch.long, device=logits.device)
     logprobs = sampler.logprobs(logits[used], torch.tensor(tokens, dtype=torch.long, device=logits.device),
                                 [rows[r] for r in (0, *path)])
