@@ -254,3 +254,59 @@ def test_logprobs_bf16_computed_in_float32() -> None:
 def test_row_count_mismatch_rejected() -> None:
     with pytest.raises(ValueError):
         Sampler()(torch.zeros(2, 4), [row()])
+
+
+# ---- the filters without a full sort, and the draw ----
+
+
+def _full_sort_reference(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The filters by a full sort in float64: top-k, top-p over the top-k's renormalised probabilities (a token is
+    kept while the mass before it is under top_p), min-p against the likeliest; the likeliest always kept."""
+    out = torch.zeros(scaled.shape, dtype=torch.float64)
+    for i, r in enumerate(rows):
+        values, ids = torch.sort(scaled[i].double(), descending=True)
+        k = r.params.top_k if r.params.top_k > 0 else len(values)
+        probs = torch.softmax(values[:k], dim=-1)
+        keep = (torch.cumsum(probs, 0) - probs < (r.params.top_p if r.params.top_p < 1 else 2.0))
+        keep &= probs >= r.params.min_p * probs[0]
+        keep[0] = True
+        out[i, ids[:k][keep]] = torch.softmax(values[:k][keep], dim=-1)
+    return out
+
+
+@pytest.mark.parametrize("spread", [8.0, 1.0, 0.05])  # peaked (the first candidates), flat, near uniform
+def test_filters_over_candidates_equal_a_full_sort(spread: float) -> None:
+    from tokenmill.sampler.filters import CANDIDATES, filtered_probs
+
+    vocab = 20000
+    torch.manual_seed(0)
+    settings = [dict(top_p=0.9), dict(top_p=0.5), dict(top_k=50, top_p=0.8), dict(top_k=300),
+                dict(top_k=5000, top_p=0.95), dict(min_p=0.05), dict(min_p=0.5, top_p=0.99), dict(top_k=1),
+                dict(top_p=0.999, min_p=1e-4)]
+    rows = [row(temperature=1.0, **s) for s in settings]  # type: ignore[arg-type]
+    scaled = torch.randn(len(rows), vocab) * spread
+    got, want = filtered_probs(scaled, rows).double(), _full_sort_reference(scaled, rows)
+    for i, r in enumerate(rows):
+        differ = ((got[i] > 0) != (want[i] > 0)).nonzero().flatten().tolist()
+        if not differ:
+            assert torch.allclose(got[i], want[i], atol=1e-7, rtol=1e-5)
+            continue
+        # fp32 rounding may move a token that sits on the top-p boundary to float64's precision, nothing more
+        probs = torch.softmax(scaled[i].double(), dim=-1)
+        assert len(differ) == 1 and r.params.top_k == 0
+        before = float(probs[probs > probs[differ[0]]].sum())
+        assert abs(before - r.params.top_p) < 1e-5
+    assert CANDIDATES[-1] < vocab  # the flat rows went through every level, the full sort included
+
+
+def test_draw_follows_the_probabilities_and_never_picks_a_token_without_mass(monkeypatch) -> None:
+    from tokenmill.sampler import filters
+
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.cat([filters.draw(probs, [row()], generator) for _ in range(6000)]), minlength=7)
+    assert counts[[0, 2, 5, 6]].sum() == 0
+    assert torch.allclose(counts.double() / 6000, probs[0].double(), atol=0.02)
+    # A uniform within rounding of 1, an unnormalised row: the last token with mass, not the zeros after it.
+    monkeypatch.setattr(filters.torch, "rand", lambda n, **kw: torch.full((n,), 1 - 2**-53, dtype=torch.float64))
+    assert filters.draw(probs * 3.3, [row()], None).tolist() == [4]

@@ -7,10 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.sampler.filters import draw, filtered_probs
 from tokenmill.sampling_params import SamplingParams
-
-# Added to the exponential noise so a (vanishingly rare) zero draw cannot turn 0/0 into a NaN that argmax would pick.
-_NOISE_FLOOR = 1e-20
 
 
 @dataclass
@@ -76,7 +74,7 @@ def _penalise(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Repetition/presence/frequency penalties; returns a new float32 tensor, the input is left untouched."""
-    out = logits.float().clone()
+    out = logits.to(torch.float32, copy=True)  # one copy, whether it widens or not
     idx = [i for i, r in enumerate(rows) if has_penalties(r.params)]
     if not idx:
         return out
@@ -103,48 +101,12 @@ def apply_blocked(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         logits[index[restore, 0], index[restore, 1]] = kept[restore]
 
 
-def _filter_mask(sorted_logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Keep-mask over descending-sorted, temperature-scaled logits: top-k, then top-p, then min-p."""
-    n, vocab = sorted_logits.shape
-    device = sorted_logits.device
-    positions = torch.arange(vocab, device=device).unsqueeze(0)
-    top_k = torch.tensor([min(r.params.top_k, vocab) if r.params.top_k > 0 else vocab for r in rows], device=device)
-    keep = positions < top_k.unsqueeze(1)
-    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
-    # top_p == 1 must keep everything; float rounding in the cumsum could otherwise drop tiny-probability tails.
-    top_p = _column([r.params.top_p if r.params.top_p < 1.0 else 2.0 for r in rows], device)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    keep &= mass_before < top_p
-    # min-p compares against the max prob; that ratio is unchanged by renormalisation, so the top-k probs serve.
-    min_p = _column([r.params.min_p for r in rows], device)
-    keep &= probs >= min_p * probs[:, :1]
-    keep[:, 0] = True  # the most likely token always survives
-    return keep
-
-
 def _random_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Sampling distribution in vocab order for random rows (temperature applied, filters applied)."""
     scaled = logits / _column([r.params.temperature for r in rows], logits.device)
     if not any(_needs_filter(r.params) for r in rows):
         return torch.softmax(scaled, dim=-1)
-    sorted_logits, sorted_idx = torch.sort(scaled, dim=-1, descending=True)
-    keep = _filter_mask(sorted_logits, rows)
-    sorted_probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
-    # Back to vocab order so a seeded row's noise lines up with token ids, not with sort tie-breaking.
-    return torch.zeros_like(sorted_probs).scatter_(1, sorted_idx, sorted_probs)
-
-
-def _draw(probs: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None) -> torch.Tensor:
-    """Exponential race argmax(p / q), q ~ Exp(1): a categorical draw needing no host sync or cumsum.
-
-    Rows with a generator take their noise from it alone, so their tokens do not depend on batch composition.
-    """
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    for i, row in enumerate(rows):
-        if row.generator is not None:
-            own = torch.empty(probs.shape[1], device=row.generator.device).exponential_(generator=row.generator)
-            noise[i] = own.to(probs.device)
-    return (probs / (noise + _NOISE_FLOOR)).argmax(dim=-1)
+    return filtered_probs(scaled, rows)
 
 
 def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow]) -> list[TokenLogprobs | None]:
@@ -204,20 +166,19 @@ class Sampler:
                                                                                              torch.bfloat16):
                 return SamplerOutput(token_ids=self.greedy(logits.contiguous()).tolist(), logprobs=[None] * len(rows))
             return SamplerOutput(token_ids=logits.max(dim=-1).indices.tolist(), logprobs=[None] * len(rows))
-        logits = logits.float()
         tokens = self._select(logits, rows)
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=_logprobs(logits, tokens, rows))
 
     def probabilities(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """fp32 [len(rows), vocab]: each random row's sampling distribution, every parameter applied (a verifier's
         target distribution p). Rows must be random (temperature > 0)."""
-        adjusted = apply_penalties(logits.float(), rows)
+        adjusted = apply_penalties(logits, rows)
         apply_blocked(adjusted, rows)
         return _random_probs(adjusted, rows)
 
     def draw(self, probs: torch.Tensor, rows: Sequence[SamplingRow]) -> int:
         """One token from a single row's (possibly unnormalised) probabilities, with the row's generator."""
-        return int(_draw(probs, rows, self.generator)[0])
+        return int(draw(probs, rows, self.generator)[0])
 
     def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor,
                  rows: Sequence[SamplingRow]) -> list[TokenLogprobs | None]:
@@ -232,8 +193,10 @@ class Sampler:
         if greedy:
             index = torch.tensor(greedy, dtype=torch.long, device=logits.device)
             tokens[index] = adjusted[index].argmax(dim=-1)
+        if len(random) == len(rows):  # no copy of the rows to pick them all
+            return draw(_random_probs(adjusted, rows), rows, self.generator)
         if random:
             index = torch.tensor(random, dtype=torch.long, device=logits.device)
             random_rows = [rows[i] for i in random]
-            tokens[index] = _draw(_random_probs(adjusted[index], random_rows), random_rows, self.generator)
+            tokens[index] = draw(_random_probs(adjusted[index], random_rows), random_rows, self.generator)
         return tokens

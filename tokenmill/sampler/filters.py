@@ -1,0 +1,95 @@
+"""Top-k, top-p and min-p without sorting the vocabulary, and the categorical draw.
+
+A nucleus is the head of the row's tokens sorted by probability, and almost always a short one. So the filters look
+at the row's `CANDIDATES[0]` likeliest tokens first (`torch.topk`, a partial sort), and only rows whose kept set
+could reach past them try the next count, up to the whole vocabulary (a full sort). A row is settled by a candidate
+count when every token past the candidates is dropped anyway: by top-k (k within the count), by top-p (the
+candidates already hold `top_p` of the mass, and a token's mass before it is at least theirs), or by min-p (the last
+candidate, which is at least as likely as any token past it, is below `min_p` times the likeliest). The kept set is
+then the one a full sort gives (ties at the boundary aside, which no order settles).
+
+The draw is by inverse CDF: one uniform per row, found in the running sum of the row's probabilities. A row with
+its own generator takes its uniform from it alone, so its token does not depend on the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from tokenmill.sampler.sampler import SamplingRow
+
+CANDIDATES = (256, 4096)  # then the whole vocabulary
+
+
+def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+
+def filtered_probs(scaled: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """[n, vocab] fp32 sampling distributions in vocab order from temperature-scaled fp32 logits: top-k, then top-p
+    over the top-k's renormalised probabilities, then min-p against the likeliest (always kept); zero elsewhere."""
+    n, vocab = scaled.shape
+    out = torch.zeros_like(scaled)
+    top_k = [min(r.params.top_k, vocab) if r.params.top_k > 0 else vocab for r in rows]
+    todo = list(range(n))
+    for count in (*CANDIDATES, vocab):
+        k = min(count, vocab, max(top_k[i] for i in todo))
+        settled = _filter_candidates(scaled, out, todo, k, [top_k[i] for i in todo], [rows[i] for i in todo])
+        todo = [i for i, done in zip(todo, settled, strict=True) if not done]
+        if not todo:
+            return out
+    raise AssertionError("a full sort settles every row")
+
+
+def _filter_candidates(scaled: torch.Tensor, out: torch.Tensor, todo: list[int], k: int, top_k: list[int],
+                       rows: Sequence[SamplingRow]) -> list[bool]:
+    """Filters rows `todo` of `scaled` over their k likeliest tokens, writing the distributions of the rows this
+    settles into `out`; returns which rows it settled."""
+    device, vocab = scaled.device, scaled.shape[1]
+    index = torch.tensor(todo, dtype=torch.long, device=device)
+    logits = scaled if len(todo) == scaled.shape[0] else scaled[index]
+    values, ids = torch.topk(logits, k, dim=-1)
+    positions = torch.arange(k, device=device).unsqueeze(0)
+    within = positions < torch.tensor(top_k, device=device).clamp(max=k).unsqueeze(1)
+    with_k = [t <= k for t in top_k]  # these renormalise over their top k, the others over the whole row
+    has_k = torch.tensor(with_k, device=device).unsqueeze(1)
+    head = torch.logsumexp(values.masked_fill(~within, float("-inf")), dim=-1, keepdim=True) if any(with_k) else None
+    whole = None if all(with_k) else torch.logsumexp(logits, dim=-1, keepdim=True)
+    norm = whole if head is None else head if whole is None else torch.where(has_k, head, whole)
+    probs = torch.exp(values - norm).masked_fill(~within, 0.0)
+    top_p = _column([r.params.top_p if r.params.top_p < 1.0 else 2.0 for r in rows], device)
+    min_p = _column([r.params.min_p for r in rows], device)
+    below = probs >= min_p * probs[:, :1]
+    keep = within & (torch.cumsum(probs, dim=-1) - probs < top_p) & below
+    keep[:, 0] = True
+    settled = has_k.squeeze(1) | (probs.sum(dim=-1) >= top_p.squeeze(1)) | ~below[:, -1]
+    if k == vocab:
+        settled[:] = True
+    kept = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
+    done = settled.nonzero().squeeze(1)
+    flat = index[done].unsqueeze(1) * vocab + ids[done]  # `out` rows are zero: write the kept ones in place
+    out.view(-1)[flat.flatten()] = kept[done].flatten()
+    return settled.tolist()
+
+
+def draw(probs: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from its (possibly unnormalised) probabilities: the first whose running sum exceeds a
+    uniform share of the row's total. Rows with a generator take their uniform from it, the others from
+    `generator` (None: torch's global one)."""
+    uniforms = torch.rand(len(rows), dtype=torch.float64, generator=generator,
+                          device=generator.device if generator is not None else "cpu")
+    for i, row in enumerate(rows):
+        if row.generator is not None:
+            uniforms[i] = torch.rand((), dtype=torch.float64, generator=row.generator,
+                                     device=row.generator.device).to(uniforms.device)
+    cdf = torch.cumsum(probs.float(), dim=-1)
+    total = cdf[:, -1:]
+    target = (uniforms.to(probs.device).unsqueeze(1) * total.double()).float()
+    # Kept below the total, which a uniform within rounding of 1 could reach: the first running sum above the target
+    # is then at most the last token with mass, never one of the zeros after it.
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
