@@ -1,7 +1,8 @@
 """Two checkouts of tokenmill on the same workloads, timed alternately (A, B, A, B...): does a change move speed?
 
 Each measurement is a fresh subprocess whose working directory is the checkout, so it imports that checkout's
-`tokenmill` (and builds its kernels into its own extension cache). Two workloads, greedy with EOS ignored:
+`tokenmill` (and builds its kernels into its own extension cache). Two workloads, EOS ignored, greedy unless
+`--temperature` (with `--top-p`, `--top-k`; each request seeded by its index) samples:
 - offline: `--num-requests` random-token prompts, input/output lengths uniform in the given ranges, one `generate`
   call; output tokens per second;
 - single stream: one prompt of `--stream-prompt-len` tokens, `--stream-tokens` generated; time to the first token
@@ -10,6 +11,7 @@ Each measurement is a fresh subprocess whose working directory is the checkout, 
 
     .venv/bin/python benchmarks/checkout_ab.py --a /path/to/base --b . --repeats 2
     .venv/bin/python benchmarks/checkout_ab.py --a . --b . --dtype float32 --b-dtype bfloat16   # two dtypes
+    .venv/bin/python benchmarks/checkout_ab.py --a /path/to/base --b . --temperature 0.7 --top-p 0.9   # sampled
 
 Prints a Markdown table with the paired ratios (B / A) and writes JSON with the machine description.
 """
@@ -44,15 +46,17 @@ def prompt(n):
     return [rng.randrange(100, vocab) for _ in range(n)]
 reqs = [(prompt(rng.randint(*args["input"])), rng.randint(*args["output"])) for _ in range(args["num_requests"])]
 llm.generate([p for p, _ in reqs[:4]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
-params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
+def sampling(max_tokens, seed):
+    return SamplingParams(max_tokens=max_tokens, temperature=args["temperature"], top_p=args["top_p"],
+                          top_k=args["top_k"], seed=seed if args["temperature"] > 0 else None, ignore_eos=True)
+params = [sampling(o, i) for i, (_, o) in enumerate(reqs)]
 llm.reset_prefix_cache()
 start = time.perf_counter()
 out = llm.generate([p for p, _ in reqs], params, use_tqdm=False)
 offline_s = time.perf_counter() - start
 tokens = sum(len(r.token_ids) for r in out)
 engine = llm.engine
-engine.add_request(prompt(args["stream_prompt"]), SamplingParams(max_tokens=args["stream_tokens"], temperature=0,
-                                                                  ignore_eos=True), "stream")
+engine.add_request(prompt(args["stream_prompt"]), sampling(args["stream_tokens"], 0), "stream")
 times, first = [], None
 stream_start = time.perf_counter()
 while engine.has_unfinished_requests():
@@ -83,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-prompt-len", type=int, default=128)
     p.add_argument("--stream-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/checkout_ab.json")
     return p.parse_args(argv)
 
@@ -91,7 +98,8 @@ def run_child(checkout: Path, args: argparse.Namespace, ext_dir: Path, dtype: st
     config = {"threads": args.threads, "dtype": dtype, "seed": args.seed, "num_requests": args.num_requests,
               "input": [int(v) for v in args.input_len_range.split(",")],
               "output": [int(v) for v in args.output_len_range.split(",")],
-              "stream_prompt": args.stream_prompt_len, "stream_tokens": args.stream_tokens}
+              "stream_prompt": args.stream_prompt_len, "stream_tokens": args.stream_tokens,
+              "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext_dir), "PYTHONPATH": str(checkout)}
     done = subprocess.run([args.python, "-c", _CHILD, json.dumps(config)], cwd=checkout, env=env, check=True,
                           capture_output=True, text=True)
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                      statistics.median(r[metric] for r in runs["B"]), ratios))
     print(f"A = {checkouts['A']} ({git_revision(checkouts['A'])}), B = {checkouts['B']} "
           f"({git_revision(checkouts['B'])}), dtype {runs['A'][0]['dtype']} / {runs['B'][0]['dtype']}, "
-          f"{args.threads} threads\n")
+          f"{args.threads} threads, temperature {args.temperature}, top-p {args.top_p}, top-k {args.top_k}\n")
     print("| metric | A (median) | B (median) | paired B/A |\n|---|---|---|---|")
     for label, a, b, ratios in rows:
         print(f"| {label} | {a:,.1f} | {b:,.1f} | {', '.join(f'{r:.3f}' for r in ratios)} |")
