@@ -15,12 +15,10 @@ its own generator takes its uniform from it alone, so its token does not depend 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from tokenmill.sampler.sampler import SamplingRow
+from tokenmill.sampling_params import SamplingParams
 
 CANDIDATES = (256, 4096)  # then the whole vocabulary
 
@@ -29,12 +27,12 @@ def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
 
-def filtered_probs(scaled: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+def filtered_probs(scaled: torch.Tensor, rows: Sequence[SamplingParams]) -> torch.Tensor:
     """[n, vocab] fp32 sampling distributions in vocab order from temperature-scaled fp32 logits: top-k, then top-p
     over the top-k's renormalised probabilities, then min-p against the likeliest (always kept); zero elsewhere."""
     n, vocab = scaled.shape
     out = torch.zeros_like(scaled)
-    top_k = [min(r.params.top_k, vocab) if r.params.top_k > 0 else vocab for r in rows]
+    top_k = [min(r.top_k, vocab) if r.top_k > 0 else vocab for r in rows]
     todo = list(range(n))
     for count in (*CANDIDATES, vocab):
         k = min(count, vocab, max(top_k[i] for i in todo))
@@ -46,7 +44,7 @@ def filtered_probs(scaled: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
 
 
 def _filter_candidates(scaled: torch.Tensor, out: torch.Tensor, todo: list[int], k: int, top_k: list[int],
-                       rows: Sequence[SamplingRow]) -> list[bool]:
+                       rows: Sequence[SamplingParams]) -> list[bool]:
     """Filters rows `todo` of `scaled` over their k likeliest tokens, writing the distributions of the rows this
     settles into `out`; returns which rows it settled."""
     device, vocab = scaled.device, scaled.shape[1]
@@ -61,8 +59,8 @@ def _filter_candidates(scaled: torch.Tensor, out: torch.Tensor, todo: list[int],
     whole = None if all(with_k) else torch.logsumexp(logits, dim=-1, keepdim=True)
     norm = whole if head is None else head if whole is None else torch.where(has_k, head, whole)
     probs = torch.exp(values - norm).masked_fill(~within, 0.0)
-    top_p = _column([r.params.top_p if r.params.top_p < 1.0 else 2.0 for r in rows], device)
-    min_p = _column([r.params.min_p for r in rows], device)
+    top_p = _column([r.top_p if r.top_p < 1.0 else 2.0 for r in rows], device)
+    min_p = _column([r.min_p for r in rows], device)
     below = probs >= min_p * probs[:, :1]
     keep = within & (torch.cumsum(probs, dim=-1) - probs < top_p) & below
     keep[:, 0] = True
@@ -76,16 +74,16 @@ def _filter_candidates(scaled: torch.Tensor, out: torch.Tensor, todo: list[int],
     return settled.tolist()
 
 
-def draw(probs: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None],
+         generator: torch.Generator | None) -> torch.Tensor:
     """One token per row from its (possibly unnormalised) probabilities: the first whose running sum exceeds a
-    uniform share of the row's total. Rows with a generator take their uniform from it, the others from
-    `generator` (None: torch's global one)."""
-    uniforms = torch.rand(len(rows), dtype=torch.float64, generator=generator,
+    uniform share of the row's total. A row with a generator of its own (`generators[i]`) takes its uniform from it,
+    the others from `generator` (None: torch's global one)."""
+    uniforms = torch.rand(len(generators), dtype=torch.float64, generator=generator,
                           device=generator.device if generator is not None else "cpu")
-    for i, row in enumerate(rows):
-        if row.generator is not None:
-            uniforms[i] = torch.rand((), dtype=torch.float64, generator=row.generator,
-                                     device=row.generator.device).to(uniforms.device)
+    for i, own in enumerate(generators):
+        if own is not None:
+            uniforms[i] = torch.rand((), dtype=torch.float64, generator=own, device=own.device).to(uniforms.device)
     cdf = torch.cumsum(probs.float(), dim=-1)
     total = cdf[:, -1:]
     target = (uniforms.to(probs.device).unsqueeze(1) * total.double()).float()

@@ -106,7 +106,7 @@ def _random_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Te
     scaled = logits / _column([r.params.temperature for r in rows], logits.device)
     if not any(_needs_filter(r.params) for r in rows):
         return torch.softmax(scaled, dim=-1)
-    return filtered_probs(scaled, rows)
+    return filtered_probs(scaled, [r.params for r in rows])
 
 
 def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow]) -> list[TokenLogprobs | None]:
@@ -178,7 +178,7 @@ class Sampler:
 
     def draw(self, probs: torch.Tensor, rows: Sequence[SamplingRow]) -> int:
         """One token from a single row's (possibly unnormalised) probabilities, with the row's generator."""
-        return int(draw(probs, rows, self.generator)[0])
+        return int(draw(probs, [r.generator for r in rows], self.generator)[0])
 
     def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor,
                  rows: Sequence[SamplingRow]) -> list[TokenLogprobs | None]:
@@ -194,9 +194,10 @@ class Sampler:
             index = torch.tensor(greedy, dtype=torch.long, device=logits.device)
             tokens[index] = adjusted[index].argmax(dim=-1)
         if len(random) == len(rows):  # no copy of the rows to pick them all
-            return draw(_random_probs(adjusted, rows), rows, self.generator)
+            return draw(_random_probs(adjusted, rows), [r.generator for r in rows], self.generator)
         if random:
             index = torch.tensor(random, dtype=torch.long, device=logits.device)
             random_rows = [rows[i] for i in random]
-            tokens[index] = draw(_random_probs(adjusted[index], random_rows), random_rows, self.generator)
+            tokens[index] = draw(_random_probs(adjusted[index], random_rows), [r.generator for r in random_rows],
+                                 self.generator)
         return tokens
