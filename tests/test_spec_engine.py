@@ -158,7 +158,7 @@ def test_penalties_logprobs_and_seeds(tiny_model, plain) -> None:
 
 
 def test_seeded_sampling_gives_the_tokens_of_decoding_without_drafts(tiny_model, plain) -> None:
-    """Verification draws each emitted token as decoding without drafts draws it (one row's noise from the
+    """Verification draws each emitted token as decoding without drafts draws it (one uniform from the
     request's generator) and accepts the draft it equals, so a seeded request's tokens depend neither on its drafts
     nor on their lengths nor on the batch."""
     # top-k 2 keeps this random model's continuations likely enough for drafts to be accepted at all.

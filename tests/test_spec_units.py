@@ -179,7 +179,7 @@ def test_seeded_verification_does_not_depend_on_the_batch() -> None:
 
 
 def test_seeded_verification_draws_as_decoding_without_drafts() -> None:
-    """Each reached row draws its token as a row without drafts would (the request's generator, one row's noise);
+    """Each reached row draws its token as a row without drafts would (one uniform from the request's generator);
     a draft is accepted when it is that token. So the drafts change how many rows one step emits, never which."""
     torch.manual_seed(0)
     logits = torch.randn(4, 20)

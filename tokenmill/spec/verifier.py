@@ -10,7 +10,7 @@ token after d_1..d_i (row 0: after the last accepted token). Verification walks 
 The first row that does not accept yields the sequence's last token, or, when every draft is accepted, the bonus
 token drawn from row k. Each emitted token is thereby distributed exactly as the target would sample it, for every
 sampling parameter the rows' distributions carry (temperature, top-k/p, min-p, penalties over the history up to that
-row, blocked tokens). More: a seeded request draws one row's noise per emitted token from its own generator, as it
+row, blocked tokens). More: a seeded request takes one uniform per emitted token from its own generator, as it
 would without drafts, so its tokens are those it gets without speculation, whatever the drafts and whatever else is
 batched.
 
