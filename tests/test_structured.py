@@ -128,6 +128,22 @@ def test_greedy_with_speculation_is_identical_and_drafts_respect_the_grammar(tin
     assert stats is not None and stats.num_drafts > 0
 
 
+def test_seeded_sampling_with_speculation_under_a_grammar_gives_the_tokens_without_it(tiny_model, llm) -> None:
+    """Each verify row draws as a step without drafts would (spec/verifier.py), over the grammar's mask at that row,
+    so seeded grammar-bound requests sample the same tokens with prompt lookup as without."""
+    regex = r"(ab|cd|[0-9]){4,60}"
+    prompts = ["abcdabcdab12cdabcdab", "cdcd1212cdcd1212cd", "q"]
+    constraints = [StructuredOutputs(regex=regex)] * 2 + [StructuredOutputs(regex=r"[xyz]{30}")]
+    params = [SamplingParams(temperature=0.8, top_k=3, seed=i, max_tokens=60, structured_outputs=c)
+              for i, c in enumerate(constraints)]
+    plain = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    spec = make_llm(tiny_model, speculative="ngram", num_speculative_tokens=4, prompt_lookup_min=1,
+                    speculative_adaptive=False)
+    assert [o.token_ids for o in spec.generate(prompts, params, use_tqdm=False)] == plain
+    stats = spec.engine.stats().spec_decode
+    assert stats is not None and stats.num_accepted_tokens > 0
+
+
 def test_preemption_keeps_the_grammar_state(tiny_model) -> None:
     small = make_llm(tiny_model, num_kv_blocks=24, max_num_seqs=8)
     params = [sampled(StructuredOutputs(json=SCHEMAS["address"]), s, 200) for s in range(8)]
