@@ -221,6 +221,24 @@ def test_trees_keep_greedy_output_identical(pair, reference, width, options, mon
     assert proposer.pool.num_free_blocks == proposer.pool.num_blocks
 
 
+@pytest.mark.parametrize("sinks", [4, 0], ids=["sinks", "window-only"])
+def test_trees_under_a_streaming_window_keep_greedy_output_identical(pair, sinks, monkeypatch) -> None:
+    """Accepted leaves move within a window's blocks as within any plain cache, and drafts evict nothing that the
+    real token alone would not (kv/streaming.py), well past the window's capacity."""
+    window = dict(sliding_window=48, attention_sinks=sinks, max_num_batched_tokens=512)
+    params = Params(temperature=0, max_tokens=120, ignore_eos=True)
+    want = [r.token_ids for r in _llm(pair[0], **window).generate(_prompts(), params, use_tqdm=False)]
+    llm = _llm(*pair, speculative_tree_width=3, **window)
+    moved: list[list[int]] = []
+    keep = llm.engine.runner._keep_path
+    monkeypatch.setattr(llm.engine.runner, "_keep_path",
+                        lambda seq, path, slots: (moved.append(path), keep(seq, path, slots)))
+    assert [r.token_ids for r in llm.generate(_prompts(), params, use_tqdm=False)] == want
+    assert any(path and path[-1] != len(path) for path in moved)  # leaves were accepted and moved
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
 def test_a_tree_accepts_more_per_step_than_its_chain(pair) -> None:
     """The same draft, chain against tree: the leaves only add chances, so tokens per verify step do not drop."""
     accepted = {}
@@ -262,5 +280,6 @@ def test_tree_width_is_checked() -> None:
         EngineConfig(model="m", speculative="ngram", speculative_tree_width=2)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(model="m", speculative="self", speculative_tree_width=2, kv_cache_dtype="int8")
+    EngineConfig(model="m", speculative="self", speculative_tree_width=2, sliding_window=64)  # combines
     with pytest.raises(ValueError, match=">= 1"):
         EngineConfig(model="m", speculative_tree_width=0)
