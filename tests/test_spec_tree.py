@@ -239,6 +239,24 @@ def test_trees_under_a_streaming_window_keep_greedy_output_identical(pair, sinks
     assert stats.num_free_blocks == stats.num_total_blocks
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+def test_trees_over_a_quantized_cache_keep_greedy_output_identical(pair, kv_cache_dtype, monkeypatch) -> None:
+    """A tree's rows stay in the open block (drafts never fill one), which lives in the request's full-precision
+    residual slot: the quantized kernels attend each row over its own visible entries, accepted leaves move there."""
+    options = dict(kv_cache_dtype=kv_cache_dtype, max_num_seqs=8)
+    want = [r.token_ids for r in _llm(pair[0], **options).generate(_prompts(), GREEDY, use_tqdm=False)]
+    llm = _llm(*pair, speculative_tree_width=3, **options)
+    moved: list[list[int]] = []
+    keep = llm.engine.runner._keep_path
+    monkeypatch.setattr(llm.engine.runner, "_keep_path",
+                        lambda seq, path, slots: (moved.append(path), keep(seq, path, slots)))
+    assert [r.token_ids for r in llm.generate(_prompts(), GREEDY, use_tqdm=False)] == want
+    assert any(path and path[-1] != len(path) for path in moved)
+    llm.engine.step()  # an empty step hands the runner the last finished ids
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and llm.engine.kv_cache.num_held == 0
+
+
 def test_a_tree_accepts_more_per_step_than_its_chain(pair) -> None:
     """The same draft, chain against tree: the leaves only add chances, so tokens per verify step do not drop."""
     accepted = {}
@@ -278,8 +296,7 @@ def test_seeded_sampling_with_trees_gives_the_tokens_without_drafts(pair) -> Non
 def test_tree_width_is_checked() -> None:
     with pytest.raises(ValueError, match="needs a draft model"):
         EngineConfig(model="m", speculative="ngram", speculative_tree_width=2)
-    with pytest.raises(ValueError, match="kv_cache_dtype"):
-        EngineConfig(model="m", speculative="self", speculative_tree_width=2, kv_cache_dtype="int8")
-    EngineConfig(model="m", speculative="self", speculative_tree_width=2, sliding_window=64)  # combines
+    for combines in (dict(kv_cache_dtype="int8"), dict(sliding_window=64)):
+        EngineConfig(model="m", speculative="self", speculative_tree_width=2, **combines)
     with pytest.raises(ValueError, match=">= 1"):
         EngineConfig(model="m", speculative_tree_width=0)

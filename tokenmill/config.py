@@ -237,9 +237,6 @@ class EngineConfig:
         if self.speculative not in ("draft", "self"):
             raise ValueError("speculative_tree_width > 1 needs a draft model (speculative='draft' or 'self'): prompt "
                              f"lookup drafts chains, got speculative={self.speculative!r}")
-        if self.kv_cache_dtype != "auto":
-            raise ValueError("speculative_tree_width > 1 does not combine with kv_cache_dtype (a tree's accepted rows "
-                             "are moved in a plain cache) yet")
 
     def _check_h2o(self) -> None:
         if self.h2o_budget is None:

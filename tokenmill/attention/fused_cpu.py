@@ -155,11 +155,9 @@ class FusedCPUBackend(AttentionBackend):
         x = self.model.embed.rows(input_ids)
         kv = self.kv_cache
         if isinstance(kv, QuantizedKVCache):
-            if metadata.row_visible is not None:
-                raise ValueError("token trees need a plain KV cache")
             return self.step.forward_quantized(x, positions, metadata.query_starts, metadata.block_tables,
                                                metadata.context_lens, self.quant_kv, metadata.residual_slots,
-                                               metadata.attention_mass)
+                                               metadata.attention_mass, metadata.row_visible)
         return self.step.forward(x, positions, metadata.slot_mapping, metadata.query_starts, metadata.block_tables,
                                  metadata.context_lens, kv.k, kv.v, kv.block_size, metadata.attention_mass,
                                  metadata.row_visible)

@@ -928,7 +928,7 @@ template <typename T>
 at::Tensor attend_quantized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const QuantKV& kv,
                             int64_t layer, const at::Tensor& query_starts, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, const at::Tensor& residual_slots,
-                            const std::optional<at::Tensor>& mass, bool exact_rows) {
+                            const std::optional<at::Tensor>& mass, bool exact_rows, const int64_t* visible) {
   const QuantLayer<T> quant = quant_layer<T>(kv, layer);
   const int64_t num_seqs = block_tables.size(0), kv_heads = k.size(1);
   const int64_t* starts = query_starts.data_ptr<int64_t>();
@@ -937,7 +937,7 @@ at::Tensor attend_quantized(const at::Tensor& q, const at::Tensor& k, const at::
   quantize_filled_blocks<T>(quant, k.data_ptr<T>(), v.data_ptr<T>(), k.stride(0), v.stride(0), kv_heads, num_seqs,
                             starts, block_tables.data_ptr<int64_t>(), block_tables.size(1), ctx, slots);
   at::Tensor out = attend<T>(q, k, v, nullptr, nullptr, 0, query_starts, block_tables, context_lens, kv.block_size,
-                             mass, exact_rows, &quant, slots);
+                             mass, exact_rows, &quant, slots, visible);
   store_open_rows<T>(quant, k.data_ptr<T>(), v.data_ptr<T>(), k.stride(0), v.stride(0), kv_heads, num_seqs, starts,
                      ctx, slots);
   return out;
@@ -1032,9 +1032,12 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, c
                                      const QuantKV& kv, int64_t layer, const at::Tensor& query_starts,
                                      const at::Tensor& block_tables, const at::Tensor& context_lens,
                                      const at::Tensor& residual_slots,
-                                     const std::optional<at::Tensor>& attention_mass, bool exact_rows) {
+                                     const std::optional<at::Tensor>& attention_mass, bool exact_rows,
+                                     const std::optional<at::Tensor>& row_visible) {
   RECORD_FUNCTION("tokenmill::paged_attention_quantized", std::vector<c10::IValue>());
   check_batch(q, k, v, query_starts, block_tables, context_lens, kv.block_size, attention_mass);
+  // A token tree's rows (few: drafts stay in the open block) are attended one row at a time, each over its count.
+  const int64_t* visible = row_visible ? check_visible(*row_visible, query_starts, context_lens, exact_rows) : nullptr;
   TM_CHECK(block_tables.dim() == 2, "a quantized cache takes one block table per sequence");
   check_quant_kv(kv, q.scalar_type(), k.size(1), q.size(2));
   TM_CHECK(layer >= 0 && layer < kv.k_data.size(0), "no layer ", layer, " in the quantized cache");
@@ -1052,9 +1055,9 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, c
   }
   if (q.scalar_type() == at::kFloat)
     return attend_quantized<float>(q, k, v, kv, layer, query_starts, block_tables, context_lens, residual_slots,
-                                   attention_mass, exact_rows);
+                                   attention_mass, exact_rows, visible);
   return attend_quantized<c10::BFloat16>(q, k, v, kv, layer, query_starts, block_tables, context_lens,
-                                         residual_slots, attention_mass, exact_rows);
+                                         residual_slots, attention_mass, exact_rows, visible);
 }
 
 }  // namespace tokenmill

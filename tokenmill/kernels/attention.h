@@ -40,6 +40,7 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& k, c
                                      const at::Tensor& block_tables, const at::Tensor& context_lens,
                                      const at::Tensor& residual_slots,
                                      const std::optional<at::Tensor>& attention_mass = std::nullopt,
-                                     bool exact_rows = false);
+                                     bool exact_rows = false,
+                                     const std::optional<at::Tensor>& row_visible = std::nullopt);
 
 }  // namespace tokenmill

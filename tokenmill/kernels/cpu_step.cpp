@@ -306,13 +306,14 @@ class FusedStep {
   at::Tensor forward_quantized(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& query_starts,
                                const at::Tensor& block_tables, const at::Tensor& context_lens, const QuantKV& kv,
                                const at::Tensor& residual_slots,
-                               const std::optional<at::Tensor>& attention_mass) const {
+                               const std::optional<at::Tensor>& attention_mass,
+                               const std::optional<at::Tensor>& row_visible) const {
     TM_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a [tokens, hidden] CPU tensor");
     TM_CHECK(kv.k_data.size(0) == static_cast<int64_t>(layers_.size()), "cache has the wrong number of layers");
     TM_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.size(0) == x.size(0),
              "positions must be contiguous int64, one per token");
     const Sequences seqs{query_starts, block_tables, context_lens, kv.block_size, attention_mass, &kv,
-                         &residual_slots, std::nullopt};
+                         &residual_slots, row_visible};
     at::Tensor unused;
     if (x.scalar_type() == at::kFloat) return run<float>(x, positions, unused, seqs, unused, unused);
     TM_CHECK(x.scalar_type() == at::kBFloat16, "the fused step supports float32 and bfloat16");
@@ -328,7 +329,7 @@ class FusedStep {
     const std::optional<at::Tensor>& mass;  // H2O's side output, summed over the layers (attention.h)
     const QuantKV* quant = nullptr;  // set: the cache is quantized, k_cache and v_cache unused
     const at::Tensor* residual_slots = nullptr;
-    std::optional<at::Tensor> row_visible;  // a token tree's rows (attention.h); plain caches only
+    std::optional<at::Tensor> row_visible;  // a token tree's rows (attention.h)
   };
 
   template <typename T>
@@ -354,7 +355,8 @@ class FusedStep {
       if (mass && mass->dim() == 4) mass = mass->select(0, i);
       at::Tensor attn = seqs.quant ? paged_attention_quantized(q, k, v, *seqs.quant, static_cast<int64_t>(i),
                                                                seqs.query_starts, tables, seqs.context_lens,
-                                                               *seqs.residual_slots, mass, exact_attention_)
+                                                               *seqs.residual_slots, mass, exact_attention_,
+                                                               seqs.row_visible)
                                    : paged_attention(q, k, v, k_layer, v_layer, seqs.query_starts, tables,
                                                      seqs.context_lens, seqs.block_size, mass, exact_attention_,
                                                      seqs.row_visible);
@@ -450,7 +452,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("row_visible") = py::none(), py::call_guard<py::gil_scoped_release>())
       .def("forward_quantized", &tokenmill::FusedStep::forward_quantized, py::arg("x"), py::arg("positions"),
            py::arg("query_starts"), py::arg("block_tables"), py::arg("context_lens"), py::arg("kv"),
-           py::arg("residual_slots"), py::arg("attention_mass") = py::none(),
+           py::arg("residual_slots"), py::arg("attention_mass") = py::none(), py::arg("row_visible") = py::none(),
            py::call_guard<py::gil_scoped_release>());
   py::class_<tokenmill::QuantKV>(m, "QuantKV", py::module_local())  // one per ISA build, loaded side by side
       .def(py::init([](int64_t bits, int64_t block_size, at::Tensor k_data, at::Tensor k_params, at::Tensor v_data,
@@ -468,5 +470,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_quantized", &tokenmill::paged_attention_quantized, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("kv"), py::arg("layer"), py::arg("query_starts"), py::arg("block_tables"), py::arg("context_lens"),
         py::arg("residual_slots"), py::arg("attention_mass") = py::none(), py::arg("exact_rows") = false,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("row_visible") = py::none(), py::call_guard<py::gil_scoped_release>());
 }

@@ -19,9 +19,9 @@ class KVStorage(ABC):
     - `num_blocks` and `block_size` bound the block ids and slots of every plan (runner/checks.py checks them).
     - `release(request_ids)` hears of requests that hold no KV any more (finished, aborted, preempted): any state it
       keeps per request goes; ids it does not know, or hears of twice, are ignored.
-    - `copy_blocks` makes the copies of forks, `rotate_keys` the key shifts of a streaming window and `move_rows`
-      H2O's row moves (kv/h2o.py). A storage that cannot do one raises when asked for it, and the engine sets up the
-      KV manager so that it never is.
+    - `copy_blocks` makes the copies of forks, `rotate_keys` the key shifts of a streaming window, `move_rows`
+      H2O's row moves (kv/h2o.py) and `move_tree_rows` a token tree's accepted rows (spec/tree.py). A storage that
+      cannot do one raises when asked for it, and the engine sets up the KV manager so that it never is.
     """
 
     num_blocks: int
@@ -38,6 +38,12 @@ class KVStorage(ABC):
 
     def move_rows(self, moves: torch.Tensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot move single KV rows")
+
+    def move_tree_rows(self, request_id: str, moves: Sequence[tuple[int, int]]) -> None:
+        """A token tree's accepted rows, written this step after the request's last real token, move to the slots
+        right after it where a chain would have put them: (source slot, destination slot) pairs, every layer and
+        head; every source is read before any destination is written."""
+        self.move_rows(torch.tensor([[-1, src, dst] for src, dst in moves], dtype=torch.long))
 
 
 class KVCache(KVStorage):

@@ -80,6 +80,18 @@ class QuantizedKVCache(KVStorage):
         if blocks:
             raise ValueError("a quantized KV cache cannot rotate keys: streaming windows need kv_cache_dtype='auto'")
 
+    def move_tree_rows(self, request_id: str, moves: Sequence[tuple[int, int]]) -> None:
+        """A tree's rows never leave the request's open block (drafts never fill one: `KVCacheManager.max_drafts`),
+        which lives in its residual slot: the rows move there."""
+        bs = self.block_size
+        if any(src // bs != dst // bs for src, dst in moves):
+            raise ValueError("a token tree's rows move within the request's open block")
+        slot = self._slots[request_id]
+        src = torch.tensor([s % bs for s, _ in moves], dtype=torch.long, device=self.k_residual.device)
+        dst = torch.tensor([d % bs for _, d in moves], dtype=torch.long, device=self.k_residual.device)
+        for residual in (self.k_residual, self.v_residual):
+            residual[:, :, slot, dst] = residual[:, :, slot, src]
+
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, fmt: KVFormat) -> int:
         return cfg.num_layers * cfg.num_kv_heads * fmt.bytes_per_block_head(block_size, cfg.head_dim)

@@ -146,8 +146,7 @@ class ModelRunner:
         first = seq.query_start + seq.num_tokens - seq.num_samples
         moves = [(first + row, first + depth) for depth, row in enumerate(path, 1) if row != depth]
         if moves:
-            self.kv_cache.move_rows(torch.tensor([[-1, slots[src], slots[dst]] for src, dst in moves],
-                                                 dtype=torch.long))
+            self.kv_cache.move_tree_rows(seq.request_id, [(slots[src], slots[dst]) for src, dst in moves])
 
     def _sampling_row(self, seq: ScheduledSeq, i: int) -> SamplingRow:
         """Sample row i of the sequence: after the drafts on its way (a chain's first i), which join the history
