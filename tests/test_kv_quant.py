@@ -152,6 +152,37 @@ class QuantStepper:
                 assert torch.equal(residual[0, :, self.slots[s], : ctx - start], rows[start:].transpose(0, 1))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_attention_of_a_token_tree_sees_each_rows_own_entries(kernels, bits, dtype) -> None:
+    """A tree of 6 rows in the open block after 37 entries (two quantized blocks), beside a decode: each row attends
+    to the entries its visible count names, then its own, against the float64 reference of what it reads."""
+    from tokenmill.spec.tree import visible_entries
+
+    generator = torch.Generator().manual_seed(5)
+    stepper = QuantStepper(kernels, bits, dtype, kv_heads=2, head_dim=64, num_seqs=2)
+    stepper.step([37, 5], 6, generator)
+    q = torch.randn(7, 6, 64, generator=generator).to(dtype)
+    k = torch.randn(7, 2, 64, generator=generator).to(dtype) * 2
+    v = torch.randn(7, 2, 64, generator=generator).to(dtype) * 2
+    for s, (first, end) in enumerate(((0, 6), (6, 7))):
+        stepper.keys[s] = torch.cat((stepper.keys[s], k[first:end]))
+        stepper.values[s] = torch.cat((stepper.values[s], v[first:end]))
+    visible = [37, *visible_entries((0, 1, 2, 0, 1), 37, 0, 5), -1]  # a spine of 4 rows, leaves at depths 1 and 2
+    got = kernels.paged_attention_quantized(q, k, v, stepper.kv, 0, torch.tensor([0, 6, 7]),
+                                            torch.tensor(stepper.tables), torch.tensor([43, 6]),
+                                            torch.tensor(stepper.slots), row_visible=torch.tensor(visible))
+    for row, (s, own) in enumerate([(0, 37 + j) for j in range(6)] + [(1, 5)]):
+        seen = visible[row] if visible[row] >= 0 else own
+        entries = [*range(seen), own]
+        keys = stepper.seen(s, True, own)[entries].repeat_interleave(3, 1)
+        values = stepper.seen(s, False, own)[entries].repeat_interleave(3, 1)
+        scores = torch.einsum("hd,thd->ht", q[row].double(), keys) / 64**0.5
+        want = torch.einsum("ht,thd->hd", scores.softmax(-1), values)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        assert float((got[row].double() - want).abs().max() / want.abs().max()) <= tolerance, f"row {row}"
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("num_heads", "kv_heads", "head_dim"), [(9, 3, 64), (10, 2, 64), (4, 2, 128)])
