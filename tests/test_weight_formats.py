@@ -157,6 +157,32 @@ def test_gguf_q8_rows_are_the_files_embedding_rows(model_path) -> None:
     assert torch.equal(got, gguf_file.tensor("token_embd.weight")[ids].to(BF16))
 
 
+def test_gguf_q4_rows_are_the_files_rows(model_path) -> None:
+    gguf_file = GGUFFile(model_path)
+    ids = torch.tensor([0, 17, 575, 17, 300, 31])  # rows in every position of their tile of 16, repeated ones
+    layer = file_layers(model_path)["Q4_1"]
+    assert torch.equal(layer.dequantized(ids), gguf_file.tensor("blk.3.ffn_down.weight")[ids])
+    assert torch.equal(layer.rows(ids), gguf_file.tensor("blk.3.ffn_down.weight")[ids].to(BF16))
+
+
+@pytest.mark.parametrize("tensor_type", ["Q4_0", "Q4_K", "Q6_K"])
+def test_a_tied_embedding_in_a_block_format_serves_the_gguf_engine(tmp_path, tensor_type) -> None:
+    """A tied token_embd in a 4-bit format (a pure Q4_0 file's, say) is the LM head's block layer and the embedding
+    table at once: its rows are the file's, and the engine runs on them."""
+    from conftest import write_tiny_gguf
+
+    from tokenmill import LLM
+
+    path = write_tiny_gguf(tmp_path / f"tied_{tensor_type}.gguf", hidden=256, heads=4, kv_heads=2, ff=256,
+                           tensor_type=tensor_type, metadata={"tokenizer.ggml.merges": []})
+    llm = LLM(str(path), dtype="bfloat16", device="cpu", num_kv_blocks=32, weight_format="gguf")
+    embed = llm.engine.model.embed
+    ids = torch.tensor([3, 299, 16, 3])
+    assert torch.equal(embed.rows(ids), GGUFFile(path).tensor("token_embd.weight")[ids].to(BF16))
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 6
+
+
 def test_gguf_layers_reject_values_the_file_format_cannot_hold() -> None:
     with pytest.raises(ValueError, match="float16"):
         GgufQ8Linear(torch.zeros(16, 32, dtype=torch.int8), torch.full((16, 1), 1e-9))

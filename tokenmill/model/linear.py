@@ -270,21 +270,31 @@ class GgufQ4Linear(_GgufBlockLinear):
         self.register_buffer("minimums", _tiled_scales(minimums, "minimums", dtype))
         self.register_buffer("bias", bias)
 
-    def codes(self) -> torch.Tensor:
-        """The 4-bit codes as uint8 [out_features, in_features / 32, 32]."""
-        blocks = self.in_features // 32
-        packed = self.packed.reshape(-1, blocks, 8, TILE_ROWS, 2)
-        codes = torch.stack([packed & 0x0F, packed >> 4], dim=2)  # [tiles, blocks, half, c, row, e]
-        return codes.permute(0, 4, 1, 2, 3, 5).reshape(-1, blocks, 32)[:self.out_features]
+    def codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `ids` (all by default) of the 4-bit codes as uint8 [rows, in_features / 32, 32]."""
+        ids = torch.arange(self.out_features) if ids is None else ids
+        tiles = self.packed.reshape(-1, self.in_features // 32, 8, TILE_ROWS, 2)
+        packed = tiles[ids // TILE_ROWS, :, :, ids % TILE_ROWS]
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=2)  # [rows, blocks, half, c, e]
+        return codes.reshape(len(ids), -1, 32)
 
-    def dequantized(self) -> torch.Tensor:
-        """The file's weights in fp32 (exact: an f16 scale times a 4-bit code plus an f16 minimum fits fp32)."""
-        return (self.codes().float() * _untiled(self.scales, self.out_features)[..., None]
-                + _untiled(self.minimums, self.out_features)[..., None]).reshape(self.out_features, -1)
+    def block_scales(self, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows `ids` (all by default) of the scales and minimums, fp32 [rows, in_features / 32]."""
+        ids = torch.arange(self.out_features) if ids is None else ids
+        return tuple(v[ids // TILE_ROWS, :, ids % TILE_ROWS].float() for v in (self.scales, self.minimums))
+
+    def dequantized(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `ids` (all by default) of the file's weights in fp32 (exact: an f16 scale times a 4-bit code plus an
+        f16 minimum fits fp32)."""
+        scales, minimums = self.block_scales(ids)
+        codes = self.codes(ids)
+        return (codes.float() * scales[..., None] + minimums[..., None]).reshape(len(codes), -1)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.dequantized(ids).to(torch.bfloat16)
 
     def select_rows(self, ids: torch.Tensor) -> GgufQ4Linear:
-        layer = GgufQ4Linear(self.codes()[ids].reshape(len(ids), -1), _untiled(self.scales, self.out_features)[ids],
-                             _untiled(self.minimums, self.out_features)[ids], self._bias_rows(ids))
+        layer = GgufQ4Linear(self.codes(ids).reshape(len(ids), -1), *self.block_scales(ids), self._bias_rows(ids))
         layer.int8_activations = self.int8_activations
         return layer
 
@@ -406,10 +416,6 @@ def _q6k_scales(d: torch.Tensor, sc: torch.Tensor, in_features: int) -> torch.Te
     sc_tiles = _row_tiles(sc.to(torch.int8)).reshape(-1, TILE_ROWS, d.shape[1], 16).permute(0, 2, 3, 1)
     parts = [d_tiles.contiguous().view(torch.uint8), sc_tiles.reshape(*d_tiles.shape[:2], -1).view(torch.uint8)]
     return torch.cat(parts, dim=-1).contiguous()
-
-
-def _untiled(values: torch.Tensor, rows: int) -> torch.Tensor:
-    return values.transpose(1, 2).reshape(-1, values.shape[1])[:rows].float()
 
 
 def _is_half(values: torch.Tensor) -> bool:
