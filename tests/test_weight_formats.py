@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import write_tiny_gguf
 
 import tokenmill.model.linear as linear_module
-from tokenmill import SamplingParams
+from tokenmill import LLM, SamplingParams
 from tokenmill.config import EngineConfig
 from tokenmill.model.gguf_blocks import gguf_q4_codes, gguf_q8_codes
 from tokenmill.model.gguf_file import GGUFFile
@@ -169,10 +170,6 @@ def test_gguf_q4_rows_are_the_files_rows(model_path) -> None:
 def test_a_tied_embedding_in_a_block_format_serves_the_gguf_engine(tmp_path, tensor_type) -> None:
     """A tied token_embd in a 4-bit format (a pure Q4_0 file's, say) is the LM head's block layer and the embedding
     table at once: its rows are the file's, and the engine runs on them."""
-    from conftest import write_tiny_gguf
-
-    from tokenmill import LLM
-
     path = write_tiny_gguf(tmp_path / f"tied_{tensor_type}.gguf", hidden=256, heads=4, kv_heads=2, ff=256,
                            tensor_type=tensor_type, metadata={"tokenizer.ggml.merges": []})
     llm = LLM(str(path), dtype="bfloat16", device="cpu", num_kv_blocks=32, weight_format="gguf")

@@ -222,8 +222,12 @@ class _GgufBlockLinear(Linear):
 
     int8_activations: bool = False
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `ids` (all by default) of the file's weights in fp32."""
         raise NotImplementedError
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.dequantized(ids).to(torch.bfloat16)
 
     def _kernel(self, kernels: Any, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
         raise NotImplementedError
@@ -270,31 +274,22 @@ class GgufQ4Linear(_GgufBlockLinear):
         self.register_buffer("minimums", _tiled_scales(minimums, "minimums", dtype))
         self.register_buffer("bias", bias)
 
-    def codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows `ids` (all by default) of the 4-bit codes as uint8 [rows, in_features / 32, 32]."""
-        ids = torch.arange(self.out_features) if ids is None else ids
-        tiles = self.packed.reshape(-1, self.in_features // 32, 8, TILE_ROWS, 2)
-        packed = tiles[ids // TILE_ROWS, :, :, ids % TILE_ROWS]
-        codes = torch.stack([packed & 0x0F, packed >> 4], dim=2)  # [rows, blocks, half, c, e]
-        return codes.reshape(len(ids), -1, 32)
-
-    def block_scales(self, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows `ids` (all by default) of the scales and minimums, fp32 [rows, in_features / 32]."""
-        ids = torch.arange(self.out_features) if ids is None else ids
-        return tuple(v[ids // TILE_ROWS, :, ids % TILE_ROWS].float() for v in (self.scales, self.minimums))
+    def stored(self, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows `ids` (all by default) as the constructor takes them: uint8 codes [n, K] and fp32 scales and
+        minimums [n, K / 32]."""
+        tile, row = _tile_and_row(ids, self.out_features)
+        packed = self.packed.reshape(-1, self.in_features // 32, 8, TILE_ROWS, 2)[tile, :, :, row]
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=2)  # [n, blocks, half, c, e]
+        return codes.reshape(len(tile), -1), self.scales[tile, :, row].float(), self.minimums[tile, :, row].float()
 
     def dequantized(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows `ids` (all by default) of the file's weights in fp32 (exact: an f16 scale times a 4-bit code plus an
-        f16 minimum fits fp32)."""
-        scales, minimums = self.block_scales(ids)
-        codes = self.codes(ids)
-        return (codes.float() * scales[..., None] + minimums[..., None]).reshape(len(codes), -1)
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.dequantized(ids).to(torch.bfloat16)
+        """Exact: an f16 scale times a 4-bit code plus an f16 minimum fits fp32."""
+        codes, scales, minimums = self.stored(ids)
+        blocks = codes.reshape(len(codes), -1, 32).float() * scales[..., None] + minimums[..., None]
+        return blocks.reshape(len(codes), -1)
 
     def select_rows(self, ids: torch.Tensor) -> GgufQ4Linear:
-        layer = GgufQ4Linear(self.codes(ids).reshape(len(ids), -1), *self.block_scales(ids), self._bias_rows(ids))
+        layer = GgufQ4Linear(*self.stored(ids), self._bias_rows(ids))
         layer.int8_activations = self.int8_activations
         return layer
 
@@ -327,18 +322,16 @@ class GgufQ8Linear(_GgufBlockLinear):
     def stored(self, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Rows `ids` (all by default) as the constructor takes them: int8 codes [n, K], the f16 scales (one per 32
         weights, or Q6_K's d per 256) and Q6_K's int8 sc per 16 weights (None for the others)."""
-        ids = torch.arange(self.out_features) if ids is None else ids
-        tile, row = ids // TILE_ROWS, ids % TILE_ROWS
+        tile, row = _tile_and_row(ids, self.out_features)
         codes = self.packed.reshape(-1, self.in_features // 32, 16, TILE_ROWS, 2)[tile, :, :, row, :]
-        codes = codes.reshape(len(ids), -1)
+        codes = codes.reshape(len(tile), -1)
         if self.scales.dtype != torch.uint8:
             return codes, self.scales[tile, :, row], None
         d = self.scales[..., :2 * TILE_ROWS].contiguous().view(torch.float16)  # [tiles, supers, rows]
         sc = self.scales[..., 2 * TILE_ROWS:].contiguous().view(torch.int8).reshape(*d.shape[:2], 16, TILE_ROWS)
-        return codes, d[tile, :, row], sc[tile, :, :, row].reshape(len(ids), -1)
+        return codes, d[tile, :, row], sc[tile, :, :, row].reshape(len(tile), -1)
 
     def dequantized(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows `ids` (all by default) of the file's weights in fp32."""
         codes, d, sc = self.stored(ids)
         if sc is None:
             return (codes.reshape(len(codes), -1, 32).float() * d.float()[..., None]).reshape(-1, self.in_features)
@@ -347,9 +340,6 @@ class GgufQ8Linear(_GgufBlockLinear):
 
     def _kernel(self, kernels: Any, x: torch.Tensor, fp32_output: bool) -> torch.Tensor:
         return kernels.q8_matmul(x, self.packed, self.scales, self.out_features, fp32_output, self.int8_activations)
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.dequantized(ids).to(torch.bfloat16)
 
     def select_rows(self, ids: torch.Tensor) -> GgufQ8Linear:
         codes, d, sc = self.stored(ids)
@@ -416,6 +406,12 @@ def _q6k_scales(d: torch.Tensor, sc: torch.Tensor, in_features: int) -> torch.Te
     sc_tiles = _row_tiles(sc.to(torch.int8)).reshape(-1, TILE_ROWS, d.shape[1], 16).permute(0, 2, 3, 1)
     parts = [d_tiles.contiguous().view(torch.uint8), sc_tiles.reshape(*d_tiles.shape[:2], -1).view(torch.uint8)]
     return torch.cat(parts, dim=-1).contiguous()
+
+
+def _tile_and_row(ids: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where rows `ids` (all `rows` by default) sit in a block layer's tiles of TILE_ROWS."""
+    ids = torch.arange(rows) if ids is None else ids
+    return ids // TILE_ROWS, ids % TILE_ROWS
 
 
 def _is_half(values: torch.Tensor) -> bool:
