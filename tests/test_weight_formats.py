@@ -199,6 +199,10 @@ def test_bad_weight_options_name_the_field(options, field) -> None:
 def test_quantized_formats_need_bf16_on_cpu() -> None:
     with pytest.raises(ValueError, match="bfloat16"):
         check_weight_format("int4", torch.float32, torch.device("cpu"))
+    for fmt in ("int8", "int4", "gguf"):  # refused by the config, before the model loads
+        with pytest.raises(ValueError, match="needs dtype 'bfloat16' or 'auto'"):
+            EngineConfig(weight_format=fmt, dtype="float32")
+    EngineConfig(weight_format="gguf", dtype="bf16")
     with pytest.raises(ValueError, match="weight_format='float'"):
         check_weight_format("int8", BF16, torch.device("cuda"))
     assert EngineConfig(weight_format="int4", device="cpu").torch_dtype() == BF16

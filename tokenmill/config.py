@@ -168,6 +168,10 @@ class EngineConfig:
                                      "yet (float weights, a plain KV cache, no speculative decoding)")
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {self.weight_format!r}")
+        if self.weight_format != "float" and self.dtype != "auto" and DTYPES[self.dtype] != torch.bfloat16:
+            # Refused here rather than at model load (linear.check_weight_format), before minutes of loading.
+            raise ValueError(f"weight_format={self.weight_format!r} needs dtype 'bfloat16' or 'auto' (the quantized "
+                             f"CPU kernels take bf16 activations), got {self.dtype!r}")
         if self.gguf_activations not in GGUF_ACTIVATIONS:
             raise ValueError(f"gguf_activations must be one of {GGUF_ACTIVATIONS}, got {self.gguf_activations!r}")
         if self.gguf_activations != "bf16" and "gguf" not in (self.weight_format, self.speculative_weight_format):
