@@ -11,6 +11,7 @@ sort and noise read more), and the speedup. Writes JSON.
 
     .venv/bin/python benchmarks/sampling.py
     .venv/bin/python benchmarks/sampling.py --batch-sizes 1,32 --repeats 21
+    .venv/bin/python benchmarks/sampling.py --settings "t=1,t=1 logit_bias 300"    # what a logit bias costs
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.bench.machine import machine_description, start_benchmark  # noqa: E402
 from tokenmill.bench.report import write_json  # noqa: E402
-from tokenmill.sampler.sampler import Sampler, SamplingRow  # noqa: E402
+from tokenmill.sampler.sampler import Sampler, SamplingRow, apply_bias  # noqa: E402
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "t=1": dict(temperature=1.0),
@@ -37,6 +38,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "t=0.8 top-k 40": dict(temperature=0.8, top_k=40),
     "t=1 min-p 0.05": dict(temperature=1.0, min_p=0.05),
     "t=1 seeded": dict(temperature=1.0, seed=1),
+    # OpenAI's logit_bias on 300 tokens spread over the vocabulary: its cost is "t=1" beside it.
+    "t=1 logit_bias 300": dict(temperature=1.0, logit_bias={i * 163: -5.0 for i in range(300)}),
 }
 QUESTIONS = ["Write a short story about a lighthouse keeper.", "Explain how a hash map works.",
              "What are the benefits of exercise?", "Summarize the plot of Hamlet.", "Write a poem about rain.",
@@ -81,8 +84,11 @@ def captured_logits(batch: int, step: int) -> torch.Tensor:
 
 
 def reference_tokens(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator) -> torch.Tensor:
-    """The sampler before: the fp32 copy and its clone, a full sort of filtered rows, an exponential race."""
-    scaled = logits.float().clone() / torch.tensor([[r.params.temperature] for r in rows])
+    """The sampler before: the fp32 copy and its clone, a full sort of filtered rows, an exponential race (logit
+    biases added as the engine adds them, so that both arms do that work)."""
+    biased = logits.float().clone()
+    apply_bias(biased, rows)
+    scaled = biased / torch.tensor([[r.params.temperature] for r in rows])
     if all(r.params.top_k <= 0 and r.params.top_p >= 1.0 and r.params.min_p <= 0.0 for r in rows):
         probs = torch.softmax(scaled, dim=-1)
     else:

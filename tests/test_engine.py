@@ -173,10 +173,14 @@ def test_batch_with_a_bad_prompt_adds_nothing(llm_fp32) -> None:
     assert_no_leak(llm_fp32)
 
 
-def test_out_of_vocab_stop_token_rejected(llm_fp32) -> None:
+def test_out_of_vocab_stop_token_or_logit_bias_rejected(llm_fp32) -> None:
     with pytest.raises(InvalidRequestError) as info:
         llm_fp32.engine.add_request("hi", SamplingParams(stop_token_ids=[10**6], min_tokens=1, max_tokens=2))
     assert info.value.field == "stop_token_ids"
+    vocab = llm_fp32.engine.model_config.vocab_size
+    with pytest.raises(InvalidRequestError) as info:
+        llm_fp32.engine.add_request("hi", SamplingParams(logit_bias={vocab: 1.0}, max_tokens=2))
+    assert info.value.field == "logit_bias"
     assert_no_leak(llm_fp32)
 
 

@@ -219,6 +219,43 @@ def test_blocking_never_leaves_a_row_without_tokens() -> None:
         assert Sampler()(logits, rows).token_ids == [3, 0]
 
 
+def test_logit_bias_moves_greedy_and_sampled_choices() -> None:
+    logits = torch.tensor([[5.0, 1.0, 0.0, 4.0]])
+    assert Sampler()(logits, [row(temperature=0.0, logit_bias={2: 100.0})]).token_ids == [2]
+    assert Sampler()(logits, [row(temperature=0.0, logit_bias={0: -100.0})]).token_ids == [3]
+    # Beside a plain greedy row, and a biased row's logprobs are the raw logits' (OpenAI's and vLLM's meaning).
+    out = Sampler()(logits.expand(2, -1), [row(temperature=0.0), row(temperature=0.0, logit_bias={1: 4.5},
+                                                                      logprobs=1)])
+    assert out.token_ids == [0, 1]
+    lp = out.logprobs[1]
+    assert lp is not None and lp.logprob == pytest.approx(torch.log_softmax(logits[0], -1)[1].item(), abs=1e-6)
+    seen = set(sample_many([5.0, 1.0, 0.0, 4.0, 4.5], 3000, temperature=2.0, logit_bias={0: -100, 4: -100}))
+    assert seen == {1, 2, 3}
+
+
+def test_logit_bias_is_added_after_penalties_before_temperature_and_filters() -> None:
+    """The sampling distribution (what speculative verification draws from, too) against a hand-made one."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    params = {"temperature": 0.5, "presence_penalty": 1.0, "top_k": 3, "logit_bias": {3: 3.0, 1: -0.25}}
+    probs = Sampler().probabilities(logits, [row(output=(0,), **params)])  # type: ignore[arg-type]
+    adjusted = torch.tensor([2.0 - 1.0, 1.0 - 0.25, 0.5, -1.0 + 3.0, 0.0]) / 0.5
+    kept = adjusted.clone()
+    kept[adjusted < adjusted.topk(3).values[-1]] = float("-inf")
+    assert torch.allclose(probs[0], torch.softmax(kept, dim=-1), atol=1e-6)
+    assert probs[0, 3] > probs[0, 0]  # the bias outweighs the penalty's winner
+
+
+def test_logit_bias_is_validated() -> None:
+    from tokenmill.sampling_params import MAX_LOGIT_BIAS_TOKENS, InvalidRequestError
+
+    for bad in ({-1: 1.0}, {3: 101.0}, {3: float("nan")}, {"3": 1.0}, {True: 1.0}, [3, 1.0],
+                dict.fromkeys(range(MAX_LOGIT_BIAS_TOKENS + 1), 1.0)):
+        with pytest.raises(InvalidRequestError) as info:
+            SamplingParams(logit_bias=bad)  # type: ignore[arg-type]
+        assert info.value.field == "logit_bias"
+    SamplingParams(logit_bias={0: -100, 49151: 100.0})
+
+
 def test_logprobs_are_raw_log_softmax() -> None:
     torch.manual_seed(0)
     logits = torch.randn(3, 12)

@@ -289,7 +289,7 @@ def test_seed_reproducible(client) -> None:
     assert sample(1234) == sample(1234)
 
 
-def test_sampling_extras_and_batched_prompts(client) -> None:
+def test_sampling_extras_and_batched_prompts(client, engine) -> None:
     reply = client.completions.create(model=MODEL, prompt=[PROMPT, "1, 2, 3,"], max_tokens=4, temperature=0.7,
                                       presence_penalty=0.5, frequency_penalty=0.5, n=2,
                                       extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1})
@@ -300,6 +300,27 @@ def test_sampling_extras_and_batched_prompts(client) -> None:
     assert huge_top_k.usage.completion_tokens == 2  # beyond the vocabulary: no top-k filter, not a failure
     echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True)
     assert echoed.choices[0].text.startswith(PROMPT) and len(echoed.choices[0].text) > len(PROMPT)
+    # logit_bias (OpenAI's): +100 all but forces a token, -100 all but bans one
+    forced_id = engine.tokenizer.encode(" Paris")[-1]
+    forced = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0,
+                                       logit_bias={str(forced_id): 100})
+    assert forced.choices[0].text == engine.tokenizer.decode([forced_id] * 3)
+    chosen = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1, temperature=0)
+    chosen_ids = engine.tokenizer.encode(chosen.choices[0].message.content)
+    assert len(chosen_ids) == 1
+    banned = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1, temperature=0,
+                                            logit_bias={str(chosen_ids[0]): -100})
+    assert banned.choices[0].message.content not in ("", chosen.choices[0].message.content)
+    # min_tokens above 1 (checked against the request's own max_tokens, or the context when it has none)
+    at_least = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
+                                         extra_body={"min_tokens": 6, "stop_token_ids": [0, 1, 2]})
+    assert at_least.usage.completion_tokens >= 6
+    chat = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_completion_tokens=6,
+                                          extra_body={"min_tokens": 6})
+    assert chat.usage.completion_tokens == 6
+    unbounded = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, extra_body={"min_tokens": 3},
+                                          stop=["\n", " "])
+    assert unbounded.usage.completion_tokens >= 3
 
 
 # ---- concurrency, disconnects, overload ----------------------------------------------------------------------
@@ -420,6 +441,11 @@ BAD_REQUESTS = [
     ("completions", {"prompt": ""}, 400, "prompt", None),
     ("completions", {"prompt": PROMPT, "stop_token_ids": [10**6], "min_tokens": 1}, 400, "stop_token_ids", None),
     ("completions", {"prompt": [1, 10**9]}, 400, "prompt", None),
+    ("completions", {"prompt": PROMPT, "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens", None),
+    ("completions", {"prompt": PROMPT, "logit_bias": {"abc": 1}}, 400, "logit_bias", None),
+    ("completions", {"prompt": PROMPT, "logit_bias": {"5": 500}}, 400, "logit_bias", None),
+    ("chat/completions", {"messages": QUESTION, "logit_bias": {"1000000": 1}}, 400, "logit_bias", None),
+    ("chat/completions", {"messages": QUESTION, "max_completion_tokens": 2, "min_tokens": 3}, 400, "min_tokens", None),
     ("chat/completions", {"messages": []}, 400, "messages", None),
     ("chat/completions", {"messages": "hello"}, 400, "messages", None),
     ("chat/completions", {"messages": [{"role": "user"}]}, 400, "messages[0].content", None),

@@ -139,7 +139,7 @@ def test_stops_and_max_tokens_inside_a_draft(tiny_model, plain, reference) -> No
 def test_penalties_logprobs_and_seeds(tiny_model, plain) -> None:
     llm = make_llm(tiny_model, spec=True)
     penalised = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, repetition_penalty=1.3,
-                               frequency_penalty=0.5, logprobs=2)
+                               frequency_penalty=0.5, logprobs=2, logit_bias={5: 2.0, 7: -3.0})
     for prompt in prompts()[:6]:
         want = plain.generate(prompt, penalised, use_tqdm=False)[0].outputs[0]
         got = llm.generate(prompt, penalised, use_tqdm=False)[0].outputs[0]
@@ -163,7 +163,8 @@ def test_seeded_sampling_gives_the_tokens_of_decoding_without_drafts(tiny_model,
     nor on their lengths nor on the batch."""
     # top-k 2 keeps this random model's continuations likely enough for drafts to be accepted at all.
     params = [SamplingParams(temperature=0.8, top_k=2, max_tokens=30, ignore_eos=True, seed=i,
-                             repetition_penalty=1.2 if i % 2 else 1.0) for i in range(len(prompts()))]
+                             repetition_penalty=1.2 if i % 2 else 1.0, logit_bias={5: 1.5} if i % 3 else None)
+              for i in range(len(prompts()))]
     want = [r.token_ids for r in plain.generate(prompts(), params, use_tqdm=False)]
     for batched, k in ((True, 4), (False, 2)):
         llm = make_llm(tiny_model, spec=True, num_speculative_tokens=k)

@@ -360,6 +360,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", f"token ids must be < the vocabulary size {vocab}")
+        if any(t >= vocab for t in params.logit_bias or ()):
+            raise InvalidRequestError("logit_bias", f"token ids must be < the vocabulary size {vocab}")
         prompt_text, prompt_ids = self._tokenize(prompt)
         if len(prompt_ids) + 1 > self.max_model_len:
             raise InvalidRequestError(

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from tokenmill.errors import InvalidRequestError
 from tokenmill.structured.params import StructuredOutputs
 
@@ -16,6 +18,7 @@ _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed a
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS_TOKENS = 1024  # added to every step's logits of the request, on the engine thread: bounded too
 OUTPUT_KINDS = ("cumulative", "delta")
 
 
@@ -25,7 +28,9 @@ class SamplingParams:
 
     Penalties follow the OpenAI/vLLM conventions: `repetition_penalty` divides positive logits (multiplies negative
     ones) of tokens seen in the prompt or output; `presence_penalty` subtracts once per seen output token;
-    `frequency_penalty` subtracts per occurrence in the output.
+    `frequency_penalty` subtracts per occurrence in the output. `logit_bias` (OpenAI's) adds a value in [-100, 100]
+    to a token's logit after the penalties, before temperature and the filters; -100 all but bans a token, 100 all
+    but forces it. Logprobs stay those of the raw logits.
     """
 
     n: int = 1
@@ -42,6 +47,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100]
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token's logprob plus the top-k
     # vLLM's meaning: the log-probability of every prompt token after the first given the ones before it, plus the
     # top-k at each position, from the raw logits (no temperature or penalties). Such a request skips prefix-cache
@@ -53,6 +59,9 @@ class SamplingParams:
     output_kind: str = "cumulative"
     # A grammar the output must match (JSON schema, regex, choice...), enforced by masking each step's logits.
     structured_outputs: StructuredOutputs | None = None
+    # logit_bias as (token ids, values) tensors, built once: the sampler adds them to every step's row.
+    bias_tensors: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, default=None, repr=False,
+                                                                   compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,6 +71,9 @@ class SamplingParams:
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         self._validate()
+        if self.logit_bias:
+            self.bias_tensors = (torch.tensor(list(self.logit_bias), dtype=torch.long),
+                                 torch.tensor(list(self.logit_bias.values()), dtype=torch.float32))
 
     def _validate(self) -> None:
         def check(ok: bool, name: str, message: str) -> None:
@@ -105,6 +117,11 @@ class SamplingParams:
         check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
               f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(self.stop_token_ids)}")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+        check(self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+            is_int(t) and t >= 0 and is_number(b) and -100 <= b <= 100 for t, b in self.logit_bias.items())),
+            "logit_bias", f"must map token ids >= 0 to numbers in [-100, 100], got {_short(self.logit_bias)}")
+        check(self.logit_bias is None or len(self.logit_bias) <= MAX_LOGIT_BIAS_TOKENS, "logit_bias",
+              f"at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(self.logit_bias or {})}")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
               f"must be an integer in [0, 20], got {self.logprobs!r}")
         check(self.prompt_logprobs is None or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),

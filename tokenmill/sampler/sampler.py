@@ -1,4 +1,5 @@
-"""One step's logits to tokens: penalties, greedy or random selection, top-k/top-p/min-p, seeded draws, logprobs."""
+"""One step's logits to tokens: penalties, logit bias, greedy or random selection, top-k/top-p/min-p, seeded draws,
+logprobs."""
 
 from __future__ import annotations
 
@@ -84,6 +85,15 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     return out
 
 
+def apply_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Adds each row's `logit_bias` to its logits, in place (one indexed add per biased row, from the tensors its
+    SamplingParams built once)."""
+    for i, row in enumerate(rows):
+        if row.params.bias_tensors is not None:
+            ids, values = row.params.bias_tensors
+            logits[i].index_add_(0, ids.to(logits.device), values.to(logits.device, logits.dtype))
+
+
 def apply_blocked(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     """Sets each row's blocked tokens to -inf, in place, with one indexed write. A row left with no token at all
     keeps its blocked ones: a grammar that allows nothing but end-of-sequence outranks `min_tokens`."""
@@ -139,7 +149,8 @@ def score_tokens(raw: torch.Tensor, token_ids: Sequence[int], num_top: Sequence[
 
 def _is_plain_greedy(row: SamplingRow) -> bool:
     p = row.params
-    return p.greedy and not has_penalties(p) and not row.blocked_token_ids and p.logprobs is None
+    return (p.greedy and not has_penalties(p) and not p.logit_bias and not row.blocked_token_ids
+            and p.logprobs is None)
 
 
 class Sampler:
@@ -173,6 +184,7 @@ class Sampler:
         """fp32 [len(rows), vocab]: each random row's sampling distribution, every parameter applied (a verifier's
         target distribution p). Rows must be random (temperature > 0)."""
         adjusted = apply_penalties(logits, rows)
+        apply_bias(adjusted, rows)
         apply_blocked(adjusted, rows)
         return _random_probs(adjusted, rows)
 
@@ -186,6 +198,7 @@ class Sampler:
 
     def _select(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         adjusted = apply_penalties(logits, rows)
+        apply_bias(adjusted, rows)
         apply_blocked(adjusted, rows)
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]

@@ -81,8 +81,6 @@ class _GenerationRequest(BaseModel):
         n = self.n if self.n is not None else 1
         if not 1 <= n <= MAX_N:
             raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", "n")
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias")
         if self.cache_salt is not None and not 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS:
             raise bad_request(f"cache_salt must be 1 to {MAX_CACHE_SALT_CHARS} characters", "cache_salt")
         if self.user is not None and not 0 < len(self.user) <= MAX_USER_CHARS:
@@ -109,6 +107,16 @@ class _GenerationRequest(BaseModel):
         except InvalidRequestError as exc:
             raise invalid_request(exc) from None
 
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's JSON object keys token ids as strings; ranges are SamplingParams' and the vocabulary the engine's
+        to check."""
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(token): bias for token, bias in self.logit_bias.items()}
+        except ValueError:
+            raise bad_request("logit_bias: keys must be token ids (integers, as strings)", "logit_bias") from None
+
     def sampling_params(self, max_tokens: int, logprobs: int | None, renames: dict[str, str] | None = None,
                         structured: StructuredOutputs | None = None, prompt_logprobs: int | None = None
                         ) -> SamplingParams:
@@ -130,6 +138,7 @@ class _GenerationRequest(BaseModel):
                 stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
                 stop_token_ids=list(self.stop_token_ids or []),
                 ignore_eos=bool(self.ignore_eos),
+                logit_bias=self._logit_bias(),
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=_default(self.skip_special_tokens, True),

@@ -132,6 +132,11 @@ class OpenAIServing:
                               f"length is {limit}, so at most {remaining} tokens can be generated", param)
         return requested
 
+    def _precheck_max_tokens(self, requested: int | None) -> int:
+        """The max_tokens to check the other sampling values against before the prompt's length is known: the
+        requested one, else the context length (min_tokens may be anything up to it; the real bound comes later)."""
+        return self.engine.max_model_len if requested is None else requested
+
     def _encode(self, prompt: str | list[int], param: str) -> list[int]:
         ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -224,7 +229,7 @@ class OpenAIServing:
         self.check_model(req.model)
         prompts = req.prompts()
         self._check_size(len(prompts), req.n or 1)
-        req.sampling_params(1, req.logprobs)  # reject bad sampling values before tokenizing
+        req.sampling_params(self._precheck_max_tokens(req.max_tokens), req.logprobs)  # before tokenizing
         constraint = req.extension_constraint()
         await self._compile(constraint)
         prompt_ids = await asyncio.to_thread(lambda: [self._encode(p, "prompt") for p in prompts])
@@ -312,7 +317,7 @@ class OpenAIServing:
         self.check_model(req.model)
         self._check_size(1, req.n or 1)
         renames = {"max_tokens": req.max_tokens_param, "logprobs": "top_logprobs"}
-        req.sampling_params(1, req.engine_logprobs, renames)
+        req.sampling_params(self._precheck_max_tokens(req.requested_max_tokens), req.engine_logprobs, renames)
         tools, constraint = chat_tools(req)
         await self._compile(constraint)
         conversation = req.conversation()
