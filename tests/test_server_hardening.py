@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -436,3 +438,39 @@ def test_after_runs_right_after_the_step_that_finished_the_group(tiny_model) -> 
         assert "hog" not in finished_at  # it kept the engine stepping until it was aborted
     finally:
         engine.shutdown()
+
+
+def _consistency_harness():
+    spec = importlib.util.spec_from_file_location("server_consistency",
+                                                  Path(__file__).resolve().parent.parent / "fuzz" /
+                                                  "server_consistency.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_consistency_check_catches_a_streamed_difference() -> None:
+    harness = _consistency_harness()
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    body = {"prompt": "hi", "max_tokens": 2, "logprobs": 0, "stop": ["x"]}
+
+    def reply(text: str, tokens: list[tuple[str, float]], finish: str = "length") -> dict:
+        return {"status": 200, "choices": {0: {"text": text, "finish": finish, "tokens": tokens}}, "usage": usage}
+
+    same = reply("ab", [("a", -1.0), ("b", -2.0)])
+    assert harness.problems(body, same, reply("ab", [("a", -1.0), ("b", -2.0)])) == []
+    for other in (reply("ac", [("a", -1.0), ("c", -2.0)]), reply("ab", [("a", -1.0), ("b", -2.5)]),
+                  reply("ab", [("a", -1.0), ("b", -2.0)], "stop")):
+        assert harness.problems(body, same, other)
+    assert harness.problems(body, reply("axb", [("ax", -1.0), ("b", -2.0)]), reply("axb", [("ax", -1.0), ("b", -2.0)]))
+    assert harness.problems(body, {"status": 500, "body": ""}, {"status": 500, "body": ""})
+
+
+def test_a_short_server_consistency_run(model_path) -> None:
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "fuzz" /
+                                                 "server_consistency.py"), "--seed", "3", "--requests", "4",
+                             "--batch-invariant", "--model", str(model_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"0 of 4 rounds failed, [1-4] answered 200", result.stdout), result.stdout[-2000:]
