@@ -32,7 +32,7 @@ from tokenmill.bench.machine import machine_description, start_benchmark  # noqa
 from tokenmill.bench.report import write_json  # noqa: E402
 from tokenmill.sampler.sampler import Sampler, SamplingRow, apply_bias  # noqa: E402
 
-SETTINGS: dict[str, dict[str, Any]] = {
+SETTINGS: dict[str, dict[str, Any] | list[dict[str, Any]]] = {
     "t=1": dict(temperature=1.0),
     "t=0.7 top-p 0.9": dict(temperature=0.7, top_p=0.9),
     "t=0.8 top-k 40": dict(temperature=0.8, top_k=40),
@@ -40,6 +40,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "t=1 seeded": dict(temperature=1.0, seed=1),
     # OpenAI's logit_bias on 300 tokens spread over the vocabulary: its cost is "t=1" beside it.
     "t=1 logit_bias 300": dict(temperature=1.0, logit_bias={i * 163: -5.0 for i in range(300)}),
+    # Requests with different parameters in one batch, row by row in turn.
+    "mixed t=1/top-p/top-k": [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=0.8, top_k=40)],
 }
 QUESTIONS = ["Write a short story about a lighthouse keeper.", "Explain how a hash map works.",
              "What are the benefits of exercise?", "Summarize the plot of Hamlet.", "Write a poem about rain.",
@@ -110,10 +112,11 @@ def reference_tokens(logits: torch.Tensor, rows: list[SamplingRow], generator: t
     return (probs / (noise + 1e-20)).argmax(dim=-1)
 
 
-def sampling_rows(setting: dict[str, Any], batch: int) -> list[SamplingRow]:
-    params = SamplingParams(**setting)
-    return [SamplingRow(params, (), (), torch.Generator().manual_seed(i) if params.seed is not None else None)
-            for i in range(batch)]
+def sampling_rows(setting: dict[str, Any] | list[dict[str, Any]], batch: int) -> list[SamplingRow]:
+    settings = setting if isinstance(setting, list) else [setting]
+    params = [SamplingParams(**settings[i % len(settings)]) for i in range(batch)]
+    return [SamplingRow(p, (), (), torch.Generator().manual_seed(i) if p.seed is not None else None)
+            for i, p in enumerate(params)]
 
 
 def main(argv: list[str] | None = None) -> None:

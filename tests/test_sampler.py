@@ -336,6 +336,26 @@ def test_filters_over_candidates_equal_a_full_sort(spread: float) -> None:
     assert CANDIDATES[-1] < vocab  # the flat rows went through every level, the full sort included
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_distribution_is_bitwise_the_same_in_any_batch(dtype: torch.dtype) -> None:
+    """What a seeded request's tokens rest on: its distribution must not depend on what else is batched. Plain rows
+    beside filtered ones went through the filters' path, and a row's candidate count followed the batch's largest
+    top-k (both rounded the row differently; found by fuzz/server_consistency.py)."""
+    settings = [dict(temperature=1.3), dict(temperature=0.7, top_p=0.9), dict(temperature=0.8, top_k=40),
+                dict(temperature=1.3, min_p=0.2), dict(temperature=1.0, top_k=5000, top_p=0.95),
+                dict(temperature=1.0, top_p=0.99), dict(temperature=0.9, presence_penalty=1.0, top_k=300)]
+    torch.manual_seed(0)
+    logits = (torch.randn(len(settings), 49152) * 3).to(dtype)
+    sampler = Sampler()
+    for i, setting in enumerate(settings):
+        alone = sampler.probabilities(logits[i : i + 1], [row(output=(3, 4), **setting)])  # type: ignore[arg-type]
+        for others in ([j for j in range(len(settings)) if j != i], [i - 1], [(i + 2) % len(settings), i - 3]):
+            order = [*others[: len(others) // 2], i, *others[len(others) // 2 :]]
+            rows = [row(output=(3, 4), **settings[j]) for j in order]  # type: ignore[arg-type]
+            batched = sampler.probabilities(logits[order], rows)[order.index(i)]
+            assert torch.equal(batched, alone[0]), (setting, [settings[j] for j in others])
+
+
 def test_draw_follows_the_probabilities_and_never_picks_a_token_without_mass(monkeypatch) -> None:
     from tokenmill.sampler import filters
 

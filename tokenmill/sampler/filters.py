@@ -3,13 +3,16 @@
 A nucleus is the head of the row's tokens sorted by probability, and almost always a short one. So the filters look
 at the row's `CANDIDATES[0]` likeliest tokens first (`torch.topk`, a partial sort), and only rows whose kept set
 could reach past them try the next count, up to the whole vocabulary (a full sort). A row is settled by a candidate
-count when every token past the candidates is dropped anyway: by top-k (k within the count), by top-p (the
-candidates already hold `top_p` of the mass, and a token's mass before it is at least theirs), or by min-p (the last
-candidate, which is at least as likely as any token past it, is below `min_p` times the likeliest). The kept set is
-then the one a full sort gives (ties at the boundary aside, which no order settles).
+count when every token past the candidates is dropped anyway: by top-k (k within the count), or, for a row without
+a top-k, by top-p (the candidates already hold `top_p` of the mass, and a token's mass before it is at least
+theirs) or by min-p (the last candidate, which is at least as likely as any token past it, is below `min_p` times
+the likeliest); a row whose top-k lies past the count waits for the count that holds it, where its probabilities
+are renormalised over it. The kept set is then the one a full sort gives (ties at the boundary aside, which no
+order settles).
 
 The draw is by inverse CDF: one uniform per row, found in the running sum of the row's probabilities. A row with
-its own generator takes its uniform from it alone, so its token does not depend on the batch.
+its own generator takes its uniform from it alone, and its probabilities are bitwise the same in any batch, so its
+token does not depend on the batch.
 """
 
 from __future__ import annotations
@@ -29,15 +32,23 @@ def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
 
 def filtered_probs(scaled: torch.Tensor, rows: Sequence[SamplingParams]) -> torch.Tensor:
     """[n, vocab] fp32 sampling distributions in vocab order from temperature-scaled fp32 logits: top-k, then top-p
-    over the top-k's renormalised probabilities, then min-p against the likeliest (always kept); zero elsewhere."""
+    over the top-k's renormalised probabilities, then min-p against the likeliest (always kept); zero elsewhere.
+
+    A row's result is bitwise the same in any batch: rows are filtered in groups of one candidate count (a row's own
+    top-k caps it), so no row's count depends on another's, and every reduction is one whose rounding does not
+    depend on the batch (softmax, cumsum; a log-sum-exp over the vocabulary is not one)."""
     n, vocab = scaled.shape
     out = torch.zeros_like(scaled)
     top_k = [min(r.top_k, vocab) if r.top_k > 0 else vocab for r in rows]
     todo = list(range(n))
     for count in (*CANDIDATES, vocab):
-        k = min(count, vocab, max(top_k[i] for i in todo))
-        settled = _filter_candidates(scaled, out, todo, k, [top_k[i] for i in todo], [rows[i] for i in todo])
-        todo = [i for i, done in zip(todo, settled, strict=True) if not done]
+        groups: dict[int, list[int]] = {}
+        for i in todo:
+            groups.setdefault(min(count, top_k[i]), []).append(i)
+        todo = []
+        for k, group in groups.items():
+            settled = _filter_candidates(scaled, out, group, k, [top_k[i] for i in group], [rows[i] for i in group])
+            todo += [i for i, done in zip(group, settled, strict=True) if not done]
         if not todo:
             return out
     raise AssertionError("a full sort settles every row")
@@ -45,26 +56,34 @@ def filtered_probs(scaled: torch.Tensor, rows: Sequence[SamplingParams]) -> torc
 
 def _filter_candidates(scaled: torch.Tensor, out: torch.Tensor, todo: list[int], k: int, top_k: list[int],
                        rows: Sequence[SamplingParams]) -> list[bool]:
-    """Filters rows `todo` of `scaled` over their k likeliest tokens, writing the distributions of the rows this
-    settles into `out`; returns which rows it settled."""
+    """Filters rows `todo` of `scaled` over their k likeliest tokens (k at most each row's top-k), writing the
+    distributions of the rows this settles into `out`; returns which rows it settled."""
     device, vocab = scaled.device, scaled.shape[1]
     index = torch.tensor(todo, dtype=torch.long, device=device)
     logits = scaled if len(todo) == scaled.shape[0] else scaled[index]
     values, ids = torch.topk(logits, k, dim=-1)
-    positions = torch.arange(k, device=device).unsqueeze(0)
-    within = positions < torch.tensor(top_k, device=device).clamp(max=k).unsqueeze(1)
-    with_k = [t <= k for t in top_k]  # these renormalise over their top k, the others over the whole row
-    has_k = torch.tensor(with_k, device=device).unsqueeze(1)
-    head = torch.logsumexp(values.masked_fill(~within, float("-inf")), dim=-1, keepdim=True) if any(with_k) else None
-    whole = None if all(with_k) else torch.logsumexp(logits, dim=-1, keepdim=True)
-    norm = whole if head is None else head if whole is None else torch.where(has_k, head, whole)
-    probs = torch.exp(values - norm).masked_fill(~within, 0.0)
+    with_k = [t == k for t in top_k]  # these renormalise over their top k, the others over the whole row
+    if all(with_k):
+        probs = torch.softmax(values, dim=-1)
+    elif not any(with_k):
+        probs = torch.softmax(logits, dim=-1).gather(1, ids)
+    else:
+        probs = torch.empty_like(values)
+        for yes in (True, False):
+            picked = torch.tensor([j for j, w in enumerate(with_k) if w == yes], dtype=torch.long, device=device)
+            probs[picked] = (torch.softmax(values[picked], dim=-1) if yes
+                             else torch.softmax(logits[picked], dim=-1).gather(1, ids[picked]))
     top_p = _column([r.top_p if r.top_p < 1.0 else 2.0 for r in rows], device)
     min_p = _column([r.min_p for r in rows], device)
     below = probs >= min_p * probs[:, :1]
-    keep = within & (torch.cumsum(probs, dim=-1) - probs < top_p) & below
+    before = torch.cumsum(probs, dim=-1)
+    keep = (before - probs < top_p) & below
     keep[:, 0] = True
-    settled = has_k.squeeze(1) | (probs.sum(dim=-1) >= top_p.squeeze(1)) | ~below[:, -1]
+    has_k = torch.tensor(with_k, device=device)
+    # Without a top-k of its own a row's probabilities here are final, and the candidates may already decide its
+    # kept set; with a top-k beyond k they are not yet renormalised over it, so it waits for the count that holds it.
+    no_k = torch.tensor([t == vocab for t in top_k], device=device)
+    settled = has_k | (no_k & ((before[:, -1] >= top_p.squeeze(1)) | ~below[:, -1]))
     if k == vocab:
         settled[:] = True
     kept = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)

@@ -112,11 +112,21 @@ def apply_blocked(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 
 
 def _random_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Sampling distribution in vocab order for random rows (temperature applied, filters applied)."""
+    """Sampling distribution in vocab order for random rows (temperature applied, filters applied); each row's is
+    the same whatever else is batched (rows without filters never take the filters' path)."""
     scaled = logits / _column([r.params.temperature for r in rows], logits.device)
-    if not any(_needs_filter(r.params) for r in rows):
+    filtered = [_needs_filter(r.params) for r in rows]
+    if not any(filtered):
         return torch.softmax(scaled, dim=-1)
-    return filtered_probs(scaled, [r.params for r in rows])
+    if all(filtered):
+        return filtered_probs(scaled, [r.params for r in rows])
+    probs = torch.empty_like(scaled)
+    for wanted in (True, False):
+        picked = [i for i, f in enumerate(filtered) if f == wanted]
+        index = torch.tensor(picked, dtype=torch.long, device=logits.device)
+        probs[index] = (filtered_probs(scaled[index], [rows[i].params for i in picked]) if wanted
+                        else torch.softmax(scaled[index], dim=-1))
+    return probs
 
 
 def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow]) -> list[TokenLogprobs | None]:
