@@ -249,3 +249,14 @@ def two_token_distribution(plain: Any, prompt: list[int]) -> dict[tuple[int, int
         for t2, lp2 in nxt:
             target[(t1, t2)] = math.exp(lp1) / z1 * math.exp(lp2) / z2
     return target
+
+
+def load_fuzz_script(name: str) -> Any:
+    """A script of the repository's fuzz/ folder (not a package) imported as a module, for its harness functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "fuzz" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

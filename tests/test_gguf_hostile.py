@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import write_tiny_gguf
+from tests.conftest import load_fuzz_script, write_tiny_gguf
 from tokenmill.model import gguf_check
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_check import check_gguf_header
@@ -362,11 +362,7 @@ def test_non_utf8_string_value(tmp_path: Path) -> None:
 
 
 def _harness() -> Any:
-    spec = importlib.util.spec_from_file_location("gguf_fuzz", REPO / "fuzz" / "gguf_fuzz.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_fuzz_script("gguf_fuzz")
 
 
 def test_fuzzer_crash_reproducers_now_load_or_fail_cleanly() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.util
 import json
 import re
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import write_tiny_gguf
+from conftest import load_fuzz_script, write_tiny_gguf
 from test_server import ServerThread, _bound_socket, wait_idle
 
 from tokenmill.config import EngineConfig
@@ -440,18 +439,8 @@ def test_after_runs_right_after_the_step_that_finished_the_group(tiny_model) -> 
         engine.shutdown()
 
 
-def _consistency_harness():
-    spec = importlib.util.spec_from_file_location("server_consistency",
-                                                  Path(__file__).resolve().parent.parent / "fuzz" /
-                                                  "server_consistency.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_consistency_check_catches_a_streamed_difference() -> None:
-    harness = _consistency_harness()
+    harness = load_fuzz_script("server_consistency")
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     body = {"prompt": "hi", "max_tokens": 2, "logprobs": 0, "stop": ["x"]}
 
