@@ -18,7 +18,11 @@
 // ones differ by float rounding only.
 // Built with -ffp-contract=off so that fp32 products and sums are not fused into FMAs the eager path does not use.
 
-#include <torch/extension.h>
+// Not <torch/extension.h>: it pulls in the whole C++ frontend, about half of this file's build time at every ISA level.
+#include <ATen/ATen.h>
+#include <pybind11/functional.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "attention.h"
 #include "check.h"
