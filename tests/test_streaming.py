@@ -170,10 +170,12 @@ VOCAB, CONTEXT = 300, 128
 SINKS, WINDOW_TOKENS, MODEL_BS = 4, 40, 8  # 1 sink block + 5 window blocks = 48 entries
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("stream") / "tiny.gguf"
-    return write_tiny_gguf(path, hidden=256, heads=4, kv_heads=2, ff=256, vocab=VOCAB, context=CONTEXT,
+# qwen2: keys carry a bias added before RoPE, so a rotated key is only right if the bias was rotated with it.
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_model(tmp_path_factory, request) -> Path:
+    path = tmp_path_factory.mktemp("stream") / f"tiny_{request.param}.gguf"
+    return write_tiny_gguf(path, arch=request.param, hidden=256, heads=4, kv_heads=2, ff=256, vocab=VOCAB,
+                           context=CONTEXT,
                            metadata={"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0})
 
 
