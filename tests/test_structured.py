@@ -9,15 +9,19 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
+import llguidance.torch as llg_torch
 import pytest
 import torch
 from conftest import write_tiny_gguf
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.sampling_params import InvalidRequestError
-from tokenmill.structured.masks import TokenMasks
+from tokenmill.spec.tree import check_tree, path_tokens, spine_length
+from tokenmill.structured import masks as masks_module
+from tokenmill.structured.masks import StructuredOutputManager, TokenMasks, allowed_tree
 from tokenmill.structured.params import StructuredOutputs
 from tokenmill.tokenizer import _byte_alphabet
 
@@ -26,14 +30,16 @@ SCHEMAS = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/data/jso
 PIECES = ['{"', '":', '", "', '"}', ", ", ": ", "true", "false", "null", "[", "]}", "12", "0.", "ORD-", "20"]
 
 
+_BYTE_TOKENS = ["<|endoftext|>", *_byte_alphabet().values(), *PIECES]
+_BYTE_METADATA = {"tokenizer.ggml.tokens": _BYTE_TOKENS, "tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0,
+                  "tokenizer.ggml.token_type": [3] + [1] * (len(_BYTE_TOKENS) - 1)}
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    tokens = ["<|endoftext|>", *_byte_alphabet().values(), *PIECES]
-    types = [3] + [1] * (len(tokens) - 1)
     path = tmp_path_factory.mktemp("structured") / "bytes.gguf"
-    return write_tiny_gguf(path, hidden=256, heads=4, kv_heads=2, ff=256, vocab=len(tokens), context=1024,
-                           metadata={"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
-                                     "tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0})
+    return write_tiny_gguf(path, hidden=256, heads=4, kv_heads=2, ff=256, vocab=len(_BYTE_TOKENS), context=1024,
+                           metadata=_BYTE_METADATA)
 
 
 def make_llm(path: Path, **options: object) -> LLM:
@@ -263,3 +269,85 @@ def test_cli_constraint_flags(tiny_model, tmp_path, capsys) -> None:
     assert code == 0 and capsys.readouterr().out.split("\n")[1] in ("left", "right")
     assert main(["generate", "--model", str(tiny_model), "--regex", "a", "--json", "go"]) == 2
     assert "exactly one" in capsys.readouterr().err
+
+
+# ---- token trees under a grammar ------------------------------------------------------------------------------
+
+def test_a_tree_is_cut_to_what_its_grammar_allows(llm) -> None:
+    """The spine keeps its allowed prefix; a leaf stays where its parent row was kept and its grammar allows it
+    there, in order, so the result is a tree of the kernels' shape again."""
+    a, b, c, d, x, z = llm.tokenizer.encode("abcdxz")
+    grammar = llm.engine.structured.compiler.compile(StructuredOutputs(regex=r"(ab|cd){1,3}")).matcher()
+    drafts, parents = [a, b, c, x, c, z, a, d], [0, 1, 2, 3, 0, 0, 2, 3]  # a spine of 4, leaves off rows 0, 0, 2, 3
+    tokens, kept = allowed_tree(grammar, drafts, parents)
+    assert (tokens, kept) == ([a, b, c, c, a, d], [0, 1, 2, 0, 2, 3])  # "abcx" cut to "abc"; z cannot start
+    check_tree(kept, len(tokens))
+    assert spine_length(kept) == 3
+    # no leaf left: a chain
+    assert allowed_tree(grammar, [a, b, z, x], [0, 1, 0, 1]) == ([a, b], [])
+    # the request-level entry point: trees and chains alike, requests without a grammar untouched
+    tree = SimpleNamespace(grammar=grammar, draft_token_ids=list(drafts), draft_parents=list(parents))
+    chain = SimpleNamespace(grammar=grammar, draft_token_ids=[c, d, x, a], draft_parents=[])
+    free = SimpleNamespace(grammar=None, draft_token_ids=[x, z], draft_parents=[0, 0])
+    StructuredOutputManager.trim_drafts([tree, chain, free])
+    assert (tree.draft_token_ids, tree.draft_parents) == (tokens, kept)
+    assert chain.draft_token_ids == [c, d] and free.draft_token_ids == [x, z]
+
+
+def test_each_tree_row_is_masked_after_its_own_path(llm) -> None:
+    """Row r's mask is that of a fresh matcher after the drafts on the way to r (a leaf's path leaves the spine), also
+    where the grammar stops on the way; the request's matcher is where it was afterwards."""
+    a, b, c, d = llm.tokenizer.encode("abcd")
+    manager = llm.engine.structured
+    grammar = manager.compiler.compile(StructuredOutputs(regex=r"(ab|cd){1,2}"))
+    matcher = grammar.matcher()
+    matcher.accept(a)
+    drafts, parents = [b, c, d, a, 0], (0, 1, 2, 1, 3)  # row 4 ("abcd") stops the grammar; a leaf then takes EOS
+    rows = torch.arange(2, 2 + len(drafts) + 1)
+    masks = manager._fill([(matcher.inner, 0, drafts, parents)], rows)
+
+    def mask_after(path: list[int]) -> torch.Tensor:
+        fresh = grammar.matcher()
+        assert fresh.accept(a) and all(fresh.accept(t) for t in path)
+        one = llg_torch.allocate_token_bitmask(1, manager.compiler.vocab_size)
+        llg_torch.fill_next_token_bitmask(fresh.inner, one, 0)
+        return one[0]
+
+    for row in range(len(drafts) + 1):
+        assert torch.equal(masks.bitmask[row], mask_after(path_tokens(parents, drafts, row))), f"row {row}"
+    assert torch.equal(masks.rows, rows)
+    assert not matcher.failed and not matcher.is_terminated
+    assert matcher.num_valid([b, c, d]) == 3  # still after "a"
+
+
+def test_trees_under_a_grammar_keep_greedy_and_seeded_output(tiny_model, llm, monkeypatch, caplog) -> None:
+    """Draft-model trees (width 3) under grammars: the leaves the grammar allows are verified too, and greedy and
+    seeded outputs are those without speculation. No step may fail (a failed step is retried request by request)."""
+    draft = write_tiny_gguf(tiny_model.with_name("bytes_draft.gguf"), layers=1, hidden=256, heads=4, kv_heads=2,
+                            ff=256, vocab=len(_BYTE_TOKENS), context=1024, metadata=_BYTE_METADATA)
+    regex = r"(ab|cd|[0-9]){4,60}"
+    prompts = ["abcdabcdab12cdabcdab", "cdcd1212cdcd1212cd", "{\"a\": 1, \"a\": 1", "q"]
+    constraints = [StructuredOutputs(regex=regex), StructuredOutputs(regex=regex),
+                   StructuredOutputs(json={"type": "object", "properties": {"a": {"type": "integer"}}}),
+                   StructuredOutputs(regex=r"[xyz]{30}")]
+    kept_leaves: list[int] = []
+    cut = masks_module.allowed_tree
+
+    def counting(*args):
+        tokens, parents = cut(*args)
+        kept_leaves.append(len(tokens) - spine_length(parents) if parents else 0)
+        return tokens, parents
+
+    monkeypatch.setattr(masks_module, "allowed_tree", counting)
+    for params in ([SamplingParams(temperature=0, max_tokens=60, structured_outputs=c) for c in constraints],
+                   [SamplingParams(temperature=0.8, top_k=3, seed=i, max_tokens=60, structured_outputs=c)
+                    for i, c in enumerate(constraints)]):
+        plain = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        spec = make_llm(tiny_model, speculative="draft", speculative_model=str(draft), num_speculative_tokens=4,
+                        speculative_tree_width=3, speculative_adaptive=False)
+        assert [o.token_ids for o in spec.generate(prompts, params, use_tqdm=False)] == plain
+        stats = spec.engine.stats()
+        assert stats.spec_decode is not None and stats.spec_decode.num_accepted_tokens > 0
+        assert stats.num_free_blocks == stats.num_total_blocks
+    assert sum(kept_leaves) > 0  # trees reached the verifier with leaves, not only their spines
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -14,8 +14,8 @@ import torch
 
 from tokenmill.request import Request
 from tokenmill.scheduler.plan import StepPlan
-from tokenmill.spec.tree import spine_length
-from tokenmill.structured.grammar import GrammarCompiler
+from tokenmill.spec.tree import path_tokens, spine_length
+from tokenmill.structured.grammar import GrammarCompiler, Matcher
 
 
 @dataclass
@@ -49,7 +49,8 @@ class TokenMasks:
 
 class StructuredOutputManager:
     """Fills the masks of a step's grammar-bound sequences: row 0 from the matcher's state, row i + 1 after the
-    sequence's first i + 1 drafts (which `trim_drafts` has kept to the prefix the grammar allows).
+    drafts on the way to it (a chain's first i + 1; a tree's path, spec/tree.py), which `trim_drafts` has cut to
+    what the grammar allows.
 
     `overlap`: fill on a worker thread while the model runs (llguidance releases the GIL); off, they are filled
     before the step, on the engine thread."""
@@ -65,14 +66,16 @@ class StructuredOutputManager:
 
     @staticmethod
     def trim_drafts(requests: Iterable[Request]) -> None:
-        """Drops each grammar-bound request's drafts from the first one its grammar forbids: such a draft could
-        never be accepted, and the rows after it would have no grammar state to mask with. A token tree keeps its
-        spine only (the grammar's draft masks follow one line of tokens)."""
+        """Drops each grammar-bound request's drafts that its grammar forbids: such a draft could never be accepted,
+        and the rows after it would have no grammar state to mask with. A chain keeps its allowed prefix; a token
+        tree keeps its spine's allowed prefix and the leaves its grammar allows where they hang."""
         for request in requests:
-            if request.grammar is not None and request.draft_token_ids:
-                if request.draft_parents:
-                    del request.draft_token_ids[spine_length(request.draft_parents):]
-                    request.draft_parents = []
+            if request.grammar is None or not request.draft_token_ids:
+                continue
+            if request.draft_parents:
+                request.draft_token_ids, request.draft_parents = allowed_tree(
+                    request.grammar, request.draft_token_ids, request.draft_parents)
+            else:
                 del request.draft_token_ids[request.grammar.num_valid(request.draft_token_ids):]
 
     def start(self, plan: StepPlan, lookup: Callable[[str], Request | None]) -> Future[TokenMasks] | None:
@@ -87,7 +90,7 @@ class StructuredOutputManager:
                 continue
             request = lookup(seq.request_id)
             if request is not None and request.grammar is not None:
-                entries.append((request.grammar.inner, len(rows), list(seq.draft_token_ids)))
+                entries.append((request.grammar.inner, len(rows), list(seq.draft_token_ids), seq.draft_parents))
                 rows.extend(range(row, row + seq.num_samples))
             row += seq.num_samples
         if not entries:
@@ -99,13 +102,56 @@ class StructuredOutputManager:
         done.set_result(self._fill(entries, index))
         return done
 
-    def _fill(self, entries: list[tuple[llguidance.LLMatcher, int, list[int]]], rows: torch.Tensor) -> TokenMasks:
+    def _fill(self, entries: list[tuple[llguidance.LLMatcher, int, list[int], tuple[int, ...]]],
+              rows: torch.Tensor) -> TokenMasks:
         bitmask = llg_torch.allocate_token_bitmask(len(rows), self.compiler.vocab_size)
-        # The draft-token fill takes only sequences with drafts; the others take the plain fill, into the same rows.
-        drafted = [e for e in entries if e[2]]
-        plain = [(m, r) for m, r, drafts in entries if not drafts]
+        # The draft-token fill takes the chains (a tree's spine) and writes row 0 and one row per draft; sequences
+        # without drafts take the plain fill, into the same bitmask; a tree's leaves are filled one by one after.
+        drafted, plain, leaves = [], [], []
+        for matcher, row, drafts, parents in entries:
+            spine = spine_length(parents) if parents else len(drafts)
+            if spine:
+                drafted.append((matcher, row, drafts[:spine]))
+            else:
+                plain.append((matcher, row))
+            leaves.extend((matcher, row, drafts, parents, i) for i in range(spine, len(drafts)))
         if drafted:
             llg_torch.fill_next_token_bitmask_par_with_draft_tokens(self._executor, drafted, bitmask)
         if plain:
             llg_torch.fill_next_token_bitmask_par(self._executor, plain, bitmask)
+        for matcher, row, drafts, parents, i in leaves:
+            _fill_after(matcher, path_tokens(parents, drafts, i + 1), bitmask, row + i + 1)
         return TokenMasks(rows, bitmask)
+
+
+def allowed_tree(grammar: Matcher, drafts: list[int], parents: list[int]) -> tuple[list[int], list[int]]:
+    """A token tree (spec/tree.py) cut to what `grammar` allows from its current state: the spine's allowed prefix
+    and, in their order, the leaves whose parent row was kept and whose token the grammar allows after that row.
+    The result is a tree of the same shape (a leaf off the last kept spine row may continue the spine), or a chain
+    (no parents) when no leaf is left."""
+    spine = spine_length(parents)
+    kept = grammar.num_valid(drafts[:spine])
+    tokens, kept_parents = drafts[:kept], list(range(kept))
+    for token, parent in zip(drafts[spine:], parents[spine:], strict=True):
+        if parent <= kept and grammar.num_valid([*drafts[:parent], token]) == parent + 1:
+            tokens.append(token)
+            kept_parents.append(parent)
+    return tokens, (kept_parents if len(tokens) > kept else [])
+
+
+def _fill_after(matcher: llguidance.LLMatcher, path: list[int], bitmask: torch.Tensor, row: int) -> None:
+    """Fills `row` with the mask after `path` (allowed: `trim_drafts` checked it) and leaves `matcher` as it was.
+    A grammar that stops on the way allows only end-of-sequence from there, which the stopped matcher's own mask
+    says; consuming past the stop would break the matcher."""
+    consumed = 0
+    for token in path:
+        if matcher.is_stopped():
+            break
+        if not matcher.consume_token(token):
+            matcher.rollback(consumed)
+            raise RuntimeError(f"a tree's draft {token} is not allowed by its grammar (it should have been trimmed)")
+        consumed += 1
+    try:
+        llg_torch.fill_next_token_bitmask(matcher, bitmask, row)
+    finally:
+        matcher.rollback(consumed)
