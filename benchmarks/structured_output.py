@@ -18,6 +18,13 @@ and how often the output is valid with and without the grammar; llama.cpp's JSON
     .venv/bin/python benchmarks/structured_output.py
     .venv/bin/python benchmarks/structured_output.py --samples 2 --free-samples 1 --peer-samples 1 --repeats 1
     .venv/bin/python benchmarks/structured_output.py --parts speed --repeats 3
+    .venv/bin/python benchmarks/structured_output.py --parts spec --max-tokens 192 --repeats 3
+
+- Speculation under a grammar (`--parts spec`): greedy requests with a JSON schema, one at a time, plain decoding
+  against the self-speculative drafter (`speculative="self"`) as a chain and as token trees of each
+  `--spec-widths` (the grammar cuts each tree to the drafts it allows: docs/architecture.md, "Structured output"),
+  `--spec-tokens` drafts per step (`--spec-adaptive`: the engine's adaptive lengths); arms alternate per repeat;
+  tokens/s (median), mean accepted length per verify step, and whether each arm's outputs equal plain decoding's.
 """
 
 from __future__ import annotations
@@ -53,7 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-requests", type=int, default=12, help="batch-1 speed: requests per arm")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=384)
-    p.add_argument("--parts", default="compile,speed,validity,peer", help="which measurements to run")
+    p.add_argument("--parts", default="compile,speed,validity,peer", help="which measurements to run (also: spec)")
+    p.add_argument("--spec-widths", default="1,3", help="spec: speculative_tree_width of each speculative arm")
+    p.add_argument("--spec-tokens", type=int, default=4, help="spec: num_speculative_tokens")
+    p.add_argument("--spec-adaptive", action="store_true", help="spec: adaptive draft lengths (default: fixed)")
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/structured_output.json"))
     return p.parse_args(argv)
 
@@ -123,6 +133,38 @@ def validity(llm: LLM, samples: int, free_samples: int, max_tokens: int) -> dict
     return result
 
 
+def spec_arms(llm: LLM, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    prompts = [prompt_ids(llm, n, with_schema=False) for n in names]
+    params = [SamplingParams(temperature=0, max_tokens=args.max_tokens,
+                             structured_outputs=StructuredOutputs(json=SCHEMAS[n])) for n in names]
+    arms = {"plain": llm}
+    for width in (int(w) for w in args.spec_widths.split(",")):
+        arms[f"self, width {width}"] = LLM(dtype=args.dtype, num_threads=args.threads, speculative="self",
+                                           num_speculative_tokens=args.spec_tokens, speculative_tree_width=width,
+                                           speculative_adaptive=args.spec_adaptive)
+    for arm in arms.values():
+        generate(arm, prompts, params, 1)  # warm-up: prefix cache and grammars, in every arm alike
+    rates: dict[str, list[float]] = {name: [] for name in arms}
+    outputs: dict[str, list[list[int]]] = {}
+    before = {name: arm.engine.stats().spec_decode for name, arm in arms.items()}
+    for _ in range(args.repeats):
+        for name, arm in arms.items():
+            outs, seconds = generate(arm, prompts, params, 1)
+            outputs[name] = [o.token_ids for o in outs]
+            rates[name].append(sum(len(o.token_ids) for o in outs) / seconds)
+    result = {}
+    for name, arm in arms.items():
+        stats, first = arm.engine.stats().spec_decode, before[name]
+        steps = stats.num_drafts - first.num_drafts if stats is not None else 0
+        accepted = stats.num_accepted_tokens - first.num_accepted_tokens if stats is not None else 0
+        result[name] = {"tok_s": statistics.median(rates[name]), "runs_tok_s": rates[name],
+                        "tokens": sum(map(len, outputs[name])), "verify_steps": steps,
+                        "mean_accepted_length": 1 + accepted / steps if steps else None,
+                        "identical_to_plain": sum(a == b for a, b in zip(outputs[name], outputs["plain"], strict=True)),
+                        "requests": len(prompts)}
+    return result
+
+
 def compile_times(llm: LLM) -> dict[str, float]:
     engine = llm.engine
     compiler = GrammarCompiler(engine.tokenizer.to_json(), engine.model_config.vocab_size, engine.eos_token_ids)
@@ -177,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         report["speed"] = [speed(llm, [names[i % len(names)] for i in range(args.speed_requests)], 1, args.repeats,
                                  args.max_tokens),
                            speed(llm, [names[i % len(names)] for i in range(64)], 64, args.repeats, args.max_tokens)]
+    if "spec" in parts:
+        report["spec"] = spec_arms(llm, [names[i % len(names)] for i in range(args.speed_requests)], args)
     if "validity" in parts:
         report["validity"] = validity(llm, args.samples, args.free_samples, args.max_tokens)
     if "peer" in parts:
@@ -197,6 +241,14 @@ def print_report(r: dict[str, Any]) -> None:
         for s in r["speed"]:
             print(f"| {s['batch']} | {s['requests']} | {s['tokens']} | {s['schema_tok_s']:.1f} | "
                   f"{s['free_tok_s']:.1f} | {s['overhead_pct']:+.1f}% |")
+    if "spec" in r:
+        plain = r["spec"]["plain"]["tok_s"]
+        print("| arm | tok/s | vs plain | mean accepted length | verify steps | identical to plain |")
+        print("|---|---|---|---|---|---|")
+        for name, a in r["spec"].items():
+            length = f"{a['mean_accepted_length']:.2f}" if a["mean_accepted_length"] else "–"
+            print(f"| {name} | {a['tok_s']:.1f} | {a['tok_s'] / plain:.2f}× | {length} | {a['verify_steps']} | "
+                  f"{a['identical_to_plain']}/{a['requests']} |")
     for arm, v in r.get("validity", {}).items():
         print(f"validity {arm}: {v['valid']}/{v['generations']} valid ({v['truncated']} hit max_tokens)")
     p = r.get("llama_cpp")
