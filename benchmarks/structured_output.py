@@ -21,10 +21,11 @@ and how often the output is valid with and without the grammar; llama.cpp's JSON
     .venv/bin/python benchmarks/structured_output.py --parts spec --max-tokens 192 --repeats 3
 
 - Speculation under a grammar (`--parts spec`): greedy requests with a JSON schema, one at a time, plain decoding
-  against the self-speculative drafter (`speculative="self"`) as a chain and as token trees of each
-  `--spec-widths` (the grammar cuts each tree to the drafts it allows: docs/architecture.md, "Structured output"),
-  `--spec-tokens` drafts per step (`--spec-adaptive`: the engine's adaptive lengths); arms alternate per repeat;
-  tokens/s (median), mean accepted length per verify step, and whether each arm's outputs equal plain decoding's.
+  against the self-speculative drafter (`speculative="self"`; a draft model with `--spec-model`) as a chain and as
+  token trees of each `--spec-widths` (the grammar cuts each tree to the drafts it allows: docs/architecture.md,
+  "Structured output"), `--spec-tokens` drafts per step (`--spec-adaptive`: the engine's adaptive lengths); arms
+  alternate per repeat; tokens/s (median), mean accepted length per verify step, and whether each arm's outputs
+  equal plain decoding's.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spec-widths", default="1,3", help="spec: speculative_tree_width of each speculative arm")
     p.add_argument("--spec-tokens", type=int, default=4, help="spec: num_speculative_tokens")
     p.add_argument("--spec-adaptive", action="store_true", help="spec: adaptive draft lengths (default: fixed)")
+    p.add_argument("--spec-model", default=None,
+                   help="spec: a draft model's GGUF file (speculative='draft'; default: the self-speculative drafter)")
+    p.add_argument("--model", default=None, help="a GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--engine-args", type=json.loads, default={},
+                   help='more EngineConfig fields for every engine, as JSON, e.g. \'{"weight_format": "gguf"}\'')
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/structured_output.json"))
     return p.parse_args(argv)
 
@@ -138,10 +144,12 @@ def spec_arms(llm: LLM, names: list[str], args: argparse.Namespace) -> dict[str,
     params = [SamplingParams(temperature=0, max_tokens=args.max_tokens,
                              structured_outputs=StructuredOutputs(json=SCHEMAS[n])) for n in names]
     arms = {"plain": llm}
+    drafter = {"speculative": "draft", "speculative_model": args.spec_model} if args.spec_model else {
+        "speculative": "self"}
     for width in (int(w) for w in args.spec_widths.split(",")):
-        arms[f"self, width {width}"] = LLM(dtype=args.dtype, num_threads=args.threads, speculative="self",
-                                           num_speculative_tokens=args.spec_tokens, speculative_tree_width=width,
-                                           speculative_adaptive=args.spec_adaptive)
+        arms[f"{drafter['speculative']}, width {width}"] = LLM(
+            args.model, dtype=args.dtype, num_threads=args.threads, num_speculative_tokens=args.spec_tokens,
+            speculative_tree_width=width, speculative_adaptive=args.spec_adaptive, **drafter, **args.engine_args)
     for arm in arms.values():
         generate(arm, prompts, params, 1)  # warm-up: prefix cache and grammars, in every arm alike
     rates: dict[str, list[float]] = {name: [] for name in arms}
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if (warning := busy_warning()) is not None:
         print(warning)
-    llm = LLM(dtype=args.dtype, num_threads=args.threads, max_num_seqs=64)
+    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=64, **args.engine_args)
     names = list(SCHEMAS)
     report: dict[str, Any] = {"machine": machine_description(), "dtype": str(llm.engine.dtype)}
     parts = set(args.parts.split(","))
