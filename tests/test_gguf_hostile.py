@@ -361,13 +361,9 @@ def test_non_utf8_string_value(tmp_path: Path) -> None:
 # ---- the fuzz harness ----------------------------------------------------------------------------------------------
 
 
-def _harness() -> Any:
-    return load_fuzz_script("gguf_fuzz")
-
-
 def test_fuzzer_crash_reproducers_now_load_or_fail_cleanly() -> None:
     """Inputs the fuzzer once crashed on (none yet: the first 30-minute run found nothing past the fixes above)."""
-    harness = _harness()
+    harness = load_fuzz_script("gguf_fuzz")
     for path in sorted(CRASHES.glob("*")) if CRASHES.is_dir() else []:
         with deadline(10):
             try:
@@ -395,7 +391,7 @@ def test_malformed_tokenizer_metadata_is_a_model_load_error(bad: dict) -> None:
 
 
 def test_fuzzer_seeds_load(tmp_path: Path) -> None:
-    harness = _harness()
+    harness = load_fuzz_script("gguf_fuzz")
     for seed in harness.write_seeds(tmp_path / "corpus"):
         harness.test_one_input(seed.read_bytes())
 

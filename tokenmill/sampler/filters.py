@@ -42,50 +42,46 @@ def filtered_probs(scaled: torch.Tensor, rows: Sequence[SamplingParams]) -> torc
     top_k = [min(r.top_k, vocab) if r.top_k > 0 else vocab for r in rows]
     todo = list(range(n))
     for count in (*CANDIDATES, vocab):
-        groups: dict[int, list[int]] = {}
+        # One group per candidate count, and apart by whether the candidates are the row's whole top-k.
+        groups: dict[tuple[int, bool], list[int]] = {}
         for i in todo:
-            groups.setdefault(min(count, top_k[i]), []).append(i)
+            k = min(count, top_k[i])
+            groups.setdefault((k, top_k[i] == k), []).append(i)
         todo = []
-        for k, group in groups.items():
-            settled = _filter_candidates(scaled, out, group, k, [top_k[i] for i in group], [rows[i] for i in group])
+        for (k, whole_top_k), group in groups.items():
+            settled = _filter_candidates(scaled, out, group, k, whole_top_k, [top_k[i] for i in group],
+                                         [rows[i] for i in group])
             todo += [i for i, done in zip(group, settled, strict=True) if not done]
         if not todo:
             return out
     raise AssertionError("a full sort settles every row")
 
 
-def _filter_candidates(scaled: torch.Tensor, out: torch.Tensor, todo: list[int], k: int, top_k: list[int],
-                       rows: Sequence[SamplingParams]) -> list[bool]:
+def _filter_candidates(scaled: torch.Tensor, out: torch.Tensor, todo: list[int], k: int, whole_top_k: bool,
+                       top_k: list[int], rows: Sequence[SamplingParams]) -> list[bool]:
     """Filters rows `todo` of `scaled` over their k likeliest tokens (k at most each row's top-k), writing the
-    distributions of the rows this settles into `out`; returns which rows it settled."""
+    distributions of the rows this settles into `out`; returns which rows it settled. `whole_top_k`: k is every
+    row's own top-k, over which the rows renormalise (and which settles them); otherwise they renormalise over the
+    whole row."""
     device, vocab = scaled.device, scaled.shape[1]
     index = torch.tensor(todo, dtype=torch.long, device=device)
     logits = scaled if len(todo) == scaled.shape[0] else scaled[index]
     values, ids = torch.topk(logits, k, dim=-1)
-    with_k = [t == k for t in top_k]  # these renormalise over their top k, the others over the whole row
-    if all(with_k):
-        probs = torch.softmax(values, dim=-1)
-    elif not any(with_k):
-        probs = torch.softmax(logits, dim=-1).gather(1, ids)
-    else:
-        probs = torch.empty_like(values)
-        for yes in (True, False):
-            picked = torch.tensor([j for j, w in enumerate(with_k) if w == yes], dtype=torch.long, device=device)
-            probs[picked] = (torch.softmax(values[picked], dim=-1) if yes
-                             else torch.softmax(logits[picked], dim=-1).gather(1, ids[picked]))
+    probs = torch.softmax(values, dim=-1) if whole_top_k else torch.softmax(logits, dim=-1).gather(1, ids)
     top_p = _column([r.top_p if r.top_p < 1.0 else 2.0 for r in rows], device)
     min_p = _column([r.min_p for r in rows], device)
     below = probs >= min_p * probs[:, :1]
     before = torch.cumsum(probs, dim=-1)
     keep = (before - probs < top_p) & below
     keep[:, 0] = True
-    has_k = torch.tensor(with_k, device=device)
-    # Without a top-k of its own a row's probabilities here are final, and the candidates may already decide its
-    # kept set; with a top-k beyond k they are not yet renormalised over it, so it waits for the count that holds it.
-    no_k = torch.tensor([t == vocab for t in top_k], device=device)
-    settled = has_k | (no_k & ((before[:, -1] >= top_p.squeeze(1)) | ~below[:, -1]))
-    if k == vocab:
-        settled[:] = True
+    if whole_top_k or k == vocab:
+        settled = torch.ones(len(todo), dtype=torch.bool, device=device)
+    else:
+        # Without a top-k of its own a row's probabilities here are final, and the candidates may already decide
+        # its kept set; with a top-k beyond k they are not yet renormalised over it, so it waits for the count that
+        # holds it.
+        no_k = torch.tensor([t == vocab for t in top_k], device=device)
+        settled = no_k & ((before[:, -1] >= top_p.squeeze(1)) | ~below[:, -1])
     kept = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
     done = settled.nonzero().squeeze(1)
     flat = index[done].unsqueeze(1) * vocab + ids[done]  # `out` rows are zero: write the kept ones in place
