@@ -6,7 +6,7 @@ Prints a table, writes JSON.
     .venv/bin/python benchmarks/cpu_decode.py                       # all settings + llama.cpp if installed
     .venv/bin/python benchmarks/cpu_decode.py --settings gguf,gguf:eager --no-quality --profile gguf
 
-A setting is FORMAT[@GROUP][+int8|+onednn][:eager]: a weight format, the int4 group size, `+int8` for gguf weights
+A setting is FORMAT[@GROUP][+int8|+onednn][:eager]: a weight format, the int4 group size, `+int8` for gguf or q4 weights
 with int8 activations (`--gguf-activations int8`), `+onednn` for float weights in bf16 on oneDNN's matmul instead of
 tokenmill's row-exact one (`--bf16-kernel onednn`), and `:eager` for the plain PyTorch operators instead of the fused
 C++ decode step (the A/B of that optimization).
@@ -57,10 +57,11 @@ class Setting:
         body, _, activations = body.partition("+")
         fmt, _, group = body.partition("@")
         if (fmt not in WEIGHT_FORMATS or mode not in ("", "eager") or (group and fmt != "int4")
-                or activations not in ("", "int8", "onednn") or (activations == "int8" and fmt != "gguf")
+                or activations not in ("", "int8", "onednn") or (activations == "int8" and fmt not in ("gguf", "q4"))
                 or (activations == "onednn" and fmt != "float")):
             raise ValueError(f"bad setting {text!r}: expected FORMAT[@GROUP][+int8|+onednn][:eager], FORMAT in "
-                             f"{WEIGHT_FORMATS}, a group only for int4, +int8 only for gguf, +onednn only for float")
+                             f"{WEIGHT_FORMATS}, a group only for int4, +int8 only for gguf and q4, +onednn only "
+                             "for float")
         return cls(fmt, int(group) if group else 32, mode == "eager", "int8" if activations == "int8" else "bf16",
                    "onednn" if activations == "onednn" else "tokenmill")
 

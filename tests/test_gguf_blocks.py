@@ -13,7 +13,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.attention.fused_cpu import FusedCPUBackend
 from tokenmill.bench.qwen_pair import CACHE, DRAFT, TARGET
 from tokenmill.kernels import cpu_kernels, isa
-from tokenmill.model.gguf_blocks import gguf_q4_codes, gguf_q6k_codes, gguf_q8_codes, q8_requantize
+from tokenmill.model.gguf_blocks import gguf_q4_codes, gguf_q6k_codes, gguf_q8_codes, q4_requantize, q8_requantize
 from tokenmill.model.gguf_file import GGUFFile
 from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear, Int8Linear, StackedLinear, int8_blocks
 from tokenmill.model.loader import load_model, unpermute_rope_rows
@@ -226,6 +226,24 @@ def test_q8_requantize_rounds_each_block_to_its_own_f16_step() -> None:
     assert torch.equal(d.float(), (weight.reshape(3, 3, 32).abs().amax(-1) / 127).half().float())
     back = (codes.float().reshape(3, 3, 32) * d.float()[..., None]).reshape(3, 96)
     assert bool(((back - weight).abs().reshape(3, 3, 32) <= d.float()[..., None] * 0.5 + 1e-9).all())
+
+
+def test_q4_requantize_rounds_each_block_to_its_f16_minimum_and_step() -> None:
+    weight = torch.randn(3, 96, generator=torch.Generator().manual_seed(3)) * torch.tensor([1.0, 1e-3, 50.0])[:, None]
+    weight[1, 32:64] = 0.25  # a constant block: step 0, every code 0
+    codes, d, m = q4_requantize(weight)
+    assert codes.dtype == torch.uint8 and codes.shape == (3, 96) and d.shape == m.shape == (3, 3)
+    assert int(codes.max()) <= 15 and torch.equal(codes[1, 32:64], torch.zeros(32, dtype=torch.uint8))
+    blocks = weight.reshape(3, 3, 32)
+    assert torch.equal(m, blocks.amin(-1).half().float()) and torch.equal(d.half().float(), d)
+    assert torch.equal(d, ((blocks.amax(-1) - m) / 15).half().float())
+    back = codes.float().reshape(3, 3, 32) * d[..., None] + m[..., None]
+    # Half a step, plus what rounding m and d to f16 moved the grid (2^-11 relative each; 15 steps of d).
+    bound = 0.5 * d + 2.0**-11 * (m.abs() + 15 * d)
+    assert bool(((back - blocks).abs() <= bound[..., None] + 1e-12).all())
+    assert torch.equal(back[1, 1], torch.full((32,), 0.25))
+    layer = GgufQ4Linear(codes, d, m)  # f16-exact d and m: the layer keeps them in f16, as a Q4_1 file's
+    assert layer.scales.dtype == torch.float16 and torch.equal(layer.dequantized(), back.reshape(3, 96))
 
 
 @pytest.mark.parametrize("activations", ["bf16", "int8"])

@@ -15,6 +15,7 @@ from tokenmill.attention.fused_cpu import FusedCPUBackend
 from tokenmill.config import EngineConfig
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile
+from tokenmill.model.linear import GgufQ4Linear, Linear
 from tokenmill.spec.adaptive import choose_draft_lengths
 from tokenmill.spec.draft_model import DraftModelProposer, affordable_blocks
 from tokenmill.spec.proposer import DraftRequest
@@ -78,7 +79,9 @@ def assert_no_leak(llm: LLM) -> None:
     {"max_num_batched_tokens": 24},  # the draft's catch-up and the target's prefill both chunked
     {"num_kv_blocks": 14},  # target preemption: the draft state of a preempted request is kept or recomputed
     {"enforce_eager": True},
-], ids=["batched", "chunked", "preempted", "eager"])
+    # A lossy draft format changes which drafts are accepted, never the output.
+    {"speculative_weight_format": "q4", "gguf_activations": "int8"},
+], ids=["batched", "chunked", "preempted", "eager", "q4-draft"])
 def test_greedy_output_is_identical(pair, reference, options) -> None:
     llm = make_llm(*pair, **options)
     if not options.get("enforce_eager"):
@@ -89,6 +92,10 @@ def test_greedy_output_is_identical(pair, reference, options) -> None:
         assert stats.num_preemptions > 0
     assert 0 < stats.spec_decode.num_accepted_tokens < stats.spec_decode.num_draft_tokens
     assert_no_leak(llm)
+    if options.get("speculative_weight_format") == "q4":
+        draft_model = llm.engine.speculator.proposer.runner.backend.model
+        draft_layers = [m for m in draft_model.modules() if isinstance(m, Linear)]
+        assert draft_layers and all(isinstance(m, GgufQ4Linear) and m.int8_activations for m in draft_layers)
 
 
 def test_one_at_a_time_and_stops_inside_a_draft(pair, plain, reference) -> None:

@@ -12,7 +12,7 @@ from tokenmill.kv.streaming import StreamingWindow
 
 # Defined here rather than next to the kernels in tokenmill/model/linear.py so that validating a configuration
 # (the CLI, the server) does not depend on the model code.
-WEIGHT_FORMATS = ("float", "int8", "int4", "gguf")
+WEIGHT_FORMATS = ("float", "int8", "int4", "gguf", "q4")
 GGUF_ACTIVATIONS = ("bf16", "int8")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 SPECULATIVE_METHODS = (None, "ngram", "draft", "self", "lookahead")
@@ -44,7 +44,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU threads for torch; default: all cores
-    weight_format: str = "float"  # float | int8 | int4 | gguf (see tokenmill/model/linear.py)
+    weight_format: str = "float"  # float | int8 | int4 | gguf | q4 (see tokenmill/model/linear.py)
     int4_group_size: int = 32
     # gguf weights: "bf16" activations (the products exact), or "int8": activations rounded per block of 32 to int8,
     # llama.cpp's scheme, for integer dot products on CPUs without bf16 ones (lossy: docs/benchmarks.md)
@@ -174,9 +174,10 @@ class EngineConfig:
                              f"CPU kernels take bf16 activations), got {self.dtype!r}")
         if self.gguf_activations not in GGUF_ACTIVATIONS:
             raise ValueError(f"gguf_activations must be one of {GGUF_ACTIVATIONS}, got {self.gguf_activations!r}")
-        if self.gguf_activations != "bf16" and "gguf" not in (self.weight_format, self.speculative_weight_format):
-            raise ValueError(f"gguf_activations={self.gguf_activations!r} applies to weight_format='gguf' (or a gguf "
-                             f"speculative_weight_format), not {self.weight_format!r}")
+        block_formats = {"gguf", "q4"} & {self.weight_format, self.speculative_weight_format}
+        if self.gguf_activations != "bf16" and not block_formats:
+            raise ValueError(f"gguf_activations={self.gguf_activations!r} applies to the block formats 'gguf' and "
+                             f"'q4' (weight_format or speculative_weight_format), not {self.weight_format!r}")
         if self.int4_group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"int4_group_size must be one of {INT4_GROUP_SIZES}, got {self.int4_group_size}")
         if self.num_threads is not None and self.num_threads < 1:

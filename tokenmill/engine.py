@@ -322,8 +322,8 @@ class LLMEngine:
 
     def _weight_format_name(self) -> str:
         fmt = self.config.weight_format
-        if fmt == "gguf" and self.config.gguf_activations != "bf16":
-            return f"gguf-{self.config.gguf_activations}-activations"
+        if fmt in ("gguf", "q4") and self.config.gguf_activations != "bf16":
+            return f"{fmt}-{self.config.gguf_activations}-activations"
         return f"int4-g{self.config.int4_group_size}" if fmt == "int4" else fmt
 
     def _num_kv_blocks(self) -> int:

@@ -62,7 +62,7 @@ def dense_memory_model(cfg: Any, dtype: Any) -> MemoryModel:
 
 
 def engine_memory_model(engine: Any) -> MemoryModel:
-    """What a loaded tokenmill engine reads per step, in its own weight format (float, int8, int4, gguf)."""
+    """What a loaded tokenmill engine reads per step, in its own weight format (float, int8, int4, gguf, q4)."""
     size = _element_size(engine.dtype)
     return MemoryModel(engine.model.weight_bytes(), kv_bytes_per_token(engine.model_config, size),
                        f"tokenmill {engine.config.weight_format} weights, {engine.dtype}")

@@ -38,12 +38,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-shared-memory-all-reduce", action="store_true",
                    help="tensor parallelism on CPU: all-reduce over gloo instead of a shared memory mapping")
     g.add_argument("--weight-format", default="float", choices=WEIGHT_FORMATS,
-                   help="float: dequantized to --dtype; int8/int4: weight-only quantized; gguf: the file's own Q4 "
-                        "codes (quantized formats run bf16 on CPU)")
+                   help="float: dequantized to --dtype; int8/int4: weight-only quantized; gguf: the file's own "
+                        "blocks; q4: every layer requantized to 4-bit blocks of 32 (lossy; for draft models) "
+                        "(quantized formats run bf16 on CPU)")
     g.add_argument("--int4-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
     g.add_argument("--gguf-activations", default="bf16", choices=GGUF_ACTIVATIONS,
-                   help="with --weight-format gguf: bf16 activations (exact products) or int8 ones rounded per block "
-                        "of 32, llama.cpp's scheme (integer dot products, faster on CPUs without bf16 ones; lossy)")
+                   help="with --weight-format gguf or q4: bf16 activations (exact products) or int8 ones rounded "
+                        "per block of 32, llama.cpp's scheme (integer dot products, faster on CPUs without bf16 "
+                        "ones; lossy)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step with PyTorch operators instead of the fused C++ step (CPU)")
     g.add_argument("--batch-invariant", action="store_true",

@@ -1,4 +1,5 @@
-"""Linear layers in four weight formats: float, int8 and int4 weight-only, and the GGUF file's own blocks.
+"""Linear layers in five weight formats: float, int8 and int4 weight-only, the GGUF file's own blocks, and 4-bit
+blocks requantized from any file.
 
 A single-stream decode step reads every weight once, so its time is the weight bytes over memory bandwidth. The
 quantized formats stay packed in memory instead of being dequantized to float. int8 and int4 multiply with PyTorch's
@@ -19,6 +20,11 @@ Formats:
   are bf16 by default; with ``int8_activations`` (``EngineConfig.gguf_activations="int8"``) each row is first
   rounded per block of 32 to int8 with an fp32 scale, llama.cpp's scheme, and the kernel multiplies with integer
   dot products (`int8_blocks`).
+- ``q4``: every layer, the LM head included, requantized to 4-bit blocks of 32 in Q4_1's form (`q4_requantize`) on
+  the same 4-bit tiles, whatever the file's types (a width not a multiple of 32: as in ``int8``): lossy, fewer bytes
+  per step than ``gguf`` where a file holds 5- to 8-bit blocks. Made for draft models
+  (`speculative_weight_format="q4"`), whose rounding changes how many drafts are accepted but never the output.
+  ``int8_activations`` applies as in ``gguf``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,15 @@ import struct
 import torch
 
 from tokenmill.model.config import ModelConfig
-from tokenmill.model.gguf_blocks import Q4_TYPES, Q8_TYPES, gguf_q4_codes, gguf_q6k_codes, gguf_q8_codes, q8_requantize
+from tokenmill.model.gguf_blocks import (
+    Q4_TYPES,
+    Q8_TYPES,
+    gguf_q4_codes,
+    gguf_q6k_codes,
+    gguf_q8_codes,
+    q4_requantize,
+    q8_requantize,
+)
 from tokenmill.model.gguf_file import GGUFFile, ModelLoadError
 from tokenmill.model.linear import (
     FloatLinear,
@@ -118,6 +126,10 @@ class _LayerBuilder:
         weight = torch.cat([self._unpermute(n, self.file.tensor(n, torch.float32)) for n in names])
         if fmt == "float":
             return FloatLinear(weight.to(self.dtype), bias).to(self.device)
+        if fmt == "q4" and weight.shape[1] % 32 == 0:
+            layer = GgufQ4Linear(*q4_requantize(weight), bias=bias)
+            layer.int8_activations = self.int8_activations
+            return layer.to(self.device)
         if fmt == "int4" and not head:
             return Int4Linear.quantize(weight, self.int4_group_size, self.dtype, bias).to(self.device)
         return Int8Linear.quantize(weight, self.dtype, bias).to(self.device)
