@@ -12,7 +12,7 @@ from tokenmill.kv.manager import KVCacheManager
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampler.sampler import Sampler, SamplingRow
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.scheduler.plan import SeqSamples, StepResult
+from tokenmill.scheduler.plan import ScheduledSeq, SeqSamples, StepPlan, StepResult
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 from tokenmill.spec.adaptive import Acceptance, StepCostModel, choose_draft_lengths
 from tokenmill.spec.ngram import NgramProposer
@@ -97,6 +97,33 @@ def test_cost_model_interpolates_and_is_monotonic() -> None:
     assert model(16) == pytest.approx(3.6)  # linear past the last point
     with pytest.raises(ValueError):
         StepCostModel([1], [1.0])
+
+
+def test_cost_model_follows_the_real_steps_of_its_row_counts() -> None:
+    model = StepCostModel([1, 2, 4], [0.010, 0.012, 0.016])
+    model.observe(2, 0.020, weight=0.5)  # halfway from 0.012 to 0.020
+    assert model.seconds == pytest.approx([0.010, 0.016, 0.016])
+    model.observe(3, 1.0, weight=0.5)  # not a measured count: ignored
+    assert model.seconds == pytest.approx([0.010, 0.016, 0.016])
+    model.observe(1, 0.030, weight=0.5)  # 0.020 for one row lifts the envelope over 2 and 4 rows
+    assert model.seconds == pytest.approx([0.020, 0.020, 0.020])
+    for _ in range(60):  # the default weight forgets the start-up time within tens of steps
+        model.observe(4, 0.040)
+    assert model(4) == pytest.approx(0.040, rel=1e-2) and model(3) == pytest.approx(0.030, rel=1e-2)
+
+
+def test_only_steps_of_decodes_and_drafts_move_the_speculators_cost_model() -> None:
+    spec = Speculator(NgramProposer(2, 4), max_draft_tokens=4, max_model_len=1000, max_step_tokens=64,
+                      cost=StepCostModel([1, 4, 8], [0.01, 0.02, 0.03]))
+    verify_a = ScheduledSeq("a", 0, 3, 50, (0,), 3)  # a decode with 2 drafts
+    decode_b = ScheduledSeq("b", 3, 1, 20, (1,), 1)
+    prefill_c = ScheduledSeq("c", 4, 4, 4, (2,), 0)  # a prefill chunk: rows of another cost
+    spec.observe(StepPlan((decode_b, verify_a), (0,) * 4, (0,) * 4, (0,) * 4), StepResult(), seconds=0.1)
+    assert spec.cost.seconds == pytest.approx([0.01, 0.028, 0.03])
+    spec.observe(StepPlan((decode_b, verify_a, prefill_c), (0,) * 8, (0,) * 8, (0,) * 8), StepResult(),
+                 seconds=1.0)
+    spec.observe(StepPlan((decode_b,), (0,), (0,), (0,)), StepResult())  # no time given
+    assert spec.cost.seconds == pytest.approx([0.01, 0.028, 0.03])
 
 
 def test_draft_lengths_follow_acceptance_and_step_cost() -> None:

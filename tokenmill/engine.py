@@ -454,7 +454,9 @@ class LLMEngine:
             if self._structured is not None:
                 masks = self._structured.start(plan, self.scheduler.get)
             # Also when empty: it carries the finished ids the runner lets go of.
+            started = time.perf_counter()
             result = self.runner.execute(plan, masks)
+            seconds = time.perf_counter() - started
         except Exception:
             logger.exception("a step of %d sequences failed", len(plan.seqs))
             if masks is not None:
@@ -465,7 +467,7 @@ class LLMEngine:
             failed = self._finish(plan.seqs[0].request_id, RequestStatus.FINISHED_ERROR)
             return [failed] if failed is not None else []
         if self.speculator is not None:
-            self.speculator.observe(plan, result)
+            self.speculator.observe(plan, result, seconds)
         if plan.is_empty:
             return []
         self.scheduler.update(plan, result)

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+# How far one real step moves the step-time model toward its own time: about the last ten steps of a row count count.
+ONLINE_WEIGHT = 0.1
 
 
 @dataclass
@@ -45,7 +49,12 @@ class Acceptance:
 @dataclass
 class StepCostModel:
     """Seconds per step by its number of rows, interpolated linearly between measured row counts (and extended
-    linearly past the last two)."""
+    linearly past the last two).
+
+    Measured once at start-up on synthetic steps, then moved by the real steps that have one of its row counts
+    (`observe`): a start-up measurement is a few samples on a machine whose speed drifts, and a real step carries
+    work the synthetic one lacks (its context, the verifier), so the model follows the steps it prices.
+    """
 
     rows: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -53,16 +62,25 @@ class StepCostModel:
     def __post_init__(self) -> None:
         if len(self.rows) != len(self.seconds) or len(self.rows) < 2 or self.rows != sorted(set(self.rows)):
             raise ValueError("need at least two distinct row counts in increasing order, one time each")
+        self._times = list(self.seconds)  # per row count, before the envelope that keeps the model monotonic
+        self.seconds = list(itertools.accumulate(self._times, max))
+
+    def observe(self, rows: int, seconds: float, weight: float = ONLINE_WEIGHT) -> None:
+        """A real step of `rows` rows took `seconds`: the time of that row count moves `weight` of the way to it
+        (an exponential moving average). Steps of other row counts leave the model as it is."""
+        i = bisect.bisect_left(self.rows, rows)
+        if i == len(self.rows) or self.rows[i] != rows:
+            return
+        self._times[i] += weight * (seconds - self._times[i])
+        self.seconds = list(itertools.accumulate(self._times, max))  # more rows never cost less
 
     @classmethod
     def measure(cls, time_rows: Callable[[int], float], row_counts: Sequence[int], repeats: int = 3) -> StepCostModel:
         """`time_rows(n)`: one timed forward of n rows; the fastest of `repeats` counts (noise only adds time)."""
         time_rows(row_counts[0])  # warm-up: first calls pay for allocations
-        seconds = [min(time_rows(n) for _ in range(repeats)) for n in row_counts]
-        # A step never gets cheaper with more rows; timing noise must not make the model say so.
-        for i in range(1, len(seconds)):
-            seconds[i] = max(seconds[i], seconds[i - 1])
-        return cls(list(row_counts), seconds)
+        # A step never gets cheaper with more rows; timing noise must not make the model say so (the constructor
+        # keeps the running maximum).
+        return cls(list(row_counts), [min(time_rows(n) for _ in range(repeats)) for n in row_counts])
 
     def __call__(self, rows: int) -> float:
         i = min(max(bisect.bisect_left(self.rows, rows), 1), len(self.rows) - 1)

@@ -253,7 +253,12 @@ class DraftModelProposer(Proposer):
                         finished_request_ids=tuple(self._released), return_logits=width > 1)
         if isinstance(self.runner.lm_head, SubsetHead):  # each sampled row may also guess its own request's tokens
             self.runner.lm_head.set_rows([(w.seq.request_id, w.request_tokens) for w, _, sample in step if sample])
+        started = time.perf_counter()
         result = self.runner.execute(plan)
+        # The model prices a step of one row per sequence, a guess deeper; a catch-up of many rows after idle steps
+        # is rarer and would make every later depth look as dear as itself.
+        if self.cost is not None and len(token_ids) == len(seqs):
+            self.cost.observe(len(seqs), time.perf_counter() - started)
         self._released = []
         for w, new, _ in step:  # only now does the cache hold their entries
             w.seq.tokens += new

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from tokenmill.request import Request, RequestStatus
 from tokenmill.scheduler.plan import StepPlan, StepResult
-from tokenmill.spec.adaptive import Acceptance, choose_draft_lengths
+from tokenmill.spec.adaptive import Acceptance, StepCostModel, choose_draft_lengths
 from tokenmill.spec.proposer import DraftRequest, Proposer
 from tokenmill.spec.tree import MAX_TREE_ROWS, DraftTree, spine_length
 
@@ -135,10 +135,14 @@ class Speculator:
         self._acceptance.pop(request_id, None)
         self._idle.pop(request_id, None)
 
-    def observe(self, plan: StepPlan, result: StepResult) -> None:
-        """Count what the step verified and forget finished requests."""
+    def observe(self, plan: StepPlan, result: StepResult, seconds: float | None = None) -> None:
+        """Count what the step verified and forget finished requests; `seconds`, what the step took, moves the
+        step-time model when every row of the step was a decode or a draft (prefill chunks cost otherwise)."""
         for request_id in plan.finished_request_ids:
             self.release(request_id)
+        if (seconds is not None and isinstance(self.cost, StepCostModel) and plan.seqs
+                and all(seq.num_samples == seq.num_tokens for seq in plan.seqs)):
+            self.cost.observe(plan.num_tokens, seconds)
         samples = {s.request_id: s for s in result.samples}
         for seq in plan.seqs:
             sample = samples.get(seq.request_id)
