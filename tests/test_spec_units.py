@@ -14,7 +14,7 @@ from tokenmill.sampler.sampler import Sampler, SamplingRow
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler.plan import ScheduledSeq, SeqSamples, StepPlan, StepResult
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
-from tokenmill.spec.adaptive import Acceptance, StepCostModel, choose_draft_lengths
+from tokenmill.spec.adaptive import DRAFT_MARGIN, Acceptance, StepCostModel, choose_draft_lengths
 from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.proposer import Proposer
 from tokenmill.spec.speculator import PROBE_EVERY, PROBE_TOKENS, Speculator
@@ -124,6 +124,15 @@ def test_only_steps_of_decodes_and_drafts_move_the_speculators_cost_model() -> N
                  seconds=1.0)
     spec.observe(StepPlan((decode_b,), (0,), (0,), (0,)), StepResult())  # no time given
     assert spec.cost.seconds == pytest.approx([0.01, 0.028, 0.03])
+
+
+def test_a_model_drafter_drafts_only_for_a_gain_beyond_the_margin() -> None:
+    flat = lambda rows: 1.0  # noqa: E731
+    # One draft at acceptance 0.5 emits 1.5 tokens per (1 + d) seconds against 1 per second without.
+    assert DRAFT_MARGIN == 0.05
+    assert choose_draft_lengths([0.5], [1], 1, flat, lambda seqs, depth: 0.45 * depth) == [0]  # +3.4%
+    assert choose_draft_lengths([0.5], [1], 1, flat, lambda seqs, depth: 0.35 * depth) == [1]  # +11%
+    assert choose_draft_lengths([0.5], [1], 1, flat) == [1]  # a free drafter takes any gain
 
 
 def test_draft_lengths_follow_acceptance_and_step_cost() -> None:

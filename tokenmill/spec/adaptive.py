@@ -15,8 +15,13 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-# How far one real step moves the step-time model toward its own time: about the last ten steps of a row count count.
+# How far one real step moves the step-time model toward its own time: the last ten or so steps of a row count
+# carry most of the weight.
 ONLINE_WEIGHT = 0.1
+# A model drafter drafts only where the expected rate beats no drafts by this much: its predicted gain rests on two
+# step-time models and an acceptance estimate, each off by some percent, and a marginal draft that does not pay costs
+# a whole draft step.
+DRAFT_MARGIN = 0.05
 
 
 @dataclass
@@ -100,11 +105,13 @@ def choose_draft_lengths(rates: Sequence[float], available: Sequence[int], base_
     `draft_cost(num_seqs, depth)`: what guessing costs when a model drafts (`Proposer.draft_seconds`): its steps
     run one depth at a time for every drafting request at once, so the deepest draft sets the number of steps. Such
     a cost jumps with each new depth, which a one-token-at-a-time choice would never pay for; so each depth is
-    tried with its draft steps paid up front, the tokens up to it handed out as above, and the best depth kept.
+    tried with its draft steps paid up front, the tokens up to it handed out as above, and the best depth kept, if
+    it beats drafting nothing by `DRAFT_MARGIN`.
     """
     if draft_cost is None:
         return _hand_out(rates, available, base_rows, lambda rows, drafting: cost(rows))
-    best, best_rate = [0] * len(rates), len(rates) / cost(base_rows)
+    plain_rate = len(rates) / cost(base_rows)
+    best, best_rate = [0] * len(rates), plain_rate
     for depth in range(1, max(available, default=0) + 1):
         capped = [min(a, depth) for a in available]
         lengths = _hand_out(rates, capped, base_rows,
@@ -116,7 +123,7 @@ def choose_draft_lengths(rates: Sequence[float], available: Sequence[int], base_
         rate = sum(sum(r**j for j in range(k + 1)) for r, k in zip(rates, lengths, strict=True)) / seconds
         if rate > best_rate:
             best, best_rate = lengths, rate
-    return best
+    return best if best_rate > plain_rate * (1 + DRAFT_MARGIN) else [0] * len(rates)
 
 
 def _hand_out(rates: Sequence[float], available: Sequence[int], base_rows: int,
