@@ -138,4 +138,3 @@ def q4_requantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     safe = torch.where(d > 0, d.float(), torch.ones_like(d, dtype=torch.float32))
     codes = torch.round((blocks - m.float()[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
     return codes.reshape(rows, cols), d.float(), m.float()
-
