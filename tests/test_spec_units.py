@@ -339,11 +339,28 @@ def test_a_costly_drafter_probes_a_request_it_left_idle_so_its_acceptance_gets_m
     first, second = (Request(rid, [1, 2, 3], SamplingParams(max_tokens=100), status=RequestStatus.RUNNING,
                              num_computed_tokens=2) for rid in ("a", "b"))
     drafted = []
-    for _ in range(2 * PROBE_EVERY):
+    for _ in range(4 * PROBE_EVERY):
         spec.propose([first, second])
         drafted.append((len(first.draft_token_ids), len(second.draft_token_ids)))
     # At the prior no draft pays; after PROBE_EVERY idle steps one request (only one per step) gets a short probe.
-    idle = [(0, 0)] * (PROBE_EVERY - 1)
-    assert drafted == idle + [(PROBE_TOKENS, 0)] + [(0, PROBE_TOKENS)] + idle[1:] + [(PROBE_TOKENS, 0)]
+    # Nothing was verified, so the cost model still declines: each request then waits twice as long for its next.
+    a, b, idle = (PROBE_TOKENS, 0), (0, PROBE_TOKENS), [(0, 0)]
+    assert drafted == idle * (PROBE_EVERY - 1) + [a, b] + idle * (2 * PROBE_EVERY - 2) + [a, b] + idle * 15
+    assert spec._probe_wait == {"a": 4 * PROBE_EVERY, "b": 4 * PROBE_EVERY}
     spec.release("a")
-    assert "a" not in spec._idle
+    assert "a" not in spec._idle and "a" not in spec._probe_wait
+
+
+class CheapRepeat(CostlyRepeat):
+    def draft_seconds(self, num_seqs: int, depth: int) -> float:
+        return 0.001 * depth
+
+
+def test_drafts_the_cost_model_chooses_again_reset_the_probe_interval() -> None:
+    spec = Speculator(CheapRepeat(), max_draft_tokens=5, max_model_len=1000, max_step_tokens=64,
+                      cost=lambda rows: 0.1 + 0.001 * rows)
+    request = Request("a", [1, 2, 3], SamplingParams(max_tokens=100), status=RequestStatus.RUNNING,
+                      num_computed_tokens=2)
+    spec._probe_wait["a"] = 8 * PROBE_EVERY
+    spec.propose([request])
+    assert request.draft_token_ids and "a" not in spec._probe_wait and spec._idle["a"] == 0

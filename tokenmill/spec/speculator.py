@@ -38,8 +38,11 @@ class SpecDecodeStats:
 
 # A request a costly drafter has left idle this many steps gets a probe draft of PROBE_TOKENS (one request per step):
 # at the acceptance prior the cost model can decline every draft, and a request that never drafts never measures
-# how often its drafts would be accepted.
+# how often its drafts would be accepted. Each probe that the cost model does not follow with drafts of its own
+# doubles the request's wait for the next one, up to PROBE_EVERY_MAX: where drafts do not pay, probes cost a draft
+# step pass each, and at a few requests a fixed interval added up to a probe every few steps.
 PROBE_EVERY = 16
+PROBE_EVERY_MAX = 256
 PROBE_TOKENS = 2
 
 
@@ -61,6 +64,7 @@ class Speculator:
         self.stats = SpecDecodeStats(accepted_per_position=[0] * max_draft_tokens)
         self._acceptance: dict[str, Acceptance] = {}
         self._idle: dict[str, int] = {}  # steps since a request last drafted, for the probes of costly drafters
+        self._probe_wait: dict[str, int] = {}  # idle steps before its next probe (PROBE_EVERY when absent)
 
     def propose(self, running: Sequence[Request]) -> None:
         """Set the drafts of every running request that is one token behind (decoding); others get none."""
@@ -110,12 +114,17 @@ class Speculator:
         """`lengths` with a probe draft for the request idle longest, once it has been idle PROBE_EVERY steps."""
         for request, k in zip(decoding, lengths, strict=True):
             self._idle[request.request_id] = 0 if k else self._idle.get(request.request_id, 0) + 1
-        waiting = [i for i, r in enumerate(decoding) if self._idle[r.request_id] >= PROBE_EVERY and limits[i] > 0]
+            if k:  # the cost model drafts for it again: probes, when they are needed, start over
+                self._probe_wait.pop(request.request_id, None)
+        waiting = [i for i, r in enumerate(decoding) if limits[i] > 0
+                   and self._idle[r.request_id] >= self._probe_wait.get(r.request_id, PROBE_EVERY)]
         if waiting:
             i = max(waiting, key=lambda j: self._idle[decoding[j].request_id])
             lengths = list(lengths)
             lengths[i] = min(limits[i], PROBE_TOKENS)
-            self._idle[decoding[i].request_id] = 0
+            request_id = decoding[i].request_id
+            self._idle[request_id] = 0
+            self._probe_wait[request_id] = min(2 * self._probe_wait.get(request_id, PROBE_EVERY), PROBE_EVERY_MAX)
         return lengths
 
     def _limit(self, request: Request) -> int:
@@ -134,6 +143,7 @@ class Speculator:
         self.proposer.drop(request_id)
         self._acceptance.pop(request_id, None)
         self._idle.pop(request_id, None)
+        self._probe_wait.pop(request_id, None)
 
     def observe(self, plan: StepPlan, result: StepResult, seconds: float | None = None) -> None:
         """Count what the step verified and forget finished requests; `seconds`, what the step took, moves the
