@@ -103,13 +103,16 @@ def test_cost_model_follows_the_real_steps_of_its_row_counts() -> None:
     model = StepCostModel([1, 2, 4], [0.010, 0.012, 0.016])
     model.observe(2, 0.020, weight=0.5)  # halfway from 0.012 to 0.020
     assert model.seconds == pytest.approx([0.010, 0.016, 0.016])
-    model.observe(3, 1.0, weight=0.5)  # not a measured count: ignored
+    model.observe(8, 1.0, weight=0.5)  # past the measured counts: ignored
     assert model.seconds == pytest.approx([0.010, 0.016, 0.016])
     model.observe(1, 0.030, weight=0.5)  # 0.020 for one row lifts the envelope over 2 and 4 rows
     assert model.seconds == pytest.approx([0.020, 0.020, 0.020])
     for _ in range(60):  # the default weight forgets the start-up time within tens of steps
         model.observe(4, 0.040)
     assert model(4) == pytest.approx(0.040, rel=1e-2) and model(3) == pytest.approx(0.030, rel=1e-2)
+    between = StepCostModel([1, 2, 4], [0.010, 0.020, 0.040])
+    between.observe(3, 0.050, weight=0.5)  # predicted 0.030: the 0.020 error, half of it shared half and half
+    assert between.seconds == pytest.approx([0.010, 0.025, 0.045]) and between(3) == pytest.approx(0.035)
 
 
 def test_only_steps_of_decodes_and_drafts_move_the_speculators_cost_model() -> None:

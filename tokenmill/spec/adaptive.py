@@ -71,12 +71,19 @@ class StepCostModel:
         self.seconds = list(itertools.accumulate(self._times, max))
 
     def observe(self, rows: int, seconds: float, weight: float = ONLINE_WEIGHT) -> None:
-        """A real step of `rows` rows took `seconds`: the time of that row count moves `weight` of the way to it
-        (an exponential moving average). Steps of other row counts leave the model as it is."""
+        """A real step of `rows` rows took `seconds`: the model moves `weight` of the way to it there (an
+        exponential moving average), a measured row count directly, a count between two measured ones through
+        both, each by its share of the interpolation. Steps outside the measured range leave the model as it is."""
         i = bisect.bisect_left(self.rows, rows)
-        if i == len(self.rows) or self.rows[i] != rows:
+        if i == len(self.rows) or (i == 0 and self.rows[0] != rows):
             return
-        self._times[i] += weight * (seconds - self._times[i])
+        if self.rows[i] == rows:
+            self._times[i] += weight * (seconds - self._times[i])
+        else:
+            share = (rows - self.rows[i - 1]) / (self.rows[i] - self.rows[i - 1])
+            error = seconds - ((1 - share) * self._times[i - 1] + share * self._times[i])
+            self._times[i - 1] += weight * (1 - share) * error
+            self._times[i] += weight * share * error
         self.seconds = list(itertools.accumulate(self._times, max))  # more rows never cost less
 
     @classmethod
