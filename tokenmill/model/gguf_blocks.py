@@ -126,15 +126,22 @@ def q8_requantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.reshape(rows, cols), d
 
 
+def asymmetric_4bit(weight: torch.Tensor, group: int,
+                    grid: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 weights [rows, cols] (cols a multiple of `group`) rounded to 4 bits per group: a minimum m (the group's
+    least weight) and a step d = (max - m) / 15, each rounded to `grid` first, and codes round((w - m) / d) in
+    [0, 15]. Returns (uint8 codes [rows, cols], d, m [rows, cols / group]) in fp32; each weight lands within about
+    half a step of its input (a constant group: step 0, codes 0)."""
+    rows, cols = weight.shape
+    groups = weight.float().reshape(rows, cols // group, group)
+    m = groups.amin(dim=-1).to(grid).float()
+    d = ((groups.amax(dim=-1) - m) / 15).to(grid).float()
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    codes = torch.round((groups - m[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
+    return codes.reshape(rows, cols), d, m
+
+
 def q4_requantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 weights [rows, cols] (cols a multiple of 32) as 4-bit blocks of 32 in Q4_1's form, for the 4-bit tiles:
-    per block an f16 minimum m (the block's least weight, rounded to f16) and an f16 step d = (max - m) / 15 (rounded
-    to f16), codes round((w - m) / d) in [0, 15]. Returns (uint8 codes [rows, cols], d, m [rows, cols / 32]). Lossy:
-    each weight within about half a step of its input, the step a fifteenth of its block's range."""
-    rows, cols = weight.shape
-    blocks = weight.float().reshape(rows, cols // 32, 32)
-    m = blocks.amin(dim=-1).to(torch.float16)
-    d = ((blocks.amax(dim=-1) - m.float()) / 15).to(torch.float16)
-    safe = torch.where(d > 0, d.float(), torch.ones_like(d, dtype=torch.float32))
-    codes = torch.round((blocks - m.float()[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
-    return codes.reshape(rows, cols), d.float(), m.float()
+    `asymmetric_4bit` with the minimum and the step rounded to f16, as a Q4_1 file stores them. Lossy."""
+    return asymmetric_4bit(weight, 32, torch.float16)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import BF16_KERNELS, INT4_GROUP_SIZES, WEIGHT_FORMATS
+from tokenmill.model.gguf_blocks import asymmetric_4bit
 
 
 class Linear(nn.Module):
@@ -199,13 +200,8 @@ class Int4Linear(Linear):
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int, dtype: torch.dtype,
                  bias: torch.Tensor | None = None) -> Int4Linear:
-        rows, cols = weight.shape
-        _check_group_size(cols, group_size)
-        groups = weight.float().reshape(rows, cols // group_size, group_size)
-        minimums = groups.amin(dim=-1)
-        scales = ((groups.amax(dim=-1) - minimums) / 15.0).clamp(min=torch.finfo(torch.float32).tiny)
-        codes = torch.round((groups - minimums[..., None]) / scales[..., None]).clamp(0, 15)
-        return cls(codes.reshape(rows, cols), scales, minimums, group_size, dtype, bias)
+        _check_group_size(weight.shape[1], group_size)
+        return cls(*asymmetric_4bit(weight, group_size), group_size, dtype, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)

@@ -56,7 +56,7 @@ class StepCostModel:
     """Seconds per step by its number of rows, interpolated linearly between measured row counts (and extended
     linearly past the last two).
 
-    Measured once at start-up on synthetic steps, then moved by the real steps that have one of its row counts
+    Measured once at start-up on synthetic steps, then moved by the real steps within its measured range
     (`observe`): a start-up measurement is a few samples on a machine whose speed drifts, and a real step carries
     work the synthetic one lacks (its context, the verifier), so the model follows the steps it prices.
     """

@@ -111,7 +111,8 @@ class Speculator:
                                     None if self.proposer.free else self.proposer.draft_seconds)
 
     def _probe(self, decoding: Sequence[Request], limits: Sequence[int], lengths: list[int]) -> list[int]:
-        """`lengths` with a probe draft for the request idle longest, once it has been idle PROBE_EVERY steps."""
+        """`lengths` with a probe draft for the request idle longest, once it has been idle its probe wait
+        (PROBE_EVERY steps, doubled by each probe the cost model did not follow with drafts)."""
         for request, k in zip(decoding, lengths, strict=True):
             self._idle[request.request_id] = 0 if k else self._idle.get(request.request_id, 0) + 1
             if k:  # the cost model drafts for it again: probes, when they are needed, start over
