@@ -16,7 +16,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile
 from tokenmill.model.linear import GgufQ4Linear, Linear
-from tokenmill.spec.adaptive import choose_draft_lengths
+from tokenmill.spec.adaptive import StepCostModel, choose_draft_lengths
 from tokenmill.spec.draft_model import DraftModelProposer, affordable_blocks
 from tokenmill.spec.proposer import DraftRequest
 from tokenmill.spec.self_draft import (
@@ -185,6 +185,11 @@ def test_a_draft_step_that_costs_more_than_it_saves_is_not_taken() -> None:
     assert free[0] > cheap[0] > 0 and dear == [0]
     # one draft step serves the whole batch at a depth: a second request rides along for the target row alone
     assert choose_draft_lengths([0.9, 0.9], [1, 1], 2, target, lambda n, depth: 0.05 * depth) == [1, 1]
+    # ...unless its drafter must first catch up on it: the likelier request is skipped, the other still drafts
+    assert choose_draft_lengths([0.9, 0.8], [1, 1], 2, target, lambda n, depth: 0.01 * depth) == [1, 1]
+    assert choose_draft_lengths([0.9, 0.8], [1, 1], 2, target, lambda n, depth: 0.01 * depth,
+                                [0.2, 0.0]) == [0, 1]
+    assert choose_draft_lengths([0.9], [5], 1, target, lambda n, depth: 0.03 * depth, [1.0]) == [0]
 
 
 def load_proposer(path: Path, num_blocks: int) -> DraftModelProposer:
@@ -216,6 +221,19 @@ def test_draft_blocks_roll_back_evict_and_free_exactly(pair) -> None:
     proposer.drop("b")
     proposer.drop("c")
     assert proposer.pool.num_free_blocks == 10 and not proposer._seqs
+
+
+def test_the_catch_up_is_priced_by_the_tokens_the_draft_cache_lacks(pair) -> None:
+    proposer = load_proposer(pair[1], num_blocks=10)
+    proposer.cost = StepCostModel([1, 8], [0.010, 0.017])  # 1 ms a row past the first
+    prompt = list(range(1, 11))
+    assert proposer.catch_up_seconds("a", len(prompt)) == pytest.approx(0.009)  # never seen: 9 rows more than 1
+    assert len(proposer.propose_batch([DraftRequest("a", prompt, [], 3)])[0]) == 3  # holds the prompt, 2 guesses
+    proposer.cost = StepCostModel([1, 8], [0.010, 0.017])  # as it was before those draft steps moved it
+    assert proposer.catch_up_seconds("a", len(prompt) + 1) == 0.0  # a step's one row feeds what it lacks
+    assert proposer.catch_up_seconds("a", len(prompt) + 2 + 6) == pytest.approx(0.005)  # 6 tokens behind its guesses
+    proposer.drop("a")
+    assert proposer.catch_up_seconds("a", len(prompt) + 1) == pytest.approx(0.010)
 
 
 def test_a_draft_with_another_vocabulary_or_no_file_is_refused(pair, tmp_path) -> None:

@@ -101,18 +101,34 @@ def test_cost_model_interpolates_and_is_monotonic() -> None:
 
 def test_cost_model_follows_the_real_steps_of_its_row_counts() -> None:
     model = StepCostModel([1, 2, 4], [0.010, 0.012, 0.016])
-    model.observe(2, 0.020, weight=0.5)  # halfway from 0.012 to 0.020
-    assert model.seconds == pytest.approx([0.010, 0.016, 0.016])
-    model.observe(8, 1.0, weight=0.5)  # past the measured counts: ignored
-    assert model.seconds == pytest.approx([0.010, 0.016, 0.016])
-    model.observe(1, 0.030, weight=0.5)  # 0.020 for one row lifts the envelope over 2 and 4 rows
-    assert model.seconds == pytest.approx([0.020, 0.020, 0.020])
-    for _ in range(60):  # the default weight forgets the start-up time within tens of steps
-        model.observe(4, 0.040)
-    assert model(4) == pytest.approx(0.040, rel=1e-2) and model(3) == pytest.approx(0.030, rel=1e-2)
-    between = StepCostModel([1, 2, 4], [0.010, 0.020, 0.040])
-    between.observe(3, 0.050, weight=0.5)  # predicted 0.030: the 0.020 error, half of it shared half and half
-    assert between.seconds == pytest.approx([0.010, 0.025, 0.045]) and between(3) == pytest.approx(0.035)
+    for _ in range(100):  # the machine is now twice as slow, and the batch runs only 4-row steps
+        model.observe(4, 0.032)
+    # The drift moves the row counts the batch never ran too: a speculative step's 5 rows are not priced at the
+    # start-up speed while the 4-row steps they are weighed against are priced at today's.
+    assert model.speed == pytest.approx(2.0, rel=1e-3)
+    assert model.seconds == pytest.approx([0.020, 0.024, 0.032], rel=1e-3)
+    for _ in range(100):  # 2-row steps cost more than the start-up shape says: that row count alone is corrected
+        model.observe(1, 0.020)
+        model.observe(2, 0.030)
+    assert model(1) == pytest.approx(0.020, rel=0.05) and model(2) == pytest.approx(0.030, rel=0.05)
+    assert model(4) == pytest.approx(0.032 * model.speed / 2.0, rel=1e-3)
+    before = list(model.seconds)
+    model.observe(8, 1.0)  # past the measured counts: ignored
+    assert model.seconds == before
+    for _ in range(100):  # now one row costs more than two did: the envelope keeps more rows from costing less
+        model.observe(1, 0.040)
+        model.observe(2, 0.030)
+    assert model.seconds[0] == model.seconds[1] == pytest.approx(0.040, rel=0.05)
+
+
+def test_cost_model_shares_a_step_between_its_two_measured_neighbours() -> None:
+    model = StepCostModel([1, 2, 4], [0.010, 0.020, 0.040])
+    model.observe(3, 0.045, weight=0.5)
+    # Start-up model at 3 rows: 0.030, so speed 1 -> 1.25; at that speed the step is 0.036 of start-up time, a
+    # 0.006 error, shared half and half between 2 and 4 rows at weight 0.5.
+    assert model.speed == pytest.approx(1.25)
+    assert model.seconds == pytest.approx([0.0125, 1.25 * 0.0215, 1.25 * 0.0415])
+    assert model(3) == pytest.approx(1.25 * 0.0315)
 
 
 def test_only_steps_of_decodes_and_drafts_move_the_speculators_cost_model() -> None:
@@ -122,11 +138,14 @@ def test_only_steps_of_decodes_and_drafts_move_the_speculators_cost_model() -> N
     decode_b = ScheduledSeq("b", 3, 1, 20, (1,), 1)
     prefill_c = ScheduledSeq("c", 4, 4, 4, (2,), 0)  # a prefill chunk: rows of another cost
     spec.observe(StepPlan((decode_b, verify_a), (0,) * 4, (0,) * 4, (0,) * 4), StepResult(), seconds=0.1)
-    assert spec.cost.seconds == pytest.approx([0.01, 0.028, 0.03])
+    # 5x the start-up 4-row time: speed 1 -> 1.4 at the default weight 0.1, and the 4-row time moves a tenth of the
+    # way from 0.02 to 0.1 / 1.4
+    after = [0.014, 1.4 * (0.02 + 0.1 * (0.1 / 1.4 - 0.02)), 0.042]
+    assert spec.cost.speed == pytest.approx(1.4) and spec.cost.seconds == pytest.approx(after)
     spec.observe(StepPlan((decode_b, verify_a, prefill_c), (0,) * 8, (0,) * 8, (0,) * 8), StepResult(),
                  seconds=1.0)
     spec.observe(StepPlan((decode_b,), (0,), (0,), (0,)), StepResult())  # no time given
-    assert spec.cost.seconds == pytest.approx([0.01, 0.028, 0.03])
+    assert spec.cost.seconds == pytest.approx(after)
 
 
 def test_a_model_drafter_drafts_only_for_a_gain_beyond_the_margin() -> None:
@@ -336,11 +355,24 @@ class CostlyRepeat(Proposer):
         return 0.2 * depth
 
 
-def test_a_costly_drafter_probes_a_request_it_left_idle_so_its_acceptance_gets_measured() -> None:
-    spec = Speculator(CostlyRepeat(), max_draft_tokens=5, max_model_len=1000, max_step_tokens=64,
-                      cost=lambda rows: 0.1 + 0.001 * rows)
+class PerSeqRepeat(CostlyRepeat):
+    """Each draft step costs a quarter of a target step per drafting sequence: with two decoding requests, drafts
+    do not pay at the prior acceptance (0.5), and do for one request whose probe was accepted whole."""
+
+    def draft_seconds(self, num_seqs: int, depth: int) -> float:
+        return 0.026 * num_seqs * depth
+
+
+def _two_decoding() -> tuple[Request, Request]:
     first, second = (Request(rid, [1, 2, 3], SamplingParams(max_tokens=100), status=RequestStatus.RUNNING,
                              num_computed_tokens=2) for rid in ("a", "b"))
+    return first, second
+
+
+def test_a_costly_drafter_probes_a_request_it_left_idle_so_its_acceptance_gets_measured() -> None:
+    spec = Speculator(PerSeqRepeat(), max_draft_tokens=5, max_model_len=1000, max_step_tokens=64,
+                      cost=lambda rows: 0.1 + 0.001 * rows)
+    first, second = _two_decoding()
     drafted = []
     for _ in range(4 * PROBE_EVERY):
         spec.propose([first, second])
@@ -354,9 +386,54 @@ def test_a_costly_drafter_probes_a_request_it_left_idle_so_its_acceptance_gets_m
     assert "a" not in spec._idle and "a" not in spec._probe_wait
 
 
+def test_no_probe_where_even_a_fully_accepted_one_would_leave_the_cost_model_declining() -> None:
+    # Four decoding requests: one request's drafts would not pay even at the rate a whole accepted probe gives it,
+    # so no probe is sent and no wait grows; once the batch is down to two, each gets its probe.
+    spec = Speculator(PerSeqRepeat(), max_draft_tokens=5, max_model_len=1000, max_step_tokens=64,
+                      cost=lambda rows: 0.1 + 0.001 * rows)
+    requests = [Request(rid, [1, 2, 3], SamplingParams(max_tokens=100), status=RequestStatus.RUNNING,
+                        num_computed_tokens=2) for rid in "abcd"]
+    for _ in range(4 * PROBE_EVERY):
+        spec.propose(requests)
+        assert not any(r.draft_token_ids for r in requests)
+    assert spec._probe_wait == {}
+    drafted = []
+    for _ in range(PROBE_EVERY):
+        spec.propose(requests[:2])
+        drafted.append(tuple(len(r.draft_token_ids) for r in requests[:2]))
+    assert sorted(drafted)[-2:] == [(0, PROBE_TOKENS), (PROBE_TOKENS, 0)] and sum(map(sum, drafted)) == 4
+    assert spec._probe_wait == {"a": 2 * PROBE_EVERY, "b": 2 * PROBE_EVERY}
+
+
 class CheapRepeat(CostlyRepeat):
     def draft_seconds(self, num_seqs: int, depth: int) -> float:
         return 0.001 * depth
+
+
+class LaggingRepeat(CheapRepeat):
+    """Cheap draft steps, but a catch-up of 3.2 s before a request's first draft, until told it has caught up."""
+
+    def __init__(self) -> None:
+        self.caught_up: set[str] = set()
+
+    def catch_up_seconds(self, request_id: str, num_tokens: int) -> float:
+        return 0.0 if request_id in self.caught_up else 3.2
+
+
+def test_a_drafters_catch_up_is_charged_over_the_steps_it_pays_for() -> None:
+    proposer = LaggingRepeat()
+    spec = Speculator(proposer, max_draft_tokens=5, max_model_len=1000, max_step_tokens=64,
+                      cost=lambda rows: 0.1 + 0.001 * rows)
+    long, short = (Request(rid, [1, 2, 3], SamplingParams(max_tokens=m), status=RequestStatus.RUNNING,
+                           num_computed_tokens=2) for rid, m in (("long", 1000), ("short", 3)))
+    # 1000 tokens left: the catch-up is spread over CATCH_UP_HORIZON (32) steps, 0.1 s each, which no draft at the
+    # prior acceptance makes up for; 3 tokens left: over about 2 steps.
+    assert spec._start_costs([long, short], [5, 2], [0.5, 0.5]) == pytest.approx([3.2 / 32, 3.2 / (3 / 1.75)])
+    spec.propose([long])
+    assert long.draft_token_ids == []
+    proposer.caught_up.add("long")  # drafting now costs only its cheap steps, which pay at the prior
+    spec.propose([long])
+    assert len(long.draft_token_ids) > 0
 
 
 def test_drafts_the_cost_model_chooses_again_reset_the_probe_interval() -> None:

@@ -58,7 +58,10 @@ class StepCostModel:
 
     Measured once at start-up on synthetic steps, then moved by the real steps within its measured range
     (`observe`): a start-up measurement is a few samples on a machine whose speed drifts, and a real step carries
-    work the synthetic one lacks (its context, the verifier), so the model follows the steps it prices.
+    work the synthetic one lacks (its context, the verifier), so the model follows the steps it prices. It does
+    so at two levels: `speed`, the real steps' time over the start-up model's (one factor for every row count:
+    the machine's drift, which moves the row counts a batch never runs as much as those it does), and per measured
+    row count a correction of the start-up time itself (a shape the synthetic steps got wrong).
     """
 
     rows: list[int] = field(default_factory=list)
@@ -67,24 +70,32 @@ class StepCostModel:
     def __post_init__(self) -> None:
         if len(self.rows) != len(self.seconds) or len(self.rows) < 2 or self.rows != sorted(set(self.rows)):
             raise ValueError("need at least two distinct row counts in increasing order, one time each")
-        self._times = list(self.seconds)  # per row count, before the envelope that keeps the model monotonic
+        self._start = list(self.seconds)  # the start-up times, which `speed` is relative to
+        self._times = list(self.seconds)  # per row count at the start-up speed, before the envelope
+        self.speed = 1.0
         self.seconds = list(itertools.accumulate(self._times, max))
 
     def observe(self, rows: int, seconds: float, weight: float = ONLINE_WEIGHT) -> None:
-        """A real step of `rows` rows took `seconds`: the model moves `weight` of the way to it there (an
-        exponential moving average), a measured row count directly, a count between two measured ones through
-        both, each by its share of the interpolation. Steps outside the measured range leave the model as it is."""
+        """A real step of `rows` rows took `seconds`. Both levels move `weight` of the way (exponential moving
+        averages): `speed` toward the step's time over the start-up model's, then the row count's own time, at that
+        speed, toward the step's (a measured row count directly, a count between two measured ones through both,
+        each by its share of the interpolation). Steps outside the measured range leave the model as it is."""
         i = bisect.bisect_left(self.rows, rows)
         if i == len(self.rows) or (i == 0 and self.rows[0] != rows):
             return
-        if self.rows[i] == rows:
-            self._times[i] += weight * (seconds - self._times[i])
+        exact = self.rows[i] == rows
+        share = 1.0 if exact else (rows - self.rows[i - 1]) / (self.rows[i] - self.rows[i - 1])
+        lo = i if exact else i - 1
+        start = (1 - share) * self._start[lo] + share * self._start[i]
+        self.speed += weight * (seconds / start - self.speed)
+        error = seconds / self.speed - ((1 - share) * self._times[lo] + share * self._times[i])
+        if exact:
+            self._times[i] += weight * error
         else:
-            share = (rows - self.rows[i - 1]) / (self.rows[i] - self.rows[i - 1])
-            error = seconds - ((1 - share) * self._times[i - 1] + share * self._times[i])
-            self._times[i - 1] += weight * (1 - share) * error
+            self._times[lo] += weight * (1 - share) * error
             self._times[i] += weight * share * error
-        self.seconds = list(itertools.accumulate(self._times, max))  # more rows never cost less
+        # more rows never cost less
+        self.seconds = list(itertools.accumulate((self.speed * t for t in self._times), max))
 
     @classmethod
     def measure(cls, time_rows: Callable[[int], float], row_counts: Sequence[int], repeats: int = 3) -> StepCostModel:
@@ -102,7 +113,8 @@ class StepCostModel:
 
 def choose_draft_lengths(rates: Sequence[float], available: Sequence[int], base_rows: int,
                          cost: Callable[[int], float],
-                         draft_cost: Callable[[int, int], float] | None = None) -> list[int]:
+                         draft_cost: Callable[[int, int], float] | None = None,
+                         start_costs: Sequence[float] | None = None) -> list[int]:
     """Draft tokens per request (at most `available[i]`) maximising expected tokens per second.
 
     `rates[i]`: request i's acceptance rate; `base_rows`: the step's rows without drafts (one per decode, plus
@@ -113,42 +125,49 @@ def choose_draft_lengths(rates: Sequence[float], available: Sequence[int], base_
     run one depth at a time for every drafting request at once, so the deepest draft sets the number of steps. Such
     a cost jumps with each new depth, which a one-token-at-a-time choice would never pay for; so each depth is
     tried with its draft steps paid up front, the tokens up to it handed out as above, and the best depth kept, if
-    it beats drafting nothing by `DRAFT_MARGIN`.
+    it beats drafting nothing by `DRAFT_MARGIN`. `start_costs[i]`: seconds this step is charged if request i drafts
+    at all (the share of its drafter's catch-up that the speculator assigns to it), 0 for all when None.
     """
     if draft_cost is None:
-        return _hand_out(rates, available, base_rows, lambda rows, drafting: cost(rows))
+        return _hand_out(rates, available, base_rows, [0.0] * len(rates), lambda rows, drafting: cost(rows))
+    starts = list(start_costs) if start_costs is not None else [0.0] * len(rates)
     plain_rate = len(rates) / cost(base_rows)
     best, best_rate = [0] * len(rates), plain_rate
     for depth in range(1, max(available, default=0) + 1):
         capped = [min(a, depth) for a in available]
-        lengths = _hand_out(rates, capped, base_rows,
+        lengths = _hand_out(rates, capped, base_rows, starts,
                             lambda rows, drafting, depth=depth: cost(rows) + draft_cost(max(drafting, 1), depth))
         drafting, deepest = sum(1 for k in lengths if k), max(lengths)
         if not deepest:
             continue
-        seconds = cost(base_rows + sum(lengths)) + draft_cost(drafting, deepest)
+        seconds = (cost(base_rows + sum(lengths)) + draft_cost(drafting, deepest)
+                   + sum(c for c, k in zip(starts, lengths, strict=True) if k))
         rate = sum(sum(r**j for j in range(k + 1)) for r, k in zip(rates, lengths, strict=True)) / seconds
         if rate > best_rate:
             best, best_rate = lengths, rate
     return best if best_rate > plain_rate * (1 + DRAFT_MARGIN) else [0] * len(rates)
 
 
-def _hand_out(rates: Sequence[float], available: Sequence[int], base_rows: int,
+def _hand_out(rates: Sequence[float], available: Sequence[int], base_rows: int, starts: Sequence[float],
               seconds: Callable[[int, int], float]) -> list[int]:
     """Tokens in order of expected gain while each raises expected tokens per second; `seconds(rows, drafting)`
-    is the step's time with `drafting` requests that have a draft."""
+    is the step's time with `drafting` requests that have a draft, to which `starts[i]` adds once request i has."""
     lengths = [0] * len(rates)
     expected = float(len(rates))  # every decode emits one token without drafts
-    rows, drafting = base_rows, 0
+    rows, drafting, started = base_rows, 0, 0.0
     heap = [(-rate, i) for i, rate in enumerate(rates) if available[i] > 0]
     heapq.heapify(heap)
     while heap:
         gain, i = heapq.heappop(heap)
-        more = drafting + (lengths[i] == 0)
-        if (expected - gain) / seconds(rows + 1, more) <= expected / seconds(rows, drafting):
+        first = lengths[i] == 0
+        more, more_started = drafting + first, started + (starts[i] if first else 0.0)
+        if ((expected - gain) / (seconds(rows + 1, more) + more_started)
+                <= expected / (seconds(rows, drafting) + started)):
+            if first and starts[i] > 0:  # its own start does not pay: others' tokens, less likely, still may
+                continue
             break
         expected -= gain
-        rows, drafting = rows + 1, more
+        rows, drafting, started = rows + 1, more, more_started
         lengths[i] += 1
         if lengths[i] < available[i]:
             heapq.heappush(heap, (gain * rates[i], i))

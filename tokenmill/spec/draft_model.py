@@ -151,6 +151,17 @@ class DraftModelProposer(Proposer):
             return 0.0
         return depth * self.cost(num_seqs)
 
+    def catch_up_seconds(self, request_id: str, num_tokens: int) -> float:
+        """The tokens the cache lacks beyond the one a draft step feeds, priced as that many more rows in a step
+        (the step-time model by sequences of one row each, extended linearly past its largest count): a prefill
+        row costs about what a sequence's row does. Guesses the target rejected still count as held, so this can
+        be low by a draft's length."""
+        seq = self._seqs.get(request_id)
+        extra = num_tokens - (len(seq.tokens) if seq is not None else 0) - 1
+        if self.cost is None or extra <= 0:
+            return 0.0
+        return self.cost(1 + extra) - self.cost(1)
+
     def propose_batch(self, requests: Sequence[DraftRequest]) -> list[list[int]]:
         return [w.guesses if w is not None else [] for w in self._draft(requests, 1)]
 

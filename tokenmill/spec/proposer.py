@@ -36,7 +36,9 @@ class Proposer(ABC):
       False when each guess costs a model step: the speculator then chooses every request's length first (from
       acceptance rates, the target's step cost and `draft_seconds`) and the proposer fills it whenever it can.
     - `draft_seconds(num_seqs, depth)`: the time to guess `depth` tokens for each of `num_seqs` requests (0 for a
-      free proposer).
+      free proposer). `catch_up_seconds(request_id, num_tokens)`: what the first of those steps costs on top for
+      this request, whose tokens number `num_tokens`, because the drafter's state lags it by more than the one
+      token a draft step feeds (a draft model's KV after steps without drafts); 0 for a state that keeps up.
     - `propose_trees(requests, width)`: token trees (spec/tree.py) instead of chains, with up to `width` tokens
       per depth where the drafter has that many candidates; a chain is a tree of width 1, which every drafter
       returns by default. A tree keeps tree.py's shape (a chain with leaves off it) and at most `max_drafts` tokens.
@@ -65,6 +67,9 @@ class Proposer(ABC):
         return [DraftTree(tuple(chain[:max_drafts])) for chain in self.propose_batch(requests)]
 
     def draft_seconds(self, num_seqs: int, depth: int) -> float:
+        return 0.0
+
+    def catch_up_seconds(self, request_id: str, num_tokens: int) -> float:
         return 0.0
 
     def observe(self, request_id: str, draft: Sequence[int], choices: Sequence[int], num_accepted: int) -> None:

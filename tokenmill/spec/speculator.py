@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tokenmill.request import Request, RequestStatus
 from tokenmill.scheduler.plan import StepPlan, StepResult
@@ -40,10 +40,17 @@ class SpecDecodeStats:
 # at the acceptance prior the cost model can decline every draft, and a request that never drafts never measures
 # how often its drafts would be accepted. Each probe that the cost model does not follow with drafts of its own
 # doubles the request's wait for the next one, up to PROBE_EVERY_MAX: where drafts do not pay, probes cost a draft
-# step pass each, and at a few requests a fixed interval added up to a probe every few steps.
+# step pass each, and at a few requests a fixed interval added up to a probe every few steps. A probe is sent only
+# where its best outcome (every probe token accepted) would make the cost model draft for the request: otherwise
+# it could change nothing, and it costs a draft pass plus the draft's catch-up on every token since its last one.
 PROBE_EVERY = 16
 PROBE_EVERY_MAX = 256
 PROBE_TOKENS = 2
+# A drafter's catch-up (a draft model feeding the tokens of its steps without drafts) is paid once and buys drafts
+# for the steps after it, so a step that starts a request's drafts is charged the catch-up spread over the steps
+# the request has left at its expected tokens per step, but over no more than CATCH_UP_HORIZON: when the batch or
+# the acceptance changes, drafts stop being chosen and the state falls behind again.
+CATCH_UP_HORIZON = 32
 
 
 class Speculator:
@@ -83,7 +90,7 @@ class Speculator:
             else:  # each guess costs a draft step: decide the lengths first, then have them drafted
                 lengths = limits
                 if self.cost is not None:
-                    lengths = self._probe(decoding, limits, self._lengths(decoding, limits, base_rows))
+                    lengths = self._probe(decoding, limits, self._lengths(decoding, limits, base_rows), base_rows)
                 guesses = self._guess(decoding, lengths)
         except Exception:  # a drafter's failure (a draft model's step) costs this step its drafts, nothing more
             logger.exception("%s failed; this step runs without drafts", type(self.proposer).__name__)
@@ -107,12 +114,30 @@ class Speculator:
     def _lengths(self, decoding: Sequence[Request], available: Sequence[int], base_rows: int) -> list[int]:
         assert self.cost is not None
         rates = [self._acceptance.setdefault(r.request_id, Acceptance()).rate for r in decoding]
-        return choose_draft_lengths(rates, available, base_rows, self.cost,
-                                    None if self.proposer.free else self.proposer.draft_seconds)
+        if self.proposer.free:
+            return choose_draft_lengths(rates, available, base_rows, self.cost)
+        return choose_draft_lengths(rates, available, base_rows, self.cost, self.proposer.draft_seconds,
+                                    self._start_costs(decoding, available, rates))
 
-    def _probe(self, decoding: Sequence[Request], limits: Sequence[int], lengths: list[int]) -> list[int]:
+    def _start_costs(self, decoding: Sequence[Request], available: Sequence[int],
+                     rates: Sequence[float]) -> list[float]:
+        """Per request, its drafter's catch-up spread over the steps it would pay for (CATCH_UP_HORIZON)."""
+        costs = []
+        for request, k, rate in zip(decoding, available, rates, strict=True):
+            seconds = self.proposer.catch_up_seconds(request.request_id, request.num_tokens)
+            if seconds:
+                left = min(request.params.max_tokens - request.num_output_tokens,
+                           self.max_model_len - request.num_tokens)
+                per_step = sum(rate**j for j in range(k + 1))
+                seconds /= min(max(1.0, left / per_step), CATCH_UP_HORIZON)
+            costs.append(seconds)
+        return costs
+
+    def _probe(self, decoding: Sequence[Request], limits: Sequence[int], lengths: list[int],
+               base_rows: int) -> list[int]:
         """`lengths` with a probe draft for the request idle longest, once it has been idle its probe wait
-        (PROBE_EVERY steps, doubled by each probe the cost model did not follow with drafts)."""
+        (PROBE_EVERY steps, doubled by each probe the cost model did not follow with drafts) and if the probe
+        could pay (`_could_draft`); a request whose probe could not waits its probe wait again."""
         for request, k in zip(decoding, lengths, strict=True):
             self._idle[request.request_id] = 0 if k else self._idle.get(request.request_id, 0) + 1
             if k:  # the cost model drafts for it again: probes, when they are needed, start over
@@ -121,12 +146,25 @@ class Speculator:
                    and self._idle[r.request_id] >= self._probe_wait.get(r.request_id, PROBE_EVERY)]
         if waiting:
             i = max(waiting, key=lambda j: self._idle[decoding[j].request_id])
-            lengths = list(lengths)
-            lengths[i] = min(limits[i], PROBE_TOKENS)
             request_id = decoding[i].request_id
             self._idle[request_id] = 0
-            self._probe_wait[request_id] = min(2 * self._probe_wait.get(request_id, PROBE_EVERY), PROBE_EVERY_MAX)
+            if self._could_draft(decoding, limits, i, base_rows):
+                lengths = list(lengths)
+                lengths[i] = min(limits[i], PROBE_TOKENS)
+                self._probe_wait[request_id] = min(2 * self._probe_wait.get(request_id, PROBE_EVERY),
+                                                   PROBE_EVERY_MAX)
         return lengths
+
+    def _could_draft(self, decoding: Sequence[Request], limits: Sequence[int], i: int, base_rows: int) -> bool:
+        """Whether the cost model would draft for request i after a probe whose tokens were all accepted, the
+        other requests' rates as they are."""
+        hoped = replace(self._acceptance.setdefault(decoding[i].request_id, Acceptance()))
+        hoped.observe(PROBE_TOKENS, PROBE_TOKENS)
+        rates = [hoped.rate if j == i else self._acceptance.setdefault(r.request_id, Acceptance()).rate
+                 for j, r in enumerate(decoding)]
+        assert self.cost is not None
+        return choose_draft_lengths(rates, limits, base_rows, self.cost, self.proposer.draft_seconds,
+                                    self._start_costs(decoding, limits, rates))[i] > 0
 
     def _limit(self, request: Request) -> int:
         params = request.params
