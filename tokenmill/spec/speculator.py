@@ -90,7 +90,7 @@ class Speculator:
             else:  # each guess costs a draft step: decide the lengths first, then have them drafted
                 lengths = limits
                 if self.cost is not None:
-                    lengths = self._probe(decoding, limits, self._lengths(decoding, limits, base_rows), base_rows)
+                    lengths = self._costly_lengths(decoding, limits, base_rows)
                 guesses = self._guess(decoding, lengths)
         except Exception:  # a drafter's failure (a draft model's step) costs this step its drafts, nothing more
             logger.exception("%s failed; this step runs without drafts", type(self.proposer).__name__)
@@ -111,33 +111,41 @@ class Speculator:
             return self.proposer.propose_batch(self._asks(decoding, lengths))
         return self.proposer.propose_trees(self._asks(decoding, lengths), self.tree_width, MAX_TREE_ROWS - 1)
 
+    def _rates(self, decoding: Sequence[Request]) -> list[float]:
+        return [self._acceptance.setdefault(r.request_id, Acceptance()).rate for r in decoding]
+
     def _lengths(self, decoding: Sequence[Request], available: Sequence[int], base_rows: int) -> list[int]:
+        """A free proposer's: how many of the guesses it has pay."""
         assert self.cost is not None
-        rates = [self._acceptance.setdefault(r.request_id, Acceptance()).rate for r in decoding]
-        if self.proposer.free:
-            return choose_draft_lengths(rates, available, base_rows, self.cost)
-        return choose_draft_lengths(rates, available, base_rows, self.cost, self.proposer.draft_seconds,
-                                    self._start_costs(decoding, available, rates))
+        return choose_draft_lengths(self._rates(decoding), available, base_rows, self.cost)
+
+    def _costly_lengths(self, decoding: Sequence[Request], limits: Sequence[int], base_rows: int) -> list[int]:
+        """A costly proposer's lengths, its draft steps and catch-ups paid, and a probe where one is due."""
+        assert self.cost is not None
+        rates = self._rates(decoding)
+        starts = self._start_costs(decoding, limits, rates)
+        lengths = choose_draft_lengths(rates, limits, base_rows, self.cost, self.proposer.draft_seconds, starts)
+        return self._probe(decoding, limits, lengths, lambda i: self._could_draft(limits, rates, starts, i,
+                                                                                   decoding[i], base_rows))
 
     def _start_costs(self, decoding: Sequence[Request], available: Sequence[int],
                      rates: Sequence[float]) -> list[float]:
         """Per request, its drafter's catch-up spread over the steps it would pay for (CATCH_UP_HORIZON)."""
-        costs = []
-        for request, k, rate in zip(decoding, available, rates, strict=True):
-            seconds = self.proposer.catch_up_seconds(request.request_id, request.num_tokens)
-            if seconds:
-                left = min(request.params.max_tokens - request.num_output_tokens,
-                           self.max_model_len - request.num_tokens)
-                per_step = sum(rate**j for j in range(k + 1))
-                seconds /= min(max(1.0, left / per_step), CATCH_UP_HORIZON)
-            costs.append(seconds)
-        return costs
+        return [self._start_cost(r, k, rate) for r, k, rate in zip(decoding, available, rates, strict=True)]
+
+    def _start_cost(self, request: Request, available: int, rate: float) -> float:
+        seconds = self.proposer.catch_up_seconds(request.request_id, request.num_tokens)
+        if not seconds:
+            return 0.0
+        left = min(request.params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens)
+        per_step = sum(rate**j for j in range(available + 1))
+        return seconds / min(max(1.0, left / per_step), CATCH_UP_HORIZON)
 
     def _probe(self, decoding: Sequence[Request], limits: Sequence[int], lengths: list[int],
-               base_rows: int) -> list[int]:
+               could_draft: Callable[[int], bool]) -> list[int]:
         """`lengths` with a probe draft for the request idle longest, once it has been idle its probe wait
         (PROBE_EVERY steps, doubled by each probe the cost model did not follow with drafts) and if the probe
-        could pay (`_could_draft`); a request whose probe could not waits its probe wait again."""
+        could pay (`could_draft(i)`); a request whose probe could not waits its probe wait again."""
         for request, k in zip(decoding, lengths, strict=True):
             self._idle[request.request_id] = 0 if k else self._idle.get(request.request_id, 0) + 1
             if k:  # the cost model drafts for it again: probes, when they are needed, start over
@@ -148,23 +156,24 @@ class Speculator:
             i = max(waiting, key=lambda j: self._idle[decoding[j].request_id])
             request_id = decoding[i].request_id
             self._idle[request_id] = 0
-            if self._could_draft(decoding, limits, i, base_rows):
+            if could_draft(i):
                 lengths = list(lengths)
                 lengths[i] = min(limits[i], PROBE_TOKENS)
                 self._probe_wait[request_id] = min(2 * self._probe_wait.get(request_id, PROBE_EVERY),
                                                    PROBE_EVERY_MAX)
         return lengths
 
-    def _could_draft(self, decoding: Sequence[Request], limits: Sequence[int], i: int, base_rows: int) -> bool:
+    def _could_draft(self, limits: Sequence[int], rates: Sequence[float], starts: Sequence[float], i: int,
+                     request: Request, base_rows: int) -> bool:
         """Whether the cost model would draft for request i after a probe whose tokens were all accepted, the
-        other requests' rates as they are."""
-        hoped = replace(self._acceptance.setdefault(decoding[i].request_id, Acceptance()))
+        other requests' rates and start costs as they are."""
+        hoped = replace(self._acceptance[request.request_id])
         hoped.observe(PROBE_TOKENS, PROBE_TOKENS)
-        rates = [hoped.rate if j == i else self._acceptance.setdefault(r.request_id, Acceptance()).rate
-                 for j, r in enumerate(decoding)]
+        rates, starts = list(rates), list(starts)
+        rates[i] = hoped.rate
+        starts[i] = self._start_cost(request, limits[i], hoped.rate)
         assert self.cost is not None
-        return choose_draft_lengths(rates, limits, base_rows, self.cost, self.proposer.draft_seconds,
-                                    self._start_costs(decoding, limits, rates))[i] > 0
+        return choose_draft_lengths(rates, limits, base_rows, self.cost, self.proposer.draft_seconds, starts)[i] > 0
 
     def _limit(self, request: Request) -> int:
         params = request.params
