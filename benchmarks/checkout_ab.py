@@ -12,6 +12,7 @@ Each measurement is a fresh subprocess whose working directory is the checkout, 
     .venv/bin/python benchmarks/checkout_ab.py --a /path/to/base --b . --repeats 2
     .venv/bin/python benchmarks/checkout_ab.py --a . --b . --dtype float32 --b-dtype bfloat16   # two dtypes
     .venv/bin/python benchmarks/checkout_ab.py --a /path/to/base --b . --temperature 0.7 --top-p 0.9   # sampled
+    .venv/bin/python benchmarks/checkout_ab.py --a /path/to/base --b . --weight-format gguf --gguf-activations int8
 
 Prints a Markdown table with the paired ratios (B / A) and writes JSON with the machine description.
 """
@@ -39,7 +40,8 @@ import torch
 from tokenmill import LLM, SamplingParams
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
-llm = LLM(dtype=args["dtype"], max_num_seqs=256, max_num_batched_tokens=1024, kv_cache_memory_gib=2.0)
+llm = LLM(args["model"], dtype=args["dtype"], max_num_seqs=256, max_num_batched_tokens=1024, kv_cache_memory_gib=2.0,
+          **args["engine"])
 rng = random.Random(args["seed"])
 vocab = 49152
 def prompt(n):
@@ -77,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--b", required=True, help="checkout B (the change)")
     p.add_argument("--python", default=sys.executable, help="interpreter with tokenmill's dependencies")
     p.add_argument("--repeats", type=int, default=2, help="A, B pairs")
+    p.add_argument("--model", default=None, help="model file (default: the default model)")
+    p.add_argument("--weight-format", default=None, help="EngineConfig.weight_format (default: the engine's)")
+    p.add_argument("--gguf-activations", default=None, help="EngineConfig.gguf_activations (default: the engine's)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--b-dtype", default=None, help="B's dtype when it differs from A's (--dtype): with --a and --b "
                                                     "the same checkout, an A/B of two dtypes")
@@ -99,7 +104,9 @@ def run_child(checkout: Path, args: argparse.Namespace, ext_dir: Path, dtype: st
               "input": [int(v) for v in args.input_len_range.split(",")],
               "output": [int(v) for v in args.output_len_range.split(",")],
               "stream_prompt": args.stream_prompt_len, "stream_tokens": args.stream_tokens,
-              "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+              "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "model": args.model,
+              "engine": {key: value for key, value in (("weight_format", args.weight_format),
+                                                       ("gguf_activations", args.gguf_activations)) if value}}
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext_dir), "PYTHONPATH": str(checkout)}
     done = subprocess.run([args.python, "-c", _CHILD, json.dumps(config)], cwd=checkout, env=env, check=True,
                           capture_output=True, text=True)

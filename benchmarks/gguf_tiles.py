@@ -1,14 +1,15 @@
 """The GGUF block matmuls (`q4_matmul`, `q8_matmul`, tokenmill/kernels/gguf_matmul.cpp) A/B across the ISA levels
 this CPU can run and both activation modes (bf16, int8), on the default model's layer shapes (SmolLM2-135M: Q4_1
-layers, the Q8_0 LM head) and Qwen2.5-Coder-1.5B's `ffn_down` as Q6_K (codes q - 32, the file's d and sc) and as
-the 8-bit blocks of 32 a requantization gives (`qwen15_down_q6k`, `qwen15_down_q8`), at the row counts of
-decode, batched decode and prefill.
+layers, the Q8_0 LM head) and Qwen2.5-Coder-1.5B's fused gate/up projection as 4-bit blocks (`qwen15_gate_up`) and
+its `ffn_down` as Q6_K (codes q - 32, the file's d and sc) and as the 8-bit blocks of 32 a requantization gives
+(`qwen15_down_q6k`, `qwen15_down_q8`), at the row counts of decode, batched decode and prefill.
 
 Each level is its own build of the kernels (`TOKENMILL_CPU_ISA` picks one for the engine; here all are loaded side by
 side), so the same process times, for example, the int8 tiles on AVX-512 VNNI against the AVX2 ones. Weights are
 random codes in the real layouts, with enough copies to span --span-mb (past the last-level cache), one call per
 copy; the variants run alternately (A, B, C, ..., A, B, C, ...) and each cell is the median over the repeats. Prints
-µs per call, weight GB/s and multiply-adds per second (GMAC/s); writes JSON.
+µs per call, weight GB/s and multiply-adds per second (GMAC/s); writes JSON. `--prefetch-rows 16,0` times every
+variant with the tiles' weight prefetch on and off (`gguf_prefetch_rows`).
 
     .venv/bin/python benchmarks/gguf_tiles.py
     .venv/bin/python benchmarks/gguf_tiles.py --levels avx512bf16,avx2 --rows 1,16 --shapes gate_up,lm_head
@@ -35,7 +36,8 @@ from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear  # noqa: E402
 # (format, out_features, in_features) of SmolLM2-135M's Q4_1 file: attention and MLP in Q4_1, the tied LM head Q8_0;
 # and the 1.5B's Q6_K down projection, as stored and requantized.
 SHAPES = {"qkv": ("q4", 960, 576), "o": ("q4", 576, 576), "gate_up": ("q4", 3072, 576), "down": ("q4", 576, 1536),
-          "lm_head": ("q8", 49152, 576), "qwen15_down_q6k": ("q6", 1536, 8960), "qwen15_down_q8": ("q8", 1536, 8960)}
+          "lm_head": ("q8", 49152, 576), "qwen15_gate_up": ("q4", 17920, 1536), "qwen15_down_q6k": ("q6", 1536, 8960),
+          "qwen15_down_q8": ("q8", 1536, 8960)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default="bf16,int8", help="activation modes: bf16, int8")
     p.add_argument("--shapes", default="qkv,o,gate_up,down,lm_head", help=f"layers among {', '.join(SHAPES)}")
     p.add_argument("--rows", default="1,4,16,64", help="activation rows per matmul")
+    p.add_argument("--prefetch-rows", default="16",
+                   help="weight prefetch settings to compare (gguf_prefetch_rows: the most activation rows that "
+                        "prefetch; 0 = off), e.g. 16,0")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--span-mb", type=float, default=128.0, help="weight copies per shape span this many MB")
     p.add_argument("--threads", type=int, default=None)
@@ -77,7 +82,8 @@ def call(kernels: Any, layer: GgufQ4Linear | GgufQ8Linear, x: torch.Tensor, int8
     return kernels.q8_matmul(x, layer.packed, layer.scales, layer.out_features, False, int8)
 
 
-def pass_seconds(kernels: Any, layers: list[Any], x: torch.Tensor, int8: bool) -> float:
+def pass_seconds(kernels: Any, layers: list[Any], x: torch.Tensor, int8: bool, prefetch_rows: int) -> float:
+    kernels.gguf_prefetch_rows(prefetch_rows)
     start = time.perf_counter()
     for layer in layers:
         call(kernels, layer, x, int8)
@@ -93,10 +99,13 @@ def main(argv: list[str] | None = None) -> None:
         build = cpu_kernels(level)
         if build.module is None:
             raise SystemExit(f"the CPU kernels did not build for {level}: {build.error}")
+        settings = [int(rows) for rows in args.prefetch_rows.split(",")]
         for mode in args.modes.split(","):
             tiles = build.module.gguf_int8_isa() if mode == "int8" else build.module.gguf_isa()
-            variants.append({"name": f"{mode}@{level}", "level": level, "mode": mode, "tiles": tiles,
-                             "kernels": build.module})
+            for rows in settings:
+                name = f"{mode}@{level}" + (f" prefetch {rows}" if len(settings) > 1 else "")
+                variants.append({"name": name, "level": level, "mode": mode, "tiles": tiles, "prefetch_rows": rows,
+                                 "kernels": build.module})
     gen = torch.Generator().manual_seed(0)
     results = []
     for shape in args.shapes.split(","):
@@ -108,11 +117,12 @@ def main(argv: list[str] | None = None) -> None:
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
             for v in variants:  # warm up every variant
-                pass_seconds(v["kernels"], layers[:2], x, v["mode"] == "int8")
+                pass_seconds(v["kernels"], layers[:2], x, v["mode"] == "int8", v["prefetch_rows"])
             times: dict[str, list[float]] = {v["name"]: [] for v in variants}
             for _ in range(args.repeats):
                 for v in variants:
-                    times[v["name"]].append(pass_seconds(v["kernels"], layers, x, v["mode"] == "int8"))
+                    times[v["name"]].append(pass_seconds(v["kernels"], layers, x, v["mode"] == "int8",
+                                                        v["prefetch_rows"]))
             row = {"shape": shape, "format": fmt, "out_features": n, "in_features": k, "rows": rows,
                    "copies": len(layers), "weight_bytes": nbytes, "variants": {}}
             for v in variants:

@@ -285,3 +285,24 @@ def test_qwen_draft_runs_its_q5_0_q8_0_and_q4_k_tensors_on_the_block_tiles() -> 
     fallback = [m for m in model.modules() if isinstance(m, Int8Linear)]
     # 24 layers of qkv, o, gate_up and down, and the LM head: the 12 Q6_K ffn_down tensors too.
     assert len(tiled) == 24 * 4 + 1 and not fallback
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_weight_prefetch_changes_no_bit_and_can_be_turned_off(level) -> None:
+    """The tiles' weight prefetch (up to gguf_prefetch_rows activation rows) moves no result bit, in either mode,
+    whether a call prefetches (4 rows) or not (20 rows, or prefetch off)."""
+    kernels = cpu_kernels(level).module
+    assert kernels.gguf_prefetch_rows() == 16
+    layers = [q4_k_layer(rows=72, cols=1024)[0], q6_k_layer(rows=40, cols=1024)[0]]
+    x = torch.randn(20, 1024, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    try:
+        for layer in layers:
+            for int8 in (False, True):
+                kernels.gguf_prefetch_rows(16)
+                on = [block_matmul(kernels, layer, x[:rows], int8) for rows in (4, 20)]
+                kernels.gguf_prefetch_rows(0)
+                off = [block_matmul(kernels, layer, x[:rows], int8) for rows in (4, 20)]
+                assert all(torch.equal(a, b) for a, b in zip(on, off, strict=True))
+                assert torch.equal(on[0], on[1][:4])
+    finally:
+        kernels.gguf_prefetch_rows(16)

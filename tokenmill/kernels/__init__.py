@@ -72,4 +72,7 @@ def _compile(level: str) -> KernelBuild:
                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # a missing compiler or ninja: the engine falls back to the eager step
         return KernelBuild(None, time.perf_counter() - started, f"{type(exc).__name__}: {exc}", level)
+    prefetch_rows = os.environ.get("TOKENMILL_GGUF_PREFETCH_ROWS")  # the GGUF tiles' weight prefetch (0: off)
+    if prefetch_rows is not None:
+        module.gguf_prefetch_rows(int(prefetch_rows))
     return KernelBuild(module, time.perf_counter() - started, None, level)

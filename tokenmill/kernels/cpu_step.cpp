@@ -436,6 +436,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("gguf_isa", &tokenmill::gguf_isa);
   m.def("gguf_int8_isa", &tokenmill::gguf_int8_isa);
+  m.def("gguf_prefetch_rows", &tokenmill::gguf_prefetch_rows, py::arg("rows") = -1);
   m.def("q8_matmul", &tokenmill::q8_matmul, py::arg("x"), py::arg("packed"), py::arg("d"), py::arg("out_features"),
         py::arg("fp32_output") = false, py::arg("int8_activations") = false,
         py::call_guard<py::gil_scoped_release>());

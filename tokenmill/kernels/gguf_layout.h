@@ -28,6 +28,19 @@ struct Q6KTileScales {
   }
 };
 
+// A tile on the weights' first pass asks for its codes this far ahead of the block it reads: the hardware prefetchers
+// alone leave its loads waiting on memory, from one activation row up (benchmarks/gguf_tiles.py, docs/benchmarks.md).
+// The codes of a row tile and of the next one are contiguous, so the address ahead is what the same call reads next.
+// A prefetch past the end of the weights cannot fault.
+constexpr int64_t kPrefetchAhead = 4096;
+
+// Prefetches the Bytes (a multiple of the 64-byte line) kPrefetchAhead past p.
+template <int64_t Bytes>
+inline void prefetch_ahead(const void* p) {
+  const char* line = static_cast<const char*>(p) + kPrefetchAhead;
+  for (int64_t l = 0; l < Bytes; l += 64) __builtin_prefetch(line + l);
+}
+
 // Scales per 32-weight block: 1 for a pointer to per-block scales (Q8_0, Q5_0), 2 for Q6_K's sub-blocks.
 template <typename Scales>
 constexpr int kScaleGroups = 1;

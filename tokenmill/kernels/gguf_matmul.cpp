@@ -53,6 +53,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -85,9 +86,14 @@ using gguf::kQ8TileBlockBytes;
 using gguf::kRows;
 constexpr int64_t kTileGroup = 4;          // row tiles kept in cache while every activation tile passes over them
 constexpr int kActTile = 6;                // activation rows sharing one unpacked chunk (registers: 2 chains each)
+// Calls with at most this many activation rows prefetch the weights (gguf_layout.h, kPrefetchAhead); with more the
+// tiles are bound by their arithmetic, and prefetching measured slower there (the AVX2 int8 LM head at 32-64 rows).
+// gguf_prefetch_rows() changes it (0: off), for A/B runs.
+std::atomic<int64_t> prefetch_rows{16};
 constexpr int64_t kSerialWork = 1 << 18;   // multiply-adds below which waking the thread pool costs more than it saves
 using gguf::kQ8Pairs;
 using gguf::kScaleGroups;
+using gguf::prefetch_ahead;
 using gguf::Q6KTileScales;
 
 inline float bf16_to_float(uint16_t bits) {
@@ -221,7 +227,7 @@ inline __m512bh pair_of(const uint16_t* x, int64_t k) {
 // One Q4 row tile against Tile activation rows (x: stride K; sums: each block's Σx, stride blocks).
 template <int Tile, typename S>
 void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const uint16_t* x, int64_t K,
-             const float* sums, float* out) {
+             const float* sums, float* out, bool prefetch = true) {
   const __m512i table = code_table(), low_nibble = _mm512_set1_epi16(0x0F);
   __m512 acc[Tile];
   for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
@@ -230,6 +236,7 @@ void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const uin
     __m512 low[Tile], high[Tile];
     for (int i = 0; i < Tile; ++i) low[i] = high[i] = _mm512_setzero_ps();
     const uint8_t* chunk = w + b * kQ4TileBlockBytes;
+    if (prefetch) prefetch_ahead<kQ4TileBlockBytes>(chunk);
     for (int64_t c = 0; c < 8; ++c) {
       const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * c)));
       const __m512bh w_low = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(codes, low_nibble), table);
@@ -252,12 +259,14 @@ void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const uin
 // One Q8 row tile against Tile activation rows, one scale per 32 / Groups weights (Groups 2: Q6_K's sub-blocks of
 // 16, kQ8Pairs<2> chunks each). Codes widen to fp32 and pack to bf16 (exact for -128..127).
 template <int Tile, typename Scales>
-void q8_tile(const int8_t* w, const Scales& d, int64_t blocks, const uint16_t* x, int64_t K, float* out) {
+void q8_tile(const int8_t* w, const Scales& d, int64_t blocks, const uint16_t* x, int64_t K, float* out,
+             bool prefetch = true) {
   constexpr int Groups = kScaleGroups<Scales>;
   __m512 acc[Tile];
   for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const int8_t* chunk = w + b * kQ8TileBlockBytes;
+    if (prefetch) prefetch_ahead<kQ8TileBlockBytes>(chunk);
     for (int part = 0; part < Groups; ++part) {
       __m512 even[Tile], odd[Tile];
       for (int i = 0; i < Tile; ++i) even[i] = odd[i] = _mm512_setzero_ps();
@@ -315,7 +324,7 @@ inline void fma_pair(const __m256 w[2][2], const float* x, int64_t K, int64_t k,
 // One Q4 row tile against Tile activation rows (x: fp32, stride K; sums: each block's Σx, stride blocks).
 template <int Tile, typename S>
 void q4_tile_avx2(const uint8_t* w, const S* d, const S* m, int64_t blocks, const float* x, int64_t K,
-                  const float* sums, float* out) {
+                  const float* sums, float* out, bool prefetch = true) {
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[Tile][2];
   for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -323,6 +332,7 @@ void q4_tile_avx2(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
     __m256 dot[Tile][2];
     for (int i = 0; i < Tile; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_ps();
     const uint8_t* chunk = w + b * kQ4TileBlockBytes;
+    if (prefetch) prefetch_ahead<kQ4TileBlockBytes>(chunk);
     const float* xb = x + b * kBlock;
     for (int64_t c = 0; c < 8; ++c) {
       const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * c));
@@ -346,12 +356,14 @@ void q4_tile_avx2(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
 
 // One Q8 row tile against Tile activation rows, one scale per 32 / Groups weights.
 template <int Tile, typename Scales>
-void q8_tile_avx2(const int8_t* w, const Scales& d, int64_t blocks, const float* x, int64_t K, float* out) {
+void q8_tile_avx2(const int8_t* w, const Scales& d, int64_t blocks, const float* x, int64_t K, float* out,
+                  bool prefetch = true) {
   constexpr int Groups = kScaleGroups<Scales>;
   __m256 acc[Tile][2];
   for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const int8_t* chunk = w + b * kQ8TileBlockBytes;
+    if (prefetch) prefetch_ahead<kQ8TileBlockBytes>(chunk);
     for (int part = 0; part < Groups; ++part) {
       __m256 dot[Tile][2];
       for (int i = 0; i < Tile; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_ps();
@@ -520,7 +532,7 @@ inline __m512i quad_codes(const void* chunks) {
 // k = 16 + 2c..; the integer sums are those of every other path.
 template <int Tile, typename S>
 void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int8_t* xq, int64_t K,
-                  const float* dx, const float* xs, float* out) {
+                  const float* dx, const float* xs, float* out, bool prefetch = true) {
   constexpr int Chains = kInt8Chains<Tile>;
   const __m512i low_nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[Tile];
@@ -530,6 +542,7 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
     for (auto& chain : chains)
       for (int i = 0; i < Tile; ++i) chain[i] = _mm512_setzero_si512();
     const uint8_t* chunk = w + b * kQ4TileBlockBytes;
+    if (prefetch) prefetch_ahead<kQ4TileBlockBytes>(chunk);
     for (int64_t c = 0; c < 8; c += 2) {
       const __m512i both = quad_codes(chunk + 32 * c);
       const __m512i low = _mm512_and_si512(both, low_nibble);
@@ -552,7 +565,7 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
 // Groups scales per block as in q8_tile; `totals` holds Σx per row, block and group.
 template <int Tile, typename Scales>
 void q8_tile_int8(const int8_t* w, const Scales& d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
-                  const int32_t* totals, float* out) {
+                  const int32_t* totals, float* out, bool prefetch = true) {
   constexpr int Groups = kScaleGroups<Scales>;
   constexpr int Chains = kInt8Chains<Tile>;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -560,6 +573,7 @@ void q8_tile_int8(const int8_t* w, const Scales& d, int64_t blocks, const int8_t
   for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const int8_t* chunk = w + b * kQ8TileBlockBytes;
+    if (prefetch) prefetch_ahead<kQ8TileBlockBytes>(chunk);
     for (int part = 0; part < Groups; ++part) {
       __m512i chains[Chains][Tile];
       for (auto& chain : chains)
@@ -614,7 +628,7 @@ inline void add_block(const __m256i dot[][2], const __m256 scale[2], const S* m,
 // eight chunks of one nibble half sum to at most 8 · 2 · 15 · 127 < 2^15, so each half sums in 16 bits and widens once.
 template <int Tile, typename S>
 void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int8_t* xq, int64_t K,
-                  const float* dx, const float* xs, float* out) {
+                  const float* dx, const float* xs, float* out, bool prefetch = true) {
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[Tile][2];
   for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -622,6 +636,7 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
     __m256i low[Tile], high[Tile];
     for (int i = 0; i < Tile; ++i) low[i] = high[i] = _mm256_setzero_si256();
     const uint8_t* chunk = w + b * kQ4TileBlockBytes;
+    if (prefetch) prefetch_ahead<kQ4TileBlockBytes>(chunk);
     for (int64_t c = 0; c < 8; ++c) {
       const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * c));
       const __m256i codes_low = _mm256_and_si256(bytes, low_nibble);
@@ -651,12 +666,13 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
 // half; vpmaddwd against the activation pair of their k gives each row's pair sum in 32-bit lane r.
 template <int Tile, typename Scales>
 void q8_tile_int8(const int8_t* w, const Scales& d, int64_t blocks, const int16_t* xw, int64_t K, const float* dx,
-                  float* out) {
+                  float* out, bool prefetch = true) {
   constexpr int Groups = kScaleGroups<Scales>;
   __m256 acc[Tile][2];
   for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const int8_t* chunk = w + b * kQ8TileBlockBytes;
+    if (prefetch) prefetch_ahead<kQ8TileBlockBytes>(chunk);
     for (int part = 0; part < Groups; ++part) {
       __m256i dot[Tile][2];
       for (int i = 0; i < Tile; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
@@ -795,6 +811,11 @@ const char* gguf_int8_isa() {
 #endif
 }
 
+int64_t gguf_prefetch_rows(int64_t rows) {
+  if (rows >= 0) prefetch_rows.store(rows, std::memory_order_relaxed);
+  return prefetch_rows.load(std::memory_order_relaxed);
+}
+
 const char* gguf_isa() {
 #if defined(TOKENMILL_GGUF_AVX512BF16)
   return "avx512bf16";
@@ -815,25 +836,28 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, c
                            int64_t blocks, bool fp32_output, bool int8_activations) {
   const int64_t K = blocks * kBlock;
   const uint16_t* xs = activations(x, K);
+  const bool stream = x.size(0) <= prefetch_rows.load(std::memory_order_relaxed);
   if (int8_activations) {
     const Int8Rows q = quantize_rows(xs, x.size(0), blocks, false);  // every Q4 tile takes the int8 codes
     return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
+    [[maybe_unused]] const bool prefetch = stream && i0 == 0;  // the weights' first pass
       const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
       const S *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
       const float *dx = q.scales.data() + i0 * blocks, *sums = q.sums.data() + i0 * blocks;
 #if defined(TOKENMILL_GGUF_INT8_AVX512)
       with_tile(act_rows, [&](auto tile) {
-        q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, q.codes.data() + i0 * K, K, dx, sums, out);
+        q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, q.codes.data() + i0 * K, K, dx, sums, out, prefetch);
       });
 #elif defined(TOKENMILL_GGUF_INT8_AVX2)
       in_row_groups(act_rows, [&](auto tile, int i) {
         q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, q.codes.data() + (i0 + i) * K, K, dx + i * blocks,
-                                            sums + i * blocks, out + i * kRows);
+                                            sums + i * blocks, out + i * kRows, prefetch && i == 0);
       });
 #elif defined(TOKENMILL_GGUF_INT8_NEON)
       in_row_groups(act_rows, [&](auto tile, int i) {
         gguf::neon::q4_tile_int8<decltype(tile)::value>(wt, dt, mt, blocks, q.codes.data() + (i0 + i) * K, K,
-                                                        dx + i * blocks, sums + i * blocks, out + i * kRows);
+                                                        dx + i * blocks, sums + i * blocks, out + i * kRows,
+                                                        prefetch && i == 0);
       });
 #else
       q4_tile_int8_scalar(wt, dt, mt, blocks, q.codes.data() + i0 * K, K, dx, sums, act_rows, out);
@@ -844,21 +868,22 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, c
   block_sums(xs, x.size(0) * blocks, sums.data());
   const std::vector<float> xf = widened(xs, x.numel());
   return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
+    [[maybe_unused]] const bool prefetch = stream && i0 == 0;  // the weights' first pass
     const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
     const S *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
 #if defined(TOKENMILL_GGUF_AVX512BF16)
     with_tile(act_rows, [&](auto tile) {
-      q4_tile<decltype(tile)::value>(wt, dt, mt, blocks, xs + i0 * K, K, sums.data() + i0 * blocks, out);
+      q4_tile<decltype(tile)::value>(wt, dt, mt, blocks, xs + i0 * K, K, sums.data() + i0 * blocks, out, prefetch);
     });
 #elif defined(TOKENMILL_GGUF_AVX2)
     in_row_groups(act_rows, [&](auto tile, int i) {
       q4_tile_avx2<decltype(tile)::value>(wt, dt, mt, blocks, xf.data() + (i0 + i) * K, K,
-                                          sums.data() + (i0 + i) * blocks, out + i * kRows);
+                                          sums.data() + (i0 + i) * blocks, out + i * kRows, prefetch && i == 0);
     });
 #elif defined(TOKENMILL_GGUF_NEON)
     in_row_groups(act_rows, [&](auto tile, int i) {
       gguf::neon::q4_tile<decltype(tile)::value>(wt, dt, mt, blocks, xf.data() + (i0 + i) * K, K,
-                                                 sums.data() + (i0 + i) * blocks, out + i * kRows);
+                                                 sums.data() + (i0 + i) * blocks, out + i * kRows, prefetch && i == 0);
     });
 #else
     q4_tile_scalar(wt, dt, mt, blocks, xs + i0 * K, K, sums.data() + i0 * blocks, act_rows, out);
@@ -894,28 +919,30 @@ at::Tensor q8_matmul_typed(const at::Tensor& x, const int8_t* w, const TileScale
                            int64_t tiles, int64_t blocks, bool fp32_output, bool int8_activations) {
   const int64_t K = blocks * kBlock;
   const uint16_t* xs = activations(x, K);
+  const bool stream = x.size(0) <= prefetch_rows.load(std::memory_order_relaxed);
   using Scales = decltype(tile_scales(0));
   constexpr int Groups = kScaleGroups<Scales>;
   if (int8_activations) {
     const Int8Rows q = quantize_rows(xs, x.size(0), blocks, kWideQ8, Groups);
     return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
+    [[maybe_unused]] const bool prefetch = stream && i0 == 0;  // the weights' first pass
       const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
       const Scales dt = tile_scales(t);
       const float* dx = q.scales.data() + i0 * blocks;
 #if defined(TOKENMILL_GGUF_INT8_AVX512)
       with_tile(act_rows, [&](auto tile) {
         q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.codes.data() + i0 * K, K, dx,
-                                            q.totals.data() + i0 * blocks * Groups, out);
+                                            q.totals.data() + i0 * blocks * Groups, out, prefetch);
       });
 #elif defined(TOKENMILL_GGUF_INT8_AVX2)
       in_row_groups(act_rows, [&](auto tile, int i) {
         q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.wide.data() + (i0 + i) * K, K, dx + i * blocks,
-                                            out + i * kRows);
+                                            out + i * kRows, prefetch && i == 0);
       });
 #elif defined(TOKENMILL_GGUF_INT8_NEON)
       in_row_groups(act_rows, [&](auto tile, int i) {
         gguf::neon::q8_tile_int8<decltype(tile)::value>(wt, dt, blocks, q.codes.data() + (i0 + i) * K, K,
-                                                        dx + i * blocks, out + i * kRows);
+                                                        dx + i * blocks, out + i * kRows, prefetch && i == 0);
       });
 #else
       q8_tile_int8_scalar(wt, dt, blocks, q.codes.data() + i0 * K, K, dx, act_rows, out);
@@ -924,17 +951,22 @@ at::Tensor q8_matmul_typed(const at::Tensor& x, const int8_t* w, const TileScale
   }
   const std::vector<float> xf = widened(xs, x.numel());
   return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
+    [[maybe_unused]] const bool prefetch = stream && i0 == 0;  // the weights' first pass
     const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
     const Scales dt = tile_scales(t);
 #if defined(TOKENMILL_GGUF_AVX512BF16)
-    with_tile(act_rows, [&](auto tile) { q8_tile<decltype(tile)::value>(wt, dt, blocks, xs + i0 * K, K, out); });
+    with_tile(act_rows, [&](auto tile) {
+      q8_tile<decltype(tile)::value>(wt, dt, blocks, xs + i0 * K, K, out, prefetch);
+    });
 #elif defined(TOKENMILL_GGUF_AVX2)
     in_row_groups(act_rows, [&](auto tile, int i) {
-      q8_tile_avx2<decltype(tile)::value>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows);
+      q8_tile_avx2<decltype(tile)::value>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows,
+                                          prefetch && i == 0);
     });
 #elif defined(TOKENMILL_GGUF_NEON)
     in_row_groups(act_rows, [&](auto tile, int i) {
-      gguf::neon::q8_tile<decltype(tile)::value>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows);
+      gguf::neon::q8_tile<decltype(tile)::value>(wt, dt, blocks, xf.data() + (i0 + i) * K, K, out + i * kRows,
+                                                 prefetch && i == 0);
     });
 #else
     q8_tile_scalar(wt, dt, blocks, xs + i0 * K, K, act_rows, out);

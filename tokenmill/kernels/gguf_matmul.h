@@ -9,6 +9,9 @@ namespace tokenmill {
 const char* gguf_isa();
 // The instruction set of the int8-activation tiles: "avx512vnni", "avx2" or "scalar".
 const char* gguf_int8_isa();
+// Block matmuls with at most `rows` activation rows prefetch their weights (16 by default; 0 turns prefetching off).
+// Sets it when rows >= 0 and returns the setting.
+int64_t gguf_prefetch_rows(int64_t rows = -1);
 
 // y = x Wᵀ for x [M, K] bf16 and W [N, K] in 4-bit blocks of 32, W[n, 32b + j] = d · q + m with the block's d and m,
 // repacked by row tiles (layout in gguf_matmul.cpp): packed [ceil(N / 16), K / 32 · 256] uint8, d and m
