@@ -186,16 +186,18 @@ void over_row_tiles(int64_t tiles, int64_t work, const F& fn) {
   at::parallel_for(0, tiles, 1, fn);
 }
 
-// y[:, rows of tiles [begin, end)]: tile_kernel(tile, i0, act_rows, out) fills out[act_rows][16] in fp32.
+// y[:, rows of tiles [begin, end)]: tile_kernel(tile, i0, act_rows, prefetch, out) fills out[act_rows][16] in fp32;
+// `prefetch` is set on the weights' first pass (i0 == 0) of a call with at most prefetch_rows activation rows.
 template <typename Out, typename TileKernel>
 void tiled(int64_t M, int64_t N, int64_t begin, int64_t end, Out* y, const TileKernel& tile_kernel) {
+  const bool stream = M <= prefetch_rows.load(std::memory_order_relaxed);
   float out[kActTile * kRows];
   for (int64_t g = begin; g < end; g += kTileGroup) {
     const int64_t g_end = std::min(end, g + kTileGroup);
     for (int64_t i0 = 0; i0 < M; i0 += kActTile) {
       const int act_rows = static_cast<int>(std::min<int64_t>(kActTile, M - i0));
       for (int64_t t = g; t < g_end; ++t) {
-        tile_kernel(t, i0, act_rows, out);
+        tile_kernel(t, i0, act_rows, stream && i0 == 0, out);
         const int64_t n0 = t * kRows, valid = std::min(kRows, N - n0);
         for (int i = 0; i < act_rows; ++i)
           for (int64_t r = 0; r < valid; ++r) y[(i0 + i) * N + n0 + r] = Out(out[i * kRows + r]);
@@ -836,11 +838,10 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, c
                            int64_t blocks, bool fp32_output, bool int8_activations) {
   const int64_t K = blocks * kBlock;
   const uint16_t* xs = activations(x, K);
-  const bool stream = x.size(0) <= prefetch_rows.load(std::memory_order_relaxed);
   if (int8_activations) {
     const Int8Rows q = quantize_rows(xs, x.size(0), blocks, false);  // every Q4 tile takes the int8 codes
-    return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
-    [[maybe_unused]] const bool prefetch = stream && i0 == 0;  // the weights' first pass
+    return write_tiles(x, N, tiles, fp32_output,
+                       [&](int64_t t, int64_t i0, int act_rows, [[maybe_unused]] bool prefetch, float* out) {
       const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
       const S *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
       const float *dx = q.scales.data() + i0 * blocks, *sums = q.sums.data() + i0 * blocks;
@@ -867,8 +868,8 @@ at::Tensor q4_matmul_typed(const at::Tensor& x, const uint8_t* w, const S* ds, c
   std::vector<float> sums(x.size(0) * blocks);
   block_sums(xs, x.size(0) * blocks, sums.data());
   const std::vector<float> xf = widened(xs, x.numel());
-  return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
-    [[maybe_unused]] const bool prefetch = stream && i0 == 0;  // the weights' first pass
+  return write_tiles(x, N, tiles, fp32_output,
+                     [&](int64_t t, int64_t i0, int act_rows, [[maybe_unused]] bool prefetch, float* out) {
     const uint8_t* wt = w + t * blocks * kQ4TileBlockBytes;
     const S *dt = ds + t * blocks * kRows, *mt = ms + t * blocks * kRows;
 #if defined(TOKENMILL_GGUF_AVX512BF16)
@@ -919,13 +920,12 @@ at::Tensor q8_matmul_typed(const at::Tensor& x, const int8_t* w, const TileScale
                            int64_t tiles, int64_t blocks, bool fp32_output, bool int8_activations) {
   const int64_t K = blocks * kBlock;
   const uint16_t* xs = activations(x, K);
-  const bool stream = x.size(0) <= prefetch_rows.load(std::memory_order_relaxed);
   using Scales = decltype(tile_scales(0));
   constexpr int Groups = kScaleGroups<Scales>;
   if (int8_activations) {
     const Int8Rows q = quantize_rows(xs, x.size(0), blocks, kWideQ8, Groups);
-    return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
-    [[maybe_unused]] const bool prefetch = stream && i0 == 0;  // the weights' first pass
+    return write_tiles(x, N, tiles, fp32_output,
+                       [&](int64_t t, int64_t i0, int act_rows, [[maybe_unused]] bool prefetch, float* out) {
       const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
       const Scales dt = tile_scales(t);
       const float* dx = q.scales.data() + i0 * blocks;
@@ -950,8 +950,8 @@ at::Tensor q8_matmul_typed(const at::Tensor& x, const int8_t* w, const TileScale
     });
   }
   const std::vector<float> xf = widened(xs, x.numel());
-  return write_tiles(x, N, tiles, fp32_output, [&](int64_t t, int64_t i0, int act_rows, float* out) {
-    [[maybe_unused]] const bool prefetch = stream && i0 == 0;  // the weights' first pass
+  return write_tiles(x, N, tiles, fp32_output,
+                     [&](int64_t t, int64_t i0, int act_rows, [[maybe_unused]] bool prefetch, float* out) {
     const int8_t* wt = w + t * blocks * kQ8TileBlockBytes;
     const Scales dt = tile_scales(t);
 #if defined(TOKENMILL_GGUF_AVX512BF16)
