@@ -2,7 +2,8 @@
 this CPU can run and both activation modes (bf16, int8), on the default model's layer shapes (SmolLM2-135M: Q4_1
 layers, the Q8_0 LM head) and Qwen2.5-Coder-1.5B's fused gate/up projection as 4-bit blocks (`qwen15_gate_up`) and
 its `ffn_down` as Q6_K (codes q - 32, the file's d and sc) and as the 8-bit blocks of 32 a requantization gives
-(`qwen15_down_q6k`, `qwen15_down_q8`), at the row counts of decode, batched decode and prefill.
+(`qwen15_down_q6k`, `qwen15_down_q8`), and the 0.5B draft's layers as the `q4` weight format holds them
+(`qwen05_*`), at the row counts of decode, batched decode and prefill.
 
 Each level is its own build of the kernels (`TOKENMILL_CPU_ISA` picks one for the engine; here all are loaded side by
 side), so the same process times, for example, the int8 tiles on AVX-512 VNNI against the AVX2 ones. Weights are
@@ -37,7 +38,8 @@ from tokenmill.model.linear import GgufQ4Linear, GgufQ8Linear  # noqa: E402
 # and the 1.5B's Q6_K down projection, as stored and requantized.
 SHAPES = {"qkv": ("q4", 960, 576), "o": ("q4", 576, 576), "gate_up": ("q4", 3072, 576), "down": ("q4", 576, 1536),
           "lm_head": ("q8", 49152, 576), "qwen15_gate_up": ("q4", 17920, 1536), "qwen15_down_q6k": ("q6", 1536, 8960),
-          "qwen15_down_q8": ("q8", 1536, 8960)}
+          "qwen15_down_q8": ("q8", 1536, 8960), "qwen05_gate_up": ("q4", 9728, 896), "qwen05_down": ("q4", 896, 4864),
+          "qwen05_qkv": ("q4", 1152, 896), "qwen05_lm_head": ("q4", 151936, 896)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight prefetch settings to compare (gguf_prefetch_rows: the most activation rows that "
                         "prefetch; 0 = off), e.g. 16,0")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup-s", type=float, default=1.0, help="untimed passes of every variant before each row count")
     p.add_argument("--span-mb", type=float, default=128.0, help="weight copies per shape span this many MB")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/gguf_tiles.json"))
@@ -116,8 +119,12 @@ def main(argv: list[str] | None = None) -> None:
         layers = [first] + [random_layer(fmt, n, k, gen) for _ in range(copies - 1)]
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
-            for v in variants:  # warm up every variant
-                pass_seconds(v["kernels"], layers[:2], x, v["mode"] == "int8", v["prefetch_rows"])
+            warm_until = time.perf_counter() + args.warmup_s
+            while True:  # full passes of every variant: the first second's passes ran slower here, whatever ran before
+                for v in variants:
+                    pass_seconds(v["kernels"], layers, x, v["mode"] == "int8", v["prefetch_rows"])
+                if time.perf_counter() >= warm_until:
+                    break
             times: dict[str, list[float]] = {v["name"]: [] for v in variants}
             for _ in range(args.repeats):
                 for v in variants:
