@@ -10,15 +10,18 @@ side), so the same process times, for example, the int8 tiles on AVX-512 VNNI ag
 random codes in the real layouts, with enough copies to span --span-mb (past the last-level cache), one call per
 copy; the variants run alternately (A, B, C, ..., A, B, C, ...) and each cell is the median over the repeats. Prints
 µs per call, weight GB/s and multiply-adds per second (GMAC/s); writes JSON. `--prefetch-rows 16,0` times every
-variant with the tiles' weight prefetch on and off (`gguf_prefetch_rows`).
+variant with the tiles' weight prefetch on and off (`gguf_prefetch_rows`); `--checkouts A=DIR,B=.` times the
+kernels of two checkouts (a change and the commit before it) side by side.
 
     .venv/bin/python benchmarks/gguf_tiles.py
     .venv/bin/python benchmarks/gguf_tiles.py --levels avx512bf16,avx2 --rows 1,16 --shapes gate_up,lm_head
+    .venv/bin/python benchmarks/gguf_tiles.py --checkouts A=/path/to/before,B=. --levels avx2 --modes int8
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import sys
 import time
@@ -52,12 +55,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefetch-rows", default="16",
                    help="weight prefetch settings to compare (gguf_prefetch_rows: the most activation rows that "
                         "prefetch; 0 = off), e.g. 16,0")
+    p.add_argument("--checkouts", default="",
+                   help="TAG=DIR,... : time the kernels of each checkout (built from its sources) instead of this "
+                        "one's, e.g. A=/path/to/before,B=.")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup-s", type=float, default=1.0, help="untimed passes of every variant before each row count")
     p.add_argument("--span-mb", type=float, default=128.0, help="weight copies per shape span this many MB")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/gguf_tiles.json"))
     return p.parse_args(argv)
+
+
+def checkout_kernels(root: Path, level: str) -> Any:
+    """Another checkout's kernels (every .cpp of its tokenmill/kernels) built for `level` under a name of their own,
+    loaded beside this one's: a before/after of a kernel change in one process."""
+    from torch.utils.cpp_extension import load
+
+    from tokenmill.kernels import _CFLAGS
+
+    sources = sorted(str(p) for p in (root / "tokenmill" / "kernels").glob("*.cpp"))
+    tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:8]
+    return load(name=f"tokenmill_checkout_{tag}_{level}", sources=sources,
+                extra_cflags=_CFLAGS + isa.build_flags(level), extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def random_layer(fmt: str, n: int, k: int, gen: torch.Generator) -> GgufQ4Linear | GgufQ8Linear:
@@ -98,17 +117,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     warning = start_benchmark(args.threads)
     variants = []
-    for level in args.levels.split(","):
-        build = cpu_kernels(level)
-        if build.module is None:
-            raise SystemExit(f"the CPU kernels did not build for {level}: {build.error}")
-        settings = [int(rows) for rows in args.prefetch_rows.split(",")]
-        for mode in args.modes.split(","):
-            tiles = build.module.gguf_int8_isa() if mode == "int8" else build.module.gguf_isa()
-            for rows in settings:
-                name = f"{mode}@{level}" + (f" prefetch {rows}" if len(settings) > 1 else "")
-                variants.append({"name": name, "level": level, "mode": mode, "tiles": tiles, "prefetch_rows": rows,
-                                 "kernels": build.module})
+    checkouts = dict(spec.split("=", 1) for spec in args.checkouts.split(",")) if args.checkouts else {"": None}
+    for tag, root in checkouts.items():
+        for level in args.levels.split(","):
+            kernels = checkout_kernels(Path(root), level) if root else cpu_kernels(level).module
+            if kernels is None:
+                raise SystemExit(f"the CPU kernels did not build for {level}: {cpu_kernels(level).error}")
+            settings = [int(rows) for rows in args.prefetch_rows.split(",")]
+            for mode in args.modes.split(","):
+                tiles = kernels.gguf_int8_isa() if mode == "int8" else kernels.gguf_isa()
+                for rows in settings:
+                    name = (f"{tag}: " if tag else "") + f"{mode}@{level}" + (
+                        f" prefetch {rows}" if len(settings) > 1 else "")
+                    variants.append({"name": name, "checkout": root, "level": level, "mode": mode, "tiles": tiles,
+                                     "prefetch_rows": rows, "kernels": kernels})
     gen = torch.Generator().manual_seed(0)
     results = []
     for shape in args.shapes.split(","):

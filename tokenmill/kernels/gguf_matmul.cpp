@@ -31,7 +31,9 @@
 // The integer sums are exact; each block adds float(Σ q·c) · (d · dx) and, for Q4, m · dx · Σc. Every path (AVX-512,
 // AVX2, NEON, the portable loop) performs the same fp32 operations in the same order, so they agree bit for bit, and
 // the mode is batch invariant like the other. The result is the exact product of the file's weights with the
-// rounded activations; its effect on quality is measured (benchmarks/cpu_decode.py, docs/benchmarks.md).
+// rounded activations; its effect on quality is measured (benchmarks/cpu_decode.py, docs/benchmarks.md). The rounding
+// itself (gguf_quantize.h) runs in vectors where the level has them, and across threads for many rows, with the
+// portable loop's bits.
 //
 // Speed: one decode token reads each weight once, so with one activation row the unpacking has to keep up with
 // memory; with many rows each unpacked chunk is reused by up to kActTile of them, and a group of kTileGroup row tiles
@@ -41,6 +43,7 @@
 #include "check.h"
 
 #include "gguf_layout.h"
+#include "gguf_quantize.h"
 #include "gguf_neon.h"  // TOKENMILL_GGUF_NEON and TOKENMILL_GGUF_INT8_NEON on aarch64
 
 #include <ATen/Parallel.h>
@@ -440,6 +443,10 @@ struct Int8Rows {
   std::vector<int32_t> totals;  // per row, block and scale group (`groups` per block) Σ codes: vpdpbusd's offset
 };
 
+// Blocks of activations rounded (or summed) per task of torch's thread pool: a prefill's rows in parallel, a decode
+// row's blocks on one thread.
+constexpr int64_t kQuantizeGrain = 512;
+
 Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool with_wide, int groups = 1) {
   Int8Rows q;
   const int64_t n = rows * blocks;
@@ -447,23 +454,11 @@ Int8Rows quantize_rows(const uint16_t* x, int64_t rows, int64_t blocks, bool wit
   q.scales.resize(n);
   q.sums.resize(n);
   q.totals.assign(n * groups, 0);
-  for (int64_t rb = 0; rb < n; ++rb) {
-    const uint16_t* xb = x + rb * kBlock;
-    float amax = 0.0f;
-    for (int64_t k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(bf16_to_float(xb[k])));
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    int32_t total = 0;
-    for (int64_t k = 0; k < kBlock; ++k) {
-      float v = bf16_to_float(xb[k]) * inv;
-      v = v == v ? std::min(127.0f, std::max(-127.0f, v)) : 0.0f;  // a NaN or inf row must not overflow the codes
-      const auto code = static_cast<int8_t>(std::nearbyint(v));
-      q.codes[rb * kBlock + k] = code;
-      total += code;
-      q.totals[rb * groups + k * groups / kBlock] += code;
-    }
-    q.scales[rb] = amax / 127.0f;
-    q.sums[rb] = q.scales[rb] * static_cast<float>(total);
-  }
+  at::parallel_for(0, n, kQuantizeGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t rb = begin; rb < end; ++rb)
+      gguf::quantize_block(x + rb * kBlock, {q.codes.data() + rb * kBlock, &q.scales[rb], &q.sums[rb],
+                                             q.totals.data() + rb * groups, groups});
+  });
   if (with_wide) q.wide.assign(q.codes.begin(), q.codes.end());
   return q;
 }
@@ -751,7 +746,9 @@ const uint16_t* activations(const at::Tensor& x, int64_t K) {
 std::vector<float> widened(const uint16_t* x, int64_t n) {
 #if defined(TOKENMILL_GGUF_AVX2) || defined(TOKENMILL_GGUF_NEON)
   std::vector<float> out(n);
-  for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(x[i]);
+  at::parallel_for(0, n, kQuantizeGrain * kBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = bf16_to_float(x[i]);
+  });
   return out;
 #else
   (void)x;
@@ -762,11 +759,13 @@ std::vector<float> widened(const uint16_t* x, int64_t n) {
 
 // Σx over each block of 32 activations, in fp32 (for the Q4 minimums).
 void block_sums(const uint16_t* x, int64_t blocks, float* sums) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    float total = 0.0f;
-    for (int64_t k = 0; k < kBlock; ++k) total += bf16_to_float(x[b * kBlock + k]);
-    sums[b] = total;
-  }
+  at::parallel_for(0, blocks, kQuantizeGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      float total = 0.0f;
+      for (int64_t k = 0; k < kBlock; ++k) total += bf16_to_float(x[b * kBlock + k]);
+      sums[b] = total;
+    }
+  });
 }
 
 void check_codes(const at::Tensor& packed, at::ScalarType type, int64_t tile_block_bytes, int64_t blocks, int64_t N,
