@@ -14,6 +14,8 @@
 #include <cstring>
 #if defined(__x86_64__)
 #include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 namespace tokenmill::gguf {
@@ -34,6 +36,24 @@ struct Int8Block {
   int32_t* totals;
   int groups;
 };
+
+// The rule in plain C++: the other paths' reference (and the tests').
+inline void quantize_block_portable(const uint16_t* x, const Int8Block& out) {
+  float amax = 0.0f;
+  for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(bf16_bits_to_float(x[k])));  // NaN: skipped
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  int32_t total = 0;
+  for (int k = 0; k < 32; ++k) {
+    float v = bf16_bits_to_float(x[k]) * inv;
+    v = v == v ? std::min(127.0f, std::max(-127.0f, v)) : 0.0f;  // a NaN or inf row must not overflow the codes
+    const auto code = static_cast<int8_t>(std::nearbyint(v));
+    out.codes[k] = code;
+    total += code;
+    out.totals[k * out.groups / 32] += code;
+  }
+  *out.scale = amax / 127.0f;
+  *out.sum = *out.scale * static_cast<float>(total);
+}
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 
@@ -110,24 +130,41 @@ inline void quantize_block(const uint16_t* x, const Int8Block& out) {
   *out.sum = *out.scale * static_cast<float>(low + high);
 }
 
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+
+inline float32x4_t bf16x4_to_float(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+
+// vmaxq/vminq propagate NaN, so NaN lanes are masked by hand; vcvtnq rounds to nearest even, nearbyint's default.
+inline void quantize_block(const uint16_t* x, const Int8Block& out) {
+  float32x4_t parts[8], amax = vdupq_n_f32(0.0f);
+  for (int p = 0; p < 8; ++p) {
+    parts[p] = bf16x4_to_float(x + 4 * p);
+    const float32x4_t a = vabsq_f32(parts[p]);
+    amax = vmaxq_f32(amax, vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(a), vceqq_f32(a, a))));
+  }
+  const float top = vmaxvq_f32(amax);
+  const float32x4_t inv = vdupq_n_f32(top > 0.0f ? 127.0f / top : 0.0f);
+  int32x4_t codes[8];
+  for (int p = 0; p < 8; ++p) {
+    const float32x4_t v = vmulq_f32(parts[p], inv);
+    const float32x4_t clamped = vminq_f32(vmaxq_f32(v, vdupq_n_f32(-127.0f)), vdupq_n_f32(127.0f));
+    codes[p] = vandq_s32(vcvtnq_s32_f32(clamped), vreinterpretq_s32_u32(vceqq_f32(v, v)));
+  }
+  for (int p = 0; p < 8; p += 2) {
+    const int16x8_t pair = vcombine_s16(vmovn_s32(codes[p]), vmovn_s32(codes[p + 1]));
+    vst1_s8(out.codes + 4 * p, vmovn_s16(pair));
+  }
+  const int32_t low = vaddvq_s32(vaddq_s32(vaddq_s32(codes[0], codes[1]), vaddq_s32(codes[2], codes[3])));
+  const int32_t high = vaddvq_s32(vaddq_s32(vaddq_s32(codes[4], codes[5]), vaddq_s32(codes[6], codes[7])));
+  out.totals[0] += out.groups == 2 ? low : low + high;
+  if (out.groups == 2) out.totals[1] += high;
+  *out.scale = top / 127.0f;
+  *out.sum = *out.scale * static_cast<float>(low + high);
+}
+
 #else
 
-inline void quantize_block(const uint16_t* x, const Int8Block& out) {
-  float amax = 0.0f;
-  for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(bf16_bits_to_float(x[k])));  // NaN: skipped
-  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-  int32_t total = 0;
-  for (int k = 0; k < 32; ++k) {
-    float v = bf16_bits_to_float(x[k]) * inv;
-    v = v == v ? std::min(127.0f, std::max(-127.0f, v)) : 0.0f;  // a NaN or inf row must not overflow the codes
-    const auto code = static_cast<int8_t>(std::nearbyint(v));
-    out.codes[k] = code;
-    total += code;
-    out.totals[k * out.groups / 32] += code;
-  }
-  *out.scale = amax / 127.0f;
-  *out.sum = *out.scale * static_cast<float>(total);
-}
+inline void quantize_block(const uint16_t* x, const Int8Block& out) { quantize_block_portable(x, out); }
 
 #endif
 
