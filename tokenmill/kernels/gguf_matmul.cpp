@@ -98,13 +98,7 @@ using gguf::kQ8Pairs;
 using gguf::kScaleGroups;
 using gguf::prefetch_ahead;
 using gguf::Q6KTileScales;
-
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float v;
-  std::memcpy(&v, &wide, sizeof v);
-  return v;
-}
+using gguf::bf16_bits_to_float;
 
 // The 8-lane AVX2 tiles and the NEON tiles (both modes) pass over an unpacked chunk with this many activation rows at
 // a time: the vector registers (16 on AVX2, 32 on NEON) hold their sums beside the codes.
@@ -401,8 +395,8 @@ void q4_tile_scalar(const uint8_t* w, const S* d, const S* m, int64_t blocks, co
         for (int64_t c = 0; c < 8; ++c)
           for (int64_t e = 0; e < 2; ++e) {
             const uint8_t byte = w[b * kQ4TileBlockBytes + 32 * c + 2 * r + e];
-            dot += bf16_to_float(x[i * K + b * kBlock + 2 * c + e]) * static_cast<float>(byte & 0x0F);
-            dot += bf16_to_float(x[i * K + b * kBlock + 16 + 2 * c + e]) * static_cast<float>(byte >> 4);
+            dot += bf16_bits_to_float(x[i * K + b * kBlock + 2 * c + e]) * static_cast<float>(byte & 0x0F);
+            dot += bf16_bits_to_float(x[i * K + b * kBlock + 16 + 2 * c + e]) * static_cast<float>(byte >> 4);
           }
         acc += dot * static_cast<float>(d[b * kRows + r]) + static_cast<float>(m[b * kRows + r]) * sums[i * blocks + b];
       }
@@ -422,7 +416,7 @@ void q8_tile_scalar(const int8_t* w, const Scales& d, int64_t blocks, const uint
         for (int part = 0; part < Groups; ++part) {
           float dot = 0.0f;
           for (int64_t k = part * span; k < (part + 1) * span; ++k)
-            dot += bf16_to_float(x[i * K + b * kBlock + k]) *
+            dot += bf16_bits_to_float(x[i * K + b * kBlock + k]) *
                    static_cast<float>(w[b * kQ8TileBlockBytes + 32 * (k / 2) + 2 * r + k % 2]);
           acc += dot * part_scale(d, b, part, r);
         }
@@ -747,7 +741,7 @@ std::vector<float> widened(const uint16_t* x, int64_t n) {
 #if defined(TOKENMILL_GGUF_AVX2) || defined(TOKENMILL_GGUF_NEON)
   std::vector<float> out(n);
   at::parallel_for(0, n, kQuantizeGrain * kBlock, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = bf16_to_float(x[i]);
+    for (int64_t i = begin; i < end; ++i) out[i] = bf16_bits_to_float(x[i]);
   });
   return out;
 #else
@@ -762,7 +756,7 @@ void block_sums(const uint16_t* x, int64_t blocks, float* sums) {
   at::parallel_for(0, blocks, kQuantizeGrain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       float total = 0.0f;
-      for (int64_t k = 0; k < kBlock; ++k) total += bf16_to_float(x[b * kBlock + k]);
+      for (int64_t k = 0; k < kBlock; ++k) total += bf16_bits_to_float(x[b * kBlock + k]);
       sums[b] = total;
     }
   });

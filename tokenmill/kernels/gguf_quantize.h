@@ -119,7 +119,8 @@ inline void quantize_block(const uint16_t* x, const Int8Block& out) {
     codes[p] = _mm256_and_si256(_mm256_cvtps_epi32(clamped), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q)));
   }
   // Packing works within 128-bit lanes; the permute puts the four groups of 8 back in order.
-  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(codes[0], codes[1]), _mm256_packs_epi32(codes[2], codes[3]));
+  const __m256i bytes =
+      _mm256_packs_epi16(_mm256_packs_epi32(codes[0], codes[1]), _mm256_packs_epi32(codes[2], codes[3]));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.codes),
                       _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
   const int32_t low = lanes_sum(_mm256_add_epi32(codes[0], codes[1]));
