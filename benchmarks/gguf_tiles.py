@@ -66,6 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def level_kernels(level: str) -> Any:
+    """This checkout's kernels for `level`, the engine's own build."""
+    build = cpu_kernels(level)
+    if build.module is None:
+        raise SystemExit(f"the CPU kernels did not build for {level}: {build.error}")
+    return build.module
+
+
 def checkout_kernels(root: Path, level: str) -> Any:
     """Another checkout's kernels (every .cpp of its tokenmill/kernels) built for `level` under a name of their own,
     loaded beside this one's: a before/after of a kernel change in one process."""
@@ -117,13 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     warning = start_benchmark(args.threads)
     variants = []
-    checkouts = dict(spec.split("=", 1) for spec in args.checkouts.split(",")) if args.checkouts else {"": None}
+    checkouts = dict(spec.split("=", 1) for spec in args.checkouts.split(",")) if args.checkouts else {"": ""}
+    settings = [int(rows) for rows in args.prefetch_rows.split(",")]
     for tag, root in checkouts.items():
         for level in args.levels.split(","):
-            kernels = checkout_kernels(Path(root), level) if root else cpu_kernels(level).module
-            if kernels is None:
-                raise SystemExit(f"the CPU kernels did not build for {level}: {cpu_kernels(level).error}")
-            settings = [int(rows) for rows in args.prefetch_rows.split(",")]
+            kernels = checkout_kernels(Path(root), level) if root else level_kernels(level)
             for mode in args.modes.split(","):
                 tiles = kernels.gguf_int8_isa() if mode == "int8" else kernels.gguf_isa()
                 for rows in settings:

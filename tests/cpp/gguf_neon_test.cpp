@@ -133,7 +133,7 @@ void exact_q4(int64_t blocks) {
       }
   }
   float out[Tile * kRows];
-  neon::q4_tile<Tile>(w.data(), d.data(), m.data(), blocks, x.data(), K, sums.data(), out);
+  neon::q4_tile<Tile>(w.data(), d.data(), m.data(), blocks, x.data(), K, sums.data(), out, true);
   expect_close(sizeof(S) == 4 ? "q4_tile (fp32 scales)" : "q4_tile", Tile, blocks, out, ref, magnitude);
 }
 
@@ -162,9 +162,9 @@ void exact_q8(int64_t blocks) {
       }
   float out[Tile * kRows];
   if constexpr (Q6K)
-    neon::q8_tile<Tile>(w.data(), Q6KTileScales{d.q6k.data()}, blocks, x.data(), K, out);
+    neon::q8_tile<Tile>(w.data(), Q6KTileScales{d.q6k.data()}, blocks, x.data(), K, out, true);
   else
-    neon::q8_tile<Tile>(w.data(), d.d.data(), blocks, x.data(), K, out);
+    neon::q8_tile<Tile>(w.data(), d.d.data(), blocks, x.data(), K, out, true);
   expect_close(Q6K ? "q8_tile (Q6_K scales)" : "q8_tile", Tile, blocks, out, ref, magnitude);
 }
 
@@ -208,7 +208,8 @@ void int8_q4(int64_t blocks) {
       ref[i * kRows + r] = acc;
     }
   float out[Tile * kRows];
-  neon::q4_tile_int8<Tile>(w.data(), d.data(), m.data(), blocks, a.codes.data(), K, a.dx.data(), a.xs.data(), out);
+  neon::q4_tile_int8<Tile>(w.data(), d.data(), m.data(), blocks, a.codes.data(), K, a.dx.data(), a.xs.data(), out,
+                           true);
   expect_bits("q4_tile_int8", Tile, blocks, out, ref);
 }
 
@@ -235,9 +236,9 @@ void int8_q8(int64_t blocks) {
     }
   float out[Tile * kRows];
   if constexpr (Q6K)
-    neon::q8_tile_int8<Tile>(w.data(), Q6KTileScales{d.q6k.data()}, blocks, a.codes.data(), K, a.dx.data(), out);
+    neon::q8_tile_int8<Tile>(w.data(), Q6KTileScales{d.q6k.data()}, blocks, a.codes.data(), K, a.dx.data(), out, true);
   else
-    neon::q8_tile_int8<Tile>(w.data(), d.d.data(), blocks, a.codes.data(), K, a.dx.data(), out);
+    neon::q8_tile_int8<Tile>(w.data(), d.d.data(), blocks, a.codes.data(), K, a.dx.data(), out, true);
   expect_bits(Q6K ? "q8_tile_int8 (Q6_K scales)" : "q8_tile_int8", Tile, blocks, out, ref);
 }
 #endif

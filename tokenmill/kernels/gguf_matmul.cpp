@@ -226,7 +226,7 @@ inline __m512bh pair_of(const uint16_t* x, int64_t k) {
 // One Q4 row tile against Tile activation rows (x: stride K; sums: each block's Σx, stride blocks).
 template <int Tile, typename S>
 void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const uint16_t* x, int64_t K,
-             const float* sums, float* out, bool prefetch = true) {
+             const float* sums, float* out, bool prefetch) {
   const __m512i table = code_table(), low_nibble = _mm512_set1_epi16(0x0F);
   __m512 acc[Tile];
   for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
@@ -259,7 +259,7 @@ void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const uin
 // 16, kQ8Pairs<2> chunks each). Codes widen to fp32 and pack to bf16 (exact for -128..127).
 template <int Tile, typename Scales>
 void q8_tile(const int8_t* w, const Scales& d, int64_t blocks, const uint16_t* x, int64_t K, float* out,
-             bool prefetch = true) {
+             bool prefetch) {
   constexpr int Groups = kScaleGroups<Scales>;
   __m512 acc[Tile];
   for (int i = 0; i < Tile; ++i) acc[i] = _mm512_setzero_ps();
@@ -323,7 +323,7 @@ inline void fma_pair(const __m256 w[2][2], const float* x, int64_t K, int64_t k,
 // One Q4 row tile against Tile activation rows (x: fp32, stride K; sums: each block's Σx, stride blocks).
 template <int Tile, typename S>
 void q4_tile_avx2(const uint8_t* w, const S* d, const S* m, int64_t blocks, const float* x, int64_t K,
-                  const float* sums, float* out, bool prefetch = true) {
+                  const float* sums, float* out, bool prefetch) {
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[Tile][2];
   for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -356,7 +356,7 @@ void q4_tile_avx2(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
 // One Q8 row tile against Tile activation rows, one scale per 32 / Groups weights.
 template <int Tile, typename Scales>
 void q8_tile_avx2(const int8_t* w, const Scales& d, int64_t blocks, const float* x, int64_t K, float* out,
-                  bool prefetch = true) {
+                  bool prefetch) {
   constexpr int Groups = kScaleGroups<Scales>;
   __m256 acc[Tile][2];
   for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -523,7 +523,7 @@ inline __m512i quad_codes(const void* chunks) {
 // k = 16 + 2c..; the integer sums are those of every other path.
 template <int Tile, typename S>
 void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int8_t* xq, int64_t K,
-                  const float* dx, const float* xs, float* out, bool prefetch = true) {
+                  const float* dx, const float* xs, float* out, bool prefetch) {
   constexpr int Chains = kInt8Chains<Tile>;
   const __m512i low_nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[Tile];
@@ -556,7 +556,7 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
 // Groups scales per block as in q8_tile; `totals` holds Σx per row, block and group.
 template <int Tile, typename Scales>
 void q8_tile_int8(const int8_t* w, const Scales& d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
-                  const int32_t* totals, float* out, bool prefetch = true) {
+                  const int32_t* totals, float* out, bool prefetch) {
   constexpr int Groups = kScaleGroups<Scales>;
   constexpr int Chains = kInt8Chains<Tile>;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -619,7 +619,7 @@ inline void add_block(const __m256i dot[][2], const __m256 scale[2], const S* m,
 // eight chunks of one nibble half sum to at most 8 · 2 · 15 · 127 < 2^15, so each half sums in 16 bits and widens once.
 template <int Tile, typename S>
 void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int8_t* xq, int64_t K,
-                  const float* dx, const float* xs, float* out, bool prefetch = true) {
+                  const float* dx, const float* xs, float* out, bool prefetch) {
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[Tile][2];
   for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -657,7 +657,7 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
 // half; vpmaddwd against the activation pair of their k gives each row's pair sum in 32-bit lane r.
 template <int Tile, typename Scales>
 void q8_tile_int8(const int8_t* w, const Scales& d, int64_t blocks, const int16_t* xw, int64_t K, const float* dx,
-                  float* out, bool prefetch = true) {
+                  float* out, bool prefetch) {
   constexpr int Groups = kScaleGroups<Scales>;
   __m256 acc[Tile][2];
   for (int i = 0; i < Tile; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();

@@ -94,7 +94,7 @@ inline void store_tile(const float32x4_t acc[][4], float* out) {
 // One Q4 row tile against Tile activation rows (x: fp32, stride K; sums: each block's Σx, stride blocks).
 template <int Tile, typename S>
 void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const float* x, int64_t K, const float* sums,
-             float* out, bool prefetch = true) {
+             float* out, bool prefetch) {
   const uint8x16_t low_nibble = vdupq_n_u8(0x0F);
   float32x4_t acc[Tile][4];
   fill<Tile>(acc, vdupq_n_f32(0.0f));
@@ -128,7 +128,7 @@ void q4_tile(const uint8_t* w, const S* d, const S* m, int64_t blocks, const flo
 // One Q8 row tile against Tile activation rows: one scale per 32 / Groups weights (Groups 2: Q6_K's 16).
 template <int Tile, typename Scales>
 void q8_tile(const int8_t* w, const Scales& d, int64_t blocks, const float* x, int64_t K, float* out,
-             bool prefetch = true) {
+             bool prefetch) {
   constexpr int Groups = kScaleGroups<Scales>;
   float32x4_t acc[Tile][4];
   fill<Tile>(acc, vdupq_n_f32(0.0f));
@@ -197,7 +197,7 @@ inline void add_block(const int32x4_t dot[][4], const float32x4_t scale[4], cons
 // One Q4 row tile against Tile rows of int8 activations (xq: stride K; dx, xs: per row and block, stride blocks).
 template <int Tile, typename S>
 void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, const int8_t* xq, int64_t K,
-                  const float* dx, const float* xs, float* out, bool prefetch = true) {
+                  const float* dx, const float* xs, float* out, bool prefetch) {
   const uint8x16_t low_nibble = vdupq_n_u8(0x0F);
   float32x4_t acc[Tile][4];
   fill<Tile>(acc, vdupq_n_f32(0.0f));
@@ -227,7 +227,7 @@ void q4_tile_int8(const uint8_t* w, const S* d, const S* m, int64_t blocks, cons
 // One Q8 row tile against Tile rows of int8 activations, one scale per 32 / Groups weights.
 template <int Tile, typename Scales>
 void q8_tile_int8(const int8_t* w, const Scales& d, int64_t blocks, const int8_t* xq, int64_t K, const float* dx,
-                  float* out, bool prefetch = true) {
+                  float* out, bool prefetch) {
   constexpr int Groups = kScaleGroups<Scales>;
   constexpr int64_t kQuads = kQ8Pairs<Groups> / 2;  // chunk pairs under one scale
   float32x4_t acc[Tile][4];

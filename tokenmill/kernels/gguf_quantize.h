@@ -37,22 +37,35 @@ struct Int8Block {
   int groups;
 };
 
+// The multiplier that takes the block's largest |x| to 127.
+inline float code_step(float amax) { return amax > 0.0f ? 127.0f / amax : 0.0f; }
+
+// A block's scale, scale · Σ codes and group totals, from its amax and the Σ codes of its two halves of 16.
+inline void finish_block(const Int8Block& out, float amax, int32_t low, int32_t high) {
+  if (out.groups == 2) {
+    out.totals[0] += low;
+    out.totals[1] += high;
+  } else {
+    out.totals[0] += low + high;
+  }
+  *out.scale = amax / 127.0f;
+  *out.sum = *out.scale * static_cast<float>(low + high);
+}
+
 // The rule in plain C++: the other paths' reference (and the tests').
 inline void quantize_block_portable(const uint16_t* x, const Int8Block& out) {
   float amax = 0.0f;
   for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(bf16_bits_to_float(x[k])));  // NaN: skipped
-  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-  int32_t total = 0;
+  const float inv = code_step(amax);
+  int32_t halves[2] = {0, 0};
   for (int k = 0; k < 32; ++k) {
     float v = bf16_bits_to_float(x[k]) * inv;
     v = v == v ? std::min(127.0f, std::max(-127.0f, v)) : 0.0f;  // a NaN or inf row must not overflow the codes
     const auto code = static_cast<int8_t>(std::nearbyint(v));
     out.codes[k] = code;
-    total += code;
-    out.totals[k * out.groups / 32] += code;
+    halves[k / 16] += code;
   }
-  *out.scale = amax / 127.0f;
-  *out.sum = *out.scale * static_cast<float>(total);
+  finish_block(out, amax, halves[0], halves[1]);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -70,20 +83,17 @@ inline void quantize_block(const uint16_t* x, const Int8Block& out) {
     amax = _mm512_max_ps(amax, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, a, _CMP_ORD_Q), a));  // NaN lanes: 0
   }
   const float top = _mm512_reduce_max_ps(amax);
-  const __m512 inv = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-  int32_t total = 0;
+  const __m512 inv = _mm512_set1_ps(code_step(top));
+  int32_t sums[2];
   for (int h = 0; h < 2; ++h) {
     const __m512 v = _mm512_mul_ps(halves[h], inv);
     const __m512 clamped = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
     // vcvtps2dq rounds in the current mode, as nearbyint does; NaN products become 0.
     const __m512i codes = _mm512_maskz_cvtps_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), clamped);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out.codes + 16 * h), _mm512_cvtepi32_epi8(codes));
-    const int32_t part = _mm512_reduce_add_epi32(codes);
-    total += part;
-    out.totals[h * out.groups / 2] += part;
+    sums[h] = _mm512_reduce_add_epi32(codes);
   }
-  *out.scale = top / 127.0f;
-  *out.sum = *out.scale * static_cast<float>(total);
+  finish_block(out, top, sums[0], sums[1]);
 }
 
 #elif defined(__AVX2__)
@@ -110,7 +120,7 @@ inline void quantize_block(const uint16_t* x, const Int8Block& out) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-  const __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+  const __m256 inv = _mm256_set1_ps(code_step(top));
   __m256i codes[4];
   for (int p = 0; p < 4; ++p) {
     const __m256 v = _mm256_mul_ps(parts[p], inv);
@@ -123,12 +133,8 @@ inline void quantize_block(const uint16_t* x, const Int8Block& out) {
       _mm256_packs_epi16(_mm256_packs_epi32(codes[0], codes[1]), _mm256_packs_epi32(codes[2], codes[3]));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.codes),
                       _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-  const int32_t low = lanes_sum(_mm256_add_epi32(codes[0], codes[1]));
-  const int32_t high = lanes_sum(_mm256_add_epi32(codes[2], codes[3]));
-  out.totals[0] += out.groups == 2 ? low : low + high;
-  if (out.groups == 2) out.totals[1] += high;
-  *out.scale = top / 127.0f;
-  *out.sum = *out.scale * static_cast<float>(low + high);
+  finish_block(out, top, lanes_sum(_mm256_add_epi32(codes[0], codes[1])),
+               lanes_sum(_mm256_add_epi32(codes[2], codes[3])));
 }
 
 #elif defined(__aarch64__) && defined(__ARM_NEON)
@@ -144,7 +150,7 @@ inline void quantize_block(const uint16_t* x, const Int8Block& out) {
     amax = vmaxq_f32(amax, vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(a), vceqq_f32(a, a))));
   }
   const float top = vmaxvq_f32(amax);
-  const float32x4_t inv = vdupq_n_f32(top > 0.0f ? 127.0f / top : 0.0f);
+  const float32x4_t inv = vdupq_n_f32(code_step(top));
   int32x4_t codes[8];
   for (int p = 0; p < 8; ++p) {
     const float32x4_t v = vmulq_f32(parts[p], inv);
@@ -155,12 +161,8 @@ inline void quantize_block(const uint16_t* x, const Int8Block& out) {
     const int16x8_t pair = vcombine_s16(vmovn_s32(codes[p]), vmovn_s32(codes[p + 1]));
     vst1_s8(out.codes + 4 * p, vmovn_s16(pair));
   }
-  const int32_t low = vaddvq_s32(vaddq_s32(vaddq_s32(codes[0], codes[1]), vaddq_s32(codes[2], codes[3])));
-  const int32_t high = vaddvq_s32(vaddq_s32(vaddq_s32(codes[4], codes[5]), vaddq_s32(codes[6], codes[7])));
-  out.totals[0] += out.groups == 2 ? low : low + high;
-  if (out.groups == 2) out.totals[1] += high;
-  *out.scale = top / 127.0f;
-  *out.sum = *out.scale * static_cast<float>(low + high);
+  finish_block(out, top, vaddvq_s32(vaddq_s32(vaddq_s32(codes[0], codes[1]), vaddq_s32(codes[2], codes[3]))),
+               vaddvq_s32(vaddq_s32(vaddq_s32(codes[4], codes[5]), vaddq_s32(codes[6], codes[7]))));
 }
 
 #else
