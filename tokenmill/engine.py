@@ -31,6 +31,7 @@ from tokenmill.kv.quant import KVFormat
 from tokenmill.kv.quantized_cache import QuantizedKVCache
 from tokenmill.kv.streaming import StreamingWindow
 from tokenmill.kv.transfer import KVTransfer, export_prefix, import_prefix
+from tokenmill.model import memory
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
 from tokenmill.model.llama import rope_rotation
@@ -114,12 +115,14 @@ class LLMEngine:
         # The context is known before the weights load, so that the RoPE tables cover exactly the positions used
         # (a file may declare any context length).
         self.model_config = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
+        self.kv_format = KVFormat.from_name(config.kv_cache_dtype)
+        num_blocks = self._num_kv_blocks()
+        if parallel is None and self.device.type == "cpu":
+            self._check_memory(gguf_file, num_blocks)
         tp_workers: list[Any] = []
         if config.tensor_parallel_size > 1 and parallel is None:
             check_shardable(self.model_config, config.tensor_parallel_size)
             parallel, tp_workers = start_workers(config, type(self))  # they load the model while this one does
-        self.kv_format = KVFormat.from_name(config.kv_cache_dtype)
-        num_blocks = self._num_kv_blocks()
         block_size = config.block_size
         # The context: positions [0, max_positions) have RoPE tables, and a request fits the cache.
         self.max_positions = min(config.max_model_len or self.model_config.max_position,
@@ -329,14 +332,35 @@ class LLMEngine:
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
+        per_block, fixed = self._kv_layout_bytes()  # a quantized cache's residual slots share the budget
+        return max(1, int((self.config.kv_cache_memory_gib * 2**30 - fixed) // per_block))
+
+    def _kv_layout_bytes(self) -> tuple[int, int]:
+        """(bytes per KV block, bytes the cache holds besides its blocks: a quantized cache's residual slots)."""
         config, cfg = self.config, self.model_config
-        budget = config.kv_cache_memory_gib * 2**30
         if self.kv_format is None:
-            per_block = KVCache.bytes_per_block(cfg, config.block_size, self.dtype)
-        else:  # the residual slots come out of the same budget
-            per_block = QuantizedKVCache.bytes_per_block(cfg, config.block_size, self.kv_format)
-            budget -= QuantizedKVCache.residual_bytes(cfg, config.block_size, self.dtype, config.max_num_seqs)
-        return max(1, int(budget // per_block))
+            return KVCache.bytes_per_block(cfg, config.block_size, self.dtype), 0
+        return (QuantizedKVCache.bytes_per_block(cfg, config.block_size, self.kv_format),
+                QuantizedKVCache.residual_bytes(cfg, config.block_size, self.dtype, config.max_num_seqs))
+
+    def _check_memory(self, gguf_file: GGUFFile, num_blocks: int) -> None:
+        """Refuse a model that would not fit, before minutes of loading end in the OOM killer (model/memory.py)."""
+        per_block, fixed = self._kv_layout_bytes()
+        config, kv = self.config, num_blocks * per_block + fixed
+        int8 = config.gguf_activations == "int8"
+
+        def need(fmt: str, dtype: torch.dtype) -> memory.MemoryEstimate:
+            return memory.estimate(gguf_file, self.model_config, fmt, dtype, kv, config.int4_group_size, int8,
+                                   config.prepack_weights)
+
+        available = memory.available_bytes()
+        if available is None:
+            return
+        alternatives = {fmt: need(fmt, torch.bfloat16).total for fmt in ("gguf", "int8", "int4")
+                        if fmt != config.weight_format}
+        memory.check_fits(need(config.weight_format, self.dtype), available,
+                          f"{self.model_path.name} as {config.weight_format} weights in "
+                          f"{str(self.dtype).removeprefix('torch.')}", alternatives)
 
     # ---- requests -------------------------------------------------------------------------------------------
 

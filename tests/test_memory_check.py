@@ -1,0 +1,122 @@
+"""The memory check before a model loads (tokenmill/model/memory.py): what is available, what a format will hold,
+and the refusal, on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llm, write_tiny_gguf
+
+from tokenmill.model import memory
+from tokenmill.model.config import ModelConfig
+from tokenmill.model.gguf_blocks import Q4_TYPES, Q8_TYPES
+from tokenmill.model.gguf_file import GGUFFile, ModelLoadError
+from tokenmill.model.loader import load_model
+
+MIB = 2**20
+
+
+def write_meminfo(root, available_kib: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "meminfo").write_text(f"MemTotal:       32000000 kB\nMemFree:         1000 kB\n"
+                                  f"MemAvailable:   {available_kib} kB\nBuffers:        0 kB\n")
+
+
+def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup_room(tmp_path) -> None:
+    proc, v2, v1, none = tmp_path / "proc", tmp_path / "v2", tmp_path / "v1", tmp_path / "none"
+    write_meminfo(proc, 8 * 1024 * 1024)  # 8 GiB
+    v2.mkdir()
+    (v2 / "memory.max").write_text("4294967296\n")  # a 4 GiB container with 1 GiB used
+    (v2 / "memory.current").write_text(f"{2**30}\n")
+    assert memory.available_bytes(proc, v2) == 3 * 2**30
+    (v2 / "memory.max").write_text("max\n")  # no limit: meminfo alone
+    assert memory.available_bytes(proc, v2) == 8 * 2**30
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")  # v1's "unlimited"
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("1\n")
+    assert memory.available_bytes(proc, v1) == 8 * 2**30
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{20 * 2**30}\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(f"{18 * 2**30}\n")
+    assert memory.available_bytes(proc, v1) == 2 * 2**30
+    assert memory.available_bytes(none, none) is None  # neither readable: no check
+
+
+def held_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """Bytes of every distinct tensor storage the model's modules hold (parameters, buffers, packed weights), and
+    of those the norms' and RoPE tables' (which the estimate leaves out)."""
+    seen: dict[int, tuple[int, bool]] = {}
+    for module in model.modules():
+        values = {**module._parameters, **module._buffers, **vars(module)}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.numel():
+                storage = value.untyped_storage()
+                seen[storage.data_ptr()] = (storage.nbytes(), "norm" in name or "rope" in name)
+    return sum(n for n, _ in seen.values()), sum(n for n, small in seen.values() if small)
+
+
+@pytest.mark.parametrize(("weight_format", "dtype", "tensor_type", "tied"), [
+    ("float", torch.float32, "Q8_0", True), ("float", torch.bfloat16, "Q4_0", False),
+    ("gguf", torch.bfloat16, "Q4_1", True), ("gguf", torch.bfloat16, "Q4_K", False),
+    ("gguf", torch.bfloat16, "Q5_0", True), ("gguf", torch.bfloat16, "Q6_K", True),
+    ("int8", torch.bfloat16, "F16", True), ("int4", torch.bfloat16, "Q8_0", True), ("q4", torch.bfloat16, "F32", True),
+])
+def test_the_estimate_is_what_the_loaded_layers_hold(tmp_path, weight_format, dtype, tensor_type, tied) -> None:
+    path = write_tiny_gguf(tmp_path / "m.gguf", hidden=256, heads=4, kv_heads=2, ff=512, vocab=512,
+                           tensor_type=tensor_type, tied=tied)
+    gguf_file = GGUFFile(path)
+    cfg = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
+    need = memory.estimate(gguf_file, cfg, weight_format, dtype, kv_cache_bytes=0)
+    model = load_model(gguf_file, dtype, torch.device("cpu"), weight_format)
+    held, small = held_bytes(model)
+    # Left out: the tiles' padding to whole tiles of 16 rows, per-row scales' rounding.
+    assert 0.97 * (held - small) <= need.weights <= held - small, (need.weights, held, small)
+    largest = max(p.numel() for name in gguf_file.tensor_names() if (p := gguf_file.tensor(name)).dim() == 2)
+    assert need.load_temporary >= 4 * largest
+
+
+def test_every_type_with_tiles_has_its_size() -> None:
+    assert set(memory._TILE_BYTES) == Q4_TYPES | Q8_TYPES | {"Q6_K"}
+
+
+def test_formats_are_ordered_by_what_they_hold(tmp_path) -> None:
+    path = write_tiny_gguf(tmp_path / "m.gguf", hidden=256, heads=4, kv_heads=2, ff=512, vocab=512,
+                           tensor_type="Q4_0")
+    gguf_file = GGUFFile(path)
+    cfg = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
+    sizes = {(fmt, dtype): memory.estimate(gguf_file, cfg, fmt, dtype, 0).weights
+             for fmt, dtype in [("float", torch.float32), ("float", torch.bfloat16), ("int8", torch.bfloat16),
+                                ("gguf", torch.bfloat16)]}
+    assert sizes[("float", torch.float32)] == 2 * sizes[("float", torch.bfloat16)]
+    assert sizes[("float", torch.bfloat16)] > sizes[("int8", torch.bfloat16)] > sizes[("gguf", torch.bfloat16)]
+    # A prepacked bf16 float head also keeps the embedding's plain rows.
+    packed = memory.estimate(gguf_file, cfg, "float", torch.bfloat16, 0, prepack=True).weights
+    assert packed - sizes[("float", torch.bfloat16)] == 512 * 256 * 2
+
+
+def test_a_model_that_does_not_fit_is_refused_before_its_weights_load(tmp_path, monkeypatch) -> None:
+    path = write_tiny_gguf(tmp_path / "m.gguf", hidden=256, heads=4, kv_heads=2, ff=512, vocab=512,
+                           tensor_type="Q4_0")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 6 * MIB)  # fits the gguf blocks, not fp32 floats
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr("tokenmill.engine.load_model", no_load)
+    with pytest.raises(memory.InsufficientMemoryError) as refused:
+        tiny_llm(path, num_kv_blocks=16)
+    message = str(refused.value)
+    assert "m.gguf as float weights in float32 needs about" in message and "and 6.0 MiB of memory" in message
+    assert "weight formats that would fit: gguf about" in message and "--weight-format" in message
+    assert isinstance(refused.value, ModelLoadError)  # the CLI and the server report it as a bad model file
+    # The KV cache counts too: a gguf model with a KV cache past the room is refused as well.
+    with pytest.raises(memory.InsufficientMemoryError, match="KV cache"):
+        tiny_llm(path, dtype="bfloat16", weight_format="gguf", num_kv_blocks=4096)
+    monkeypatch.setenv(memory.ENV_SWITCH, "0")  # the switch: loads anyway (here, into the stub)
+    with pytest.raises(AssertionError, match="the weights were loaded"):
+        tiny_llm(path, num_kv_blocks=16)
+
+
+def test_nothing_is_refused_where_the_memory_cannot_be_read(tmp_path, monkeypatch) -> None:
+    path = write_tiny_gguf(tmp_path / "m.gguf")
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)
+    assert tiny_llm(path).generate([1, 2, 3])[0].token_ids
