@@ -8,12 +8,17 @@ resident memory would not show them anyway. Pages of the memory-mapped GGUF file
 too, but the kernel reclaims them under pressure (`MemAvailable` counts them as available): the peak is compared
 without them ("anonymous peak" = peak growth - file pages the load touched). A setting is `FORMAT[:DTYPE]` (dtype
 bfloat16 when left out).
+
+Each setting runs twice, with the allocator's freed heap handed back after the load (the default) and kept
+(`TOKENMILL_MALLOC_TRIM=0`): the A/B of `memory.release_freed_memory`, as the anonymous memory still resident once
+the engine is up. The peak is the trimmed run's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -49,13 +54,14 @@ def child(model: str, weight_format: str, dtype: str, kv_gib: float) -> dict[str
     cfg = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
     need = memory.estimate(gguf_file, cfg, weight_format, getattr(torch, dtype), 0, prepack=True,
                            int8_activations=False)
-    before, file_before = _rss(), _rss("RssFile")
+    before, file_before, anon_before = _rss(), _rss("RssFile"), _rss("RssAnon")
     llm = LLM(model, weight_format=weight_format, dtype=dtype, kv_cache_memory_gib=kv_gib)
-    after, file_pages = _rss(), _rss("RssFile") - file_before
+    after, file_pages, anon_after = _rss(), _rss("RssFile") - file_before, _rss("RssAnon") - anon_before
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     held = llm.engine.model.weight_bytes()
     return {"estimate_weights": need.weights, "estimate_temporary": need.load_temporary, "rss_before": before,
-            "rss_after": after, "rss_peak": peak, "file_pages": file_pages, "decode_read_bytes": held}
+            "rss_after": after, "rss_peak": peak, "file_pages": file_pages, "anon_after_load": anon_after,
+            "decode_read_bytes": held}
 
 
 def main() -> None:
@@ -74,13 +80,17 @@ def main() -> None:
     model = args.model or str(default_model_path())
     rows = []
     print(f"{'setting':<18} {'estimate MiB (weights + temp)':>30} {'peak growth MiB':>16} {'file pages MiB':>15} "
-          f"{'anonymous peak MiB':>19} {'estimate / anonymous peak':>26}")
+          f"{'anonymous peak MiB':>19} {'estimate / anon. peak':>22} {'resident after load MiB, kept / trimmed':>41}")
     for setting in args.settings.split(","):
         fmt, _, dtype = setting.partition(":")
         dtype = dtype or "bfloat16"
-        out = subprocess.run([sys.executable, __file__, "--child", model, fmt, dtype, "--kv-gib", str(args.kv_gib)],
-                             capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1]) | {"setting": f"{fmt}:{dtype}"}
+        runs = {}
+        for trim in ("0", "1"):
+            out = subprocess.run([sys.executable, __file__, "--child", model, fmt, dtype, "--kv-gib",
+                                  str(args.kv_gib)], capture_output=True, text=True, check=True,
+                                 env=os.environ | {"TOKENMILL_MALLOC_TRIM": trim})
+            runs[trim] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = runs["1"] | {"setting": f"{fmt}:{dtype}", "anon_after_load_untrimmed": runs["0"]["anon_after_load"]}
         estimate = r["estimate_weights"] + r["estimate_temporary"]
         growth = r["rss_peak"] - r["rss_before"]
         anonymous = growth - r["file_pages"]
@@ -88,7 +98,8 @@ def main() -> None:
         rows.append(r)
         print(f"{r['setting']:<18} {estimate / MIB:>12.0f} ({r['estimate_weights'] / MIB:.0f} + "
               f"{r['estimate_temporary'] / MIB:.0f}) {growth / MIB:>16.0f} {r['file_pages'] / MIB:>15.0f} "
-              f"{anonymous / MIB:>19.0f} {r['ratio']:>26.2f}")
+              f"{anonymous / MIB:>19.0f} {r['ratio']:>22.2f} "
+              f"{r['anon_after_load_untrimmed'] / MIB:>30.0f} / {r['anon_after_load'] / MIB:.0f}")
     write_json({"machine": machine_description(), "model": model, "kv_gib": args.kv_gib, "rows": rows}, args.output)
 
 

@@ -3,6 +3,8 @@ and the refusal, on tiny random models."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from conftest import tiny_llm, write_tiny_gguf
@@ -120,3 +122,63 @@ def test_nothing_is_refused_where_the_memory_cannot_be_read(tmp_path, monkeypatc
     path = write_tiny_gguf(tmp_path / "m.gguf")
     monkeypatch.setattr(memory, "available_bytes", lambda: None)
     assert tiny_llm(path).generate([1, 2, 3])[0].token_ids
+
+
+def test_a_draft_model_counts_after_the_target() -> None:
+    target = memory.MemoryEstimate(weights=100, load_temporary=40, kv_cache=10)
+    small_draft = memory.MemoryEstimate(weights=20, load_temporary=10, kv_cache=5)
+    # The draft loads once the target holds its weights: the peak is 100 + 40 (the target's load) here ...
+    assert memory.with_draft(target, small_draft) == memory.MemoryEstimate(120, 20, 15)
+    # ... and 100 + 20 + 30 (the draft's load on top) there.
+    big_draft = memory.MemoryEstimate(weights=20, load_temporary=30, kv_cache=5)
+    assert memory.with_draft(target, big_draft).total == 100 + 20 + 30 + 15
+
+
+def test_a_draft_model_that_does_not_fit_beside_the_target_is_refused(tmp_path, monkeypatch) -> None:
+    from tokenmill.kv.cache import KVCache
+
+    target = write_tiny_gguf(tmp_path / "target.gguf", hidden=256, heads=4, kv_heads=2, ff=512, vocab=512)
+    draft = write_tiny_gguf(tmp_path / "draft.gguf", hidden=256, heads=4, kv_heads=2, ff=512, vocab=512, layers=1)
+    gguf_file = GGUFFile(target)
+    cfg = ModelConfig.from_gguf_metadata(gguf_file.metadata, gguf_file.tensor_names())
+    alone = memory.estimate(gguf_file, cfg, "float", torch.float32, 16 * KVCache.bytes_per_block(cfg, 16,
+                                                                                                   torch.float32))
+    monkeypatch.setattr(memory, "available_bytes", lambda: alone.total + MIB // 4)
+    monkeypatch.setattr("tokenmill.engine.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("load")))
+    with pytest.raises(AssertionError, match="load"):  # alone it fits: the load goes on (into the stub)
+        tiny_llm(target, num_kv_blocks=16)
+    with pytest.raises(memory.InsufficientMemoryError, match="with its draft model draft.gguf"):
+        tiny_llm(target, num_kv_blocks=16, speculative="draft", speculative_model=str(draft))
+
+
+def test_freed_heap_is_handed_back_once_the_engine_is_loaded(tmp_path, monkeypatch) -> None:
+    status = tmp_path / "self" / "status"
+    status.parent.mkdir()
+    status.write_text("Name: python\nRssAnon:\t  300000 kB\nRssFile:\t 1000 kB\n")
+    calls = []
+
+    def fake_trim(pad: int) -> int:  # what glibc's malloc_trim does to the process: fewer resident pages
+        calls.append(pad)
+        status.write_text("Name: python\nRssAnon:\t  200000 kB\nRssFile:\t 1000 kB\n")
+        return 1
+
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: fake_trim)
+    assert memory.release_freed_memory(tmp_path) == 100000 * 1024 and calls == [0]
+    monkeypatch.setenv(memory.TRIM_SWITCH, "0")
+    assert memory.release_freed_memory(tmp_path) is None and calls == [0]  # off: not called
+    monkeypatch.delenv(memory.TRIM_SWITCH)
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: None)  # no glibc
+    assert memory.release_freed_memory(tmp_path) is None
+
+    engine_calls = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: engine_calls.append(1) or 0)
+    tiny_llm(write_tiny_gguf(tmp_path / "m.gguf"))
+    assert engine_calls == [1]
+
+
+def test_malloc_trim_is_found_where_the_c_library_is_glibc() -> None:
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    assert memory._malloc_trim() is not None
+    released = memory.release_freed_memory()
+    assert released is not None and released >= 0

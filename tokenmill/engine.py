@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -177,6 +178,9 @@ class LLMEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._steps = 0
+        released = memory.release_freed_memory()
+        if released:
+            logger.info("the load's freed temporaries: %.0f MiB handed back to the system", released / 2**20)
         logger.info("loaded %s (%s, %s weights, %s) in %.1fs: %d KV blocks of %d tokens, context %d, "
                     "%d layers' weights prepacked (%s)",
                     self.model_path.name, self.dtype, self._weight_format_name(), self.device,
@@ -356,11 +360,29 @@ class LLMEngine:
         available = memory.available_bytes()
         if available is None:
             return
-        alternatives = {fmt: need(fmt, torch.bfloat16).total for fmt in ("gguf", "int8", "int4")
+        draft = self._draft_memory(num_blocks)
+        both = (lambda e: e) if draft is None else (lambda e: memory.with_draft(e, draft))
+        alternatives = {fmt: both(need(fmt, torch.bfloat16)).total for fmt in ("gguf", "int8", "int4")
                         if fmt != config.weight_format}
-        memory.check_fits(need(config.weight_format, self.dtype), available,
-                          f"{self.model_path.name} as {config.weight_format} weights in "
-                          f"{str(self.dtype).removeprefix('torch.')}", alternatives)
+        what = f"{self.model_path.name} as {config.weight_format} weights in {str(self.dtype).removeprefix('torch.')}"
+        if draft is not None:
+            what += f", with its draft model {Path(str(config.speculative_model)).name},"
+        memory.check_fits(both(need(config.weight_format, self.dtype)), available, what, alternatives)
+
+    def _draft_memory(self, num_blocks: int) -> memory.MemoryEstimate | None:
+        """What a draft model (`speculative="draft"`) will hold, as `_speculator` loads it."""
+        config = self.config
+        if config.speculative != "draft" or config.speculative_model is None:
+            return None
+        draft_file = GGUFFile(resolve_model_path(config.speculative_model))
+        cfg = ModelConfig.from_gguf_metadata(draft_file.metadata, draft_file.tensor_names())
+        weight_format = config.speculative_weight_format or config.weight_format
+        dtype = self.dtype if weight_format == "float" else torch.bfloat16
+        blocks = affordable_blocks(cfg, dtype, num_blocks, config.block_size,
+                                   int(config.kv_cache_memory_gib * 2**30))
+        return memory.estimate(draft_file, cfg, weight_format, dtype,
+                               blocks * KVCache.bytes_per_block(cfg, config.block_size, dtype),
+                               config.int4_group_size, config.gguf_activations == "int8", config.prepack_weights)
 
     # ---- requests -------------------------------------------------------------------------------------------
 

@@ -12,12 +12,18 @@ also keeps, and the largest fp32 temporary the loader makes while building one l
 beside those (norms, RoPE tables, the Python heap), so it is a lower bound by a margin that
 `benchmarks/load_memory.py` measures against the process's peak resident memory. `TOKENMILL_MEMORY_CHECK=0` turns
 the refusal off (for example where swap makes more room than `MemAvailable` counts).
+
+After the load, `release_freed_memory` hands the allocator's freed heap (the load's temporaries) back to the kernel;
+`TOKENMILL_MALLOC_TRIM=0` keeps it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +34,7 @@ from tokenmill.model.errors import ModelLoadError
 from tokenmill.model.gguf_file import GGUFFile
 
 ENV_SWITCH = "TOKENMILL_MEMORY_CHECK"
+TRIM_SWITCH = "TOKENMILL_MALLOC_TRIM"
 GIB = 2**30
 
 
@@ -107,6 +114,14 @@ def estimate(gguf_file: GGUFFile, cfg: ModelConfig, weight_format: str, dtype: t
     return MemoryEstimate(weights, temporary, kv_cache_bytes)
 
 
+def with_draft(target: MemoryEstimate, draft: MemoryEstimate) -> MemoryEstimate:
+    """Both models: the draft loads after the target, so the load's peak is the larger of the target's own and the
+    target's weights plus the draft's load."""
+    weights = target.weights + draft.weights
+    peak = max(target.weights + target.load_temporary, weights + draft.load_temporary)
+    return MemoryEstimate(weights, peak - weights, target.kv_cache + draft.kv_cache)
+
+
 def available_bytes(proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Memory this process can still take: the smaller of `MemAvailable` and the room under its cgroup's limit;
     None where neither can be read (not Linux)."""
@@ -154,3 +169,36 @@ def check_fits(need: MemoryEstimate, available: int | None, what: str, alternati
 
 def _size(num_bytes: int) -> str:
     return f"{num_bytes / GIB:.1f} GiB" if num_bytes >= GIB else f"{num_bytes / 2**20:.1f} MiB"
+
+
+def release_freed_memory(proc: Path = Path("/proc")) -> int | None:
+    """Hand the C allocator's freed heap back to the kernel (glibc's `malloc_trim`), once a load's temporaries are
+    gone: glibc keeps freed blocks below its (adaptive) mmap threshold in the process, so a load's layer-sized
+    temporaries would otherwise stay resident for the engine's life. Returns the resident bytes released, or None
+    where there is no `malloc_trim` (not glibc) or `TOKENMILL_MALLOC_TRIM=0` turns it off."""
+    trim = _malloc_trim()
+    if trim is None or os.environ.get(TRIM_SWITCH, "1") == "0":
+        return None
+    before = _resident_anonymous(proc)
+    trim(0)
+    after = _resident_anonymous(proc)
+    return None if before is None or after is None else max(0, before - after)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def _resident_anonymous(proc: Path) -> int | None:
+    try:
+        for line in (proc / "self" / "status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
