@@ -43,6 +43,24 @@ def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup_room(tmp_path
     assert memory.available_bytes(none, none) is None  # neither readable: no check
 
 
+def test_the_cgroup_is_the_one_proc_self_cgroup_names(tmp_path) -> None:
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    write_meminfo(proc, 8 * 1024 * 1024)
+    (proc / "self").mkdir()
+    (proc / "self" / "cgroup").write_text("0::/system.slice/tokenmill.service\n")
+    service = root / "system.slice" / "tokenmill.service"
+    service.mkdir(parents=True)
+    (service / "memory.max").write_text(f"{2 * 2**30}\n")
+    (service / "memory.current").write_text(f"{2**29}\n")
+    assert memory.available_bytes(proc, root) == 3 * 2**29  # the service's 2 GiB less its 0.5 GiB
+    (proc / "self" / "cgroup").write_text("12:cpu,cpuacct:/x\n11:memory:/docker/abc\n")  # v1 hierarchy
+    v1 = root / "memory" / "docker" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{2**30}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{2**28}\n")
+    assert memory.available_bytes(proc, root) == 3 * 2**28
+
+
 def held_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """Bytes of every distinct tensor storage the model's modules hold (parameters, buffers, packed weights), and
     of those the norms' and RoPE tables' (which the estimate leaves out)."""

@@ -132,19 +132,34 @@ def available_bytes(proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cgr
                 candidates.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    room = _cgroup_room(cgroup)
+    room = _cgroup_room(proc, cgroup)
     if room is not None:
         candidates.append(room)
     return min(candidates) if candidates else None
 
 
-def _cgroup_room(root: Path) -> int | None:
-    """The limit minus the usage of this process's cgroup: v2 (memory.max, memory.current) or v1."""
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+def _cgroup_room(proc: Path, root: Path) -> int | None:
+    """The limit minus the usage of this process's cgroup (its path from /proc/self/cgroup; in a container, the
+    namespace's root): cgroup v2's memory.max and memory.current, or v1's memory controller."""
+    paths = {"v2": "", "v1": ""}
+    try:
+        for line in (proc / "self" / "cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                paths["v2"] = path.lstrip("/")
+            elif "memory" in controllers.split(","):
+                paths["v1"] = path.lstrip("/")
+    except (OSError, ValueError):
+        pass
+    candidates = [(root / paths["v2"] / "memory.max", root / paths["v2"] / "memory.current"),
+                  (root / "memory.max", root / "memory.current"),
+                  (root / "memory" / paths["v1"] / "memory.limit_in_bytes",
+                   root / "memory" / paths["v1"] / "memory.usage_in_bytes"),
+                  (root / "memory" / "memory.limit_in_bytes", root / "memory" / "memory.usage_in_bytes")]
+    for limit_file, usage_file in candidates:
         try:
-            limit = (root / limit_file).read_text().strip()
-            usage = int((root / usage_file).read_text().strip())
+            limit = limit_file.read_text().strip()
+            usage = int(usage_file.read_text().strip())
         except (OSError, ValueError):
             continue
         if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 says "no limit" with a huge number
@@ -155,7 +170,7 @@ def _cgroup_room(root: Path) -> int | None:
 
 def check_fits(need: MemoryEstimate, available: int | None, what: str, alternatives: dict[str, int]) -> None:
     """Raise InsufficientMemoryError when `need` exceeds `available` (unknown: no check; off by the switch).
-    `alternatives`: other weight formats' total estimates, named in the message when smaller."""
+    `alternatives`: other weight formats' total estimates, named in the message where they fit."""
     if available is None or os.environ.get(ENV_SWITCH, "1") == "0" or need.total <= available:
         return
     smaller = [f"{name} about {_size(size)}" for name, size in sorted(alternatives.items(), key=lambda x: x[1])
