@@ -170,11 +170,11 @@ def _cgroup_room(proc: Path, root: Path) -> int | None:
 
 def check_fits(need: MemoryEstimate, available: int | None, what: str, alternatives: dict[str, int]) -> None:
     """Raise InsufficientMemoryError when `need` exceeds `available` (unknown: no check; off by the switch).
-    `alternatives`: other weight formats' total estimates, named in the message where they fit."""
+    `alternatives`: other weight formats' total estimates, in the order to suggest them (the exact ones first),
+    named in the message where they fit."""
     if available is None or os.environ.get(ENV_SWITCH, "1") == "0" or need.total <= available:
         return
-    smaller = [f"{name} about {_size(size)}" for name, size in sorted(alternatives.items(), key=lambda x: x[1])
-               if size <= available]
+    smaller = [f"{name} about {_size(size)}" for name, size in alternatives.items() if size <= available]
     hint = f"; weight formats that would fit: {', '.join(smaller)} (--weight-format)" if smaller else ""
     raise InsufficientMemoryError(
         f"{what} needs about {_size(need.total)} (weights {_size(need.weights)}, a load-time temporary of "
