@@ -35,10 +35,12 @@ MIB = 2**20
 
 
 def _rss(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    from tokenmill.model.memory import status_bytes
+
+    value = status_bytes(field)
+    if value is None:
+        raise RuntimeError(f"no {field} in /proc/self/status")
+    return value
 
 
 def child(model: str, weight_format: str, dtype: str, kv_gib: float) -> dict[str, Any]:

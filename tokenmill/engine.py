@@ -232,9 +232,7 @@ class LLMEngine:
             self.model_config.vocab_size, config.speculative_draft_vocab, self.tokenizer.stop_token_ids)
         if config.speculative == "draft":
             assert config.speculative_model is not None  # the config checks it
-            weight_format = config.speculative_weight_format or config.weight_format
-            # The CPU kernels of the quantized formats take bf16 activations only (as `resolve_dtype` says).
-            dtype = self.dtype if weight_format == "float" or self.device.type != "cpu" else torch.bfloat16
+            weight_format, dtype = self._draft_format()
             proposer = DraftModelProposer.load(
                 resolve_model_path(config.speculative_model), gguf_file, dtype, self.device,
                 weight_format=weight_format, int4_group_size=config.int4_group_size,
@@ -243,7 +241,7 @@ class LLMEngine:
                 enforce_eager=config.enforce_eager,
                 num_blocks=self.kv_cache.num_blocks, block_size=config.block_size,
                 max_step_tokens=config.max_num_batched_tokens, max_positions=self.max_positions,
-                measure_cost=config.speculative_adaptive, max_kv_bytes=int(config.kv_cache_memory_gib * 2**30),
+                measure_cost=config.speculative_adaptive, max_kv_bytes=self._draft_kv_bytes(),
                 vocab=vocab)
         elif config.speculative == "self":
             self_draft = self._self_draft(vocab)
@@ -295,7 +293,7 @@ class LLMEngine:
         return DraftModelProposer.for_model(
             draft, self.device, enforce_eager=config.enforce_eager,
             num_blocks=affordable_blocks(draft.cfg, self.dtype, self.kv_cache.num_blocks, config.block_size,
-                                         int(config.kv_cache_memory_gib * 2**30)), block_size=config.block_size,
+                                         self._draft_kv_bytes()), block_size=config.block_size,
             max_step_tokens=config.max_num_batched_tokens, measure_cost=config.speculative_adaptive, vocab=vocab)
 
     @property
@@ -361,13 +359,23 @@ class LLMEngine:
         if available is None:
             return
         draft = self._draft_memory(num_blocks)
-        both = (lambda e: e) if draft is None else (lambda e: memory.with_draft(e, draft))
-        alternatives = {fmt: both(need(fmt, torch.bfloat16)).total for fmt in ("gguf", "int8", "int4")
-                        if fmt != config.weight_format}
+        alternatives = {fmt: memory.with_draft(need(fmt, torch.bfloat16), draft).total
+                        for fmt in ("gguf", "int8", "int4") if fmt != config.weight_format}
         what = f"{self.model_path.name} as {config.weight_format} weights in {str(self.dtype).removeprefix('torch.')}"
         if draft is not None:
             what += f", with its draft model {Path(str(config.speculative_model)).name},"
-        memory.check_fits(both(need(config.weight_format, self.dtype)), available, what, alternatives)
+        memory.check_fits(memory.with_draft(need(config.weight_format, self.dtype), draft), available, what,
+                          alternatives)
+
+    def _draft_format(self) -> tuple[str, torch.dtype]:
+        """A draft model's weight format and dtype: the CPU kernels of the quantized formats take bf16 activations
+        only (as `resolve_dtype` says)."""
+        weight_format = self.config.speculative_weight_format or self.config.weight_format
+        return weight_format, (self.dtype if weight_format == "float" or self.device.type != "cpu" else torch.bfloat16)
+
+    def _draft_kv_bytes(self) -> int:
+        """A draft model's KV budget: as many tokens as the target's, within another kv_cache_memory_gib."""
+        return int(self.config.kv_cache_memory_gib * 2**30)
 
     def _draft_memory(self, num_blocks: int) -> memory.MemoryEstimate | None:
         """What a draft model (`speculative="draft"`) will hold, as `_speculator` loads it."""
@@ -376,10 +384,8 @@ class LLMEngine:
             return None
         draft_file = GGUFFile(resolve_model_path(config.speculative_model))
         cfg = ModelConfig.from_gguf_metadata(draft_file.metadata, draft_file.tensor_names())
-        weight_format = config.speculative_weight_format or config.weight_format
-        dtype = self.dtype if weight_format == "float" else torch.bfloat16
-        blocks = affordable_blocks(cfg, dtype, num_blocks, config.block_size,
-                                   int(config.kv_cache_memory_gib * 2**30))
+        weight_format, dtype = self._draft_format()
+        blocks = affordable_blocks(cfg, dtype, num_blocks, config.block_size, self._draft_kv_bytes())
         return memory.estimate(draft_file, cfg, weight_format, dtype,
                                blocks * KVCache.bytes_per_block(cfg, config.block_size, dtype),
                                config.int4_group_size, config.gguf_activations == "int8", config.prepack_weights)

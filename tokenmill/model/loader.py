@@ -135,6 +135,18 @@ class _LayerBuilder:
         return Int8Linear.quantize(weight, self.dtype, bias).to(self.device)
 
 
+def layer_linears(i: int) -> dict[str, list[str]]:
+    """Decoder layer i's linear layers (fused qkv, o, fused gate/up, down): the tensors each one stacks by rows."""
+    p = f"blk.{i}."
+    return {"qkv": [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], "o": [p + "attn_output.weight"],
+            "gate_up": [p + "ffn_gate.weight", p + "ffn_up.weight"], "down": [p + "ffn_down.weight"]}
+
+
+def head_tensor(cfg: ModelConfig) -> str:
+    """The LM head's tensor: the embedding table when tied."""
+    return "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The (rows, cols) shape, in torch order, that each tensor the model reads must have given its config."""
     h, q, kv, ff = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
@@ -199,23 +211,22 @@ def _build(gguf_file: GGUFFile, dtype: torch.dtype, device: torch.device, weight
     build = _LayerBuilder(gguf_file, cfg, dtype, device, weight_format, int4_group_size, int8_activations)
     layers = []
     for i in range(cfg.num_layers):
-        p = f"blk.{i}."
+        p, names = f"blk.{i}.", layer_linears(i)
         layers.append(DecoderLayer(
             cfg,
-            qkv=build.linear([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
-                             [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"] if cfg.attention_bias
-                             else None),
-            o=build.linear([p + "attn_output.weight"]),
-            gate_up=build.linear([p + "ffn_gate.weight", p + "ffn_up.weight"]),
-            down=build.linear([p + "ffn_down.weight"]),
+            qkv=build.linear(names["qkv"], [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"]
+                             if cfg.attention_bias else None),
+            o=build.linear(names["o"]),
+            gate_up=build.linear(names["gate_up"]),
+            down=build.linear(names["down"]),
             attn_norm=build.float_tensor(p + "attn_norm.weight").to(device),
             ffn_norm=build.float_tensor(p + "ffn_norm.weight").to(device),
         ))
     # The embedding is read a row per token; as the tied LM head it is read whole, so it takes the head's format.
     if cfg.tie_word_embeddings:
-        embed, output = build.linear(["token_embd.weight"], head=True), None
+        embed, output = build.linear([head_tensor(cfg)], head=True), None
     else:
         embed = FloatLinear(build.float_tensor("token_embd.weight").to(device))
-        output = build.linear(["output.weight"], head=True)
+        output = build.linear([head_tensor(cfg)], head=True)
     final_norm = build.float_tensor("output_norm.weight").to(device)
     return LlamaModel(cfg, dtype, embed, layers, final_norm, output, max_positions).eval()

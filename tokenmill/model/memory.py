@@ -32,6 +32,7 @@ import torch
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.errors import ModelLoadError
 from tokenmill.model.gguf_file import GGUFFile
+from tokenmill.model.loader import head_tensor, layer_linears
 
 ENV_SWITCH = "TOKENMILL_MEMORY_CHECK"
 TRIM_SWITCH = "TOKENMILL_MALLOC_TRIM"
@@ -54,14 +55,11 @@ class MemoryEstimate:
 
 
 def _layer_groups(cfg: ModelConfig) -> Iterator[tuple[list[str], bool]]:
-    """The loader's linear layers (loader._build): each one's tensor names and whether it is the LM head."""
+    """The loader's linear layers: each one's tensor names and whether it is the LM head."""
     for i in range(cfg.num_layers):
-        p = f"blk.{i}."
-        yield [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], False
-        yield [p + "attn_output.weight"], False
-        yield [p + "ffn_gate.weight", p + "ffn_up.weight"], False
-        yield [p + "ffn_down.weight"], False
-    yield (["token_embd.weight"] if cfg.tie_word_embeddings else ["output.weight"]), True
+        for names in layer_linears(i).values():
+            yield names, False
+    yield [head_tensor(cfg)], True
 
 
 def _numel(gguf_file: GGUFFile, name: str) -> int:
@@ -114,9 +112,11 @@ def estimate(gguf_file: GGUFFile, cfg: ModelConfig, weight_format: str, dtype: t
     return MemoryEstimate(weights, temporary, kv_cache_bytes)
 
 
-def with_draft(target: MemoryEstimate, draft: MemoryEstimate) -> MemoryEstimate:
+def with_draft(target: MemoryEstimate, draft: MemoryEstimate | None) -> MemoryEstimate:
     """Both models: the draft loads after the target, so the load's peak is the larger of the target's own and the
-    target's weights plus the draft's load."""
+    target's weights plus the draft's load. No draft: the target's."""
+    if draft is None:
+        return target
     weights = target.weights + draft.weights
     peak = max(target.weights + target.load_temporary, weights + draft.load_temporary)
     return MemoryEstimate(weights, peak - weights, target.kv_cache + draft.kv_cache)
@@ -194,9 +194,9 @@ def release_freed_memory(proc: Path = Path("/proc")) -> int | None:
     trim = _malloc_trim()
     if trim is None or os.environ.get(TRIM_SWITCH, "1") == "0":
         return None
-    before = _resident_anonymous(proc)
+    before = status_bytes("RssAnon", proc)
     trim(0)
-    after = _resident_anonymous(proc)
+    after = status_bytes("RssAnon", proc)
     return None if before is None or after is None else max(0, before - after)
 
 
@@ -209,10 +209,12 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-def _resident_anonymous(proc: Path) -> int | None:
+def status_bytes(field: str, proc: Path = Path("/proc")) -> int | None:
+    """A memory figure of this process from /proc/self/status (VmRSS, RssAnon, RssFile, ...), in bytes; None where
+    it cannot be read."""
     try:
         for line in (proc / "self" / "status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
