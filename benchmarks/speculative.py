@@ -1,12 +1,12 @@
 """Speculative decoding with n-gram prompt lookup, on and off, on real prompts; llama.cpp's prompt lookup beside it.
 
 Spec-Bench-like categories from ../shared/data (summarization and RAG from Spec-Bench, HumanEval completions,
-MT-bench and ShareGPT questions), greedy. Two engines that differ only in `speculative` are loaded once and run
-alternately in ABBA order (plain, spec, spec, plain...) on the same prompt token ids, one request at a time (batch 1)
-and in batches submitted in one `generate` call. Reported per category and batch size: output tokens/s of both, the
-speedup, the acceptance rate, the mean accepted length and whether the speculative outputs are the plain ones token
-for token. At batch 1, llama.cpp (llama-cpp-python in process) runs the same prompt ids without and with its
-`LlamaPromptLookupDecoding` draft model.
+MT-bench and ShareGPT questions), greedy or seeded sampling (--temperature). Two engines that differ only in
+`speculative` are loaded once and run alternately in ABBA order (plain, spec, spec, plain...) on the same prompt token
+ids, one request at a time (batch 1) and in batches submitted in one `generate` call. Reported per category and
+batch size: output tokens/s of both, the speedup, the acceptance rate, the mean accepted length and whether the
+speculative outputs are the plain ones token for token. At batch 1, llama.cpp (llama-cpp-python in process) runs the
+same prompt ids without and with its `LlamaPromptLookupDecoding` draft model.
 
     .venv/bin/python benchmarks/speculative.py                  # 8 prompts per category, 128 tokens, batch 1,4,16,64
     .venv/bin/python benchmarks/speculative.py --quick          # smoke test: 2 prompts, 32 tokens, batch 1 and 4
@@ -124,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-lookup-min", type=int, default=None, help="shortest n-gram matched (engine default)")
     p.add_argument("--prompt-lookup-max", type=int, default=None, help="longest n-gram matched (engine default)")
     p.add_argument("--no-adaptive", action="store_true", help="speculative_adaptive=False")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature (0: greedy); sampled requests carry --seed, so both engines draw the "
+                        "same uniforms and the outputs must still match token for token")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: top-p")
+    p.add_argument("--seed", type=int, default=0, help="with --temperature: every request's seed")
     p.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
     p.add_argument("--llama-speculative", type=Path, default=None,
                    help="llama.cpp's llama-speculative binary: the peer for --speculative draft")
@@ -526,6 +531,8 @@ def make_peer(args: argparse.Namespace, path: Path, workload: dict[str, list[lis
         return None, "--no-peer"
     if 1 not in args.batch_sizes:
         return None, "batch size 1 not measured (llama-cpp-python runs one sequence)"
+    if args.temperature > 0:
+        return None, "sampled requests (the llama.cpp runs are greedy)"
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -704,7 +711,8 @@ def main(argv: list[str] | None = None) -> None:
     if peer is not None:
         peer.warm_up()
     stop = frozenset() if args.ignore_eos else frozenset(tokenizer.stop_token_ids)
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            ignore_eos=args.ignore_eos, seed=args.seed if args.temperature > 0 else None)
 
     results: dict[int, dict[str, Any]] = {b: {} for b in args.batch_sizes}
     mismatches: list[dict[str, Any]] = []
@@ -804,7 +812,9 @@ def print_notes(args: argparse.Namespace, machine: dict[str, Any], results: dict
                 peer_skipped: str | None, limit: int) -> None:
     config = engines["speculative"].engine.config
     spec = {name: getattr(config, name, None) for name in SPEC_FIELDS}
-    print(f"\ngreedy, {args.max_tokens} tokens max ({'EOS ignored' if args.ignore_eos else 'stopping at EOS'}), "
+    sampling = ("greedy" if args.temperature == 0 else
+                f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}")
+    print(f"\n{sampling}, {args.max_tokens} tokens max ({'EOS ignored' if args.ignore_eos else 'stopping at EOS'}), "
           f"prompts cut to {limit} tokens, median of {args.repeats} interleaved repeats (speedups paired within a "
           f"repeat, range in parentheses); speculative engine: {spec}")
     print("tok/s = output tokens / wall time (batch 1: sequential requests, prefill included; decode speedup: "
