@@ -187,6 +187,13 @@ def mode_options(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
     return options
 
 
+def activations(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
+    """`gguf_activations` for an engine that has block-format weights: the target's, or (speculative) a draft's in
+    its own format (a float target with a q4 draft: only the speculative engine has block layers)."""
+    formats = {args.weight_format, args.speculative_weight_format if speculative else None}
+    return {"gguf_activations": args.gguf_activations} if formats & {"gguf", "q4"} else {}
+
+
 # ---- workload -------------------------------------------------------------------------------------------------
 
 
@@ -698,11 +705,12 @@ def main(argv: list[str] | None = None) -> None:
               f"(mean {tokens['mean']:.0f}), {info['truncated']} cut to {limit}")
 
     block_size = 16
-    common = {"dtype": args.dtype, "weight_format": args.weight_format, "gguf_activations": args.gguf_activations,
+    common = {"dtype": args.dtype, "weight_format": args.weight_format,
               "num_threads": args.threads, "batch_invariant": args.batch_invariant,
               "block_size": block_size, "num_kv_blocks": kv_blocks_needed(workload, args, block_size),
               "max_num_seqs": max(args.batch_sizes), "max_num_batched_tokens": args.max_num_batched_tokens}
-    engines = {mode: LLM(model=str(path), **common, **mode_options(args, mode == "speculative"))
+    engines = {mode: LLM(model=str(path), **common, **activations(args, mode == "speculative"),
+                         **mode_options(args, mode == "speculative"))
                for mode in ("plain", "speculative")}
     for llm in engines.values():
         warm_up(llm)
