@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--speculative self: the drafting layers (default: the engine's calibration)")
     p.add_argument("--speculative-model", default=None, help="the draft model's GGUF file (--speculative draft)")
     p.add_argument("--speculative-weight-format", choices=WEIGHT_FORMATS, default=None,
-                   help="the draft model's weight format (engine default: --weight-format's)")
+                   help="the draft model's weight format, for draft or self (engine default: --weight-format's)")
     p.add_argument("--num-speculative-tokens", type=int, default=5, help="draft tokens per step (K)")
     p.add_argument("--speculative-tree-width", type=int, default=1,
                    help="draft/self: token trees with the draft's N likeliest tokens per depth (1: chains)")
@@ -176,7 +176,8 @@ def mode_options(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
                     "speculative_weight_format": args.speculative_weight_format}
         return options
     if args.speculative == "self":
-        return options | {"speculative_layers": args.speculative_layers}
+        return options | {"speculative_layers": args.speculative_layers,
+                          "speculative_weight_format": args.speculative_weight_format}
     if args.speculative == "lookahead":
         size = args.lookahead_ngram_size
         return options | ({"lookahead_ngram_size": size} if size is not None else {})

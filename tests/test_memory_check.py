@@ -168,6 +168,11 @@ def test_a_draft_model_that_does_not_fit_beside_the_target_is_refused(tmp_path, 
         tiny_llm(target, num_kv_blocks=16)
     with pytest.raises(memory.InsufficientMemoryError, match="with its draft model draft.gguf"):
         tiny_llm(target, num_kv_blocks=16, speculative="draft", speculative_model=str(draft))
+    # Self-speculation on the target's own tensors holds nothing more; in a format of its own, a second copy.
+    with pytest.raises(AssertionError, match="load"):
+        tiny_llm(target, num_kv_blocks=16, speculative="self")
+    with pytest.raises(memory.InsufficientMemoryError, match="self-speculative draft of its weights as int8"):
+        tiny_llm(target, num_kv_blocks=16, speculative="self", speculative_weight_format="int8")
 
 
 def test_freed_heap_is_handed_back_once_the_engine_is_loaded(tmp_path, monkeypatch) -> None:

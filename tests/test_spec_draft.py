@@ -260,6 +260,44 @@ def test_self_draft_with_a_layer_subset_is_identical(pair, reference) -> None:
     assert_no_leak(llm)
 
 
+def test_self_draft_in_a_format_of_its_own_is_identical(pair, reference, monkeypatch) -> None:
+    """`speculative_weight_format` with "self": the model's own file loaded once more in that format drafts (every
+    layer a candidate, calibrated against the target), and the output stays the target's."""
+    asked = []
+
+    def calibration(model, key, encode, max_k, target):  # noqa: ANN001, ANN202 - cached_calibration's signature
+        asked.append((model, key, target))
+        return Calibration((0, 1), (Candidate((0, 1), 0.9, 0.3, 2.0, 4),))
+
+    monkeypatch.setattr("tokenmill.engine.cached_calibration", calibration)
+    llm = make_llm(pair[0], None, speculative="self", speculative_weight_format="q4", gguf_activations="int8",
+                   num_speculative_tokens=4, speculative_adaptive=False)
+    (source, key, target), = asked
+    assert target is llm.engine.model and source is not target
+    assert key.endswith("|float|draft q4-int8-activations")
+    draft = llm.engine.speculator.proposer.runner.backend.model
+    assert draft.cfg.num_layers == 2 and draft.layers[0] is source.layers[0]
+    assert all(isinstance(m, GgufQ4Linear) and m.int8_activations
+               for m in draft.modules() if isinstance(m, Linear) and m is not draft.output)
+    assert [r.token_ids for r in llm.generate(prompts(), GREEDY, use_tqdm=False)] == reference
+    stats = llm.engine.stats().spec_decode
+    assert stats.num_accepted_tokens > stats.num_draft_tokens // 2  # the same weights, rounded harder
+    assert_no_leak(llm)
+    with pytest.raises(ValueError, match="speculative_weight_format is the format of a draft"):
+        EngineConfig(speculative="ngram", speculative_weight_format="q4")
+
+
+def test_calibration_against_the_target_scores_every_layer_in_another_format(pair) -> None:
+    target = make_llm(pair[0], None).engine.model
+    rounded = make_llm(pair[0], None, weight_format="q4", gguf_activations="int8", dtype="bfloat16").engine.model
+    assert candidates(2) == [(0,)] and candidates(2, whole=True) == [(0, 1), (0,)]
+    tokens = [(7 * i) % (VOCAB - 1) + 1 for i in range(64)]
+    rows = {c.layers: c for c in calibrate(rounded, tokens, 4, target=target).table}
+    assert set(rows) == {(0, 1), (0,)}
+    assert 0.5 < rows[(0, 1)].agreement <= 1.0 and rows[(0, 1)].cost < 0.5  # 4-bit codes against fp32 weights
+    assert calibrate(target, tokens, 4, [(0, 1)]).table[0].agreement == 1.0
+
+
 def test_candidates_and_promised_speedup() -> None:
     assert candidates(12) == [(0, 1, 2), (0, 1, 2, 3), tuple(range(6)), tuple(range(8)), tuple(range(9)),
                               (0, 1, 2, 4, 6, 8, 10, 11), (0, 1, 2, 5, 8, 10, 11)]
@@ -315,8 +353,9 @@ def test_batched_guesses_equal_guesses_alone(pair) -> None:
 def test_the_engine_drafts_with_the_calibrated_layers(pair, monkeypatch) -> None:
     asked = []
 
-    def calibration(model, key, encode, max_k):  # noqa: ANN001, ANN202 - cached_calibration's signature
+    def calibration(model, key, encode, max_k, target):  # noqa: ANN001, ANN202 - cached_calibration's signature
         asked.append((key, max_k))
+        assert target is model  # the draft's layers are the target's own
         return Calibration((0,), (Candidate((0,), 0.5, 0.4, 1.2, 2),))
 
     monkeypatch.setattr("tokenmill.engine.cached_calibration", calibration)
@@ -328,7 +367,7 @@ def test_the_engine_drafts_with_the_calibrated_layers(pair, monkeypatch) -> None
 def test_self_speculation_is_off_when_no_calibrated_subset_pays(pair, reference, monkeypatch) -> None:
     """Adaptive lengths would draft nothing but probes, while the draft still prefilled every prompt through its
     layers: the engine runs without speculation instead. Forced lengths or layers still draft."""
-    def calibration(model, key, encode, max_k):  # noqa: ANN001, ANN202 - cached_calibration's signature
+    def calibration(model, key, encode, max_k, target):  # noqa: ANN001, ANN202 - cached_calibration's signature
         return Calibration((0,), (Candidate((0,), 0.05, 0.6, 1.0, 0),))
 
     monkeypatch.setattr("tokenmill.engine.cached_calibration", calibration)

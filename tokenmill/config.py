@@ -81,7 +81,8 @@ class EngineConfig:
     speculative: str | None = None
     speculative_model: str | None = None
     # The draft model's weight format (default: the target's); a quantized draft runs with bf16 activations, which
-    # its own KV cache lets it do beside a float32 target.
+    # its own KV cache lets it do beside a float32 target. With "self", a format other than the target's drafts
+    # from the model's own file loaded once more in that format (every layer then a calibration candidate too).
     speculative_weight_format: str | None = None
     speculative_layers: tuple[int, ...] | None = None
     num_speculative_tokens: int = 5  # the most draft tokens a request gets per step
@@ -200,6 +201,9 @@ class EngineConfig:
         if self.speculative_weight_format not in (None, *WEIGHT_FORMATS):
             raise ValueError(f"speculative_weight_format must be one of {WEIGHT_FORMATS}, got "
                              f"{self.speculative_weight_format!r}")
+        if self.speculative_weight_format is not None and self.speculative not in ("draft", "self"):
+            raise ValueError("speculative_weight_format is the format of a draft model's weights (speculative='draft' "
+                             f"or 'self'), not of speculative={self.speculative!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.speculative_draft_vocab is not None and (

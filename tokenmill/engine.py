@@ -35,7 +35,7 @@ from tokenmill.kv.transfer import KVTransfer, export_prefix, import_prefix
 from tokenmill.model import memory
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.gguf_file import GGUFFile, resolve_model_path
-from tokenmill.model.llama import rope_rotation
+from tokenmill.model.llama import LlamaModel, rope_rotation
 from tokenmill.model.loader import load_model
 from tokenmill.output.processor import RequestState
 from tokenmill.output.types import RequestOutput
@@ -244,7 +244,7 @@ class LLMEngine:
                 measure_cost=config.speculative_adaptive, max_kv_bytes=self._draft_kv_bytes(),
                 vocab=vocab)
         elif config.speculative == "self":
-            self_draft = self._self_draft(vocab)
+            self_draft = self._self_draft(vocab, gguf_file)
             if self_draft is None:
                 return None
             proposer = self_draft
@@ -267,16 +267,18 @@ class LLMEngine:
         return Speculator(proposer, config.num_speculative_tokens, self.max_model_len, config.max_num_batched_tokens,
                           cost, config.speculative_tree_width)
 
-    def _self_draft(self, vocab: torch.Tensor | None) -> DraftModelProposer | None:
+    def _self_draft(self, vocab: torch.Tensor | None, gguf_file: GGUFFile) -> DraftModelProposer | None:
         """The self-speculative proposer, or None when its calibration found that no subset of the layers pays and
         draft lengths are adaptive: such a proposer would draft nothing but its probes, and still prefill every
         prompt through its layers and pay for the probes, for nothing."""
         config = self.config
         layers = config.speculative_layers
+        source, own_format = self._self_draft_source(gguf_file)
         if layers is None:
             key = (f"{self.model_path.name}|{self.model_path.stat().st_size}|{self.dtype}|"
-                   f"{self._weight_format_name()}")
-            calibration = cached_calibration(self.model, key, self.tokenizer.encode, config.num_speculative_tokens)
+                   f"{self._weight_format_name()}" + (f"|draft {own_format}" if own_format else ""))
+            calibration = cached_calibration(source, key, self.tokenizer.encode, config.num_speculative_tokens,
+                                             target=self.model)
             layers = calibration.layers
             for best in (c for c in calibration.table if c.layers == layers):
                 logger.info("self-speculation drafts with layers %s: agreement %.2f at %.2f of a step's bytes "
@@ -289,7 +291,7 @@ class LLMEngine:
         if layers[-1] >= self.model_config.num_layers:
             raise ValueError(f"speculative_layers {list(layers)} name a layer the model's "
                              f"{self.model_config.num_layers} do not have")
-        draft = subset_model(self.model, layers)
+        draft = subset_model(source, layers)
         return DraftModelProposer.for_model(
             draft, self.device, enforce_eager=config.enforce_eager,
             num_blocks=affordable_blocks(draft.cfg, self.dtype, self.kv_cache.num_blocks, config.block_size,
@@ -325,8 +327,9 @@ class LLMEngine:
                     "and forks off", window.sink_blocks, window.window_blocks, config.block_size)
         return window
 
-    def _weight_format_name(self) -> str:
-        fmt = self.config.weight_format
+    def _weight_format_name(self, fmt: str | None = None) -> str:
+        """The target's weight format (or `fmt`) with the options that change its numbers, for cache keys."""
+        fmt = fmt or self.config.weight_format
         if fmt in ("gguf", "q4") and self.config.gguf_activations != "bf16":
             return f"{fmt}-{self.config.gguf_activations}-activations"
         return f"int4-g{self.config.int4_group_size}" if fmt == "int4" else fmt
@@ -358,14 +361,33 @@ class LLMEngine:
         available = memory.available_bytes()
         if available is None:
             return
-        draft = self._draft_memory(num_blocks)
+        draft = self._draft_memory(num_blocks, gguf_file)
         alternatives = {fmt: memory.with_draft(need(fmt, torch.bfloat16), draft).total
                         for fmt in ("gguf", "int8", "int4") if fmt != config.weight_format}
         what = f"{self.model_path.name} as {config.weight_format} weights in {str(self.dtype).removeprefix('torch.')}"
-        if draft is not None:
+        if draft is not None and config.speculative_model is not None:
             what += f", with its draft model {Path(str(config.speculative_model)).name},"
+        elif draft is not None:
+            what += f", with a self-speculative draft of its weights as {self._draft_format()[0]},"
         memory.check_fits(memory.with_draft(need(config.weight_format, self.dtype), draft), available, what,
                           alternatives)
+
+    def _self_draft_source(self, gguf_file: GGUFFile) -> tuple[LlamaModel, str | None]:
+        """The model whose layers self-speculation drafts with: the target itself (its tensors shared), or, with a
+        `speculative_weight_format` other than the target's, the same file loaded once more in that format (and
+        that format's name, for the calibration's key)."""
+        config = self.config
+        weight_format, dtype = self._draft_format()
+        if weight_format == config.weight_format and dtype == self.dtype:
+            return self.model, None
+        started = time.perf_counter()
+        source = load_model(gguf_file, dtype, self.device, weight_format, config.int4_group_size,
+                            max_positions=self.max_positions, int8_activations=config.gguf_activations == "int8")
+        if config.prepack_weights:
+            source.prepack_weights(config.bf16_kernel)
+        logger.info("self-speculation drafts from the model's weights as %s in %s (loaded in %.1fs)", weight_format,
+                    str(dtype).removeprefix("torch."), time.perf_counter() - started)
+        return source, self._weight_format_name(weight_format)
 
     def _draft_format(self) -> tuple[str, torch.dtype]:
         """A draft model's weight format and dtype: the CPU kernels of the quantized formats take bf16 activations
@@ -377,18 +399,25 @@ class LLMEngine:
         """A draft model's KV budget: as many tokens as the target's, within another kv_cache_memory_gib."""
         return int(self.config.kv_cache_memory_gib * 2**30)
 
-    def _draft_memory(self, num_blocks: int) -> memory.MemoryEstimate | None:
-        """What a draft model (`speculative="draft"`) will hold, as `_speculator` loads it."""
+    def _draft_memory(self, num_blocks: int, gguf_file: GGUFFile) -> memory.MemoryEstimate | None:
+        """What a draft model (`speculative="draft"`) will hold, as `_speculator` loads it; for self-speculation in
+        a format of its own, the target's file once more in that format (the layers it keeps, and their KV, are
+        known only after the calibration: counted when `speculative_layers` names them)."""
         config = self.config
-        if config.speculative != "draft" or config.speculative_model is None:
-            return None
-        draft_file = GGUFFile(resolve_model_path(config.speculative_model))
-        cfg = ModelConfig.from_gguf_metadata(draft_file.metadata, draft_file.tensor_names())
         weight_format, dtype = self._draft_format()
+        if config.speculative == "draft" and config.speculative_model is not None:
+            draft_file = GGUFFile(resolve_model_path(config.speculative_model))
+            cfg = ModelConfig.from_gguf_metadata(draft_file.metadata, draft_file.tensor_names())
+        elif config.speculative == "self" and (weight_format, dtype) != (config.weight_format, self.dtype):
+            draft_file, cfg = gguf_file, self.model_config
+        else:
+            return None
         blocks = affordable_blocks(cfg, dtype, num_blocks, config.block_size, self._draft_kv_bytes())
-        return memory.estimate(draft_file, cfg, weight_format, dtype,
-                               blocks * KVCache.bytes_per_block(cfg, config.block_size, dtype),
-                               config.int4_group_size, config.gguf_activations == "int8", config.prepack_weights)
+        kv = blocks * KVCache.bytes_per_block(cfg, config.block_size, dtype)
+        if draft_file is gguf_file:
+            kv = kv * len(config.speculative_layers or ()) // cfg.num_layers
+        return memory.estimate(draft_file, cfg, weight_format, dtype, kv, config.int4_group_size,
+                               config.gguf_activations == "int8", config.prepack_weights)
 
     # ---- requests -------------------------------------------------------------------------------------------
 

@@ -86,7 +86,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-model", default=None,
                    help="with --speculative draft: the draft model's GGUF file (same vocabulary as the model)")
     g.add_argument("--speculative-weight-format", default=None, choices=list(WEIGHT_FORMATS),
-                   help="the draft model's weight format (default: --weight-format's)")
+                   help="the draft's weight format, with --speculative draft or self (default: --weight-format's)")
     g.add_argument("--speculative-draft-vocab", type=int, default=None, metavar="N",
                    help="with --speculative draft or self: the draft's LM head over the N lowest token ids and the "
                         "stop tokens only (cheaper draft steps; default: the whole vocabulary)")

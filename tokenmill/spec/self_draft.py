@@ -1,5 +1,7 @@
 """Self-speculation (Draft & Verify; SWIFT): a subset of the target's own layers, with its final norm and LM head,
-is the draft model. No second model, no training: the draft runs on the target's weights, shared, not copied.
+is the draft model. No second model, no training: the draft runs on the target's weights, shared, not copied; or,
+with a draft weight format of its own (`speculative_weight_format`), on the same file's weights loaded once more in
+that format (a 4-bit copy reads a fraction of a float target's bytes), where every layer is a candidate too.
 
 Which layers: `calibrate` runs the target teacher-forced over calibration text (tokenmill's own source code and
 docstrings, never a benchmark prompt), once with every layer and once per candidate subset (early exits: the first
@@ -49,17 +51,17 @@ def subset_model(model: LlamaModel, layers: Sequence[int]) -> LlamaModel:
                       model.output, max_positions=model.max_positions)
 
 
-def candidates(num_layers: int) -> list[tuple[int, ...]]:
+def candidates(num_layers: int, whole: bool = False) -> list[tuple[int, ...]]:
     """Early exits at a quarter to three quarters of the depth, and skip sets that keep the first and last two
-    layers and every second or third one between them."""
-    out: list[tuple[int, ...]] = []
+    layers and every second or third one between them; `whole`: every layer too (a draft in another format)."""
+    out: list[tuple[int, ...]] = [tuple(range(num_layers))] if whole else []
     for fraction in (0.25, 1 / 3, 0.5, 2 / 3, 0.75):
         m = max(1, round(num_layers * fraction))
         out.append(tuple(range(m)))
     for stride in (2, 3):
         kept = {0, 1, num_layers - 2, num_layers - 1} | set(range(2, num_layers - 2, stride))
         out.append(tuple(sorted(i for i in kept if 0 <= i < num_layers)))
-    return [c for i, c in enumerate(out) if c not in out[:i] and len(c) < num_layers]
+    return [c for i, c in enumerate(out) if c not in out[:i] and (len(c) < num_layers or whole)]
 
 
 def promised_speedup(alpha: float, cost: float, max_k: int) -> tuple[float, int]:
@@ -95,17 +97,20 @@ def calibration_tokens(encode: Callable[[str], Sequence[int]], limit: int = CALI
 
 
 def calibrate(model: LlamaModel, tokens: Sequence[int], max_k: int,
-              choices: Sequence[tuple[int, ...]] | None = None) -> Calibration:
-    """Scores every candidate subset on `tokens` (teacher-forced); the best is the choice, even when it promises
-    no speedup (adaptive draft lengths then draft nothing, and the table says why)."""
+              choices: Sequence[tuple[int, ...]] | None = None, target: LlamaModel | None = None) -> Calibration:
+    """Scores every candidate subset of `model`'s layers on `tokens` (teacher-forced) against `target` (default:
+    `model` itself; another one when the draft's layers are the target's in another format, which makes the whole
+    depth a candidate); the best is the choice, even when it promises no speedup (adaptive draft lengths then draft
+    nothing, and the table says why)."""
+    target = model if target is None else target
     # One causal pass over at most the positions the model has RoPE tables for.
     ids = torch.tensor(list(tokens)[: model.rope_cos.shape[0]], dtype=torch.long, device=model.final_norm.device)
-    want = _argmax(model, ids)
-    step_bytes = model.weight_bytes()
+    want = _argmax(target, ids)
+    step_bytes = target.weight_bytes()
     head_bytes = model.lm_head.weight_bytes()
     layer_bytes = [sum(m.weight_bytes() for m in layer.modules() if isinstance(m, Linear)) for layer in model.layers]
     table = []
-    for layers in choices or candidates(model.cfg.num_layers):
+    for layers in choices or candidates(model.cfg.num_layers, whole=target is not model):
         alpha = float((_argmax(subset_model(model, layers), ids) == want).float().mean())
         cost = (sum(layer_bytes[i] for i in layers) + head_bytes) / step_bytes
         table.append(Candidate(tuple(layers), alpha, cost, *promised_speedup(alpha, cost, max_k)))
@@ -116,8 +121,9 @@ def calibrate(model: LlamaModel, tokens: Sequence[int], max_k: int,
 
 
 def cached_calibration(model: LlamaModel, key: str, encode: Callable[[str], Sequence[int]], max_k: int,
-                       cache: Path | None = None) -> Calibration:
-    """The stored calibration for `key` (the model's cache key), or a new one, stored (in `cache`, default CACHE)."""
+                       cache: Path | None = None, target: LlamaModel | None = None) -> Calibration:
+    """The stored calibration for `key` (the model's cache key, and the draft's format where it has its own), or a
+    new one (`calibrate`'s `target`), stored (in `cache`, default CACHE)."""
     cache = CACHE if cache is None else cache
     path = cache / (hashlib.sha256(f"{key}|k={max_k}".encode()).hexdigest()[:24] + ".json")
     if path.is_file():
@@ -128,7 +134,7 @@ def cached_calibration(model: LlamaModel, key: str, encode: Callable[[str], Sequ
         except (ValueError, KeyError, TypeError):
             logger.warning("unreadable self-speculation calibration %s: calibrating again", path)
     started = time.perf_counter()
-    result = calibrate(model, calibration_tokens(encode), max_k)
+    result = calibrate(model, calibration_tokens(encode), max_k, target=target)
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed: readers never see half
     partial.write_text(json.dumps({"key": key, "max_k": max_k, "layers": list(result.layers),
