@@ -294,7 +294,7 @@ class LLMEngine:
         draft = subset_model(source, layers)
         return DraftModelProposer.for_model(
             draft, self.device, enforce_eager=config.enforce_eager,
-            num_blocks=affordable_blocks(draft.cfg, self.dtype, self.kv_cache.num_blocks, config.block_size,
+            num_blocks=affordable_blocks(draft.cfg, draft.dtype, self.kv_cache.num_blocks, config.block_size,
                                          self._draft_kv_bytes()), block_size=config.block_size,
             max_step_tokens=config.max_num_batched_tokens, measure_cost=config.speculative_adaptive, vocab=vocab)
 
@@ -377,9 +377,9 @@ class LLMEngine:
         `speculative_weight_format` other than the target's, the same file loaded once more in that format (and
         that format's name, for the calibration's key)."""
         config = self.config
-        weight_format, dtype = self._draft_format()
-        if weight_format == config.weight_format and dtype == self.dtype:
+        if not self._self_draft_has_own_format():
             return self.model, None
+        weight_format, dtype = self._draft_format()
         started = time.perf_counter()
         source = load_model(gguf_file, dtype, self.device, weight_format, config.int4_group_size,
                             max_positions=self.max_positions, int8_activations=config.gguf_activations == "int8")
@@ -388,6 +388,10 @@ class LLMEngine:
         logger.info("self-speculation drafts from the model's weights as %s in %s (loaded in %.1fs)", weight_format,
                     str(dtype).removeprefix("torch."), time.perf_counter() - started)
         return source, self._weight_format_name(weight_format)
+
+    def _self_draft_has_own_format(self) -> bool:
+        """Whether self-speculation drafts from a copy of the model in another format or dtype (`_draft_format`)."""
+        return self.config.speculative == "self" and self._draft_format() != (self.config.weight_format, self.dtype)
 
     def _draft_format(self) -> tuple[str, torch.dtype]:
         """A draft model's weight format and dtype: the CPU kernels of the quantized formats take bf16 activations
@@ -408,7 +412,7 @@ class LLMEngine:
         if config.speculative == "draft" and config.speculative_model is not None:
             draft_file = GGUFFile(resolve_model_path(config.speculative_model))
             cfg = ModelConfig.from_gguf_metadata(draft_file.metadata, draft_file.tensor_names())
-        elif config.speculative == "self" and (weight_format, dtype) != (config.weight_format, self.dtype):
+        elif self._self_draft_has_own_format():
             draft_file, cfg = gguf_file, self.model_config
         else:
             return None
