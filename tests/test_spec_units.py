@@ -405,6 +405,30 @@ def test_no_probe_where_even_a_fully_accepted_one_would_leave_the_cost_model_dec
     assert spec._probe_wait == {"a": 2 * PROBE_EVERY, "b": 2 * PROBE_EVERY}
 
 
+def test_a_new_or_idle_request_starts_from_the_drafters_own_acceptance() -> None:
+    """At the prior of one half, drafts for two requests do not pay here; once request a's drafts have been accepted
+    step after step, a new request starts at the drafter's rate and drafts at once, and an idle one drifts back
+    to that rate rather than to one half."""
+    spec = Speculator(PerSeqRepeat(), max_draft_tokens=5, max_model_len=1000, max_step_tokens=64,
+                      cost=lambda rows: 0.1 + 0.001 * rows)
+    first, second = _two_decoding()
+    spec.propose([first, second])
+    assert spec.prior == 0.5 and not first.draft_token_ids and not second.draft_token_ids
+    for _ in range(20):  # request a: four drafts verified, all accepted
+        seq = ScheduledSeq("a", 0, 5, 10, (0,), 5, draft_token_ids=(3, 3, 3, 3))
+        spec.observe(StepPlan((seq,), (0,) * 5, (0,) * 5, (0,) * 5), StepResult([SeqSamples("a", [3] * 5, [None] * 5)]))
+    assert spec.prior > 0.95
+    newcomer = Request("c", [1, 2, 3], SamplingParams(max_tokens=100), status=RequestStatus.RUNNING,
+                       num_computed_tokens=2)
+    spec.propose([newcomer, second])  # both new to the speculator's rates (b's estimate began at one half)
+    assert newcomer.draft_token_ids and spec._of("c").rate > 0.95
+    spec._of("b").observe(4, 0)  # b's own drafts all rejected: its rate falls; idle steps bring it back up
+    low = spec._of("b").rate
+    for _ in range(40):
+        spec._of("b").forget(prior=spec.prior)
+    assert low < 0.5 and spec._of("b").rate > 0.9
+
+
 class CheapRepeat(CostlyRepeat):
     def draft_seconds(self, num_seqs: int, depth: int) -> float:
         return 0.001 * depth

@@ -24,17 +24,27 @@ ONLINE_WEIGHT = 0.1
 DRAFT_MARGIN = 0.05
 
 
+# The prior weighs as much as this many trials.
+PRIOR_TRIALS = 2.0
+
+
 @dataclass
 class Acceptance:
     """A request's per-token acceptance rate, a moving average over its recent verify steps.
 
     Each step adds its accepted drafts as successes and, when one was rejected, that one as a failure (a run of
-    accepts ended by a reject is a geometric draw); older steps weigh `decay` less per step.
+    accepts ended by a reject is a geometric draw); older steps weigh `decay` less per step. It starts at, and
+    without drafts drifts back to, a prior rate: 0.5 by default, the drafter's rate over all requests in the
+    speculator (`Speculator.prior`).
     """
 
     decay: float = 0.7
     accepted: float = 1.0  # the prior: one success in two trials
     trials: float = 2.0
+
+    @classmethod
+    def at(cls, prior: float, decay: float = 0.7) -> Acceptance:
+        return cls(decay, prior * PRIOR_TRIALS, PRIOR_TRIALS)
 
     @property
     def rate(self) -> float:
@@ -44,11 +54,11 @@ class Acceptance:
         self.accepted = self.decay * self.accepted + num_accepted
         self.trials = self.decay * self.trials + num_accepted + (num_accepted < num_drafts)
 
-    def forget(self, keep: float = 0.9) -> None:
+    def forget(self, keep: float = 0.9, prior: float = 0.5) -> None:
         """A step without drafts: drift back towards the prior. A request whose rate fell too low to draft would
         otherwise never draft again, and never learn that its output has started to copy its prompt."""
-        self.accepted = keep * self.accepted + (1 - keep) * 1.0
-        self.trials = keep * self.trials + (1 - keep) * 2.0
+        self.accepted = keep * self.accepted + (1 - keep) * prior * PRIOR_TRIALS
+        self.trials = keep * self.trials + (1 - keep) * PRIOR_TRIALS
 
 
 @dataclass

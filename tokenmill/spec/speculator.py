@@ -70,6 +70,11 @@ class Speculator:
         self.tree_width = tree_width
         self.stats = SpecDecodeStats(accepted_per_position=[0] * max_draft_tokens)
         self._acceptance: dict[str, Acceptance] = {}
+        # The drafter's acceptance over every request, slowly moving: the prior a new request starts at and an
+        # idle one drifts back to. A fixed prior of one half left a request whose rate had dipped idle (or a new
+        # one never started) under a drafter that is accepted most of the time, until a probe, 16 or more steps
+        # later, measured it again.
+        self._overall = Acceptance(decay=0.95)
         self._idle: dict[str, int] = {}  # steps since a request last drafted, for the probes of costly drafters
         self._probe_wait: dict[str, int] = {}  # idle steps before its next probe (PROBE_EVERY when absent)
 
@@ -98,7 +103,7 @@ class Speculator:
         if self.cost is not None:
             for request, guess in zip(decoding, guesses, strict=True):
                 if not (guess.token_ids if isinstance(guess, DraftTree) else guess):
-                    self._acceptance.setdefault(request.request_id, Acceptance()).forget()
+                    self._of(request.request_id).forget(prior=self.prior)
         for request, guess in zip(decoding, guesses, strict=True):
             if isinstance(guess, DraftTree):
                 request.draft_token_ids, request.draft_parents = list(guess.token_ids), list(guess.parents)
@@ -111,8 +116,19 @@ class Speculator:
             return self.proposer.propose_batch(self._asks(decoding, lengths))
         return self.proposer.propose_trees(self._asks(decoding, lengths), self.tree_width, MAX_TREE_ROWS - 1)
 
+    @property
+    def prior(self) -> float:
+        """The drafter's acceptance rate over all requests so far (one half before any verify step)."""
+        return self._overall.rate
+
+    def _of(self, request_id: str) -> Acceptance:
+        """The request's acceptance estimate, a new one starting at the prior."""
+        if request_id not in self._acceptance:
+            self._acceptance[request_id] = Acceptance.at(self.prior)
+        return self._acceptance[request_id]
+
     def _rates(self, decoding: Sequence[Request]) -> list[float]:
-        return [self._acceptance.setdefault(r.request_id, Acceptance()).rate for r in decoding]
+        return [self._of(r.request_id).rate for r in decoding]
 
     def _lengths(self, decoding: Sequence[Request], available: Sequence[int], base_rows: int) -> list[int]:
         """A free proposer's: how many of the guesses it has pay."""
@@ -216,4 +232,5 @@ class Speculator:
                 self.stats.accepted_per_position[i] += 1
             # A tree's acceptance is its chain's: the depth it was drafted to, and how deep it was accepted.
             depth = spine_length(seq.draft_parents) if seq.draft_parents else len(seq.draft_token_ids)
-            self._acceptance.setdefault(seq.request_id, Acceptance()).observe(depth, min(accepted, depth))
+            self._of(seq.request_id).observe(depth, min(accepted, depth))
+            self._overall.observe(depth, min(accepted, depth))
