@@ -427,6 +427,9 @@ def test_a_new_or_idle_request_starts_from_the_drafters_own_acceptance() -> None
     for _ in range(40):
         spec._of("b").forget(prior=spec.prior)
     assert low < 0.5 and spec._of("b").rate > 0.9
+    lookup = Speculator(NgramProposer(2, 4), max_draft_tokens=4, max_model_len=1000, max_step_tokens=64)
+    lookup._overall.observe(4, 4)
+    assert lookup.prior == 0.5  # a lookup's guesses come and go with each request's text: the fixed prior
 
 
 class CheapRepeat(CostlyRepeat):

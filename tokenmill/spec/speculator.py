@@ -70,10 +70,10 @@ class Speculator:
         self.tree_width = tree_width
         self.stats = SpecDecodeStats(accepted_per_position=[0] * max_draft_tokens)
         self._acceptance: dict[str, Acceptance] = {}
-        # The drafter's acceptance over every request, slowly moving: the prior a new request starts at and an
-        # idle one drifts back to. A fixed prior of one half left a request whose rate had dipped idle (or a new
-        # one never started) under a drafter that is accepted most of the time, until a probe, 16 or more steps
-        # later, measured it again.
+        # A model drafter's acceptance over every request, slowly moving: the prior a new request starts at and an
+        # idle one drifts back to (`prior`). A fixed prior of one half left a request whose rate had dipped idle
+        # (or a new one never started) under a drafter that is accepted most of the time, until a probe, 16 or more
+        # steps later, measured it again.
         self._overall = Acceptance(decay=0.95)
         self._idle: dict[str, int] = {}  # steps since a request last drafted, for the probes of costly drafters
         self._probe_wait: dict[str, int] = {}  # idle steps before its next probe (PROBE_EVERY when absent)
@@ -118,8 +118,10 @@ class Speculator:
 
     @property
     def prior(self) -> float:
-        """The drafter's acceptance rate over all requests so far (one half before any verify step)."""
-        return self._overall.rate
+        """A costly drafter's acceptance rate over all requests so far (one half before any verify step); one half
+        for a free one (a lookup), whose guesses come and go with each request's text (its acceptance over all
+        requests says little about the next one: measured no better, docs/benchmarks.md)."""
+        return 0.5 if self.proposer.free else self._overall.rate
 
     def _of(self, request_id: str) -> Acceptance:
         """The request's acceptance estimate, a new one starting at the prior."""
