@@ -34,8 +34,8 @@ class Acceptance:
 
     Each step adds its accepted drafts as successes and, when one was rejected, that one as a failure (a run of
     accepts ended by a reject is a geometric draw); older steps weigh `decay` less per step. It starts at, and
-    without drafts drifts back to, a prior rate: 0.5 by default, the drafter's rate over all requests in the
-    speculator (`Speculator.prior`).
+    without drafts drifts back to, a prior rate: 0.5 by default; under a model drafter, that drafter's rate over all
+    requests (`Speculator.prior`).
     """
 
     decay: float = 0.7
