@@ -55,6 +55,7 @@ from tokenmill.scheduler.plan import SeqSamples
 from tokenmill.scheduler.scheduler import Scheduler, SchedulerConfig
 from tokenmill.spec.adaptive import StepCostModel
 from tokenmill.spec.draft_model import DraftModelProposer, affordable_blocks
+from tokenmill.spec.draft_model import load_weights as load_draft_weights
 from tokenmill.spec.draft_vocab import draft_vocabulary
 from tokenmill.spec.lookahead import LookaheadProposer
 from tokenmill.spec.ngram import NgramProposer
@@ -381,10 +382,9 @@ class LLMEngine:
             return self.model, None
         weight_format, dtype = self._draft_format()
         started = time.perf_counter()
-        source = load_model(gguf_file, dtype, self.device, weight_format, config.int4_group_size,
-                            max_positions=self.max_positions, int8_activations=config.gguf_activations == "int8")
-        if config.prepack_weights:
-            source.prepack_weights(config.bf16_kernel)
+        source = load_draft_weights(gguf_file, dtype, self.device, weight_format, config.int4_group_size,
+                                    self.max_positions, config.gguf_activations == "int8",
+                                    config.bf16_kernel if config.prepack_weights else None)
         logger.info("self-speculation drafts from the model's weights as %s in %s (loaded in %.1fs)", weight_format,
                     str(dtype).removeprefix("torch."), time.perf_counter() - started)
         return source, self._weight_format_name(weight_format)

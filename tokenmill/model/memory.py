@@ -74,10 +74,10 @@ _TILE_BYTES = {"Q4_0": 20 / 32, "Q4_1": 20 / 32, "Q4_K": 24 / 32, "Q8_0": 34 / 3
                "Q6_K": 1 + 2 / 256 + 1 / 16}
 
 
-def _layer_bytes(gguf_file: GGUFFile, names: list[str], head: bool, weight_format: str, element: int,
+def _layer_bytes(gguf_file: GGUFFile, names: list[str], numel: int, head: bool, weight_format: str, element: int,
                  int4_group_size: int, int8_activations: bool) -> int:
-    """What one linear layer keeps in `weight_format` (the branches of loader._LayerBuilder.linear)."""
-    numel = sum(_numel(gguf_file, n) for n in names)
+    """What one linear layer of `numel` weights keeps in `weight_format` (the branches of
+    loader._LayerBuilder.linear)."""
     cols = gguf_file.raw_tensor(names[0])[2][-1]
     if weight_format == "float":
         return numel * element
@@ -101,8 +101,10 @@ def estimate(gguf_file: GGUFFile, cfg: ModelConfig, weight_format: str, dtype: t
     element = torch.empty((), dtype=dtype).element_size()
     weights, temporary = 0, 0
     for names, head in _layer_groups(cfg):
-        weights += _layer_bytes(gguf_file, names, head, weight_format, element, int4_group_size, int8_activations)
-        temporary = max(temporary, 4 * sum(_numel(gguf_file, n) for n in names))
+        numel = sum(_numel(gguf_file, n) for n in names)
+        weights += _layer_bytes(gguf_file, names, numel, head, weight_format, element, int4_group_size,
+                                int8_activations)
+        temporary = max(temporary, 4 * numel)
     embedding = _numel(gguf_file, "token_embd.weight") * element
     if not cfg.tie_word_embeddings:
         weights += embedding
@@ -125,17 +127,9 @@ def with_draft(target: MemoryEstimate, draft: MemoryEstimate | None) -> MemoryEs
 def available_bytes(proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Memory this process can still take: the smaller of `MemAvailable` and the room under its cgroup's limit;
     None where neither can be read (not Linux)."""
-    candidates = []
-    try:
-        for line in (proc / "meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                candidates.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    room = _cgroup_room(proc, cgroup)
-    if room is not None:
-        candidates.append(room)
-    return min(candidates) if candidates else None
+    candidates = [_kib_field(proc / "meminfo", "MemAvailable"), _cgroup_room(proc, cgroup)]
+    known = [c for c in candidates if c is not None]
+    return min(known) if known else None
 
 
 def _cgroup_room(proc: Path, root: Path) -> int | None:
@@ -212,8 +206,13 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def status_bytes(field: str, proc: Path = Path("/proc")) -> int | None:
     """A memory figure of this process from /proc/self/status (VmRSS, RssAnon, RssFile, ...), in bytes; None where
     it cannot be read."""
+    return _kib_field(proc / "self" / "status", field)
+
+
+def _kib_field(path: Path, field: str) -> int | None:
+    """A `Field:   N kB` line of a /proc file, in bytes; None where it cannot be read."""
     try:
-        for line in (proc / "self" / "status").read_text().splitlines():
+        for line in path.read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):

@@ -101,10 +101,8 @@ class DraftModelProposer(Proposer):
                              "its guesses could name tokens the target does not have")
         num_blocks = affordable_blocks(cfg, dtype, num_blocks, block_size, max_kv_bytes)
         positions = min(max_positions, cfg.max_position, num_blocks * block_size)
-        model = load_model(gguf_file, dtype, device, weight_format, int4_group_size, max_positions=positions,
-                           int8_activations=int8_activations)
-        if prepack is not None:
-            model.prepack_weights(prepack)
+        model = load_weights(gguf_file, dtype, device, weight_format, int4_group_size, positions, int8_activations,
+                             prepack)
         proposer = cls.for_model(model, device, enforce_eager=enforce_eager, num_blocks=num_blocks,
                                  block_size=block_size, max_step_tokens=max_step_tokens, measure_cost=measure_cost,
                                  vocab=vocab)
@@ -279,6 +277,17 @@ class DraftModelProposer(Proposer):
             others = [[t for t in row if t != s.token_ids[0]][: width - 1]
                       for row, s in zip(top, result.samples, strict=True)]
         return {s.request_id: (s.token_ids[0], o) for s, o in zip(result.samples, others, strict=True)}
+
+
+def load_weights(gguf_file: GGUFFile, dtype: torch.dtype, device: torch.device, weight_format: str,
+                 int4_group_size: int, max_positions: int, int8_activations: bool, prepack: str | None) -> LlamaModel:
+    """A draft's weights: the model in `gguf_file` in its own format and dtype (`prepack`: the bf16 kernel float
+    weights are packed for, or None)."""
+    model = load_model(gguf_file, dtype, device, weight_format, int4_group_size, max_positions=max_positions,
+                       int8_activations=int8_activations)
+    if prepack is not None:
+        model.prepack_weights(prepack)
+    return model
 
 
 def affordable_blocks(cfg: ModelConfig, dtype: torch.dtype, num_blocks: int, block_size: int,
