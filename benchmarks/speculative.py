@@ -124,11 +124,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-lookup-min", type=int, default=None, help="shortest n-gram matched (engine default)")
     p.add_argument("--prompt-lookup-max", type=int, default=None, help="longest n-gram matched (engine default)")
     p.add_argument("--no-adaptive", action="store_true", help="speculative_adaptive=False")
+    p.add_argument("--speculative-lookup", action="store_true",
+                   help="--speculative draft or self: speculative_lookup=True (each draft checks a prompt-lookup "
+                        "guess first; --prompt-lookup-min/max set its n-grams)")
+    p.add_argument("--no-copy-kv", action="store_true",
+                   help="--speculative self: speculative_copy_kv=False (the draft computes its own K/V of the prompt "
+                        "and accepted tokens instead of copying the target's)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature (0: greedy); sampled requests carry --seed, so both engines draw the "
                         "same uniforms and the outputs must still match token for token")
     p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: top-p")
     p.add_argument("--seed", type=int, default=0, help="with --temperature: every request's seed")
+    p.add_argument("--baseline-options", type=json.loads, default=None, metavar="JSON",
+                   help="engine options of the A side instead of speculation off (the tables' 'plain' column), "
+                        "e.g. the same drafter without the option under test, for an A/B of two speculative "
+                        "settings in one run")
     p.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
     p.add_argument("--llama-speculative", type=Path, default=None,
                    help="llama.cpp's llama-speculative binary: the peer for --speculative draft")
@@ -171,21 +181,27 @@ def mode_options(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
         options["speculative_tree_width"] = args.speculative_tree_width
     if args.speculative_draft_vocab is not None:
         options["speculative_draft_vocab"] = args.speculative_draft_vocab
+    if args.speculative_lookup:
+        options["speculative_lookup"] = True
+        options |= lookup_bounds(args)
     if args.speculative == "draft":
         options |= {"speculative_model": args.speculative_model,
                     "speculative_weight_format": args.speculative_weight_format}
         return options
     if args.speculative == "self":
         return options | {"speculative_layers": args.speculative_layers,
-                          "speculative_weight_format": args.speculative_weight_format}
+                          "speculative_weight_format": args.speculative_weight_format,
+                          "speculative_copy_kv": not args.no_copy_kv}
     if args.speculative == "lookahead":
         size = args.lookahead_ngram_size
         return options | ({"lookahead_ngram_size": size} if size is not None else {})
-    # Unset bounds stay the engine's defaults, which the JSON records from the loaded engine's config.
-    for name in ("prompt_lookup_min", "prompt_lookup_max"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
-    return options
+    return options | lookup_bounds(args)
+
+
+def lookup_bounds(args: argparse.Namespace) -> dict[str, int]:
+    """The n-gram bounds given; unset ones stay the engine's defaults, which the JSON records from its config."""
+    return {name: getattr(args, name) for name in ("prompt_lookup_min", "prompt_lookup_max")
+            if getattr(args, name) is not None}
 
 
 def activations(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
@@ -710,8 +726,9 @@ def main(argv: list[str] | None = None) -> None:
               "num_threads": args.threads, "batch_invariant": args.batch_invariant,
               "block_size": block_size, "num_kv_blocks": kv_blocks_needed(workload, args, block_size),
               "max_num_seqs": max(args.batch_sizes), "max_num_batched_tokens": args.max_num_batched_tokens}
+    baseline = args.baseline_options or {}
     engines = {mode: LLM(model=str(path), **common, **activations(args, mode == "speculative"),
-                         **mode_options(args, mode == "speculative"))
+                         **(mode_options(args, mode == "speculative") | (baseline if mode == "plain" else {})))
                for mode in ("plain", "speculative")}
     for llm in engines.values():
         warm_up(llm)
@@ -830,6 +847,8 @@ def print_notes(args: argparse.Namespace, machine: dict[str, Any], results: dict
           "decode phase only, after each first token); acceptance = accepted / drafted tokens; mean acc. len = "
           "1 + accepted / verify steps with a draft; identical = speculative outputs equal to plain ones token for "
           "token (prompt × repeat)")
+    if args.baseline_options:
+        print(f"baseline: the 'plain' columns are an engine with {args.baseline_options} instead of speculation off")
     if isinstance(peer, LlamaSpeculativePeer):
         print(f"llama.cpp: plain = llama-cpp-python {machine['versions'].get('llama_cpp_python')} in process; "
               f"speculative = its vendored llama-speculative with the same draft GGUF and --spec-draft-n-max "

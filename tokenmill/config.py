@@ -85,6 +85,14 @@ class EngineConfig:
     # from the model's own file loaded once more in that format (every layer then a calibration candidate too).
     speculative_weight_format: str | None = None
     speculative_layers: tuple[int, ...] | None = None
+    # With "self": the draft copies the target's K/V of the tokens the target has computed (the prompt, accepted
+    # tokens) instead of running them through its own layers (spec/target_kv.py), where the target's cache is in the
+    # draft's layout (full precision, no streaming window or H2O, one rank). False: the draft computes its own.
+    speculative_copy_kv: bool = True
+    # With "draft" or "self" (chains): each draft first feeds a prompt-lookup guess (prompt_lookup_min/max) along
+    # with its first draft step and keeps the part the draft's own argmax agrees with, drafting the rest a step at a
+    # time: the draft's own guesses, in fewer draft steps where the text repeats itself (spec/draft_model.py).
+    speculative_lookup: bool = False
     num_speculative_tokens: int = 5  # the most draft tokens a request gets per step
     # > 1: a draft model ("draft", "self") drafts token trees (spec/tree.py): besides its argmax chain, its next
     # speculative_tree_width - 1 likeliest tokens at each depth, all verified in one step (at most 15 tokens).
@@ -206,6 +214,10 @@ class EngineConfig:
                              f"or 'self'), not of speculative={self.speculative!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.speculative_lookup and (self.speculative not in ("draft", "self") or self.speculative_tree_width > 1
+                                        or self.speculative_draft_vocab is not None):
+            raise ValueError("speculative_lookup is checked by a draft model's chain drafts (speculative='draft' or "
+                             "'self', without speculative_tree_width or speculative_draft_vocab)")
         if self.speculative_draft_vocab is not None and (
                 self.speculative not in ("draft", "self") or self.speculative_draft_vocab < 1):
             raise ValueError("speculative_draft_vocab is a positive number of tokens for a draft model "

@@ -63,6 +63,7 @@ from tokenmill.spec.proposer import Proposer
 from tokenmill.spec.self_draft import CACHE as SELF_DRAFT_CACHE
 from tokenmill.spec.self_draft import cached_calibration, subset_model
 from tokenmill.spec.speculator import SpecDecodeStats, Speculator
+from tokenmill.spec.target_kv import TargetKV, lendable
 from tokenmill.structured.grammar import GrammarCompiler
 from tokenmill.structured.masks import StructuredOutputManager, StructuredOutputStats
 from tokenmill.tokenizer import Tokenizer
@@ -243,7 +244,7 @@ class LLMEngine:
                 num_blocks=self.kv_cache.num_blocks, block_size=config.block_size,
                 max_step_tokens=config.max_num_batched_tokens, max_positions=self.max_positions,
                 measure_cost=config.speculative_adaptive, max_kv_bytes=self._draft_kv_bytes(),
-                vocab=vocab)
+                vocab=vocab, lookup=self._draft_lookup())
         elif config.speculative == "self":
             self_draft = self._self_draft(vocab, gguf_file)
             if self_draft is None:
@@ -265,8 +266,10 @@ class LLMEngine:
             table = ", ".join(f"{n} rows {t * 1e3:.1f} ms" for n, t in zip(cost.rows, cost.seconds, strict=True))
             logger.info("step-time model for adaptive draft lengths measured in %.1fs: %s",
                         time.perf_counter() - started, table)
+        lent = isinstance(proposer, DraftModelProposer) and proposer.target_kv is not None
         return Speculator(proposer, config.num_speculative_tokens, self.max_model_len, config.max_num_batched_tokens,
-                          cost, config.speculative_tree_width)
+                          cost, config.speculative_tree_width,
+                          self.scheduler.kv_cache.block_table if lent else None)
 
     def _self_draft(self, vocab: torch.Tensor | None, gguf_file: GGUFFile) -> DraftModelProposer | None:
         """The self-speculative proposer, or None when its calibration found that no subset of the layers pays and
@@ -297,7 +300,22 @@ class LLMEngine:
             draft, self.device, enforce_eager=config.enforce_eager,
             num_blocks=affordable_blocks(draft.cfg, draft.dtype, self.kv_cache.num_blocks, config.block_size,
                                          self._draft_kv_bytes()), block_size=config.block_size,
-            max_step_tokens=config.max_num_batched_tokens, measure_cost=config.speculative_adaptive, vocab=vocab)
+            max_step_tokens=config.max_num_batched_tokens, measure_cost=config.speculative_adaptive, vocab=vocab,
+            target_kv=self._lent_kv(layers), lookup=self._draft_lookup())
+
+    def _draft_lookup(self) -> NgramProposer | None:
+        """The prompt lookup a draft model checks first (`speculative_lookup`), or None."""
+        config = self.config
+        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max) if config.speculative_lookup else None
+
+    def _lent_kv(self, layers: Sequence[int]) -> TargetKV | None:
+        """The target's cache for a self-draft of `layers` to copy computed entries from, where it can."""
+        kv = self.scheduler.kv_cache
+        cache = lendable(self.kv_cache, kv.window is not None or kv.h2o is not None, self.tensor_parallel is not None)
+        if not self.config.speculative_copy_kv or cache is None:
+            return None
+        logger.info("self-speculation copies the target's K/V of computed tokens into the draft's cache")
+        return TargetKV(cache, tuple(layers))
 
     @property
     def structured(self) -> StructuredOutputManager:

@@ -11,7 +11,8 @@ Per request the proposer remembers which tokens its cache holds (entry i = token
 prefix of those that is still the request's (accepted drafts stay, rejected ones go: that is the rollback), computes
 the rest (the whole prompt on the first call, the tokens emitted since on later ones) with chunks bounded by the
 token budget, and then feeds back its own guesses one step at a time. Guesses are the draft's argmax: deterministic
-given the tokens, so the verifier's one-hot rejection rule keeps sampling lossless.
+given the tokens, so the verifier's one-hot rejection rule keeps sampling lossless. A self-draft lent the target's
+cache (spec/target_kv.py) copies the entries of the tokens the target has computed instead of computing them.
 """
 
 from __future__ import annotations
@@ -36,12 +37,16 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler.plan import SamplingInputs, ScheduledSeq, StepPlan
 from tokenmill.spec.adaptive import StepCostModel
 from tokenmill.spec.draft_vocab import SubsetHead
+from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.proposer import DraftRequest, Proposer
+from tokenmill.spec.target_kv import TargetKV, positions_to_slots
 from tokenmill.spec.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 
 _ARGMAX = SamplingInputs(SamplingParams(temperature=0.0))
+# How far each call moves `steps_per_depth`: the lookups' share of a draft comes and goes with the text.
+STEPS_WEIGHT = 0.1
 
 
 @dataclass
@@ -61,17 +66,25 @@ class _Work:
     wanted: int
     guesses: list[int] = field(default_factory=list)
     runners_up: list[list[int]] = field(default_factory=list)  # per guess, the draft's next likeliest tokens
+    lookup: list[int] = field(default_factory=list)  # a prompt-lookup guess riding on `pending`, checked with it
 
 
 class DraftModelProposer(Proposer):
     """`runner`: the draft model's own runner over its own cache of `num_blocks` blocks; `max_step_tokens`: rows per
     draft step (the engine's token budget); `cost`: seconds of one draft step by its number of sequences, for
-    adaptive draft lengths."""
+    adaptive draft lengths; `target_kv`: the target's cache to copy computed entries from (a self-draft), or None."""
 
     free = False
 
     def __init__(self, runner: ModelRunner, num_blocks: int, block_size: int, max_step_tokens: int,
-                 max_positions: int, cost: StepCostModel | None = None) -> None:
+                 max_positions: int, cost: StepCostModel | None = None, target_kv: TargetKV | None = None,
+                 lookup: NgramProposer | None = None) -> None:
+        if target_kv is not None and not isinstance(runner.kv_cache, KVCache):
+            raise ValueError("a draft copies the target's entries into a full-precision cache only")
+        self.target_kv = target_kv
+        self.lookup = lookup
+        # Draft steps per depth drafted, a moving average: one without lookups; less where they are agreed with.
+        self.steps_per_depth = 1.0
         self.runner = runner
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
@@ -86,11 +99,12 @@ class DraftModelProposer(Proposer):
              weight_format: str, int4_group_size: int, prepack: str | None, enforce_eager: bool, num_blocks: int,
              block_size: int, max_step_tokens: int, max_positions: int, measure_cost: bool,
              max_kv_bytes: int | None = None, int8_activations: bool = False,
-             vocab: torch.Tensor | None = None) -> DraftModelProposer:
+             vocab: torch.Tensor | None = None, lookup: NgramProposer | None = None) -> DraftModelProposer:
         """The draft model at `path` for the `target` model's file: same vocabulary (checked token by token), the
         target's dtype and weight format (`int8_activations`: the GGUF layers' int8 mode; `prepack`: the bf16 kernel
         float weights are packed for, or None), `num_blocks` KV blocks of its own (fewer if they would take more than
-        `max_kv_bytes`); `vocab`: the only token ids it may guess (draft_vocab.py), or None for all."""
+        `max_kv_bytes`); `vocab`: the only token ids it may guess (draft_vocab.py), or None for all; `lookup`: the
+        prompt lookup whose guesses each draft checks first (`for_model`), or None."""
         started = time.perf_counter()
         gguf_file = GGUFFile(path)
         check_same_vocabulary(gguf_file, target)
@@ -105,17 +119,20 @@ class DraftModelProposer(Proposer):
                              prepack)
         proposer = cls.for_model(model, device, enforce_eager=enforce_eager, num_blocks=num_blocks,
                                  block_size=block_size, max_step_tokens=max_step_tokens, measure_cost=measure_cost,
-                                 vocab=vocab)
+                                 vocab=vocab, lookup=lookup)
         logger.info("draft model %s loaded in %.1fs", Path(path).name, time.perf_counter() - started)
         return proposer
 
     @classmethod
     def for_model(cls, model: LlamaModel, device: torch.device, *, enforce_eager: bool, num_blocks: int,
                   block_size: int, max_step_tokens: int, measure_cost: bool,
-                  vocab: torch.Tensor | None = None) -> DraftModelProposer:
+                  vocab: torch.Tensor | None = None, target_kv: TargetKV | None = None,
+                  lookup: NgramProposer | None = None) -> DraftModelProposer:
         """A proposer drafting with `model` (loaded, or the target's own layers: spec/self_draft.py) over a KV
         cache of `num_blocks` blocks of its own; `vocab`: the only token ids it may guess (draft_vocab.py), or None
-        for all."""
+        for all; `target_kv`: the target's cache its catch-ups copy from (a self-draft's), or None; `lookup`: a
+        prompt lookup whose guess each chain draft feeds along with its first step, keeping the part the draft's
+        own argmax agrees with (the same guesses in fewer draft steps), or None."""
         kv_cache = KVCache(model.cfg, num_blocks, block_size, model.dtype, device)
         backend, greedy = plain_backend(model, kv_cache, device, enforce_eager)
         head = model.lm_head if vocab is None else SubsetHead(model.lm_head, vocab)
@@ -130,13 +147,15 @@ class DraftModelProposer(Proposer):
                     "the whole vocabulary" if vocab is None else f"{len(vocab)} of {head.out_features} tokens",
                     "" if cost is None else ", one step " + ", ".join(
                         f"{n} seqs {t * 1e3:.1f} ms" for n, t in zip(cost.rows, cost.seconds, strict=True)))
-        return cls(runner, num_blocks, block_size, max_step_tokens, model.rope_cos.shape[0], cost)
+        return cls(runner, num_blocks, block_size, max_step_tokens, model.rope_cos.shape[0], cost, target_kv, lookup)
 
     def propose(self, request_id: str, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int],
                 max_tokens: int) -> list[int]:
         return self.propose_batch([DraftRequest(request_id, prompt_token_ids, output_token_ids, max_tokens)])[0]
 
     def drop(self, request_id: str) -> None:
+        if self.lookup is not None:
+            self.lookup.drop(request_id)
         if isinstance(self.runner.lm_head, SubsetHead):
             self.runner.lm_head.forget(request_id)
         seq = self._seqs.pop(request_id, None)
@@ -147,13 +166,15 @@ class DraftModelProposer(Proposer):
     def draft_seconds(self, num_seqs: int, depth: int) -> float:
         if self.cost is None or not num_seqs or not depth:
             return 0.0
-        return depth * self.cost(num_seqs)
+        return depth * self.steps_per_depth * self.cost(num_seqs)
 
     def catch_up_seconds(self, request_id: str, num_tokens: int) -> float:
         """The tokens the cache lacks beyond the one a draft step feeds, priced as that many more rows in a step
         (the step-time model by sequences of one row each, extended linearly past its largest count): a prefill
         row costs about what a sequence's row does. Guesses the target rejected still count as held, so this can
-        be low by a draft's length."""
+        be low by a draft's length. Nothing with the target's cache lent: the entries are copied from it."""
+        if self.target_kv is not None:
+            return 0.0
         seq = self._seqs.get(request_id)
         extra = num_tokens - (len(seq.tokens) if seq is not None else 0) - 1
         if self.cost is None or extra <= 0:
@@ -186,12 +207,22 @@ class DraftModelProposer(Proposer):
             if item is not None:
                 work[i] = item
         items = list(work.values())
+        if self.lookup is not None and width == 1 and not isinstance(self.runner.lm_head, SubsetHead):
+            for i, w in work.items():
+                request = requests[i]
+                # One fewer than wanted: if the draft agrees with all of it, its own next token completes the draft.
+                w.lookup = self.lookup.propose(request.request_id, request.prompt_token_ids, request.output_token_ids,
+                                               w.wanted - 1)
+                w.pending += w.lookup
         self._catch_up(items, width)
-        for depth in range(1, max((w.wanted for w in items), default=0)):
-            deeper = [w for w in items if w.wanted > depth]
+        rounds = 1
+        while deeper := [w for w in items if len(w.guesses) < w.wanted]:
             for w in deeper:
                 w.pending = [w.guesses[-1]]
             self._catch_up(deeper, width)
+            rounds += 1
+        if self.lookup is not None and items:
+            self.steps_per_depth += STEPS_WEIGHT * (rounds / max(w.wanted for w in items) - self.steps_per_depth)
         return [work.get(i) for i in range(len(requests))]
 
     def _prepare(self, request: DraftRequest, asked: set[str]) -> _Work | None:
@@ -212,7 +243,20 @@ class DraftModelProposer(Proposer):
         del seq.tokens[min(kept, len(tokens) - 1):]  # the last token is always fed: its logits give guess 1
         if not self._reserve(seq, len(tokens) + wanted - 1, asked):
             return None
+        self._copy_from_target(seq, request, tokens)
         return _Work(seq, tokens, tokens[len(seq.tokens):], wanted)
+
+    def _copy_from_target(self, seq: _DraftSeq, request: DraftRequest, tokens: list[int]) -> None:
+        """Entries the draft lacks and the target holds, copied from the target's cache (blocks reserved)."""
+        end = min(request.target_entries, len(tokens) - 1)
+        start = len(seq.tokens)
+        if self.target_kv is None or not request.target_blocks or end <= start:
+            return
+        bs = self.block_size
+        assert isinstance(self.runner.kv_cache, KVCache)  # the constructor checks it
+        self.target_kv.copy_to(self.runner.kv_cache, positions_to_slots(request.target_blocks, bs, start, end),
+                               positions_to_slots(seq.blocks, bs, start, end))
+        seq.tokens += tokens[start:end]
 
     def _reserve(self, seq: _DraftSeq, entries: int, asked: set[str]) -> bool:
         need = -(-entries // self.block_size) - len(seq.blocks)
@@ -236,25 +280,35 @@ class DraftModelProposer(Proposer):
             for w in items:
                 if w.pending and budget:
                     take = min(len(w.pending), budget)
+                    if take < len(w.pending) and w.lookup:  # its rows ride with the sampled row or not at all
+                        del w.pending[len(w.pending) - len(w.lookup):]
+                        w.lookup = []
+                        take = min(len(w.pending), budget)
                     step.append((w, w.pending[:take], take == len(w.pending)))
                     w.pending = w.pending[take:]
                     budget -= take
             guesses = self._run(step, width)
             for w, _, last in step:
                 if last:
-                    token, others = guesses[w.seq.request_id]
-                    w.guesses.append(token)
-                    w.runners_up.append(others)
+                    tokens, others = guesses[w.seq.request_id]
+                    w.guesses += tokens
+                    w.runners_up += [others] + [[] for _ in tokens[1:]]
+                    w.lookup = []
 
-    def _run(self, step: list[tuple[_Work, list[int], bool]], width: int) -> dict[str, tuple[int, list[int]]]:
+    def _run(self, step: list[tuple[_Work, list[int], bool]],
+             width: int) -> dict[str, tuple[list[int], list[int]]]:
+        """One draft step; per sampled item its guesses (one, or a checked lookup's agreed part and the next) and,
+        for `width` > 1, the runners-up of the first."""
         seqs, token_ids, positions, slots = [], [], [], []
         bs = self.block_size
         step = sorted(step, key=lambda item: len(item[1]) != 1)  # a plan lists its one-token sequences first
         for w, new, sample in step:
             seq = w.seq
             start, end = len(seq.tokens), len(seq.tokens) + len(new)
-            seqs.append(ScheduledSeq(seq.request_id, len(token_ids), len(new), end, tuple(seq.blocks), int(sample),
-                                     _ARGMAX if sample else None))
+            # A lookup rides as drafts: the runner's greedy verifier keeps the part the draft's argmax agrees with.
+            checked = tuple(w.lookup) if sample else ()
+            seqs.append(ScheduledSeq(seq.request_id, len(token_ids), len(new), end, tuple(seq.blocks),
+                                     int(sample) + len(checked), _ARGMAX if sample else None, checked))
             token_ids += new
             positions += range(start, end)
             slots += [seq.blocks[p // bs] * bs + p % bs for p in range(start, end)]
@@ -269,14 +323,16 @@ class DraftModelProposer(Proposer):
         if self.cost is not None and len(token_ids) == len(seqs):
             self.cost.observe(len(seqs), time.perf_counter() - started)
         self._released = []
-        for w, new, _ in step:  # only now does the cache hold their entries
-            w.seq.tokens += new
+        tokens = {s.request_id: list(s.token_ids) for s in result.samples}
+        for w, new, sample in step:  # only now does the cache hold their entries; a lookup's rejected part goes
+            rejected = len(w.lookup) - (len(tokens[w.seq.request_id]) - 1) if sample else 0
+            w.seq.tokens += new[: len(new) - rejected]
         others: list[list[int]] = [[] for _ in result.samples]
         if result.logits is not None:  # the next likeliest tokens besides each argmax guess
             top = result.logits.topk(width, dim=-1).indices.tolist()
             others = [[t for t in row if t != s.token_ids[0]][: width - 1]
                       for row, s in zip(top, result.samples, strict=True)]
-        return {s.request_id: (s.token_ids[0], o) for s, o in zip(result.samples, others, strict=True)}
+        return {s.request_id: (tokens[s.request_id], o) for s, o in zip(result.samples, others, strict=True)}
 
 
 def load_weights(gguf_file: GGUFFile, dtype: torch.dtype, device: torch.device, weight_format: str,

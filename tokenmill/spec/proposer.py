@@ -11,12 +11,17 @@ from tokenmill.spec.tree import DraftTree
 
 @dataclass(frozen=True)
 class DraftRequest:
-    """One request's ask in a batched `propose_batch`: at most `max_tokens` guesses after prompt + output."""
+    """One request's ask in a batched `propose_batch`: at most `max_tokens` guesses after prompt + output.
+    `target_blocks`: the request's block table in the target's KV cache, whose first `target_entries` positions hold
+    the target's K/V of the request's first tokens, for a drafter that may copy them (spec/target_kv.py); empty
+    when the engine lends no cache."""
 
     request_id: str
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     max_tokens: int
+    target_blocks: tuple[int, ...] = ()
+    target_entries: int = 0
 
 
 class Proposer(ABC):

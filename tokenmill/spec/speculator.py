@@ -56,10 +56,13 @@ CATCH_UP_HORIZON = 32
 class Speculator:
     """`cost(rows)`: the step-time model for adaptive lengths, or None for a fixed `max_draft_tokens` whenever the
     proposer has that many. `tree_width` > 1: token trees of that many tokens per depth (spec/tree.py) where the
-    proposer has candidates; lengths are then chosen for the tree's chain, its leaves riding along."""
+    proposer has candidates; lengths are then chosen for the tree's chain, its leaves riding along.
+    `target_tables`: a request's block table in the target's KV cache, handed to the proposer with each ask
+    (`DraftRequest.target_blocks`) when the engine lends a drafter that cache (spec/target_kv.py); None: not lent."""
 
     def __init__(self, proposer: Proposer, max_draft_tokens: int, max_model_len: int, max_step_tokens: int,
-                 cost: Callable[[int], float] | None = None, tree_width: int = 1) -> None:
+                 cost: Callable[[int], float] | None = None, tree_width: int = 1,
+                 target_tables: Callable[[str], list[int]] | None = None) -> None:
         if max_draft_tokens < 1:
             raise ValueError(f"max_draft_tokens must be >= 1, got {max_draft_tokens}")
         self.proposer = proposer
@@ -68,6 +71,7 @@ class Speculator:
         self.max_step_tokens = max_step_tokens
         self.cost = cost
         self.tree_width = tree_width
+        self.target_tables = target_tables
         self.stats = SpecDecodeStats(accepted_per_position=[0] * max_draft_tokens)
         self._acceptance: dict[str, Acceptance] = {}
         # A model drafter's acceptance over every request, slowly moving: the prior a new request starts at and an
@@ -199,9 +203,11 @@ class Speculator:
         return max(0, min(self.max_draft_tokens, params.max_tokens - request.num_output_tokens - 1,
                           self.max_model_len - request.num_tokens - 1))
 
-    @staticmethod
-    def _asks(decoding: Sequence[Request], lengths: Sequence[int]) -> list[DraftRequest]:
-        return [DraftRequest(r.request_id, r.prompt_token_ids, r.output_token_ids, k)
+    def _asks(self, decoding: Sequence[Request], lengths: Sequence[int]) -> list[DraftRequest]:
+        tables = self.target_tables
+        return [DraftRequest(r.request_id, r.prompt_token_ids, r.output_token_ids, k,
+                             () if tables is None else tuple(tables(r.request_id)),
+                             0 if tables is None else r.num_computed_tokens)
                 for r, k in zip(decoding, lengths, strict=True)]
 
     def release(self, request_id: str) -> None:
