@@ -124,9 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-lookup-min", type=int, default=None, help="shortest n-gram matched (engine default)")
     p.add_argument("--prompt-lookup-max", type=int, default=None, help="longest n-gram matched (engine default)")
     p.add_argument("--no-adaptive", action="store_true", help="speculative_adaptive=False")
-    p.add_argument("--speculative-lookup", action="store_true",
-                   help="--speculative draft or self: speculative_lookup=True (each draft checks a prompt-lookup "
-                        "guess first; --prompt-lookup-min/max set its n-grams)")
+    p.add_argument("--no-speculative-lookup", action="store_true",
+                   help="--speculative draft or self: speculative_lookup=False (drafts do not check a prompt-lookup "
+                        "guess first; when they do, --prompt-lookup-min/max set its n-grams)")
     p.add_argument("--no-copy-kv", action="store_true",
                    help="--speculative self: speculative_copy_kv=False (the draft computes its own K/V of the prompt "
                         "and accepted tokens instead of copying the target's)")
@@ -181,9 +181,8 @@ def mode_options(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
         options["speculative_tree_width"] = args.speculative_tree_width
     if args.speculative_draft_vocab is not None:
         options["speculative_draft_vocab"] = args.speculative_draft_vocab
-    if args.speculative_lookup:
-        options["speculative_lookup"] = True
-        options |= lookup_bounds(args)
+    if args.speculative in ("draft", "self"):
+        options |= lookup_bounds(args) | ({"speculative_lookup": False} if args.no_speculative_lookup else {})
     if args.speculative == "draft":
         options |= {"speculative_model": args.speculative_model,
                     "speculative_weight_format": args.speculative_weight_format}

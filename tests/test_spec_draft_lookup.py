@@ -105,8 +105,7 @@ def test_greedy_output_is_identical_with_lookups_checked(pair, options) -> None:
     prompts = lookup_prompts(VOCAB)
     reference = [r.token_ids for r in tiny_llm(pair[0]).generate(prompts, GREEDY, use_tqdm=False)]
     draft = {"speculative_model": str(pair[1])} if options["speculative"] == "draft" else {}
-    llm = tiny_llm(pair[0], **(options | draft), speculative_lookup=True, num_speculative_tokens=4,
-                   speculative_adaptive=False)
+    llm = tiny_llm(pair[0], **(options | draft), num_speculative_tokens=4, speculative_adaptive=False)
     proposer = llm.engine.speculator.proposer
     assert proposer.lookup is not None
     rows = counted(proposer)
@@ -118,9 +117,16 @@ def test_greedy_output_is_identical_with_lookups_checked(pair, options) -> None:
     assert not proposer.lookup._indexes  # its per-request index went with each request
 
 
+def test_lookup_checks_can_be_turned_off(pair) -> None:
+    llm = tiny_llm(pair[0], speculative="draft", speculative_model=str(pair[1]), speculative_lookup=False)
+    assert llm.engine.speculator.proposer.lookup is None
+
+
 def test_lookup_checks_need_a_drafting_model_and_chains() -> None:
     for options in ({"speculative": "ngram"}, {"speculative": "self", "speculative_tree_width": 2},
                     {"speculative": "self", "speculative_draft_vocab": 100}):
         with pytest.raises(ValueError, match="speculative_lookup"):
             EngineConfig(speculative_lookup=True, **options)
-    assert not EngineConfig().speculative_lookup
+    # by default wherever it applies
+    assert EngineConfig(speculative="self").drafts_check_lookups and EngineConfig().speculative_lookup is None
+    assert not EngineConfig(speculative="self", speculative_tree_width=2).drafts_check_lookups

@@ -220,9 +220,10 @@ def test_metrics_and_cli_expose_speculation(tiny_model) -> None:
                                               "--prompt-lookup-min", "1", "--no-speculative-adaptive"]))
     assert (config.speculative, config.num_speculative_tokens, config.prompt_lookup_min,
             config.speculative_adaptive) == ("ngram", 3, 1, False)
-    config = engine_config(parser.parse_args(["--speculative", "self", "--speculative-lookup",
+    config = engine_config(parser.parse_args(["--speculative", "self", "--no-speculative-lookup",
                                               "--no-speculative-copy-kv"]))
-    assert (config.speculative_lookup, config.speculative_copy_kv) == (True, False)
+    assert (config.speculative_lookup, config.speculative_copy_kv) == (False, False)
+    assert engine_config(parser.parse_args(["--speculative", "self"])).speculative_lookup is None
     llm = make_llm(tiny_model, spec=True)
     llm.generate(prompts()[:2], GREEDY, use_tqdm=False)
 

@@ -89,8 +89,9 @@ def reference(model) -> list[list[int]]:
 
 
 def self_llm(model: Path, **options: object):  # noqa: ANN201 - an LLM
-    return tiny_llm(model, **({"speculative": "self", "num_speculative_tokens": 4, "speculative_adaptive": False}
-                              | options))
+    """Without lookups checked by the draft, whose rows would ride along in draft steps."""
+    return tiny_llm(model, **({"speculative": "self", "num_speculative_tokens": 4, "speculative_adaptive": False,
+                               "speculative_lookup": False} | options))
 
 
 def draft_rows(llm, monkeypatch) -> list[tuple[int, int]]:  # noqa: ANN001 - an LLM and pytest's fixture

@@ -92,7 +92,8 @@ class EngineConfig:
     # With "draft" or "self" (chains): each draft first feeds a prompt-lookup guess (prompt_lookup_min/max) along
     # with its first draft step and keeps the part the draft's own argmax agrees with, drafting the rest a step at a
     # time: the draft's own guesses, in fewer draft steps where the text repeats itself (spec/draft_model.py).
-    speculative_lookup: bool = False
+    # None: wherever it applies (not with token trees or a reduced draft vocabulary); True: required there; False: off.
+    speculative_lookup: bool | None = None
     num_speculative_tokens: int = 5  # the most draft tokens a request gets per step
     # > 1: a draft model ("draft", "self") drafts token trees (spec/tree.py): besides its argmax chain, its next
     # speculative_tree_width - 1 likeliest tokens at each depth, all verified in one step (at most 15 tokens).
@@ -214,8 +215,7 @@ class EngineConfig:
                              f"or 'self'), not of speculative={self.speculative!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
-        if self.speculative_lookup and (self.speculative not in ("draft", "self") or self.speculative_tree_width > 1
-                                        or self.speculative_draft_vocab is not None):
+        if self.speculative_lookup and not self.drafts_check_lookups:
             raise ValueError("speculative_lookup is checked by a draft model's chain drafts (speculative='draft' or "
                              "'self', without speculative_tree_width or speculative_draft_vocab)")
         if self.speculative_draft_vocab is not None and (
@@ -249,6 +249,13 @@ class EngineConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    @property
+    def drafts_check_lookups(self) -> bool:
+        """Whether this speculation can have its draft model check prompt-lookup guesses (`speculative_lookup`):
+        chains of a draft model ("draft", "self") over its whole vocabulary (one sample row per request otherwise)."""
+        return (self.speculative in ("draft", "self") and self.speculative_tree_width == 1
+                and self.speculative_draft_vocab is None)
 
     def _check_tree(self) -> None:
         if self.speculative_tree_width < 1:

@@ -306,7 +306,8 @@ class LLMEngine:
     def _draft_lookup(self) -> NgramProposer | None:
         """The prompt lookup a draft model checks first (`speculative_lookup`), or None."""
         config = self.config
-        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max) if config.speculative_lookup else None
+        on = config.drafts_check_lookups and config.speculative_lookup is not False
+        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max) if on else None
 
     def _lent_kv(self, layers: Sequence[int]) -> TargetKV | None:
         """The target's cache for a self-draft of `layers` to copy computed entries from, where it can."""

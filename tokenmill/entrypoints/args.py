@@ -93,9 +93,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-speculative-copy-kv", action="store_true",
                    help="with --speculative self: the draft computes its own K/V of the prompt and accepted tokens "
                         "instead of copying the target's")
-    g.add_argument("--speculative-lookup", action="store_true",
-                   help="with --speculative draft or self: each draft first checks a prompt-lookup guess in its "
-                        "first draft step and keeps what the draft agrees with (fewer draft steps)")
+    g.add_argument("--no-speculative-lookup", action="store_true",
+                   help="with --speculative draft or self: drafts without first checking a prompt-lookup guess in "
+                        "their first draft step (by default the draft keeps the part of it that it agrees with, in "
+                        "fewer draft steps)")
     g.add_argument("--num-speculative-tokens", type=int, default=5, help="most draft tokens per request and step")
     g.add_argument("--speculative-tree-width", type=int, default=1,
                    help="with --speculative draft or self: verify token trees, the draft's N likeliest tokens at "
@@ -144,7 +145,8 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         kv_huge_pages=not args.no_kv_huge_pages, speculative=args.speculative,
         speculative_model=args.speculative_model, speculative_weight_format=args.speculative_weight_format,
         speculative_layers=args.speculative_layers, speculative_draft_vocab=args.speculative_draft_vocab,
-        speculative_copy_kv=not args.no_speculative_copy_kv, speculative_lookup=args.speculative_lookup,
+        speculative_copy_kv=not args.no_speculative_copy_kv,
+        speculative_lookup=False if args.no_speculative_lookup else None,
         num_speculative_tokens=args.num_speculative_tokens, speculative_tree_width=args.speculative_tree_width,
         prompt_lookup_min=args.prompt_lookup_min,
         prompt_lookup_max=args.prompt_lookup_max, lookahead_ngram_size=args.lookahead_ngram_size,
