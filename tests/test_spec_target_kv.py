@@ -112,7 +112,8 @@ def draft_rows(llm, monkeypatch) -> list[tuple[int, int]]:  # noqa: ANN001 - an 
     {"speculative_layers": (0,)},
     {"speculative_layers": (0, 1), "speculative_weight_format": "q4", "gguf_activations": "int8"},
     {"speculative_layers": (0, 1), "max_num_batched_tokens": 24, "num_kv_blocks": 14},  # chunked, preempted
-], ids=["whole", "early-exit", "q4-copy", "chunked-preempted"])
+    {"speculative_layers": (0,), "speculative_tree_width": 2},  # accepted tree rows moved in the target, then copied
+], ids=["whole", "early-exit", "q4-copy", "chunked-preempted", "tree"])
 def test_draft_steps_feed_one_row_each_and_output_is_identical(model, reference, options, monkeypatch) -> None:
     llm = self_llm(model, **options)
     assert llm.engine.speculator.proposer.target_kv is not None
