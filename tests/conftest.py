@@ -183,6 +183,15 @@ def write_head64_gguf(path: Path, vocab: int = 300) -> Path:
                            metadata={"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0})
 
 
+def write_draft_pair(folder: Path, vocab: int = 300) -> tuple[Path, Path]:
+    """A 2-layer target and a 1-layer draft of the same vocabulary, head size 64 (the fused step's); the same random
+    stream makes the draft's embedding the target's."""
+    shape: dict[str, Any] = {"hidden": 256, "heads": 4, "kv_heads": 2, "ff": 256, "vocab": vocab, "context": 1024,
+                             "metadata": {"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0}}
+    return (write_tiny_gguf(folder / "target.gguf", layers=2, **shape),
+            write_tiny_gguf(folder / "draft.gguf", layers=1, **shape))
+
+
 def tiny_llm(path: Path, **options: Any) -> Any:
     """An `LLM` over a tiny model file with the small-engine defaults of the engine-level tests (fp32 on the CPU,
     256 KV blocks of 16 tokens); `options` add or override any EngineConfig field."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llm, two_token_distribution, write_tiny_gguf
+from conftest import tiny_llm, two_token_distribution, write_draft_pair, write_tiny_gguf
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.attention.fused_cpu import FusedCPUBackend
@@ -35,11 +35,7 @@ META = {"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0}
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path]:
-    """Head size 64 (the fused step's); the same random stream makes the draft's embedding the target's."""
-    folder = tmp_path_factory.mktemp("draft")
-    shape = {"hidden": 256, "heads": 4, "kv_heads": 2, "ff": 256, "vocab": VOCAB, "context": 1024, "metadata": META}
-    return (write_tiny_gguf(folder / "target.gguf", layers=2, **shape),
-            write_tiny_gguf(folder / "draft.gguf", layers=1, **shape))
+    return write_draft_pair(tmp_path_factory.mktemp("draft"), VOCAB)
 
 
 def make_llm(model: Path, draft: Path | None, **options: object) -> LLM:

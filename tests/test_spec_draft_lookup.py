@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lookup_prompts, tiny_llm, write_tiny_gguf
+from conftest import lookup_prompts, tiny_llm, write_draft_pair
 
 from tokenmill import SamplingParams
 from tokenmill.config import EngineConfig
@@ -18,16 +18,12 @@ from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.proposer import DraftRequest
 
 VOCAB = 300
-META = {"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0}
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("draft_lookup")
-    shape = {"hidden": 256, "heads": 4, "kv_heads": 2, "ff": 256, "vocab": VOCAB, "context": 1024, "metadata": META}
-    return (write_tiny_gguf(folder / "target.gguf", layers=2, **shape),
-            write_tiny_gguf(folder / "draft.gguf", layers=1, **shape))
+    return write_draft_pair(tmp_path_factory.mktemp("draft_lookup"), VOCAB)
 
 
 class FixedLookup(NgramProposer):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llm, write_tiny_gguf
+from conftest import tiny_llm, write_draft_pair
 
 from tokenmill import SamplingParams
 from tokenmill.config import EngineConfig
@@ -74,9 +74,7 @@ def test_only_a_full_precision_cache_by_position_is_lent() -> None:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    return write_tiny_gguf(tmp_path_factory.mktemp("target_kv") / "target.gguf", layers=2, hidden=256, heads=4,
-                           kv_heads=2, ff=256, vocab=VOCAB, context=1024,
-                           metadata={"tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 0})
+    return write_draft_pair(tmp_path_factory.mktemp("target_kv"), VOCAB)[0]
 
 
 def prompts() -> list[list[int]]:

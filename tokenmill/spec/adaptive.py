@@ -10,6 +10,7 @@ at large batches (compute-bound steps) means k = 0.
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import itertools
 from collections.abc import Callable, Sequence
@@ -138,8 +139,12 @@ def choose_draft_lengths(rates: Sequence[float], available: Sequence[int], base_
     it beats drafting nothing by `DRAFT_MARGIN`. `start_costs[i]`: seconds this step is charged if request i drafts
     at all (the share of its drafter's catch-up that the speculator assigns to it), 0 for all when None.
     """
+    # Each row count and draft shape is priced many times over the candidate lengths: once each is enough (the
+    # models are interpolations in Python, and this runs before every step).
+    cost = functools.cache(cost)
     if draft_cost is None:
         return _hand_out(rates, available, base_rows, [0.0] * len(rates), lambda rows, drafting: cost(rows))
+    draft_cost = functools.cache(draft_cost)
     starts = list(start_costs) if start_costs is not None else [0.0] * len(rates)
     plain_rate = len(rates) / cost(base_rows)
     best, best_rate = [0] * len(rates), plain_rate
