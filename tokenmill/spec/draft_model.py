@@ -311,7 +311,7 @@ class DraftModelProposer(Proposer):
                                      int(sample) + len(checked), _ARGMAX if sample else None, checked))
             token_ids += new
             positions += range(start, end)
-            slots += [seq.blocks[p // bs] * bs + p % bs for p in range(start, end)]
+            slots += positions_to_slots(seq.blocks, bs, start, end)
         plan = StepPlan(tuple(seqs), tuple(token_ids), tuple(positions), tuple(slots),
                         finished_request_ids=tuple(self._released), return_logits=width > 1)
         if isinstance(self.runner.lm_head, SubsetHead):  # each sampled row may also guess its own request's tokens

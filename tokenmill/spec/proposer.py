@@ -20,7 +20,7 @@ class DraftRequest:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     max_tokens: int
-    target_blocks: tuple[int, ...] = ()
+    target_blocks: Sequence[int] = ()
     target_entries: int = 0
 
 

@@ -204,9 +204,9 @@ class Speculator:
                           self.max_model_len - request.num_tokens - 1))
 
     def _asks(self, decoding: Sequence[Request], lengths: Sequence[int]) -> list[DraftRequest]:
-        tables = self.target_tables
+        tables = self.target_tables  # a copy of the request's table each (KVCacheManager.block_table)
         return [DraftRequest(r.request_id, r.prompt_token_ids, r.output_token_ids, k,
-                             () if tables is None else tuple(tables(r.request_id)),
+                             () if tables is None else tables(r.request_id),
                              0 if tables is None else r.num_computed_tokens)
                 for r, k in zip(decoding, lengths, strict=True)]
 
