@@ -41,7 +41,7 @@ from tokenmill.tokenizer import Tokenizer
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPEC_FIELDS = ("speculative", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
                "speculative_adaptive")
-SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_held_steps")
 QUICK_PRESET = {"num_prompts": 2, "max_tokens": 32, "batch_sizes": [1, 4], "repeats": 1}
 # A truncated prompt keeps its first tokens as well as its last: Spec-Bench's summarization prompts start with the
 # instruction ("Summarize: ..."), its RAG prompts and most ShareGPT questions end with it.
@@ -124,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-lookup-min", type=int, default=None, help="shortest n-gram matched (engine default)")
     p.add_argument("--prompt-lookup-max", type=int, default=None, help="longest n-gram matched (engine default)")
     p.add_argument("--no-adaptive", action="store_true", help="speculative_adaptive=False")
+    p.add_argument("--no-guard", action="store_true",
+                   help="speculative_guard=False (adaptive lengths without the measured check per batch size)")
     p.add_argument("--no-speculative-lookup", action="store_true",
                    help="--speculative draft or self: speculative_lookup=False (drafts do not check a prompt-lookup "
                         "guess first; when they do, --prompt-lookup-min/max set its n-grams)")
@@ -177,6 +179,8 @@ def mode_options(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
         return {"speculative": None}
     options: dict[str, Any] = {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens,
                                "speculative_adaptive": not args.no_adaptive}
+    if args.no_guard:
+        options["speculative_guard"] = False
     if args.speculative_tree_width > 1:
         options["speculative_tree_width"] = args.speculative_tree_width
     if args.speculative_draft_vocab is not None:
@@ -318,7 +322,7 @@ def counters(llm: LLM) -> dict[str, Any]:
     stats = llm.engine.stats()
     spec = getattr(stats, "spec_decode", None)
     if spec is not None:
-        spec = {k: int(getattr(spec, k)) for k in SPEC_COUNTERS} | {
+        spec = {k: int(getattr(spec, k, 0)) for k in SPEC_COUNTERS} | {
             "accepted_per_position": list(getattr(spec, "accepted_per_position", None) or [])}
     return {"steps": stats.steps, "preemptions": stats.num_preemptions, "spec": spec,
             "speculator_s": _speculator_clock.get(id(llm), 0.0)}
@@ -655,7 +659,7 @@ def print_tables(results: dict[int, dict[str, Any]], peer: bool) -> None:
     for batch, by_category in results.items():
         mode = "single stream (one request at a time)" if batch == 1 else f"batch of {batch} (one generate call)"
         head = ["category", "plain tok/s", "spec tok/s", "speedup", "acceptance", "mean acc. len", "identical",
-                "speculator share"]
+                "speculator share", "steps held by the guard"]
         if batch == 1:
             head += ["decode speedup"]
             if peer:
@@ -670,7 +674,8 @@ def print_tables(results: dict[int, dict[str, Any]], peer: bool) -> None:
                      fmt(med(r["summary"]["speculative"]["output_tok_per_s"])), ratio_cell(r["speedup"]),
                      "no drafts" if acc.get("num_drafts") == 0 else fmt(None if rate is None else 100 * rate, 0, "%"),
                      fmt(acc.get("mean_accepted_length"), 2),
-                     f"{ident['identical']}/{ident['compared']}", fmt(r["speculator_share"], 2, "%")]
+                     f"{ident['identical']}/{ident['compared']}", fmt(r["speculator_share"], 2, "%"),
+                     str(acc.get("num_held_steps", "–"))]
             if batch == 1:
                 cells.append(ratio_cell(r["decode_speedup"]))
                 if peer:

@@ -193,9 +193,12 @@ def test_abort_during_verification_frees_everything(tiny_model) -> None:
 
 def test_adaptive_lengths_run_and_stay_identical(tiny_model, reference) -> None:
     llm = make_llm(tiny_model, spec=True, speculative_adaptive=True)
-    assert llm.engine.speculator.cost is not None
+    assert llm.engine.speculator.cost is not None and llm.engine.speculator.guard is not None
     assert token_ids(llm) == reference
     assert_no_leak(llm)
+    unguarded = make_llm(tiny_model, spec=True, speculative_adaptive=True, speculative_guard=False)
+    assert unguarded.engine.speculator.guard is None
+    assert token_ids(unguarded) == reference
 
 
 def test_sampling_with_drafts_keeps_the_target_distribution(tiny_model, plain) -> None:
@@ -224,6 +227,8 @@ def test_metrics_and_cli_expose_speculation(tiny_model) -> None:
                                               "--no-speculative-copy-kv"]))
     assert (config.speculative_lookup, config.speculative_copy_kv) == (False, False)
     assert engine_config(parser.parse_args(["--speculative", "self"])).speculative_lookup is None
+    assert engine_config(parser.parse_args(["--speculative", "self"])).speculative_guard
+    assert not engine_config(parser.parse_args(["--speculative", "self", "--no-speculative-guard"])).speculative_guard
     llm = make_llm(tiny_model, spec=True)
     llm.generate(prompts()[:2], GREEDY, use_tqdm=False)
 
@@ -237,4 +242,5 @@ def test_metrics_and_cli_expose_speculation(tiny_model) -> None:
     assert metrics["tokenmill:spec_decode_num_accepted_tokens"].samples[0].value == spec.num_accepted_tokens
     per_position = metrics["tokenmill:spec_decode_num_accepted_tokens_per_pos"].samples
     assert [s.value for s in per_position] == spec.accepted_per_position
+    assert metrics["tokenmill:spec_decode_num_held_steps"].samples[0].value == spec.num_held_steps
     assert spec.mean_accepted_length == 1 + spec.num_accepted_tokens / spec.num_drafts

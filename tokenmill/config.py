@@ -107,6 +107,10 @@ class EngineConfig:
     # True: draft lengths per request and step from its acceptance rate and a step-time model measured at start-up
     # (0 where speculation would not pay); False: every request gets all the guesses it has, up to the maximum.
     speculative_adaptive: bool = True
+    # With speculative_adaptive: drafts only at batch sizes where steps with them are measured to give more tokens
+    # per second than steps without (spec/guard.py: both kinds of step timed end to end, the losing one retried now
+    # and then); False: the adaptive lengths' models alone decide.
+    speculative_guard: bool = True
     # Who goes first (tokenmill/scheduler): fcfs; priority (lower value first, may preempt lower priorities); fair
     # (VTC: the least-served client's requests first, charged fair_input_weight per prompt token and
     # fair_output_weight per output token); sjf (shortest predicted remaining work first; with sjf_wait_bound = b > 0

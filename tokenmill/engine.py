@@ -57,6 +57,7 @@ from tokenmill.spec.adaptive import StepCostModel
 from tokenmill.spec.draft_model import DraftModelProposer, affordable_blocks
 from tokenmill.spec.draft_model import load_weights as load_draft_weights
 from tokenmill.spec.draft_vocab import draft_vocabulary
+from tokenmill.spec.guard import SpeculationGuard
 from tokenmill.spec.lookahead import LookaheadProposer
 from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.proposer import Proposer
@@ -269,7 +270,8 @@ class LLMEngine:
         lent = isinstance(proposer, DraftModelProposer) and proposer.target_kv is not None
         return Speculator(proposer, config.num_speculative_tokens, self.max_model_len, config.max_num_batched_tokens,
                           cost, config.speculative_tree_width,
-                          self.scheduler.kv_cache.block_table if lent else None)
+                          self.scheduler.kv_cache.block_table if lent else None,
+                          SpeculationGuard() if cost is not None and config.speculative_guard else None)
 
     def _self_draft(self, vocab: torch.Tensor | None, gguf_file: GGUFFile) -> DraftModelProposer | None:
         """The self-speculative proposer, or None when its calibration found that no subset of the layers pays and
@@ -590,6 +592,8 @@ class LLMEngine:
                 failed = self._finish(samples.request_id, RequestStatus.FINISHED_ERROR)
                 if failed is not None:
                     outputs.append(failed)
+        if self.speculator is not None:
+            self.speculator.step_done()
         return outputs
 
     def _apply(self, samples: SeqSamples) -> RequestOutput:

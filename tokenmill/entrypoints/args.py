@@ -108,6 +108,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-speculative-adaptive", action="store_true",
                    help="always use every draft token found, instead of lengths chosen per step from acceptance "
                         "and a step-time model measured at start-up")
+    g.add_argument("--no-speculative-guard", action="store_true",
+                   help="with adaptive lengths: draft wherever their models say it pays, without checking steps with "
+                        "and without drafts against the clock at each batch size")
     g = parser.add_argument_group("KV memory")
     g.add_argument("--sliding-window", type=int, default=None,
                    help="keep each request's last N tokens' KV (and its sinks'), evicting the rest: requests run past "
@@ -150,7 +153,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         num_speculative_tokens=args.num_speculative_tokens, speculative_tree_width=args.speculative_tree_width,
         prompt_lookup_min=args.prompt_lookup_min,
         prompt_lookup_max=args.prompt_lookup_max, lookahead_ngram_size=args.lookahead_ngram_size,
-        speculative_adaptive=not args.no_speculative_adaptive,
+        speculative_adaptive=not args.no_speculative_adaptive, speculative_guard=not args.no_speculative_guard,
         scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, sjf_wait_bound=args.sjf_wait_bound,
         fair_input_weight=args.fair_input_weight,
         fair_output_weight=args.fair_output_weight, structured_outputs_timeout_s=args.structured_outputs_timeout,

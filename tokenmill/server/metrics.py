@@ -53,6 +53,8 @@ class _EngineStatsCollector(Collector):
                 ("spec_decode_num_drafts", "Verify steps of a request that carried draft tokens.", spec.num_drafts),
                 ("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", spec.num_draft_tokens),
                 ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens),
+                ("spec_decode_num_held_steps", "Decode steps run without drafts because steps with them were "
+                 "measured slower at that batch size.", spec.num_held_steps),
             ]
         structured = stats.structured
         if structured is not None:

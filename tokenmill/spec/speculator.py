@@ -5,12 +5,14 @@ which schedules them as 1 + k tokens and rolls back the rejected ones."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from tokenmill.request import Request, RequestStatus
 from tokenmill.scheduler.plan import StepPlan, StepResult
 from tokenmill.spec.adaptive import Acceptance, StepCostModel, choose_draft_lengths
+from tokenmill.spec.guard import SpeculationGuard
 from tokenmill.spec.proposer import DraftRequest, Proposer
 from tokenmill.spec.tree import MAX_TREE_ROWS, DraftTree, spine_length
 
@@ -25,6 +27,7 @@ class SpecDecodeStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: drafts whose token i was accepted
+    num_held_steps: int = 0  # decode steps the guard ran without drafts (spec/guard.py)
 
     @property
     def acceptance_rate(self) -> float:
@@ -58,11 +61,14 @@ class Speculator:
     proposer has that many. `tree_width` > 1: token trees of that many tokens per depth (spec/tree.py) where the
     proposer has candidates; lengths are then chosen for the tree's chain, its leaves riding along.
     `target_tables`: a request's block table in the target's KV cache, handed to the proposer with each ask
-    (`DraftRequest.target_blocks`) when the engine lends a drafter that cache (spec/target_kv.py); None: not lent."""
+    (`DraftRequest.target_blocks`) when the engine lends a drafter that cache (spec/target_kv.py); None: not lent.
+    `guard`: drafts only at batch sizes where steps with them are measured to give more tokens per second than
+    steps without (spec/guard.py), timed by `clock` from `propose` to `step_done`; None: no such check."""
 
     def __init__(self, proposer: Proposer, max_draft_tokens: int, max_model_len: int, max_step_tokens: int,
                  cost: Callable[[int], float] | None = None, tree_width: int = 1,
-                 target_tables: Callable[[str], list[int]] | None = None) -> None:
+                 target_tables: Callable[[str], list[int]] | None = None, guard: SpeculationGuard | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if max_draft_tokens < 1:
             raise ValueError(f"max_draft_tokens must be >= 1, got {max_draft_tokens}")
         self.proposer = proposer
@@ -72,6 +78,10 @@ class Speculator:
         self.cost = cost
         self.tree_width = tree_width
         self.target_tables = target_tables
+        self.guard = guard
+        self._clock = clock
+        self._guarded: tuple[int, bool, float] | None = None  # this step's (decoding, drafts allowed, start time)
+        self._timed: tuple[int, bool, bool, int, float] | None = None  # what `step_done` hands the guard
         self.stats = SpecDecodeStats(accepted_per_position=[0] * max_draft_tokens)
         self._acceptance: dict[str, Acceptance] = {}
         # A model drafter's acceptance over every request, slowly moving: the prior a new request starts at and an
@@ -86,6 +96,15 @@ class Speculator:
         """Set the drafts of every running request that is one token behind (decoding); others get none."""
         decoding = [r for r in running if r.status is RequestStatus.RUNNING
                     and r.num_computed_tokens == r.num_tokens - 1]
+        self._guarded = self._timed = None
+        if self.guard is not None and decoding:
+            allowed = self.guard.allow(len(decoding))
+            self._guarded = (len(decoding), allowed, self._clock())
+            if not allowed:  # what the requests' acceptance and probes know stays as it is
+                self.stats.num_held_steps += 1
+                for request in decoding:
+                    request.draft_token_ids, request.draft_parents = [], []
+                return
         # Rows the step has without drafts: prefill chunks too, as far as the token budget lets them in.
         base_rows = min(sum(max(1, r.num_tokens - r.num_computed_tokens) for r in running), self.max_step_tokens)
         limits = [self._limit(r) for r in decoding]
@@ -210,6 +229,27 @@ class Speculator:
                              0 if tables is None else r.num_computed_tokens)
                 for r, k in zip(decoding, lengths, strict=True)]
 
+    def _record_guarded(self, plan: StepPlan, result: StepResult) -> None:
+        """Keep the step for the guard when its rows were the decodes (and drafts) of the requests it was asked
+        about, nothing else (a prefill chunk or a request the plan left out would make it another step); it is
+        timed when the engine is done with it (`step_done`)."""
+        if self.guard is None or self._guarded is None:
+            return
+        num_decoding, allowed, started = self._guarded
+        self._guarded = None
+        if len(plan.seqs) == num_decoding and all(seq.num_samples == seq.num_tokens for seq in plan.seqs):
+            drafted = any(seq.draft_token_ids for seq in plan.seqs)
+            tokens = sum(len(sample.token_ids) for sample in result.samples)
+            self._timed = (num_decoding, allowed, drafted, tokens, started)
+
+    def step_done(self) -> None:
+        """The engine has handed out the step's tokens: the guard gets the step's time from its drafting to here
+        (the output handling counts, since a step with drafts hands out more tokens)."""
+        if self.guard is not None and self._timed is not None:
+            num_decoding, allowed, drafted, tokens, started = self._timed
+            self.guard.record(num_decoding, allowed, drafted, tokens, self._clock() - started)
+        self._timed = None
+
     def release(self, request_id: str) -> None:
         """The request is finished: its proposer state (a draft model's KV blocks) goes now, not a step later."""
         self.proposer.drop(request_id)
@@ -222,6 +262,7 @@ class Speculator:
         step-time model when every row of the step was a decode or a draft (prefill chunks cost otherwise)."""
         for request_id in plan.finished_request_ids:
             self.release(request_id)
+        self._record_guarded(plan, result)
         if (seconds is not None and isinstance(self.cost, StepCostModel) and plan.seqs
                 and all(seq.num_samples == seq.num_tokens for seq in plan.seqs)):
             self.cost.observe(plan.num_tokens, seconds)
