@@ -21,7 +21,7 @@ def drive(guard: SpeculationGuard, steps: int, open_rate: float, closed_rate: fl
     for _ in range(steps):
         allowed = guard.allow(batch)
         rate = open_rate if allowed else closed_rate
-        guard.record(batch, allowed, True, batch, batch / rate)
+        guard.record(batch, allowed, allowed, batch, batch / rate)
         trace += "o" if allowed else "c"
     return trace
 
@@ -59,7 +59,7 @@ def test_a_noisy_arm_is_measured_until_its_rate_is_known() -> None:
     for i in range(20):
         allowed = guard.allow(1)
         tokens = (1 if i % 2 else 5) if allowed else 1
-        guard.record(1, allowed, True, tokens, 0.01)
+        guard.record(1, allowed, allowed, tokens, 0.01)
         trace += "o" if allowed else "c"
     assert trace == "o" * 12 + "cc" + "o" * 6
     assert guard.state()[1] == (True, pytest.approx(300), pytest.approx(100))
