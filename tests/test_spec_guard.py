@@ -162,9 +162,10 @@ def step(spec: Speculator, clock: Clock, requests: list[Request], seconds_plain:
     drafts = sum(len(s.draft_token_ids) for s in seqs)
     clock.now += seconds_plain + seconds_per_draft * drafts
     n = sum(s.num_tokens for s in seqs)
-    spec.observe(StepPlan(seqs, (0,) * n, (0,) * n, (0,) * n),
-                 StepResult([SeqSamples(s.request_id, [7], [None]) for s in seqs]))
-    spec.step_done()
+    plan = StepPlan(seqs, (0,) * n, (0,) * n, (0,) * n)
+    result = StepResult([SeqSamples(s.request_id, [7], [None]) for s in seqs])
+    spec.observe(plan, result)
+    spec.step_done(plan, result)
     return tuple(len(s.draft_token_ids) for s in seqs)
 
 
@@ -197,7 +198,8 @@ def test_without_a_guard_or_with_a_prefill_in_the_step_nothing_is_recorded() -> 
     spec.propose([decoding])
     prefill = ScheduledSeq("p", 0, 8, 8, (0,), 1)  # a prompt's last chunk: 8 rows, one sample
     clock.now += 1.0
-    spec.observe(StepPlan((prefill,), (0,) * 8, (0,) * 8, (0,) * 8), StepResult([SeqSamples("p", [5], [None])]))
-    spec.step_done()
+    plan, result = StepPlan((prefill,), (0,) * 8, (0,) * 8, (0,) * 8), StepResult([SeqSamples("p", [5], [None])])
+    spec.observe(plan, result)
+    spec.step_done(plan, result)
     assert guard.state()[1][1:] == (0.0, 0.0)
     assert Speculator(Repeat(), 3, 1000, 64, cost=lambda rows: 0.1).guard is None

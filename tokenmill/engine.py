@@ -593,7 +593,7 @@ class LLMEngine:
                 if failed is not None:
                     outputs.append(failed)
         if self.speculator is not None:
-            self.speculator.step_done()
+            self.speculator.step_done(plan, result)
         return outputs
 
     def _apply(self, samples: SeqSamples) -> RequestOutput:

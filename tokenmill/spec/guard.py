@@ -169,5 +169,5 @@ class SpeculationGuard:
         return b.open.rate >= b.closed.rate * (1 - self.tolerance)
 
     def state(self) -> dict[int, tuple[bool, float, float]]:
-        """Per batch key: (drafts allowed, open rate, closed rate), for logs and tests."""
+        """Per batch key: (drafts allowed, open rate, closed rate), for inspection and tests."""
         return {k: (b.prefer_open, b.open.rate, b.closed.rate) for k, b in sorted(self._batches.items())}

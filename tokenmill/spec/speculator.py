@@ -81,7 +81,6 @@ class Speculator:
         self.guard = guard
         self._clock = clock
         self._guarded: tuple[int, bool, float] | None = None  # this step's (decoding, drafts allowed, start time)
-        self._timed: tuple[int, bool, bool, int, float] | None = None  # what `step_done` hands the guard
         self.stats = SpecDecodeStats(accepted_per_position=[0] * max_draft_tokens)
         self._acceptance: dict[str, Acceptance] = {}
         # A model drafter's acceptance over every request, slowly moving: the prior a new request starts at and an
@@ -96,7 +95,7 @@ class Speculator:
         """Set the drafts of every running request that is one token behind (decoding); others get none."""
         decoding = [r for r in running if r.status is RequestStatus.RUNNING
                     and r.num_computed_tokens == r.num_tokens - 1]
-        self._guarded = self._timed = None
+        self._guarded = None
         if self.guard is not None and decoding:
             allowed = self.guard.allow(len(decoding))
             self._guarded = (len(decoding), allowed, self._clock())
@@ -229,26 +228,19 @@ class Speculator:
                              0 if tables is None else r.num_computed_tokens)
                 for r, k in zip(decoding, lengths, strict=True)]
 
-    def _record_guarded(self, plan: StepPlan, result: StepResult) -> None:
-        """Keep the step for the guard when its rows were the decodes (and drafts) of the requests it was asked
-        about, nothing else (a prefill chunk or a request the plan left out would make it another step); it is
-        timed when the engine is done with it (`step_done`)."""
+    def step_done(self, plan: StepPlan, result: StepResult) -> None:
+        """The engine has handed out the step's tokens: the guard gets the step's time from its drafting to here
+        (the output handling counts, since a step with drafts hands out more tokens), when its rows were the decodes
+        (and drafts) of the requests it was asked about, nothing else (a prefill chunk or a request the plan left
+        out would make it another step)."""
         if self.guard is None or self._guarded is None:
             return
         num_decoding, allowed, started = self._guarded
         self._guarded = None
-        if len(plan.seqs) == num_decoding and all(seq.num_samples == seq.num_tokens for seq in plan.seqs):
+        if len(plan.seqs) == num_decoding and _decodes_only(plan):
             drafted = any(seq.draft_token_ids for seq in plan.seqs)
             tokens = sum(len(sample.token_ids) for sample in result.samples)
-            self._timed = (num_decoding, allowed, drafted, tokens, started)
-
-    def step_done(self) -> None:
-        """The engine has handed out the step's tokens: the guard gets the step's time from its drafting to here
-        (the output handling counts, since a step with drafts hands out more tokens)."""
-        if self.guard is not None and self._timed is not None:
-            num_decoding, allowed, drafted, tokens, started = self._timed
             self.guard.record(num_decoding, allowed, drafted, tokens, self._clock() - started)
-        self._timed = None
 
     def release(self, request_id: str) -> None:
         """The request is finished: its proposer state (a draft model's KV blocks) goes now, not a step later."""
@@ -262,9 +254,7 @@ class Speculator:
         step-time model when every row of the step was a decode or a draft (prefill chunks cost otherwise)."""
         for request_id in plan.finished_request_ids:
             self.release(request_id)
-        self._record_guarded(plan, result)
-        if (seconds is not None and isinstance(self.cost, StepCostModel) and plan.seqs
-                and all(seq.num_samples == seq.num_tokens for seq in plan.seqs)):
+        if seconds is not None and isinstance(self.cost, StepCostModel) and plan.seqs and _decodes_only(plan):
             self.cost.observe(plan.num_tokens, seconds)
         samples = {s.request_id: s for s in result.samples}
         for seq in plan.seqs:
@@ -283,3 +273,8 @@ class Speculator:
             depth = spine_length(seq.draft_parents) if seq.draft_parents else len(seq.draft_token_ids)
             self._of(seq.request_id).observe(depth, min(accepted, depth))
             self._overall.observe(depth, min(accepted, depth))
+
+
+def _decodes_only(plan: StepPlan) -> bool:
+    """Every row of the step is a decode or a draft: each sequence's rows all yield a token (no prefill chunk)."""
+    return all(seq.num_samples == seq.num_tokens for seq in plan.seqs)
