@@ -169,6 +169,22 @@ def test_draft_lengths_follow_acceptance_and_step_cost() -> None:
     assert choose_draft_lengths([0.9], [0], 1, flat) == [0]  # nothing to draft from
 
 
+
+def test_a_prefill_chunk_in_the_step_does_not_make_drafts_look_cheap() -> None:
+    cost = lambda rows: 0.010 + 0.0002 * rows  # noqa: E731 - 10 ms a step and 0.2 ms a row
+    dear = lambda seqs, depth: 0.010 * depth  # noqa: E731
+    # Two decodes alone emit 2 tokens per 10.4 ms; one draft each at acceptance 0.9 gives 3.8 per 20.8 ms: no depth
+    # pays. Beside a 2,048-row prefill chunk the step takes 420 ms whatever is drafted, and the drafts' 9.4 tokens
+    # per 52 ms more would beat the step's own rate: still no drafts, since the chunk's time is spent either way.
+    assert choose_draft_lengths([0.9, 0.9], [5, 5], 2, cost, dear) == [0, 0]
+    assert choose_draft_lengths([0.9, 0.9], [5, 5], 2050, cost, dear) == [0, 0]
+    cheap = lambda seqs, depth: 0.002 * depth  # noqa: E731 - here drafts pay with the chunk or without
+    assert choose_draft_lengths([0.9, 0.9], [5, 5], 2, cost, cheap) == [5, 5]
+    assert choose_draft_lengths([0.9, 0.9], [5, 5], 2050, cost, cheap) == [5, 5]
+    # A free drafter's token at acceptance 0.02 adds 0.02 tokens per 0.2 ms row, below the decodes' own rate.
+    assert choose_draft_lengths([0.02, 0.5], [3, 3], 2050, cost) == choose_draft_lengths([0.02, 0.5], [3, 3], 2, cost)
+    assert choose_draft_lengths([0.02, 0.5], [3, 3], 2, cost) == [0, 3]
+
 # ---- verifier ---------------------------------------------------------------------------------------------------
 
 

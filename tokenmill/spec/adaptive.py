@@ -132,6 +132,11 @@ def choose_draft_lengths(rates: Sequence[float], available: Sequence[int], base_
     prefill). Request i's j-th draft token adds rates[i]**j expected tokens, so handing them out in order of that
     gain is optimal for any step cost that grows with rows; it stops at the first that does not pay.
 
+    Prefill rows in the step are paid for whatever is drafted, so their time is left out of every rate compared:
+    drafts must pay at the rate of a step of the decodes alone, which is what the time they add would give in a
+    later decode step. Counted in, a long prefill chunk would make any draft look cheap against the few tokens the
+    step emits, and drafts would be bought at a worse rate than plain decoding gives.
+
     `draft_cost(num_seqs, depth)`: what guessing costs when a model drafts (`Proposer.draft_seconds`): its steps
     run one depth at a time for every drafting request at once, so the deepest draft sets the number of steps. Such
     a cost jumps with each new depth, which a one-token-at-a-time choice would never pay for; so each depth is
@@ -141,7 +146,7 @@ def choose_draft_lengths(rates: Sequence[float], available: Sequence[int], base_
     """
     # Each row count and draft shape is priced many times over the candidate lengths: once each is enough (the
     # models are interpolations in Python, and this runs before every step).
-    cost = functools.cache(cost)
+    cost = functools.cache(_without_prefill(cost, base_rows, len(rates)))
     if draft_cost is None:
         return _hand_out(rates, available, base_rows, [0.0] * len(rates), lambda rows, drafting: cost(rows))
     draft_cost = functools.cache(draft_cost)
@@ -161,6 +166,14 @@ def choose_draft_lengths(rates: Sequence[float], available: Sequence[int], base_
         if rate > best_rate:
             best, best_rate = lengths, rate
     return best if best_rate > plain_rate * (1 + DRAFT_MARGIN) else [0] * len(rates)
+
+
+def _without_prefill(cost: Callable[[int], float], base_rows: int, decodes: int) -> Callable[[int], float]:
+    """`cost` less the time the step's prefill rows (those of `base_rows` past its `decodes`) add."""
+    if base_rows <= decodes:
+        return cost
+    sunk = cost(base_rows) - cost(decodes)
+    return lambda rows: cost(rows) - sunk
 
 
 def _hand_out(rates: Sequence[float], available: Sequence[int], base_rows: int, starts: Sequence[float],
