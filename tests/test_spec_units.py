@@ -169,7 +169,6 @@ def test_draft_lengths_follow_acceptance_and_step_cost() -> None:
     assert choose_draft_lengths([0.9], [0], 1, flat) == [0]  # nothing to draft from
 
 
-
 def test_a_prefill_chunk_in_the_step_does_not_make_drafts_look_cheap() -> None:
     cost = lambda rows: 0.010 + 0.0002 * rows  # noqa: E731 - 10 ms a step and 0.2 ms a row
     dear = lambda seqs, depth: 0.010 * depth  # noqa: E731
@@ -184,6 +183,7 @@ def test_a_prefill_chunk_in_the_step_does_not_make_drafts_look_cheap() -> None:
     # A free drafter's token at acceptance 0.02 adds 0.02 tokens per 0.2 ms row, below the decodes' own rate.
     assert choose_draft_lengths([0.02, 0.5], [3, 3], 2050, cost) == choose_draft_lengths([0.02, 0.5], [3, 3], 2, cost)
     assert choose_draft_lengths([0.02, 0.5], [3, 3], 2, cost) == [0, 3]
+
 
 # ---- verifier ---------------------------------------------------------------------------------------------------
 
