@@ -9,7 +9,8 @@
   and under the priority policy, against the same high-priority arrivals alone (unloaded).
 - sjf: ShareGPT prompts (cut at --sharegpt-max-input tokens) and reply lengths scaled by --sharegpt-output-scale,
   Poisson at each of `--sjf-load` times the capacity. Reported: mean and p99 latency, the longest wait (arrival to
-  first token), and per request its wait against its FCFS wait.
+  first token), per request its wait and its latency against FCFS's, the longest gap between two tokens of a
+  stream, and how many pauses (`--sjf-pause-ratio`).
 
 Capacity (requests/s of each workload's shape) is measured first with every request sent at once under FCFS. Runs
 of the policies alternate (FCFS, policy, FCFS, policy) when --repeats > 1.
@@ -20,6 +21,7 @@ of the policies alternate (FCFS, policy, FCFS, policy) when --repeats > 1.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -69,7 +71,8 @@ class Trace:
 def make_engine(args: argparse.Namespace, policy: str, num_kv_blocks: int | None = None) -> LLMEngine:
     return LLMEngine(EngineConfig(dtype=args.dtype, num_threads=args.threads, max_num_seqs=args.max_num_seqs,
                                   num_kv_blocks=num_kv_blocks or args.num_kv_blocks, scheduling_policy=policy,
-                                  sjf_aging=args.sjf_aging, sjf_wait_bound=args.sjf_wait_bound))
+                                  sjf_aging=args.sjf_aging, sjf_wait_bound=args.sjf_wait_bound,
+                                  sjf_pause_ratio=args.sjf_pause_ratio, sjf_pause_budget=args.sjf_pause_budget))
 
 
 def drive(engine: LLMEngine, arrivals: list[Arrival], horizon: float | None = None, tags: bool = True,
@@ -276,6 +279,19 @@ def wait_ratios(fcfs: list[float], other: list[float]) -> dict[str, Any]:
     return {"max": max(ratios, default=None), "over_3x": sum(r > 3 for r in ratios), "compared": len(ratios)}
 
 
+def latency_ratios(fcfs: list[float], other: list[float]) -> dict[str, Any]:
+    """Per request (the same arrivals in both runs): its latency under another policy over its latency under FCFS;
+    what pausing a running request costs it shows here, not in its wait for the first token."""
+    ratios = [b / a for a, b in zip(fcfs, other, strict=True)]
+    return {"max": max(ratios), "over_2x": sum(r > 2 for r in ratios), "over_3x": sum(r > 3 for r in ratios)}
+
+
+def longest_gap(trace: Trace) -> float:
+    """The longest time between two of the request's tokens: a paused stream's stall."""
+    times = trace.token_times
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
 def sjf_experiment(args: argparse.Namespace, tokens: TextSampler) -> dict[str, Any]:
     shape = [Arrival(0.0, prompt, max_tokens) for prompt, max_tokens in sharegpt_shape(
         tokens.tokenizer, args.sjf_requests, args.seed, args.sharegpt_max_input, args.sharegpt_output_scale)]
@@ -292,16 +308,25 @@ def sjf_runs(args: argparse.Namespace, arrivals: list[Arrival], label: str) -> d
     results: dict[str, Any] = {}
     for repeat in range(args.repeats):
         for policy in ("fcfs", "sjf"):
-            traces, seconds = drive(make_engine(args, policy, args.sjf_kv_blocks), arrivals)
+            engine = make_engine(args, policy, args.sjf_kv_blocks)
+            traces, seconds = drive(engine, arrivals)
             waits = [tr.ttft for tr in traces if tr.ttft is not None]
             latencies = [tr.latency for tr in traces if tr.latency is not None]
+            if len(latencies) < len(traces):
+                raise RuntimeError("a request did not finish its max_tokens")  # ignore_eos: every one should
+            gap = max(longest_gap(tr) for tr in traces)
             results[f"{policy}#{repeat}"] = {"latency": summary(latencies), "wait": summary(waits),
-                                             "waits": waits, "seconds": seconds}
+                                             "waits": waits, "latencies": latencies, "seconds": seconds,
+                                             "longest_gap": gap, "pauses": engine.stats().num_pauses}
             print(f"sjf/{label}/{policy} #{repeat}: latency mean {statistics.fmean(latencies):.1f}s p99 "
-                  f"{percentile(latencies, 99):.1f}s, longest wait {max(waits):.1f}s, {seconds:.0f}s")
-        fcfs, sjf = results[f"fcfs#{repeat}"]["waits"], results[f"sjf#{repeat}"]["waits"]
-        results[f"wait_ratio#{repeat}"] = wait_ratios(fcfs, sjf) | {"longest_over_longest": max(sjf) / max(fcfs)}
-        print(f"sjf/{label}/wait ratios #{repeat}: {results[f'wait_ratio#{repeat}']}")
+                  f"{percentile(latencies, 99):.1f}s, longest wait {max(waits):.1f}s, longest gap between tokens "
+                  f"{gap:.1f}s, {engine.stats().num_pauses} pauses, {seconds:.0f}s")
+        fcfs, sjf = results[f"fcfs#{repeat}"], results[f"sjf#{repeat}"]
+        results[f"wait_ratio#{repeat}"] = wait_ratios(fcfs["waits"], sjf["waits"]) | {
+            "longest_over_longest": max(sjf["waits"]) / max(fcfs["waits"])}
+        results[f"latency_ratio#{repeat}"] = latency_ratios(fcfs["latencies"], sjf["latencies"])
+        print(f"sjf/{label}/wait ratios #{repeat}: {results[f'wait_ratio#{repeat}']}; latency ratios: "
+              f"{results[f'latency_ratio#{repeat}']}")
     return results
 
 
@@ -324,6 +349,8 @@ def main() -> None:
     parser.add_argument("--sjf-load", default="1.5,3", help="arrival rates, times the capacity (comma-separated)")
     parser.add_argument("--sjf-aging", type=float, default=0.0, help="sjf_aging, as the engine")
     parser.add_argument("--sjf-wait-bound", type=float, default=2.0, help="sjf_wait_bound (0: off), as the engine")
+    parser.add_argument("--sjf-pause-ratio", type=float, default=0.0, help="sjf_pause_ratio (0: off), as the engine")
+    parser.add_argument("--sjf-pause-budget", type=float, default=1.5, help="sjf_pause_budget, as the engine")
     parser.add_argument("--sjf-kv-blocks", type=int, default=1024, help="ShareGPT requests are longer")
     parser.add_argument("--sharegpt-max-input", type=int, default=512)
     parser.add_argument("--sharegpt-output-scale", type=float, default=0.25,

@@ -5,13 +5,17 @@
    under FCFS, every step timed; a linear step-cost model is fitted on those steps (the first few, warm-up, left
    out), and the simulated makespan of the same run is printed beside the measured one.
 2. Sweep: Poisson arrivals at each `--load` times the capacity (the same arrivals as scheduling.py), replayed through
-   the engine's scheduler under FCFS, SJF with each aging and wait bound, and `DeadlineSJF` due at arrival + b times
-   each request's own queueing time (arrival to admission) in the simulated FCFS run: a wait bound whose estimate of
-   the FCFS wait is exact.
-3. `--validate AGING,BOUND`: the first load on the real engine too (FCFS, then SJF with that aging and wait bound,
+   the engine's scheduler under FCFS, SJF with each aging and wait bound, SJF with pausing (each `--pause` ratio and
+   budget, without aging, at each `--pause-bound`), and `DeadlineSJF` due at arrival + b times each request's own
+   queueing time (arrival to admission) in the simulated FCFS run: a wait bound whose estimate of the FCFS wait is
+   exact. Each line: mean latency change, per request the largest wait (to the first token) and latency over its
+   FCFS ones, and the longest time a request spent out of the batch after its admission (paused).
+3. `--validate AGING,BOUND[,RATIO:BUDGET]`: the first load on the real engine too (FCFS, then SJF with that aging
+   and wait bound, and pausing if given,
    through scheduling.py's drive loop), to set beside its simulation.
 
     .venv/bin/python benchmarks/scheduling_sim.py [--requests 192] [--load 1.5,2,3] [--validate 0,2]
+        [--pause 4:1.5,4:1] [--pause-bound 2]
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 from tokenmill.bench.machine import machine_description
 from tokenmill.bench.metrics import percentile
 from tokenmill.bench.report import write_json
-from tokenmill.bench.schedsim import FEATURES, DeadlineSJF, SimRequest, Simulation, StepCost, timed_steps
+from tokenmill.bench.schedsim import FEATURES, DeadlineSJF, SimRequest, SimRun, Simulation, StepCost, timed_steps
 from tokenmill.config import EngineConfig
 from tokenmill.engine import LLMEngine
 from tokenmill.sampling_params import SamplingParams
@@ -40,10 +44,11 @@ import scheduling  # noqa: E402  (the real-engine drive loop, for --validate)
 WARMUP_STEPS = 8
 
 
-def make_engine(args: argparse.Namespace, policy: str = "fcfs", aging: float = 0.0, bound: float = 2.0) -> LLMEngine:
+def make_engine(args: argparse.Namespace, policy: str = "fcfs", aging: float = 0.0, bound: float = 2.0,
+                pause: tuple[float, float] = (0.0, 1.5)) -> LLMEngine:
     return LLMEngine(EngineConfig(dtype=args.dtype, num_threads=args.threads, max_num_seqs=args.max_num_seqs,
                                   num_kv_blocks=args.kv_blocks, scheduling_policy=policy, sjf_aging=aging,
-                                  sjf_wait_bound=bound))
+                                  sjf_wait_bound=bound, sjf_pause_ratio=pause[0], sjf_pause_budget=pause[1]))
 
 
 def fit(args: argparse.Namespace, engine: LLMEngine, shape: list[SimRequest]) -> tuple[StepCost, dict[str, Any]]:
@@ -73,61 +78,83 @@ def simulation(args: argparse.Namespace, engine: LLMEngine, cost: StepCost) -> S
                       cost, args.kv_blocks, engine.config.block_size, engine.config.enable_prefix_caching)
 
 
-def summarize(waits: list[float], latencies: list[float], fcfs: dict[str, Any] | None) -> dict[str, Any]:
+def summarize(waits: list[float], latencies: list[float], fcfs: dict[str, Any] | None,
+              stalled: float | None = None) -> dict[str, Any]:
     out = {"mean_latency": statistics.fmean(latencies), "p99_latency": percentile(latencies, 99),
-           "longest_wait": max(waits), "waits": waits}
+           "longest_wait": max(waits), "waits": waits, "latencies": latencies}
+    if stalled is not None:
+        out["longest_stall"] = stalled
     if fcfs is not None:
         out |= {"mean_change": out["mean_latency"] / fcfs["mean_latency"] - 1,
-                "wait_ratio": scheduling.wait_ratios(fcfs["waits"], waits)}
+                "wait_ratio": scheduling.wait_ratios(fcfs["waits"], waits),
+                "latency_ratio": scheduling.latency_ratios(fcfs["latencies"], latencies)}
     return out
 
 
+def simulated(run: SimRun, fcfs: dict[str, Any] | None) -> dict[str, Any]:
+    return summarize([t.wait for t in run.traces], [t.latency for t in run.traces], fcfs,
+                     max(t.stalled for t in run.traces))
+
+
 def line(label: str, r: dict[str, Any]) -> str:
-    ratio = r.get("wait_ratio")
-    tail = (f"  {r['mean_change']:+.0%}  wait ratio max {ratio['max'] or 0:.2f} ({ratio['over_3x']} of "
-            f"{ratio['compared']} over 3x)") if ratio is not None else ""
+    ratio, slow = r.get("wait_ratio"), r.get("latency_ratio")
+    tail = (f"  {r['mean_change']:+.1%}  wait ratio max {ratio['max'] or 0:.2f} ({ratio['over_3x']} of "
+            f"{ratio['compared']} over 3x)  latency ratio max {slow['max']:.2f} ({slow['over_3x']} over 3x)"
+            ) if ratio is not None else ""
+    stall = f"  longest stall {r['longest_stall']:4.1f}s" if "longest_stall" in r else ""
     return (f"{label:<28} mean {r['mean_latency']:5.1f}s  p99 {r['p99_latency']:5.1f}s  longest wait "
-            f"{r['longest_wait']:5.1f}s{tail}")
+            f"{r['longest_wait']:5.1f}s{tail}{stall}")
 
 
 def sweep(args: argparse.Namespace, sim: Simulation, arrivals: list[SimRequest]) -> dict[str, Any]:
     config = sim.config
     fcfs_run = sim.run(arrivals)
-    fcfs = summarize([t.wait for t in fcfs_run.traces], [t.latency for t in fcfs_run.traces], None)
+    fcfs = simulated(fcfs_run, None)
     results = {"fcfs": fcfs}
     print(line("fcfs", fcfs))
-    for aging in (float(x) for x in args.aging.split(",")):
-        for bound in (float(x) for x in args.bound.split(",")):
-            sjf = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
-                                  config.enable_chunked_prefill, "sjf", sjf_aging=aging, sjf_wait_bound=bound)
-            run = dataclasses.replace(sim, config=sjf).run(arrivals)
-            results[f"sjf aging {aging:g} bound {bound:g}"] = r = summarize(
-                [t.wait for t in run.traces], [t.latency for t in run.traces], fcfs)
-            print(line(f"sjf aging {aging:g} bound {bound:g}", r))
-    for b in (float(x) for x in args.oracle.split(",")):
+    settings = [(f"sjf aging {aging:g} bound {bound:g}", {"sjf_aging": aging, "sjf_wait_bound": bound})
+                for aging in floats(args.aging) for bound in floats(args.bound)]
+    settings += [(f"sjf pause {ratio:g}:{budget:g} bound {bound:g}",
+                  {"sjf_wait_bound": bound, "sjf_pause_ratio": ratio, "sjf_pause_budget": budget})
+                 for ratio, budget in pauses(args.pause) for bound in floats(args.pause_bound)]
+    for label, options in settings:
+        sjf = dataclasses.replace(config, policy="sjf", **options)
+        results[label] = r = simulated(dataclasses.replace(sim, config=sjf).run(arrivals), fcfs)
+        print(line(label, r))
+    for b in floats(args.oracle):
         deadlines = [t.arrival + b * (t.admitted - t.arrival) for t in fcfs_run.traces]
         run = sim.run(arrivals, lambda d=deadlines: DeadlineSJF(config.max_num_batched_tokens, config.max_model_len,
                                                                  d, sim.clock))
-        results[f"exact deadline b {b:g}"] = r = summarize([t.wait for t in run.traces],
-                                                           [t.latency for t in run.traces], fcfs)
+        results[f"exact deadline b {b:g}"] = r = simulated(run, fcfs)
         print(line(f"exact deadline b {b:g}", r))
     return results
 
 
+def floats(values: str) -> list[float]:
+    return [float(x) for x in values.split(",") if x]
+
+
+def pauses(values: str) -> list[tuple[float, float]]:
+    """`RATIO:BUDGET,...` pairs."""
+    return [(float(r), float(b)) for r, b in (item.split(":") for item in values.split(",") if item)]
+
+
 def validate(args: argparse.Namespace, sim: Simulation, arrivals: list[SimRequest]) -> dict[str, Any]:
-    """The real engine on the same arrivals: FCFS, then SJF with the `--validate` aging and wait bound."""
-    aging, bound = (float(x) for x in args.validate.split(","))
+    """The real engine on the same arrivals: FCFS, then SJF with the `--validate` aging, wait bound and pausing."""
+    aging, bound, *rest = args.validate.split(",")
+    pause = pauses(rest[0])[0] if rest else (0.0, 1.5)
     real = [scheduling.Arrival(a.arrival, list(a.prompt), a.max_tokens) for a in arrivals]
     out: dict[str, Any] = {}
     for policy in ("fcfs", "sjf"):
-        traces, _ = scheduling.drive(make_engine(args, policy, aging, bound), real, tags=False)
+        traces, _ = scheduling.drive(make_engine(args, policy, float(aging), float(bound), pause), real, tags=False)
         waits, latencies = [t.ttft for t in traces], [t.latency for t in traces]
         if None in waits or None in latencies:
             raise RuntimeError("a request did not finish its max_tokens")  # ignore_eos: every one should
-        out[f"real {policy}"] = summarize([w for w in waits if w is not None],
-                                          [x for x in latencies if x is not None], out.get("real fcfs"))
-        print(line(f"real {policy}" + (f" aging {aging:g} bound {bound:g}" if policy == "sjf" else ""),
-                   out[f"real {policy}"]))
+        out[f"real {policy}"] = r = summarize([w for w in waits if w is not None],
+                                              [x for x in latencies if x is not None], out.get("real fcfs"))
+        r["longest_gap"] = max(scheduling.longest_gap(t) for t in traces)
+        label = f" aging {aging} bound {bound}" + (f" pause {rest[0]}" if rest else "") if policy == "sjf" else ""
+        print(line(f"real {policy}{label}", r) + f"  longest gap between tokens {r['longest_gap']:.1f}s")
     return out
 
 
@@ -138,7 +165,10 @@ def main() -> None:
     parser.add_argument("--aging", default="1,0.25,0", help="sjf_aging values swept")
     parser.add_argument("--bound", default="0,2,3", help="sjf_wait_bound values swept")
     parser.add_argument("--oracle", default="2,2.5,3", help="b of the exact-deadline policy")
-    parser.add_argument("--validate", default=None, metavar="AGING,BOUND",
+    parser.add_argument("--pause", default="4:1.5,4:1,2:1.5,8:1.5,4:2",
+                        help="sjf_pause_ratio:sjf_pause_budget pairs swept (aging 0)")
+    parser.add_argument("--pause-bound", default="2", help="sjf_wait_bound values with pausing")
+    parser.add_argument("--validate", default=None, metavar="AGING,BOUND[,RATIO:BUDGET]",
                         help="also run the first load on the real engine: FCFS and SJF with this aging and bound")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None)

@@ -281,6 +281,76 @@ def test_sjf_wait_bound_requeues_a_preempted_request_as_due() -> None:
     assert sched.policy.head() is long and [r.request_id for r in sched.policy] == ["later", "long"]
 
 
+def test_sjf_pause_gives_the_seat_to_a_short_request_and_resumes_without_recompute() -> None:
+    sched = make("sjf", max_num_seqs=1, sjf_pause_ratio=4.0)
+    long = req("long", max_tokens=40)
+    sched.add_request(long)
+    assert step(sched) == {"long": 2}
+    assert step(sched) == {"long": 1}
+    sched.add_request(req("mid", max_tokens=12))  # 38 outputs left are under 4 x 12.125: no pause
+    assert step(sched) == {"long": 1}
+    sched.finish("mid", RequestStatus.FINISHED_ABORTED)
+    table = list(sched.kv_cache.block_table("long"))
+    sched.add_request(req("short", max_tokens=3))  # 37 outputs left against 4 x 3.125
+    plan = sched.schedule()
+    assert [(s.request_id, s.num_tokens) for s in plan.seqs] == [("short", 2)] and plan.preempted_request_ids == ()
+    assert long.status is RequestStatus.PAUSED and sched.num_pauses == 1 and sched.paused == [long]
+    # Its KV stays: the entries computed, and the block its next token goes to (allocated before it was paused).
+    assert sched.kv_cache.block_table("long")[:1] == table and len(sched.kv_cache.block_table("long")) == 2
+    assert sched.kv_cache.num_entries("long") == long.num_computed_tokens == long.num_tokens - 1 == 4
+    complete(sched, plan)
+    assert [step(sched) for _ in range(3)] == [{"short": 1}, {"short": 1}, {"long": 1}]  # one token: no recompute
+    assert long.status is RequestStatus.RUNNING and sched.num_preemptions == 0 and not sched.paused
+    sched.add_request(req("short2", max_tokens=3))
+    assert step(sched) == {"short2": 2}  # paused again: 1.5 x 40.125 steps allowed, 3 used
+    sched.finish("long", RequestStatus.FINISHED_ABORTED)  # an abort while paused frees its blocks
+    assert not sched.paused and len(sched.policy) == 0 and sched.kv_cache.num_free_blocks == 15
+
+
+def test_sjf_pause_allowance_runs_out_then_the_paused_request_goes_first() -> None:
+    # Allowance 0.3 x (2/16 + 10) = 3.04 steps: paused at step 2, it goes first at step 6 (2 + 3.04 <= 6), before
+    # shorter requests, and is not paused again.
+    sched = make("sjf", max_num_seqs=1, sjf_wait_bound=0.0, sjf_pause_ratio=4.0, sjf_pause_budget=0.3)
+    sched.add_request(req("long", max_tokens=10))
+    steps = [step(sched)]
+    for t in range(8):
+        sched.add_request(req(f"s{t}", max_tokens=1))
+        steps.append(step(sched))
+    assert steps == [{"long": 2}, {"s0": 2}, {"s1": 2}, {"s2": 2}, {"s3": 2}, {"long": 1}, {"long": 1},
+                     {"long": 1}, {"long": 1}]
+    assert sched.num_pauses == 1 and sched.policy.pause_allowance(sched.get("long")) < 1
+
+
+def test_paused_kv_is_taken_back_before_anything_else_waits_or_is_preempted() -> None:
+    sched = make("sjf", num_blocks=4, block_size=4, max_num_seqs=1, sjf_pause_ratio=2.0)
+    long = req("long", prompt_len=6, max_tokens=9)
+    sched.add_request(long)
+    assert step(sched) == {"long": 6}  # 2 blocks
+    sched.add_request(req("s1", prompt_len=3, max_tokens=2))
+    assert [step(sched) for _ in range(2)] == [{"s1": 3}, {"s1": 1}]  # long paused, holding its 2 blocks
+    # s2 finds the seat free but needs 3 blocks of the 2 free: the paused request's KV is taken back (recompute),
+    # and it keeps its place in the queue (behind s2, which it does not displace).
+    sched.add_request(req("s2", prompt_len=12, max_tokens=2))
+    plan = sched.schedule()
+    assert plan.preempted_request_ids == ("long",) and [s.request_id for s in plan.seqs] == ["s2"]
+    assert long.status is RequestStatus.PREEMPTED and long.num_computed_tokens == 0 and not sched.paused
+    complete(sched, plan)
+    admission_order(sched)
+    assert long.num_output_tokens == 9 and sched.kv_cache.num_free_blocks == 4
+    assert (sched.num_pauses, sched.num_preemptions) == (1, 1)
+
+
+def test_a_running_request_short_of_kv_takes_it_from_a_paused_one_first() -> None:
+    sched = make("sjf", num_blocks=4, block_size=4, max_num_seqs=1, sjf_pause_ratio=2.0)
+    sched.add_request(req("long", prompt_len=6, max_tokens=9))
+    step(sched)
+    sched.add_request(req("short", prompt_len=8, max_tokens=3))
+    assert step(sched) == {"short": 8}  # its 2 blocks are the last free ones
+    plan = sched.schedule()  # its next token needs a third
+    assert plan.preempted_request_ids == ("long",) and [(s.request_id, s.num_tokens) for s in plan.seqs] == [
+        ("short", 1)]
+
+
 # ---- every policy: chunked prefill, prefix hits, preemption, nothing leaks -------------------------------------
 
 
@@ -334,6 +404,28 @@ def test_policies_and_preemption_leave_greedy_tokens_unchanged(tiny_model: Path)
         assert tokens == reference, policy
 
 
+
+def test_pausing_leaves_greedy_tokens_unchanged(tiny_model: Path) -> None:
+    def run(**cfg: float | str) -> tuple[dict[str, list[int]], int]:
+        engine = LLMEngine(EngineConfig(model=str(tiny_model), dtype="float32", num_kv_blocks=64, block_size=4,
+                                        max_num_seqs=2, max_num_batched_tokens=16, **cfg))
+        tokens: dict[str, list[int]] = {}
+        arrivals = {0: [0, 1], 3: [2], 5: [3], 7: [4], 9: [5]}  # two long requests, then short ones
+        for t in range(200):
+            for i in arrivals.get(t, []):
+                engine.add_request([5 + i, 6, 7 + i], SamplingParams(temperature=0, max_tokens=24 if i < 2 else 3,
+                                                                      ignore_eos=True), request_id=f"r{i}")
+            if t > 9 and not engine.has_unfinished_requests():
+                break
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.delta_token_ids)
+        return tokens, engine.stats().num_pauses
+
+    reference, pauses = run()
+    assert pauses == 0 and len(reference) == 6
+    tokens, pauses = run(scheduling_policy="sjf", sjf_pause_ratio=2.0)
+    assert pauses > 0 and tokens == reference
+
 def test_priority_needs_the_priority_policy(tiny_model: Path) -> None:
     engine = LLMEngine(EngineConfig(model=str(tiny_model), dtype="float32", num_kv_blocks=8, block_size=4))
     with pytest.raises(InvalidRequestError, match="priority"):
@@ -356,10 +448,13 @@ def test_cli_flags_and_config_validation() -> None:
     add_engine_args(parser)
     config = engine_config(parser.parse_args(["--scheduling-policy", "sjf", "--sjf-aging", "0.5",
                                               "--sjf-wait-bound", "3", "--fair-input-weight", "2",
-                                              "--fair-output-weight", "3"]))
+                                              "--fair-output-weight", "3", "--sjf-pause-ratio", "4",
+                                              "--sjf-pause-budget", "2"]))
     assert (config.scheduling_policy, config.sjf_aging, config.sjf_wait_bound, config.fair_input_weight,
-            config.fair_output_weight) == ("sjf", 0.5, 3.0, 2.0, 3.0)
+            config.fair_output_weight, config.sjf_pause_ratio, config.sjf_pause_budget) == (
+        "sjf", 0.5, 3.0, 2.0, 3.0, 4.0, 2.0)
     for bad in ({"scheduling_policy": "lifo"}, {"sjf_aging": -1.0}, {"sjf_wait_bound": 0.5},
-                {"fair_input_weight": 0.0, "fair_output_weight": 0.0}):
+                {"fair_input_weight": 0.0, "fair_output_weight": 0.0}, {"sjf_pause_ratio": 0.5},
+                {"sjf_pause_budget": 0.0}):
         with pytest.raises(ValueError):
             EngineConfig(**bad)

@@ -509,7 +509,7 @@ def test_metrics(server, client) -> None:
     client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3)
     text = httpx.get(server.url + "/metrics").text
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
-                 "generation_tokens_total", "num_preemptions_total", "prefix_cache_queries_total",
+                 "generation_tokens_total", "num_preemptions_total", "num_pauses_total", "prefix_cache_queries_total",
                  "prefix_cache_hits_total", "time_to_first_token_seconds_bucket",
                  "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_bucket",
                  "request_success_total"):

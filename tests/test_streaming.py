@@ -70,6 +70,29 @@ def test_decode_evicts_the_oldest_window_block_and_shifts_the_rest() -> None:
     assert kv.pool.free_block_ids()[-1] == 1 and kv.num_evicted("a") == 4
 
 
+
+def test_a_request_paused_after_its_eviction_keeps_the_key_shift_for_its_resumption() -> None:
+    # sjf with pausing: "a" evicts a block as the step is planned, then the short request takes its seat; the
+    # remaining keys' rotation must go with the step that next runs "a", not with this one.
+    sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, max_model_len=1 << 30,
+                                      policy="sjf", sjf_pause_ratio=2.0),
+                      KVCacheManager(16, BS, window=WINDOW))
+    sched.add_request(req("a", 10))
+    for _ in range(3):
+        run_step(sched)  # 12 entries: the window is full
+    sched.add_request(Request("s", [1, 2], SamplingParams(max_tokens=1)))
+    plan = sched.schedule()
+    assert [s.request_id for s in plan.seqs] == ["s"] and plan.kv_shifts == ()
+    assert sched.get("a").status is RequestStatus.PAUSED and sched.kv_cache.block_table("a") == [0, 2, 3]
+    sched.update(plan)
+    sched.finish("s", RequestStatus.FINISHED_LENGTH)
+    plan = sched.schedule()
+    assert [s.request_id for s in plan.seqs] == ["a"] and plan.kv_shifts == (KVShift((2,), 4),)
+    assert plan.positions == (8,) and plan.slot_mapping == (12,)
+    sched.update(plan)
+    sched.get("a").output_token_ids.append(7)
+    assert sched.schedule().kv_shifts == ()  # applied once
+
 def test_eviction_sequence_over_a_long_decode() -> None:
     sched = make_scheduler()
     a = req("a", 10)

@@ -115,11 +115,15 @@ class EngineConfig:
     # (VTC: the least-served client's requests first, charged fair_input_weight per prompt token and
     # fair_output_weight per output token); sjf (shortest predicted remaining work first; with sjf_wait_bound = b > 0
     # a request is due, and goes first, once b times the work queued ahead of it at its arrival has been admitted
-    # since, which also keeps it from starving; sjf_aging > 0 ages waiting requests instead or as well:
-    # scheduler/sjf.py; why these defaults: docs/benchmarks.md, "sjf's frontier").
+    # since, which also keeps it from starving; sjf_aging > 0 ages waiting requests instead or as well; with
+    # sjf_pause_ratio = r > 0 a waiting request that finds no seat pauses a running one with r times its work, which
+    # keeps its KV and may stay paused sjf_pause_budget steps per step of its own work: scheduler/sjf.py; why these
+    # defaults: docs/benchmarks.md, "sjf's frontier" and "sjf with pausing").
     scheduling_policy: str = "fcfs"
     sjf_aging: float = 0.0
     sjf_wait_bound: float = 2.0
+    sjf_pause_ratio: float = 0.0
+    sjf_pause_budget: float = 1.5
     fair_input_weight: float = 1.0
     fair_output_weight: float = 2.0
     # Structured output (tokenmill/structured): a request's grammar is compiled within this many seconds or the
@@ -233,7 +237,7 @@ class EngineConfig:
         if not self.structured_outputs_timeout_s > 0:
             raise ValueError(f"structured_outputs_timeout_s must be > 0, got {self.structured_outputs_timeout_s}")
         check_scheduling(self.scheduling_policy, self.sjf_aging, self.fair_input_weight, self.fair_output_weight,
-                         self.sjf_wait_bound)
+                         self.sjf_wait_bound, self.sjf_pause_ratio, self.sjf_pause_budget)
         if self.attention_sinks and self.sliding_window is None:
             raise ValueError("attention_sinks needs a sliding_window: sinks are what a window keeps besides itself")
         if self.sliding_window is not None:
@@ -312,7 +316,7 @@ class EngineConfig:
 
 
 def check_scheduling(policy: str, sjf_aging: float, fair_input_weight: float, fair_output_weight: float,
-                     sjf_wait_bound: float) -> None:
+                     sjf_wait_bound: float, sjf_pause_ratio: float = 0.0, sjf_pause_budget: float = 1.5) -> None:
     """Shared by EngineConfig and SchedulerConfig."""
     if policy not in SCHEDULING_POLICIES:
         raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {policy!r}")
@@ -320,6 +324,11 @@ def check_scheduling(policy: str, sjf_aging: float, fair_input_weight: float, fa
         raise ValueError(f"sjf_aging must be >= 0, got {sjf_aging}")
     if not (sjf_wait_bound == 0 or sjf_wait_bound >= 1):
         raise ValueError(f"sjf_wait_bound must be 0 (off) or >= 1, got {sjf_wait_bound}")
+    if not (sjf_pause_ratio == 0 or sjf_pause_ratio >= 1):
+        # Below 1 a paused request could pause its own pauser back, over and over.
+        raise ValueError(f"sjf_pause_ratio must be 0 (off) or >= 1, got {sjf_pause_ratio}")
+    if not sjf_pause_budget > 0:
+        raise ValueError(f"sjf_pause_budget must be > 0, got {sjf_pause_budget}")
     if not (fair_input_weight >= 0 and fair_output_weight >= 0 and fair_input_weight + fair_output_weight > 0):
         raise ValueError(f"fair weights must be >= 0 and not both 0, got {fair_input_weight} and {fair_output_weight}")
 

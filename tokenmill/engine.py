@@ -90,6 +90,7 @@ class EngineStats:
     spec_decode: SpecDecodeStats | None = None  # when speculative decoding is on
     clients: dict[str, ClientUsage] = dataclasses.field(default_factory=dict)  # service per client
     structured: StructuredOutputStats | None = None  # once a request has had a grammar
+    num_pauses: int = 0  # running requests paused for shorter ones (sjf with pausing), their KV kept
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.enable_chunked_prefill, config.scheduling_policy, config.sjf_aging,
-                            config.fair_input_weight, config.fair_output_weight, config.sjf_wait_bound),
+                            config.fair_input_weight, config.fair_output_weight, config.sjf_wait_bound,
+                            config.sjf_pause_ratio, config.sjf_pause_budget),
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
                            cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}|"
                                       f"kv-{config.kv_cache_dtype}",
@@ -645,6 +647,7 @@ class LLMEngine:
             num_free_blocks=kv.num_free_blocks,
             num_total_blocks=kv.pool.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
+            num_pauses=self.scheduler.num_pauses,
             prefix_cache=dataclasses.replace(kv.stats),
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,

@@ -137,6 +137,11 @@ class SimTrace:
         """Every second not in the running list: the first wait and any wait after a preemption."""
         return self.latency - self.running
 
+    @property
+    def stalled(self) -> float:
+        """Seconds out of the running list after its admission: paused, or preempted and waiting again."""
+        return self.queued - (self.admitted - self.arrival)
+
 
 @dataclass
 class SimRun:

@@ -74,6 +74,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sjf-wait-bound", type=float, default=2.0,
                    help="sjf: a request goes first once this many times the work queued ahead of it when it arrived "
                         "has been admitted since (0: off; then set --sjf-aging, or long requests may starve)")
+    g.add_argument("--sjf-pause-ratio", type=float, default=0.0,
+                   help="sjf: a waiting request that finds every seat taken pauses the running request with the most "
+                        "work left if that has at least this many times its own; the paused request keeps its KV "
+                        "(0: off)")
+    g.add_argument("--sjf-pause-budget", type=float, default=1.5,
+                   help="sjf with pausing: steps a request may spend paused, in all, per step of its own predicted "
+                        "work; then it goes first")
     g.add_argument("--fair-input-weight", type=float, default=1.0, help="fair: service charged per prompt token")
     g.add_argument("--fair-output-weight", type=float, default=2.0, help="fair: service charged per output token")
     g = parser.add_argument_group("speculative decoding")
@@ -155,6 +162,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         prompt_lookup_max=args.prompt_lookup_max, lookahead_ngram_size=args.lookahead_ngram_size,
         speculative_adaptive=not args.no_speculative_adaptive, speculative_guard=not args.no_speculative_guard,
         scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, sjf_wait_bound=args.sjf_wait_bound,
+        sjf_pause_ratio=args.sjf_pause_ratio, sjf_pause_budget=args.sjf_pause_budget,
         fair_input_weight=args.fair_input_weight,
         fair_output_weight=args.fair_output_weight, structured_outputs_timeout_s=args.structured_outputs_timeout,
         structured_outputs_overlap=not args.no_structured_outputs_overlap, sliding_window=args.sliding_window,

@@ -27,6 +27,11 @@ class SchedulingPolicy(ABC):
       front and preempts from the back, so the last request is the first victim.
     - `may_preempt_for(candidate, victim)`: whether the head `candidate`, which cannot get a seat or KV blocks, may
       preempt `victim` (the back of the ranked running list) to get in.
+    - `may_pause_for(candidate, victim)`: whether the head `candidate`, which finds no seat, may pause `victim` (the
+      back of the ranked running list): the victim leaves the batch but keeps its KV, and `pause` takes it into the
+      queue, from which it is admitted again like any request and goes on without recompute. Asked only when
+      `may_preempt_for` said no.
+    - `begin_step(step)`: the scheduler's step number, before it plans the step (the clock of timed rules).
     - `charge(request, prompt_tokens, output_tokens)`: a step gave the request this service (prompt tokens computed
       for the first time, tokens emitted).
     - `client_counters()`: the policy's per-client service counters, if it keeps any (for /metrics).
@@ -63,6 +68,15 @@ class SchedulingPolicy(ABC):
 
     def may_preempt_for(self, candidate: Request, victim: Request) -> bool:
         return False
+
+    def may_pause_for(self, candidate: Request, victim: Request) -> bool:
+        return False
+
+    def pause(self, request: Request) -> None:
+        self.requeue(request)
+
+    def begin_step(self, step: int) -> None:
+        return None
 
     def charge(self, request: Request, prompt_tokens: int, output_tokens: int) -> None:
         return None  # nothing metered

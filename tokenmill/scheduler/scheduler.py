@@ -45,13 +45,15 @@ class SchedulerConfig:
     fair_input_weight: float = 1.0  # VTC's charge per prompt token (fair.py)
     fair_output_weight: float = 2.0  # and per output token
     sjf_wait_bound: float = 2.0  # 0: off; else how much later than FCFS a request may be admitted (sjf.py)
+    sjf_pause_ratio: float = 0.0  # 0: off; else pause a running request with this many times a waiting one's work
+    sjf_pause_budget: float = 1.5  # steps a request may spend paused per step of its own predicted work
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_scheduling(self.policy, self.sjf_aging, self.fair_input_weight, self.fair_output_weight,
-                         self.sjf_wait_bound)
+                         self.sjf_wait_bound, self.sjf_pause_ratio, self.sjf_pause_budget)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
                              f"({self.max_num_batched_tokens} < {self.max_model_len})")
@@ -63,14 +65,17 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.policy = make_policy(config)
         self.running: list[Request] = []
+        self.paused: list[Request] = []  # out of the batch, holding their KV, in the policy's queue
         self.requests: dict[str, Request] = {}  # every live request, waiting or running
         self.clients = ClientLedger()
         self.num_preemptions = 0
+        self.num_pauses = 0
         self.num_steps = 0
         self._finished_ids: list[str] = []  # finished since the last plan
         self._pending_copies: list[tuple[int, int]] = []  # block copies of a failed plan, not yet made
         self._suspects: list[str] = []  # requests of a failed plan, each to be run alone
-        self._shifts: dict[str, KVShift] = {}  # this step's key rotations after streaming-window evictions
+        # Key rotations after streaming-window evictions, for the step that schedules their request.
+        self._shifts: dict[str, KVShift] = {}
 
     @property
     def waiting(self) -> SchedulingPolicy:
@@ -95,6 +100,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         self.num_steps += 1
+        self.policy.begin_step(self.num_steps)
         batch: list[tuple[Request, int]] = []  # (request, tokens to compute this step)
         copies, self._pending_copies = self._pending_copies, []
         preempted: list[str] = []
@@ -140,6 +146,8 @@ class Scheduler:
                 request.draft_token_ids = []
                 num_new = self._cap(request, min(request.num_tokens - request.num_computed_tokens, budget))
                 continue
+            if self._reclaim_paused(preempted):
+                continue  # a paused request's KV goes before any running request's
             victim = self.running[-1]  # the policy's first victim
             self._preempt(victim)
             preempted.append(victim.request_id)
@@ -153,14 +161,16 @@ class Scheduler:
         return num_new if limit is None else min(num_new, limit)
 
     def _preempt(self, request: Request) -> None:
-        self.running.remove(request)
+        paused = request.status is RequestStatus.PAUSED
+        (self.paused if paused else self.running).remove(request)
         request.draft_token_ids = []
         self.kv_cache.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.policy.requeue(request)
+        if not paused:
+            self.policy.requeue(request)  # a paused one is in the queue already, and keeps its place there
 
     def _next_suspect(self) -> Request | None:
         """The next request of a failed plan still to run alone; suspects that finished or were preempted since are
@@ -175,44 +185,77 @@ class Scheduler:
     def _admit_waiting(self, budget: int, batch: list[tuple[Request, int]], copies: list[tuple[int, int]],
                        preempted: list[str]) -> None:
         while budget > 0 and (request := self.policy.head()) is not None:
-            parent = self._fork_parent(request)
+            paused = request.status is RequestStatus.PAUSED
+            parent = None if paused else self._fork_parent(request)
             if parent is not None and parent.num_computed_tokens < request.num_prompt_tokens - 1:
                 break  # at the head until its sibling's prompt is in the cache
             num_new = None
-            if len(self.running) < self.config.max_num_seqs:
-                num_new = (self._admit_fork(request, parent, copies) if parent is not None
+            seated = len(self.running) < self.config.max_num_seqs
+            if seated:
+                num_new = (self._resume(request, budget) if paused
+                           else self._admit_fork(request, parent, copies) if parent is not None
                            else self._admit(request, budget))
             if num_new is None:
-                # No seat or no KV: the policy may let the head displace the last running request.
-                refund = self._preempt_for(request, batch, preempted)
+                refund = self._make_room(request, seated, batch, preempted)
                 if refund is None:
                     break
                 budget += refund
                 continue
             self.policy.pop()
+            if paused:
+                self.paused.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             batch.append((request, num_new))
             budget -= num_new
 
-    def _preempt_for(self, request: Request, batch: list[tuple[Request, int]], preempted: list[str]) -> int | None:
-        """Preempt the policy's first victim for `request` if the policy allows; the budget the victim held in this
-        step's batch is returned (None: nobody was preempted)."""
+    def _make_room(self, request: Request, seated: bool, batch: list[tuple[Request, int]],
+                   preempted: list[str]) -> int | None:
+        """Room for the head `request`, which found no seat (`seated` False) or no KV: a paused request's KV is
+        taken back first; then the policy may let the head preempt or pause the back of the running list. Returns
+        the budget handed back from this step's batch, or None if nothing was freed."""
+        if seated and self._reclaim_paused(preempted, keep=request):
+            return 0
         if not self.running:
             return None
         self.policy.rank(self.running)
         victim = self.running[-1]
-        if not self.policy.may_preempt_for(request, victim):
-            return None
-        refund = 0
-        for i, (scheduled, num_new) in enumerate(batch):
-            if scheduled is victim:
-                del batch[i]
-                refund = num_new
-                break
-        self._preempt(victim)
-        preempted.append(victim.request_id)
-        return refund
+        if self.policy.may_preempt_for(request, victim):
+            refund = _unschedule(victim, batch)
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            return refund
+        if not seated and self.policy.may_pause_for(request, victim):
+            refund = _unschedule(victim, batch)
+            self._pause(victim)
+            return refund
+        return None
+
+    def _pause(self, request: Request) -> None:
+        self.running.remove(request)
+        request.draft_token_ids, request.draft_parents = [], []
+        request.status = RequestStatus.PAUSED
+        self.num_pauses += 1
+        self.paused.append(request)
+        self.policy.pause(request)
+
+    def _reclaim_paused(self, preempted: list[str], keep: Request | None = None) -> bool:
+        """Preempt the paused request the policy ranks last (other than `keep`), freeing its KV; False if none."""
+        candidates = [r for r in self.paused if r is not keep]
+        if not candidates:
+            return False
+        self.policy.rank(candidates)
+        self._preempt(candidates[-1])
+        preempted.append(candidates[-1].request_id)
+        return True
+
+    def _resume(self, request: Request, budget: int) -> int | None:
+        """Slots for a paused request's next tokens: its KV is still in place, so it goes on where it stopped."""
+        num_new = self._cap(request, min(request.num_tokens - request.num_computed_tokens, budget))
+        shift = self.kv_cache.evict(request, num_new)
+        if shift is not None:
+            self._shifts[request.request_id] = shift
+        return num_new if self.kv_cache.allocate_slots(request, num_new) else None
 
     def _admit(self, request: Request, budget: int) -> int | None:
         """Allocate for a waiting request after reusing its longest cached prefix; None if it must wait."""
@@ -284,9 +327,11 @@ class Scheduler:
             positions.extend(real_end - 1 - shift + d for d in depths(parents, len(drafts)))
             slot_mapping.extend(self.kv_cache.slots(request.request_id, entries, entries + num_new))
         finished, self._finished_ids = self._finished_ids, []
-        # A request preempted since its eviction had its blocks freed: its rotation is moot.
-        shifts = tuple(self._shifts[r.request_id] for r, _ in batch if r.request_id in self._shifts)
-        self._shifts.clear()
+        # A request preempted since its eviction had its blocks freed: its rotation is moot. One paused since keeps
+        # its rotation for the step that resumes it (its keys are not read before then).
+        shifts = tuple(self._shifts.pop(r.request_id) for r, _ in batch if r.request_id in self._shifts)
+        self._shifts = {rid: shift for rid, shift in self._shifts.items()
+                        if (r := self.requests.get(rid)) is not None and r.status is RequestStatus.PAUSED}
         return StepPlan(tuple(seqs), tuple(token_ids), tuple(positions), tuple(slot_mapping), tuple(copies),
                         tuple(finished), tuple(preempted), kv_shifts=shifts,
                         lane_copies=torch.cat(lane_copies) if lane_copies else None,
@@ -347,11 +392,22 @@ class Scheduler:
             self.running.remove(request)  # at most max_num_seqs long
         else:
             self.policy.remove(request)
+            if request.status is RequestStatus.PAUSED:
+                self.paused.remove(request)
         self.kv_cache.free(request)
         self.kv_cache.forget(request)
         request.status = status
         self._finished_ids.append(request_id)
         return request
+
+
+def _unschedule(request: Request, batch: list[tuple[Request, int]]) -> int:
+    """Take the request out of this step's batch; the budget it held (0 if it was not in it)."""
+    for i, (scheduled, num_new) in enumerate(batch):
+        if scheduled is request:
+            del batch[i]
+            return num_new
+    return 0
 
 
 def _sampling_inputs(request: Request) -> SamplingInputs:
@@ -385,5 +441,6 @@ def make_policy(config: SchedulerConfig) -> SchedulingPolicy:
     if config.policy == "fair":
         return FairPolicy(config.fair_input_weight, config.fair_output_weight)
     if config.policy == "sjf":
-        return SJFPolicy(config.max_num_batched_tokens, config.max_model_len, config.sjf_aging, config.sjf_wait_bound)
+        return SJFPolicy(config.max_num_batched_tokens, config.max_model_len, config.sjf_aging, config.sjf_wait_bound,
+                         config.sjf_pause_ratio, config.sjf_pause_budget)
     return FCFSPolicy()

@@ -16,11 +16,22 @@ has been admitted. Here it is due once b · W more work has been admitted since 
 earliest due first: shorter requests may pass it, but only while they add up to (b - 1) · W. A request that finds
 the queue empty is due at once, so one that FCFS would admit at the next free seat is not pushed back behind later
 short ones; that is where SJF otherwise multiplies a small FCFS wait.
+
+Pausing (`pause_ratio` = r > 0; off by default): a waiting request that finds every seat taken may pause the running
+request with the most predicted work left, if that has at least r times its own work, its first token out and
+nothing left to prefill or recompute. The paused request keeps its KV and goes back into the queue with its
+remaining work as its key; it resumes where it stopped, without recompute. Seats, not KV, are what short requests
+wait for when long replies fill the batch, so this is SRPT without the recompute that made preemption lose in
+simulation. Each request may spend at most `pause_budget` (c) steps paused for every step of its own predicted work
+(prompt ÷ budget + `max_tokens`): once its allowance runs out it goes first, before due requests, and it is not
+paused again. So pauses add at most c times its own decoding time to its latency, and its wait for the first token
+is untouched (a request is paused only after it).
 """
 
 from __future__ import annotations
 
 import heapq
+import weakref
 from collections.abc import Iterator
 
 from tokenmill.request import Request
@@ -33,11 +44,17 @@ class SJFPolicy(SchedulingPolicy):
     name = "sjf"
 
     def __init__(self, max_num_batched_tokens: int, max_model_len: int, aging: float = 0.0,
-                 wait_bound: float = 2.0) -> None:
+                 wait_bound: float = 2.0, pause_ratio: float = 0.0, pause_budget: float = 1.5) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.aging = aging
         self.wait_bound = wait_bound
+        self.pause_ratio = pause_ratio
+        self.pause_budget = pause_budget
+        self.step = 0
+        self._resume_by: list[_Entry] = []  # paused requests by the step their allowance runs out
+        self._paused_since: weakref.WeakKeyDictionary[Request, int] = weakref.WeakKeyDictionary()
+        self._paused_steps: weakref.WeakKeyDictionary[Request, int] = weakref.WeakKeyDictionary()  # so far, in all
         self.admitted_work = 0.0  # predicted work of every admission so far
         self._by_work: list[_Entry] = []  # SJF order (aged)
         self._by_due: list[_Entry] = []  # due order (wait_bound > 0 only)
@@ -58,19 +75,40 @@ class SJFPolicy(SchedulingPolicy):
         # The most work left last: it yields first when KV runs out.
         running.sort(key=self.predicted_work)
 
+    def pause_allowance(self, request: Request) -> float:
+        """Steps the request may still spend paused."""
+        own = request.num_prompt_tokens / self.max_num_batched_tokens + min(
+            request.params.max_tokens, self.max_model_len - request.num_prompt_tokens)
+        return self.pause_budget * own - self._paused_steps.get(request, 0)
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
     def add(self, request: Request) -> None:
         self._enter(request, self.admitted_work + self.wait_bound * self._queued_work)
 
     def requeue(self, request: Request) -> None:
         self._enter(request, self.admitted_work)  # preempted: it has waited its turn once (FCFS requeues at the head)
 
-    def _enter(self, request: Request, due: float) -> None:
+    def may_pause_for(self, candidate: Request, victim: Request) -> bool:
+        decoding = victim.num_output_tokens >= 1 and victim.num_tokens - victim.num_computed_tokens == 1
+        return (self.pause_ratio > 0 and decoding and self.pause_allowance(victim) >= 1
+                and self.predicted_work(victim) >= self.pause_ratio * self.predicted_work(candidate))
+
+    def pause(self, request: Request) -> None:
+        # Its work left is queued work (a later arrival's wait estimate counts it), but its resumption is not
+        # admitted work: that was counted when it was first admitted.
+        self._enter(request, None)
+        self._paused_since[request] = self.step
+        heapq.heappush(self._resume_by, (self.step + self.pause_allowance(request), self._entries, request))
+
+    def _enter(self, request: Request, due: float | None) -> None:
         self._entries += 1
         work = self.predicted_work(request)
         self._live[id(request)] = (self._entries, work)
         self._queued_work += work
         heapq.heappush(self._by_work, (self.key(request), self._entries, request))
-        if self.wait_bound > 0:
+        if self.wait_bound > 0 and due is not None:
             heapq.heappush(self._by_due, (due, self._entries, request))
 
     def remove(self, request: Request) -> None:
@@ -86,6 +124,9 @@ class SJFPolicy(SchedulingPolicy):
         return heap[0] if heap else None
 
     def head(self) -> Request | None:
+        resume = self._top(self._resume_by)
+        if resume is not None and resume[0] <= self.step:
+            return resume[2]
         due = self._top(self._by_due)
         if due is not None and due[0] <= self.admitted_work:
             return due[2]
@@ -97,7 +138,11 @@ class SJFPolicy(SchedulingPolicy):
         if request is None:
             raise IndexError("pop from an empty queue")
         self.remove(request)
-        self.admitted_work += self.predicted_work(request)
+        since = self._paused_since.pop(request, None)
+        if since is not None:  # resumed (or readmitted, if its KV was taken back while it was paused)
+            self._paused_steps[request] = self._paused_steps.get(request, 0) + self.step - since
+        else:
+            self.admitted_work += self.predicted_work(request)
         return request
 
     def __len__(self) -> int:

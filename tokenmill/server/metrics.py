@@ -44,6 +44,8 @@ class _EngineStatsCollector(Collector):
             ("prompt_tokens", "Prompt tokens processed.", stats.prompt_tokens),
             ("generation_tokens", "Tokens generated.", stats.generation_tokens),
             ("num_preemptions", "Requests preempted (KV cache full).", stats.num_preemptions),
+            ("num_pauses", "Running requests paused for shorter ones, their KV kept (sjf with pausing).",
+             stats.num_pauses),
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache.queries),
             ("prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.", stats.prefix_cache.hits),
         ]
