@@ -349,7 +349,7 @@ def main() -> None:
     parser.add_argument("--sjf-load", default="1.5,3", help="arrival rates, times the capacity (comma-separated)")
     parser.add_argument("--sjf-aging", type=float, default=0.0, help="sjf_aging, as the engine")
     parser.add_argument("--sjf-wait-bound", type=float, default=2.0, help="sjf_wait_bound (0: off), as the engine")
-    parser.add_argument("--sjf-pause-ratio", type=float, default=0.0, help="sjf_pause_ratio (0: off), as the engine")
+    parser.add_argument("--sjf-pause-ratio", type=float, default=4.0, help="sjf_pause_ratio (0: off), as the engine")
     parser.add_argument("--sjf-pause-budget", type=float, default=1.5, help="sjf_pause_budget, as the engine")
     parser.add_argument("--sjf-kv-blocks", type=int, default=1024, help="ShareGPT requests are longer")
     parser.add_argument("--sharegpt-max-input", type=int, default=512)

@@ -112,7 +112,8 @@ def sweep(args: argparse.Namespace, sim: Simulation, arrivals: list[SimRequest])
     fcfs = simulated(fcfs_run, None)
     results = {"fcfs": fcfs}
     print(line("fcfs", fcfs))
-    settings = [(f"sjf aging {aging:g} bound {bound:g}", {"sjf_aging": aging, "sjf_wait_bound": bound})
+    settings = [(f"sjf aging {aging:g} bound {bound:g}",
+                 {"sjf_aging": aging, "sjf_wait_bound": bound, "sjf_pause_ratio": 0.0})
                 for aging in floats(args.aging) for bound in floats(args.bound)]
     settings += [(f"sjf pause {ratio:g}:{budget:g} bound {bound:g}",
                   {"sjf_wait_bound": bound, "sjf_pause_ratio": ratio, "sjf_pause_budget": budget})
@@ -142,7 +143,7 @@ def pauses(values: str) -> list[tuple[float, float]]:
 def validate(args: argparse.Namespace, sim: Simulation, arrivals: list[SimRequest]) -> dict[str, Any]:
     """The real engine on the same arrivals: FCFS, then SJF with the `--validate` aging, wait bound and pausing."""
     aging, bound, *rest = args.validate.split(",")
-    pause = pauses(rest[0])[0] if rest else (0.0, 1.5)
+    pause = pauses(rest[0])[0] if rest else (0.0, 1.5)  # none given: off
     real = [scheduling.Arrival(a.arrival, list(a.prompt), a.max_tokens) for a in arrivals]
     out: dict[str, Any] = {}
     for policy in ("fcfs", "sjf"):

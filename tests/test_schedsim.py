@@ -123,8 +123,9 @@ def test_sjf_defaults_agree_everywhere() -> None:
     args = parser.parse_args([])
     policy = SJFPolicy(8, 64)
     engine, scheduler = EngineConfig(), SchedulerConfig()
-    assert (engine.sjf_aging, engine.sjf_wait_bound) == (scheduler.sjf_aging, scheduler.sjf_wait_bound) \
-        == (policy.aging, policy.wait_bound) == (args.sjf_aging, args.sjf_wait_bound) == (0.0, 2.0)
+    names = ("aging", "wait_bound", "pause_ratio", "pause_budget")
+    assert [getattr(engine, f"sjf_{n}") for n in names] == [getattr(scheduler, f"sjf_{n}") for n in names] \
+        == [getattr(policy, n) for n in names] == [getattr(args, f"sjf_{n}") for n in names] == [0.0, 2.0, 4.0, 1.5]
 
 
 @pytest.fixture(scope="module")

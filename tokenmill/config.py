@@ -122,7 +122,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     sjf_aging: float = 0.0
     sjf_wait_bound: float = 2.0
-    sjf_pause_ratio: float = 0.0
+    sjf_pause_ratio: float = 4.0
     sjf_pause_budget: float = 1.5
     fair_input_weight: float = 1.0
     fair_output_weight: float = 2.0
@@ -316,7 +316,7 @@ class EngineConfig:
 
 
 def check_scheduling(policy: str, sjf_aging: float, fair_input_weight: float, fair_output_weight: float,
-                     sjf_wait_bound: float, sjf_pause_ratio: float = 0.0, sjf_pause_budget: float = 1.5) -> None:
+                     sjf_wait_bound: float, sjf_pause_ratio: float = 4.0, sjf_pause_budget: float = 1.5) -> None:
     """Shared by EngineConfig and SchedulerConfig."""
     if policy not in SCHEDULING_POLICIES:
         raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {policy!r}")

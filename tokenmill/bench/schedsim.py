@@ -9,9 +9,9 @@ Every scheduling decision (admission, budget, chunked prefill, prefix hits, pree
 forward pass and the sampler are not run: each sample row yields one token, and requests stop at `max_tokens` or the
 context limit, as `ignore_eos` runs do.
 
-`DeadlineSJF` is an analysis policy, not an engine one: SJF whose requests are due by a deadline given from outside
-(for example arrival + b times each request's queueing time, arrival to admission, in a simulated FCFS run of the
-same arrivals): what a wait bound with a perfect estimate of the FCFS wait would give.
+`DeadlineSJF` is an analysis policy, not an engine one: SJF (no pausing) whose requests are due by a deadline given
+from outside (for example arrival + b times each request's queueing time, arrival to admission, in a simulated FCFS
+run of the same arrivals): what a wait bound with a perfect estimate of the FCFS wait would give.
 """
 
 from __future__ import annotations
@@ -222,12 +222,12 @@ class Simulation:
 
 
 class DeadlineSJF(SJFPolicy):
-    """SJF without aging, but a request whose deadline (`deadlines[int(request_id)]`, seconds on `clock`) has passed
-    goes first, earliest deadline first. For analysis: the deadlines come from outside the engine."""
+    """SJF without aging or pausing, but a request whose deadline (`deadlines[int(request_id)]`, seconds on `clock`)
+    has passed goes first, earliest deadline first. For analysis: the deadlines come from outside the engine."""
 
     def __init__(self, max_num_batched_tokens: int, max_model_len: int, deadlines: Sequence[float],
                  clock: SimClock) -> None:
-        super().__init__(max_num_batched_tokens, max_model_len, aging=0.0, wait_bound=0.0)
+        super().__init__(max_num_batched_tokens, max_model_len, aging=0.0, wait_bound=0.0, pause_ratio=0.0)
         self.deadlines = deadlines
         self.clock = clock
         self._by_deadline: list[tuple[float, int, Request]] = []

@@ -74,7 +74,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sjf-wait-bound", type=float, default=2.0,
                    help="sjf: a request goes first once this many times the work queued ahead of it when it arrived "
                         "has been admitted since (0: off; then set --sjf-aging, or long requests may starve)")
-    g.add_argument("--sjf-pause-ratio", type=float, default=0.0,
+    g.add_argument("--sjf-pause-ratio", type=float, default=4.0,
                    help="sjf: a waiting request that finds every seat taken pauses the running request with the most "
                         "work left if that has at least this many times its own; the paused request keeps its KV "
                         "(0: off)")

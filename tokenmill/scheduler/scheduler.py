@@ -45,7 +45,7 @@ class SchedulerConfig:
     fair_input_weight: float = 1.0  # VTC's charge per prompt token (fair.py)
     fair_output_weight: float = 2.0  # and per output token
     sjf_wait_bound: float = 2.0  # 0: off; else how much later than FCFS a request may be admitted (sjf.py)
-    sjf_pause_ratio: float = 0.0  # 0: off; else pause a running request with this many times a waiting one's work
+    sjf_pause_ratio: float = 4.0  # 0: off; else pause a running request with this many times a waiting one's work
     sjf_pause_budget: float = 1.5  # steps a request may spend paused per step of its own predicted work
 
     def __post_init__(self) -> None:

@@ -17,15 +17,15 @@ earliest due first: shorter requests may pass it, but only while they add up to 
 the queue empty is due at once, so one that FCFS would admit at the next free seat is not pushed back behind later
 short ones; that is where SJF otherwise multiplies a small FCFS wait.
 
-Pausing (`pause_ratio` = r > 0; off by default): a waiting request that finds every seat taken may pause the running
-request with the most predicted work left, if that has at least r times its own work, its first token out and
-nothing left to prefill or recompute. The paused request keeps its KV and goes back into the queue with its
-remaining work as its key; it resumes where it stopped, without recompute. Seats, not KV, are what short requests
-wait for when long replies fill the batch, so this is SRPT without the recompute that made preemption lose in
-simulation. Each request may spend at most `pause_budget` (c) steps paused for every step of its own predicted work
-(prompt ÷ budget + `max_tokens`): once its allowance runs out it goes first, before due requests, and it is not
-paused again. So pauses add at most c times its own decoding time to its latency, and its wait for the first token
-is untouched (a request is paused only after it).
+Pausing (`pause_ratio` = r ≥ 1, default 4; 0 turns it off): a waiting request that finds every seat taken may
+pause the running request with the most predicted work left, if that has at least r times its own work, its first
+token out and nothing left to prefill or recompute. The paused request keeps its KV and goes back into the queue
+with its remaining work as its key; it resumes where it stopped, without recompute. Seats, not KV, are what short
+requests wait for when long replies fill the batch, so this is SRPT without the recompute that made preemption lose
+in simulation. Each request may spend at most `pause_budget` (c, default 1.5) steps paused for every step of its
+own predicted work (prompt ÷ budget + `max_tokens`): once its allowance runs out it goes first, before due
+requests, and it is not paused again. So pauses add at most c times its own decoding time to its latency, and its
+wait for the first token is untouched (a request is paused only after it).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class SJFPolicy(SchedulingPolicy):
     name = "sjf"
 
     def __init__(self, max_num_batched_tokens: int, max_model_len: int, aging: float = 0.0,
-                 wait_bound: float = 2.0, pause_ratio: float = 0.0, pause_budget: float = 1.5) -> None:
+                 wait_bound: float = 2.0, pause_ratio: float = 4.0, pause_budget: float = 1.5) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.aging = aging
