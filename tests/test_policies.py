@@ -307,6 +307,16 @@ def test_sjf_pause_gives_the_seat_to_a_short_request_and_resumes_without_recompu
     assert not sched.paused and len(sched.policy) == 0 and sched.kv_cache.num_free_blocks == 15
 
 
+
+def test_sjf_does_not_pause_over_a_quantized_cache() -> None:
+    # Its residual slots hold the open blocks of max_num_seqs requests: a paused request would keep one.
+    config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=16, max_model_len=64, policy="sjf")
+    sched = Scheduler(config, KVCacheManager(16, 4, seals_blocks=True))
+    sched.add_request(req("long", max_tokens=40))
+    step(sched)
+    sched.add_request(req("short", max_tokens=3))
+    assert step(sched) == {"long": 1} and sched.num_pauses == 0
+
 def test_sjf_pause_allowance_runs_out_then_the_paused_request_goes_first() -> None:
     # Allowance 0.3 x (2/16 + 10) = 3.04 steps: paused at step 2, it goes first at step 6 (2 + 3.04 <= 6), before
     # shorter requests, and is not paused again.

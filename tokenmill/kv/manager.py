@@ -62,6 +62,9 @@ class KVCacheManager:
         # that may be rolled back (speculative drafts) never complete a block. Eviction's rotations rule forks out too.
         evicts = window is not None or h2o is not None
         self.forks = not evicts and not seals_blocks
+        # A paused request (scheduler) keeps its KV out of the batch; a quantized cache has residual slots for only
+        # max_num_seqs holders of open blocks, so there only running requests hold KV.
+        self.pauses = not seals_blocks
         self.drafts_fill_blocks = not seals_blocks
         self.enable_prefix_caching = enable_prefix_caching and not evicts
         self.stats = PrefixCacheStats()

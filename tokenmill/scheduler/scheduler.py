@@ -225,7 +225,7 @@ class Scheduler:
             self._preempt(victim)
             preempted.append(victim.request_id)
             return refund
-        if not seated and self.policy.may_pause_for(request, victim):
+        if not seated and self.kv_cache.pauses and self.policy.may_pause_for(request, victim):
             refund = _unschedule(victim, batch)
             self._pause(victim)
             return refund
