@@ -361,6 +361,30 @@ def test_a_running_request_short_of_kv_takes_it_from_a_paused_one_first() -> Non
         ("short", 1)]
 
 
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sjf_pausing_under_random_arrivals_and_kv_pressure_loses_nothing(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    sched = make("sjf", num_blocks=24, block_size=4, prefix=True, max_num_batched_tokens=8, max_num_seqs=3,
+                 sjf_pause_ratio=2.0, sjf_pause_budget=rng.choice([0.5, 1.5, 4.0]))
+    requests = [req(f"r{i}", prompt_len=rng.randint(1, 12), max_tokens=rng.choice([1, 2, 3, 20, 40]),
+                    first_token=100 + rng.randint(0, 3)) for i in range(30)]
+    pending = list(requests)
+    for _ in range(2000):
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            if pending:
+                sched.add_request(pending.pop(0))
+        if not pending and not sched.has_unfinished:
+            break
+        step(sched)
+        assert not set(sched.paused) & set(sched.running)
+        assert all(r.status is RequestStatus.PAUSED for r in sched.paused)
+        assert len(sched.running) <= 3
+    assert all(r.num_output_tokens == r.params.max_tokens for r in requests)
+    assert sched.num_pauses > 0 and sched.kv_cache.num_free_blocks == 24 and not sched.paused
+
 # ---- every policy: chunked prefill, prefix hits, preemption, nothing leaks -------------------------------------
 
 
