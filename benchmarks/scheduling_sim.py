@@ -10,11 +10,10 @@
    queueing time (arrival to admission) in the simulated FCFS run: a wait bound whose estimate of the FCFS wait is
    exact. Each line: mean latency change, per request the largest wait (to the first token) and latency over its
    FCFS ones, and the longest time a request spent out of the batch after its admission (paused).
-3. `--validate AGING,BOUND[,RATIO:BUDGET]`: the first load on the real engine too (FCFS, then SJF with that aging
-   and wait bound, and pausing if given,
-   through scheduling.py's drive loop), to set beside its simulation.
+3. `--validate AGING,BOUND[,RATIO:BUDGET]`: the first load on the real engine too (FCFS, then SJF with that aging,
+   wait bound and pausing (off unless given), through scheduling.py's drive loop), to set beside its simulation.
 
-    .venv/bin/python benchmarks/scheduling_sim.py [--requests 192] [--load 1.5,2,3] [--validate 0,2]
+    .venv/bin/python benchmarks/scheduling_sim.py [--requests 192] [--load 1.5,2,3] [--validate 0,2,4:1.5]
         [--pause 4:1.5,4:1] [--pause-bound 2]
 """
 
