@@ -314,13 +314,13 @@ def sjf_runs(args: argparse.Namespace, arrivals: list[Arrival], label: str) -> d
             latencies = [tr.latency for tr in traces if tr.latency is not None]
             if len(latencies) < len(traces):
                 raise RuntimeError("a request did not finish its max_tokens")  # ignore_eos: every one should
-            gap = max(longest_gap(tr) for tr in traces)
+            gap, pauses = max(longest_gap(tr) for tr in traces), engine.stats().num_pauses
             results[f"{policy}#{repeat}"] = {"latency": summary(latencies), "wait": summary(waits),
                                              "waits": waits, "latencies": latencies, "seconds": seconds,
-                                             "longest_gap": gap, "pauses": engine.stats().num_pauses}
+                                             "longest_gap": gap, "pauses": pauses}
             print(f"sjf/{label}/{policy} #{repeat}: latency mean {statistics.fmean(latencies):.1f}s p99 "
                   f"{percentile(latencies, 99):.1f}s, longest wait {max(waits):.1f}s, longest gap between tokens "
-                  f"{gap:.1f}s, {engine.stats().num_pauses} pauses, {seconds:.0f}s")
+                  f"{gap:.1f}s, {pauses} pauses, {seconds:.0f}s")
         fcfs, sjf = results[f"fcfs#{repeat}"], results[f"sjf#{repeat}"]
         results[f"wait_ratio#{repeat}"] = wait_ratios(fcfs["waits"], sjf["waits"]) | {
             "longest_over_longest": max(sjf["waits"]) / max(fcfs["waits"])}

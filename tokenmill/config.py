@@ -316,7 +316,7 @@ class EngineConfig:
 
 
 def check_scheduling(policy: str, sjf_aging: float, fair_input_weight: float, fair_output_weight: float,
-                     sjf_wait_bound: float, sjf_pause_ratio: float = 4.0, sjf_pause_budget: float = 1.5) -> None:
+                     sjf_wait_bound: float, sjf_pause_ratio: float, sjf_pause_budget: float) -> None:
     """Shared by EngineConfig and SchedulerConfig."""
     if policy not in SCHEDULING_POLICIES:
         raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {policy!r}")

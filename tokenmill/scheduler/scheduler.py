@@ -136,9 +136,7 @@ class Scheduler:
             request.draft_token_ids = request.draft_token_ids[:room]
         num_new = self._cap(request, min(request.num_tokens + len(request.draft_token_ids)
                                          - request.num_computed_tokens, budget))
-        shift = self.kv_cache.evict(request, num_new)
-        if shift is not None:
-            self._shifts[request.request_id] = shift
+        self._evict(request, num_new)
         # The victim is always the last running request, which is not in this step's batch yet (the loop over
         # running requests has not reached it), so nothing scheduled needs taking back.
         while not self.kv_cache.allocate_slots(request, num_new):
@@ -154,6 +152,13 @@ class Scheduler:
             if victim is request:
                 return None
         return num_new
+
+    def _evict(self, request: Request, num_new: int) -> None:
+        """Let the KV manager's eviction policy make room for `num_new` more entries; a rotation it needs goes with
+        the step that schedules the request."""
+        shift = self.kv_cache.evict(request, num_new)
+        if shift is not None:
+            self._shifts[request.request_id] = shift
 
     def _cap(self, request: Request, num_new: int) -> int:
         """At most what the KV manager lets one step add (a streaming window's room)."""
@@ -252,9 +257,7 @@ class Scheduler:
     def _resume(self, request: Request, budget: int) -> int | None:
         """Slots for a paused request's next tokens: its KV is still in place, so it goes on where it stopped."""
         num_new = self._cap(request, min(request.num_tokens - request.num_computed_tokens, budget))
-        shift = self.kv_cache.evict(request, num_new)
-        if shift is not None:
-            self._shifts[request.request_id] = shift
+        self._evict(request, num_new)
         return num_new if self.kv_cache.allocate_slots(request, num_new) else None
 
     def _admit(self, request: Request, budget: int) -> int | None:
