@@ -5,7 +5,8 @@ MT-bench and ShareGPT questions), greedy or seeded sampling (--temperature). Two
 `speculative` are loaded once and run alternately in ABBA order (plain, spec, spec, plain...) on the same prompt token
 ids, one request at a time (batch 1) and in batches submitted in one `generate` call. Reported per category and
 batch size: output tokens/s of both, the speedup, the acceptance rate, the mean accepted length and whether the
-speculative outputs are the plain ones token for token. At batch 1, llama.cpp (llama-cpp-python in process) runs the
+speculative outputs are the plain ones token for token; for batches also the speedup of the requests' mean latency
+(a batch's tok/s is set by its longest request). At batch 1, llama.cpp (llama-cpp-python in process) runs the
 same prompt ids without and with its `LlamaPromptLookupDecoding` draft model.
 
     .venv/bin/python benchmarks/speculative.py                  # 8 prompts per category, 128 tokens, batch 1,4,16,64
@@ -377,15 +378,27 @@ def single_stream_metrics(requests: list[dict[str, Any]], wall: float) -> Run:
 
 
 def batched(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[Run, list[list[int]]]:
-    """All prompts at t=0 in one generate call (Offline)."""
+    """All prompts at t=0 (Offline), driving the engine so that each request's end is timed: tok/s of the whole call
+    is set by its longest request, the mean latency by all of them (a request that drafts well finishes sooner even
+    when the call does not)."""
     llm.reset_prefix_cache()
     before = counters(llm)
+    engine = llm.engine
+    delta = dataclasses.replace(params, output_kind="delta")
     start = time.perf_counter()
-    results = llm.generate(prompts, params, use_tqdm=False)
+    ids = [engine.add_request(prompt, delta) for prompt in prompts]
+    tokens: dict[str, list[int]] = {request_id: [] for request_id in ids}
+    ends: dict[str, float] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+            if out.finished:
+                ends[out.request_id] = time.perf_counter()
     wall = time.perf_counter() - start
-    outputs = [list(r.outputs[0].token_ids) for r in results]
-    tokens = sum(map(len, outputs))
-    run = {"wall_s": wall, "requests": len(prompts), "output_tokens": tokens, "output_tok_per_s": tokens / wall}
+    outputs = [tokens[request_id] for request_id in ids]
+    total = sum(map(len, outputs))
+    run = {"wall_s": wall, "requests": len(prompts), "output_tokens": total, "output_tok_per_s": total / wall,
+           "latency_mean_s": statistics.fmean(ends[request_id] - start for request_id in ids)}
     return run | counter_delta(before, counters(llm)), outputs
 
 
@@ -591,9 +604,10 @@ def spread(values: list[float]) -> dict[str, float] | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def paired(a_runs: list[Run], b_runs: list[Run], key: str) -> dict[str, float] | None:
-    """b / a within each repeat (A/B pairs), then median and range over the pairs."""
-    return spread([b[key] / a[key] for a, b in zip(a_runs, b_runs, strict=True) if a.get(key) and b.get(key)])
+def paired(a_runs: list[Run], b_runs: list[Run], key: str, lower_is_better: bool = False) -> dict[str, float] | None:
+    """b / a within each repeat (A/B pairs; a / b for a time), then median and range over the pairs."""
+    ratios = [b[key] / a[key] for a, b in zip(a_runs, b_runs, strict=True) if a.get(key) and b.get(key)]
+    return spread([1 / r for r in ratios] if lower_is_better else ratios)
 
 
 def acceptance(runs: list[Run]) -> dict[str, Any] | None:
@@ -660,11 +674,10 @@ def print_tables(results: dict[int, dict[str, Any]], peer: bool) -> None:
         mode = "single stream (one request at a time)" if batch == 1 else f"batch of {batch} (one generate call)"
         head = ["category", "plain tok/s", "spec tok/s", "speedup", "acceptance", "mean acc. len", "identical",
                 "speculator share", "steps held by the guard"]
-        if batch == 1:
-            head += ["decode speedup"]
-            if peer:
-                head += ["llama.cpp plain tok/s", "llama.cpp lookup tok/s", "llama.cpp speedup",
-                         "llama.cpp decode speedup", "llama.cpp acc. len", "llama.cpp plain = lookup"]
+        head += ["decode speedup" if batch == 1 else "mean latency speedup"]
+        if batch == 1 and peer:
+            head += ["llama.cpp plain tok/s", "llama.cpp lookup tok/s", "llama.cpp speedup",
+                     "llama.cpp decode speedup", "llama.cpp acc. len", "llama.cpp plain = lookup"]
         print(f"\n### {mode}\n")
         print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
         for category, r in by_category.items():
@@ -676,16 +689,15 @@ def print_tables(results: dict[int, dict[str, Any]], peer: bool) -> None:
                      fmt(acc.get("mean_accepted_length"), 2),
                      f"{ident['identical']}/{ident['compared']}", fmt(r["speculator_share"], 2, "%"),
                      str(acc.get("num_held_steps", "–"))]
-            if batch == 1:
-                cells.append(ratio_cell(r["decode_speedup"]))
-                if peer:
-                    llama = r.get("llama_cpp") or {}
-                    summary = llama.get("summary") or {}
-                    cells += [fmt(med((summary.get("plain") or {}).get("output_tok_per_s"))),
-                              fmt(med((summary.get("lookup") or {}).get("output_tok_per_s"))),
-                              ratio_cell(llama.get("speedup")), ratio_cell(llama.get("decode_speedup")),
-                              fmt((llama.get("acceptance") or {}).get("mean_accepted_length"), 2),
-                              "–" if not llama else "{identical}/{compared}".format(**llama["agreement"])]
+            cells.append(ratio_cell(r["decode_speedup" if batch == 1 else "latency_speedup"]))
+            if batch == 1 and peer:
+                llama = r.get("llama_cpp") or {}
+                summary = llama.get("summary") or {}
+                cells += [fmt(med((summary.get("plain") or {}).get("output_tok_per_s"))),
+                          fmt(med((summary.get("lookup") or {}).get("output_tok_per_s"))),
+                          ratio_cell(llama.get("speedup")), ratio_cell(llama.get("decode_speedup")),
+                          fmt((llama.get("acceptance") or {}).get("mean_accepted_length"), 2),
+                          "–" if not llama else "{identical}/{compared}".format(**llama["agreement"])]
             print("| " + " | ".join(cells) + " |")
 
 
@@ -789,6 +801,9 @@ def main(argv: list[str] | None = None) -> None:
                     mode: sum(r["output_tokens"] for r in rs) / max(1, sum(r["forward_steps"] for r in rs))
                     for mode, rs in runs.items()},
             }
+            if batch > 1:
+                entry["latency_speedup"] = paired(runs["plain"], runs["speculative"], "latency_mean_s",
+                                                  lower_is_better=True)
             if batch == 1:
                 entry["decode_speedup"] = paired(runs["plain"], runs["speculative"], "decode_tok_per_s")
                 single_outputs[category] = outputs["plain"][0]
@@ -848,7 +863,8 @@ def print_notes(args: argparse.Namespace, machine: dict[str, Any], results: dict
           f"prompts cut to {limit} tokens, median of {args.repeats} interleaved repeats (speedups paired within a "
           f"repeat, range in parentheses); speculative engine: {spec}")
     print("tok/s = output tokens / wall time (batch 1: sequential requests, prefill included; decode speedup: "
-          "decode phase only, after each first token); acceptance = accepted / drafted tokens; mean acc. len = "
+          "decode phase only, after each first token; mean latency speedup: plain / speculative mean time from the "
+          "call to each request's end); acceptance = accepted / drafted tokens; mean acc. len = "
           "1 + accepted / verify steps with a draft; identical = speculative outputs equal to plain ones token for "
           "token (prompt × repeat)")
     if args.baseline_options:
