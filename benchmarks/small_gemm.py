@@ -1,7 +1,8 @@
-"""The row-exact matmul (`linear_rows`, tokenmill/kernels/small_gemm.cpp) A/B against PyTorch's: in fp32 `F.linear`
-(MKL), in bf16 oneDNN's linear on a prepacked weight (what the engine runs by default, `FloatLinear.prepack`), on the
-default model's layer shapes (SmolLM2-135M) at the row counts of decode and speculative verify steps, and with
---rows up to prefill chunks (what `batch_invariant` runs through it).
+"""tokenmill's row-exact matmuls A/B against PyTorch's: in fp32 `linear_rows` (tokenmill/kernels/small_gemm.cpp)
+against `F.linear` (MKL), in bf16 `linear_packed` (kernels/bf16_gemm.cpp, what the engine runs by default) against
+oneDNN's linear on a prepacked weight, on the default model's layer shapes (SmolLM2-135M; `--model-shapes
+qwen2.5-1.5b` for a larger model's) at the row counts of decode and speculative verify steps, and with --rows up to
+prefill chunks (what `batch_invariant` runs through it).
 
 Each shape is timed over enough copies of its weight to span --span-mb (default 128 MB, past the last-level cache),
 one call per copy, so that the weights come from memory as in a real step where every layer has its own; --span-mb 0
@@ -12,11 +13,16 @@ row the bits it gives that row alone; writes JSON.
     .venv/bin/python benchmarks/small_gemm.py
     .venv/bin/python benchmarks/small_gemm.py --rows 1,4,9 --shapes qkv,lm_head --span-mb 0
     .venv/bin/python benchmarks/small_gemm.py --dtype bfloat16 --rows 1,4,16,64,96,256,1024
+    TOKENMILL_BF16_ROW_GROUP=4 .venv/bin/python benchmarks/small_gemm.py --dtype bfloat16 --model-shapes qwen2.5-1.5b
+
+oneDNN, unaffected by tokenmill's switches, is each run's yardstick: comparing tokenmill/oneDNN ratios across runs
+(e.g. with and without TOKENMILL_BF16_ROW_GROUP) takes this machine's drift between processes out.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -32,12 +38,21 @@ from tokenmill.bench.machine import machine_description, start_benchmark  # noqa
 from tokenmill.bench.report import write_json  # noqa: E402
 from tokenmill.kernels import cpu_kernels  # noqa: E402
 
-# (out_features, in_features) of SmolLM2-135M: hidden 576, 9 query heads and 3 KV heads of 64, MLP 1536, 49,152 tokens.
-SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
+# (out_features, in_features) per layer. SmolLM2-135M: hidden 576, 9 query heads and 3 KV heads of 64, MLP 1536,
+# 49,152 tokens. Qwen2.5-1.5B: hidden 1536, 12 query heads and 2 KV heads of 128, MLP 8960, 151,936 tokens.
+SHAPE_SETS = {
+    "smollm2-135m": {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536),
+                     "lm_head": (49152, 576)},
+    "qwen2.5-1.5b": {"qkv": (2048, 1536), "o": (1536, 1536), "gate_up": (17920, 1536), "down": (1536, 8960),
+                     "lm_head": (151936, 1536)},
+}
+SHAPES = SHAPE_SETS["smollm2-135m"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-shapes", choices=list(SHAPE_SETS), default="smollm2-135m",
+                   help="whose layer shapes (default: the default model's)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"layers among {', '.join(SHAPES)}")
     p.add_argument("--rows", default="1,2,4,5,8,9,16,32", help="batch sizes (rows per matmul)")
     p.add_argument("--repeats", type=int, default=9)
@@ -90,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator().manual_seed(0)
     results = []
     for name in args.shapes.split(","):
-        n, k = SHAPES[name]
+        n, k = SHAPE_SETS[args.model_shapes][name]
         weight_bytes = n * k * dtype.itemsize
         copies = max(1, round(args.span_mb * 2**20 / weight_bytes))
         weights = [torch.randn(n, k, generator=generator).to(dtype) for _ in range(copies)]
@@ -135,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{'yes' if r['linear_rows_row_exact'] else 'NO'} / {'yes' if r['f_linear_row_exact'] else 'no'} |")
     report = {"machine": machine_description(), "busy_warning": warning, "isa": build.isa,
               "threads": torch.get_num_threads(), "dtype": args.dtype, "peer": peer_name,
-              "small_rows": kernels.SMALL_ROWS, "args": vars(args), "results": results}
+              "small_rows": kernels.SMALL_ROWS, "bf16_row_group": os.environ.get("TOKENMILL_BF16_ROW_GROUP"),
+              "args": vars(args), "results": results}
     write_json(report, args.output)
     print(f"\nwrote {args.output}")
 

@@ -4,6 +4,10 @@ float64 reference."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -551,6 +555,34 @@ def test_linear_packed_avx2_tiles_give_the_16_lane_bits() -> None:
             for fp32_out in (False, True):
                 assert torch.equal(narrow.linear_packed(x, packed, bias, out_features, fp32_out),
                                    wide.linear_packed(x, packed, bias, out_features, fp32_out))
+
+
+def test_linear_packed_row_group_switch_keeps_the_bits(tmp_path) -> None:
+    """TOKENMILL_BF16_ROW_GROUP (the A/B switch of the row grouping, read once per process) changes which rows share
+    a tile, never a row's bits: a process with groups of at most 1, 2 and 4 rows gives the default's outputs."""
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(300, 200, generator=generator).to(torch.bfloat16)
+    x = torch.randn(19, 200, generator=generator).to(torch.bfloat16)
+    torch.save({"weight": weight, "x": x}, tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch\n"
+        "from tokenmill.kernels import cpu_kernels\n"
+        "k = cpu_kernels().module\n"
+        f"d = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        "packed = k.pack_bf16(d['weight'])\n"
+        "out = [k.linear_packed(d['x'][:n], packed, None, 300, True) for n in (1, 3, 6, 8, 12, 19)]\n"
+        "torch.save(out, sys.argv[1])\n")
+    outputs = []
+    for group in (None, "1", "2", "4"):
+        env = {k: v for k, v in os.environ.items() if k != "TOKENMILL_BF16_ROW_GROUP"}
+        if group is not None:
+            env["TOKENMILL_BF16_ROW_GROUP"] = group
+        target = tmp_path / f"out_{group}.pt"
+        subprocess.run([sys.executable, "-c", script, str(target)], env=env, check=True,
+                       cwd=Path(__file__).resolve().parents[1])
+        outputs.append(torch.load(target))
+    for other in outputs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outputs[0], other, strict=True))
 
 
 def test_linear_packed_rejects_what_it_does_not_compute(kernels) -> None:

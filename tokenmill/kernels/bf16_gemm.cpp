@@ -17,10 +17,11 @@
 // what runs next to what, never this order, so every row is the bits it would be alone. (Builds of other ISA levels
 // may differ in the last bit, e.g. in how denormals are treated: results are exact within one build.)
 //
-// Tiles: rows are taken in blocks of kRowBlock (which then stay in cache) and split into groups of at most 4; each
-// task takes a tile of NB consecutive output blocks and runs every group of the row block over it. Each W vector
-// loaded serves every row of a group; NB is picked for the largest group so that the accumulators (rows × NB), the W
-// vectors and one x broadcast fill the register file.
+// Tiles: rows are taken in blocks of kRowBlock (which then stay in cache) and split into groups of at most kMaxGroup
+// (8 with AVX512-BF16, 4 elsewhere); each task takes a tile of NB consecutive output blocks and runs every group of the
+// row block over it. Each W vector loaded serves every row of a group; NB is picked for the largest group so that the
+// accumulators (rows × NB), the W vectors and one x broadcast fill the register file. A second group re-reads the
+// tile from cache (or from memory, where a tile of a long K outgrows L2), so a verify step's 5–8 rows are one group.
 
 #include "bf16_gemm.h"
 #include "check.h"
@@ -30,6 +31,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/constant_pad_nd.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -150,24 +152,51 @@ inline void tile(const float* xw, int64_t xw_stride, int64_t pairs, const bf16* 
 }
 
 // Blocks per tile by the largest row group: rows × 2 NB accumulators and a block half's two W vectors in 16 ymm.
+constexpr int kMaxGroup = 4;
 constexpr int kTileBlocks[5] = {0, 4, 2, 2, 1};
 #else
+#if defined(__AVX512BF16__)
 // Output blocks per tile by the largest row group: rows × NB accumulators, NB W vectors and one x broadcast within
-// the vector registers (32 with AVX-512; elsewhere a 16-lane vector takes two or four registers and some spill).
+// AVX-512's 32 vector registers. Groups of up to 8 rows: each W vector loaded then serves up to 8 rows.
+constexpr int kMaxGroup = 8;
+constexpr int kTileBlocks[9] = {0, 8, 8, 6, 6, 5, 4, 3, 3};
+#else
+// Elsewhere a 16-lane vector takes two or four registers and some spill: groups of at most 4 rows.
+constexpr int kMaxGroup = 4;
 constexpr int kTileBlocks[5] = {0, 8, 8, 6, 6};
 #endif
+#endif
+
+// The largest row group whose tiles have NB blocks.
+constexpr int rows_for_blocks(int nb) {
+  int rows = 0;
+  for (int m = 1; m < static_cast<int>(sizeof(kTileBlocks) / sizeof(kTileBlocks[0])); ++m)
+    if (kTileBlocks[m] >= nb) rows = m;
+  return rows;
+}
+
+// The largest row group this process uses: kMaxGroup, or fewer with TOKENMILL_BF16_ROW_GROUP=N (1 to kMaxGroup), the
+// switch that A/B benchmarks of the grouping use. Read once.
+int max_group() {
+  static const int group = [] {
+    const char* value = std::getenv("TOKENMILL_BF16_ROW_GROUP");
+    const int n = value ? std::atoi(value) : kMaxGroup;
+    return n >= 1 && n <= kMaxGroup ? n : kMaxGroup;
+  }();
+  return group;
+}
 
 // x: the row block as bf16, or widened to fp32 for the AVX2 tiles.
 template <typename Out, int NB, typename In>
 void block_tiles(const In* x, int64_t rows, int64_t k_len, const bf16* packed, int64_t pairs, const bf16* bias,
                  int64_t n_len, Out* y) {
   const int64_t blocks = (n_len + kBlock - 1) / kBlock, tiles = (blocks + NB - 1) / NB;
-  const int64_t groups = (rows + 3) / 4;
+  const int64_t groups = (rows + max_group() - 1) / max_group();
   const int64_t block_elems = pairs * 2 * kBlock;
   parallel_rows(tiles, NB * kBlock * pairs * 2 * rows, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t first_block = t * NB, count = std::min<int64_t>(NB, blocks - first_block);
-      for_row_groups(rows, groups, [&](auto group_rows, int64_t m) {
+      for_row_groups<kMaxGroup>(rows, groups, [&](auto group_rows, int64_t m) {
         constexpr int MT = decltype(group_rows)::value;
         const In* xg = x + m * k_len;
         Out* yg = y + m * n_len;
@@ -175,11 +204,12 @@ void block_tiles(const In* x, int64_t rows, int64_t k_len, const bf16* packed, i
           tile<Out, MT, decltype(blocks)::value>(xg, k_len, pairs, packed + b * block_elems, bias, b * kBlock, n_len,
                                                  yg, n_len);
         };
-        if (count == NB) {
-          run(std::integral_constant<int, NB>{}, first_block);
-        } else {
-          for (int64_t b = first_block; b < first_block + count; ++b) run(std::integral_constant<int, 1>{}, b);
+        // Only groups no larger than the one NB was picked for get a tile of NB blocks (no other is ever run:
+        // instantiating them would only spill registers and slow the build).
+        if constexpr (MT <= rows_for_blocks(NB)) {
+          if (count == NB) return run(std::integral_constant<int, NB>{}, first_block);
         }
+        for (int64_t b = first_block; b < first_block + count; ++b) run(std::integral_constant<int, 1>{}, b);
       });
     }
   });
@@ -190,8 +220,8 @@ void packed_gemm(const bf16* x, int64_t rows, int64_t k_len, const bf16* packed,
                  int64_t n_len, Out* y) {
   for (int64_t first = 0; first < rows; first += kRowBlock) {
     const int64_t block_rows = std::min(kRowBlock, rows - first);
-    // Rows spread evenly over the fewest groups of at most 4 (9 rows: 3 + 3 + 3, not 4 + 4 + 1).
-    const int64_t groups = (block_rows + 3) / 4, largest = (block_rows + groups - 1) / groups;
+    // Rows spread evenly over the fewest groups of at most kMaxGroup (4: 9 rows as 3 + 3 + 3, not 4 + 4 + 1).
+    const int64_t groups = (block_rows + max_group() - 1) / max_group(), largest = (block_rows + groups - 1) / groups;
     const bf16* xb = x + first * k_len;
     Out* yb = y + first * n_len;
 #ifdef TOKENMILL_BF16_NARROW
@@ -208,7 +238,10 @@ void packed_gemm(const bf16* x, int64_t rows, int64_t k_len, const bf16* packed,
       default: block_tiles<Out, 1>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
 #else
       case 8: block_tiles<Out, 8>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
-      default: block_tiles<Out, 6>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      case 6: block_tiles<Out, 6>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      case 5: block_tiles<Out, 5>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      case 4: block_tiles<Out, 4>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      default: block_tiles<Out, 3>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
 #endif
     }
   }

@@ -222,19 +222,23 @@ inline float max_of(const float* a, int64_t n) {
   return top;
 }
 
+// fn(std::integral_constant<int, size>{}, first) for a runtime size in [N, Max] (Max for anything larger).
+template <int N, int Max, typename F>
+void with_group_size(int64_t size, int64_t first, const F& fn) {
+  if constexpr (N < Max) {
+    if (size != N) return with_group_size<N + 1, Max>(size, first, fn);
+  }
+  fn(std::integral_constant<int, N>{}, first);
+}
+
 // Runs fn(std::integral_constant<int, size>{}, first_row) for `rows` rows split into `groups` consecutive groups of at
-// most 4 whose sizes differ by at most one, so that a tile kernel gets its row count as a compile-time constant.
-template <typename F>
+// most MaxGroup whose sizes differ by at most one, so that a tile kernel gets its row count as a compile-time constant.
+template <int MaxGroup = 4, typename F>
 void for_row_groups(int64_t rows, int64_t groups, const F& fn) {
   int64_t first = 0;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t size = rows / groups + (g < rows % groups ? 1 : 0);
-    switch (size) {
-      case 1: fn(std::integral_constant<int, 1>{}, first); break;
-      case 2: fn(std::integral_constant<int, 2>{}, first); break;
-      case 3: fn(std::integral_constant<int, 3>{}, first); break;
-      default: fn(std::integral_constant<int, 4>{}, first); break;
-    }
+    with_group_size<1, MaxGroup>(size, first, fn);
     first += size;
   }
 }
