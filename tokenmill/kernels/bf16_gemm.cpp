@@ -238,10 +238,14 @@ void packed_gemm(const bf16* x, int64_t rows, int64_t k_len, const bf16* packed,
       default: block_tiles<Out, 1>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
 #else
       case 8: block_tiles<Out, 8>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+#if defined(__AVX512BF16__)
       case 6: block_tiles<Out, 6>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
       case 5: block_tiles<Out, 5>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
       case 4: block_tiles<Out, 4>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
       default: block_tiles<Out, 3>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+#else
+      default: block_tiles<Out, 6>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+#endif
 #endif
     }
   }
