@@ -4,6 +4,7 @@ Python); and on a small random model, greedy outputs that no policy or preemptio
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -361,11 +362,8 @@ def test_a_running_request_short_of_kv_takes_it_from_a_paused_one_first() -> Non
         ("short", 1)]
 
 
-
 @pytest.mark.parametrize("seed", range(4))
 def test_sjf_pausing_under_random_arrivals_and_kv_pressure_loses_nothing(seed: int) -> None:
-    import random
-
     rng = random.Random(seed)
     sched = make("sjf", num_blocks=24, block_size=4, prefix=True, max_num_batched_tokens=8, max_num_seqs=3,
                  sjf_pause_ratio=2.0, sjf_pause_budget=rng.choice([0.5, 1.5, 4.0]))
@@ -384,6 +382,7 @@ def test_sjf_pausing_under_random_arrivals_and_kv_pressure_loses_nothing(seed: i
         assert len(sched.running) <= 3
     assert all(r.num_output_tokens == r.params.max_tokens for r in requests)
     assert sched.num_pauses > 0 and sched.kv_cache.num_free_blocks == 24 and not sched.paused
+
 
 # ---- every policy: chunked prefill, prefix hits, preemption, nothing leaks -------------------------------------
 

@@ -188,10 +188,9 @@ int max_group() {
 
 // x: the row block as bf16, or widened to fp32 for the AVX2 tiles.
 template <typename Out, int NB, typename In>
-void block_tiles(const In* x, int64_t rows, int64_t k_len, const bf16* packed, int64_t pairs, const bf16* bias,
-                 int64_t n_len, Out* y) {
+void block_tiles(const In* x, int64_t rows, int64_t groups, int64_t k_len, const bf16* packed, int64_t pairs,
+                 const bf16* bias, int64_t n_len, Out* y) {
   const int64_t blocks = (n_len + kBlock - 1) / kBlock, tiles = (blocks + NB - 1) / NB;
-  const int64_t groups = (rows + max_group() - 1) / max_group();
   const int64_t block_elems = pairs * 2 * kBlock;
   parallel_rows(tiles, NB * kBlock * pairs * 2 * rows, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -233,18 +232,18 @@ void packed_gemm(const bf16* x, int64_t rows, int64_t k_len, const bf16* packed,
 #endif
     switch (kTileBlocks[largest]) {
 #ifdef TOKENMILL_BF16_NARROW
-      case 4: block_tiles<Out, 4>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
-      case 2: block_tiles<Out, 2>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
-      default: block_tiles<Out, 1>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      case 4: block_tiles<Out, 4>(xin, block_rows, groups, k_len, packed, pairs, bias, n_len, yb); break;
+      case 2: block_tiles<Out, 2>(xin, block_rows, groups, k_len, packed, pairs, bias, n_len, yb); break;
+      default: block_tiles<Out, 1>(xin, block_rows, groups, k_len, packed, pairs, bias, n_len, yb); break;
 #else
-      case 8: block_tiles<Out, 8>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      case 8: block_tiles<Out, 8>(xin, block_rows, groups, k_len, packed, pairs, bias, n_len, yb); break;
 #if defined(__AVX512BF16__)
-      case 6: block_tiles<Out, 6>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
-      case 5: block_tiles<Out, 5>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
-      case 4: block_tiles<Out, 4>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
-      default: block_tiles<Out, 3>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      case 6: block_tiles<Out, 6>(xin, block_rows, groups, k_len, packed, pairs, bias, n_len, yb); break;
+      case 5: block_tiles<Out, 5>(xin, block_rows, groups, k_len, packed, pairs, bias, n_len, yb); break;
+      case 4: block_tiles<Out, 4>(xin, block_rows, groups, k_len, packed, pairs, bias, n_len, yb); break;
+      default: block_tiles<Out, 3>(xin, block_rows, groups, k_len, packed, pairs, bias, n_len, yb); break;
 #else
-      default: block_tiles<Out, 6>(xin, block_rows, k_len, packed, pairs, bias, n_len, yb); break;
+      default: block_tiles<Out, 6>(xin, block_rows, groups, k_len, packed, pairs, bias, n_len, yb); break;
 #endif
 #endif
     }
