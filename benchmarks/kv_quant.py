@@ -6,7 +6,8 @@ quality: perplexity from `prompt_logprobs` on ../shared/data/tinyshakespeare_fir
          `--agreement-prompts` MT-Bench questions (`--agreement-tokens` tokens each)
 budget:  offline throughput at a KV budget (`--budget-gib`, residual slots included) that limits the batch:
          `--budget-requests` prompts of `--budget-prompt` tokens, `--budget-output` tokens each, at most
-         `--budget-max-seqs` running; modes alternated (auto, int8, int4, auto, ...)
+         `--budget-max-seqs` running (one count, or one per mode); modes alternated (auto, int8, int4, auto, ...),
+         each under each `--budget-readmit` rule (a preempted request back whole, or a chunk at a time)
 int8-scales: int8 with a scale per token (the format) against a scale per block and KV head, by perplexity: the
          model in plain PyTorch over windows of `--ppl-window` tokens, each layer's K/V rounded through either
          int8 scale where the format would read it quantized (keys of blocks before the query's own)
@@ -172,25 +173,42 @@ def offline_run(llm: LLM, prompts: list[list[int]], output: int) -> dict[str, fl
             "mean_running": statistics.fmean(running), "preemptions": engine.stats().num_preemptions - preempted}
 
 
+def max_seqs_per_mode(spec: str, modes: list[str]) -> dict[str, int]:
+    """`8` (every mode) or `auto=3,int4=8`: each mode at the seat count that suits its cache, since seats beyond
+    what the blocks hold only add preemptions (and, quantized, residual slots taken from the budget)."""
+    if "=" not in spec:
+        return dict.fromkeys(modes, int(spec))
+    given = {mode: int(n) for mode, n in (item.split("=") for item in spec.split(","))}
+    if missing := set(modes) - set(given):
+        raise SystemExit(f"--budget-max-seqs names no seat count for {sorted(missing)}")
+    return given
+
+
 def part_budget(args: argparse.Namespace) -> dict[str, Any]:
     modes = args.budget_modes.split(",")
-    llms = {m: make_llm(args, m, kv_cache_memory_gib=args.budget_gib, enable_prefix_caching=False,
-                        max_num_seqs=args.budget_max_seqs) for m in modes}
+    seats = max_seqs_per_mode(args.budget_max_seqs, modes)
+    # An arm is a mode under a readmission rule: "auto" readmits a preempted request whole (the default),
+    # "auto+chunk" a chunk at a time (readmit_whole=False).
+    arms = {mode + ("" if readmit == "whole" else "+chunk"): (mode, readmit == "whole")
+            for readmit in args.budget_readmit.split(",") for mode in modes}
+    llms = {arm: make_llm(args, mode, kv_cache_memory_gib=args.budget_gib, enable_prefix_caching=False,
+                          max_num_seqs=seats[mode], readmit_whole=whole) for arm, (mode, whole) in arms.items()}
     text_ids = next(iter(llms.values())).tokenizer.encode((SHARED / "tinyshakespeare_first_half.txt").read_text())
     prompts = [text_ids[i * 997 : i * 997 + args.budget_prompt] for i in range(args.budget_requests)]
-    runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
     for _ in range(args.repeats):
-        for mode in modes:
-            runs[mode].append(offline_run(llms[mode], prompts, args.budget_output))
-            r = runs[mode][-1]
-            print(f"{mode:5s} {r['output_tok_s']:7.1f} output tok/s, {r['mean_running']:.1f} running on average "
+        for arm in arms:
+            runs[arm].append(offline_run(llms[arm], prompts, args.budget_output))
+            r = runs[arm][-1]
+            print(f"{arm:10s} {r['output_tok_s']:7.1f} output tok/s, {r['mean_running']:.1f} running on average "
                   f"(at most {r['most_running']}), {r['preemptions']} preemptions "
-                  f"({llms[mode].engine.kv_cache.num_blocks} KV blocks)")
-    median = {m: statistics.median(r["output_tok_s"] for r in runs[m]) for m in modes}
-    out = {"runs": runs, "median_output_tok_s": median,
-           "kv_blocks": {m: llms[m].engine.kv_cache.num_blocks for m in modes},
-           "over_auto": {m: median[m] / median["auto"] for m in modes} if "auto" in median else {}}
-    print("median output tok/s: " + ", ".join(f"{m} {v:.1f}" for m, v in median.items()))
+                  f"({llms[arm].engine.kv_cache.num_blocks} KV blocks)")
+    median = {arm: statistics.median(r["output_tok_s"] for r in runs[arm]) for arm in arms}
+    out = {"runs": runs, "median_output_tok_s": median, "max_num_seqs": seats,
+           "kv_blocks": {arm: llms[arm].engine.kv_cache.num_blocks for arm in arms},
+           "over_auto": {arm: median[arm] / median["auto"] for arm in arms} if "auto" in median else {},
+           "whole_over_chunk": {m: median[m] / median[m + "+chunk"] for m in modes if m + "+chunk" in median}}
+    print("median output tok/s: " + ", ".join(f"{arm} {v:.1f}" for arm, v in median.items()))
     return out
 
 
@@ -260,7 +278,10 @@ def main() -> None:
     parser.add_argument("--budget-requests", type=int, default=32)
     parser.add_argument("--budget-prompt", type=int, default=64)
     parser.add_argument("--budget-output", type=int, default=256)
-    parser.add_argument("--budget-max-seqs", type=int, default=64, help="max_num_seqs: also the residual slots")
+    parser.add_argument("--budget-max-seqs", default="64",
+                        help="max_num_seqs (also the residual slots): N for every mode, or auto=N,int4=M,...")
+    parser.add_argument("--budget-readmit", default="whole",
+                        help="whole, chunk or whole,chunk: how a preempted request is readmitted (readmit_whole)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decode-seqs", type=int, default=32)
     parser.add_argument("--decode-context", type=int, default=2040)

@@ -240,6 +240,19 @@ def tiny_model(tmp_path_factory) -> Path:
 PROMPTS = [[(7 * i + 3 * j) % 290 + 5 for j in range(n)] for i, n in enumerate((45, 20, 77, 3))]
 
 
+def test_a_budget_the_residual_slots_fill_is_refused_before_loading(tiny_model) -> None:
+    llm = LLM(str(tiny_model), dtype="float32", device="cpu", num_kv_blocks=1, kv_cache_dtype="int4",
+              max_num_seqs=1)
+    cfg = llm.engine.model_config
+    slots = QuantizedKVCache.residual_bytes(cfg, BS, torch.float32, 8)
+    block = QuantizedKVCache.bytes_per_block(cfg, BS, KVFormat.from_name("int4"))
+    options = dict(dtype="float32", device="cpu", block_size=BS, kv_cache_dtype="int4",
+                   kv_cache_memory_gib=(slots + 3 * block) / 2**30)
+    assert LLM(str(tiny_model), max_num_seqs=8, **options).engine.kv_cache.num_blocks == 3
+    with pytest.raises(ValueError, match="no KV block .* 9 residual slots"):
+        LLM(str(tiny_model), max_num_seqs=9, **options)
+
+
 def greedy(llm: LLM, prompts: list[list[int]], max_tokens: int = 24) -> list[list[int]]:
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
                         use_tqdm=False)

@@ -109,6 +109,47 @@ def test_preemption_recomputes_the_latest_arrival() -> None:
     assert b.output_token_ids == [7, 7]
 
 
+def preempt_the_later_of_two(readmit_whole: bool) -> tuple[Scheduler, Request, Request]:
+    sched = make_scheduler(num_blocks=6, block_size=4, max_num_batched_tokens=8, readmit_whole=readmit_whole)
+    a, b = req("a", 4), req("b", 4)
+    sched.add_request(a)
+    sched.add_request(b)
+    assert run_step(sched) == {"a": 4, "b": 4}
+    for _ in range(8):  # entries 5-12 of each: three blocks each, the cache full
+        assert run_step(sched) == {"a": 1, "b": 1}
+    assert sched.kv_cache.num_free_blocks == 0
+    # a's 13th entry needs a fourth block: b, the later arrival, is preempted with 13 tokens to recompute
+    assert run_step(sched) == {"a": 1}
+    assert b.status is RequestStatus.PREEMPTED and b.num_tokens == 13
+    assert sched.kv_cache.block_table("a") == [0, 2, 4, 5]
+    assert sched.kv_cache.num_free_blocks == 2
+    return sched, a, b
+
+
+def test_a_preempted_request_comes_back_only_when_its_whole_recompute_fits_with_room_to_grow() -> None:
+    sched, a, b = preempt_the_later_of_two(readmit_whole=True)
+    # A first chunk of b (7 tokens, 2 blocks) would fit, but its 4 blocks plus one spare for a and for b do not:
+    # let in, b would be the first victim of a's next block and recompute again. It waits.
+    for _ in range(4):
+        assert run_step(sched) == {"a": 1}
+    assert list(sched.waiting) == [b]
+    sched.finish("a", RequestStatus.FINISHED_LENGTH)
+    # alone, it comes back chunk by chunk as any request does
+    assert run_step(sched) == {"b": 8}
+    assert run_step(sched) == {"b": 5}
+    assert b.status is RequestStatus.RUNNING and b.num_preemptions == 1
+
+
+def test_without_readmit_whole_a_preempted_request_comes_back_a_chunk_at_a_time_and_thrashes() -> None:
+    sched, a, b = preempt_the_later_of_two(readmit_whole=False)
+    assert run_step(sched) == {"a": 1, "b": 7}
+    assert sched.kv_cache.block_table("b") == [3, 1]
+    # b's next chunk needs two more blocks and none is free: b, the last, goes again, its 7 tokens lost
+    assert run_step(sched) == {"a": 1}
+    assert b.status is RequestStatus.PREEMPTED and b.num_preemptions == 2
+    assert run_step(sched) == {"a": 1, "b": 7}  # and the cycle starts over
+
+
 def test_request_preempting_itself_when_alone_in_front() -> None:
     sched = make_scheduler(num_blocks=2, block_size=4)
     a, b = req("a", 4), req("b", 4)

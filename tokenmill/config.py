@@ -120,6 +120,10 @@ class EngineConfig:
     # keeps its KV and may stay paused sjf_pause_budget steps per step of its own work: scheduler/sjf.py; why these
     # defaults: docs/benchmarks.md, "sjf's frontier" and "sjf with pausing").
     scheduling_policy: str = "fcfs"
+    # True: a preempted request that would be the first victim again comes back only when its whole recompute fits
+    # with a block to spare per running request (Scheduler._fits_recompute); False: a chunk at a time, like any
+    # request (the A/B switch: docs/benchmarks.md, "Readmission after preemption").
+    readmit_whole: bool = True
     sjf_aging: float = 0.0
     sjf_wait_bound: float = 2.0
     sjf_pause_ratio: float = 4.0

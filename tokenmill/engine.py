@@ -158,7 +158,7 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.enable_chunked_prefill, config.scheduling_policy, config.sjf_aging,
                             config.fair_input_weight, config.fair_output_weight, config.sjf_wait_bound,
-                            config.sjf_pause_ratio, config.sjf_pause_budget),
+                            config.sjf_pause_ratio, config.sjf_pause_budget, config.readmit_whole),
             KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
                            cache_salt=f"{self.model_path.name}|{self.dtype}|{self._weight_format_name()}|"
                                       f"kv-{config.kv_cache_dtype}",
@@ -362,7 +362,13 @@ class LLMEngine:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         per_block, fixed = self._kv_layout_bytes()  # a quantized cache's residual slots share the budget
-        return max(1, int((self.config.kv_cache_memory_gib * 2**30 - fixed) // per_block))
+        budget = self.config.kv_cache_memory_gib * 2**30
+        if budget - fixed < per_block:
+            slots = (f" after the {fixed / 2**20:.1f} MiB of the {self.config.max_num_seqs} residual slots "
+                     "(one per max_num_seqs; lower it)") if fixed else ""
+            raise ValueError(f"kv_cache_memory_gib={self.config.kv_cache_memory_gib} holds no KV block of "
+                             f"{per_block / 2**20:.2f} MiB{slots}")
+        return int((budget - fixed) // per_block)
 
     def _kv_layout_bytes(self) -> tuple[int, int]:
         """(bytes per KV block, bytes the cache holds besides its blocks: a quantized cache's residual slots)."""

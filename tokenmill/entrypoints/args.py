@@ -30,6 +30,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--no-readmit-whole", action="store_true",
+                   help="readmit a preempted request a chunk at a time, not only once its whole recompute fits")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached KV blocks")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
@@ -163,7 +165,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         speculative_adaptive=not args.no_speculative_adaptive, speculative_guard=not args.no_speculative_guard,
         scheduling_policy=args.scheduling_policy, sjf_aging=args.sjf_aging, sjf_wait_bound=args.sjf_wait_bound,
         sjf_pause_ratio=args.sjf_pause_ratio, sjf_pause_budget=args.sjf_pause_budget,
-        fair_input_weight=args.fair_input_weight,
+        readmit_whole=not args.no_readmit_whole, fair_input_weight=args.fair_input_weight,
         fair_output_weight=args.fair_output_weight, structured_outputs_timeout_s=args.structured_outputs_timeout,
         structured_outputs_overlap=not args.no_structured_outputs_overlap, sliding_window=args.sliding_window,
         attention_sinks=args.attention_sinks, kv_cache_dtype=args.kv_cache_dtype, h2o_budget=args.h2o_budget,

@@ -47,6 +47,7 @@ class SchedulerConfig:
     sjf_wait_bound: float = 2.0  # 0: off; else how much later than FCFS a request may be admitted (sjf.py)
     sjf_pause_ratio: float = 4.0  # 0: off; else pause a running request with this many times a waiting one's work
     sjf_pause_budget: float = 1.5  # steps a request may spend paused per step of its own predicted work
+    readmit_whole: bool = True  # a preempted request back only when its recompute fits (_fits_recompute)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -267,6 +268,8 @@ class Scheduler:
         remaining = request.num_tokens - request.num_computed_tokens - num_cached
         if not self.config.enable_chunked_prefill and remaining > budget:
             return None
+        if request.num_preemptions and not self._fits_recompute(request, remaining, cached):
+            return None
         num_new = self._cap(request, min(remaining, budget))  # nothing to evict yet: it holds no entries
         if not self.kv_cache.allocate_slots(request, num_new, cached):
             return None
@@ -274,6 +277,20 @@ class Scheduler:
         request.num_computed_tokens += num_cached
         request.num_cached_tokens = num_cached
         return num_new
+
+    def _fits_recompute(self, request: Request, remaining: int, cached: list[int]) -> bool:
+        """A preempted request that the policy would rank last comes back only when all it must recompute fits,
+        with a block to spare for each running request and itself. Let in a chunk at a time, it would be the first
+        victim when the others' next blocks find none free, and recompute again (a thrash that can cost more steps
+        than it runs). Alone, ranked before a running request, under an eviction policy that bounds its entries,
+        or with `readmit_whole` off, it comes back as any request does."""
+        if not self.config.readmit_whole or not self.running or self.kv_cache.max_new_entries(request) is not None:
+            return True
+        ranked = [*self.running, request]
+        self.policy.rank(ranked)
+        if ranked[-1] is not request:
+            return True
+        return self.kv_cache.can_allocate(request, remaining, cached, spare=len(self.running) + 1)
 
     def _fork_parent(self, request: Request) -> Request | None:
         """The running sibling to fork from, if the request has one; a sibling still prefilling means wait."""
