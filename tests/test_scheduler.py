@@ -140,6 +140,16 @@ def test_a_preempted_request_comes_back_only_when_its_whole_recompute_fits_with_
     assert b.status is RequestStatus.RUNNING and b.num_preemptions == 1
 
 
+def test_can_allocate_counts_the_spare_blocks_and_allocates_nothing() -> None:
+    kv = KVCacheManager(6, 4)
+    x, y = req("x", 8), req("y", 13)
+    assert kv.allocate_slots(x, 8)
+    assert kv.can_allocate(y, 13) and kv.can_allocate(y, 13, spare=0)  # 4 blocks of the 4 free
+    assert not kv.can_allocate(y, 13, spare=1)
+    assert kv.can_allocate(y, 12, spare=1) and not kv.can_allocate(y, 12, spare=2)
+    assert kv.num_free_blocks == 4 and kv.block_table("y") == []
+
+
 def test_without_readmit_whole_a_preempted_request_comes_back_a_chunk_at_a_time_and_thrashes() -> None:
     sched, a, b = preempt_the_later_of_two(readmit_whole=False)
     assert run_step(sched) == {"a": 1, "b": 7}
