@@ -217,10 +217,11 @@ void block_tiles(const In* x, int64_t rows, int64_t groups, int64_t k_len, const
 template <typename Out>
 void packed_gemm(const bf16* x, int64_t rows, int64_t k_len, const bf16* packed, int64_t pairs, const bf16* bias,
                  int64_t n_len, Out* y) {
+  const int64_t group = max_group();
   for (int64_t first = 0; first < rows; first += kRowBlock) {
     const int64_t block_rows = std::min(kRowBlock, rows - first);
-    // Rows spread evenly over the fewest groups of at most kMaxGroup (4: 9 rows as 3 + 3 + 3, not 4 + 4 + 1).
-    const int64_t groups = (block_rows + max_group() - 1) / max_group(), largest = (block_rows + groups - 1) / groups;
+    // Rows spread evenly over the fewest groups of at most `group` (4: 9 rows as 3 + 3 + 3, not 4 + 4 + 1).
+    const int64_t groups = (block_rows + group - 1) / group, largest = (block_rows + groups - 1) / groups;
     const bf16* xb = x + first * k_len;
     Out* yb = y + first * n_len;
 #ifdef TOKENMILL_BF16_NARROW

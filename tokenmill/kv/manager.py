@@ -296,16 +296,18 @@ class KVCacheManager:
                      spare: int = 0) -> bool:
         """Whether `allocate_slots` would succeed with `spare` free blocks still left after it."""
         cached_blocks = cached_blocks or []
-        needed = self._growth(request, num_new_tokens, cached_blocks)[1]
-        # Cached blocks that sit in the free queue stop being free once shared.
-        reclaimed = sum(1 for b in cached_blocks if self.pool.ref_count(b) == 0)
-        return needed + spare <= self.pool.num_free_blocks - reclaimed
+        return self._fits(self._growth(request, num_new_tokens, cached_blocks)[1], cached_blocks, spare)
 
     def _growth(self, request: Request, num_new_tokens: int, cached_blocks: list[int]) -> tuple[int, int]:
         """(entries the request holds once `cached_blocks` are shared, new blocks for `num_new_tokens` after them)."""
         computed = self.num_entries(request.request_id) + len(cached_blocks) * self.block_size
         held = len(self._tables.get(request.request_id, [])) + len(cached_blocks)
         return computed, self.blocks_needed(computed + num_new_tokens) - held
+
+    def _fits(self, needed: int, cached_blocks: list[int], spare: int = 0) -> bool:
+        # Cached blocks that sit in the free queue stop being free once shared.
+        reclaimed = sum(1 for b in cached_blocks if self.pool.ref_count(b) == 0)
+        return needed + spare <= self.pool.num_free_blocks - reclaimed
 
     def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
         """Make room for `num_new_tokens` more entries after `cached_blocks` (a prefix hit, on admission), whose
@@ -314,9 +316,9 @@ class KVCacheManager:
         Returns False, with nothing allocated or shared, when free blocks are short.
         """
         cached_blocks = cached_blocks or []
-        if not self.can_allocate(request, num_new_tokens, cached_blocks):
-            return False
         computed, needed = self._growth(request, num_new_tokens, cached_blocks)
+        if not self._fits(needed, cached_blocks):
+            return False
         for block in cached_blocks:
             self.pool.share(block)
         table = self._tables.setdefault(request.request_id, [])
