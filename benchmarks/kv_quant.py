@@ -7,12 +7,14 @@ quality: perplexity from `prompt_logprobs` on ../shared/data/tinyshakespeare_fir
 budget:  offline throughput at a KV budget (`--budget-gib`, residual slots included) that limits the batch:
          `--budget-requests` prompts of `--budget-prompt` tokens, `--budget-output` tokens each, at most
          `--budget-max-seqs` running (one count, or one per mode); modes alternated (auto, int8, int4, auto, ...),
-         each under each `--budget-readmit` rule (a preempted request back whole, or a chunk at a time)
+         each under each `--budget-readmit` rule (a preempted request back whole, or a chunk at a time) and each
+         `--budget-decode` (quantized decode rows folded, or dequantized a row at a time: `mode/rows`)
 int8-scales: int8 with a scale per token (the format) against a scale per block and KV head, by perplexity: the
          model in plain PyTorch over windows of `--ppl-window` tokens, each layer's K/V rounded through either
          int8 scale where the format would read it quantized (keys of blocks before the query's own)
-decode:  one layer's decode attention for `--decode-seqs` sequences at `--decode-context` entries, per mode, the
-         kernels called directly and alternated; achieved GB/s from the bytes each mode reads
+decode:  one layer's decode attention for `--decode-seqs` sequences at `--decode-context` entries, per mode (each
+         quantized one folded and, as `mode/rows`, dequantizing rows), the kernels called directly and alternated,
+         in `--decode-dtype`; achieved GB/s from the bytes each mode reads
 
     .venv/bin/python benchmarks/kv_quant.py [--parts bytes,quality,int8-scales,budget,decode] [--block-size 16]
 """
@@ -70,12 +72,20 @@ def perplexity(llm: LLM, ids: list[int], window: int, windows: int) -> dict[str,
 
 
 def part_quality(args: argparse.Namespace) -> dict[str, Any]:
+    """Each mode, and with `--quality-decode folded,rows` each quantized one again with its decode rows dequantized
+    (`mode/rows`). `--ppl-chunk 16` scores the prompts in runs of at most 16 tokens, which the kernels attend as
+    decode rows: the perplexity then measures the decode kernel's arithmetic, not the prefill kernel's."""
     text = (SHARED / "tinyshakespeare_first_half.txt").read_text()
     questions = [json.loads(line)["turns"][0] for line in (SHARED / "mt_bench_questions.jsonl").open()]
     out: dict[str, Any] = {}
     reference: list[list[int]] = []
-    for mode in MODES:
-        llm = make_llm(args, mode)
+    arms = ["auto", *(m + suffix for m in MODES[1:] for suffix in
+                      ("" if decode == "folded" else "/rows" for decode in args.quality_decode.split(",")))]
+    kernels = cpu_kernels().module
+    for arm in arms:
+        mode = arm.split("/")[0]
+        kernels.kv_quant_folded(0 if arm.endswith("/rows") else 1)
+        llm = make_llm(args, mode, **({"max_num_batched_tokens": args.ppl_chunk} if args.ppl_chunk else {}))
         ids = llm.tokenizer.encode(text)
         result = perplexity(llm, ids, args.ppl_window, args.ppl_windows)
         prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}])
@@ -87,12 +97,13 @@ def part_quality(args: argparse.Namespace) -> dict[str, Any]:
         result |= greedy_agreement(tokens, reference)
         if mode != "auto":
             result["ppl_increase"] = result["ppl"] / out["auto"]["ppl"] - 1
-        out[mode] = result
-        print(f"{mode:5s} ppl {result['ppl']:.3f} over {result['tokens']} tokens"
+        out[arm] = result
+        print(f"{arm:9s} ppl {result['ppl']:.3f} over {result['tokens']} tokens"
               + (f" ({result['ppl_increase']:+.2%})" if mode != "auto" else "")
               + f"; greedy prefix agreement {result['prefix_agreement']:.3f}, identical "
                 f"{result['identical_sequences']:.2f}")
         del llm
+    kernels.kv_quant_folded(1)
     return out
 
 
@@ -187,17 +198,22 @@ def max_seqs_per_mode(spec: str, modes: list[str]) -> dict[str, int]:
 def part_budget(args: argparse.Namespace) -> dict[str, Any]:
     modes = args.budget_modes.split(",")
     seats = max_seqs_per_mode(args.budget_max_seqs, modes)
-    # An arm is a mode under a readmission rule: "auto" readmits a preempted request whole (the default),
-    # "auto+chunk" a chunk at a time (readmit_whole=False).
-    arms = {mode + ("" if readmit == "whole" else "+chunk"): (mode, readmit == "whole")
-            for readmit in args.budget_readmit.split(",") for mode in modes}
+    # An arm is a mode under a readmission rule and a quantized decode: "auto" readmits a preempted request whole
+    # (the default), "auto+chunk" a chunk at a time (readmit_whole=False); "int4/rows" decodes with each row
+    # dequantized (kv_quant_folded(0)) instead of the quantization folded into the query and weights.
+    arms = {mode + ("" if readmit == "whole" else "+chunk") + ("" if decode == "folded" else "/rows"):
+            (mode, readmit == "whole", decode == "folded")
+            for decode in args.budget_decode.split(",") for readmit in args.budget_readmit.split(",")
+            for mode in modes if mode != "auto" or decode == "folded"}
     llms = {arm: make_llm(args, mode, kv_cache_memory_gib=args.budget_gib, enable_prefix_caching=False,
-                          max_num_seqs=seats[mode], readmit_whole=whole) for arm, (mode, whole) in arms.items()}
+                          max_num_seqs=seats[mode], readmit_whole=whole) for arm, (mode, whole, _) in arms.items()}
+    kernels = cpu_kernels().module
     text_ids = next(iter(llms.values())).tokenizer.encode((SHARED / "tinyshakespeare_first_half.txt").read_text())
     prompts = [text_ids[i * 997 : i * 997 + args.budget_prompt] for i in range(args.budget_requests)]
     runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
     for _ in range(args.repeats):
         for arm in arms:
+            kernels.kv_quant_folded(int(arms[arm][2]))
             runs[arm].append(offline_run(llms[arm], prompts, args.budget_output))
             r = runs[arm][-1]
             print(f"{arm:10s} {r['output_tok_s']:7.1f} output tok/s, {r['mean_running']:.1f} running on average "
@@ -207,60 +223,72 @@ def part_budget(args: argparse.Namespace) -> dict[str, Any]:
     out = {"runs": runs, "median_output_tok_s": median, "max_num_seqs": seats,
            "kv_blocks": {arm: llms[arm].engine.kv_cache.num_blocks for arm in arms},
            "over_auto": {arm: median[arm] / median["auto"] for arm in arms} if "auto" in median else {},
-           "whole_over_chunk": {m: median[m] / median[m + "+chunk"] for m in modes if m + "+chunk" in median}}
+           "whole_over_chunk": {m: median[m] / median[m + "+chunk"] for m in modes if m + "+chunk" in median},
+           "folded_over_rows": {m: median[m] / median[m + "/rows"] for m in modes if m + "/rows" in median}}
+    kernels.kv_quant_folded(1)
     print("median output tok/s: " + ", ".join(f"{arm} {v:.1f}" for arm, v in median.items()))
     return out
 
 
 def decode_inputs(args: argparse.Namespace, mode: str, kernels: Any, generator: torch.Generator) -> dict[str, Any]:
     heads, kv_heads, dim, bs = 9, 3, 64, args.block_size
-    seqs, ctx = args.decode_seqs, args.decode_context
+    seqs, ctx, dtype = args.decode_seqs, args.decode_context, getattr(torch, args.decode_dtype)
     blocks_per_seq = -(-ctx // bs)
     num_blocks = seqs * blocks_per_seq
     order = torch.randperm(num_blocks, generator=generator)
     tables = order.view(seqs, blocks_per_seq)
-    q = torch.randn(seqs, heads, dim, generator=generator)
-    kv_rows = torch.randn(seqs, 2, kv_heads, dim, generator=generator)
+    q = torch.randn(seqs, heads, dim, generator=generator).to(dtype)
+    kv_rows = torch.randn(seqs, 2, kv_heads, dim, generator=generator).to(dtype)
     common = {"q": q, "k": kv_rows[:, 0], "v": kv_rows[:, 1], "query_starts": torch.arange(seqs + 1),
               "block_tables": tables, "context_lens": torch.full((seqs,), ctx)}
     if mode == "auto":
-        k_cache = torch.randn(kv_heads, num_blocks * bs, dim, generator=generator)
+        k_cache = torch.randn(kv_heads, num_blocks * bs, dim, generator=generator).to(dtype)
         return common | {"k_cache": k_cache, "v_cache": torch.randn_like(k_cache), "block_size": bs,
-                         "bytes": 2 * ctx * seqs * kv_heads * dim * 4}
+                         "bytes": 2 * ctx * seqs * kv_heads * dim * dtype.itemsize}
     fmt = KVFormat.from_name(mode)
     assert fmt is not None
     data = torch.randint(0, 256, (1, kv_heads, num_blocks, bs * fmt.row_bytes(dim)), dtype=torch.uint8,
                          generator=generator)
     k_params = torch.rand(1, kv_heads, num_blocks, fmt.key_params(bs, dim), generator=generator).half()
     v_params = torch.rand(1, kv_heads, num_blocks, fmt.value_params(bs), generator=generator).half()
-    residual = torch.randn(1, kv_heads, seqs, bs, dim, generator=generator)
+    residual = torch.randn(1, kv_heads, seqs, bs, dim, generator=generator).to(dtype)
     kv = kernels.QuantKV(fmt.bits, bs, data, k_params, data.clone(), v_params, residual, residual.clone())
     full = ctx // bs * bs
-    read = seqs * kv_heads * (full * fmt.bytes_per_block_head(bs, dim) // bs + 2 * (ctx - full) * dim * 4)
+    read = seqs * kv_heads * (full * fmt.bytes_per_block_head(bs, dim) // bs
+                              + 2 * (ctx - full) * dim * dtype.itemsize)
     return common | {"kv": kv, "layer": 0, "residual_slots": torch.arange(seqs), "bytes": read}
 
 
 def part_decode(args: argparse.Namespace) -> dict[str, Any]:
+    """Each quantized mode twice: its decode rows with the quantization folded into the query and probabilities (the
+    default), and dequantized a row at a time (`kv_quant_folded(0)`, the arm named `mode/rows`)."""
     kernels = cpu_kernels().module
     generator = torch.Generator().manual_seed(0)
     inputs = {m: decode_inputs(args, m, kernels, generator) for m in MODES}
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    for _ in range(args.decode_repeats):
-        for mode in MODES:
-            call = {k: v for k, v in inputs[mode].items() if k != "bytes"}
-            fn = kernels.paged_attention if mode == "auto" else kernels.paged_attention_quantized
-            fn(**call)
-            start = time.perf_counter()
-            for _ in range(5):
+    arms = ["auto", *(f"{m}{suffix}" for m in MODES if m != "auto" for suffix in ("", "/rows"))]
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    try:
+        for _ in range(args.decode_repeats):
+            for arm in arms:
+                mode = arm.split("/")[0]
+                kernels.kv_quant_folded(0 if arm.endswith("/rows") else 1)
+                call = {k: v for k, v in inputs[mode].items() if k != "bytes"}
+                fn = kernels.paged_attention if mode == "auto" else kernels.paged_attention_quantized
                 fn(**call)
-            times[mode].append((time.perf_counter() - start) / 5)
-    out = {}
-    for mode in MODES:
-        t = statistics.median(times[mode])
-        out[mode] = {"ms": t * 1e3, "bytes": inputs[mode]["bytes"], "gb_s": inputs[mode]["bytes"] / t / 1e9,
-                     "over_auto": t / statistics.median(times["auto"])}
-        print(f"{mode:5s} decode attention {t * 1e3:7.2f} ms  {inputs[mode]['bytes'] / 2**20:7.1f} MiB read  "
-              f"{out[mode]['gb_s']:5.1f} GB/s  ({out[mode]['over_auto']:.2f}x the fp32 cache's time)")
+                start = time.perf_counter()
+                for _ in range(5):
+                    fn(**call)
+                times[arm].append((time.perf_counter() - start) / 5)
+    finally:
+        kernels.kv_quant_folded(1)
+    out: dict[str, Any] = {"dtype": args.decode_dtype, "seqs": args.decode_seqs, "context": args.decode_context}
+    full = statistics.median(times["auto"])
+    for arm in arms:
+        t, read = statistics.median(times[arm]), inputs[arm.split("/")[0]]["bytes"]
+        out[arm] = {"ms": t * 1e3, "bytes": read, "gb_s": read / t / 1e9, "over_auto": t / full,
+                    "rounds_ms": [x * 1e3 for x in times[arm]]}
+        print(f"{arm:9s} decode attention {t * 1e3:7.2f} ms  {read / 2**20:7.1f} MiB read  "
+              f"{out[arm]['gb_s']:5.1f} GB/s  ({out[arm]['over_auto']:.2f}x the {args.decode_dtype} cache's time)")
     return out
 
 
@@ -271,6 +299,10 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--ppl-window", type=int, default=1024)
     parser.add_argument("--ppl-windows", type=int, default=8)
+    parser.add_argument("--ppl-chunk", type=int, default=0,
+                        help="max_num_batched_tokens of the quality part's engines (0: the engine's default)")
+    parser.add_argument("--quality-decode", default="folded",
+                        help="folded, rows or folded,rows: the quality part's quantized decode rows")
     parser.add_argument("--agreement-prompts", type=int, default=16)
     parser.add_argument("--agreement-tokens", type=int, default=64)
     parser.add_argument("--budget-gib", type=float, default=0.125)
@@ -282,10 +314,14 @@ def main() -> None:
                         help="max_num_seqs (also the residual slots): N for every mode, or auto=N,int4=M,...")
     parser.add_argument("--budget-readmit", default="whole",
                         help="whole, chunk or whole,chunk: how a preempted request is readmitted (readmit_whole)")
+    parser.add_argument("--budget-decode", default="folded",
+                        help="folded, rows or folded,rows: quantized decode rows folded (the default) or dequantized")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decode-seqs", type=int, default=32)
     parser.add_argument("--decode-context", type=int, default=2040)
     parser.add_argument("--decode-repeats", type=int, default=5)
+    parser.add_argument("--decode-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the model dtype of the decode part's queries, rows and full-precision cache")
     parser.add_argument("--out", type=Path, default=RESULTS / "kv_quant.json")
     args = parser.parse_args()
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},

@@ -197,6 +197,32 @@ def test_quantized_attention_matches_the_own_block_reference(kernels, bits, dtyp
         stepper.check_stored_blocks()
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_decode_matches_the_dequantizing_decode(kernels, bits, dtype) -> None:
+    """Decode rows with each block's quantization folded into the query and the probabilities (the default) against
+    the same rows with every cached row dequantized first (kv_quant_folded(0)), on the same cache: they differ by the
+    order of fp32 sums and, on bf16 with vdpbf16ps, the folded query and weights rounded to bf16."""
+    generator = torch.Generator().manual_seed(bits + 7)
+    stepper = QuantStepper(kernels, bits, dtype, kv_heads=2, head_dim=64, num_seqs=3)
+    stepper.step([100, 77, 64], 10, generator)  # 6, 4 and 4 quantized blocks; the last one's row opens a block
+    context = [len(keys) + 1 for keys in stepper.keys]
+    q = torch.randn(3, 10, 64, generator=generator).to(dtype)
+    k = (torch.randn(3, 2, 64, generator=generator) * 2).to(dtype)
+    v = (torch.randn(3, 2, 64, generator=generator) * 2).to(dtype)
+    args = (q, k, v, stepper.kv, 0, torch.arange(4), torch.tensor(stepper.tables), torch.tensor(context),
+            torch.tensor(stepper.slots))
+    try:
+        assert kernels.kv_quant_folded(0) is False
+        rows = kernels.paged_attention_quantized(*args)
+        assert kernels.kv_quant_folded(1) is True
+        folded = kernels.paged_attention_quantized(*args)  # storing the step's rows again changes nothing
+    finally:
+        kernels.kv_quant_folded(1)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert float((folded.double() - rows.double()).abs().max() / rows.double().abs().max()) <= tolerance
+
+
 def test_quantized_attention_rejects_bad_slots_and_blocks(kernels) -> None:
     stepper = QuantStepper(kernels, 4, torch.float32, 2, 64, num_seqs=1)
     q, k, v = torch.zeros(1, 4, 64), torch.zeros(1, 2, 64), torch.zeros(1, 2, 64)

@@ -19,8 +19,8 @@ from tokenmill.kernels import isa
 logger = logging.getLogger(__name__)
 
 _SOURCES = [str(Path(__file__).with_name(name))
-            for name in ("cpu_step.cpp", "attention.cpp", "kv_quant.cpp", "gguf_matmul.cpp", "small_gemm.cpp",
-                         "bf16_gemm.cpp", "kv_rotate.cpp", "shm_all_reduce.cpp")]
+            for name in ("cpu_step.cpp", "attention.cpp", "kv_quant.cpp", "kv_quant_decode.cpp", "gguf_matmul.cpp",
+                         "small_gemm.cpp", "bf16_gemm.cpp", "kv_rotate.cpp", "shm_all_reduce.cpp")]
 # -ffp-contract=off: no FMA contraction, so fp32 rounding matches the eager operators (see the source's header).
 # The target comes from the ISA level, never -march=native, so a cached build is only loaded where it can run.
 _CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]

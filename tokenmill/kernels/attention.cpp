@@ -48,10 +48,6 @@ inline int64_t prefetch_blocks(int64_t block_size, int64_t head_dim) {
   return std::max<int64_t>(1, kPrefetchBytes / (block_size * head_dim * static_cast<int64_t>(sizeof(T))));
 }
 
-inline void prefetch_bytes(const void* start, int64_t bytes) {
-  for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(static_cast<const char*>(start) + line);
-}
-
 template <typename T, typename F>
 inline void for_each_cached_row(const T* head_cache, const int64_t* table, int64_t block_size, int64_t head_dim,
                                 int64_t count, const F& fn) {
@@ -162,31 +158,7 @@ struct QuantRows {
   }
 };
 
-// Scores → probabilities in place, rounded to the model dtype as the eager path's softmax output is.
-template <typename T>
-inline void softmax_inplace(float* s, int64_t len) {
-  const float top = max_of(s, len);
-  // exp and its sum in one pass: 16 lane sums folded pairwise, then the tail.
-  f32x16 lanes = {};
-  int64_t t = 0;
-  for (; t + 16 <= len; t += 16) {
-    const f32x16 e = exp16(load16(s + t) - top);
-    lanes += e;
-    std::memcpy(s + t, &e, sizeof(e));
-  }
-  float partial[16];
-  std::memcpy(partial, &lanes, sizeof(partial));
-  float total = fold(partial);
-  for (; t < len; ++t) total += s[t] = exp_approx(s[t] - top);
-  const float inv = 1.f / total;
-  for (t = 0; t < len - len % 16; t += 16) {
-    const f32x16 p = round16<T>(load16(s + t) * inv);
-    std::memcpy(s + t, &p, sizeof(p));
-  }
-  for (; t < len; ++t) s[t] = rounded<T>(s[t] * inv);
-}
-
-constexpr int64_t kMaxGroup = 16;  // query heads per KV head (paged_attention checks)
+constexpr int64_t kMaxGroup = kMaxQueryGroup;  // query heads per KV head (paged_attention checks)
 // Sequences of 2 to kMultiRowMax new tokens (speculative verify steps) take attend_rows; longer ones attend_chunk.
 constexpr int64_t kMultiRowMax = 16;
 // attend_rows scores up to this many (row, query head) pairs per pass over a sequence's keys: a verify step of 16
@@ -252,23 +224,6 @@ constexpr bool kHaveDotBf16 = true;
 // bf16 on CPUs with AVX512-BF16: `vdpbf16ps` multiplies bf16 pairs exactly and adds them into fp32 lanes, so keys and
 // values are used as stored (no widening) and one instruction covers 32 products. The query and the probabilities
 // are bf16 values already (rounded as the eager path rounds them), so their conversion is exact.
-
-// v[i] → lane i of the result holds the sum of v[i]'s 16 lanes: a halving tree of two-source shuffles (45
-// instructions for 16 sums, where 16 separate horizontal sums take over 100).
-inline f32x16 row_sums(f32x16* v) {
-  for (int i = 0; i < 8; ++i)
-    v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                   31);
-  for (int i = 0; i < 4; ++i)
-    v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  for (int i = 0; i < 2; ++i)
-    v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  return __builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
 
 template <int D, int G>
 void score_keys_bf16(const float* q, const c10::BFloat16* k_head, const int64_t* table, int64_t block_size,
@@ -569,6 +524,17 @@ void attend_decode(const Batch<T>& b, int64_t s, int64_t h, int64_t j, Scratch& 
   float* own_v = grow(scratch.own_v, D);
   widen(b.k + r * b.k_stride + h * D, own_k, D);
   widen(b.v + r * b.v_stride + h * D, own_v, D);
+  if (b.quant != nullptr && folds_decode(b.quant->bits)) {
+    const int64_t first_new = b.context_lens[s] - (b.query_starts[s + 1] - row0), slot = b.residual_slots[s];
+    const QuantDecodeView<T> view{b.quant, h, b.table(s, h), cached / b.block_size * b.block_size, first_new,
+                                  b.quant->residual(true, h, slot), b.quant->residual(false, h, slot),
+                                  b.k + row0 * b.k_stride + h * D, b.v + row0 * b.v_stride + h * D, b.k_stride,
+                                  b.v_stride};
+    attend_decode_folded<T>(view, query, group, D, cached, own_k, own_v, grow(scratch.scores, group * len),
+                            scratch.k_tile, b.out + (r * b.num_heads + h * group) * D);
+    add_mass(b, s, h, scratch.scores.data(), len, group, [&](int64_t) { return len; });
+    return;
+  }
   with_rows<T, D>(b, s, h, cached, scratch, [&](const auto& k_rows, const auto& v_rows) {
     auto attend = [&](auto fixed_group) {
       attend_kv_head<T, D, decltype(fixed_group)::value>(

@@ -472,6 +472,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("rotate_key_blocks", &tokenmill::rotate_key_blocks, py::arg("k_cache"), py::arg("blocks"), py::arg("cos"),
         py::arg("sin"), py::arg("block_size"), py::call_guard<py::gil_scoped_release>());
+  m.def("kv_quant_folded", &tokenmill::kv_quant_folded, py::arg("on") = -1);
   m.def("paged_attention_quantized", &tokenmill::paged_attention_quantized, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("kv"), py::arg("layer"), py::arg("query_starts"), py::arg("block_tables"), py::arg("context_lens"),
         py::arg("residual_slots"), py::arg("attention_mass") = py::none(), py::arg("exact_rows") = false,

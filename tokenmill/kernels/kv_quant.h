@@ -12,6 +12,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Half.h>
 
+#include <vector>
+
 namespace tokenmill {
 
 // The quantized cache of all layers, as Python allocates it (kv/quantized_cache.py).
@@ -87,6 +89,43 @@ inline void dequantize_row(const uint8_t* row, const float* scale, const float* 
     std::memcpy(out + c, &y, sizeof(y));
   }
 }
+
+// What one decode row reads of one KV head of a quantized cache: entries before `fp_from` (a block boundary, the start
+// of the row's own block) from quantized blocks through `table`, the others in full precision: from the residual slot
+// (entries before `first_new`) or from this step's rows (entry first_new + i at fresh + i · stride).
+template <typename T>
+struct QuantDecodeView {
+  const QuantLayer<T>* q;
+  int64_t head;
+  const int64_t* table;
+  int64_t fp_from, first_new;
+  const T* k_residual;
+  const T* v_residual;
+  const T* k_fresh;
+  const T* v_fresh;
+  int64_t k_stride, v_stride;
+};
+
+constexpr int64_t kMaxQueryGroup = 16;  // query heads per KV head (paged attention checks)
+
+// One decode row's attention for one KV head and the `group` query heads sharing it, with each block's quantization
+// folded into the query and the probabilities instead of dequantizing its rows (kv_quant_decode.cpp): query [group,
+// D] scaled and rounded as the eager path has it, `cached` entries before the row's own (own_k, own_v). Writes out
+// [group, D]; scores (group · (cached + 1) floats) holds the probabilities on return, as the decode kernel leaves
+// them. Scores and probabilities are rounded to the model dtype as the dequantizing path rounds them; the difference
+// is the summation: Σ (q · step) · code + Σ q · min in place of Σ q · (code · step + min), each row never rounded.
+template <typename T>
+void attend_decode_folded(const QuantDecodeView<T>& view, const float* query, int64_t group, int64_t head_dim,
+                          int64_t cached, const float* own_k, const float* own_v, float* scores,
+                          std::vector<float>& work, T* out);
+
+// Whether decode rows over a quantized cache take attend_decode_folded (the default) or dequantize each row first, as
+// the prefill kernel reads them: `on` 1 or 0 sets it (A/B runs; TOKENMILL_KV_QUANT_FOLDED=0 at start-up), -1 reads.
+bool kv_quant_folded(int64_t on = -1);
+
+// Whether a decode row over a cache of `bits` takes attend_decode_folded in this build (the switch above, and the
+// formats the build folds profitably).
+bool folds_decode(int64_t bits);
 
 // Quantize one full block of one KV head (rows[o] points at token o's D values) into its codes and parameters.
 template <typename T>
