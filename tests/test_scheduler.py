@@ -140,6 +140,24 @@ def test_a_preempted_request_comes_back_only_when_its_whole_recompute_fits_with_
     assert b.status is RequestStatus.RUNNING and b.num_preemptions == 1
 
 
+def test_the_readmission_rule_holds_back_only_a_request_that_would_be_the_first_victim_again() -> None:
+    """Under the priority policy: a preempted request that outranks the running one comes back a chunk at a time
+    (the running one would be the victim of the next shortage, not it); one that ranks after it waits until its
+    whole recompute fits; one never preempted is admitted in chunks whatever its rank."""
+    for priority, preempted_before, want in ((0, 1, {"a": 1, "b": 7}), (2, 1, {"a": 1}), (2, 0, {"a": 1, "b": 7})):
+        sched = make_scheduler(num_blocks=6, block_size=4, max_num_batched_tokens=8, policy="priority")
+        a = req("a", 8)
+        a.priority = 1
+        sched.add_request(a)
+        assert run_step(sched) == {"a": 8}
+        b = req("b", 13)
+        b.priority, b.num_preemptions = priority, preempted_before  # as if it had been preempted before
+        sched.add_request(b)
+        # a's 9th entry takes a third block; b's 13 entries (4 blocks) plus a spare for a and for b are not free
+        assert run_step(sched) == want, (priority, preempted_before)
+        assert sched.kv_cache.num_free_blocks == (3 if want == {"a": 1} else 1)
+
+
 def test_can_allocate_counts_the_spare_blocks_and_allocates_nothing() -> None:
     kv = KVCacheManager(6, 4)
     x, y = req("x", 8), req("y", 13)

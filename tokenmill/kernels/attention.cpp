@@ -398,13 +398,7 @@ void attend_kv_head(const float* q, const Rows& k_rows, const Rows& v_rows, int6
     score_keys_bf16<D, G>(q, k_rows.head, k_rows.table, k_rows.block_size, group, cached, len, scores);
   else
     score_keys<T, D, G>(q, k_rows, group, cached, len, scores);
-  // The new token's own key, scored as the eager step does: an elementwise product, then a sum.
-  for (int64_t g = 0; g < group; ++g) {
-    float own = 0.f;
-    for (int d = 0; d < D; ++d) own += rounded<T>(q[g * D + d] * own_k[d]);
-    scores[g * len + cached] = rounded<T>(own);
-  }
-  for (int64_t g = 0; g < group; ++g) softmax_inplace<T>(scores + g * len, len);
+  score_own_and_softmax<T, D>(q, own_k, group, len, scores);
   f32x16 acc[kMaxGroup * kChunks] = {};
   if constexpr (kDotBf16) {
     const int64_t pair_stride = (cached + 32) / 2;
@@ -413,11 +407,7 @@ void attend_kv_head(const float* q, const Rows& k_rows, const Rows& v_rows, int6
                             acc);
   } else
     weigh_values<D, G>(scores, v_rows, group, cached, len, acc);
-  for (int64_t g = 0; g < group; ++g) {
-    const float p_own = scores[g * len + cached];
-    for (int c = 0; c < kChunks; ++c)
-      store16(out + g * D + 16 * c, round16<T>(acc[g * kChunks + c]) + round16<T>(p_own * load16(own_v + 16 * c)));
-  }
+  store_with_own<T, D>(acc, scores, len, own_v, group, out);
 }
 
 // Per-thread working memory, grown on demand and reused across tasks.

@@ -106,11 +106,10 @@ inline void store_part(float* dst, f32x16 v, int64_t n) {
 constexpr bool kHaveDotBf16 = true;
 
 // The bf16 bits of 0, 1, ..., 15 (the rest zero): vpermw turns 32 codes into bf16 values at once.
-inline __m512i code_table() {
-  alignas(64) uint16_t table[32] = {};
-  for (int i = 0; i < 16; ++i) table[i] = bf16_bits(static_cast<float>(i));
-  return _mm512_load_si512(table);
-}
+alignas(64) constexpr uint16_t kCodeBf16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+                                                0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+
+inline __m512i code_table() { return _mm512_load_si512(kCodeBf16); }
 
 // A key row's D codes as bf16 (exact: small integers), in channel order, into out[D].
 template <int D, int BITS>
@@ -376,20 +375,10 @@ struct FoldedDecode {
 
   void run(const float* query, const float* own_k, const float* own_v, float* scores, T* out) {
     score(query, scores);
-    // The row's own key, scored as the eager step does: an elementwise product, then a sum.
-    for (int64_t g = 0; g < group; ++g) {
-      float own = 0.f;
-      for (int d = 0; d < D; ++d) own += rounded<T>(query[g * D + d] * own_k[d]);
-      scores[g * len + cached] = rounded<T>(own);
-    }
-    for (int64_t g = 0; g < group; ++g) softmax_inplace<T>(scores + g * len, len);
+    score_own_and_softmax<T, D>(query, own_k, group, len, scores);
     f32x16 acc[kMaxQueryGroup * kChunks] = {};
     weigh(scores, acc);
-    for (int64_t g = 0; g < group; ++g) {
-      const float p_own = scores[g * len + cached];
-      for (int c = 0; c < kChunks; ++c)
-        store16(out + g * D + 16 * c, round16<T>(acc[g * kChunks + c]) + round16<T>(p_own * load16(own_v + 16 * c)));
-    }
+    store_with_own<T, D>(acc, scores, len, own_v, group, out);
   }
 };
 

@@ -279,6 +279,30 @@ inline void softmax_inplace(float* s, int64_t len) {
   for (; t < len; ++t) s[t] = rounded<T>(s[t] * inv);
 }
 
+// A decode row's own key, scored as the eager step does (an elementwise product, then a sum), into the last of each
+// query head's `len` scores (q [group, D] scaled), then each head's softmax.
+template <typename T, int D>
+inline void score_own_and_softmax(const float* q, const float* own_k, int64_t group, int64_t len, float* scores) {
+  for (int64_t g = 0; g < group; ++g) {
+    float own = 0.f;
+    for (int d = 0; d < D; ++d) own += rounded<T>(q[g * D + d] * own_k[d]);
+    scores[g * len + len - 1] = rounded<T>(own);
+  }
+  for (int64_t g = 0; g < group; ++g) softmax_inplace<T>(scores + g * len, len);
+}
+
+// out [group, D]: each head's weighted cached values (acc, D / 16 vectors per head) rounded, plus its own value
+// weighted by its probability (the last of its `len`), rounded, as the eager step adds the two.
+template <typename T, int D>
+inline void store_with_own(const f32x16* acc, const float* probs, int64_t len, const float* own_v, int64_t group,
+                           T* out) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float p_own = probs[g * len + len - 1];
+    for (int c = 0; c < D / 16; ++c)
+      store16(out + g * D + 16 * c, round16<T>(acc[g * (D / 16) + c]) + round16<T>(p_own * load16(own_v + 16 * c)));
+  }
+}
+
 // v[i] → lane i of the result holds the sum of v[i]'s 16 lanes: a halving tree of two-source shuffles (45
 // instructions for 16 sums, where 16 separate horizontal sums take over 100).
 inline f32x16 row_sums(f32x16* v) {
