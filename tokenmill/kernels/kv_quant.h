@@ -113,7 +113,8 @@ constexpr int64_t kMaxQueryGroup = 16;  // query heads per KV head (paged attent
 // D] scaled and rounded as the eager path has it, `cached` entries before the row's own (own_k, own_v). Writes out
 // [group, D]; scores (group · (cached + 1) floats) holds the probabilities on return, as the decode kernel leaves
 // them. Scores and probabilities are rounded to the model dtype as the dequantizing path rounds them; the difference
-// is the summation: Σ (q · step) · code + Σ q · min in place of Σ q · (code · step + min), each row never rounded.
+// is the summation: Σ (q · step) · code + Σ q · min in place of Σ q · (code · step + min), each row never rounded
+// (and, for a bf16 model's int4/int2 on AVX512-BF16, the folded query and weights rounded to bf16 for vdpbf16ps).
 template <typename T>
 void attend_decode_folded(const QuantDecodeView<T>& view, const float* query, int64_t group, int64_t head_dim,
                           int64_t cached, const float* own_k, const float* own_v, float* scores,
