@@ -87,77 +87,6 @@ struct PlainRows {
   }
 };
 
-// A KV head's rows in a quantized cache (kv_quant.h), as one query sees them: entries before `fp_from` (the start of
-// the query's own block) dequantized a row at a time into `tile`, the others in full precision, from the sequence's
-// residual slot (entries written by earlier steps) or from this step's rows (entries from `first_new` on).
-template <typename T>
-struct QuantRows {
-  const QuantLayer<T>* q;
-  bool keys;
-  int64_t head;
-  const int64_t* table;
-  int64_t fp_from, first_new;
-  const T* residual;
-  const T* fresh;  // this step's row for entry first_new, then every `fresh_stride` elements
-  int64_t fresh_stride;
-  float* tile;  // 3 · D + 2 · block_size floats: one row and a block's parameters
-
-  template <int D, typename F>
-  void for_each(int64_t count, const F& fn) const {
-    range<D>(0, count, fn);
-  }
-
-  template <int D, typename F>
-  void range(int64_t begin, int64_t end, const F& fn) const {
-    if (q->bits == 8)
-      quantized<D, 8>(begin, std::min(end, fp_from), fn);
-    else if (q->bits == 4)
-      quantized<D, 4>(begin, std::min(end, fp_from), fn);
-    else
-      quantized<D, 2>(begin, std::min(end, fp_from), fn);
-    const int64_t bs = q->block_size;
-    for (int64_t t = std::max(begin, fp_from); t < end; ++t)
-      fn(t, t < first_new ? residual + (t % bs) * D : fresh + (t - first_new) * fresh_stride);
-  }
-
-  // Entries [begin, end) of quantized blocks, block by block: the block's fp16 parameters widened once.
-  template <int D, int BITS, typename F>
-  void quantized(int64_t begin, int64_t end, const F& fn) const {
-    const int64_t bs = q->block_size, row_bytes = D * BITS / 8;
-    const bool per_channel = keys && BITS != 8;
-    float* row = tile;
-    float* params = tile + D;  // per channel: scale[D], min[D]; per token: (scale, min) per row
-    // Blocks lie anywhere (see for_each_cached_row): the ones `kAhead` on are requested while this one is used.
-    constexpr int64_t kAhead = 4;
-    const int64_t last_block = (end - 1) / bs, param_bytes = (per_channel ? 2 * D : 2 * bs) * 2;
-    for (int64_t t = begin; t < end;) {
-      const int64_t block = t / bs, first = t - block * bs, stop = std::min(end, (block + 1) * bs);
-      const uint8_t* data = q->data(keys, head, table[block]);
-      const at::Half* stored = q->params(keys, head, table[block]);
-      for (int64_t next = block + (t == begin ? 1 : kAhead); next <= std::min(block + kAhead, last_block); ++next) {
-        prefetch_bytes(q->data(keys, head, table[next]), bs * row_bytes);
-        prefetch_bytes(q->params(keys, head, table[next]), param_bytes);
-      }
-      if (per_channel) {
-        for (int d = 0; d < 2 * D; ++d) params[d] = static_cast<float>(stored[d]);
-      } else {
-        const int64_t per_row = BITS == 8 ? 1 : 2;
-        for (int64_t i = first * per_row; i < (stop - block * bs) * per_row; ++i)
-          params[i] = static_cast<float>(stored[i]);
-      }
-      for (int64_t o = first; t < stop; ++t, ++o) {
-        if (per_channel)
-          dequantize_row<T, D, BITS>(data + o * row_bytes, params, params + D, true, row);
-        else if constexpr (BITS == 8)
-          dequantize_row<T, D, BITS>(data + o * row_bytes, params + o, nullptr, false, row);
-        else
-          dequantize_row<T, D, BITS>(data + o * row_bytes, params + 2 * o, params + 2 * o + 1, false, row);
-        fn(t, static_cast<const float*>(row));
-      }
-    }
-  }
-};
-
 constexpr int64_t kMaxGroup = kMaxQueryGroup;  // query heads per KV head (paged_attention checks)
 // Sequences of 2 to kMultiRowMax new tokens (speculative verify steps) take attend_rows; longer ones attend_chunk.
 constexpr int64_t kMultiRowMax = 16;
@@ -412,7 +341,7 @@ void attend_kv_head(const float* q, const Rows& k_rows, const Rows& v_rows, int6
 
 // Per-thread working memory, grown on demand and reused across tasks.
 struct Scratch {
-  std::vector<float> query, scores, own_k, own_v, keys_t, values, k_tile, v_tile;
+  std::vector<float> query, scores, own_k, own_v, keys_t, values, k_tile, v_tile, folded;
   std::vector<uint32_t> prob_pairs;
 };
 
@@ -514,27 +443,22 @@ void attend_decode(const Batch<T>& b, int64_t s, int64_t h, int64_t j, Scratch& 
   float* own_v = grow(scratch.own_v, D);
   widen(b.k + r * b.k_stride + h * D, own_k, D);
   widen(b.v + r * b.v_stride + h * D, own_v, D);
-  if (b.quant != nullptr && folds_decode(b.quant->bits)) {
-    const int64_t first_new = b.context_lens[s] - (b.query_starts[s + 1] - row0), slot = b.residual_slots[s];
-    const QuantDecodeView<T> view{b.quant, h, b.table(s, h), cached / b.block_size * b.block_size, first_new,
-                                  b.quant->residual(true, h, slot), b.quant->residual(false, h, slot),
-                                  b.k + row0 * b.k_stride + h * D, b.v + row0 * b.v_stride + h * D, b.k_stride,
-                                  b.v_stride};
-    attend_decode_folded<T>(view, query, group, D, cached, own_k, own_v, grow(scratch.scores, group * len),
-                            scratch.k_tile, b.out + (r * b.num_heads + h * group) * D);
-    add_mass(b, s, h, scratch.scores.data(), len, group, [&](int64_t) { return len; });
-    return;
-  }
   with_rows<T, D>(b, s, h, cached, scratch, [&](const auto& k_rows, const auto& v_rows) {
     auto attend = [&](auto fixed_group) {
       attend_kv_head<T, D, decltype(fixed_group)::value>(
           query, k_rows, v_rows, group, cached, own_k, own_v, grow(scratch.scores, group * len),
           grow(scratch.prob_pairs, group * ((len + 31) / 2)), b.out + (r * b.num_heads + h * group) * D);
     };
-    // Quantized rows: the runtime-group kernel only. Unpacking rows dominates there, and every fixed group would
-    // compile the three formats' readers again (the build's time, paid on every machine's first run).
+    // Quantized rows: folded (kv_quant_decode.cpp), or dequantized by the runtime-group kernel only. Unpacking rows
+    // dominates there, and every fixed group would compile the three formats' readers again (the build's time, paid
+    // on every machine's first run).
     if constexpr (!std::is_same_v<std::decay_t<decltype(k_rows)>, PlainRows<T>>) {
-      attend(std::integral_constant<int, 0>{});
+      if (folds_decode(b.quant->bits))
+        attend_decode_folded<T>(k_rows, v_rows, query, group, D, cached, own_k, own_v,
+                                grow(scratch.scores, group * len), scratch.folded,
+                                b.out + (r * b.num_heads + h * group) * D);
+      else
+        attend(std::integral_constant<int, 0>{});
     } else {
       // The group sizes of common models (SmolLM2: 3, Llama 3 8B and Mistral 7B: 4, Qwen2 0.5B: 7, ...).
       switch (group) {

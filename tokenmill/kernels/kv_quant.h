@@ -61,16 +61,48 @@ QuantLayer<T> quant_layer(const QuantKV& kv, int64_t layer) {
                        kv.v_residual.select(0, layer).data_ptr<T>()};
 }
 
-// Row codes, widened: int8 as signed values; int4 and int2 unsigned, byte i holding channels i, i + D/2 (int4) or
-// i, i + D/4, i + D/2, i + 3D/4 (int2) from its low bits up, so each unpacks into contiguous runs.
+// 16 bytes widened to 16 int32 lanes, unsigned or signed. __builtin_convertvector compiles this into byte-by-byte
+// inserts; the ISA's own widening is one instruction (two on AVX2).
+template <bool Signed>
+inline i32x16 widen_bytes(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (i32x16)(Signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
+#elif defined(__AVX2__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i halves[2] = {Signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes),
+                             Signed ? _mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))
+                                    : _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))};
+  i32x16 out;
+  std::memcpy(&out, halves, sizeof(out));
+  return out;
+#else
+  i32x16 out;
+  for (int i = 0; i < 16; ++i) out[i] = Signed ? static_cast<int32_t>(static_cast<int8_t>(p[i])) : p[i];
+  return out;
+#endif
+}
+
+// Row codes widened to fp32 (exact: small integers), 16 channels at a time: int8 as signed values; int4 and int2
+// unsigned, byte i holding channels i, i + D/2 (int4) or i, i + D/4, i + D/2, i + 3D/4 (int2) from its low bits up,
+// so each unpacks into contiguous runs.
 template <int D, int BITS>
 inline void unpack_codes(const uint8_t* row, float* codes) {
   if constexpr (BITS == 8) {
-    for (int d = 0; d < D; ++d) codes[d] = static_cast<float>(static_cast<int8_t>(row[d]));
+    for (int c = 0; c < D; c += 16) {
+      const f32x16 wide = __builtin_convertvector(widen_bytes<true>(row + c), f32x16);
+      std::memcpy(codes + c, &wide, sizeof(wide));
+    }
   } else {
     constexpr int kPerByte = 8 / BITS, kRun = D / kPerByte;
-    for (int k = 0; k < kPerByte; ++k)
-      for (int i = 0; i < kRun; ++i) codes[k * kRun + i] = static_cast<float>((row[i] >> (BITS * k)) & ((1 << BITS) - 1));
+    static_assert(kRun % 16 == 0, "each byte's runs of channels must fill whole 16-lane vectors");
+    for (int i = 0; i < kRun; i += 16) {
+      const i32x16 bytes = widen_bytes<false>(row + i);
+      for (int k = 0; k < kPerByte; ++k) {
+        const f32x16 wide = __builtin_convertvector((bytes >> (BITS * k)) & ((1 << BITS) - 1), f32x16);
+        std::memcpy(codes + k * kRun + i, &wide, sizeof(wide));
+      }
+    }
   }
 }
 
@@ -90,20 +122,79 @@ inline void dequantize_row(const uint8_t* row, const float* scale, const float* 
   }
 }
 
-// What one decode row reads of one KV head of a quantized cache: entries before `fp_from` (a block boundary, the start
-// of the row's own block) from quantized blocks through `table`, the others in full precision: from the residual slot
-// (entries before `first_new`) or from this step's rows (entry first_new + i at fresh + i · stride).
+// A KV head's rows in a quantized cache, as one query sees them: entries before `fp_from` (the start of
+// the query's own block) dequantized a row at a time into `tile`, the others in full precision, from the sequence's
+// residual slot (entries written by earlier steps) or from this step's rows (entries from `first_new` on).
 template <typename T>
-struct QuantDecodeView {
+struct QuantRows {
   const QuantLayer<T>* q;
+  bool keys;
   int64_t head;
   const int64_t* table;
   int64_t fp_from, first_new;
-  const T* k_residual;
-  const T* v_residual;
-  const T* k_fresh;
-  const T* v_fresh;
-  int64_t k_stride, v_stride;
+  const T* residual;
+  const T* fresh;  // this step's row for entry first_new, then every `fresh_stride` elements
+  int64_t fresh_stride;
+  float* tile;  // 3 · D + 2 · block_size floats: one row and a block's parameters
+
+  template <int D, typename F>
+  void for_each(int64_t count, const F& fn) const {
+    range<D>(0, count, fn);
+  }
+
+  template <int D, typename F>
+  void range(int64_t begin, int64_t end, const F& fn) const {
+    if (q->bits == 8)
+      quantized<D, 8>(begin, std::min(end, fp_from), fn);
+    else if (q->bits == 4)
+      quantized<D, 4>(begin, std::min(end, fp_from), fn);
+    else
+      quantized<D, 2>(begin, std::min(end, fp_from), fn);
+    for (int64_t t = std::max(begin, fp_from); t < end; ++t) fn(t, full<D>(t));
+  }
+
+  // Entry t >= fp_from, in full precision: from the residual slot, or this step's rows.
+  template <int D>
+  const T* full(int64_t t) const {
+    return t < first_new ? residual + (t % q->block_size) * D : fresh + (t - first_new) * fresh_stride;
+  }
+
+  // Entries [begin, end) of quantized blocks, block by block: the block's fp16 parameters widened once.
+  template <int D, int BITS, typename F>
+  void quantized(int64_t begin, int64_t end, const F& fn) const {
+    const int64_t bs = q->block_size, row_bytes = D * BITS / 8;
+    const bool per_channel = keys && BITS != 8;
+    float* row = tile;
+    float* params = tile + D;  // per channel: scale[D], min[D]; per token: (scale, min) per row
+    // Blocks lie anywhere (see for_each_cached_row): the ones `kAhead` on are requested while this one is used.
+    constexpr int64_t kAhead = 4;
+    const int64_t last_block = (end - 1) / bs, param_bytes = (per_channel ? 2 * D : 2 * bs) * 2;
+    for (int64_t t = begin; t < end;) {
+      const int64_t block = t / bs, first = t - block * bs, stop = std::min(end, (block + 1) * bs);
+      const uint8_t* data = q->data(keys, head, table[block]);
+      const at::Half* stored = q->params(keys, head, table[block]);
+      for (int64_t next = block + (t == begin ? 1 : kAhead); next <= std::min(block + kAhead, last_block); ++next) {
+        prefetch_bytes(q->data(keys, head, table[next]), bs * row_bytes);
+        prefetch_bytes(q->params(keys, head, table[next]), param_bytes);
+      }
+      if (per_channel) {
+        for (int d = 0; d < 2 * D; ++d) params[d] = static_cast<float>(stored[d]);
+      } else {
+        const int64_t per_row = BITS == 8 ? 1 : 2;
+        for (int64_t i = first * per_row; i < (stop - block * bs) * per_row; ++i)
+          params[i] = static_cast<float>(stored[i]);
+      }
+      for (int64_t o = first; t < stop; ++t, ++o) {
+        if (per_channel)
+          dequantize_row<T, D, BITS>(data + o * row_bytes, params, params + D, true, row);
+        else if constexpr (BITS == 8)
+          dequantize_row<T, D, BITS>(data + o * row_bytes, params + o, nullptr, false, row);
+        else
+          dequantize_row<T, D, BITS>(data + o * row_bytes, params + 2 * o, params + 2 * o + 1, false, row);
+        fn(t, static_cast<const float*>(row));
+      }
+    }
+  }
 };
 
 constexpr int64_t kMaxQueryGroup = 16;  // query heads per KV head (paged attention checks)
@@ -115,9 +206,10 @@ constexpr int64_t kMaxQueryGroup = 16;  // query heads per KV head (paged attent
 // them. Scores and probabilities are rounded to the model dtype as the dequantizing path rounds them; the difference
 // is the summation: Σ (q · step) · code + Σ q · min in place of Σ q · (code · step + min), each row never rounded
 // (and, for a bf16 model's int4/int2 on AVX512-BF16, the folded query and weights rounded to bf16 for vdpbf16ps).
+// keys and values: the head's rows as the row reads them (their tiles unused).
 template <typename T>
-void attend_decode_folded(const QuantDecodeView<T>& view, const float* query, int64_t group, int64_t head_dim,
-                          int64_t cached, const float* own_k, const float* own_v, float* scores,
+void attend_decode_folded(const QuantRows<T>& keys, const QuantRows<T>& values, const float* query, int64_t group,
+                          int64_t head_dim, int64_t cached, const float* own_k, const float* own_v, float* scores,
                           std::vector<float>& work, T* out);
 
 // Whether decode rows over a quantized cache take attend_decode_folded (the default) or dequantize each row first, as

@@ -28,28 +28,6 @@ std::atomic<bool> folded_decode{[] {
   return value == nullptr || std::string_view(value) != "0";
 }()};
 
-// 16 bytes widened to 16 int32 lanes, unsigned or signed. __builtin_convertvector compiles this into byte-by-byte
-// inserts; the ISA's own widening is one instruction (two on AVX2).
-template <bool Signed>
-inline i32x16 widen_bytes(const uint8_t* p) {
-#if defined(__AVX512F__)
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return (i32x16)(Signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
-#elif defined(__AVX2__)
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i halves[2] = {Signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes),
-                             Signed ? _mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))
-                                    : _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))};
-  i32x16 out;
-  std::memcpy(&out, halves, sizeof(out));
-  return out;
-#else
-  i32x16 out;
-  for (int i = 0; i < 16; ++i) out[i] = Signed ? static_cast<int32_t>(static_cast<int8_t>(p[i])) : p[i];
-  return out;
-#endif
-}
-
 // n fp16 parameters widened to fp32 (F16C where the build has it: x86-64-v3 and up).
 inline void widen_half(const at::Half* src, float* dst, int64_t n) {
   int64_t i = 0;
@@ -61,27 +39,6 @@ inline void widen_half(const at::Half* src, float* dst, int64_t n) {
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
 #endif
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-// A stored row's D codes widened to fp32 in channel order (kv_quant.h's unpack_codes, 16 channels at a time).
-template <int D, int BITS>
-inline void widen_codes(const uint8_t* row, float* out) {
-  if constexpr (BITS == 8) {
-    for (int c = 0; c < D; c += 16) {
-      const f32x16 codes = __builtin_convertvector(widen_bytes<true>(row + c), f32x16);
-      std::memcpy(out + c, &codes, sizeof(codes));
-    }
-  } else {
-    constexpr int kPerByte = 8 / BITS, kRun = D / kPerByte;
-    static_assert(kRun % 16 == 0, "each byte's runs of channels must fill whole 16-lane vectors");
-    for (int i = 0; i < kRun; i += 16) {
-      const i32x16 wide = widen_bytes<false>(row + i);
-      for (int k = 0; k < kPerByte; ++k) {
-        const f32x16 codes = __builtin_convertvector((wide >> (BITS * k)) & ((1 << BITS) - 1), f32x16);
-        std::memcpy(out + k * kRun + i, &codes, sizeof(codes));
-      }
-    }
-  }
 }
 
 // n <= 16 floats from p, the other lanes zero. (A memcpy of a variable size compiles to `rep movs`, whose start-up
@@ -163,15 +120,17 @@ struct FoldedDecode {
   static constexpr bool kBf16 = kHaveDotBf16 && std::is_same_v<T, c10::BFloat16> && BITS != 8;
   static constexpr int64_t kAhead = 4;  // blocks requested ahead of use (they lie anywhere in the cache)
 
-  const QuantDecodeView<T>& view;
+  const QuantRows<T>& k_rows;  // the table, head and fp_from are the same in both
+  const QuantRows<T>& v_rows;
   const QuantLayer<T>& q;
   int64_t group, cached, len, blocks, bs, row_bytes;
   float* tile;    // one block's codes widened: fp32 [bs][D], or bf16 (keys [bs][D], values [bs / 2][2 · D])
   float* params;  // one block's parameters widened: per channel step[D], min[D]; per token step[bs], min[bs]
 
-  FoldedDecode(const QuantDecodeView<T>& v, int64_t group_, int64_t cached_, std::vector<float>& work)
-      : view(v), q(*v.q), group(group_), cached(cached_), len(cached_ + 1),
-        blocks(std::min(cached_, v.fp_from) / v.q->block_size), bs(v.q->block_size), row_bytes(D * BITS / 8) {
+  FoldedDecode(const QuantRows<T>& k, const QuantRows<T>& v, int64_t group_, int64_t cached_,
+               std::vector<float>& work)
+      : k_rows(k), v_rows(v), q(*k.q), group(group_), cached(cached_), len(cached_ + 1),
+        blocks(k.fp_from / k.q->block_size), bs(k.q->block_size), row_bytes(D * BITS / 8) {
     const int64_t tile_size = (bs + 1) * D;  // fp32 rows, or bf16 pairs with an odd row padded
     const int64_t params_size = 2 * D + 2 * (bs + 16);  // per channel, or per token read 16 at a time
     if (work.size() < static_cast<size_t>(tile_size + params_size)) work.resize(tile_size + params_size);
@@ -181,12 +140,13 @@ struct FoldedDecode {
 
   // Block i's parameters into `params`, the blocks kAhead on requested; returns its codes.
   const uint8_t* load_block(bool keys, int64_t i) {
-    const int64_t id = view.table[i], param_count = keys ? q.k_params : q.v_params;
+    const int64_t* table = k_rows.table;
+    const int64_t head = k_rows.head, id = table[i], param_count = keys ? q.k_params : q.v_params;
     for (int64_t next = i + (i == 0 ? 1 : kAhead); next <= std::min(i + kAhead, blocks - 1); ++next) {
-      prefetch_bytes(q.data(keys, view.head, view.table[next]), bs * row_bytes);
-      prefetch_bytes(q.params(keys, view.head, view.table[next]), param_count * 2);
+      prefetch_bytes(q.data(keys, head, table[next]), bs * row_bytes);
+      prefetch_bytes(q.params(keys, head, table[next]), param_count * 2);
     }
-    const at::Half* stored = q.params(keys, view.head, id);
+    const at::Half* stored = q.params(keys, head, id);
     if ((keys && kPerChannel) || BITS == 8) {  // step[D], min[D] per channel; or one step per token
       widen_half(stored, params, param_count);
     } else {  // (step, min) per token, interleaved: split into step[bs] and min[bs] (at params + bs + 16)
@@ -194,13 +154,7 @@ struct FoldedDecode {
       widen_half(stored, pairs, 2 * bs);
       for (int64_t o = 0; o < bs; ++o) params[o] = pairs[2 * o], params[bs + 16 + o] = pairs[2 * o + 1];
     }
-    return q.data(keys, view.head, id);
-  }
-
-  const T* full_row(bool keys, int64_t t) const {
-    if (t < view.first_new) return (keys ? view.k_residual : view.v_residual) + (t % bs) * D;
-    return keys ? view.k_fresh + (t - view.first_new) * view.k_stride
-                : view.v_fresh + (t - view.first_new) * view.v_stride;
+    return q.data(keys, head, id);
   }
 
   // Query head g times the block's steps (int4/int2; int8: the query itself) into folded[kChunks], and what the
@@ -260,7 +214,7 @@ struct FoldedDecode {
       return;
     }
 #endif
-    for (int64_t o = 0; o < bs; ++o) widen_codes<D, BITS>(data + o * row_bytes, tile + o * D);
+    for (int64_t o = 0; o < bs; ++o) unpack_codes<D, BITS>(data + o * row_bytes, tile + o * D);
     for (int64_t g = 0; g < group; ++g) {
       f32x16 folded[kChunks];
       const float offset = fold_query(query + g * D, folded);
@@ -281,8 +235,8 @@ struct FoldedDecode {
   // scores[g * len + t] for t < cached, rounded to the model dtype.
   void score(const float* query, float* scores) {
     for (int64_t i = 0; i < blocks; ++i) score_block(i, query, scores);
-    for (int64_t t = blocks * bs; t < cached; ++t) {
-      const T* key = full_row(true, t);
+    for (int64_t t = blocks * bs; t < cached; ++t) {  // the row's own block, in full precision
+      const T* key = k_rows.template full<D>(t);
       for (int64_t g = 0; g < group; ++g) {
         f32x16 acc = load16(query + g * D) * load16(key);
         for (int c = 1; c < kChunks; ++c) acc = fma16(load16(query + g * D + 16 * c), load16(key + 16 * c), acc);
@@ -332,7 +286,7 @@ struct FoldedDecode {
       return;
     }
 #endif
-    for (int64_t o = 0; o < bs; ++o) widen_codes<D, BITS>(data + o * row_bytes, tile + o * D);
+    for (int64_t o = 0; o < bs; ++o) unpack_codes<D, BITS>(data + o * row_bytes, tile + o * D);
     for (int64_t g = 0; g < group; ++g) {
       const float* p = probs + g * len + i * bs;
       f32x16 a[2][kChunks] = {};  // even and odd rows apart: one chain per chunk would wait on each result
@@ -363,7 +317,7 @@ struct FoldedDecode {
     for (int64_t g = 0; g < group; ++g)
       for (int c = 0; c < kChunks; ++c) acc[g * kChunks + c] = acc[g * kChunks + c] + offset[g];
     for (int64_t t = blocks * bs; t < cached; ++t) {
-      const T* value = full_row(false, t);
+      const T* value = v_rows.template full<D>(t);
       f32x16 row[kChunks];
       for (int c = 0; c < kChunks; ++c) row[c] = load16(value + 16 * c);
       for (int64_t g = 0; g < group; ++g) {
@@ -383,25 +337,26 @@ struct FoldedDecode {
 };
 
 template <typename T, int D>
-void attend_bits(const QuantDecodeView<T>& view, const float* query, int64_t group, int64_t cached,
-                 const float* own_k, const float* own_v, float* scores, std::vector<float>& work, T* out) {
-  switch (view.q->bits) {
-    case 8: FoldedDecode<T, D, 8>(view, group, cached, work).run(query, own_k, own_v, scores, out); break;
-    case 4: FoldedDecode<T, D, 4>(view, group, cached, work).run(query, own_k, own_v, scores, out); break;
-    default: FoldedDecode<T, D, 2>(view, group, cached, work).run(query, own_k, own_v, scores, out);
+void attend_bits(const QuantRows<T>& keys, const QuantRows<T>& values, const float* query, int64_t group,
+                 int64_t cached, const float* own_k, const float* own_v, float* scores, std::vector<float>& work,
+                 T* out) {
+  switch (keys.q->bits) {
+    case 8: FoldedDecode<T, D, 8>(keys, values, group, cached, work).run(query, own_k, own_v, scores, out); break;
+    case 4: FoldedDecode<T, D, 4>(keys, values, group, cached, work).run(query, own_k, own_v, scores, out); break;
+    default: FoldedDecode<T, D, 2>(keys, values, group, cached, work).run(query, own_k, own_v, scores, out);
   }
 }
 
 }  // namespace
 
 template <typename T>
-void attend_decode_folded(const QuantDecodeView<T>& view, const float* query, int64_t group, int64_t head_dim,
-                          int64_t cached, const float* own_k, const float* own_v, float* scores,
+void attend_decode_folded(const QuantRows<T>& keys, const QuantRows<T>& values, const float* query, int64_t group,
+                          int64_t head_dim, int64_t cached, const float* own_k, const float* own_v, float* scores,
                           std::vector<float>& work, T* out) {
   if (head_dim == 64)
-    attend_bits<T, 64>(view, query, group, cached, own_k, own_v, scores, work, out);
+    attend_bits<T, 64>(keys, values, query, group, cached, own_k, own_v, scores, work, out);
   else
-    attend_bits<T, 128>(view, query, group, cached, own_k, own_v, scores, work, out);
+    attend_bits<T, 128>(keys, values, query, group, cached, own_k, own_v, scores, work, out);
 }
 
 bool kv_quant_folded(int64_t on) {
@@ -419,8 +374,8 @@ bool folds_decode(int64_t bits) {
 }
 
 #define TOKENMILL_INSTANTIATE(T)                                                                                      \
-  template void attend_decode_folded<T>(const QuantDecodeView<T>&, const float*, int64_t, int64_t, int64_t,          \
-                                        const float*, const float*, float*, std::vector<float>&, T*);
+  template void attend_decode_folded<T>(const QuantRows<T>&, const QuantRows<T>&, const float*, int64_t, int64_t,     \
+                                        int64_t, const float*, const float*, float*, std::vector<float>&, T*);
 TOKENMILL_INSTANTIATE(float)
 TOKENMILL_INSTANTIATE(c10::BFloat16)
 #undef TOKENMILL_INSTANTIATE

@@ -320,7 +320,6 @@ inline f32x16 row_sums(f32x16* v) {
          __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-
 // Requests `bytes` from `start` into the cache, one request per 64-byte line.
 inline void prefetch_bytes(const void* start, int64_t bytes) {
   for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(static_cast<const char*>(start) + line);
