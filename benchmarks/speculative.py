@@ -6,8 +6,10 @@ MT-bench and ShareGPT questions), greedy or seeded sampling (--temperature). Two
 ids, one request at a time (batch 1) and in batches submitted in one `generate` call. Reported per category and
 batch size: output tokens/s of both, the speedup, the acceptance rate, the mean accepted length and whether the
 speculative outputs are the plain ones token for token; for batches also the speedup of the requests' mean latency
-(a batch's tok/s is set by its longest request). At batch 1, llama.cpp (llama-cpp-python in process) runs the
-same prompt ids without and with its `LlamaPromptLookupDecoding` draft model.
+(a batch's tok/s is set by its longest request). `--refill R` keeps B requests in flight over R x B prompts
+instead, each finished one replaced by the next: the throughput of a server kept busy at that concurrency. At batch
+1, llama.cpp (llama-cpp-python in process) runs the same prompt ids without and with its `LlamaPromptLookupDecoding`
+draft model.
 
     .venv/bin/python benchmarks/speculative.py                  # 8 prompts per category, 128 tokens, batch 1,4,16,64
     .venv/bin/python benchmarks/speculative.py --quick          # smoke test: 2 prompts, 32 tokens, batch 1 and 4
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -91,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=8, help="prompts per category in the single-stream runs")
     p.add_argument("--batch-sizes", type=int_list, default=[1, 4, 16, 64], metavar="B,B,...",
                    help="1 = one request at a time; B > 1 = the category's first B prompts in one generate call")
+    p.add_argument("--refill", type=int, default=1, metavar="R",
+                   help="batches B > 1 run R x B prompts with B in flight, each finished request replaced by the "
+                        "next (a server kept busy: tok/s is throughput at concurrency B, not a fixed batch's "
+                        "makespan); 1: the B prompts alone")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are cut to this many tokens")
     p.add_argument("--ignore-eos", action="store_true",
@@ -159,7 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.categories = names
     if (args.speculative == "draft") != (args.speculative_model is not None):
         p.error("--speculative draft and --speculative-model go together")
-    for name in ("num_prompts", "max_tokens", "max_prompt_tokens", "repeats", "threads", "num_speculative_tokens"):
+    for name in ("num_prompts", "max_tokens", "max_prompt_tokens", "repeats", "threads", "num_speculative_tokens",
+                 "refill"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -284,11 +292,12 @@ def batch_of(pool: list[list[int]], size: int) -> list[list[int]]:
 
 
 def kv_blocks_needed(workload: dict[str, list[list[int]]], args: argparse.Namespace, block_size: int) -> int:
-    """Enough KV blocks for the largest batch of every category at full length, so that no run preempts."""
+    """Enough KV blocks for the largest batch of every category at full length (its longest prompts in flight
+    together, with --refill), so that no run preempts."""
     extra = args.max_tokens + args.num_speculative_tokens + 1  # drafts occupy slots until they are verified
     largest = max(args.batch_sizes)
-    need = max(sum(math.ceil((len(p) + extra) / block_size) for p in batch_of(pool, largest))
-               for pool in workload.values())
+    need = max(sum(sorted((math.ceil((len(p) + extra) / block_size) for p in batch_of(pool, largest * args.refill)),
+                          reverse=True)[:largest]) for pool in workload.values())
     return need + largest + 16  # a partly filled block per sequence and a margin for the scheduler's look-ahead
 
 
@@ -377,28 +386,42 @@ def single_stream_metrics(requests: list[dict[str, Any]], wall: float) -> Run:
             "ttft_ms_median": 1e3 * statistics.median(ttfts) if ttfts else None}
 
 
-def batched(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[Run, list[list[int]]]:
-    """All prompts at t=0 (Offline), driving the engine so that each request's end is timed: tok/s of the whole call
-    is set by its longest request, the mean latency by all of them (a request that drafts well finishes sooner even
-    when the call does not)."""
+def batched(llm: LLM, prompts: list[list[int]], params: SamplingParams,
+            width: int | None = None) -> tuple[Run, list[list[int]]]:
+    """`width` requests in flight (all prompts at t=0 by default: Offline), each finished one replaced by the next
+    prompt, driving the engine so that each request's end is timed. With all at t=0 the tok/s of the whole call is
+    set by its longest request, the mean latency by all of them (a request that drafts well finishes sooner even when
+    the call does not); kept full, tok/s is the throughput at that concurrency."""
     llm.reset_prefix_cache()
     before = counters(llm)
     engine = llm.engine
     delta = dataclasses.replace(params, output_kind="delta")
-    start = time.perf_counter()
-    ids = [engine.add_request(prompt, delta) for prompt in prompts]
-    tokens: dict[str, list[int]] = {request_id: [] for request_id in ids}
+    waiting = list(reversed(prompts))
+    ids: list[str] = []
+    sent: dict[str, float] = {}
+    tokens: dict[str, list[int]] = {}
     ends: dict[str, float] = {}
+
+    def submit() -> None:
+        request_id = engine.add_request(waiting.pop(), delta)
+        ids.append(request_id)
+        sent[request_id], tokens[request_id] = time.perf_counter(), []
+
+    start = time.perf_counter()
+    for _ in range(min(width or len(prompts), len(prompts))):
+        submit()
     while engine.has_unfinished_requests():
         for out in engine.step():
             tokens[out.request_id] += out.token_ids
             if out.finished:
                 ends[out.request_id] = time.perf_counter()
+                if waiting:
+                    submit()
     wall = time.perf_counter() - start
     outputs = [tokens[request_id] for request_id in ids]
     total = sum(map(len, outputs))
     run = {"wall_s": wall, "requests": len(prompts), "output_tokens": total, "output_tok_per_s": total / wall,
-           "latency_mean_s": statistics.fmean(ends[request_id] - start for request_id in ids)}
+           "latency_mean_s": statistics.fmean(ends[request_id] - sent[request_id] for request_id in ids)}
     return run | counter_delta(before, counters(llm)), outputs
 
 
@@ -669,9 +692,11 @@ def ratio_cell(summary: dict[str, float] | None) -> str:
     return text if summary["min"] == summary["max"] else f"{text} ({summary['min']:.2f}–{summary['max']:.2f})"
 
 
-def print_tables(results: dict[int, dict[str, Any]], peer: bool) -> None:
+def print_tables(results: dict[int, dict[str, Any]], peer: bool, refill: int) -> None:
     for batch, by_category in results.items():
-        mode = "single stream (one request at a time)" if batch == 1 else f"batch of {batch} (one generate call)"
+        mode = "single stream (one request at a time)" if batch == 1 else (
+            f"batch of {batch} (one generate call)" if refill == 1 else
+            f"{batch} in flight, {refill * batch} requests (each finished one replaced by the next)")
         head = ["category", "plain tok/s", "spec tok/s", "speedup", "acceptance", "mean acc. len", "identical",
                 "speculator share", "steps held by the guard"]
         head += ["decode speedup" if batch == 1 else "mean latency speedup"]
@@ -721,7 +746,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = Tokenizer.from_gguf_metadata(gguf_file(str(path)).metadata)
     context = model_config(path).max_position
     limit = min(args.max_prompt_tokens, context - args.max_tokens - args.num_speculative_tokens - 1)
-    pool_size = max(args.num_prompts, max(args.batch_sizes))
+    pool_size = max(args.num_prompts, max(args.batch_sizes) * args.refill)
     workload: dict[str, list[list[int]]] = {}
     workload_info: dict[str, Any] = {}
     for category in CATEGORIES:
@@ -761,8 +786,8 @@ def main(argv: list[str] | None = None) -> None:
     single_outputs: dict[str, list[list[int]]] = {}
     for category, pool in workload.items():
         for batch in args.batch_sizes:
-            prompts = pool[:args.num_prompts] if batch == 1 else batch_of(pool, batch)
-            measure = single_stream if batch == 1 else batched
+            prompts = pool[:args.num_prompts] if batch == 1 else batch_of(pool, batch * args.refill)
+            measure = single_stream if batch == 1 else functools.partial(batched, width=batch)
             runs: dict[str, list[Run]] = {"plain": [], "speculative": []}
             outputs: dict[str, list[list[list[int]]]] = {"plain": [], "speculative": []}
             llama_runs: dict[str, list[Run]] = {"plain": [], "lookup": []}
@@ -827,7 +852,7 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_description() | {"threads": args.threads, "torch_threads": torch.get_num_threads(),
                                         "dtype": str(engines["plain"].engine.dtype).removeprefix("torch."),
                                         "load_average_at_start": load}
-    print_tables(results, peer is not None)
+    print_tables(results, peer is not None, args.refill)
     print_notes(args, machine, results, mismatches, engines, peer, peer_skipped, limit)
     report = {"benchmark": "speculative", "args": vars(args), "machine": machine,
               "engines": {mode: dataclasses.asdict(llm.engine.config) for mode, llm in engines.items()},
@@ -863,8 +888,8 @@ def print_notes(args: argparse.Namespace, machine: dict[str, Any], results: dict
           f"prompts cut to {limit} tokens, median of {args.repeats} interleaved repeats (speedups paired within a "
           f"repeat, range in parentheses); speculative engine: {spec}")
     print("tok/s = output tokens / wall time (batch 1: sequential requests, prefill included; decode speedup: "
-          "decode phase only, after each first token; mean latency speedup: plain / speculative mean time from the "
-          "call to each request's end); acceptance = accepted / drafted tokens; mean acc. len = "
+          "decode phase only, after each first token; mean latency speedup: plain / speculative mean time from each "
+          "request's submission to its end); acceptance = accepted / drafted tokens; mean acc. len = "
           "1 + accepted / verify steps with a draft; identical = speculative outputs equal to plain ones token for "
           "token (prompt × repeat)")
     if args.baseline_options:
