@@ -71,6 +71,12 @@ def perplexity(llm: LLM, ids: list[int], window: int, windows: int) -> dict[str,
     return {"ppl": math.exp(-sum(logprobs) / len(logprobs)), "tokens": len(logprobs)}
 
 
+def use_decode(arm: str) -> None:
+    """The quantized decode an arm names: `mode/rows` dequantizes each cached row (kv_quant_folded(0)), any other
+    arm folds the quantization into the query and weights (the default). Every arm sets it before it runs."""
+    cpu_kernels().module.kv_quant_folded(0 if arm.endswith("/rows") else 1)
+
+
 def part_quality(args: argparse.Namespace) -> dict[str, Any]:
     """Each mode, and with `--quality-decode folded,rows` each quantized one again with its decode rows dequantized
     (`mode/rows`). `--ppl-chunk 16` scores the prompts in runs of at most 16 tokens, which the kernels attend as
@@ -81,10 +87,9 @@ def part_quality(args: argparse.Namespace) -> dict[str, Any]:
     reference: list[list[int]] = []
     arms = ["auto", *(m + suffix for m in MODES[1:] for suffix in
                       ("" if decode == "folded" else "/rows" for decode in args.quality_decode.split(",")))]
-    kernels = cpu_kernels().module
     for arm in arms:
         mode = arm.split("/")[0]
-        kernels.kv_quant_folded(0 if arm.endswith("/rows") else 1)
+        use_decode(arm)
         llm = make_llm(args, mode, **({"max_num_batched_tokens": args.ppl_chunk} if args.ppl_chunk else {}))
         ids = llm.tokenizer.encode(text)
         result = perplexity(llm, ids, args.ppl_window, args.ppl_windows)
@@ -103,7 +108,6 @@ def part_quality(args: argparse.Namespace) -> dict[str, Any]:
               + f"; greedy prefix agreement {result['prefix_agreement']:.3f}, identical "
                 f"{result['identical_sequences']:.2f}")
         del llm
-    kernels.kv_quant_folded(1)
     return out
 
 
@@ -202,18 +206,17 @@ def part_budget(args: argparse.Namespace) -> dict[str, Any]:
     # (the default), "auto+chunk" a chunk at a time (readmit_whole=False); "int4/rows" decodes with each row
     # dequantized (kv_quant_folded(0)) instead of the quantization folded into the query and weights.
     arms = {mode + ("" if readmit == "whole" else "+chunk") + ("" if decode == "folded" else "/rows"):
-            (mode, readmit == "whole", decode == "folded")
+            (mode, readmit == "whole")
             for decode in args.budget_decode.split(",") for readmit in args.budget_readmit.split(",")
             for mode in modes if mode != "auto" or decode == "folded"}
     llms = {arm: make_llm(args, mode, kv_cache_memory_gib=args.budget_gib, enable_prefix_caching=False,
-                          max_num_seqs=seats[mode], readmit_whole=whole) for arm, (mode, whole, _) in arms.items()}
-    kernels = cpu_kernels().module
+                          max_num_seqs=seats[mode], readmit_whole=whole) for arm, (mode, whole) in arms.items()}
     text_ids = next(iter(llms.values())).tokenizer.encode((SHARED / "tinyshakespeare_first_half.txt").read_text())
     prompts = [text_ids[i * 997 : i * 997 + args.budget_prompt] for i in range(args.budget_requests)]
     runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
     for _ in range(args.repeats):
         for arm in arms:
-            kernels.kv_quant_folded(int(arms[arm][2]))
+            use_decode(arm)
             runs[arm].append(offline_run(llms[arm], prompts, args.budget_output))
             r = runs[arm][-1]
             print(f"{arm:10s} {r['output_tok_s']:7.1f} output tok/s, {r['mean_running']:.1f} running on average "
@@ -225,7 +228,6 @@ def part_budget(args: argparse.Namespace) -> dict[str, Any]:
            "over_auto": {arm: median[arm] / median["auto"] for arm in arms} if "auto" in median else {},
            "whole_over_chunk": {m: median[m] / median[m + "+chunk"] for m in modes if m + "+chunk" in median},
            "folded_over_rows": {m: median[m] / median[m + "/rows"] for m in modes if m + "/rows" in median}}
-    kernels.kv_quant_folded(1)
     print("median output tok/s: " + ", ".join(f"{arm} {v:.1f}" for arm, v in median.items()))
     return out
 
@@ -267,20 +269,17 @@ def part_decode(args: argparse.Namespace) -> dict[str, Any]:
     inputs = {m: decode_inputs(args, m, kernels, generator) for m in MODES}
     arms = ["auto", *(f"{m}{suffix}" for m in MODES if m != "auto" for suffix in ("", "/rows"))]
     times: dict[str, list[float]] = {arm: [] for arm in arms}
-    try:
-        for _ in range(args.decode_repeats):
-            for arm in arms:
-                mode = arm.split("/")[0]
-                kernels.kv_quant_folded(0 if arm.endswith("/rows") else 1)
-                call = {k: v for k, v in inputs[mode].items() if k != "bytes"}
-                fn = kernels.paged_attention if mode == "auto" else kernels.paged_attention_quantized
+    for _ in range(args.decode_repeats):
+        for arm in arms:
+            mode = arm.split("/")[0]
+            use_decode(arm)
+            call = {k: v for k, v in inputs[mode].items() if k != "bytes"}
+            fn = kernels.paged_attention if mode == "auto" else kernels.paged_attention_quantized
+            fn(**call)
+            start = time.perf_counter()
+            for _ in range(5):
                 fn(**call)
-                start = time.perf_counter()
-                for _ in range(5):
-                    fn(**call)
-                times[arm].append((time.perf_counter() - start) / 5)
-    finally:
-        kernels.kv_quant_folded(1)
+            times[arm].append((time.perf_counter() - start) / 5)
     out: dict[str, Any] = {"dtype": args.decode_dtype, "seqs": args.decode_seqs, "context": args.decode_context}
     full = statistics.median(times["auto"])
     for arm in arms:

@@ -83,6 +83,19 @@ inline i32x16 widen_bytes(const uint8_t* p) {
 #endif
 }
 
+// n fp16 parameters widened to fp32 (F16C where the build has it: x86-64-v3 and up).
+inline void widen_half(const at::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
 // Row codes widened to fp32 (exact: small integers), 16 channels at a time: int8 as signed values; int4 and int2
 // unsigned, byte i holding channels i, i + D/2 (int4) or i, i + D/4, i + D/2, i + 3D/4 (int2) from its low bits up,
 // so each unpacks into contiguous runs.
@@ -178,11 +191,10 @@ struct QuantRows {
         prefetch_bytes(q->params(keys, head, table[next]), param_bytes);
       }
       if (per_channel) {
-        for (int d = 0; d < 2 * D; ++d) params[d] = static_cast<float>(stored[d]);
+        widen_half(stored, params, 2 * D);
       } else {
         const int64_t per_row = BITS == 8 ? 1 : 2;
-        for (int64_t i = first * per_row; i < (stop - block * bs) * per_row; ++i)
-          params[i] = static_cast<float>(stored[i]);
+        widen_half(stored + first * per_row, params + first * per_row, (stop - block * bs - first) * per_row);
       }
       for (int64_t o = first; t < stop; ++t, ++o) {
         if (per_channel)

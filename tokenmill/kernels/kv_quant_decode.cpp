@@ -28,19 +28,6 @@ std::atomic<bool> folded_decode{[] {
   return value == nullptr || std::string_view(value) != "0";
 }()};
 
-// n fp16 parameters widened to fp32 (F16C where the build has it: x86-64-v3 and up).
-inline void widen_half(const at::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-#elif defined(__F16C__)
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
 // n <= 16 floats from p, the other lanes zero. (A memcpy of a variable size compiles to `rep movs`, whose start-up
 // alone costs more than the 16-key pass it would serve.)
 inline f32x16 load_part(const float* p, int64_t n) {
