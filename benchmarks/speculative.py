@@ -1,19 +1,23 @@
-"""Speculative decoding with n-gram prompt lookup, on and off, on real prompts; llama.cpp's prompt lookup beside it.
+"""Speculative decoding on and off, on real prompts: every proposer side by side against one plain engine;
+llama.cpp's prompt lookup (or draft-model speculation) beside it.
 
 Spec-Bench-like categories from ../shared/data (summarization and RAG from Spec-Bench, HumanEval completions,
-MT-bench and ShareGPT questions), greedy or seeded sampling (--temperature). Two engines that differ only in
-`speculative` are loaded once and run alternately in ABBA order (plain, spec, spec, plain...) on the same prompt token
-ids, one request at a time (batch 1) and in batches submitted in one `generate` call. Reported per category and
-batch size: output tokens/s of both, the speedup, the acceptance rate, the mean accepted length and whether the
-speculative outputs are the plain ones token for token; for batches also the speedup of the requests' mean latency
-(a batch's tok/s is set by its longest request). `--refill R` keeps B requests in flight over R x B prompts
-instead, each finished one replaced by the next: the throughput of a server kept busy at that concurrency. At batch
-1, llama.cpp (llama-cpp-python in process) runs the same prompt ids without and with its `LlamaPromptLookupDecoding`
-draft model.
+MT-bench and ShareGPT questions), greedy or seeded sampling (--temperature). One engine per proposer in
+`--speculative` and a plain one, differing only in `speculative`, are loaded once and run alternately on the same
+prompt token ids (plain, A, B, then B, A, plain...), one request at a time (batch 1) and in batches submitted
+together. Reported per proposer, category and batch size: output tokens/s of plain and speculative, the speedup
+with its 95% interval over the paired repeats (and whether that interval is wholly more than 3% slower), the
+acceptance rate, the mean accepted length and whether the speculative outputs are the plain ones token for token;
+for batches also the speedup of the requests' mean latency (a batch's tok/s is set by its longest request).
+`--refill R` keeps B requests in flight over R x B prompts instead, each finished one replaced by the next: the
+throughput of a server kept busy at that concurrency. At batch 1, llama.cpp (llama-cpp-python in process) runs the
+same prompt ids without and with its `LlamaPromptLookupDecoding` draft model.
 
     .venv/bin/python benchmarks/speculative.py                  # 8 prompts per category, 128 tokens, batch 1,4,16,64
     .venv/bin/python benchmarks/speculative.py --quick          # smoke test: 2 prompts, 32 tokens, batch 1 and 4
     .venv/bin/python benchmarks/speculative.py --categories summarization,rag --batch-sizes 1 --repeats 3
+    .venv/bin/python benchmarks/speculative.py --speculative ngram,self,lookahead --speculative-weight-format q4 \
+        --gguf-activations int8 --repeats 4                   # every SmolLM2 proposer side by side
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.machine import busy_warning, load_average, machine_description
+from tokenmill.bench.paired import ratio_interval, verdict
 from tokenmill.bench.quality import greedy_agreement
 from tokenmill.bench.report import write_json
 from tokenmill.bench.roofline import gguf_file, model_config
@@ -45,6 +50,7 @@ from tokenmill.tokenizer import Tokenizer
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPEC_FIELDS = ("speculative", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
                "speculative_adaptive")
+PROPOSERS = ("ngram", "draft", "self", "lookahead")
 SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_held_steps")
 QUICK_PRESET = {"num_prompts": 2, "max_tokens": 32, "batch_sizes": [1, 4], "repeats": 1}
 # A truncated prompt keeps its first tokens as well as its last: Spec-Bench's summarization prompts start with the
@@ -112,10 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-invariant", action="store_true",
                    help="both engines with batch_invariant=True (every row rounds as it would alone)")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    p.add_argument("--speculative", choices=["ngram", "draft", "self", "lookahead"], default="ngram",
-                   help="the proposer: ngram (prompt lookup), draft (a draft model, --speculative-model), self "
-                        "(a subset of the model's layers: --speculative-layers, or calibrated) or lookahead "
-                        "(Jacobi iteration and an n-gram pool)")
+    p.add_argument("--speculative", default="ngram", metavar="P,P,...",
+                   help="the proposers, one engine each, run side by side against the same plain engine: ngram "
+                        "(prompt lookup), draft (a draft model, --speculative-model), self (a subset of the model's "
+                        "layers: --speculative-layers, or calibrated), lookahead (Jacobi iteration and an n-gram "
+                        "pool)")
     p.add_argument("--lookahead-ngram-size", type=int, default=None, help="--speculative lookahead: N (engine "
                                                                            "default)")
     p.add_argument("--speculative-layers", default=None, type=lambda t: tuple(int(v) for v in t.split(",")),
@@ -149,6 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="engine options of the A side instead of speculation off (the tables' 'plain' column), "
                         "e.g. the same drafter without the option under test, for an A/B of two speculative "
                         "settings in one run")
+    p.add_argument("--slower-floor", type=float, default=0.97, metavar="R",
+                   help="the 'slower' column: a speedup whose whole 95%% interval is below R (0.97: more than 3%% "
+                        "slower); needs --repeats 2 or more")
     p.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
     p.add_argument("--llama-speculative", type=Path, default=None,
                    help="llama.cpp's llama-speculative binary: the peer for --speculative draft")
@@ -164,7 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not names:
         p.error(f"unknown categories {sorted(unknown)}; choose from {[c.name for c in CATEGORIES]}")
     args.categories = names
-    if (args.speculative == "draft") != (args.speculative_model is not None):
+    args.speculative = list(dict.fromkeys(v.strip() for v in args.speculative.split(",") if v.strip()))
+    if not args.speculative or set(args.speculative) - set(PROPOSERS):
+        p.error(f"--speculative: one or more of {', '.join(PROPOSERS)}")
+    if ("draft" in args.speculative) != (args.speculative_model is not None):
         p.error("--speculative draft and --speculative-model go together")
     for name in ("num_prompts", "max_tokens", "max_prompt_tokens", "repeats", "threads", "num_speculative_tokens",
                  "refill"):
@@ -182,11 +195,11 @@ def require_speculative_support() -> None:
                          "checkout has no n-gram speculative decoding yet, so there is nothing to measure")
 
 
-def mode_options(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
-    """The only engine options in which the two engines differ."""
-    if not speculative:
+def mode_options(args: argparse.Namespace, proposer: str | None) -> dict[str, Any]:
+    """The only engine options in which the engines differ: the plain one's (None) or a proposer's."""
+    if proposer is None:
         return {"speculative": None}
-    options: dict[str, Any] = {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens,
+    options: dict[str, Any] = {"speculative": proposer, "num_speculative_tokens": args.num_speculative_tokens,
                                "speculative_adaptive": not args.no_adaptive}
     if args.no_guard:
         options["speculative_guard"] = False
@@ -194,17 +207,17 @@ def mode_options(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
         options["speculative_tree_width"] = args.speculative_tree_width
     if args.speculative_draft_vocab is not None:
         options["speculative_draft_vocab"] = args.speculative_draft_vocab
-    if args.speculative in ("draft", "self"):
+    if proposer in ("draft", "self"):
         options |= lookup_bounds(args) | ({"speculative_lookup": False} if args.no_speculative_lookup else {})
-    if args.speculative == "draft":
+    if proposer == "draft":
         options |= {"speculative_model": args.speculative_model,
                     "speculative_weight_format": args.speculative_weight_format}
         return options
-    if args.speculative == "self":
+    if proposer == "self":
         return options | {"speculative_layers": args.speculative_layers,
                           "speculative_weight_format": args.speculative_weight_format,
                           "speculative_copy_kv": not args.no_copy_kv}
-    if args.speculative == "lookahead":
+    if proposer == "lookahead":
         size = args.lookahead_ngram_size
         return options | ({"lookahead_ngram_size": size} if size is not None else {})
     return options | lookup_bounds(args)
@@ -216,10 +229,10 @@ def lookup_bounds(args: argparse.Namespace) -> dict[str, int]:
             if getattr(args, name) is not None}
 
 
-def activations(args: argparse.Namespace, speculative: bool) -> dict[str, Any]:
-    """`gguf_activations` for an engine that has block-format weights: the target's, or (speculative) a draft's in
-    its own format (a float target with a q4 draft: only the speculative engine has block layers)."""
-    formats = {args.weight_format, args.speculative_weight_format if speculative else None}
+def activations(args: argparse.Namespace, proposer: str | None) -> dict[str, Any]:
+    """`gguf_activations` for an engine that has block-format weights: the target's, or a draft's in its own format
+    (a float target with a q4 draft: only the draft or self engine has block layers)."""
+    formats = {args.weight_format, args.speculative_weight_format if proposer in ("draft", "self") else None}
     return {"gguf_activations": args.gguf_activations} if formats & {"gguf", "q4"} else {}
 
 
@@ -588,8 +601,14 @@ def _tool_line(text: str, pattern: str) -> tuple[float, ...]:
     return tuple(float(g) for g in match.groups())
 
 
+def peer_proposer(args: argparse.Namespace) -> str | None:
+    return next((p for p in args.speculative if p in ("ngram", "draft")), None)
+
+
 def make_peer(args: argparse.Namespace, path: Path, workload: dict[str, list[list[int]]],
-              spec: LLM) -> tuple[LlamaCppPeer | None, str | None]:
+              engines: dict[str, LLM]) -> tuple[LlamaCppPeer | None, str | None]:
+    """llama.cpp beside prompt lookup (its LlamaPromptLookupDecoding) or beside the draft model (its
+    llama-speculative), for the first of those proposers in the run."""
     if args.no_peer:
         return None, "--no-peer"
     if 1 not in args.batch_sizes:
@@ -603,9 +622,11 @@ def make_peer(args: argparse.Namespace, path: Path, workload: dict[str, list[lis
         return None, "llama_cpp not importable"
     longest = max(len(p) for pool in workload.values() for p in pool[:args.num_prompts])
     n_ctx = 256 * math.ceil((longest + args.max_tokens + args.num_speculative_tokens + 16) / 256)
-    if args.speculative in ("self", "lookahead"):
-        return None, f"llama-cpp-python has no {args.speculative} speculation to run beside it"
-    if args.speculative == "draft":
+    proposer = peer_proposer(args)
+    if proposer is None:
+        return None, f"llama-cpp-python has no {' or '.join(args.speculative)} speculation to run beside it"
+    spec = engines[proposer]
+    if proposer == "draft":
         if args.llama_speculative is None:
             return None, "no --llama-speculative tool given (llama.cpp's draft-model speculation)"
         return LlamaSpeculativePeer(path, args, n_ctx, args.llama_speculative,
@@ -628,9 +649,24 @@ def spread(values: list[float]) -> dict[str, float] | None:
 
 
 def paired(a_runs: list[Run], b_runs: list[Run], key: str, lower_is_better: bool = False) -> dict[str, float] | None:
-    """b / a within each repeat (A/B pairs; a / b for a time), then median and range over the pairs."""
+    """b / a within each repeat (A/B pairs; a / b for a time), then median and range over the pairs, and with two
+    or more pairs their geometric mean and its 95% interval (tokenmill/bench/paired.py)."""
     ratios = [b[key] / a[key] for a, b in zip(a_runs, b_runs, strict=True) if a.get(key) and b.get(key)]
-    return spread([1 / r for r in ratios] if lower_is_better else ratios)
+    ratios = [1 / r for r in ratios] if lower_is_better else ratios
+    summary = spread(ratios)
+    interval = ratio_interval(ratios)
+    if summary is not None and interval is not None:
+        summary |= dict(zip(("geomean", "ci95_low", "ci95_high"), interval, strict=True))
+    return summary
+
+
+def slower_cell(summary: dict[str, float] | None, floor: float) -> str:
+    """The speedup's 95% interval and whether it is below `floor`: "slower" only when the whole interval is."""
+    if summary is None or "geomean" not in summary:
+        return "–"
+    interval = (summary["geomean"], summary["ci95_low"], summary["ci95_high"])
+    word = {"below": "**slower**", "not below": "no", "open": "unsettled"}[verdict(interval, floor)]
+    return f"{word} ({interval[1]:.2f}–{interval[2]:.2f})"
 
 
 def acceptance(runs: list[Run]) -> dict[str, Any] | None:
@@ -692,13 +728,13 @@ def ratio_cell(summary: dict[str, float] | None) -> str:
     return text if summary["min"] == summary["max"] else f"{text} ({summary['min']:.2f}–{summary['max']:.2f})"
 
 
-def print_tables(results: dict[int, dict[str, Any]], peer: bool, refill: int) -> None:
+def print_tables(results: dict[int, dict[str, Any]], peer: bool, refill: int, floor: float) -> None:
     for batch, by_category in results.items():
         mode = "single stream (one request at a time)" if batch == 1 else (
             f"batch of {batch} (one generate call)" if refill == 1 else
             f"{batch} in flight, {refill * batch} requests (each finished one replaced by the next)")
-        head = ["category", "plain tok/s", "spec tok/s", "speedup", "acceptance", "mean acc. len", "identical",
-                "speculator share", "steps held by the guard"]
+        head = ["category", "plain tok/s", "spec tok/s", "speedup", f"slower than {floor:.2f}× (95% interval)",
+                "acceptance", "mean acc. len", "identical", "speculator share", "steps held by the guard"]
         head += ["decode speedup" if batch == 1 else "mean latency speedup"]
         if batch == 1 and peer:
             head += ["llama.cpp plain tok/s", "llama.cpp lookup tok/s", "llama.cpp speedup",
@@ -710,6 +746,7 @@ def print_tables(results: dict[int, dict[str, Any]], peer: bool, refill: int) ->
             rate = acc.get("acceptance_rate")
             cells = [category, fmt(med(r["summary"]["plain"]["output_tok_per_s"])),
                      fmt(med(r["summary"]["speculative"]["output_tok_per_s"])), ratio_cell(r["speedup"]),
+                     slower_cell(r["speedup"], floor),
                      "no drafts" if acc.get("num_drafts") == 0 else fmt(None if rate is None else 100 * rate, 0, "%"),
                      fmt(acc.get("mean_accepted_length"), 2),
                      f"{ident['identical']}/{ident['compared']}", fmt(r["speculator_share"], 2, "%"),
@@ -768,102 +805,126 @@ def main(argv: list[str] | None = None) -> None:
               "block_size": block_size, "num_kv_blocks": kv_blocks_needed(workload, args, block_size),
               "max_num_seqs": max(args.batch_sizes), "max_num_batched_tokens": args.max_num_batched_tokens}
     baseline = args.baseline_options or {}
-    engines = {mode: LLM(model=str(path), **common, **activations(args, mode == "speculative"),
-                         **(mode_options(args, mode == "speculative") | (baseline if mode == "plain" else {})))
-               for mode in ("plain", "speculative")}
+    engines = {"plain": LLM(model=str(path), **common, **activations(args, None),
+                            **(mode_options(args, None) | baseline))}
+    for proposer in args.speculative:
+        engines[proposer] = LLM(model=str(path), **common, **activations(args, proposer),
+                                **mode_options(args, proposer))
     for llm in engines.values():
         warm_up(llm)
-    clock_speculator(engines["speculative"])
-    peer, peer_skipped = make_peer(args, path, workload, engines["speculative"])
+    for proposer in args.speculative:
+        clock_speculator(engines[proposer])
+    peer, peer_skipped = make_peer(args, path, workload, engines)
     if peer is not None:
         peer.warm_up()
     stop = frozenset() if args.ignore_eos else frozenset(tokenizer.stop_token_ids)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             ignore_eos=args.ignore_eos, seed=args.seed if args.temperature > 0 else None)
 
-    results: dict[int, dict[str, Any]] = {b: {} for b in args.batch_sizes}
+    results: dict[str, dict[int, dict[str, Any]]] = {p: {b: {} for b in args.batch_sizes} for p in args.speculative}
     mismatches: list[dict[str, Any]] = []
     single_outputs: dict[str, list[list[int]]] = {}
     for category, pool in workload.items():
         for batch in args.batch_sizes:
             prompts = pool[:args.num_prompts] if batch == 1 else batch_of(pool, batch * args.refill)
-            measure = single_stream if batch == 1 else functools.partial(batched, width=batch)
-            runs: dict[str, list[Run]] = {"plain": [], "speculative": []}
-            outputs: dict[str, list[list[list[int]]]] = {"plain": [], "speculative": []}
-            llama_runs: dict[str, list[Run]] = {"plain": [], "lookup": []}
-            llama_outputs: dict[str, list[list[list[int]]]] = {"plain": [], "lookup": []}
-            for repeat in range(args.repeats):
-                # ABBA: the arm that runs second in a pair is not always the same one (a drift over a pair, or
-                # whatever the first run leaves in caches, would otherwise count against one arm every time).
-                order = list(engines.items()) if repeat % 2 == 0 else list(reversed(engines.items()))
-                for mode, llm in order:
-                    run, outs = measure(llm, prompts, params)
-                    runs[mode].append(run)
-                    outputs[mode].append(outs)
-                    print(f"{category} batch {batch} repeat {repeat + 1}/{args.repeats} {mode}: "
-                          f"{run['output_tokens']} tokens in {run['wall_s']:.2f} s, "
-                          f"{run['output_tok_per_s']:.1f} tok/s", flush=True)
-                if batch == 1 and peer is not None:
-                    for mode in ("plain", "lookup"):
-                        run, outs = peer.run(mode == "lookup", prompts, args.max_tokens, stop)
-                        llama_runs[mode].append(run)
-                        llama_outputs[mode].append(outs)
-                        print(f"{category} batch 1 repeat {repeat + 1}/{args.repeats} llama.cpp {mode}: "
-                              f"{run['output_tokens']} tokens in {run['wall_s']:.2f} s, "
-                              f"{run['output_tok_per_s']:.1f} tok/s", flush=True)
-            same, wrong = identity(outputs["plain"], outputs["speculative"], tokenizer, category, batch)
-            mismatches += wrong
-            entry: dict[str, Any] = {
-                "num_requests": len(prompts), "runs": runs,
-                "summary": {mode: summarize_runs(r) for mode, r in runs.items()},
-                "speedup": paired(runs["plain"], runs["speculative"], "output_tok_per_s"),
-                "acceptance": acceptance(runs["speculative"]), "identity": same,
-                # Wall time inside the speculator, over the speculative runs' wall time, in percent.
-                "speculator_share": 100 * sum(r["speculator_s"] for r in runs["speculative"]) /
-                sum(r["wall_s"] for r in runs["speculative"]),
-                "preemptions": sum(r["preemptions"] for mode_runs in runs.values() for r in mode_runs),
-                "output_tokens_per_forward_step": {
-                    mode: sum(r["output_tokens"] for r in rs) / max(1, sum(r["forward_steps"] for r in rs))
-                    for mode, rs in runs.items()},
-            }
-            if batch > 1:
-                entry["latency_speedup"] = paired(runs["plain"], runs["speculative"], "latency_mean_s",
-                                                  lower_is_better=True)
+            runs, outputs, llama = measure_arms(args, engines, peer, category, batch, prompts, params, stop)
             if batch == 1:
-                entry["decode_speedup"] = paired(runs["plain"], runs["speculative"], "decode_tok_per_s")
                 single_outputs[category] = outputs["plain"][0]
-                if llama_runs["plain"]:
-                    agree = [first_difference(a, b) is None for p_outs, l_outs in
-                             zip(llama_outputs["plain"], llama_outputs["lookup"], strict=True)
-                             if l_outs is not None for a, b in zip(p_outs, l_outs, strict=True)]
-                    entry["llama_cpp"] = {
-                        "runs": llama_runs, "summary": {m: summarize_runs(r) for m, r in llama_runs.items()},
-                        "speedup": paired(llama_runs["plain"], llama_runs["lookup"], "output_tok_per_s"),
-                        "decode_speedup": paired(llama_runs["plain"], llama_runs["lookup"], "decode_tok_per_s"),
-                        "acceptance": acceptance(llama_runs["lookup"]),
-                        "agreement": {"identical": sum(agree), "compared": len(agree)}}
-            elif category in single_outputs:
-                # Whether batching alone changes greedy tokens: a spec/plain mismatch may be numerics, not a bug.
-                shared = min(batch, len(single_outputs[category]))
-                entry["plain_vs_single_stream"] = greedy_agreement(outputs["plain"][0][:shared],
-                                                                   single_outputs[category][:shared])
-            results[batch][category] = entry
+            for proposer in args.speculative:
+                entry, wrong = compare(runs["plain"], runs[proposer], outputs["plain"], outputs[proposer],
+                                       tokenizer, category, batch)
+                mismatches += [m | {"proposer": proposer} for m in wrong]
+                if llama is not None and proposer == peer_proposer(args):
+                    entry["llama_cpp"] = llama
+                if batch > 1 and category in single_outputs:
+                    # Whether batching alone changes greedy tokens: a spec/plain mismatch may be numerics, not a bug.
+                    shared = min(batch, len(single_outputs[category]))
+                    entry["plain_vs_single_stream"] = greedy_agreement(outputs["plain"][0][:shared],
+                                                                       single_outputs[category][:shared])
+                results[proposer][batch][category] = entry
 
     machine = machine_description() | {"threads": args.threads, "torch_threads": torch.get_num_threads(),
                                         "dtype": str(engines["plain"].engine.dtype).removeprefix("torch."),
                                         "load_average_at_start": load}
-    print_tables(results, peer is not None, args.refill)
+    for proposer, by_batch in results.items():
+        print(f"\n## {proposer}")
+        print_tables(by_batch, peer is not None and proposer == peer_proposer(args), args.refill, args.slower_floor)
     print_notes(args, machine, results, mismatches, engines, peer, peer_skipped, limit)
     report = {"benchmark": "speculative", "args": vars(args), "machine": machine,
-              "engines": {mode: dataclasses.asdict(llm.engine.config) for mode, llm in engines.items()},
+              "engines": {arm: dataclasses.asdict(llm.engine.config) for arm, llm in engines.items()},
               "llama_cpp": peer.description if peer is not None else {"skipped": peer_skipped},
-              "step_time_models": step_time_models(engines["speculative"]),
+              "step_time_models": {p: step_time_models(engines[p]) for p in args.speculative},
               "prompt_token_limit": limit, "workload": workload_info,
               "results": results, "mismatches": mismatches, "load_average_at_end": load_average()}
     write_json(report, Path(args.output))
     print(f"wrote {args.output}")
     if mismatches:
         sys.exit(1)
+
+
+def measure_arms(args: argparse.Namespace, engines: dict[str, LLM], peer: LlamaCppPeer | None, category: str,
+                 batch: int, prompts: list[list[int]], params: SamplingParams, stop: frozenset[int]
+                 ) -> tuple[dict[str, list[Run]], dict[str, list[list[list[int]]]], dict[str, Any] | None]:
+    """Every engine's runs of `prompts`, interleaved repeat by repeat; at batch 1 also llama.cpp's (its summary)."""
+    measure = single_stream if batch == 1 else functools.partial(batched, width=batch)
+    runs: dict[str, list[Run]] = {arm: [] for arm in engines}
+    outputs: dict[str, list[list[list[int]]]] = {arm: [] for arm in engines}
+    llama_runs: dict[str, list[Run]] = {"plain": [], "lookup": []}
+    llama_outputs: dict[str, list[list[list[int]]]] = {"plain": [], "lookup": []}
+    for repeat in range(args.repeats):
+        # ABBA (ABC CBA...): the arm that runs first in a repeat is not always the same one (a drift over a repeat,
+        # or whatever a run leaves in caches, would otherwise count against one arm every time).
+        order = list(engines.items()) if repeat % 2 == 0 else list(reversed(engines.items()))
+        for arm, llm in order:
+            run, outs = measure(llm, prompts, params)
+            runs[arm].append(run)
+            outputs[arm].append(outs)
+            print(f"{category} batch {batch} repeat {repeat + 1}/{args.repeats} {arm}: "
+                  f"{run['output_tokens']} tokens in {run['wall_s']:.2f} s, "
+                  f"{run['output_tok_per_s']:.1f} tok/s", flush=True)
+        if batch == 1 and peer is not None:
+            for mode in ("plain", "lookup"):
+                run, outs = peer.run(mode == "lookup", prompts, args.max_tokens, stop)
+                llama_runs[mode].append(run)
+                llama_outputs[mode].append(outs)
+                print(f"{category} batch 1 repeat {repeat + 1}/{args.repeats} llama.cpp {mode}: "
+                      f"{run['output_tokens']} tokens in {run['wall_s']:.2f} s, "
+                      f"{run['output_tok_per_s']:.1f} tok/s", flush=True)
+    if not llama_runs["plain"]:
+        return runs, outputs, None
+    agree = [first_difference(a, b) is None for p_outs, l_outs in
+             zip(llama_outputs["plain"], llama_outputs["lookup"], strict=True)
+             if l_outs is not None for a, b in zip(p_outs, l_outs, strict=True)]
+    llama = {"runs": llama_runs, "summary": {m: summarize_runs(r) for m, r in llama_runs.items()},
+             "speedup": paired(llama_runs["plain"], llama_runs["lookup"], "output_tok_per_s"),
+             "decode_speedup": paired(llama_runs["plain"], llama_runs["lookup"], "decode_tok_per_s"),
+             "acceptance": acceptance(llama_runs["lookup"]),
+             "agreement": {"identical": sum(agree), "compared": len(agree)}}
+    return runs, outputs, llama
+
+
+def compare(plain: list[Run], spec: list[Run], plain_outputs: list[list[list[int]]],
+            spec_outputs: list[list[list[int]]], tokenizer: Tokenizer, category: str,
+            batch: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One proposer's engine against the plain one on the same prompts: speedups, acceptance, identity."""
+    same, wrong = identity(plain_outputs, spec_outputs, tokenizer, category, batch)
+    entry: dict[str, Any] = {
+        "num_requests": plain[0]["requests"], "runs": {"plain": plain, "speculative": spec},
+        "summary": {"plain": summarize_runs(plain), "speculative": summarize_runs(spec)},
+        "speedup": paired(plain, spec, "output_tok_per_s"),
+        "acceptance": acceptance(spec), "identity": same,
+        # Wall time inside the speculator, over the speculative runs' wall time, in percent.
+        "speculator_share": 100 * sum(r["speculator_s"] for r in spec) / sum(r["wall_s"] for r in spec),
+        "preemptions": sum(r["preemptions"] for r in (*plain, *spec)),
+        "output_tokens_per_forward_step": {
+            mode: sum(r["output_tokens"] for r in rs) / max(1, sum(r["forward_steps"] for r in rs))
+            for mode, rs in (("plain", plain), ("speculative", spec))},
+    }
+    if batch > 1:
+        entry["latency_speedup"] = paired(plain, spec, "latency_mean_s", lower_is_better=True)
+    else:
+        entry["decode_speedup"] = paired(plain, spec, "decode_tok_per_s")
+    return entry, wrong
 
 
 def step_time_models(llm: LLM) -> dict[str, Any]:
@@ -877,16 +938,16 @@ def step_time_models(llm: LLM) -> dict[str, Any]:
     return out
 
 
-def print_notes(args: argparse.Namespace, machine: dict[str, Any], results: dict[int, dict[str, Any]],
+def print_notes(args: argparse.Namespace, machine: dict[str, Any], results: dict[str, dict[int, dict[str, Any]]],
                 mismatches: list[dict[str, Any]], engines: dict[str, LLM], peer: LlamaCppPeer | None,
                 peer_skipped: str | None, limit: int) -> None:
-    config = engines["speculative"].engine.config
-    spec = {name: getattr(config, name, None) for name in SPEC_FIELDS}
+    spec = {p: {name: getattr(engines[p].engine.config, name, None) for name in SPEC_FIELDS}
+            for p in args.speculative}
     sampling = ("greedy" if args.temperature == 0 else
                 f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}")
     print(f"\n{sampling}, {args.max_tokens} tokens max ({'EOS ignored' if args.ignore_eos else 'stopping at EOS'}), "
           f"prompts cut to {limit} tokens, median of {args.repeats} interleaved repeats (speedups paired within a "
-          f"repeat, range in parentheses); speculative engine: {spec}")
+          f"repeat, range in parentheses); speculative engines: {spec}")
     print("tok/s = output tokens / wall time (batch 1: sequential requests, prefill included; decode speedup: "
           "decode phase only, after each first token; mean latency speedup: plain / speculative mean time from each "
           "request's submission to its end); acceptance = accepted / drafted tokens; mean acc. len = "
@@ -906,23 +967,28 @@ def print_notes(args: argparse.Namespace, machine: dict[str, Any], results: dict
               f"{args.weight_format} weights, so compare each one's speedup, not tok/s across engines")
     else:
         print(f"llama.cpp: skipped ({peer_skipped})")
-    for batch, by_category in results.items():
-        for category, entry in by_category.items():
-            if entry["preemptions"]:
-                print(f"warning: {category} batch {batch}: {entry['preemptions']} preemptions")
-            control = entry.get("plain_vs_single_stream")
-            if control and control["identical_sequences"] < 1:
-                print(f"note: {category} batch {batch}: the plain engine's outputs differ from its own single-stream "
-                      f"ones for {100 * (1 - control['identical_sequences']):.0f}% of the shared prompts (batching "
-                      "changes the arithmetic)")
-            if not entry["identity"]["plain_identical_across_repeats"]:
-                print(f"note: {category} batch {batch}: the plain engine's outputs differ between repeats")
+    first = results[args.speculative[0]]  # the plain engine's notes are the same under every proposer
+    for proposer, by_batch in results.items():
+        for batch, by_category in by_batch.items():
+            for category, entry in by_category.items():
+                if entry["preemptions"]:
+                    print(f"warning: {proposer}, {category} batch {batch}: {entry['preemptions']} preemptions")
+                if by_batch is not first:
+                    continue
+                control = entry.get("plain_vs_single_stream")
+                if control and control["identical_sequences"] < 1:
+                    print(f"note: {category} batch {batch}: the plain engine's outputs differ from its own "
+                          f"single-stream ones for {100 * (1 - control['identical_sequences']):.0f}% of the shared "
+                          "prompts (batching changes the arithmetic)")
+                if not entry["identity"]["plain_identical_across_repeats"]:
+                    print(f"note: {category} batch {batch}: the plain engine's outputs differ between repeats")
     if mismatches:
         print(f"\nGREEDY MISMATCHES: {len(mismatches)} speculative outputs differ from the plain ones:")
         for m in mismatches:
-            print(f"  {m['category']} batch {m['batch_size']} prompt {m['prompt']} repeat {m['repeat']}: first "
-                  f"difference at token {m['first_difference']} (plain {m['plain_tokens']} tokens, spec "
-                  f"{m['spec_tokens']}) after {m['context']!r}: plain {m['plain_next']!r}, spec {m['spec_next']!r}")
+            print(f"  {m['proposer']}, {m['category']} batch {m['batch_size']} prompt {m['prompt']} repeat "
+                  f"{m['repeat']}: first difference at token {m['first_difference']} (plain {m['plain_tokens']} "
+                  f"tokens, spec {m['spec_tokens']}) after {m['context']!r}: plain {m['plain_next']!r}, spec "
+                  f"{m['spec_next']!r}")
     print(f"\nmachine: {machine['cpu']} ({', '.join(machine['cpu_flags']) or 'no AVX2/AVX-512 flags'}), "
           f"{machine['cores']} cores, {args.threads} threads, {machine['dtype']}, load average at start "
           f"{(machine['load_average_at_start'] or ['?'])[0]}, tokenmill {machine['tokenmill_git']}")
