@@ -824,31 +824,33 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[int, dict[str, Any]]] = {p: {b: {} for b in args.batch_sizes} for p in args.speculative}
     mismatches: list[dict[str, Any]] = []
     single_outputs: dict[str, list[list[int]]] = {}
+    beside_peer = peer_proposer(args) if peer is not None else None
     for category, pool in workload.items():
         for batch in args.batch_sizes:
             prompts = pool[:args.num_prompts] if batch == 1 else batch_of(pool, batch * args.refill)
             runs, outputs, llama = measure_arms(args, engines, peer, category, batch, prompts, params, stop)
+            extra: dict[str, Any] = {}
             if batch == 1:
                 single_outputs[category] = outputs["plain"][0]
+            elif category in single_outputs:
+                # Whether batching alone changes greedy tokens: a spec/plain mismatch may be numerics, not a bug.
+                shared = min(batch, len(single_outputs[category]))
+                extra["plain_vs_single_stream"] = greedy_agreement(outputs["plain"][0][:shared],
+                                                                   single_outputs[category][:shared])
             for proposer in args.speculative:
                 entry, wrong = compare(runs["plain"], runs[proposer], outputs["plain"], outputs[proposer],
                                        tokenizer, category, batch)
                 mismatches += [m | {"proposer": proposer} for m in wrong]
-                if llama is not None and proposer == peer_proposer(args):
+                if llama is not None and proposer == beside_peer:
                     entry["llama_cpp"] = llama
-                if batch > 1 and category in single_outputs:
-                    # Whether batching alone changes greedy tokens: a spec/plain mismatch may be numerics, not a bug.
-                    shared = min(batch, len(single_outputs[category]))
-                    entry["plain_vs_single_stream"] = greedy_agreement(outputs["plain"][0][:shared],
-                                                                       single_outputs[category][:shared])
-                results[proposer][batch][category] = entry
+                results[proposer][batch][category] = entry | extra
 
     machine = machine_description() | {"threads": args.threads, "torch_threads": torch.get_num_threads(),
                                         "dtype": str(engines["plain"].engine.dtype).removeprefix("torch."),
                                         "load_average_at_start": load}
     for proposer, by_batch in results.items():
         print(f"\n## {proposer}")
-        print_tables(by_batch, peer is not None and proposer == peer_proposer(args), args.refill, args.slower_floor)
+        print_tables(by_batch, proposer == beside_peer, args.refill, args.slower_floor)
     print_notes(args, machine, results, mismatches, engines, peer, peer_skipped, limit)
     report = {"benchmark": "speculative", "args": vars(args), "machine": machine,
               "engines": {arm: dataclasses.asdict(llm.engine.config) for arm, llm in engines.items()},
